@@ -1,0 +1,219 @@
+//! Configuration: the external TOML schema (`raw`), its validation into the internal model
+//! below, and errors that name file:line and the option. This module owns parsing and
+//! validation only: it reads the config file and nothing else (certificates are read by
+//! `tls`, sockets are opened by `proxy`), so `check` and reload share one pure path.
+
+mod error;
+mod raw;
+mod validate;
+
+pub use error::{ConfigError, ConfigErrors, Origin};
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The validated configuration. Every field has been checked; defaults are filled in.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this was read from (reload re-reads it).
+    pub source: PathBuf,
+    pub server: ServerSettings,
+    pub log: LogSettings,
+    pub listeners: Vec<Listener>,
+    /// Directory scanned for `*.crt`/`*.pem` certificates with a matching `.key`.
+    pub certs_dir: Option<PathBuf>,
+    pub vhosts: Vec<Vhost>,
+    pub pools: BTreeMap<String, PoolSpec>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub threads: usize,
+    /// On SIGTERM: the longest in-flight requests may take to finish before exit.
+    pub shutdown_timeout: Duration,
+    pub watch_config: bool,
+    pub watch_interval: Duration,
+    pub upstream_keepalive_pool_size: usize,
+    /// Port used in `Location` of HTTP→HTTPS redirects (omitted when 443).
+    pub https_redirect_port: u16,
+    pub forwarded_for: ForwardedFor,
+    pub pid_file: String,
+    pub upgrade_sock: String,
+}
+
+/// What to do with a client's own `X-Forwarded-For`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardedFor {
+    /// Drop what the client sent and send only its socket address (safe at the edge).
+    Replace,
+    /// Append the socket address to what the client sent (behind a trusted balancer).
+    Append,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+    pub access_log: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    pub addresses: Vec<SocketAddr>,
+    pub tls: bool,
+    pub http2: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub origin: Origin,
+}
+
+#[derive(Debug, Clone)]
+pub struct Vhost {
+    /// Lower-case names: exact (`example.com`) or wildcard (`*.example.com`).
+    pub names: Vec<String>,
+    pub default: bool,
+    pub cert: Option<CertFiles>,
+    pub redirect_https: bool,
+    pub routes: Vec<Route>,
+    pub origin: Origin,
+}
+
+impl Vhost {
+    /// A name for logs and metrics: the first name, or `default`.
+    pub fn label(&self) -> &str {
+        self.names.first().map(String::as_str).unwrap_or("default")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub path: String,
+    pub pool: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+    PowerOfTwo,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub address: SocketAddr,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthPolicy {
+    /// Consecutive failures that eject a backend.
+    pub max_fails: u32,
+    /// First ejection; doubles on each ejection in a row, up to `eject_max_time`.
+    pub eject_time: Duration,
+    pub eject_max_time: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolSpec {
+    pub backends: Vec<BackendSpec>,
+    pub balance: Balance,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub write_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// Extra attempts on another backend after a connect failure (idempotent requests).
+    pub retries: u32,
+    pub health: HealthPolicy,
+}
+
+impl Config {
+    /// Read and validate `path`. Every problem found is returned, not just the first.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let file: Arc<str> = Arc::from(path.display().to_string());
+        let src = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors::single(
+                Origin {
+                    file: file.clone(),
+                    line: 0,
+                },
+                "--config",
+                format!("cannot read the configuration file: {e}"),
+            )
+        })?;
+        Self::parse(path, &src)
+    }
+
+    /// Validate `src` as if read from `path` (relative paths resolve against its directory).
+    pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigErrors> {
+        validate::parse(path, src)
+    }
+
+    /// Whether any listener terminates TLS.
+    pub fn has_tls(&self) -> bool {
+        self.listeners.iter().any(|l| l.tls)
+    }
+}
+
+/// Parse a duration written with a unit: `250ms`, `2s`, `5m`, `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    if num.is_empty() {
+        return Err(format!(
+            "`{s}` is not a duration: write a number and a unit, e.g. 500ms, 2s, 1m"
+        ));
+    }
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is too large for a duration"))?;
+    let ms = match unit.trim() {
+        "ms" => Some(n),
+        "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        "" => {
+            return Err(format!(
+                "`{s}` has no unit: write e.g. {s}ms or {s}s (units: ms, s, m, h)"
+            ))
+        }
+        other => {
+            return Err(format!(
+                "`{other}` is not a duration unit in `{s}`: use ms, s, m or h"
+            ))
+        }
+    };
+    ms.map(Duration::from_millis)
+        .ok_or_else(|| format!("`{s}` is too large for a duration"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_need_a_unit() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert!(parse_duration("10").unwrap_err().contains("no unit"));
+        assert!(parse_duration("10d")
+            .unwrap_err()
+            .contains("not a duration unit"));
+        assert!(parse_duration("s").unwrap_err().contains("not a duration"));
+        assert!(parse_duration("99999999999999999999h").is_err());
+    }
+}

@@ -1,0 +1,127 @@
+//! The external TOML schema, exactly as written by the operator. Nothing here is trusted:
+//! `validate` turns it into the internal model. Values that can be wrong keep their span so
+//! a problem can name its line.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use toml::Spanned;
+
+type S<T> = Spanned<T>;
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    pub server: RawServer,
+    pub log: RawLog,
+    pub tls: RawTls,
+    #[serde(rename = "listener")]
+    pub listeners: Vec<S<RawListener>>,
+    #[serde(rename = "vhost")]
+    pub vhosts: Vec<S<RawVhost>>,
+    #[serde(rename = "pool")]
+    pub pools: BTreeMap<String, S<RawPool>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    pub threads: Option<S<i64>>,
+    pub shutdown_timeout: Option<S<String>>,
+    pub watch_config: Option<bool>,
+    pub watch_interval: Option<S<String>>,
+    pub upstream_keepalive_pool_size: Option<S<i64>>,
+    pub https_redirect_port: Option<S<i64>>,
+    pub forwarded_for: Option<S<String>>,
+    pub pid_file: Option<String>,
+    pub upgrade_sock: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLog {
+    pub format: Option<S<String>>,
+    pub level: Option<S<String>>,
+    pub access_log: Option<bool>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTls {
+    pub certs_dir: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn to_vec(&self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s.clone()],
+            OneOrMany::Many(v) => v.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    pub address: S<OneOrMany>,
+    #[serde(default)]
+    pub tls: bool,
+    /// Offer HTTP/2 by ALPN on TLS listeners (default true).
+    pub http2: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVhost {
+    #[serde(default)]
+    pub names: Vec<S<String>>,
+    #[serde(default)]
+    pub default: bool,
+    pub cert: Option<S<String>>,
+    pub key: Option<S<String>>,
+    pub redirect_https: Option<bool>,
+    #[serde(default)]
+    pub route: Vec<S<RawRoute>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub path: S<String>,
+    pub pool: S<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPool {
+    pub backends: Vec<S<RawBackend>>,
+    pub balance: Option<S<String>>,
+    pub connect_timeout: Option<S<String>>,
+    pub read_timeout: Option<S<String>>,
+    pub write_timeout: Option<S<String>>,
+    pub idle_timeout: Option<S<String>>,
+    pub retries: Option<S<i64>>,
+    pub max_fails: Option<S<i64>>,
+    pub eject_time: Option<S<String>>,
+    pub eject_max_time: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawBackend {
+    Address(String),
+    Full(RawBackendFull),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackendFull {
+    pub address: String,
+    pub weight: Option<i64>,
+}

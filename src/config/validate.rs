@@ -1,0 +1,751 @@
+//! Raw schema → validated model. Pure: reads nothing but the text it is given. Collects every
+//! problem it finds so `tollgate check` can print them all at once.
+
+use super::raw::{RawBackend, RawConfig, RawPool, RawVhost};
+use super::*;
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+use toml::Spanned;
+
+struct Ctx<'a> {
+    file: Arc<str>,
+    src: &'a str,
+    base: PathBuf,
+    errors: Vec<ConfigError>,
+}
+
+impl Ctx<'_> {
+    fn origin(&self, span: Range<usize>) -> Origin {
+        Origin::at(&self.file, self.src, span.start)
+    }
+
+    fn err(&mut self, span: Range<usize>, option: impl Into<String>, message: impl Into<String>) {
+        let origin = self.origin(span);
+        self.errors.push(ConfigError {
+            origin,
+            option: option.into(),
+            message: message.into(),
+        });
+    }
+
+    fn duration(
+        &mut self,
+        v: &Option<Spanned<String>>,
+        option: &str,
+        default: Duration,
+    ) -> Duration {
+        self.duration_in(
+            v,
+            option,
+            default,
+            Duration::ZERO,
+            Duration::from_secs(24 * 3600),
+        )
+    }
+
+    fn duration_in(
+        &mut self,
+        v: &Option<Spanned<String>>,
+        option: &str,
+        default: Duration,
+        min: Duration,
+        max: Duration,
+    ) -> Duration {
+        let Some(v) = v else { return default };
+        match parse_duration(v.get_ref()) {
+            Ok(d) if d < min || d > max => {
+                self.err(
+                    v.span(),
+                    option,
+                    format!("must be between {min:?} and {max:?}, got {d:?}"),
+                );
+                default
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.err(v.span(), option, e);
+                default
+            }
+        }
+    }
+
+    fn int(
+        &mut self,
+        v: &Option<Spanned<i64>>,
+        option: &str,
+        default: i64,
+        min: i64,
+        max: i64,
+    ) -> i64 {
+        let Some(v) = v else { return default };
+        let n = *v.get_ref();
+        if n < min || n > max {
+            self.err(
+                v.span(),
+                option,
+                format!("must be between {min} and {max}, got {n}"),
+            );
+            return default;
+        }
+        n
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+}
+
+/// The option named by the line a TOML error points at: `table.key`.
+fn option_at(src: &str, offset: usize) -> String {
+    let offset = offset.min(src.len());
+    let line_start = src[..offset].rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let line_end = src[offset..]
+        .find('\n')
+        .map(|i| offset + i)
+        .unwrap_or(src.len());
+    let line = &src[line_start..line_end];
+    let table = src[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches('"').to_string());
+    match (table, key) {
+        (Some(t), Some(k)) => format!("{t}.{k}"),
+        (None, Some(k)) => k,
+        (Some(t), None) => t,
+        (None, None) => "(syntax)".to_string(),
+    }
+}
+
+pub(super) fn parse(path: &Path, src: &str) -> Result<Config, ConfigErrors> {
+    let file: Arc<str> = Arc::from(path.display().to_string());
+    let raw: RawConfig = match toml::from_str(src) {
+        Ok(raw) => raw,
+        Err(e) => {
+            let offset = e.span().map(|s| s.start).unwrap_or(0);
+            return Err(ConfigErrors(vec![ConfigError {
+                origin: Origin::at(&file, src, offset),
+                option: option_at(src, offset),
+                message: e.message().trim().to_string(),
+            }]));
+        }
+    };
+    let base = path
+        .parent()
+        .map(Path::to_path_buf)
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(|| PathBuf::from("."));
+    let mut cx = Ctx {
+        file,
+        src,
+        base,
+        errors: Vec::new(),
+    };
+    let cfg = build(&mut cx, raw, path);
+    if cx.errors.is_empty() {
+        Ok(cfg)
+    } else {
+        cx.errors.sort_by_key(|e| e.origin.line);
+        Err(ConfigErrors(cx.errors))
+    }
+}
+
+fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
+    let listeners = listeners(cx, &raw);
+    let pools = pools(cx, &raw.pools);
+    let vhosts = vhosts(cx, &raw.vhosts, &pools);
+    let has_tls = listeners.iter().any(|l| l.tls);
+
+    let s = &raw.server;
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1) as i64;
+    let threads = cx.int(&s.threads, "server.threads", cores, 1, 1024) as usize;
+    let shutdown_timeout = cx.duration(
+        &s.shutdown_timeout,
+        "server.shutdown_timeout",
+        Duration::from_secs(30),
+    );
+    let watch_interval = cx.duration_in(
+        &s.watch_interval,
+        "server.watch_interval",
+        Duration::from_secs(1),
+        Duration::from_millis(50),
+        Duration::from_secs(3600),
+    );
+    let pool_size = cx.int(
+        &s.upstream_keepalive_pool_size,
+        "server.upstream_keepalive_pool_size",
+        128,
+        0,
+        65536,
+    ) as usize;
+    let first_tls_port = listeners
+        .iter()
+        .filter(|l| l.tls)
+        .flat_map(|l| l.addresses.iter())
+        .map(|a| a.port() as i64)
+        .next()
+        .unwrap_or(443);
+    let https_redirect_port = cx.int(
+        &s.https_redirect_port,
+        "server.https_redirect_port",
+        first_tls_port,
+        1,
+        65535,
+    ) as u16;
+    let forwarded_for = match s
+        .forwarded_for
+        .as_ref()
+        .map(|v| (v.get_ref().as_str(), v.span()))
+    {
+        None | Some(("replace", _)) => ForwardedFor::Replace,
+        Some(("append", _)) => ForwardedFor::Append,
+        Some((other, span)) => {
+            cx.err(
+                span,
+                "server.forwarded_for",
+                format!("`{other}` is not one of: replace, append"),
+            );
+            ForwardedFor::Replace
+        }
+    };
+
+    let format = match raw
+        .log
+        .format
+        .as_ref()
+        .map(|v| (v.get_ref().as_str(), v.span()))
+    {
+        None | Some(("text", _)) => LogFormat::Text,
+        Some(("json", _)) => LogFormat::Json,
+        Some((other, span)) => {
+            cx.err(
+                span,
+                "log.format",
+                format!("`{other}` is not one of: text, json"),
+            );
+            LogFormat::Text
+        }
+    };
+    let level = match &raw.log.level {
+        None => "info".to_string(),
+        Some(v) => {
+            let l = v.get_ref().to_string();
+            if tracing_subscriber::EnvFilter::try_new(&l).is_err() {
+                cx.err(
+                    v.span(),
+                    "log.level",
+                    format!("`{l}` is not a log filter: use error, warn, info, debug or trace"),
+                );
+            }
+            l
+        }
+    };
+
+    let certs_dir = raw.tls.certs_dir.as_ref().map(|d| cx.path(d.get_ref()));
+    if has_tls && certs_dir.is_none() && vhosts.iter().all(|v| v.cert.is_none()) {
+        let span = raw
+            .listeners
+            .iter()
+            .find(|l| l.get_ref().tls)
+            .map(|l| l.span())
+            .unwrap_or(0..0);
+        cx.err(
+            span,
+            "listener.tls",
+            "a TLS listener needs certificates: set tls.certs_dir or cert/key on a vhost",
+        );
+    }
+
+    Config {
+        source: path.to_path_buf(),
+        server: ServerSettings {
+            threads,
+            shutdown_timeout,
+            watch_config: s.watch_config.unwrap_or(true),
+            watch_interval,
+            upstream_keepalive_pool_size: pool_size,
+            https_redirect_port,
+            forwarded_for,
+            pid_file: s
+                .pid_file
+                .clone()
+                .unwrap_or_else(|| "/tmp/tollgate.pid".to_string()),
+            upgrade_sock: s
+                .upgrade_sock
+                .clone()
+                .unwrap_or_else(|| "/tmp/tollgate-upgrade.sock".to_string()),
+        },
+        log: LogSettings {
+            format,
+            level,
+            access_log: raw.log.access_log.unwrap_or(true),
+        },
+        listeners,
+        certs_dir,
+        vhosts,
+        pools,
+    }
+}
+
+fn listeners(cx: &mut Ctx, raw: &RawConfig) -> Vec<Listener> {
+    if raw.listeners.is_empty() {
+        cx.err(
+            0..0,
+            "listener",
+            "no listeners: add [[listener]] with address = \"0.0.0.0:443\" and tls = true",
+        );
+    }
+    let mut seen: HashMap<SocketAddr, usize> = HashMap::new();
+    let mut out = Vec::new();
+    for (i, l) in raw.listeners.iter().enumerate() {
+        let span = l.get_ref().address.span();
+        let addrs = l.get_ref().address.get_ref().to_vec();
+        if addrs.is_empty() {
+            cx.err(span.clone(), format!("listener[{i}].address"), "is empty");
+        }
+        let mut addresses = Vec::new();
+        for a in addrs {
+            match a.parse::<SocketAddr>() {
+                Ok(sa) => {
+                    let line = cx.origin(span.clone()).line;
+                    if let Some(prev) = seen.insert(sa, line) {
+                        cx.err(
+                            span.clone(),
+                            format!("listener[{i}].address"),
+                            format!("{sa} is already used by the listener on line {prev}"),
+                        );
+                    }
+                    addresses.push(sa);
+                }
+                Err(_) => cx.err(
+                    span.clone(),
+                    format!("listener[{i}].address"),
+                    format!("`{a}` is not an IP:port address (e.g. 0.0.0.0:443 or [::]:443)"),
+                ),
+            }
+        }
+        let tls = l.get_ref().tls;
+        out.push(Listener {
+            addresses,
+            tls,
+            http2: l.get_ref().http2.unwrap_or(true) && tls,
+        });
+    }
+    out
+}
+
+/// Is `name` a valid vhost name: a DNS name, an IP literal, or `*.` followed by a DNS name.
+pub(crate) fn check_host_name(name: &str) -> Result<(), String> {
+    if name.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(());
+    }
+    let (wild, rest) = match name.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, name),
+    };
+    if rest.contains('*') {
+        return Err(format!(
+            "`{name}`: a wildcard is only allowed as the whole first label, e.g. *.example.com"
+        ));
+    }
+    if rest.is_empty() || rest.len() > 253 {
+        return Err(format!("`{name}` is not a host name"));
+    }
+    for label in rest.split('.') {
+        let ok = !label.is_empty()
+            && label.len() <= 63
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && !label.starts_with('-')
+            && !label.ends_with('-');
+        if !ok {
+            return Err(format!(
+                "`{name}` is not a host name (label `{label}`): use letters, digits and hyphens"
+            ));
+        }
+    }
+    if wild && !rest.contains('.') && rest.parse::<std::net::IpAddr>().is_ok() {
+        return Err(format!("`{name}`: a wildcard cannot cover an IP address"));
+    }
+    Ok(())
+}
+
+fn vhosts(
+    cx: &mut Ctx,
+    raw: &[Spanned<RawVhost>],
+    pools: &BTreeMap<String, PoolSpec>,
+) -> Vec<Vhost> {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut default_line: Option<usize> = None;
+    let mut out = Vec::new();
+    for (i, sv) in raw.iter().enumerate() {
+        let v = sv.get_ref();
+        let origin = cx.origin(sv.span());
+        let mut names = Vec::new();
+        for n in &v.names {
+            let name = n
+                .get_ref()
+                .trim()
+                .trim_end_matches('.')
+                .to_ascii_lowercase();
+            if let Err(e) = check_host_name(&name) {
+                cx.err(n.span(), format!("vhost[{i}].names"), e);
+                continue;
+            }
+            let line = cx.origin(n.span()).line;
+            if let Some(prev) = seen.insert(name.clone(), line) {
+                cx.err(
+                    n.span(),
+                    format!("vhost[{i}].names"),
+                    format!("`{name}` is already a name of the vhost on line {prev}"),
+                );
+            }
+            names.push(name);
+        }
+        if v.default {
+            if let Some(prev) = default_line {
+                cx.err(
+                    sv.span(),
+                    format!("vhost[{i}].default"),
+                    format!(
+                        "only one vhost can be the default; the vhost on line {prev} already is"
+                    ),
+                );
+            }
+            default_line = Some(origin.line);
+        } else if v.names.is_empty() {
+            cx.err(
+                sv.span(),
+                format!("vhost[{i}].names"),
+                "a vhost needs names = [\"example.com\"] unless it is the default (default = true)",
+            );
+        }
+        let cert = match (&v.cert, &v.key) {
+            (Some(c), Some(k)) => Some(CertFiles {
+                cert: cx.path(c.get_ref()),
+                key: cx.path(k.get_ref()),
+                origin: cx.origin(c.span()),
+            }),
+            (None, None) => None,
+            (Some(c), None) => {
+                cx.err(
+                    c.span(),
+                    format!("vhost[{i}].key"),
+                    "cert is set but key is not: set both",
+                );
+                None
+            }
+            (None, Some(k)) => {
+                cx.err(
+                    k.span(),
+                    format!("vhost[{i}].cert"),
+                    "key is set but cert is not: set both",
+                );
+                None
+            }
+        };
+        if v.route.is_empty() {
+            cx.err(
+                sv.span(),
+                format!("vhost[{i}].route"),
+                "the vhost has no routes: add [[vhost.route]] with path = \"/\" and pool = \"…\"",
+            );
+        }
+        let mut routes = Vec::new();
+        let mut paths: HashMap<String, usize> = HashMap::new();
+        for (j, sr) in v.route.iter().enumerate() {
+            let r = sr.get_ref();
+            let p = r.path.get_ref();
+            let opt = format!("vhost[{i}].route[{j}]");
+            if !p.starts_with('/') || p.contains(['?', '#', ' ']) {
+                cx.err(
+                    r.path.span(),
+                    format!("{opt}.path"),
+                    format!(
+                        "`{p}` is not a path prefix: it must start with / and hold no ? # or space"
+                    ),
+                );
+            }
+            let line = cx.origin(r.path.span()).line;
+            if let Some(prev) = paths.insert(p.clone(), line) {
+                cx.err(
+                    r.path.span(),
+                    format!("{opt}.path"),
+                    format!("`{p}` is already routed on line {prev}"),
+                );
+            }
+            let pool = r.pool.get_ref();
+            if !pools.contains_key(pool) {
+                let known: Vec<&str> = pools.keys().map(String::as_str).collect();
+                cx.err(
+                    r.pool.span(),
+                    format!("{opt}.pool"),
+                    format!(
+                        "no pool named `{pool}` (defined pools: {})",
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                );
+            }
+            routes.push(Route {
+                path: p.clone(),
+                pool: pool.clone(),
+            });
+        }
+        out.push(Vhost {
+            names,
+            default: v.default,
+            cert,
+            redirect_https: v.redirect_https.unwrap_or(true),
+            routes,
+            origin,
+        });
+    }
+    out
+}
+
+fn pools(cx: &mut Ctx, raw: &BTreeMap<String, Spanned<RawPool>>) -> BTreeMap<String, PoolSpec> {
+    let mut out = BTreeMap::new();
+    for (name, sp) in raw {
+        let p = sp.get_ref();
+        let opt = format!("pool.{name}");
+        if !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
+            cx.err(
+                sp.span(),
+                opt.clone(),
+                format!("`{name}` is not a pool name: use letters, digits, - _ ."),
+            );
+        }
+        if p.backends.is_empty() {
+            cx.err(
+                sp.span(),
+                format!("{opt}.backends"),
+                "a static pool needs at least one backend: backends = [\"127.0.0.1:8080\"]",
+            );
+        }
+        let mut backends = Vec::new();
+        for (k, sb) in p.backends.iter().enumerate() {
+            let (addr, weight) = match sb.get_ref() {
+                RawBackend::Address(a) => (a.clone(), None),
+                RawBackend::Full(f) => (f.address.clone(), f.weight),
+            };
+            let bopt = format!("{opt}.backends[{k}]");
+            let weight = match weight {
+                None => 1,
+                Some(w) if (1..=1000).contains(&w) => w as u32,
+                Some(w) => {
+                    cx.err(
+                        sb.span(),
+                        format!("{bopt}.weight"),
+                        format!("must be between 1 and 1000, got {w}"),
+                    );
+                    1
+                }
+            };
+            match addr.parse::<SocketAddr>() {
+                Ok(address) => {
+                    if backends.iter().any(|b: &BackendSpec| b.address == address) {
+                        cx.err(sb.span(), bopt, format!("{address} is listed twice in this pool"));
+                    } else {
+                        backends.push(BackendSpec { address, weight });
+                    }
+                }
+                Err(_) => cx.err(
+                    sb.span(),
+                    bopt,
+                    format!("`{addr}` is not an IP:port address (static backends are not resolved by DNS)"),
+                ),
+            }
+        }
+        let balance = match p.balance.as_ref().map(|v| (v.get_ref().as_str(), v.span())) {
+            None | Some(("round_robin", _)) => Balance::RoundRobin,
+            Some(("p2c", _)) => Balance::PowerOfTwo,
+            Some((other, span)) => {
+                cx.err(
+                    span,
+                    format!("{opt}.balance"),
+                    format!("`{other}` is not one of: round_robin, p2c"),
+                );
+                Balance::RoundRobin
+            }
+        };
+        let ms = Duration::from_millis;
+        let hour = Duration::from_secs(3600);
+        let connect_timeout = cx.duration_in(
+            &p.connect_timeout,
+            &format!("{opt}.connect_timeout"),
+            ms(3000),
+            ms(1),
+            hour,
+        );
+        let read_timeout = cx.duration_in(
+            &p.read_timeout,
+            &format!("{opt}.read_timeout"),
+            ms(60_000),
+            ms(1),
+            hour,
+        );
+        let write_timeout = cx.duration_in(
+            &p.write_timeout,
+            &format!("{opt}.write_timeout"),
+            ms(60_000),
+            ms(1),
+            hour,
+        );
+        let idle_timeout = cx.duration_in(
+            &p.idle_timeout,
+            &format!("{opt}.idle_timeout"),
+            ms(60_000),
+            ms(1),
+            hour,
+        );
+        let retries = cx.int(&p.retries, &format!("{opt}.retries"), 2, 0, 10) as u32;
+        let max_fails = cx.int(&p.max_fails, &format!("{opt}.max_fails"), 3, 1, 1000) as u32;
+        let eject_time = cx.duration_in(
+            &p.eject_time,
+            &format!("{opt}.eject_time"),
+            ms(10_000),
+            ms(1),
+            hour,
+        );
+        let eject_max_time = cx.duration_in(
+            &p.eject_max_time,
+            &format!("{opt}.eject_max_time"),
+            ms(300_000),
+            ms(1),
+            24 * hour,
+        );
+        if eject_max_time < eject_time {
+            cx.err(
+                sp.span(),
+                format!("{opt}.eject_max_time"),
+                format!("must not be shorter than eject_time ({eject_time:?})"),
+            );
+        }
+        out.insert(
+            name.clone(),
+            PoolSpec {
+                backends,
+                balance,
+                connect_timeout,
+                read_timeout,
+                write_timeout,
+                idle_timeout,
+                retries,
+                health: HealthPolicy {
+                    max_fails,
+                    eject_time,
+                    eject_max_time,
+                },
+            },
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errs(src: &str) -> Vec<ConfigError> {
+        parse(Path::new("/etc/tollgate/t.toml"), src).unwrap_err().0
+    }
+
+    const OK: &str = r#"
+[[listener]]
+address = "127.0.0.1:8080"
+
+[[vhost]]
+names = ["example.com", "*.example.com"]
+[[vhost.route]]
+path = "/"
+pool = "web"
+
+[pool.web]
+backends = ["127.0.0.1:9000", { address = "127.0.0.1:9001", weight = 3 }]
+"#;
+
+    #[test]
+    fn valid_config_fills_safe_defaults() {
+        let c = parse(Path::new("/etc/tollgate/t.toml"), OK).unwrap();
+        assert_eq!(c.vhosts[0].names, vec!["example.com", "*.example.com"]);
+        assert!(c.vhosts[0].redirect_https);
+        let web = &c.pools["web"];
+        assert_eq!(web.backends[1].weight, 3);
+        assert_eq!(web.retries, 2);
+        assert_eq!(web.health.max_fails, 3);
+        assert_eq!(c.server.forwarded_for, ForwardedFor::Replace);
+        assert!(!c.has_tls());
+    }
+
+    #[test]
+    fn syntax_error_names_line_and_option() {
+        let e = errs("[server]\nthreads = \"two\"\n");
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].origin.line, 2);
+        assert_eq!(e[0].option, "server.threads");
+    }
+
+    #[test]
+    fn unknown_option_is_an_error() {
+        let e = errs("[server]\nthreadz = 2\n");
+        assert_eq!(e[0].origin.line, 2);
+        assert!(
+            e[0].message.contains("unknown field `threadz`"),
+            "{}",
+            e[0].message
+        );
+    }
+
+    #[test]
+    fn every_semantic_problem_is_reported() {
+        let src = OK
+            .replace("pool = \"web\"", "pool = \"nope\"")
+            .replace("127.0.0.1:8080", "localhost:http")
+            .replace("*.example.com", "foo.*.com");
+        let e = errs(&src);
+        let opts: Vec<&str> = e.iter().map(|e| e.option.as_str()).collect();
+        assert!(opts.contains(&"listener[0].address"), "{opts:?}");
+        assert!(opts.contains(&"vhost[0].names"), "{opts:?}");
+        assert!(opts.contains(&"vhost[0].route[0].pool"), "{opts:?}");
+        let pool_err = e.iter().find(|e| e.option.ends_with(".pool")).unwrap();
+        assert_eq!(pool_err.origin.line, 9);
+        assert!(pool_err.message.contains("defined pools: web"));
+    }
+
+    #[test]
+    fn host_names() {
+        assert!(check_host_name("example.com").is_ok());
+        assert!(check_host_name("*.example.com").is_ok());
+        assert!(check_host_name("127.0.0.1").is_ok());
+        assert!(check_host_name("*").is_err());
+        assert!(check_host_name("a.*.com").is_err());
+        assert!(check_host_name("*foo.com").is_err());
+        assert!(check_host_name("-a.com").is_err());
+        assert!(check_host_name("a..com").is_err());
+    }
+
+    #[test]
+    fn option_at_finds_table_and_key() {
+        let src = "[pool.web]\nretries = x\n";
+        assert_eq!(option_at(src, src.find('x').unwrap()), "pool.web.retries");
+    }
+}

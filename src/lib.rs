@@ -1,0 +1,10 @@
+//! tollgate: an HTTPS edge reverse proxy on pingora. See docs/ARCHITECTURE.md for the picture:
+//! config → state (Snapshot via ArcSwap) → proxy, with routing, upstream and tls as the pure
+//! or near-pure pieces the request path consults.
+
+pub mod config;
+pub mod proxy;
+pub mod routing;
+pub mod state;
+pub mod tls;
+pub mod upstream;

@@ -1,0 +1,116 @@
+//! The tollgate command line: parse arguments, load the configuration, start the server.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tollgate::config::{Config, LogFormat, LogSettings};
+
+#[derive(Parser)]
+#[command(name = "tollgate", version, about = "HTTPS edge reverse proxy")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a configuration (and its certificates); print every problem. Exit 1 if any.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Certificate helpers.
+    Cert {
+        #[command(subcommand)]
+        command: CertCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Write a self-signed certificate and key for local use: <dir>/<first host>.crt/.key
+    Dev {
+        /// Host names (and IP addresses) the certificate covers.
+        #[arg(required = true)]
+        hosts: Vec<String>,
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Run { config } => run(config),
+        Command::Check { config } => check(config),
+        Command::Cert {
+            command: CertCommand::Dev { hosts, dir },
+        } => match tollgate::tls::write_dev_cert(&hosts, &dir) {
+            Ok((cert, key)) => {
+                println!("wrote {} and {}", cert.display(), key.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+    }
+}
+
+fn run(path: PathBuf) -> ExitCode {
+    // Until the reloader installs its handler, a SIGHUP must not kill the process.
+    unsafe {
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+    }
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprint!("tollgate: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    init_logging(&config.log);
+    match tollgate::proxy::server::run(config).context("tollgate could not start") {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+fn check(path: PathBuf) -> ExitCode {
+    let result = Config::load(&path).and_then(|c| {
+        tollgate::state::Snapshot::build(c.into(), &Default::default(), 0).map(|_| ())
+    });
+    match result {
+        Ok(()) => {
+            println!("{}: configuration is valid", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprint!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(log: &LogSettings) {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_env("TOLLGATE_LOG").unwrap_or_else(|_| EnvFilter::new(&log.level));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
+    match log.format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn fail(e: anyhow::Error) -> ExitCode {
+    eprintln!("tollgate: {e:#}");
+    ExitCode::FAILURE
+}

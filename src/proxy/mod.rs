@@ -1,0 +1,156 @@
+//! The pingora `ProxyHttp` implementation: the request path. Shaped after pingora's phase
+//! chart, one file per phase group: `request` (routing, redirects, local answers, proxy
+//! headers), `upstream` (peer selection, retries, passive health), `response` (response
+//! headers, error answers, access log). `server` assembles listeners and services. Reads the
+//! Snapshot once per request and never takes a lock to do so; must not build Snapshots.
+
+mod request;
+mod response;
+pub mod server;
+mod upstream;
+
+use crate::state::Snapshot;
+use crate::upstream::{InflightGuard, Pool};
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use std::borrow::Cow;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+static ACTIVE_REQUESTS: AtomicUsize = AtomicUsize::new(0);
+
+/// Requests being handled right now (from request start to the end of logging).
+pub fn active_requests() -> usize {
+    ACTIVE_REQUESTS.load(Ordering::SeqCst)
+}
+
+pub struct Tollgate {
+    state: Arc<ArcSwap<Snapshot>>,
+    access_log: bool,
+}
+
+impl Tollgate {
+    pub fn new(state: Arc<ArcSwap<Snapshot>>, access_log: bool) -> Self {
+        Tollgate { state, access_log }
+    }
+}
+
+/// Per-request state. The Snapshot is pinned when the request starts, so a reload never
+/// changes routing under a request in flight.
+pub struct RequestCtx {
+    snap: Arc<Snapshot>,
+    start: Instant,
+    request_id: String,
+    host: String,
+    tls: bool,
+    vhost: Option<usize>,
+    route: Option<usize>,
+    pool: Option<Arc<Pool>>,
+    /// Backends tried for this request (indexes into the pool).
+    tried: Vec<usize>,
+    backend: Option<usize>,
+    inflight: Option<InflightGuard>,
+    upstream_status: Option<u16>,
+    /// Why tollgate answered itself (logged).
+    reason: Option<Cow<'static, str>>,
+}
+
+impl Drop for RequestCtx {
+    fn drop(&mut self) {
+        ACTIVE_REQUESTS.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Tollgate {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        ACTIVE_REQUESTS.fetch_add(1, Ordering::SeqCst);
+        RequestCtx {
+            snap: self.state.load_full(),
+            start: Instant::now(),
+            request_id: String::new(),
+            host: String::new(),
+            tls: false,
+            vhost: None,
+            route: None,
+            pool: None,
+            tried: Vec::new(),
+            backend: None,
+            inflight: None,
+            upstream_status: None,
+            reason: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        request::route(session, ctx).await
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        upstream::select_peer(ctx)
+    }
+
+    fn fail_to_connect(
+        &self,
+        session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        e: Box<Error>,
+    ) -> Box<Error> {
+        upstream::on_connect_failure(session, ctx, e)
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        req: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        request::proxy_headers(session, req, ctx)
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        ctx.upstream_status = Some(resp.status.as_u16());
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        response::downstream_headers(resp, ctx)
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        response::error_answer(session, e, ctx).await
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        upstream::record_outcome(e, ctx);
+        if self.access_log {
+            response::access_log(session, e, ctx);
+        }
+    }
+}

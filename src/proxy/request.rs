@@ -1,0 +1,197 @@
+//! Request phases: find the vhost and route, answer locally when there is none (421, 404,
+//! 308 to HTTPS), and set the proxy headers sent upstream.
+
+use super::RequestCtx;
+use crate::config::ForwardedFor;
+use crate::routing::{normalize_host, Lookup};
+use bytes::Bytes;
+use pingora::prelude::*;
+use pingora::proxy::Session;
+
+const REQUEST_ID: &str = "x-request-id";
+
+/// Route the request; `Ok(true)` when tollgate already answered it.
+pub(super) async fn route(session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+    ctx.tls = session
+        .digest()
+        .and_then(|d| d.ssl_digest.as_ref())
+        .is_some();
+    ctx.request_id = incoming_request_id(session.req_header()).unwrap_or_else(new_request_id);
+
+    let req = session.req_header();
+    let raw_host = req
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            req.headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        });
+    let Some(host) = raw_host.as_deref().and_then(normalize_host) else {
+        return answer(session, ctx, 400, "missing or invalid Host header", None).await;
+    };
+    ctx.host = host;
+    let path = req.uri.path().to_string();
+
+    let snap = ctx.snap.clone();
+    match snap.routes.lookup(&ctx.host, &path) {
+        Lookup::NoVhost => {
+            answer(
+                session,
+                ctx,
+                421,
+                "no virtual host for this host name",
+                None,
+            )
+            .await
+        }
+        Lookup::NoRoute { vhost } => {
+            ctx.vhost = Some(vhost);
+            if let Some(resp) = redirect(session, ctx, vhost) {
+                return resp.await;
+            }
+            answer(session, ctx, 404, "no route for this path", None).await
+        }
+        Lookup::Route {
+            vhost,
+            route,
+            target,
+        } => {
+            ctx.vhost = Some(vhost);
+            ctx.route = Some(route);
+            if let Some(resp) = redirect(session, ctx, vhost) {
+                return resp.await;
+            }
+            ctx.pool = snap.pools.get(target).cloned();
+            Ok(false)
+        }
+    }
+}
+
+/// A 308 to HTTPS for plain-HTTP requests to a vhost that wants it (the default).
+fn redirect<'a>(
+    session: &'a mut Session,
+    ctx: &'a mut RequestCtx,
+    vhost: usize,
+) -> Option<impl std::future::Future<Output = Result<bool>> + 'a> {
+    let cfg = &ctx.snap.config;
+    if ctx.tls || !ctx.snap.routes.vhost(vhost).redirect_https || !cfg.has_tls() {
+        return None;
+    }
+    let port = cfg.server.https_redirect_port;
+    let host = if ctx.host.contains(':') {
+        format!("[{}]", ctx.host)
+    } else {
+        ctx.host.clone()
+    };
+    let authority = if port == 443 {
+        host
+    } else {
+        format!("{host}:{port}")
+    };
+    let pq = session
+        .req_header()
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let location = format!("https://{authority}{pq}");
+    Some(answer(
+        session,
+        ctx,
+        308,
+        "redirect to https",
+        Some(location),
+    ))
+}
+
+/// Answer the request from tollgate itself with a short text body.
+pub(super) async fn answer(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    status: u16,
+    reason: &'static str,
+    location: Option<String>,
+) -> Result<bool> {
+    ctx.reason = Some(reason.into());
+    let body = Bytes::from(format!("{status} {reason}\n"));
+    let mut resp = ResponseHeader::build(status, Some(4))?;
+    resp.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
+    resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
+    resp.insert_header(REQUEST_ID, &ctx.request_id)?;
+    if let Some(l) = location {
+        resp.insert_header(http::header::LOCATION, l)?;
+    }
+    if has_body(session.req_header()) {
+        // The body was not read: the connection cannot be reused safely.
+        session.set_keepalive(None);
+    }
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await?;
+    Ok(true)
+}
+
+fn has_body(req: &RequestHeader) -> bool {
+    req.headers.contains_key(http::header::TRANSFER_ENCODING)
+        || req
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0")
+}
+
+fn incoming_request_id(req: &RequestHeader) -> Option<String> {
+    let v = req.headers.get(REQUEST_ID)?.to_str().ok()?;
+    let ok = !v.is_empty()
+        && v.len() <= 128
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    ok.then(|| v.to_string())
+}
+
+fn new_request_id() -> String {
+    format!("{:032x}", fastrand::u128(..))
+}
+
+/// Headers on the request sent upstream: X-Forwarded-For/-Proto/-Host, X-Request-Id, Host.
+/// Hop-by-hop headers are stripped by pingora's upstream request policy (WebSocket upgrade
+/// headers are re-added for valid WebSocket requests only).
+pub(super) fn proxy_headers(
+    session: &Session,
+    req: &mut RequestHeader,
+    ctx: &RequestCtx,
+) -> Result<()> {
+    let client_ip = session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip().to_string());
+    if let Some(ip) = client_ip {
+        let xff = match ctx.snap.config.server.forwarded_for {
+            ForwardedFor::Replace => ip,
+            ForwardedFor::Append => match req
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+            {
+                Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
+                _ => ip,
+            },
+        };
+        req.insert_header("x-forwarded-for", xff)?;
+    }
+    req.insert_header("x-forwarded-proto", if ctx.tls { "https" } else { "http" })?;
+    let original_host = req
+        .headers
+        .get(http::header::HOST)
+        .map(|h| h.as_bytes().to_vec())
+        .or_else(|| req.uri.authority().map(|a| a.as_str().as_bytes().to_vec()));
+    if let Some(h) = original_host {
+        req.insert_header("x-forwarded-host", h.clone())?;
+        if !req.headers.contains_key(http::header::HOST) {
+            req.insert_header(http::header::HOST, h)?;
+        }
+    }
+    req.insert_header(REQUEST_ID, &ctx.request_id)?;
+    Ok(())
+}

@@ -1,0 +1,135 @@
+//! Response phases: headers to the client, tollgate's own error answers (503, 504, 502) and
+//! the access log line.
+
+use super::RequestCtx;
+use bytes::Bytes;
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, Session};
+
+/// Headers sent to the client: the request id, and no hop-by-hop headers from upstream.
+pub(super) fn downstream_headers(resp: &mut ResponseHeader, ctx: &RequestCtx) -> Result<()> {
+    if resp.status.as_u16() != 101 {
+        let nominated: Vec<String> = resp
+            .headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|t| t.trim().to_ascii_lowercase())
+            .filter(|t| !t.is_empty() && t != "close" && t != "keep-alive")
+            .collect();
+        for h in nominated {
+            resp.remove_header(&h);
+        }
+        for h in ["keep-alive", "proxy-connection", "connection"] {
+            resp.remove_header(h);
+        }
+    }
+    resp.insert_header("x-request-id", &ctx.request_id)?;
+    Ok(())
+}
+
+/// The status tollgate answers with when proxying failed.
+fn status_for(e: &Error) -> u16 {
+    match e.etype() {
+        HTTPStatus(code) => *code,
+        ConnectTimedout | ReadTimedout | WriteTimedout if *e.esource() == ErrorSource::Upstream => {
+            504
+        }
+        _ => match e.esource() {
+            ErrorSource::Upstream => 502,
+            ErrorSource::Downstream => match e.etype() {
+                WriteError | ReadError | ConnectionClosed => 0,
+                _ => 400,
+            },
+            ErrorSource::Internal | ErrorSource::Unset => 500,
+        },
+    }
+}
+
+fn reason_for(code: u16, e: &Error) -> String {
+    match code {
+        504 => format!("upstream timed out ({})", e.etype().as_str()),
+        502 => format!("upstream failed ({})", e.etype().as_str()),
+        503 => "no live backend".to_string(),
+        _ => e.etype().as_str().to_string(),
+    }
+}
+
+pub(super) async fn error_answer(
+    session: &mut Session,
+    e: &Error,
+    ctx: &mut RequestCtx,
+) -> FailToProxy {
+    let code = status_for(e);
+    if ctx.reason.is_none() {
+        ctx.reason = Some(reason_for(code, e).into());
+    }
+    if code > 0 {
+        let text = match code {
+            503 => "no live backend for this route",
+            504 => "the upstream server did not answer in time",
+            502 => "the upstream server could not be reached or failed",
+            400 => "bad request",
+            _ => "internal error",
+        };
+        let body = Bytes::from(format!("{code} {text}\n"));
+        let mut resp = pingora::protocols::http::ServerSession::generate_error(code);
+        let _ = resp.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8");
+        let _ = resp.set_content_length(body.len());
+        let _ = resp.insert_header("x-request-id", &ctx.request_id);
+        if let Err(err) = session
+            .as_downstream_mut()
+            .write_error_response(resp, body)
+            .await
+        {
+            tracing::debug!(error = %err, "could not send the error answer to the client");
+        }
+    }
+    FailToProxy {
+        error_code: code,
+        can_reuse_downstream: false,
+    }
+}
+
+/// One structured line per request (target `access`; JSON when `log.format = "json"`).
+pub(super) fn access_log(session: &Session, e: Option<&Error>, ctx: &RequestCtx) {
+    let req = session.req_header();
+    let status = session
+        .response_written()
+        .map(|r| r.status.as_u16())
+        .unwrap_or(0);
+    let vhost = ctx
+        .vhost
+        .map(|v| ctx.snap.routes.vhost(v).label.as_str())
+        .unwrap_or("-");
+    let route = match (ctx.vhost, ctx.route) {
+        (Some(v), Some(r)) => ctx.snap.routes.vhost(v).routes()[r].prefix.as_str(),
+        _ => "-",
+    };
+    let backend = match (&ctx.pool, ctx.tried.last()) {
+        (Some(p), Some(&i)) => p.backends[i].address.to_string(),
+        _ => "-".to_string(),
+    };
+    tracing::info!(
+        target: "access",
+        request_id = %ctx.request_id,
+        client = %session.client_addr().map(|a| a.to_string()).unwrap_or_default(),
+        proto = if session.is_http2() { "h2" } else { "http/1.1" },
+        tls = ctx.tls,
+        method = %req.method,
+        host = %ctx.host,
+        path = %req.uri.path(),
+        status,
+        vhost,
+        route,
+        pool = ctx.pool.as_ref().map(|p| p.name.as_str()).unwrap_or("-"),
+        backend = %backend,
+        attempts = ctx.tried.len(),
+        upstream_status = ctx.upstream_status.unwrap_or(0),
+        bytes_sent = session.body_bytes_sent(),
+        duration_ms = ctx.start.elapsed().as_secs_f64() * 1000.0,
+        reason = ctx.reason.as_deref().unwrap_or("-"),
+        error = %e.map(|e| e.to_string()).unwrap_or_default(),
+    );
+}

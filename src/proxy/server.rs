@@ -1,0 +1,127 @@
+//! Assemble the pingora server: listeners (plain and TLS with the SNI resolver), the proxy
+//! service and the reload watcher, then run until SIGTERM (graceful drain) or SIGINT.
+
+use super::Tollgate;
+use crate::config::Config;
+use crate::state::{watch::Reloader, State};
+use crate::tls::SniResolver;
+use anyhow::{bail, Context};
+use async_trait::async_trait;
+use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::TlsAccept;
+use pingora::protocols::ALPN;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{Server, ShutdownSignal, ShutdownSignalWatch, UnixShutdownSignalWatch};
+use pingora::services::background::background_service;
+use std::sync::Arc;
+use std::time::Duration;
+
+struct NoTlsCallbacks;
+
+#[async_trait]
+impl TlsAccept for NoTlsCallbacks {}
+
+fn whole_seconds(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// Fail early, naming the option, when a listener address cannot be bound.
+fn check_listeners(cfg: &Config) -> anyhow::Result<()> {
+    for (i, l) in cfg.listeners.iter().enumerate() {
+        for a in &l.addresses {
+            if let Err(e) = std::net::TcpListener::bind(a) {
+                bail!(
+                    "cannot listen on {a} (listener[{i}].address in {}): {e}",
+                    cfg.source.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Run tollgate with a validated configuration. Returns when the server has shut down.
+pub fn run(config: Config) -> anyhow::Result<()> {
+    let state = Arc::new(State::new(config).map_err(|e| anyhow::anyhow!("{e}"))?);
+    let snap = state.snapshot();
+    let cfg = &snap.config;
+    check_listeners(cfg)?;
+
+    let mut conf = ServerConf {
+        threads: cfg.server.threads,
+        // pingora stops accepting on SIGTERM, then gives in-flight requests the grace period;
+        // `DrainWatch` exits earlier as soon as none is left.
+        grace_period_seconds: Some(whole_seconds(cfg.server.shutdown_timeout)),
+        graceful_shutdown_timeout_seconds: Some(1),
+        upstream_keepalive_pool_size: cfg.server.upstream_keepalive_pool_size,
+        pid_file: cfg.server.pid_file.clone(),
+        upgrade_sock: cfg.server.upgrade_sock.clone(),
+        ..ServerConf::default()
+    };
+    conf.daemon = false;
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        Tollgate::new(state.handle(), cfg.log.access_log),
+        "tollgate proxy",
+    );
+    for l in &cfg.listeners {
+        for a in &l.addresses {
+            let addr = a.to_string();
+            if l.tls {
+                let mut tls = TlsSettings::with_callbacks(Box::new(NoTlsCallbacks))
+                    .context("cannot set up TLS")?;
+                tls.set_cert_resolver(Arc::new(SniResolver::new(state.handle())));
+                tls.set_alpn(if l.http2 { ALPN::H2H1 } else { ALPN::H1 });
+                proxy.add_tls_with_settings(&addr, None, tls);
+            } else {
+                proxy.add_tcp(&addr);
+            }
+            tracing::info!(address = %addr, tls = l.tls, http2 = l.http2, "listening");
+        }
+    }
+    server.add_service(proxy);
+    server.add_service(background_service(
+        "tollgate reloader",
+        Reloader::new(state.clone()),
+    ));
+    tracing::info!(
+        config = %cfg.source.display(),
+        vhosts = cfg.vhosts.len(),
+        pools = cfg.pools.len(),
+        "tollgate started"
+    );
+    drop(snap);
+    server.run(pingora::server::RunArgs {
+        shutdown_signal: Box::new(DrainWatch),
+    });
+    Ok(())
+}
+
+/// pingora's Unix signal handling, plus an early exit once a graceful shutdown has drained:
+/// pingora itself would sleep the whole grace period even with nothing in flight.
+struct DrainWatch;
+
+#[async_trait]
+impl ShutdownSignalWatch for DrainWatch {
+    async fn recv(&self) -> ShutdownSignal {
+        let signal = UnixShutdownSignalWatch.recv().await;
+        if matches!(signal, ShutdownSignal::GracefulTerminate) {
+            std::thread::spawn(|| {
+                // let pingora stop the listeners and in-progress handshakes become requests
+                std::thread::sleep(Duration::from_millis(250));
+                loop {
+                    let active = super::active_requests();
+                    if active == 0 {
+                        tracing::info!("graceful shutdown: no request in flight, exiting");
+                        std::process::exit(0);
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            });
+        }
+        signal
+    }
+}

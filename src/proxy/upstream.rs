@@ -1,0 +1,79 @@
+//! Upstream phases: pick a backend, retry a failed connect on another backend (idempotent
+//! requests, bounded by the pool's `retries`), and feed passive health.
+
+use super::RequestCtx;
+use crate::upstream::{now_ms, InflightGuard};
+use pingora::prelude::*;
+use pingora::proxy::Session;
+use pingora::upstreams::peer::HttpPeer;
+
+pub(super) fn select_peer(ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+    let Some(pool) = ctx.pool.clone() else {
+        return Error::e_explain(InternalError, "no pool chosen for the request");
+    };
+    let Some(i) = pool.select(now_ms(), &ctx.tried) else {
+        ctx.reason = Some(format!("no live backend in pool {}", pool.name).into());
+        return Error::e_explain(
+            HTTPStatus(503),
+            format!("no live backend in pool {}", pool.name),
+        );
+    };
+    let b = &pool.backends[i];
+    ctx.tried.push(i);
+    ctx.backend = Some(i);
+    ctx.inflight = Some(InflightGuard::new(b.state.clone()));
+    let mut peer = HttpPeer::new(b.address, false, String::new());
+    let s = &pool.spec;
+    peer.options.connection_timeout = Some(s.connect_timeout);
+    peer.options.total_connection_timeout = Some(s.connect_timeout);
+    peer.options.read_timeout = Some(s.read_timeout);
+    peer.options.write_timeout = Some(s.write_timeout);
+    peer.options.idle_timeout = Some(s.idle_timeout);
+    Ok(Box::new(peer))
+}
+
+/// A connect failure counts against the backend; the request moves to another backend when
+/// it is idempotent, retries remain and another backend is available.
+pub(super) fn on_connect_failure(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    mut e: Box<Error>,
+) -> Box<Error> {
+    let Some(pool) = ctx.pool.clone() else {
+        return e;
+    };
+    let now = now_ms();
+    if let Some(i) = ctx.backend.take() {
+        ctx.inflight = None;
+        let b = &pool.backends[i];
+        if let Some(ms) = b.state.record_failure(now, &pool.spec.health) {
+            tracing::warn!(pool = %pool.name, backend = %b.address, eject_ms = ms, error = %e, "backend ejected after consecutive failures");
+        }
+    }
+    let retries_used = ctx.tried.len().saturating_sub(1) as u32;
+    let idempotent = session.req_header().method.is_idempotent();
+    if idempotent && retries_used < pool.spec.retries && pool.has_available(now, &ctx.tried) {
+        e.set_retry(true);
+    } else {
+        e.set_retry(false);
+    }
+    e
+}
+
+/// After the request: an upstream error counts against the backend, a response for it.
+pub(super) fn record_outcome(e: Option<&Error>, ctx: &mut RequestCtx) {
+    let (Some(pool), Some(i)) = (ctx.pool.as_ref(), ctx.backend) else {
+        return;
+    };
+    let b = &pool.backends[i];
+    match e {
+        Some(err) if *err.esource() == ErrorSource::Upstream && ctx.upstream_status.is_none() => {
+            if let Some(ms) = b.state.record_failure(now_ms(), &pool.spec.health) {
+                tracing::warn!(pool = %pool.name, backend = %b.address, eject_ms = ms, error = %err, "backend ejected after consecutive failures");
+            }
+        }
+        _ if ctx.upstream_status.is_some() => b.state.record_success(),
+        _ => {}
+    }
+    ctx.inflight = None;
+}

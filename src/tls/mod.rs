@@ -1,0 +1,324 @@
+//! TLS certificates for the customer-facing listeners. Owns: loading certificate/key pairs
+//! (from vhost `cert`/`key` and from `tls.certs_dir`), the per-SNI certificate store that each
+//! Snapshot carries, the rustls `ResolvesServerCert` that reads the live Snapshot, and
+//! `cert dev`. Must not touch routing or sockets; reload is driven by `state`.
+
+use crate::config::{Config, ConfigError, ConfigErrors, Origin};
+use crate::state::Snapshot;
+use arc_swap::ArcSwap;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// What an operator wants to know about a loaded certificate.
+#[derive(Debug, Clone)]
+pub struct CertInfo {
+    pub names: Vec<String>,
+    /// Expiry as seconds since the Unix epoch.
+    pub not_after: i64,
+    pub source: PathBuf,
+}
+
+/// Certificates by the name they serve. Wildcards cover exactly one label (RFC 6125).
+#[derive(Debug, Default, Clone)]
+pub struct CertStore {
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    /// Keyed by the suffix after `*`, e.g. `.example.com`.
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    fallback: Option<Arc<CertifiedKey>>,
+    pub infos: Vec<CertInfo>,
+}
+
+impl CertStore {
+    /// The certificate for an SNI name; without SNI, or for a name no certificate covers, the
+    /// default vhost's certificate (or the first loaded) so the client gets a clean answer.
+    pub fn resolve(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        sni.and_then(|n| self.find(&n.to_ascii_lowercase()))
+            .or_else(|| self.fallback.clone())
+    }
+
+    fn find(&self, name: &str) -> Option<Arc<CertifiedKey>> {
+        if let Some(k) = self.exact.get(name) {
+            return Some(k.clone());
+        }
+        let (_, parent) = name.split_once('.')?;
+        self.wildcard.get(&format!(".{parent}")).cloned()
+    }
+
+    /// Does a certificate cover vhost name `name` (which may itself be `*.x`)?
+    fn covers(&self, name: &str) -> bool {
+        match name.strip_prefix('*') {
+            Some(suffix) => self.wildcard.contains_key(suffix),
+            None => self.find(name).is_some(),
+        }
+    }
+
+    fn insert(&mut self, names: &[String], key: &Arc<CertifiedKey>) {
+        for n in names {
+            match n.strip_prefix('*') {
+                Some(suffix) => self.wildcard.insert(suffix.to_string(), key.clone()),
+                None => self.exact.insert(n.clone(), key.clone()),
+            };
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.fallback.is_none()
+    }
+
+    /// Load every certificate the configuration names and check that each vhost name served
+    /// over TLS has one. Vhost `cert`/`key` take precedence over `certs_dir`.
+    pub fn load(cfg: &Config) -> Result<CertStore, ConfigErrors> {
+        let mut store = CertStore::default();
+        let mut errors = Vec::new();
+        if !cfg.has_tls() {
+            return Ok(store);
+        }
+        if let Some(dir) = &cfg.certs_dir {
+            for (cert, key) in scan_dir(dir, &mut errors) {
+                match load_pair(&cert, &key) {
+                    Ok((ck, info)) => {
+                        store.insert(&info.names, &ck);
+                        store.fallback.get_or_insert(ck);
+                        store.infos.push(info);
+                    }
+                    Err(e) => errors.push(file_error(&cert, "tls.certs_dir", e)),
+                }
+            }
+        }
+        for v in &cfg.vhosts {
+            let Some(files) = &v.cert else { continue };
+            match load_pair(&files.cert, &files.key) {
+                Ok((ck, info)) => {
+                    store.insert(&v.names, &ck);
+                    if v.default || store.fallback.is_none() {
+                        store.fallback = Some(ck.clone());
+                    }
+                    store.infos.push(info);
+                }
+                Err(e) => errors.push(ConfigError {
+                    origin: files.origin.clone(),
+                    option: "vhost.cert".into(),
+                    message: e,
+                }),
+            }
+        }
+        if errors.is_empty() {
+            for v in &cfg.vhosts {
+                for n in &v.names {
+                    if !store.covers(n) {
+                        errors.push(ConfigError {
+                            origin: v.origin.clone(),
+                            option: "vhost.cert".into(),
+                            message: format!(
+                                "no certificate covers `{n}`: set cert/key on this vhost or put one in tls.certs_dir ({})",
+                                cfg.certs_dir
+                                    .as_deref()
+                                    .map(|d| d.display().to_string())
+                                    .unwrap_or_else(|| "not set".into())
+                            ),
+                        });
+                    }
+                }
+            }
+            if store.is_empty() {
+                errors.push(ConfigError {
+                    origin: Origin {
+                        file: cfg.source.display().to_string().into(),
+                        line: 0,
+                    },
+                    option: "tls.certs_dir".into(),
+                    message: "TLS listeners are configured but no certificate was found".into(),
+                });
+            }
+        }
+        if errors.is_empty() {
+            Ok(store)
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+}
+
+fn file_error(path: &Path, option: &str, message: String) -> ConfigError {
+    ConfigError {
+        origin: Origin {
+            file: path.display().to_string().into(),
+            line: 0,
+        },
+        option: option.into(),
+        message,
+    }
+}
+
+/// `*.crt` / `*.pem` files in `dir` that have a `.key` beside them (same stem).
+fn scan_dir(dir: &Path, errors: &mut Vec<ConfigError>) -> Vec<(PathBuf, PathBuf)> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) => {
+            errors.push(file_error(
+                dir,
+                "tls.certs_dir",
+                format!("cannot read the directory: {e}"),
+            ));
+            return Vec::new();
+        }
+    };
+    let mut pairs: Vec<(PathBuf, PathBuf)> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("crt" | "pem")))
+        .filter_map(|cert| {
+            let key = cert.with_extension("key");
+            key.is_file().then_some((cert, key))
+        })
+        .collect();
+    pairs.sort();
+    pairs
+}
+
+/// Load a PEM certificate chain and private key and check that they belong together.
+pub fn load_pair(cert: &Path, key: &Path) -> Result<(Arc<CertifiedKey>, CertInfo), String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("cannot read certificate {}: {e}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{} is not a PEM certificate: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!("{} holds no certificate", cert.display()));
+    }
+    let der = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("cannot read a private key from {}: {e}", key.display()))?;
+    let signer = rustls::crypto::ring::sign::any_supported_type(&der)
+        .map_err(|e| format!("unsupported private key in {}: {e}", key.display()))?;
+    let info = cert_info(&chain[0], cert)?;
+    let ck = CertifiedKey::new(chain, signer);
+    ck.keys_match().map_err(|e| {
+        format!(
+            "the key {} does not belong to the certificate {}: {e}",
+            key.display(),
+            cert.display()
+        )
+    })?;
+    Ok((Arc::new(ck), info))
+}
+
+fn cert_info(der: &CertificateDer<'_>, source: &Path) -> Result<CertInfo, String> {
+    use x509_parser::prelude::*;
+    let (_, x509) = parse_x509_certificate(der.as_ref())
+        .map_err(|e| format!("{} is not an X.509 certificate: {e}", source.display()))?;
+    let mut names: Vec<String> = Vec::new();
+    if let Ok(Some(san)) = x509.subject_alternative_name() {
+        for n in &san.value.general_names {
+            match n {
+                GeneralName::DNSName(d) => names.push(d.to_ascii_lowercase()),
+                GeneralName::IPAddress(b) => {
+                    let ip = match b.len() {
+                        4 => Some(std::net::IpAddr::from(
+                            <[u8; 4]>::try_from(*b).unwrap_or_default(),
+                        )),
+                        16 => Some(std::net::IpAddr::from(
+                            <[u8; 16]>::try_from(*b).unwrap_or_default(),
+                        )),
+                        _ => None,
+                    };
+                    names.extend(ip.map(|ip| ip.to_string()));
+                }
+                _ => {}
+            }
+        }
+    }
+    if names.is_empty() {
+        names.extend(
+            x509.subject()
+                .iter_common_name()
+                .filter_map(|cn| cn.as_str().ok())
+                .map(str::to_ascii_lowercase),
+        );
+    }
+    Ok(CertInfo {
+        names,
+        not_after: x509.validity().not_after.timestamp(),
+        source: source.to_path_buf(),
+    })
+}
+
+/// rustls asks this for a certificate on every handshake; it reads the live Snapshot, so a
+/// reload (config or certificate files) changes the answer for the next handshake.
+#[derive(Debug)]
+pub struct SniResolver {
+    state: Arc<ArcSwap<Snapshot>>,
+}
+
+impl SniResolver {
+    pub fn new(state: Arc<ArcSwap<Snapshot>>) -> Self {
+        SniResolver { state }
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.state.load().certs.resolve(hello.server_name())
+    }
+}
+
+/// Write a self-signed certificate for `hosts` to `<dir>/<first host>.crt` and `.key`.
+pub fn write_dev_cert(hosts: &[String], dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    use anyhow::Context;
+    anyhow::ensure!(
+        !hosts.is_empty(),
+        "name at least one host, e.g. `tollgate cert dev localhost`"
+    );
+    let ck = rcgen::generate_simple_self_signed(hosts.to_vec())
+        .context("cannot generate a certificate for these names")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let stem = hosts[0].replace('*', "_wildcard");
+    let cert = dir.join(format!("{stem}.crt"));
+    let key = dir.join(format!("{stem}.key"));
+    std::fs::write(&cert, ck.cert.pem())
+        .with_context(|| format!("cannot write {}", cert.display()))?;
+    write_private(&key, ck.key_pair.serialize_pem().as_bytes())
+        .with_context(|| format!("cannot write {}", key.display()))?;
+    Ok((cert, key))
+}
+
+fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dev_cert_loads_and_names_its_hosts() {
+        let dir = std::env::temp_dir().join(format!("tollgate-tls-{}", std::process::id()));
+        let (c, k) = write_dev_cert(&["localhost".into(), "*.local.test".into()], &dir).unwrap();
+        let (ck, info) = load_pair(&c, &k).unwrap();
+        assert_eq!(info.names, vec!["localhost", "*.local.test"]);
+        assert!(info.not_after > 0);
+        let mut store = CertStore::default();
+        store.insert(&info.names, &ck);
+        assert!(store.resolve(Some("LOCALHOST")).is_some());
+        assert!(store.resolve(Some("a.local.test")).is_some());
+        assert!(
+            store.resolve(Some("a.b.local.test")).is_none(),
+            "one label only"
+        );
+        assert!(store.covers("*.local.test"));
+        // a key that does not belong to the certificate is refused
+        let (_, k2) = write_dev_cert(&["other".into()], &dir).unwrap();
+        assert!(load_pair(&c, &k2).unwrap_err().contains("does not belong"));
+        std::fs::remove_dir_all(dir).ok();
+    }
+}

@@ -1,0 +1,149 @@
+//! Upstream pools: backends, selection (`selection`, pure) and passive health (`health`).
+//! Owns: choosing a backend for a request and remembering how backends behave. Must not touch
+//! sockets (the proxy connects) or config files. Per-backend state lives in the `Registry`,
+//! keyed by (pool, address), so it survives Snapshot rebuilds.
+
+pub mod health;
+pub mod selection;
+
+pub use health::BackendState;
+
+use crate::config::{Balance, PoolSpec};
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+/// Milliseconds on a process-wide monotonic clock (the clock health decisions use).
+pub fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+#[derive(Debug)]
+pub struct Backend {
+    pub address: SocketAddr,
+    pub weight: u32,
+    pub state: Arc<BackendState>,
+}
+
+#[derive(Debug)]
+pub struct Pool {
+    pub name: String,
+    pub backends: Vec<Backend>,
+    pub spec: PoolSpec,
+    schedule: Vec<usize>,
+    cursor: Arc<AtomicUsize>,
+}
+
+/// Holds a backend's in-flight count up while a request uses it.
+#[derive(Debug)]
+pub struct InflightGuard(Arc<BackendState>);
+
+impl InflightGuard {
+    pub fn new(state: Arc<BackendState>) -> Self {
+        state.inflight.fetch_add(1, Relaxed);
+        InflightGuard(state)
+    }
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Relaxed);
+    }
+}
+
+impl Pool {
+    /// Choose a backend that is not ejected and not in `exclude` (already tried).
+    pub fn select(&self, now_ms: u64, exclude: &[usize]) -> Option<usize> {
+        let available =
+            |i: usize| !exclude.contains(&i) && self.backends[i].state.is_available(now_ms);
+        match self.spec.balance {
+            Balance::RoundRobin => {
+                let c = self.cursor.fetch_add(1, Relaxed);
+                selection::pick_round_robin(&self.schedule, c, available)
+            }
+            Balance::PowerOfTwo => {
+                let weights: Vec<u32> = self.backends.iter().map(|b| b.weight).collect();
+                selection::pick_p2c(
+                    &weights,
+                    |i| self.backends[i].state.inflight.load(Relaxed),
+                    available,
+                    fastrand::u64(..),
+                    fastrand::u64(..),
+                )
+            }
+        }
+    }
+
+    /// Whether some backend outside `exclude` could still be chosen.
+    pub fn has_available(&self, now_ms: u64, exclude: &[usize]) -> bool {
+        self.backends
+            .iter()
+            .enumerate()
+            .any(|(i, b)| !exclude.contains(&i) && b.state.is_available(now_ms))
+    }
+}
+
+/// State that outlives a Snapshot: backend health/in-flight and round-robin cursors.
+#[derive(Debug, Default)]
+pub struct Registry {
+    backends: Mutex<HashMap<(String, SocketAddr), Arc<BackendState>>>,
+    cursors: Mutex<HashMap<String, Arc<AtomicUsize>>>,
+}
+
+impl Registry {
+    /// Build a pool, reusing the state of backends it already had.
+    pub fn pool(&self, name: &str, spec: &PoolSpec) -> Pool {
+        let mut states = self.backends.lock().unwrap_or_else(|e| e.into_inner());
+        let backends = spec
+            .backends
+            .iter()
+            .map(|b| Backend {
+                address: b.address,
+                weight: b.weight,
+                state: states
+                    .entry((name.to_string(), b.address))
+                    .or_default()
+                    .clone(),
+            })
+            .collect::<Vec<_>>();
+        drop(states);
+        let cursor = self
+            .cursors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(name.to_string())
+            .or_default()
+            .clone();
+        let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
+        Pool {
+            name: name.to_string(),
+            schedule: selection::wrr_schedule(&weights),
+            backends,
+            spec: spec.clone(),
+            cursor,
+        }
+    }
+
+    /// Forget state of pools and backends no longer configured.
+    pub fn retain<'a>(&self, live: impl Iterator<Item = &'a Pool>) {
+        let mut keep_b = HashSet::new();
+        let mut keep_p = HashSet::new();
+        for p in live {
+            keep_p.insert(p.name.clone());
+            for b in &p.backends {
+                keep_b.insert((p.name.clone(), b.address));
+            }
+        }
+        self.backends
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|k, _| keep_b.contains(k));
+        self.cursors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|k, _| keep_p.contains(k));
+    }
+}

@@ -1,0 +1,696 @@
+//! The request path through the real tollgate binary: TLS/SNI, vhosts, routing, balancing,
+//! passive health, error answers, proxy headers, HTTP/2 and WebSocket.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+struct Site {
+    // fields drop in order: stop tollgate (and print its log) before the directory goes
+    tg: Tollgate,
+    _dir: tempfile::TempDir,
+    https: SocketAddr,
+    http: SocketAddr,
+    ca: TestCa,
+}
+
+/// Start tollgate with `body` (vhosts and pools) plus an HTTPS and a plain listener.
+/// `{dir}` in the body is replaced by the temp dir; `prepare` writes certificates first.
+async fn site(body: &str, prepare: impl FnOnce(&TestCa, &Path)) -> Site {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    prepare(&ca, dir.path());
+    let https = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let cfg = format!(
+        "[server]\nthreads = 2\nshutdown_timeout = \"5s\"\n\n\
+         [[listener]]\naddress = \"{https}\"\ntls = true\n\n\
+         [[listener]]\naddress = \"{http}\"\n\n{}",
+        body.replace("{dir}", &dir.path().display().to_string())
+    );
+    let path = dir.path().join("tollgate.toml");
+    write(&path, &cfg);
+    let mut tg = Tollgate::start(&path);
+    tg.ready(https).await;
+    tg.ready(http).await;
+    Site {
+        _dir: dir,
+        tg,
+        https,
+        http,
+        ca,
+    }
+}
+
+async fn json(resp: reqwest::Response) -> Value {
+    assert_eq!(resp.status(), 200, "unexpected status");
+    resp.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn sni_selects_each_vhost_certificate_and_host_selects_the_pool() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let s = site(
+        &format!(
+            r#"
+[[vhost]]
+names = ["a.test"]
+cert = "{{dir}}/a.crt"
+key = "{{dir}}/a.key"
+[[vhost.route]]
+path = "/"
+pool = "a"
+
+[[vhost]]
+names = ["b.test"]
+cert = "{{dir}}/b.crt"
+key = "{{dir}}/b.key"
+[[vhost.route]]
+path = "/"
+pool = "b"
+
+[pool.a]
+backends = ["{}"]
+[pool.b]
+backends = ["{}"]
+"#,
+            a.addr, b.addr
+        ),
+        |ca, dir| {
+            ca.issue(dir, "a", &["a.test"], "cert-a");
+            ca.issue(dir, "b", &["b.test"], "cert-b");
+        },
+    )
+    .await;
+    let c = client(&s.ca, s.https, &["a.test", "b.test"]);
+    let port = s.https.port();
+    // Each certificate only covers its own name, so a verified handshake proves SNI chose it.
+    for _ in 0..3 {
+        let ja = json(
+            c.get(format!("https://a.test:{port}/x"))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(ja["upstream"], "a");
+        let jb = json(
+            c.get(format!("https://b.test:{port}/x"))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(jb["upstream"], "b");
+    }
+    assert_eq!(
+        peer_cert_cn(&s.ca, s.https, "a.test", &["http/1.1"])
+            .await
+            .0,
+        "cert-a"
+    );
+    assert_eq!(
+        peer_cert_cn(&s.ca, s.https, "b.test", &["http/1.1"])
+            .await
+            .0,
+        "cert-b"
+    );
+}
+
+/// Handshake with `sni` and return the server certificate's common name and the ALPN chosen.
+async fn peer_cert_cn(
+    ca: &TestCa,
+    addr: SocketAddr,
+    sni: &str,
+    alpn: &[&str],
+) -> (String, Option<Vec<u8>>) {
+    let stream = tls_connect(ca, addr, sni, alpn).await;
+    let (_, conn) = stream.get_ref();
+    let der = conn.peer_certificates().unwrap()[0].clone();
+    let alpn = conn.alpn_protocol().map(|a| a.to_vec());
+    let (_, x) = x509_parser::parse_x509_certificate(der.as_ref()).unwrap();
+    let cn = x
+        .subject()
+        .iter_common_name()
+        .next()
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_string();
+    (cn, alpn)
+}
+
+async fn tls_connect(
+    ca: &TestCa,
+    addr: SocketAddr,
+    sni: &str,
+    alpn: &[&str],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca.pem.as_bytes()).unwrap())
+        .unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn wildcard_and_default_vhosts_from_the_certs_directory() {
+    let w = Upstream::start("wild").await;
+    let d = Upstream::start("default").await;
+    let s = site(
+        &format!(
+            r#"
+[tls]
+certs_dir = "{{dir}}/certs"
+
+[[vhost]]
+names = ["*.w.test"]
+[[vhost.route]]
+path = "/"
+pool = "wild"
+
+[[vhost]]
+default = true
+[[vhost.route]]
+path = "/"
+pool = "default"
+
+[pool.wild]
+backends = ["{}"]
+[pool.default]
+backends = ["{}"]
+"#,
+            w.addr, d.addr
+        ),
+        |ca, dir| {
+            let certs = dir.join("certs");
+            std::fs::create_dir(&certs).unwrap();
+            ca.issue(&certs, "wild", &["*.w.test"], "wild");
+            ca.issue(&certs, "other", &["other.test"], "other");
+        },
+    )
+    .await;
+    let port = s.https.port();
+    let c = client(&s.ca, s.https, &["x.w.test", "deep.w.test", "other.test"]);
+    for host in ["x.w.test", "deep.w.test"] {
+        let j = json(
+            c.get(format!("https://{host}:{port}/"))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(j["upstream"], "wild", "{host}");
+    }
+    let j = json(
+        c.get(format!("https://other.test:{port}/"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(j["upstream"], "default");
+    assert_eq!(
+        peer_cert_cn(&s.ca, s.https, "other.test", &[]).await.0,
+        "other"
+    );
+    assert_eq!(
+        peer_cert_cn(&s.ca, s.https, "q.w.test", &[]).await.0,
+        "wild"
+    );
+}
+
+const ONE_VHOST: &str = r#"
+[[vhost]]
+names = ["a.test"]
+cert = "{dir}/a.crt"
+key = "{dir}/a.key"
+"#;
+
+fn issue_a(ca: &TestCa, dir: &Path) {
+    ca.issue(dir, "a", &["a.test"], "a");
+}
+
+#[tokio::test]
+async fn longest_prefix_routing() {
+    let root = Upstream::start("root").await;
+    let api = Upstream::start("api").await;
+    let v2 = Upstream::start("v2").await;
+    let body = format!(
+        "{ONE_VHOST}
+[[vhost.route]]
+path = \"/\"
+pool = \"root\"
+[[vhost.route]]
+path = \"/api/v2\"
+pool = \"v2\"
+[[vhost.route]]
+path = \"/api\"
+pool = \"api\"
+
+[pool.root]
+backends = [\"{}\"]
+[pool.api]
+backends = [\"{}\"]
+[pool.v2]
+backends = [\"{}\"]
+",
+        root.addr, api.addr, v2.addr
+    );
+    let s = site(&body, issue_a).await;
+    let c = client(&s.ca, s.https, &["a.test"]);
+    let port = s.https.port();
+    for (path, want) in [
+        ("/", "root"),
+        ("/apix", "root"),
+        ("/api", "api"),
+        ("/api/users?id=1", "api"),
+        ("/api/v2", "v2"),
+        ("/api/v2/things", "v2"),
+        ("/api/v23", "api"),
+    ] {
+        let j = json(
+            c.get(format!("https://a.test:{port}{path}"))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(j["upstream"], want, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn weights_are_honoured_over_many_requests() {
+    let heavy = Upstream::start("heavy").await;
+    let light = Upstream::start("light").await;
+    let body = format!(
+        "{ONE_VHOST}
+[[vhost.route]]
+path = \"/\"
+pool = \"p\"
+[pool.p]
+backends = [{{ address = \"{}\", weight = 3 }}, {{ address = \"{}\", weight = 1 }}]
+",
+        heavy.addr, light.addr
+    );
+    let s = site(&body, issue_a).await;
+    let c = client(&s.ca, s.https, &["a.test"]);
+    let port = s.https.port();
+    for _ in 0..400 {
+        let r = c
+            .get(format!("https://a.test:{port}/"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!((heavy.hits(), light.hits()), (300, 100));
+}
+
+#[tokio::test]
+async fn p2c_spreads_load_and_a_dead_backend_is_ejected_without_failed_requests() {
+    let live1 = Upstream::start("live1").await;
+    let live2 = Upstream::start("live2").await;
+    let dead = dead_addr();
+    for balance in ["round_robin", "p2c"] {
+        let body = format!(
+            "{ONE_VHOST}
+[[vhost.route]]
+path = \"/\"
+pool = \"p\"
+[pool.p]
+balance = \"{balance}\"
+max_fails = 2
+eject_time = \"30s\"
+backends = [\"{}\", \"{dead}\", \"{}\"]
+",
+            live1.addr, live2.addr
+        );
+        let s = site(&body, issue_a).await;
+        let c = client(&s.ca, s.https, &["a.test"]);
+        let port = s.https.port();
+        let before = live1.hits() + live2.hits();
+        for i in 0..200 {
+            let r = c
+                .get(format!("https://a.test:{port}/n/{i}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{balance}: request {i} failed");
+        }
+        assert_eq!(live1.hits() + live2.hits() - before, 200);
+        assert!(
+            live1.hits() > 20 && live2.hits() > 20,
+            "both live backends used"
+        );
+        wait_for("the access lines", Duration::from_secs(5), || async {
+            s.tg.log_text().matches("target=\"access\"").count() >= 200
+                || s.tg.log_text().matches(" access: ").count() >= 200
+        })
+        .await;
+        let log = s.tg.log_text();
+        assert!(
+            log.contains("backend ejected"),
+            "{balance}: no ejection logged"
+        );
+        assert!(log.contains(&dead.to_string()));
+        // the dead backend was tried at most max_fails times before its ejection
+        let retried = log.matches("attempts=2").count();
+        assert!(
+            (1..=2).contains(&retried),
+            "{balance}: {retried} retried requests"
+        );
+    }
+}
+
+#[tokio::test]
+async fn local_answers_421_404_503_504_with_reasons() {
+    let slow = Upstream::start("slow").await;
+    let dead = dead_addr();
+    let body = format!(
+        "{ONE_VHOST}
+redirect_https = false
+[[vhost.route]]
+path = \"/api\"
+pool = \"slow\"
+[[vhost.route]]
+path = \"/dead\"
+pool = \"dead\"
+[pool.slow]
+read_timeout = \"300ms\"
+backends = [\"{}\"]
+[pool.dead]
+max_fails = 1
+backends = [\"{dead}\"]
+",
+        slow.addr
+    );
+    let s = site(&body, issue_a).await;
+    let port = s.https.port();
+    let c = client(&s.ca, s.https, &["a.test", "unknown.test"]);
+
+    let r = c
+        .get(format!("https://a.test:{port}/nothing"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert!(r.headers().contains_key("x-request-id"));
+    assert_eq!(r.text().await.unwrap(), "404 no route for this path\n");
+
+    // plain HTTP, unknown host (no certificate covers it, so ask over the plain listener)
+    let plain = reqwest::Client::new();
+    let r = plain
+        .get(format!("http://{}/", s.http))
+        .header("host", "unknown.test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 421);
+    assert_eq!(
+        r.text().await.unwrap(),
+        "421 no virtual host for this host name\n"
+    );
+
+    let r = c
+        .get(format!("https://a.test:{port}/dead"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502, "connect refused before ejection");
+    let r = c
+        .get(format!("https://a.test:{port}/dead"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503, "the only backend is ejected");
+    assert_eq!(
+        r.text().await.unwrap(),
+        "503 no live backend for this route\n"
+    );
+
+    let started = std::time::Instant::now();
+    let r = c
+        .get(format!("https://a.test:{port}/api/sleep/3000"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    assert!(started.elapsed() < Duration::from_millis(2500));
+
+    let r = plain
+        .get(format!("http://{}/", s.http))
+        .header("host", "bad host!")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+
+    // The access line is written after the answer is sent: wait for it.
+    for reason in [
+        "no route for this path",
+        "no virtual host for this host name",
+        "upstream failed",
+        "no live backend in pool dead",
+        "upstream timed out",
+        "missing or invalid Host header",
+    ] {
+        wait_for(
+            &format!("reason `{reason}` in the log"),
+            Duration::from_secs(5),
+            || async { s.tg.log_text().contains(reason) },
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn plain_http_redirects_to_https_unless_the_vhost_opts_out() {
+    let up = Upstream::start("up").await;
+    let body = format!(
+        r#"
+[[vhost]]
+names = ["a.test"]
+cert = "{{dir}}/a.crt"
+key = "{{dir}}/a.key"
+[[vhost.route]]
+path = "/"
+pool = "p"
+
+[[vhost]]
+names = ["plain.test"]
+cert = "{{dir}}/p.crt"
+key = "{{dir}}/p.key"
+redirect_https = false
+[[vhost.route]]
+path = "/"
+pool = "p"
+
+[pool.p]
+backends = ["{}"]
+"#,
+        up.addr
+    );
+    let s = site(&body, |ca, dir| {
+        ca.issue(dir, "a", &["a.test"], "a");
+        ca.issue(dir, "p", &["plain.test"], "p");
+    })
+    .await;
+    let c = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = c
+        .get(format!("http://{}/some/path?x=1", s.http))
+        .header("host", "a.test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 308);
+    assert_eq!(
+        r.headers()["location"],
+        format!("https://a.test:{}/some/path?x=1", s.https.port()).as_str()
+    );
+    let r = c
+        .get(format!("http://{}/", s.http))
+        .header("host", "plain.test")
+        .send()
+        .await
+        .unwrap();
+    let j = json(r).await;
+    assert_eq!(j["headers"]["x-forwarded-proto"], "http");
+}
+
+#[tokio::test]
+async fn proxy_headers_request_id_and_hop_by_hop_stripping() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::start("up").await;
+    let body = format!(
+        "{ONE_VHOST}
+redirect_https = false
+[[vhost.route]]
+path = \"/\"
+pool = \"p\"
+[pool.p]
+backends = [\"{}\"]
+",
+        up.addr
+    );
+    let s = site(&body, issue_a).await;
+    let port = s.https.port();
+    let c = client(&s.ca, s.https, &["a.test"]);
+    let r = c
+        .get(format!("https://a.test:{port}/h"))
+        .header("x-forwarded-for", "6.6.6.6")
+        .send()
+        .await
+        .unwrap();
+    let rid = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let j = json(r).await;
+    let h = &j["headers"];
+    assert_eq!(
+        h["x-forwarded-for"], "127.0.0.1",
+        "a client's own XFF is replaced"
+    );
+    assert_eq!(h["x-forwarded-proto"], "https");
+    assert_eq!(h["x-forwarded-host"], format!("a.test:{port}"));
+    assert_eq!(h["x-request-id"], rid.as_str());
+    assert_eq!(rid.len(), 32);
+    assert!(rid.bytes().all(|b| b.is_ascii_hexdigit()));
+
+    let r = c
+        .get(format!("https://a.test:{port}/h"))
+        .header("x-request-id", "trace-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "trace-123");
+    assert_eq!(json(r).await["headers"]["x-request-id"], "trace-123");
+
+    // hop-by-hop request headers, over raw HTTP/1.1 on the plain listener
+    let mut tcp = tokio::net::TcpStream::connect(s.http).await.unwrap();
+    tcp.write_all(
+        b"GET /hop HTTP/1.1\r\nHost: a.test\r\nConnection: close, x-foo\r\nX-Foo: 1\r\n\
+          Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nX-Keep: yes\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut raw))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let j: Value = serde_json::from_str(body.trim()).unwrap();
+    let h = j["headers"].as_object().unwrap();
+    for gone in ["x-foo", "keep-alive", "proxy-connection"] {
+        assert!(!h.contains_key(gone), "{gone} was forwarded: {h:?}");
+    }
+    assert_eq!(h["x-keep"], "yes");
+    // and hop-by-hop response headers from upstream are not passed on
+    for gone in ["x-secret", "keep-alive", "proxy-connection"] {
+        assert!(
+            !head.contains(&format!("\n{gone}:")),
+            "{gone} reached the client:\n{head}"
+        );
+    }
+    assert!(head.contains("\nx-upstream: up"));
+}
+
+#[tokio::test]
+async fn http2_to_clients_and_http11_to_upstreams() {
+    let up = Upstream::start("up").await;
+    let body = format!(
+        "{ONE_VHOST}
+[[vhost.route]]
+path = \"/\"
+pool = \"p\"
+[pool.p]
+backends = [\"{}\"]
+",
+        up.addr
+    );
+    let s = site(&body, issue_a).await;
+    let port = s.https.port();
+    let (_, alpn) = peer_cert_cn(&s.ca, s.https, "a.test", &["h2", "http/1.1"]).await;
+    assert_eq!(alpn.as_deref(), Some(&b"h2"[..]));
+    let c = client(&s.ca, s.https, &["a.test"]);
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = c
+                .get(format!("https://a.test:{port}/h2/{i}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.version(), reqwest::Version::HTTP_2);
+            let j: Value = r.json().await.unwrap();
+            assert_eq!(j["version"], "HTTP/1.1");
+            assert_eq!(j["path"], format!("/h2/{i}"));
+            assert_eq!(j["headers"]["host"], format!("a.test:{port}"));
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // a POST body crosses h2 → h1
+    let r = c
+        .post(format!("https://a.test:{port}/post"))
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(json(r).await["method"], "POST");
+}
+
+#[tokio::test]
+async fn websocket_upgrade_passes_through() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let (ws_addr, _task) = websocket_echo().await;
+    let body = format!(
+        "{ONE_VHOST}
+[[vhost.route]]
+path = \"/\"
+pool = \"ws\"
+[pool.ws]
+backends = [\"{ws_addr}\"]
+"
+    );
+    let s = site(&body, issue_a).await;
+    let tls = tls_connect(&s.ca, s.https, "a.test", &["http/1.1"]).await;
+    let url = format!("wss://a.test:{}/chat", s.https.port());
+    let (mut ws, resp) = tokio_tungstenite::client_async(url, tls).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    for i in 0..5 {
+        ws.send(Message::Text(format!("hello {i}"))).await.unwrap();
+        let back = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(back, Message::Text(format!("hello {i}")));
+    }
+    ws.close(None).await.unwrap();
+}
