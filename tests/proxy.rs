@@ -322,6 +322,127 @@ backends = [{{ address = \"{}\", weight = 3 }}, {{ address = \"{}\", weight = 1 
         assert_eq!(r.status(), 200);
     }
     assert_eq!((heavy.hits(), light.hits()), (300, 100));
+    // sequential requests reuse the upstream keep-alive connections
+    let conns = heavy.conns.load(std::sync::atomic::Ordering::SeqCst)
+        + light.conns.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(conns <= 4, "{conns} upstream connections for 400 requests");
+}
+
+#[tokio::test]
+async fn retries_are_bounded_and_only_for_idempotent_requests() {
+    let live = Upstream::start("live").await;
+    let (d1, d2) = (dead_addr(), dead_addr());
+    let body = format!(
+        "{ONE_VHOST}
+[[vhost.route]]
+path = \"/\"
+pool = \"p\"
+[pool.p]
+retries = 1
+max_fails = 1000
+backends = [\"{d1}\", \"{d2}\", \"{}\"]
+",
+        live.addr
+    );
+    let s = site(&body, issue_a).await;
+    let c = client(&s.ca, s.https, &["a.test"]);
+    let port = s.https.port();
+    let (mut ok, mut bad) = (0, 0);
+    for i in 0..30 {
+        let r = c
+            .get(format!("https://a.test:{port}/get/{i}"))
+            .send()
+            .await
+            .unwrap();
+        match r.status().as_u16() {
+            200 => ok += 1,
+            502 => bad += 1,
+            other => panic!("GET answered {other}"),
+        }
+    }
+    assert!(
+        ok > 0 && bad > 0,
+        "retries = 1 must save some GETs and not all: {ok} ok, {bad} failed"
+    );
+    let (mut post_ok, mut post_bad) = (0, 0);
+    for i in 0..30 {
+        let r = c
+            .post(format!("https://a.test:{port}/post/{i}"))
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        match r.status().as_u16() {
+            200 => post_ok += 1,
+            502 => post_bad += 1,
+            other => panic!("POST answered {other}"),
+        }
+    }
+    assert!(
+        post_ok > 0 && post_bad > 0,
+        "{post_ok} ok, {post_bad} failed"
+    );
+    wait_for("the access lines", Duration::from_secs(5), || async {
+        s.tg.log_text().matches(" access: ").count() >= 60
+    })
+    .await;
+    let log = s.tg.log_text();
+    let access: Vec<&str> = log.lines().filter(|l| l.contains(" access: ")).collect();
+    assert!(
+        access.iter().all(|l| !l.contains("attempts=3")),
+        "more attempts than retries + 1"
+    );
+    assert!(access
+        .iter()
+        .any(|l| l.contains("method=GET") && l.contains("attempts=2")));
+    assert!(
+        access
+            .iter()
+            .filter(|l| l.contains("method=POST"))
+            .all(|l| l.contains("attempts=1")),
+        "a POST was retried"
+    );
+}
+
+#[tokio::test]
+async fn json_access_log_has_one_object_per_request() {
+    let up = Upstream::start("up").await;
+    let body = format!(
+        "[log]\nformat = \"json\"\n{ONE_VHOST}
+[[vhost.route]]
+path = \"/\"
+pool = \"p\"
+[pool.p]
+backends = [\"{}\"]
+",
+        up.addr
+    );
+    let s = site(&body, issue_a).await;
+    let c = client(&s.ca, s.https, &["a.test"]);
+    let r = c
+        .get(format!("https://a.test:{}/json?q=1", s.https.port()))
+        .header("x-request-id", "json-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    wait_for("the access line", Duration::from_secs(5), || async {
+        s.tg.log_text().contains("json-1")
+    })
+    .await;
+    let log = s.tg.log_text();
+    let line = log.lines().find(|l| l.contains("json-1")).unwrap();
+    let v: Value = serde_json::from_str(line).unwrap();
+    assert_eq!(v["target"], "access");
+    assert_eq!(v["request_id"], "json-1");
+    assert_eq!(v["status"], 200);
+    assert_eq!(v["path"], "/json");
+    assert_eq!(v["pool"], "p");
+    assert_eq!(v["backend"], up.addr.to_string());
+    assert!(log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .all(|l| serde_json::from_str::<Value>(l).is_ok()));
 }
 
 #[tokio::test]
@@ -588,7 +709,8 @@ backends = [\"{}\"]
     let mut tcp = tokio::net::TcpStream::connect(s.http).await.unwrap();
     tcp.write_all(
         b"GET /hop HTTP/1.1\r\nHost: a.test\r\nConnection: close, x-foo\r\nX-Foo: 1\r\n\
-          Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nX-Keep: yes\r\n\r\n",
+          Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\n\
+          Proxy-Authorization: Basic eDp5\r\nX-Keep: yes\r\n\r\n",
     )
     .await
     .unwrap();
@@ -602,7 +724,13 @@ backends = [\"{}\"]
     assert!(head.starts_with("http/1.1 200"), "{head}");
     let j: Value = serde_json::from_str(body.trim()).unwrap();
     let h = j["headers"].as_object().unwrap();
-    for gone in ["x-foo", "keep-alive", "proxy-connection"] {
+    for gone in [
+        "x-foo",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "proxy-authorization",
+    ] {
         assert!(!h.contains_key(gone), "{gone} was forwarded: {h:?}");
     }
     assert_eq!(h["x-keep"], "yes");

@@ -215,6 +215,32 @@ async fn invalid_reload_is_rejected_whole_and_sighup_applies_a_good_one() {
 }
 
 #[tokio::test]
+async fn a_request_in_flight_finishes_on_the_configuration_it_started_with() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let f = start(&[a.addr]).await;
+    let c = client(&f.ca, f.https, &["a.test"]);
+    let port = f.https.port();
+    let slow_url = format!("https://a.test:{port}/sleep/1500");
+    let c2 = c.clone();
+    let slow = tokio::spawn(async move { upstream_of(&c2, &slow_url).await });
+    wait_for(
+        "the slow request to start",
+        Duration::from_secs(10),
+        || async { a.hits() == 1 },
+    )
+    .await;
+    write(&f.path, &config(f.dir.path(), f.https, &[b.addr], None));
+    let url = format!("https://a.test:{port}/");
+    wait_for("new requests to go to b", Duration::from_secs(10), || {
+        let (c, url) = (c.clone(), url.clone());
+        async move { upstream_of(&c, &url).await.as_deref() == Some("b") }
+    })
+    .await;
+    assert_eq!(slow.await.unwrap().as_deref(), Some("a"));
+}
+
+#[tokio::test]
 async fn certificate_change_on_disk_is_served_without_restart() {
     let a = Upstream::start("a").await;
     let f = start(&[a.addr]).await;

@@ -52,6 +52,8 @@ pub struct Upstream {
     pub addr: SocketAddr,
     pub name: String,
     pub hits: Arc<AtomicUsize>,
+    /// TCP connections accepted (keep-alive reuse keeps this small).
+    pub conns: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -66,13 +68,16 @@ impl Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
+        let conns = Arc::new(AtomicUsize::new(0));
         let name_s = name.to_string();
         let h = hits.clone();
+        let cn = conns.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, peer)) = listener.accept().await else {
                     continue;
                 };
+                cn.fetch_add(1, Ordering::SeqCst);
                 let name = name_s.clone();
                 let hits = h.clone();
                 tokio::spawn(async move {
@@ -91,6 +96,7 @@ impl Upstream {
             addr,
             name: name.to_string(),
             hits,
+            conns,
             task,
         }
     }
