@@ -121,54 +121,6 @@ backends = ["{}"]
     );
 }
 
-/// Handshake with `sni` and return the server certificate's common name and the ALPN chosen.
-async fn peer_cert_cn(
-    ca: &TestCa,
-    addr: SocketAddr,
-    sni: &str,
-    alpn: &[&str],
-) -> (String, Option<Vec<u8>>) {
-    let stream = tls_connect(ca, addr, sni, alpn).await;
-    let (_, conn) = stream.get_ref();
-    let der = conn.peer_certificates().unwrap()[0].clone();
-    let alpn = conn.alpn_protocol().map(|a| a.to_vec());
-    let (_, x) = x509_parser::parse_x509_certificate(der.as_ref()).unwrap();
-    let cn = x
-        .subject()
-        .iter_common_name()
-        .next()
-        .unwrap()
-        .as_str()
-        .unwrap()
-        .to_string();
-    (cn, alpn)
-}
-
-async fn tls_connect(
-    ca: &TestCa,
-    addr: SocketAddr,
-    sni: &str,
-    alpn: &[&str],
-) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_slice(ca.pem.as_bytes()).unwrap())
-        .unwrap();
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    cfg.alpn_protocols = alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
-        .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn wildcard_and_default_vhosts_from_the_certs_directory() {
     let w = Upstream::start("wild").await;
@@ -243,6 +195,13 @@ cert = "{dir}/a.crt"
 key = "{dir}/a.key"
 "#;
 
+/// `ONE_VHOST` plus `vhost_options`, one route `/` to pool `p`, and `pool_options` under `[pool.p]`.
+fn single_pool(vhost_options: &str, pool_options: &str) -> String {
+    format!(
+        "{ONE_VHOST}{vhost_options}\n[[vhost.route]]\npath = \"/\"\npool = \"p\"\n[pool.p]\n{pool_options}\n"
+    )
+}
+
 fn issue_a(ca: &TestCa, dir: &Path) {
     ca.issue(dir, "a", &["a.test"], "a");
 }
@@ -300,15 +259,12 @@ backends = [\"{}\"]
 async fn weights_are_honoured_over_many_requests() {
     let heavy = Upstream::start("heavy").await;
     let light = Upstream::start("light").await;
-    let body = format!(
-        "{ONE_VHOST}
-[[vhost.route]]
-path = \"/\"
-pool = \"p\"
-[pool.p]
-backends = [{{ address = \"{}\", weight = 3 }}, {{ address = \"{}\", weight = 1 }}]
-",
-        heavy.addr, light.addr
+    let body = single_pool(
+        "",
+        &format!(
+            "backends = [{{ address = \"{}\", weight = 3 }}, {{ address = \"{}\", weight = 1 }}]",
+            heavy.addr, light.addr
+        ),
     );
     let s = site(&body, issue_a).await;
     let c = client(&s.ca, s.https, &["a.test"]);
@@ -332,17 +288,12 @@ backends = [{{ address = \"{}\", weight = 3 }}, {{ address = \"{}\", weight = 1 
 async fn retries_are_bounded_and_only_for_idempotent_requests() {
     let live = Upstream::start("live").await;
     let (d1, d2) = (dead_addr(), dead_addr());
-    let body = format!(
-        "{ONE_VHOST}
-[[vhost.route]]
-path = \"/\"
-pool = \"p\"
-[pool.p]
-retries = 1
-max_fails = 1000
-backends = [\"{d1}\", \"{d2}\", \"{}\"]
-",
-        live.addr
+    let body = single_pool(
+        "",
+        &format!(
+            "retries = 1\nmax_fails = 1000\nbackends = [\"{d1}\", \"{d2}\", \"{}\"]",
+            live.addr
+        ),
     );
     let s = site(&body, issue_a).await;
     let c = client(&s.ca, s.https, &["a.test"]);
@@ -407,15 +358,9 @@ backends = [\"{d1}\", \"{d2}\", \"{}\"]
 #[tokio::test]
 async fn json_access_log_has_one_object_per_request() {
     let up = Upstream::start("up").await;
-    let body = format!(
-        "[log]\nformat = \"json\"\n{ONE_VHOST}
-[[vhost.route]]
-path = \"/\"
-pool = \"p\"
-[pool.p]
-backends = [\"{}\"]
-",
-        up.addr
+    let body = single_pool(
+        "",
+        &format!("backends = [\"{}\"]\n[log]\nformat = \"json\"", up.addr),
     );
     let s = site(&body, issue_a).await;
     let c = client(&s.ca, s.https, &["a.test"]);
@@ -451,19 +396,7 @@ async fn p2c_spreads_load_and_a_dead_backend_is_ejected_without_failed_requests(
     let live2 = Upstream::start("live2").await;
     let dead = dead_addr();
     for balance in ["round_robin", "p2c"] {
-        let body = format!(
-            "{ONE_VHOST}
-[[vhost.route]]
-path = \"/\"
-pool = \"p\"
-[pool.p]
-balance = \"{balance}\"
-max_fails = 2
-eject_time = \"30s\"
-backends = [\"{}\", \"{dead}\", \"{}\"]
-",
-            live1.addr, live2.addr
-        );
+        let body = single_pool("", &format!("balance = \"{balance}\"\nmax_fails = 2\neject_time = \"30s\"\nbackends = [\"{}\", \"{dead}\", \"{}\"]", live1.addr, live2.addr));
         let s = site(&body, issue_a).await;
         let c = client(&s.ca, s.https, &["a.test"]);
         let port = s.https.port();
@@ -663,16 +596,9 @@ backends = ["{}"]
 async fn proxy_headers_request_id_and_hop_by_hop_stripping() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let up = Upstream::start("up").await;
-    let body = format!(
-        "{ONE_VHOST}
-redirect_https = false
-[[vhost.route]]
-path = \"/\"
-pool = \"p\"
-[pool.p]
-backends = [\"{}\"]
-",
-        up.addr
+    let body = single_pool(
+        "redirect_https = false",
+        &format!("backends = [\"{}\"]", up.addr),
     );
     let s = site(&body, issue_a).await;
     let port = s.https.port();
@@ -747,16 +673,7 @@ backends = [\"{}\"]
 #[tokio::test]
 async fn http2_to_clients_and_http11_to_upstreams() {
     let up = Upstream::start("up").await;
-    let body = format!(
-        "{ONE_VHOST}
-[[vhost.route]]
-path = \"/\"
-pool = \"p\"
-[pool.p]
-backends = [\"{}\"]
-",
-        up.addr
-    );
+    let body = single_pool("", &format!("backends = [\"{}\"]", up.addr));
     let s = site(&body, issue_a).await;
     let port = s.https.port();
     let (_, alpn) = peer_cert_cn(&s.ca, s.https, "a.test", &["h2", "http/1.1"]).await;

@@ -259,34 +259,7 @@ async fn certificate_change_on_disk_is_served_without_restart() {
 }
 
 async fn served_cn(f: &Fixture) -> String {
-    use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_slice(f.ca.pem.as_bytes()).unwrap())
-        .unwrap();
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(f.https).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(ServerName::try_from("a.test").unwrap(), tcp)
-        .await
-        .unwrap();
-    let der = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
-    let (_, x) = x509_parser::parse_x509_certificate(der.as_ref()).unwrap();
-    let cn = x
-        .subject()
-        .iter_common_name()
-        .next()
-        .unwrap()
-        .as_str()
-        .unwrap()
-        .to_string();
-    cn
+    peer_cert_cn(&f.ca, f.https, "a.test", &[]).await.0
 }
 
 #[tokio::test]

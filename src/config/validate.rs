@@ -90,6 +90,28 @@ impl Ctx<'_> {
         n
     }
 
+    /// One of a fixed set of words; the first is the default.
+    fn choice<T: Copy>(
+        &mut self,
+        v: &Option<Spanned<String>>,
+        option: &str,
+        options: &[(&str, T)],
+    ) -> T {
+        let Some(v) = v else { return options[0].1 };
+        match options.iter().find(|(word, _)| word == v.get_ref()) {
+            Some((_, value)) => *value,
+            None => {
+                let words: Vec<&str> = options.iter().map(|(w, _)| *w).collect();
+                self.err(
+                    v.span(),
+                    option,
+                    format!("`{}` is not one of: {}", v.get_ref(), words.join(", ")),
+                );
+                options[0].1
+            }
+        }
+    }
+
     fn path(&self, p: &str) -> PathBuf {
         let p = Path::new(p);
         if p.is_absolute() {
@@ -203,40 +225,20 @@ fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
         1,
         65535,
     ) as u16;
-    let forwarded_for = match s
-        .forwarded_for
-        .as_ref()
-        .map(|v| (v.get_ref().as_str(), v.span()))
-    {
-        None | Some(("replace", _)) => ForwardedFor::Replace,
-        Some(("append", _)) => ForwardedFor::Append,
-        Some((other, span)) => {
-            cx.err(
-                span,
-                "server.forwarded_for",
-                format!("`{other}` is not one of: replace, append"),
-            );
-            ForwardedFor::Replace
-        }
-    };
+    let forwarded_for = cx.choice(
+        &s.forwarded_for,
+        "server.forwarded_for",
+        &[
+            ("replace", ForwardedFor::Replace),
+            ("append", ForwardedFor::Append),
+        ],
+    );
 
-    let format = match raw
-        .log
-        .format
-        .as_ref()
-        .map(|v| (v.get_ref().as_str(), v.span()))
-    {
-        None | Some(("text", _)) => LogFormat::Text,
-        Some(("json", _)) => LogFormat::Json,
-        Some((other, span)) => {
-            cx.err(
-                span,
-                "log.format",
-                format!("`{other}` is not one of: text, json"),
-            );
-            LogFormat::Text
-        }
-    };
+    let format = cx.choice(
+        &raw.log.format,
+        "log.format",
+        &[("text", LogFormat::Text), ("json", LogFormat::Json)],
+    );
     let level = match &raw.log.level {
         None => "info".to_string(),
         Some(v) => {
@@ -575,18 +577,14 @@ fn pools(cx: &mut Ctx, raw: &BTreeMap<String, Spanned<RawPool>>) -> BTreeMap<Str
                 ),
             }
         }
-        let balance = match p.balance.as_ref().map(|v| (v.get_ref().as_str(), v.span())) {
-            None | Some(("round_robin", _)) => Balance::RoundRobin,
-            Some(("p2c", _)) => Balance::PowerOfTwo,
-            Some((other, span)) => {
-                cx.err(
-                    span,
-                    format!("{opt}.balance"),
-                    format!("`{other}` is not one of: round_robin, p2c"),
-                );
-                Balance::RoundRobin
-            }
-        };
+        let balance = cx.choice(
+            &p.balance,
+            &format!("{opt}.balance"),
+            &[
+                ("round_robin", Balance::RoundRobin),
+                ("p2c", Balance::PowerOfTwo),
+            ],
+        );
         let ms = Duration::from_millis;
         let hour = Duration::from_secs(3600);
         let connect_timeout = cx.duration_in(

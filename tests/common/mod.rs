@@ -309,3 +309,51 @@ pub fn write(path: &Path, text: &str) {
     std::fs::write(&tmp, text).unwrap();
     std::fs::rename(&tmp, path).unwrap();
 }
+
+/// Handshake with `sni` and return the server certificate's common name and the ALPN chosen.
+pub async fn peer_cert_cn(
+    ca: &TestCa,
+    addr: SocketAddr,
+    sni: &str,
+    alpn: &[&str],
+) -> (String, Option<Vec<u8>>) {
+    let stream = tls_connect(ca, addr, sni, alpn).await;
+    let (_, conn) = stream.get_ref();
+    let der = conn.peer_certificates().unwrap()[0].clone();
+    let alpn = conn.alpn_protocol().map(|a| a.to_vec());
+    let (_, x) = x509_parser::parse_x509_certificate(der.as_ref()).unwrap();
+    let cn = x
+        .subject()
+        .iter_common_name()
+        .next()
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_string();
+    (cn, alpn)
+}
+
+pub async fn tls_connect(
+    ca: &TestCa,
+    addr: SocketAddr,
+    sni: &str,
+    alpn: &[&str],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca.pem.as_bytes()).unwrap())
+        .unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
+        .await
+        .unwrap()
+}
