@@ -80,7 +80,7 @@ http {{ access_log off; {temps}
     haproxy = write(f"{d}/haproxy.cfg", f"""
 global
   nbthread 1
-  maxconn 20000
+  maxconn 4000
   ssl-default-bind-options ssl-min-ver TLSv1.2
 defaults
   mode http

@@ -32,6 +32,8 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
     pub threads: usize,
+    /// One work-stealing runtime for all threads (true) or one runtime per thread (false).
+    pub work_stealing: bool,
     /// On SIGTERM: the longest in-flight requests may take to finish before exit.
     pub shutdown_timeout: Duration,
     pub watch_config: bool,

@@ -26,6 +26,7 @@ pub struct RawConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct RawServer {
     pub threads: Option<S<i64>>,
+    pub work_stealing: Option<bool>,
     pub shutdown_timeout: Option<S<String>>,
     pub watch_config: Option<bool>,
     pub watch_interval: Option<S<String>>,

@@ -273,6 +273,7 @@ fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
         source: path.to_path_buf(),
         server: ServerSettings {
             threads,
+            work_stealing: s.work_stealing.unwrap_or(false),
             shutdown_timeout,
             watch_config: s.watch_config.unwrap_or(true),
             watch_interval,

@@ -49,6 +49,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 
     let mut conf = ServerConf {
         threads: cfg.server.threads,
+        work_stealing: cfg.server.work_stealing,
         // pingora stops accepting on SIGTERM, then gives in-flight requests the grace period;
         // `DrainWatch` exits earlier as soon as none is left.
         grace_period_seconds: Some(whole_seconds(cfg.server.shutdown_timeout)),
