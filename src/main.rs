@@ -24,6 +24,10 @@ enum Command {
     Run {
         #[arg(long, short)]
         config: PathBuf,
+        /// Take the listening sockets over from the running tollgate (zero-downtime binary
+        /// upgrade): start this, then send SIGQUIT to the old process.
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Validate a configuration (and its certificates); print every problem. Exit 1 if any.
     Check {
@@ -51,7 +55,7 @@ enum CertCommand {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Run { config } => run(config),
+        Command::Run { config, upgrade } => run(config, upgrade),
         Command::Check { config } => check(config),
         Command::Cert {
             command: CertCommand::Dev { hosts, dir },
@@ -65,7 +69,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(path: PathBuf) -> ExitCode {
+fn run(path: PathBuf, upgrade: bool) -> ExitCode {
     // Until the reloader installs its handler, a SIGHUP must not kill the process.
     unsafe {
         libc::signal(libc::SIGHUP, libc::SIG_IGN);
@@ -78,7 +82,7 @@ fn run(path: PathBuf) -> ExitCode {
         }
     };
     init_logging(&config.log);
-    match tollgate::proxy::server::run(config).context("tollgate could not start") {
+    match tollgate::proxy::server::run(config, upgrade).context("tollgate could not start") {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
     }

@@ -25,8 +25,10 @@ async fn site(body: &str, prepare: impl FnOnce(&TestCa, &Path)) -> Site {
     prepare(&ca, dir.path());
     let https = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let admin_port = free_port();
     let cfg = format!(
         "[server]\nthreads = 2\nshutdown_timeout = \"5s\"\n\n\
+         [admin]\naddress = \"127.0.0.1:{admin_port}\"\n\n\
          [[listener]]\naddress = \"{https}\"\ntls = true\n\n\
          [[listener]]\naddress = \"{http}\"\n\n{}",
         body.replace("{dir}", &dir.path().display().to_string())

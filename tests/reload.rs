@@ -9,6 +9,17 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// One admin port per test directory, kept across rewrites of its config.
+fn admin_port(dir: &Path) -> u16 {
+    let f = dir.join("admin.port");
+    if let Ok(p) = std::fs::read_to_string(&f) {
+        return p.trim().parse().unwrap();
+    }
+    let p = free_port();
+    std::fs::write(&f, p.to_string()).unwrap();
+    p
+}
+
 fn config(dir: &Path, https: SocketAddr, pool: &[SocketAddr], extra_route: Option<&str>) -> String {
     let backends: Vec<String> = pool.iter().map(|a| format!("\"{a}\"")).collect();
     let extra = extra_route
@@ -19,6 +30,9 @@ fn config(dir: &Path, https: SocketAddr, pool: &[SocketAddr], extra_route: Optio
 threads = 2
 watch_interval = "100ms"
 shutdown_timeout = "10s"
+
+[admin]
+address = "127.0.0.1:{admin_port}"
 
 [[listener]]
 address = "{https}"
@@ -37,6 +51,7 @@ pool = "p"
 backends = [{backends}]
 "#,
         certs = dir.join("certs").display(),
+        admin_port = admin_port(dir),
         backends = backends.join(", ")
     )
 }

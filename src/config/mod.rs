@@ -25,6 +25,7 @@ pub struct Config {
     pub listeners: Vec<Listener>,
     /// Directory scanned for `*.crt`/`*.pem` certificates with a matching `.key`.
     pub certs_dir: Option<PathBuf>,
+    pub admin: AdminSettings,
     pub vhosts: Vec<Vhost>,
     pub pools: BTreeMap<String, PoolSpec>,
 }
@@ -53,6 +54,21 @@ pub enum ForwardedFor {
     Replace,
     /// Append the socket address to what the client sent (behind a trusted balancer).
     Append,
+}
+
+/// The admin listener (API, dashboard, metrics). Separate from traffic listeners.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminSettings {
+    pub enabled: bool,
+    pub address: SocketAddr,
+    pub token: Option<AdminToken>,
+}
+
+/// Where the admin bearer token comes from. A file is re-read on every reload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminToken {
+    Inline(String),
+    File { path: PathBuf, origin: Origin },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +120,7 @@ impl Vhost {
 pub struct Route {
     pub path: String,
     pub pool: String,
+    pub origin: Origin,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

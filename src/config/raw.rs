@@ -14,6 +14,7 @@ pub struct RawConfig {
     pub server: RawServer,
     pub log: RawLog,
     pub tls: RawTls,
+    pub admin: RawAdmin,
     #[serde(rename = "listener")]
     pub listeners: Vec<S<RawListener>>,
     #[serde(rename = "vhost")]
@@ -49,6 +50,15 @@ pub struct RawLog {
 #[serde(deny_unknown_fields, default)]
 pub struct RawTls {
     pub certs_dir: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAdmin {
+    pub enabled: Option<bool>,
+    pub address: Option<S<String>>,
+    pub token: Option<S<String>>,
+    pub token_file: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize, Clone)]

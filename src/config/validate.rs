@@ -255,6 +255,22 @@ fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
     };
 
     let certs_dir = raw.tls.certs_dir.as_ref().map(|d| cx.path(d.get_ref()));
+    let admin = admin(cx, &raw.admin);
+    if admin.enabled
+        && listeners
+            .iter()
+            .any(|l| l.addresses.contains(&admin.address))
+    {
+        let span = raw.admin.address.as_ref().map(|a| a.span()).unwrap_or(0..0);
+        cx.err(
+            span,
+            "admin.address",
+            format!(
+                "{} is also a traffic listener: the admin API needs its own address",
+                admin.address
+            ),
+        );
+    }
     if has_tls && certs_dir.is_none() && vhosts.iter().all(|v| v.cert.is_none()) {
         let span = raw
             .listeners
@@ -273,7 +289,7 @@ fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
         source: path.to_path_buf(),
         server: ServerSettings {
             threads,
-            work_stealing: s.work_stealing.unwrap_or(false),
+            work_stealing: s.work_stealing.unwrap_or(true),
             shutdown_timeout,
             watch_config: s.watch_config.unwrap_or(true),
             watch_interval,
@@ -296,8 +312,71 @@ fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
         },
         listeners,
         certs_dir,
+        admin,
         vhosts,
         pools,
+    }
+}
+
+fn admin(cx: &mut Ctx, raw: &super::raw::RawAdmin) -> AdminSettings {
+    let default_addr = SocketAddr::from(([127, 0, 0, 1], 9901));
+    let address = match &raw.address {
+        None => default_addr,
+        Some(a) => match a.get_ref().parse::<SocketAddr>() {
+            Ok(sa) => sa,
+            Err(_) => {
+                cx.err(
+                    a.span(),
+                    "admin.address",
+                    format!(
+                        "`{}` is not an IP:port address (e.g. 127.0.0.1:9901)",
+                        a.get_ref()
+                    ),
+                );
+                default_addr
+            }
+        },
+    };
+    let token = match (&raw.token, &raw.token_file) {
+        (Some(_), Some(f)) => {
+            cx.err(
+                f.span(),
+                "admin.token_file",
+                "set admin.token or admin.token_file, not both",
+            );
+            None
+        }
+        (Some(t), None) => {
+            if t.get_ref().trim().len() < 16 {
+                cx.err(
+                    t.span(),
+                    "admin.token",
+                    "is too short to be a secret: use at least 16 characters (e.g. `openssl rand -hex 32`)",
+                );
+            }
+            Some(AdminToken::Inline(t.get_ref().trim().to_string()))
+        }
+        (None, Some(f)) => Some(AdminToken::File {
+            path: cx.path(f.get_ref()),
+            origin: cx.origin(f.span()),
+        }),
+        (None, None) => None,
+    };
+    let enabled = raw.enabled.unwrap_or(true);
+    if enabled && token.is_none() && !address.ip().is_loopback() {
+        let span = raw.address.as_ref().map(|a| a.span()).unwrap_or(0..0);
+        cx.err(
+            span,
+            "admin.address",
+            format!(
+                "{address} is reachable from other hosts, so the admin API needs a token: set admin.token or admin.token_file"
+            ),
+        );
+    }
+    AdminSettings {
+        enabled,
+        address,
+        token,
     }
 }
 
@@ -508,6 +587,7 @@ fn vhosts(
             routes.push(Route {
                 path: p.clone(),
                 pool: pool.clone(),
+                origin: cx.origin(sr.span()),
             });
         }
         out.push(Vhost {

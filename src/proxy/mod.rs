@@ -54,6 +54,8 @@ pub struct RequestCtx {
     tried: Vec<usize>,
     backend: Option<usize>,
     inflight: Option<InflightGuard>,
+    /// When the current backend was chosen (connect and response times count from here).
+    upstream_start: Option<Instant>,
     upstream_status: Option<u16>,
     /// Why tollgate answered itself (logged).
     reason: Option<Cow<'static, str>>,
@@ -83,6 +85,7 @@ impl ProxyHttp for Tollgate {
             tried: Vec::new(),
             backend: None,
             inflight: None,
+            upstream_start: None,
             upstream_status: None,
             reason: None,
         }
@@ -119,6 +122,21 @@ impl ProxyHttp for Tollgate {
         request::proxy_headers(session, req, ctx)
     }
 
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        reused: bool,
+        _peer: &HttpPeer,
+        _fd: std::os::unix::io::RawFd,
+        _digest: Option<&pingora::protocols::Digest>,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let (false, Some(pool), Some(start)) = (reused, &ctx.pool, ctx.upstream_start) {
+            pool.metrics.connect.observe(start.elapsed());
+        }
+        Ok(())
+    }
+
     async fn upstream_response_filter(
         &self,
         _session: &mut Session,
@@ -126,6 +144,9 @@ impl ProxyHttp for Tollgate {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         ctx.upstream_status = Some(resp.status.as_u16());
+        if let (Some(pool), Some(start)) = (&ctx.pool, ctx.upstream_start) {
+            pool.metrics.response.observe(start.elapsed());
+        }
         Ok(())
     }
 
@@ -149,6 +170,13 @@ impl ProxyHttp for Tollgate {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         upstream::record_outcome(e, ctx);
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .unwrap_or(0);
+        ctx.snap
+            .request_metrics(ctx.vhost, ctx.route)
+            .record(status, ctx.start.elapsed());
         if self.access_log {
             response::access_log(session, e, ctx);
         }

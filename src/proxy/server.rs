@@ -2,17 +2,20 @@
 //! service and the reload watcher, then run until SIGTERM (graceful drain) or SIGINT.
 
 use super::Tollgate;
+use crate::admin::Admin;
 use crate::config::Config;
 use crate::state::{watch::Reloader, State};
 use crate::tls::SniResolver;
 use anyhow::{bail, Context};
 use async_trait::async_trait;
+use pingora::apps::http_app::HttpServer;
 use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::TlsAccept;
 use pingora::protocols::ALPN;
-use pingora::server::configuration::ServerConf;
+use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{Server, ShutdownSignal, ShutdownSignalWatch, UnixShutdownSignalWatch};
 use pingora::services::background::background_service;
+use pingora::services::listening::Service;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,25 +30,48 @@ fn whole_seconds(d: Duration) -> u64 {
 
 /// Fail early, naming the option, when a listener address cannot be bound.
 fn check_listeners(cfg: &Config) -> anyhow::Result<()> {
+    let mut wanted: Vec<(std::net::SocketAddr, String)> = Vec::new();
     for (i, l) in cfg.listeners.iter().enumerate() {
         for a in &l.addresses {
-            if let Err(e) = std::net::TcpListener::bind(a) {
-                bail!(
-                    "cannot listen on {a} (listener[{i}].address in {}): {e}",
-                    cfg.source.display()
-                );
-            }
+            wanted.push((*a, format!("listener[{i}].address")));
+        }
+    }
+    if cfg.admin.enabled {
+        wanted.push((cfg.admin.address, "admin.address".into()));
+    }
+    for (a, option) in wanted {
+        if let Err(e) = std::net::TcpListener::bind(a) {
+            let hint = match e.kind() {
+                std::io::ErrorKind::AddrInUse => {
+                    ": another process listens there; stop it or change the address"
+                }
+                std::io::ErrorKind::PermissionDenied => {
+                    ": ports below 1024 need root or CAP_NET_BIND_SERVICE"
+                }
+                std::io::ErrorKind::AddrNotAvailable => {
+                    ": no interface of this host has that address"
+                }
+                _ => "",
+            };
+            bail!(
+                "cannot listen on {a} ({option} in {}): {e}{hint}",
+                cfg.source.display()
+            );
         }
     }
     Ok(())
 }
 
 /// Run tollgate with a validated configuration. Returns when the server has shut down.
-pub fn run(config: Config) -> anyhow::Result<()> {
+/// With `upgrade`, the listening sockets are taken over from the running tollgate (which
+/// is then sent SIGQUIT) instead of being bound: see docs/operations.md.
+pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
     let state = Arc::new(State::new(config).map_err(|e| anyhow::anyhow!("{e}"))?);
     let snap = state.snapshot();
     let cfg = &snap.config;
-    check_listeners(cfg)?;
+    if !upgrade {
+        check_listeners(cfg)?;
+    }
 
     let mut conf = ServerConf {
         threads: cfg.server.threads,
@@ -60,7 +86,11 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         ..ServerConf::default()
     };
     conf.daemon = false;
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let opt = Opt {
+        upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
     server.bootstrap();
 
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
@@ -84,6 +114,19 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     server.add_service(proxy);
+    if cfg.admin.enabled {
+        let mut admin = Service::new(
+            "tollgate admin".to_string(),
+            HttpServer::new_app(Admin::new(state.clone())),
+        );
+        admin.threads = Some(1);
+        admin.add_tcp(&cfg.admin.address.to_string());
+        if cfg.admin.token.is_none() {
+            tracing::warn!(address = %cfg.admin.address, "admin API without a token: anyone on this host can use it");
+        }
+        tracing::info!(address = %cfg.admin.address, "admin listening");
+        server.add_service(admin);
+    }
     server.add_service(background_service(
         "tollgate reloader",
         Reloader::new(state.clone()),
@@ -109,10 +152,17 @@ struct DrainWatch;
 impl ShutdownSignalWatch for DrainWatch {
     async fn recv(&self) -> ShutdownSignal {
         let signal = UnixShutdownSignalWatch.recv().await;
-        if matches!(signal, ShutdownSignal::GracefulTerminate) {
-            std::thread::spawn(|| {
+        // On an upgrade pingora hands the sockets over and keeps accepting beside the new
+        // process for 5 s before it stops; the drain starts after that.
+        let settle = match signal {
+            ShutdownSignal::GracefulTerminate => Some(Duration::from_millis(250)),
+            ShutdownSignal::GracefulUpgrade => Some(Duration::from_millis(5250)),
+            ShutdownSignal::FastShutdown => None,
+        };
+        if let Some(settle) = settle {
+            std::thread::spawn(move || {
                 // let pingora stop the listeners and in-progress handshakes become requests
-                std::thread::sleep(Duration::from_millis(250));
+                std::thread::sleep(settle);
                 loop {
                     let active = super::active_requests();
                     if active == 0 {

@@ -6,6 +6,7 @@ use crate::upstream::{now_ms, InflightGuard};
 use pingora::prelude::*;
 use pingora::proxy::Session;
 use pingora::upstreams::peer::HttpPeer;
+use std::sync::atomic::Ordering::Relaxed;
 
 pub(super) fn select_peer(ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
     let Some(pool) = ctx.pool.clone() else {
@@ -22,6 +23,7 @@ pub(super) fn select_peer(ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
     ctx.tried.push(i);
     ctx.backend = Some(i);
     ctx.inflight = Some(InflightGuard::new(b.state.clone()));
+    ctx.upstream_start = Some(std::time::Instant::now());
     let mut peer = HttpPeer::new(b.address, false, String::new());
     let s = &pool.spec;
     peer.options.connection_timeout = Some(s.connect_timeout);
@@ -43,6 +45,7 @@ pub(super) fn on_connect_failure(
         return e;
     };
     let now = now_ms();
+    pool.metrics.connect_failures.fetch_add(1, Relaxed);
     if let Some(i) = ctx.backend.take() {
         ctx.inflight = None;
         let b = &pool.backends[i];
@@ -53,6 +56,7 @@ pub(super) fn on_connect_failure(
     let retries_used = ctx.tried.len().saturating_sub(1) as u32;
     let idempotent = session.req_header().method.is_idempotent();
     if idempotent && retries_used < pool.spec.retries && pool.has_available(now, &ctx.tried) {
+        pool.metrics.retries.fetch_add(1, Relaxed);
         e.set_retry(true);
     } else {
         e.set_retry(false);

@@ -6,7 +6,8 @@
 
 pub mod watch;
 
-use crate::config::{Config, ConfigErrors};
+use crate::admin::metrics::{metrics, RouteMetrics};
+use crate::config::{AdminToken, Config, ConfigErrors};
 use crate::routing::{RouteEntry, RouteTable, VhostEntry};
 use crate::tls::CertStore;
 use crate::upstream::{Pool, Registry};
@@ -27,6 +28,53 @@ pub struct Snapshot {
     pub pools: Vec<Arc<Pool>>,
     pub certs: CertStore,
     pub built_at_unix: u64,
+    /// Per vhost, per route (in the order `routes` reports them).
+    pub route_metrics: Vec<Vec<Arc<RouteMetrics>>>,
+    /// Per vhost: requests no route matched.
+    pub vhost_metrics: Vec<Arc<RouteMetrics>>,
+    /// Requests no vhost matched.
+    pub unknown_metrics: Arc<RouteMetrics>,
+    /// The admin bearer token in force (a token file is read at every build).
+    pub admin_token: Option<String>,
+}
+
+impl Snapshot {
+    /// The metrics handle for a request that reached `vhost`/`route` (either may be unknown).
+    pub fn request_metrics(&self, vhost: Option<usize>, route: Option<usize>) -> &RouteMetrics {
+        match (vhost, route) {
+            (Some(v), Some(r)) => &self.route_metrics[v][r],
+            (Some(v), None) => &self.vhost_metrics[v],
+            _ => &self.unknown_metrics,
+        }
+    }
+}
+
+fn read_token(token: &Option<AdminToken>) -> Result<Option<String>, ConfigErrors> {
+    match token {
+        None => Ok(None),
+        Some(AdminToken::Inline(t)) => Ok(Some(t.clone())),
+        Some(AdminToken::File { path, origin }) => {
+            let t = std::fs::read_to_string(path).map_err(|e| {
+                ConfigErrors::single(
+                    origin.clone(),
+                    "admin.token_file",
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            let t = t.trim().to_string();
+            if t.len() < 16 {
+                return Err(ConfigErrors::single(
+                    origin.clone(),
+                    "admin.token_file",
+                    format!(
+                        "{} holds fewer than 16 characters: too short to be a secret",
+                        path.display()
+                    ),
+                ));
+            }
+            Ok(Some(t))
+        }
+    }
 }
 
 impl Snapshot {
@@ -37,6 +85,7 @@ impl Snapshot {
         generation: u64,
     ) -> Result<Snapshot, ConfigErrors> {
         let certs = CertStore::load(&config)?;
+        let admin_token = read_token(&config.admin.token)?;
         let mut pools = Vec::new();
         let mut index: HashMap<&str, usize> = HashMap::new();
         for (name, spec) in &config.pools {
@@ -60,16 +109,33 @@ impl Snapshot {
                 VhostEntry::new(v.label(), v.redirect_https, entries),
             );
         }
+        let m = metrics();
+        let route_metrics = routes
+            .vhosts()
+            .iter()
+            .map(|v| {
+                v.routes()
+                    .iter()
+                    .map(|r| m.route(&v.label, &r.prefix))
+                    .collect()
+            })
+            .collect();
+        let vhost_metrics = routes
+            .vhosts()
+            .iter()
+            .map(|v| m.route(&v.label, "-"))
+            .collect();
         Ok(Snapshot {
             generation,
             config,
             routes,
             pools,
             certs,
-            built_at_unix: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            route_metrics,
+            vhost_metrics,
+            unknown_metrics: m.route("-", "-"),
+            admin_token,
+            built_at_unix: unix_now(),
         })
     }
 }
@@ -80,6 +146,25 @@ pub struct State {
     pub registry: Registry,
     generation: AtomicU64,
     reload_lock: Mutex<()>,
+    pub started: std::time::Instant,
+    pub started_unix: u64,
+    last_reload: Mutex<Option<ReloadOutcome>>,
+}
+
+/// What the last reload attempt did (for `/status`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReloadOutcome {
+    pub at_unix: u64,
+    pub ok: bool,
+    pub generation: u64,
+    pub errors: Vec<String>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl State {
@@ -92,6 +177,9 @@ impl State {
             registry,
             generation: AtomicU64::new(1),
             reload_lock: Mutex::new(()),
+            started: std::time::Instant::now(),
+            started_unix: unix_now(),
+            last_reload: Mutex::new(None),
         })
     }
 
@@ -108,6 +196,42 @@ impl State {
     /// problems are returned. Requests already running keep the Snapshot they started with.
     pub fn reload(&self) -> Result<u64, ConfigErrors> {
         let _serial = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let result = self.rebuild();
+        let m = metrics();
+        let outcome = match &result {
+            Ok(generation) => {
+                m.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                m.last_reload_success_unix
+                    .store(unix_now(), Ordering::Relaxed);
+                ReloadOutcome {
+                    at_unix: unix_now(),
+                    ok: true,
+                    generation: *generation,
+                    errors: Vec::new(),
+                }
+            }
+            Err(e) => {
+                m.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                ReloadOutcome {
+                    at_unix: unix_now(),
+                    ok: false,
+                    generation: self.generation.load(Ordering::SeqCst),
+                    errors: e.0.iter().map(|e| e.to_string()).collect(),
+                }
+            }
+        };
+        *self.last_reload.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
+        result
+    }
+
+    pub fn last_reload(&self) -> Option<ReloadOutcome> {
+        self.last_reload
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn rebuild(&self) -> Result<u64, ConfigErrors> {
         let old = self.snapshot();
         let config = Config::load(&old.config.source)?;
         if config.listeners != old.config.listeners {

@@ -31,6 +31,7 @@ pub struct Backend {
 #[derive(Debug)]
 pub struct Pool {
     pub name: String,
+    pub metrics: Arc<crate::admin::metrics::PoolMetrics>,
     pub backends: Vec<Backend>,
     pub spec: PoolSpec,
     schedule: Vec<usize>,
@@ -120,6 +121,7 @@ impl Registry {
         let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
         Pool {
             name: name.to_string(),
+            metrics: crate::admin::metrics::metrics().pool(name),
             schedule: selection::wrr_schedule(&weights),
             backends,
             spec: spec.clone(),

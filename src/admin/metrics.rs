@@ -1,0 +1,264 @@
+//! Metrics without locks on the request path: counters and histograms are plain atomics,
+//! and the handles a request needs are looked up once, when a Snapshot is built, from a
+//! process-wide registry keyed by stable names (so they survive reloads). Rendering to the
+//! Prometheus text format happens only when `/metrics` is scraped.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+/// Upper bounds of histogram buckets, in seconds.
+pub const BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_micros.fetch_add(d.as_micros() as u64, Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0;
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (b, n) in BUCKETS.iter().zip(&self.buckets) {
+            cumulative += n.load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {cumulative}");
+        }
+        let count = self.count.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
+        let sum = self.sum_micros.load(Relaxed) as f64 / 1e6;
+        let braces = |s: &str| {
+            if s.is_empty() {
+                String::new()
+            } else {
+                format!("{{{s}}}")
+            }
+        };
+        let _ = writeln!(out, "{name}_sum{} {sum}", braces(labels));
+        let _ = writeln!(out, "{name}_count{} {count}", braces(labels));
+    }
+}
+
+/// Requests of one route (or of one vhost with no matching route, or of no vhost).
+#[derive(Debug, Default)]
+pub struct RouteMetrics {
+    /// By status class: 1xx … 5xx; index 0 counts requests that got no response.
+    by_class: [AtomicU64; 6],
+    pub duration: Histogram,
+}
+
+impl RouteMetrics {
+    pub fn record(&self, status: u16, d: Duration) {
+        let class = (status / 100) as usize;
+        self.by_class[if (1..=5).contains(&class) { class } else { 0 }].fetch_add(1, Relaxed);
+        self.duration.observe(d);
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct PoolMetrics {
+    pub connect: Histogram,
+    /// From choosing the backend to its response header.
+    pub response: Histogram,
+    pub retries: AtomicU64,
+    pub connect_failures: AtomicU64,
+}
+
+/// Process-wide metric state.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    routes: Mutex<BTreeMap<(String, String), Arc<RouteMetrics>>>,
+    pools: Mutex<BTreeMap<String, Arc<PoolMetrics>>>,
+    pub reloads_ok: AtomicU64,
+    pub reloads_failed: AtomicU64,
+    pub last_reload_success_unix: AtomicU64,
+}
+
+pub fn metrics() -> &'static Metrics {
+    static M: OnceLock<Metrics> = OnceLock::new();
+    M.get_or_init(Metrics::default)
+}
+
+impl Metrics {
+    /// The handle for `(vhost, route)`; `route` is a path prefix, or `-` for none.
+    pub fn route(&self, vhost: &str, route: &str) -> Arc<RouteMetrics> {
+        self.routes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((vhost.to_string(), route.to_string()))
+            .or_default()
+            .clone()
+    }
+
+    pub fn pool(&self, name: &str) -> Arc<PoolMetrics> {
+        self.pools
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Render the request metrics (the rest is rendered by the admin API from the Snapshot).
+    pub fn render_requests(&self, out: &mut String) {
+        let routes = self
+            .routes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        family(
+            out,
+            "tollgate_requests_total",
+            "counter",
+            "Requests by vhost, route and status class.",
+        );
+        for ((v, r), m) in &routes {
+            for (i, class) in ["none", "1xx", "2xx", "3xx", "4xx", "5xx"]
+                .iter()
+                .enumerate()
+            {
+                let n = m.by_class[i].load(Relaxed);
+                if n > 0 {
+                    let _ = writeln!(
+                        out,
+                        "tollgate_requests_total{{vhost=\"{}\",route=\"{}\",code=\"{class}\"}} {n}",
+                        esc(v),
+                        esc(r)
+                    );
+                }
+            }
+        }
+        family(
+            out,
+            "tollgate_request_duration_seconds",
+            "histogram",
+            "Time from request start to the end of the response, by vhost and route.",
+        );
+        for ((v, r), m) in &routes {
+            m.duration.render(
+                out,
+                "tollgate_request_duration_seconds",
+                &format!("vhost=\"{}\",route=\"{}\"", esc(v), esc(r)),
+            );
+        }
+        let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        family(
+            out,
+            "tollgate_upstream_connect_duration_seconds",
+            "histogram",
+            "Time to open a new connection to a backend, by pool.",
+        );
+        for (p, m) in &pools {
+            m.connect.render(
+                out,
+                "tollgate_upstream_connect_duration_seconds",
+                &format!("pool=\"{}\"", esc(p)),
+            );
+        }
+        family(
+            out,
+            "tollgate_upstream_response_duration_seconds",
+            "histogram",
+            "Time from choosing a backend to its response header, by pool.",
+        );
+        for (p, m) in &pools {
+            m.response.render(
+                out,
+                "tollgate_upstream_response_duration_seconds",
+                &format!("pool=\"{}\"", esc(p)),
+            );
+        }
+        family(
+            out,
+            "tollgate_upstream_retries_total",
+            "counter",
+            "Requests moved to another backend after a connect failure.",
+        );
+        for (p, m) in &pools {
+            let _ = writeln!(
+                out,
+                "tollgate_upstream_retries_total{{pool=\"{}\"}} {}",
+                esc(p),
+                m.retries.load(Relaxed)
+            );
+        }
+        family(
+            out,
+            "tollgate_upstream_connect_failures_total",
+            "counter",
+            "Failed connects to backends.",
+        );
+        for (p, m) in &pools {
+            let _ = writeln!(
+                out,
+                "tollgate_upstream_connect_failures_total{{pool=\"{}\"}} {}",
+                esc(p),
+                m.connect_failures.load(Relaxed)
+            );
+        }
+    }
+}
+
+/// `# HELP` and `# TYPE` lines of a metric family.
+pub fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// Escape a label value for the Prometheus text format.
+pub fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(300));
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_secs(100));
+        let mut out = String::new();
+        h.render(&mut out, "x", "a=\"b\"");
+        assert!(out.contains("x_bucket{a=\"b\",le=\"0.0005\"} 1\n"));
+        assert!(out.contains("x_bucket{a=\"b\",le=\"0.005\"} 2\n"));
+        assert!(out.contains("x_bucket{a=\"b\",le=\"60\"} 2\n"));
+        assert!(out.contains("x_bucket{a=\"b\",le=\"+Inf\"} 3\n"));
+        assert!(out.contains("x_count{a=\"b\"} 3\n"));
+    }
+
+    #[test]
+    fn status_classes_and_escaping() {
+        let m = RouteMetrics::default();
+        m.record(204, Duration::ZERO);
+        m.record(503, Duration::ZERO);
+        m.record(0, Duration::ZERO);
+        assert_eq!(m.by_class[2].load(Relaxed), 1);
+        assert_eq!(m.by_class[5].load(Relaxed), 1);
+        assert_eq!(m.by_class[0].load(Relaxed), 1);
+        assert_eq!(esc("a\"b\\c\n"), "a\\\"b\\\\c\\n");
+    }
+}

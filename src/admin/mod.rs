@@ -1,0 +1,275 @@
+//! The admin listener: a JSON API (`/status`, `/routes`, `/pools`, `/plugins`, `/certs`,
+//! `/explain`, `POST /reload`), Prometheus `/metrics`, and a read-only HTML dashboard at `/`.
+//! Separate from traffic listeners; every endpoint but `/healthz` needs the bearer token when
+//! one is configured (a non-loopback address without a token is refused by config
+//! validation). Owns: presenting state. Must not change routing state except through
+//! `State::reload`.
+
+mod api;
+mod dashboard;
+pub mod metrics;
+
+use crate::state::State;
+use async_trait::async_trait;
+use http::{Method, Response, StatusCode};
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use std::sync::Arc;
+
+const COOKIE: &str = "tollgate_admin";
+
+pub struct Admin {
+    state: Arc<State>,
+}
+
+impl Admin {
+    pub fn new(state: Arc<State>) -> Self {
+        Admin { state }
+    }
+}
+
+/// Compare secrets in time independent of where they differ (and of their lengths): both
+/// are hashed to 32 bytes and every byte is compared.
+pub fn token_matches(given: &str, expected: &str) -> bool {
+    use ring::digest::{digest, SHA256};
+    let a = digest(&SHA256, given.as_bytes());
+    let b = digest(&SHA256, expected.as_bytes());
+    a.as_ref()
+        .iter()
+        .zip(b.as_ref())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+pub(crate) fn respond(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, content_type)
+        .header(http::header::CONTENT_LENGTH, body.len())
+        .header(http::header::CACHE_CONTROL, "no-store")
+        .body(body)
+        .unwrap_or_default()
+}
+
+pub(crate) fn json(status: StatusCode, v: &serde_json::Value) -> Response<Vec<u8>> {
+    let mut body = serde_json::to_vec_pretty(v).unwrap_or_default();
+    body.push(b'\n');
+    respond(status, "application/json", body)
+}
+
+fn text(status: StatusCode, s: &str) -> Response<Vec<u8>> {
+    respond(
+        status,
+        "text/plain; charset=utf-8",
+        format!("{s}\n").into_bytes(),
+    )
+}
+
+/// `name=value` pairs of a query string, percent-decoded.
+pub(crate) fn query_params(query: Option<&str>) -> Vec<(String, String)> {
+    query
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
+                {
+                    Ok(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+enum Auth {
+    Ok,
+    Missing,
+    Wrong,
+}
+
+impl Admin {
+    fn auth(&self, session: &ServerSession, expected: Option<&str>, allow_cookie: bool) -> Auth {
+        let Some(expected) = expected else {
+            return Auth::Ok;
+        };
+        let req = session.req_header();
+        let bearer = req
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let cookie = allow_cookie
+            .then(|| {
+                req.headers
+                    .get_all(http::header::COOKIE)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .flat_map(|v| v.split(';'))
+                    .filter_map(|c| {
+                        c.trim()
+                            .strip_prefix(&format!("{COOKIE}="))
+                            .map(str::to_string)
+                    })
+                    .next()
+            })
+            .flatten();
+        match bearer.map(str::to_string).or(cookie) {
+            None => Auth::Missing,
+            Some(t) if token_matches(t.trim(), expected) => Auth::Ok,
+            Some(_) => Auth::Wrong,
+        }
+    }
+}
+
+#[async_trait]
+impl ServeHttp for Admin {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let method = session.req_header().method.clone();
+        let uri = session.req_header().uri.clone();
+        let path = uri.path();
+        if path == "/healthz" {
+            return text(StatusCode::OK, "ok");
+        }
+        let snap = self.state.snapshot();
+        let token = snap.admin_token.as_deref();
+
+        // The dashboard accepts `/?token=…` once and answers with a cookie (SameSite=Strict,
+        // HttpOnly), so a browser can be pointed at it; the cookie is honoured for GET only.
+        if method == Method::GET && path == "/" {
+            if let (Some(expected), Some((_, given))) = (
+                token,
+                query_params(uri.query())
+                    .into_iter()
+                    .find(|(k, _)| k == "token"),
+            ) {
+                if token_matches(&given, expected) {
+                    return Response::builder()
+                        .status(StatusCode::SEE_OTHER)
+                        .header(http::header::LOCATION, "/")
+                        .header(
+                            http::header::SET_COOKIE,
+                            format!("{COOKIE}={given}; Path=/; HttpOnly; SameSite=Strict"),
+                        )
+                        .header(http::header::CONTENT_LENGTH, 0)
+                        .body(Vec::new())
+                        .unwrap_or_default();
+                }
+            }
+        }
+        match self.auth(session, token, method == Method::GET) {
+            Auth::Ok => {}
+            Auth::Missing | Auth::Wrong if method == Method::GET && path == "/" => {
+                return respond(
+                    StatusCode::UNAUTHORIZED,
+                    "text/html; charset=utf-8",
+                    dashboard::login_page().into_bytes(),
+                )
+            }
+            Auth::Missing => {
+                let mut r = text(
+                    StatusCode::UNAUTHORIZED,
+                    "admin token required: Authorization: Bearer <token>",
+                );
+                r.headers_mut().insert(
+                    http::header::WWW_AUTHENTICATE,
+                    http::HeaderValue::from_static("Bearer realm=\"tollgate\""),
+                );
+                return r;
+            }
+            Auth::Wrong => {
+                tracing::warn!(client = ?session.client_addr().map(|a| a.to_string()), path, "admin request with a wrong token");
+                let mut r = text(StatusCode::UNAUTHORIZED, "wrong admin token");
+                r.headers_mut().insert(
+                    http::header::WWW_AUTHENTICATE,
+                    http::HeaderValue::from_static(
+                        "Bearer realm=\"tollgate\", error=\"invalid_token\"",
+                    ),
+                );
+                return r;
+            }
+        }
+        match (method.clone(), path) {
+            (Method::GET, "/") => respond(
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                dashboard::page(&self.state, &snap).into_bytes(),
+            ),
+            (Method::GET, "/status") => json(StatusCode::OK, &api::status(&self.state, &snap)),
+            (Method::GET, "/routes") => json(StatusCode::OK, &api::routes(&snap)),
+            (Method::GET, "/pools") => json(StatusCode::OK, &api::pools(&snap)),
+            (Method::GET, "/plugins") => json(StatusCode::OK, &api::plugins()),
+            (Method::GET, "/certs") => json(StatusCode::OK, &api::certs(&snap)),
+            (Method::GET, "/explain") => api::explain(&snap, uri.query()),
+            (Method::GET, "/metrics") => respond(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                api::metrics_text(&self.state, &snap).into_bytes(),
+            ),
+            (Method::POST, "/reload") => match self.state.reload() {
+                Ok(generation) => json(
+                    StatusCode::OK,
+                    &serde_json::json!({"ok": true, "generation": generation}),
+                ),
+                Err(e) => json(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    &serde_json::json!({
+                        "ok": false,
+                        "errors": e.0.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+                    }),
+                ),
+            },
+            (
+                _,
+                "/" | "/status" | "/routes" | "/pools" | "/plugins" | "/certs" | "/explain"
+                | "/metrics" | "/reload",
+            ) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+            _ => text(StatusCode::NOT_FOUND, "no such admin endpoint"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(token_matches("s3cret-token-0123", "s3cret-token-0123"));
+        assert!(!token_matches("s3cret-token-0124", "s3cret-token-0123"));
+        assert!(!token_matches("s3cret", "s3cret-token-0123"));
+        assert!(!token_matches("", "s3cret-token-0123"));
+    }
+
+    #[test]
+    fn query_strings_are_decoded() {
+        let q = query_params(Some(
+            "host=a.example.com&path=%2Fapi%2Fv1%3Fx&flag&t=a+b&bad=%zz",
+        ));
+        assert_eq!(q[0], ("host".into(), "a.example.com".into()));
+        assert_eq!(q[1], ("path".into(), "/api/v1?x".into()));
+        assert_eq!(q[2], ("flag".into(), "".into()));
+        assert_eq!(q[3], ("t".into(), "a b".into()));
+        assert_eq!(q[4], ("bad".into(), "%zz".into()));
+    }
+}
