@@ -153,6 +153,7 @@ async fn reload_under_load_ten_changes_zero_failed_requests() {
         t.await.unwrap();
     }
     let (ok, failed) = (ok.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
+    eprintln!("reload under load: {ok} requests across 10 reloads, {failed} failed");
     assert!(ok > 100, "too little load to prove anything: {ok}");
     assert_eq!(
         failed, 0,

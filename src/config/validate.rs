@@ -587,7 +587,7 @@ fn vhosts(
             routes.push(Route {
                 path: p.clone(),
                 pool: pool.clone(),
-                origin: cx.origin(sr.span()),
+                origin: cx.origin(r.path.span()),
             });
         }
         out.push(Vhost {
