@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod discovery;
 pub mod proxy;
 pub mod routing;
 pub mod state;

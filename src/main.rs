@@ -90,7 +90,8 @@ fn run(path: PathBuf, upgrade: bool) -> ExitCode {
 
 fn check(path: PathBuf) -> ExitCode {
     let result = Config::load(&path).and_then(|c| {
-        tollgate::state::Snapshot::build(c.into(), &Default::default(), 0).map(|_| ())
+        tollgate::state::Snapshot::build(c.into(), &Default::default(), 0, &Default::default())
+            .map(|_| ())
     });
     match result {
         Ok(()) => {

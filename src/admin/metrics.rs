@@ -89,6 +89,9 @@ pub struct Metrics {
     routes: Mutex<BTreeMap<(String, String), Arc<RouteMetrics>>>,
     pools: Mutex<BTreeMap<String, Arc<PoolMetrics>>>,
     pub reloads_ok: AtomicU64,
+    pub consul_errors: AtomicU64,
+    /// From a Consul answer to the Snapshot that uses it being live.
+    pub convergence: Histogram,
     pub reloads_failed: AtomicU64,
     pub last_reload_success_unix: AtomicU64,
 }
@@ -160,6 +163,25 @@ impl Metrics {
                 &format!("vhost=\"{}\",route=\"{}\"", esc(v), esc(r)),
             );
         }
+        family(
+            out,
+            "tollgate_consul_errors_total",
+            "counter",
+            "Failed Consul queries (the last known pools keep serving).",
+        );
+        let _ = writeln!(
+            out,
+            "tollgate_consul_errors_total {}",
+            self.consul_errors.load(Relaxed)
+        );
+        family(
+            out,
+            "tollgate_consul_convergence_seconds",
+            "histogram",
+            "From a Consul answer to the Snapshot that uses it being live.",
+        );
+        self.convergence
+            .render(out, "tollgate_consul_convergence_seconds", "");
         let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner()).clone();
         family(
             out,

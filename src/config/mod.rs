@@ -26,6 +26,7 @@ pub struct Config {
     /// Directory scanned for `*.crt`/`*.pem` certificates with a matching `.key`.
     pub certs_dir: Option<PathBuf>,
     pub admin: AdminSettings,
+    pub consul: ConsulSettings,
     pub vhosts: Vec<Vhost>,
     pub pools: BTreeMap<String, PoolSpec>,
 }
@@ -62,6 +63,48 @@ pub struct AdminSettings {
     pub enabled: bool,
     pub address: SocketAddr,
     pub token: Option<AdminToken>,
+}
+
+/// How to reach Consul. Defaults follow Consul's own environment variables
+/// (`CONSUL_HTTP_ADDR`, `CONSUL_HTTP_TOKEN`, `CONSUL_CACERT`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsulSettings {
+    /// `http://host:port` or `https://host:port`.
+    pub address: String,
+    pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub ca_cert: Option<PathBuf>,
+    pub datacenter: Option<String>,
+    /// Blocking-query wait (Consul caps it at 10m).
+    pub wait: Duration,
+    pub stale: bool,
+    pub cached: bool,
+    /// Quiet time after a change before rebuilding, and the longest a burst can delay it.
+    pub quiescence_min: Duration,
+    pub quiescence_max: Duration,
+}
+
+/// A pool's backends from Consul: the passing instances of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub service: String,
+    pub tags: Vec<String>,
+    pub datacenter: Option<String>,
+    /// Only instances whose checks all pass (default); `false` also takes warning ones.
+    pub passing: bool,
+}
+
+impl std::fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.service)?;
+        if !self.tags.is_empty() {
+            write!(f, "[{}]", self.tags.join(","))?;
+        }
+        if let Some(dc) = &self.datacenter {
+            write!(f, "@{dc}")?;
+        }
+        Ok(())
+    }
 }
 
 /// Where the admin bearer token comes from. A file is re-read on every reload.
@@ -146,7 +189,10 @@ pub struct HealthPolicy {
 
 #[derive(Debug, Clone)]
 pub struct PoolSpec {
+    /// Static backends; for a Consul pool, filled from the discovery view at build time.
     pub backends: Vec<BackendSpec>,
+    /// `Some` when the backends come from Consul.
+    pub consul: Option<ServiceKey>,
     pub balance: Balance,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,

@@ -15,6 +15,7 @@ pub struct RawConfig {
     pub log: RawLog,
     pub tls: RawTls,
     pub admin: RawAdmin,
+    pub consul: RawConsul,
     #[serde(rename = "listener")]
     pub listeners: Vec<S<RawListener>>,
     #[serde(rename = "vhost")]
@@ -59,6 +60,31 @@ pub struct RawAdmin {
     pub address: Option<S<String>>,
     pub token: Option<S<String>>,
     pub token_file: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConsul {
+    pub address: Option<S<String>>,
+    pub token: Option<S<String>>,
+    pub token_file: Option<S<String>>,
+    pub ca_cert: Option<S<String>>,
+    pub datacenter: Option<S<String>>,
+    pub wait: Option<S<String>>,
+    pub stale: Option<bool>,
+    pub cached: Option<bool>,
+    pub quiescence_min: Option<S<String>>,
+    pub quiescence_max: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConsulPool {
+    pub service: S<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    pub datacenter: Option<String>,
+    pub passing: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Clone)]
@@ -111,7 +137,9 @@ pub struct RawRoute {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPool {
+    #[serde(default)]
     pub backends: Vec<S<RawBackend>>,
+    pub consul: Option<S<RawConsulPool>>,
     pub balance: Option<S<String>>,
     pub connect_timeout: Option<S<String>>,
     pub read_timeout: Option<S<String>>,

@@ -256,6 +256,7 @@ fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
 
     let certs_dir = raw.tls.certs_dir.as_ref().map(|d| cx.path(d.get_ref()));
     let admin = admin(cx, &raw.admin);
+    let consul = consul(cx, &raw.consul);
     if admin.enabled
         && listeners
             .iter()
@@ -313,8 +314,106 @@ fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
         listeners,
         certs_dir,
         admin,
+        consul,
         vhosts,
         pools,
+    }
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// `[consul]`, with Consul's environment variables as defaults.
+fn consul(cx: &mut Ctx, raw: &super::raw::RawConsul) -> ConsulSettings {
+    let addr_raw = raw
+        .address
+        .as_ref()
+        .map(|a| (a.get_ref().clone(), a.span()))
+        .or_else(|| env("CONSUL_HTTP_ADDR").map(|a| (a, 0..0)))
+        .unwrap_or_else(|| ("127.0.0.1:8500".to_string(), 0..0));
+    let address = if addr_raw.0.starts_with("http://") || addr_raw.0.starts_with("https://") {
+        addr_raw.0.trim_end_matches('/').to_string()
+    } else {
+        format!("http://{}", addr_raw.0.trim_end_matches('/'))
+    };
+    if address
+        .parse::<http::Uri>()
+        .map(|u| u.host().is_none())
+        .unwrap_or(true)
+    {
+        cx.err(
+            addr_raw.1,
+            "consul.address",
+            format!(
+                "`{}` is not an address: use http://127.0.0.1:8500 (or CONSUL_HTTP_ADDR)",
+                addr_raw.0
+            ),
+        );
+    }
+    let token = raw
+        .token
+        .as_ref()
+        .map(|t| t.get_ref().trim().to_string())
+        .or_else(|| env("CONSUL_HTTP_TOKEN"));
+    let token_file = raw.token_file.as_ref().map(|f| cx.path(f.get_ref()));
+    if let (Some(_), Some(f)) = (&raw.token, &raw.token_file) {
+        cx.err(
+            f.span(),
+            "consul.token_file",
+            "set consul.token or consul.token_file, not both",
+        );
+    }
+    let ca_cert = raw
+        .ca_cert
+        .as_ref()
+        .map(|c| cx.path(c.get_ref()))
+        .or_else(|| env("CONSUL_CACERT").map(PathBuf::from));
+    let ms = Duration::from_millis;
+    let wait = cx.duration_in(
+        &raw.wait,
+        "consul.wait",
+        Duration::from_secs(300),
+        Duration::from_secs(1),
+        Duration::from_secs(600),
+    );
+    let quiescence_min = cx.duration_in(
+        &raw.quiescence_min,
+        "consul.quiescence_min",
+        ms(20),
+        ms(0),
+        Duration::from_secs(60),
+    );
+    let quiescence_max = cx.duration_in(
+        &raw.quiescence_max,
+        "consul.quiescence_max",
+        ms(150),
+        ms(0),
+        Duration::from_secs(300),
+    );
+    if quiescence_max < quiescence_min {
+        let span = raw
+            .quiescence_max
+            .as_ref()
+            .map(|s| s.span())
+            .unwrap_or(0..0);
+        cx.err(
+            span,
+            "consul.quiescence_max",
+            "must not be shorter than consul.quiescence_min",
+        );
+    }
+    ConsulSettings {
+        address,
+        token,
+        token_file,
+        ca_cert,
+        datacenter: raw.datacenter.as_ref().map(|d| d.get_ref().clone()),
+        wait,
+        stale: raw.stale.unwrap_or(false),
+        cached: raw.cached.unwrap_or(true),
+        quiescence_min,
+        quiescence_max,
     }
 }
 
@@ -617,11 +716,34 @@ fn pools(cx: &mut Ctx, raw: &BTreeMap<String, Spanned<RawPool>>) -> BTreeMap<Str
                 format!("`{name}` is not a pool name: use letters, digits, - _ ."),
             );
         }
-        if p.backends.is_empty() {
+        let consul = p.consul.as_ref().map(|c| {
+            let c_ref = c.get_ref();
+            if c_ref.service.get_ref().trim().is_empty() {
+                cx.err(
+                    c_ref.service.span(),
+                    format!("{opt}.consul.service"),
+                    "is empty",
+                );
+            }
+            if !p.backends.is_empty() {
+                cx.err(
+                    c.span(),
+                    format!("{opt}.consul"),
+                    "a pool takes its backends from Consul or from `backends`, not both",
+                );
+            }
+            ServiceKey {
+                service: c_ref.service.get_ref().trim().to_string(),
+                tags: c_ref.tags.clone(),
+                datacenter: c_ref.datacenter.clone(),
+                passing: c_ref.passing.unwrap_or(true),
+            }
+        });
+        if p.backends.is_empty() && consul.is_none() {
             cx.err(
                 sp.span(),
                 format!("{opt}.backends"),
-                "a static pool needs at least one backend: backends = [\"127.0.0.1:8080\"]",
+                "a pool needs backends = [\"127.0.0.1:8080\"] or consul = { service = \"name\" }",
             );
         }
         let mut backends = Vec::new();
@@ -723,6 +845,7 @@ fn pools(cx: &mut Ctx, raw: &BTreeMap<String, Spanned<RawPool>>) -> BTreeMap<Str
             name.clone(),
             PoolSpec {
                 backends,
+                consul,
                 balance,
                 connect_timeout,
                 read_timeout,

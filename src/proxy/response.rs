@@ -67,6 +67,13 @@ pub(super) async fn error_answer(
     }
     if code > 0 {
         let text = match code {
+            503 if ctx
+                .reason
+                .as_deref()
+                .is_some_and(|r| r.starts_with("pool ")) =>
+            {
+                ctx.reason.as_deref().unwrap_or_default()
+            }
             503 => "no live backend for this route",
             504 => "the upstream server did not answer in time",
             502 => "the upstream server could not be reached or failed",

@@ -131,6 +131,10 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
         "tollgate reloader",
         Reloader::new(state.clone()),
     ));
+    server.add_service(background_service(
+        "tollgate consul",
+        crate::discovery::consul::Manager::new(state.clone()),
+    ));
     tracing::info!(
         config = %cfg.source.display(),
         vhosts = cfg.vhosts.len(),

@@ -13,11 +13,15 @@ pub(super) fn select_peer(ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
         return Error::e_explain(InternalError, "no pool chosen for the request");
     };
     let Some(i) = pool.select(now_ms(), &ctx.tried) else {
-        ctx.reason = Some(format!("no live backend in pool {}", pool.name).into());
-        return Error::e_explain(
-            HTTPStatus(503),
-            format!("no live backend in pool {}", pool.name),
-        );
+        let reason = match &pool.spec.consul {
+            Some(key) if pool.backends.is_empty() => format!(
+                "pool {} is empty: Consul reports no passing instance of {key}",
+                pool.name
+            ),
+            _ => format!("no live backend in pool {}", pool.name),
+        };
+        ctx.reason = Some(reason.clone().into());
+        return Error::e_explain(HTTPStatus(503), reason);
     };
     let b = &pool.backends[i];
     ctx.tried.push(i);

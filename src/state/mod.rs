@@ -8,6 +8,7 @@ pub mod watch;
 
 use crate::admin::metrics::{metrics, RouteMetrics};
 use crate::config::{AdminToken, Config, ConfigErrors};
+use crate::discovery::View;
 use crate::routing::{RouteEntry, RouteTable, VhostEntry};
 use crate::tls::CertStore;
 use crate::upstream::{Pool, Registry};
@@ -83,6 +84,7 @@ impl Snapshot {
         config: Arc<Config>,
         registry: &Registry,
         generation: u64,
+        view: &View,
     ) -> Result<Snapshot, ConfigErrors> {
         let certs = CertStore::load(&config)?;
         let admin_token = read_token(&config.admin.token)?;
@@ -90,7 +92,16 @@ impl Snapshot {
         let mut index: HashMap<&str, usize> = HashMap::new();
         for (name, spec) in &config.pools {
             index.insert(name, pools.len());
-            pools.push(Arc::new(registry.pool(name, spec)));
+            let pool = match &spec.consul {
+                // Consul pools take the backends of the last successful answer (none yet: empty)
+                Some(key) => {
+                    let mut spec = spec.clone();
+                    spec.backends = view.backends(key).map(<[_]>::to_vec).unwrap_or_default();
+                    registry.pool(name, &spec)
+                }
+                None => registry.pool(name, spec),
+            };
+            pools.push(Arc::new(pool));
         }
         let mut routes = RouteTable::default();
         for v in &config.vhosts {
@@ -149,6 +160,7 @@ pub struct State {
     pub started: std::time::Instant,
     pub started_unix: u64,
     last_reload: Mutex<Option<ReloadOutcome>>,
+    view: ArcSwap<View>,
 }
 
 /// What the last reload attempt did (for `/status`).
@@ -171,7 +183,7 @@ impl State {
     /// Build the first Snapshot from `config`.
     pub fn new(config: Config) -> Result<State, ConfigErrors> {
         let registry = Registry::default();
-        let snap = Snapshot::build(Arc::new(config), &registry, 1)?;
+        let snap = Snapshot::build(Arc::new(config), &registry, 1, &View::default())?;
         Ok(State {
             current: Arc::new(ArcSwap::from_pointee(snap)),
             registry,
@@ -180,6 +192,7 @@ impl State {
             started: std::time::Instant::now(),
             started_unix: unix_now(),
             last_reload: Mutex::new(None),
+            view: ArcSwap::from_pointee(View::default()),
         })
     }
 
@@ -224,6 +237,24 @@ impl State {
         result
     }
 
+    /// The discovery view in force.
+    pub fn view(&self) -> Arc<View> {
+        self.view.load_full()
+    }
+
+    /// Rebuild with the same configuration and a new discovery view (a Consul change).
+    pub fn apply_view(&self, view: View) -> Result<u64, ConfigErrors> {
+        let _serial = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.snapshot();
+        let generation = self.generation.load(Ordering::SeqCst) + 1;
+        let snap = Snapshot::build(old.config.clone(), &self.registry, generation, &view)?;
+        self.registry.retain(snap.pools.iter().map(|p| p.as_ref()));
+        self.view.store(Arc::new(view));
+        self.generation.store(generation, Ordering::SeqCst);
+        self.current.store(Arc::new(snap));
+        Ok(generation)
+    }
+
     pub fn last_reload(&self) -> Option<ReloadOutcome> {
         self.last_reload
             .lock()
@@ -240,7 +271,7 @@ impl State {
             );
         }
         let generation = self.generation.load(Ordering::SeqCst) + 1;
-        let snap = Snapshot::build(Arc::new(config), &self.registry, generation)?;
+        let snap = Snapshot::build(Arc::new(config), &self.registry, generation, &self.view())?;
         self.registry.retain(snap.pools.iter().map(|p| p.as_ref()));
         self.generation.store(generation, Ordering::SeqCst);
         self.current.store(Arc::new(snap));

@@ -357,3 +357,139 @@ pub async fn tls_connect(
         .await
         .unwrap()
 }
+
+/// A real Consul agent in -dev mode on free loopback ports (DNS and gRPC off); killed on drop.
+pub struct ConsulAgent {
+    pub child: Child,
+    pub http: SocketAddr,
+    ports: [u16; 3],
+    log: PathBuf,
+}
+
+pub fn consul_bin() -> String {
+    if let Ok(b) = std::env::var("CONSUL_BIN") {
+        return b;
+    }
+    let ok = Command::new("consul")
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "no consul binary: run scripts/install-consul (or set CONSUL_BIN)"
+    );
+    "consul".to_string()
+}
+
+impl ConsulAgent {
+    pub async fn start(dir: &Path) -> ConsulAgent {
+        let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let ports = [free_port(), free_port(), free_port()];
+        Self::spawn(dir, http, ports).await
+    }
+
+    async fn spawn(dir: &Path, http: SocketAddr, ports: [u16; 3]) -> ConsulAgent {
+        let log = dir.join(format!("consul-{}.log", http.port()));
+        let child = Command::new(consul_bin())
+            .args([
+                "agent",
+                "-dev",
+                "-bind",
+                "127.0.0.1",
+                "-client",
+                "127.0.0.1",
+                "-dns-port",
+                "-1",
+                "-grpc-port",
+                "-1",
+            ])
+            .args(["-http-port", &http.port().to_string()])
+            .args(["-serf-lan-port", &ports[0].to_string()])
+            .args(["-serf-wan-port", &ports[1].to_string()])
+            .args(["-server-port", &ports[2].to_string()])
+            .arg("-log-level=warn")
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let agent = ConsulAgent {
+            child,
+            http,
+            ports,
+            log,
+        };
+        let c = reqwest::Client::new();
+        let url = format!("http://{http}/v1/status/leader");
+        wait_for(
+            "the Consul agent to elect itself",
+            Duration::from_secs(30),
+            || {
+                let (c, url) = (c.clone(), url.clone());
+                async move {
+                    match c.get(&url).send().await {
+                        Ok(r) => r.text().await.map(|t| t.len() > 4).unwrap_or(false),
+                        Err(_) => false,
+                    }
+                }
+            },
+        )
+        .await;
+        agent
+    }
+
+    /// Kill -9 (its state is lost) and start a fresh agent on the same ports.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub async fn restart(&mut self, dir: &Path) {
+        self.kill().await;
+        *self = Self::spawn(dir, self.http, self.ports).await;
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    async fn put(&self, path: &str, body: Option<serde_json::Value>) {
+        let c = reqwest::Client::new();
+        let mut r = c.put(format!("http://{}{path}", self.http));
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let resp = r.send().await.unwrap();
+        assert!(resp.status().is_success(), "PUT {path}: {}", resp.status());
+    }
+
+    /// Register an instance with a TTL check that starts passing.
+    pub async fn register(&self, id: &str, service: &str, addr: SocketAddr, tags: &[&str]) {
+        self.put(
+            "/v1/agent/service/register",
+            Some(serde_json::json!({
+                "ID": id, "Name": service, "Address": addr.ip().to_string(), "Port": addr.port(),
+                "Tags": tags,
+                "Check": { "CheckID": format!("check-{id}"), "TTL": "10m", "Status": "passing" },
+            })),
+        )
+        .await;
+    }
+
+    pub async fn deregister(&self, id: &str) {
+        self.put(&format!("/v1/agent/service/deregister/{id}"), None)
+            .await;
+    }
+
+    pub async fn set_check(&self, id: &str, passing: bool) {
+        let what = if passing { "pass" } else { "fail" };
+        self.put(&format!("/v1/agent/check/{what}/check-{id}"), None)
+            .await;
+    }
+}
+
+impl Drop for ConsulAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,534 @@
+//! Watching Consul with blocking queries, the way consul-template and Fabio do it politely:
+//! one watch per service on `/v1/health/service/<name>`, `index` + `wait`, a token bucket per
+//! watch (not a sleep per loop), a random start jitter, full-jitter backoff on errors with a
+//! resync from index 0, and a quiescence window that turns a burst of changes into one
+//! Snapshot rebuild. The index rules and the answer parsing are pure and unit-tested.
+
+use super::{ServiceView, View};
+use crate::config::{BackendSpec, ConsulSettings, ServiceKey};
+use crate::state::State;
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// The index to send next, from the one we sent (`prev`) and the one Consul answered with.
+/// Consul's rules: a missing index means no blocking is possible (start over); an index
+/// that went backwards (agent restarted, state lost) resets to 0; and the index sent is never
+/// below 1, so a reset turns into an immediate full read rather than a busy loop.
+pub fn next_index(prev: u64, answered: Option<u64>) -> u64 {
+    let next = match answered {
+        None => 0,
+        Some(i) if i < prev => 0,
+        Some(i) => i,
+    };
+    next.max(1)
+}
+
+#[derive(Debug, Deserialize)]
+struct HealthEntry {
+    #[serde(rename = "Node")]
+    node: NodeEntry,
+    #[serde(rename = "Service")]
+    service: ServiceEntry,
+}
+
+#[derive(Debug, Deserialize)]
+struct NodeEntry {
+    #[serde(rename = "Address", default)]
+    address: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct ServiceEntry {
+    #[serde(rename = "Address", default)]
+    address: String,
+    #[serde(rename = "Port", default)]
+    port: u16,
+    #[serde(rename = "Weights")]
+    weights: Option<Weights>,
+    #[serde(rename = "Meta")]
+    meta: Option<HashMap<String, String>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Weights {
+    #[serde(rename = "Passing", default)]
+    passing: u32,
+}
+
+/// Backends from a `/v1/health/service` answer: the service address (the node's when empty)
+/// and port; weight from the `weight` meta key, else `Weights.Passing`, clamped to 1..=1000.
+/// Sorted, so equal answers compare equal. Instances without an IP address are skipped.
+pub fn parse_health(body: &[u8]) -> Result<(Vec<BackendSpec>, Vec<String>), String> {
+    let entries: Vec<HealthEntry> = serde_json::from_slice(body)
+        .map_err(|e| format!("not a /v1/health/service answer: {e}"))?;
+    let mut out = Vec::new();
+    let mut skipped = Vec::new();
+    for e in entries {
+        let host = if e.service.address.is_empty() {
+            &e.node.address
+        } else {
+            &e.service.address
+        };
+        let Ok(ip) = host.parse::<IpAddr>() else {
+            skipped.push(format!("{host}:{} (not an IP address)", e.service.port));
+            continue;
+        };
+        if e.service.port == 0 {
+            skipped.push(format!("{host} (no port)"));
+            continue;
+        }
+        let weight = e
+            .service
+            .meta
+            .as_ref()
+            .and_then(|m| m.get("weight"))
+            .and_then(|w| w.parse::<u32>().ok())
+            .or(e.service.weights.map(|w| w.passing))
+            .unwrap_or(1)
+            .clamp(1, 1000);
+        out.push(BackendSpec {
+            address: SocketAddr::new(ip, e.service.port),
+            weight,
+        });
+    }
+    out.sort_by_key(|b| b.address);
+    out.dedup_by_key(|b| b.address);
+    Ok((out, skipped))
+}
+
+/// Full-jitter exponential backoff: uniform in [0, min(cap, base·2^attempt)].
+pub fn backoff(attempt: u32, base: Duration, cap: Duration, r: f64) -> Duration {
+    let exp = base.saturating_mul(1u32 << attempt.min(16)).min(cap);
+    exp.mul_f64(r.clamp(0.0, 1.0))
+}
+
+/// A token bucket: `rate` tokens a second, at most `burst`. Returns how long to wait.
+#[derive(Debug)]
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    pub fn new(rate: f64, burst: f64, now: Instant) -> Self {
+        TokenBucket {
+            rate,
+            burst,
+            tokens: burst,
+            last: now,
+        }
+    }
+
+    /// Take a token at `now`; the delay before the caller may proceed.
+    pub fn take(&mut self, now: Instant) -> Duration {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * self.rate).min(self.burst) - 1.0;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
+}
+
+/// A change seen by one watch.
+#[derive(Debug)]
+struct Update {
+    key: ServiceKey,
+    view: ServiceView,
+    received: Instant,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn client(s: &ConsulSettings) -> Result<reqwest::Client, String> {
+    let mut b = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .connect_timeout(Duration::from_secs(5))
+        .pool_max_idle_per_host(256);
+    if let Some(ca) = &s.ca_cert {
+        let pem = std::fs::read(ca)
+            .map_err(|e| format!("cannot read consul.ca_cert {}: {e}", ca.display()))?;
+        let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| {
+            format!(
+                "consul.ca_cert {} is not a PEM certificate: {e}",
+                ca.display()
+            )
+        })?;
+        b = b.add_root_certificate(cert);
+    }
+    b.build()
+        .map_err(|e| format!("cannot build the Consul client: {e}"))
+}
+
+fn token(s: &ConsulSettings) -> Option<String> {
+    s.token.clone().or_else(|| {
+        s.token_file
+            .as_ref()
+            .and_then(|f| std::fs::read_to_string(f).ok())
+            .map(|t| t.trim().to_string())
+    })
+}
+
+/// One blocking query. `Ok(None)` when the index did not move (nothing to do).
+async fn query(
+    http: &reqwest::Client,
+    s: &ConsulSettings,
+    key: &ServiceKey,
+    index: u64,
+) -> Result<(u64, Vec<BackendSpec>), String> {
+    let mut url = format!(
+        "{}/v1/health/service/{}",
+        s.address,
+        urlencode(&key.service)
+    );
+    let mut params: Vec<(String, String)> = vec![
+        ("index".into(), index.to_string()),
+        ("wait".into(), format!("{}s", s.wait.as_secs())),
+    ];
+    if key.passing {
+        params.push(("passing".into(), "1".into()));
+    }
+    for t in &key.tags {
+        params.push(("tag".into(), t.clone()));
+    }
+    if let Some(dc) = key.datacenter.as_ref().or(s.datacenter.as_ref()) {
+        params.push(("dc".into(), dc.clone()));
+    }
+    if s.stale {
+        params.push(("stale".into(), String::new()));
+    }
+    if s.cached {
+        params.push(("cached".into(), String::new()));
+    }
+    url.push('?');
+    url.push_str(
+        &params
+            .iter()
+            .map(|(k, v)| {
+                if v.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{k}={}", urlencode(v))
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("&"),
+    );
+    // wait + wait/16 (Consul's own jitter) + a margin
+    let timeout = s.wait + s.wait / 16 + Duration::from_secs(5);
+    let mut req = http.get(&url).timeout(timeout);
+    if let Some(t) = token(s) {
+        req = req.header("X-Consul-Token", t);
+    }
+    let resp = req.send().await.map_err(|e| format!("{e}"))?;
+    let status = resp.status();
+    let answered = resp
+        .headers()
+        .get("x-consul-index")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let body = resp
+        .bytes()
+        .await
+        .map_err(|e| format!("reading the answer: {e}"))?;
+    if status == reqwest::StatusCode::FORBIDDEN {
+        return Err(format!(
+            "403 Forbidden: the Consul token cannot read service `{}` ({})",
+            key.service,
+            String::from_utf8_lossy(&body).trim()
+        ));
+    }
+    if !status.is_success() {
+        return Err(format!(
+            "{status}: {}",
+            String::from_utf8_lossy(&body).trim()
+        ));
+    }
+    let (backends, skipped) = parse_health(&body)?;
+    if !skipped.is_empty() {
+        tracing::warn!(service = %key, skipped = ?skipped, "Consul instances without a usable address were skipped");
+    }
+    Ok((next_index(index, answered), backends))
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Watch one service until the task is aborted; send every change.
+async fn watch(settings: ConsulSettings, key: ServiceKey, tx: mpsc::Sender<Update>) {
+    let http = match client(&settings) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(service = %key, "{e}");
+            return;
+        }
+    };
+    // spread the first queries so watches do not wake together
+    tokio::time::sleep(Duration::from_millis(fastrand::u64(0..100))).await;
+    let mut bucket = TokenBucket::new(5.0, 10.0, Instant::now());
+    let mut index = 1u64;
+    let mut last: Option<Vec<BackendSpec>> = None;
+    let mut failures = 0u32;
+    loop {
+        let delay = bucket.take(Instant::now());
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        match query(&http, &settings, &key, index).await {
+            Ok((next, backends)) => {
+                if failures > 0 {
+                    tracing::info!(service = %key, "Consul answers again");
+                }
+                failures = 0;
+                index = next;
+                if last.as_ref() != Some(&backends) {
+                    last = Some(backends.clone());
+                    let view = ServiceView {
+                        backends,
+                        index,
+                        updated_unix: unix_now(),
+                    };
+                    if tx
+                        .send(Update {
+                            key: key.clone(),
+                            view,
+                            received: Instant::now(),
+                        })
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                // the last known backends keep serving; start over from a full read
+                index = 1;
+                let wait = backoff(
+                    failures,
+                    Duration::from_millis(200),
+                    Duration::from_secs(30),
+                    fastrand::f64(),
+                );
+                tracing::warn!(service = %key, error = %e, retry_in_ms = wait.as_millis() as u64, "Consul watch failed; serving the last known backends");
+                crate::admin::metrics::metrics()
+                    .consul_errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+/// Runs the watches the live configuration needs and applies what they see.
+pub struct Manager {
+    state: Arc<State>,
+}
+
+impl Manager {
+    pub fn new(state: Arc<State>) -> Self {
+        Manager { state }
+    }
+
+    fn wanted(&self) -> (ConsulSettings, Vec<ServiceKey>) {
+        let snap = self.state.snapshot();
+        let mut keys: Vec<ServiceKey> = snap
+            .config
+            .pools
+            .values()
+            .filter_map(|p| p.consul.clone())
+            .collect();
+        keys.sort();
+        keys.dedup();
+        (snap.config.consul.clone(), keys)
+    }
+
+    pub async fn run(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        let (tx, mut rx) = mpsc::channel::<Update>(1024);
+        let mut watches: BTreeMap<ServiceKey, tokio::task::JoinHandle<()>> = BTreeMap::new();
+        let mut settings_in_force: Option<ConsulSettings> = None;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            // start and stop watches as pools come and go (checked every second)
+            let (settings, keys) = self.wanted();
+            if settings_in_force.as_ref() != Some(&settings) {
+                for (_, h) in std::mem::take(&mut watches) {
+                    h.abort();
+                }
+                settings_in_force = Some(settings.clone());
+            }
+            watches.retain(|k, h| {
+                let keep = keys.contains(k);
+                if !keep {
+                    h.abort();
+                }
+                keep
+            });
+            for k in keys {
+                watches
+                    .entry(k.clone())
+                    .or_insert_with(|| tokio::spawn(watch(settings.clone(), k, tx.clone())));
+            }
+
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = tick.tick() => {}
+                Some(first) = rx.recv() => {
+                    // quiescence: wait for quiet (min), but never longer than max in total
+                    let q = &settings;
+                    let started = Instant::now();
+                    let mut batch = vec![first];
+                    loop {
+                        let left = q.quiescence_max.saturating_sub(started.elapsed());
+                        if left.is_zero() {
+                            break;
+                        }
+                        match tokio::time::timeout(q.quiescence_min.min(left), rx.recv()).await {
+                            Ok(Some(u)) => batch.push(u),
+                            _ => break,
+                        }
+                    }
+                    self.apply(batch);
+                }
+            }
+        }
+        for (_, h) in watches {
+            h.abort();
+        }
+    }
+
+    fn apply(&self, batch: Vec<Update>) {
+        let oldest = batch
+            .iter()
+            .map(|u| u.received)
+            .min()
+            .unwrap_or_else(Instant::now);
+        let mut view: View = (*self.state.view()).clone();
+        for u in &batch {
+            tracing::info!(service = %u.key, backends = u.view.backends.len(), index = u.view.index, "Consul change");
+            view.services.insert(u.key.clone(), u.view.clone());
+        }
+        match self.state.apply_view(view) {
+            Ok(generation) => {
+                let took = oldest.elapsed();
+                crate::admin::metrics::metrics().convergence.observe(took);
+                tracing::info!(
+                    generation,
+                    changes = batch.len(),
+                    convergence_ms = took.as_secs_f64() * 1000.0,
+                    "pools rebuilt from Consul"
+                );
+            }
+            Err(e) => tracing::error!(
+                "Consul change could not be applied: {}",
+                e.to_string().trim_end()
+            ),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for Manager {
+    async fn start(&self, shutdown: pingora::server::ShutdownWatch) {
+        self.run(shutdown).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_rules() {
+        assert_eq!(next_index(1, Some(10)), 10, "moves forward");
+        assert_eq!(next_index(10, Some(10)), 10, "unchanged");
+        assert_eq!(
+            next_index(10, Some(4)),
+            1,
+            "backwards resets (and is sent as 1)"
+        );
+        assert_eq!(next_index(10, Some(0)), 1, "never below 1");
+        assert_eq!(next_index(10, None), 1, "no header: start over");
+        assert_eq!(next_index(0, Some(0)), 1);
+    }
+
+    #[test]
+    fn health_answers_become_sorted_backends() {
+        let body = br#"[
+          {"Node":{"Address":"10.0.0.9"},"Service":{"Address":"","Port":8080,"Weights":{"Passing":3,"Warning":1}}},
+          {"Node":{"Address":"10.0.0.2"},"Service":{"Address":"10.1.0.2","Port":9000,"Meta":{"weight":"7"},"Weights":{"Passing":1}}},
+          {"Node":{"Address":"10.0.0.3"},"Service":{"Address":"api.internal","Port":9000}},
+          {"Node":{"Address":"10.0.0.4"},"Service":{"Address":"10.1.0.4","Port":0}},
+          {"Node":{"Address":"10.0.0.5"},"Service":{"Address":"10.1.0.5","Port":1,"Weights":{"Passing":0}}}
+        ]"#;
+        let (b, skipped) = parse_health(body).unwrap();
+        let got: Vec<(String, u32)> = b
+            .iter()
+            .map(|b| (b.address.to_string(), b.weight))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("10.0.0.9:8080".to_string(), 3),
+                ("10.1.0.2:9000".to_string(), 7),
+                ("10.1.0.5:1".to_string(), 1),
+            ]
+        );
+        assert_eq!(skipped.len(), 2);
+        assert!(parse_health(b"{\"not\":\"a list\"}").is_err());
+        assert_eq!(parse_health(b"[]").unwrap().0, vec![]);
+    }
+
+    #[test]
+    fn backoff_is_full_jitter_and_capped() {
+        let base = Duration::from_millis(100);
+        let cap = Duration::from_secs(5);
+        assert_eq!(backoff(0, base, cap, 1.0), base);
+        assert_eq!(backoff(3, base, cap, 1.0), Duration::from_millis(800));
+        assert_eq!(backoff(30, base, cap, 1.0), cap);
+        assert_eq!(backoff(3, base, cap, 0.0), Duration::ZERO);
+        assert_eq!(backoff(3, base, cap, 0.5), Duration::from_millis(400));
+    }
+
+    #[test]
+    fn token_bucket_limits_a_hot_loop() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(5.0, 2.0, t0);
+        assert_eq!(b.take(t0), Duration::ZERO);
+        assert_eq!(b.take(t0), Duration::ZERO);
+        let d = b.take(t0);
+        assert!((d.as_secs_f64() - 0.2).abs() < 1e-9, "{d:?}");
+        // after a second the bucket is full again (2 tokens)
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(b.take(t1), Duration::ZERO);
+    }
+
+    #[test]
+    fn query_values_are_encoded() {
+        assert_eq!(urlencode("a b/c&d"), "a%20b%2Fc%26d");
+        assert_eq!(urlencode("prod-1.x_~"), "prod-1.x_~");
+    }
+}

@@ -1,0 +1,246 @@
+//! Consul-driven pools against a real Consul agent (installed by scripts/install-consul):
+//! registration, deregistration, health flips, Consul dying and coming back with its state
+//! lost, while tollgate keeps serving.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+struct Fixture {
+    tg: Tollgate,
+    consul: ConsulAgent,
+    dir: tempfile::TempDir,
+    http: SocketAddr,
+    _path: PathBuf,
+}
+
+async fn start() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let consul = ConsulAgent::start(dir.path()).await;
+    let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let admin = free_port();
+    let path = dir.path().join("tollgate.toml");
+    write(
+        &path,
+        &format!(
+            r#"[admin]
+address = "127.0.0.1:{admin}"
+
+[consul]
+address = "http://{consul}"
+wait = "30s"
+
+[[listener]]
+address = "{http}"
+
+[[vhost]]
+names = ["a.test"]
+[[vhost.route]]
+path = "/"
+pool = "api"
+
+[pool.api]
+consul = {{ service = "api", tags = ["prod"] }}
+connect_timeout = "500ms"
+"#,
+            consul = consul.http
+        ),
+    );
+    let mut tg = Tollgate::start(&path);
+    tg.ready(http).await;
+    Fixture {
+        tg,
+        consul,
+        dir,
+        http,
+        _path: path,
+    }
+}
+
+fn plain() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+async fn who(c: &reqwest::Client, http: SocketAddr) -> Result<String, String> {
+    let r = c
+        .get(format!("http://{http}/"))
+        .header("host", "a.test")
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = r.status();
+    let text = r.text().await.map_err(|e| e.to_string())?;
+    if status != 200 {
+        return Err(format!("{status}: {text}"));
+    }
+    let j: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    Ok(j["upstream"].as_str().unwrap_or_default().to_string())
+}
+
+/// Which upstreams answer over `n` requests.
+async fn serving(c: &reqwest::Client, http: SocketAddr, n: usize) -> BTreeSet<String> {
+    let mut set = BTreeSet::new();
+    for _ in 0..n {
+        if let Ok(u) = who(c, http).await {
+            set.insert(u);
+        }
+    }
+    set
+}
+
+async fn wait_serving(f: &Fixture, want: &[&str]) -> Duration {
+    let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
+    let c = plain();
+    let started = Instant::now();
+    wait_for(
+        &format!("tollgate to route to exactly {want:?}"),
+        Duration::from_secs(15),
+        || {
+            let (c, want) = (c.clone(), want.clone());
+            let http = f.http;
+            async move { serving(&c, http, 8).await == want }
+        },
+    )
+    .await;
+    started.elapsed()
+}
+
+#[tokio::test]
+async fn registration_is_routed_and_deregistration_removes_it() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let other = Upstream::start("untagged").await;
+    let f = start().await;
+    let c = plain();
+    // no instance yet: a clear 503
+    let err = who(&c, f.http).await.unwrap_err();
+    assert!(err.starts_with("503"), "{err}");
+    assert!(
+        err.contains("Consul reports no passing instance of api[prod]"),
+        "{err}"
+    );
+
+    f.consul.register("api-a", "api", a.addr, &["prod"]).await;
+    f.consul
+        .register("api-x", "api", other.addr, &["canary"])
+        .await; // wrong tag: never routed
+    let took = wait_serving(&f, &["a"]).await;
+    eprintln!("registration routed after {took:?}");
+    f.consul.register("api-b", "api", b.addr, &["prod"]).await;
+    wait_serving(&f, &["a", "b"]).await;
+    f.consul.deregister("api-a").await;
+    wait_serving(&f, &["b"]).await;
+    assert_eq!(other.hits(), 0, "an instance without the tag got traffic");
+    let log = f.tg.log_text();
+    assert!(log.contains("pools rebuilt from Consul"), "{log}");
+}
+
+#[tokio::test]
+async fn a_failing_health_check_removes_the_instance_and_passing_restores_it() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let f = start().await;
+    f.consul.register("api-a", "api", a.addr, &["prod"]).await;
+    f.consul.register("api-b", "api", b.addr, &["prod"]).await;
+    wait_serving(&f, &["a", "b"]).await;
+    f.consul.set_check("api-a", false).await;
+    wait_serving(&f, &["b"]).await;
+    f.consul.set_check("api-a", true).await;
+    wait_serving(&f, &["a", "b"]).await;
+}
+
+#[tokio::test]
+async fn instance_changes_under_load_lose_no_request() {
+    let ups = [
+        Upstream::start("u0").await,
+        Upstream::start("u1").await,
+        Upstream::start("u2").await,
+    ];
+    let f = start().await;
+    f.consul
+        .register("api-0", "api", ups[0].addr, &["prod"])
+        .await;
+    wait_serving(&f, &["u0"]).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut load = Vec::new();
+    for _ in 0..3 {
+        let (stop, ok, failed, http) = (stop.clone(), ok.clone(), failed.clone(), f.http);
+        load.push(tokio::spawn(async move {
+            let c = plain();
+            let end = Instant::now() + Duration::from_secs(60);
+            while !stop.load(Ordering::SeqCst) && Instant::now() < end {
+                match who(&c, http).await {
+                    Ok(_) => ok.fetch_add(1, Ordering::SeqCst),
+                    Err(e) => {
+                        eprintln!("failed: {e}");
+                        failed.fetch_add(1, Ordering::SeqCst)
+                    }
+                };
+            }
+        }));
+    }
+    // instances come and go; one always stays registered
+    for round in 0..3 {
+        f.consul
+            .register("api-1", "api", ups[1].addr, &["prod"])
+            .await;
+        f.consul
+            .register("api-2", "api", ups[2].addr, &["prod"])
+            .await;
+        // re-registering keeps a check's state: pass it again explicitly
+        f.consul.set_check("api-2", true).await;
+        wait_serving(&f, &["u0", "u1", "u2"]).await;
+        f.consul.deregister("api-1").await;
+        f.consul.set_check("api-2", false).await;
+        wait_serving(&f, &["u0"]).await;
+        eprintln!("round {round} done");
+    }
+    stop.store(true, Ordering::SeqCst);
+    for t in load {
+        t.await.unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
+    eprintln!("instance changes under load: {ok} requests, {failed} failed");
+    assert!(ok > 100);
+    assert_eq!(failed, 0);
+}
+
+#[tokio::test]
+async fn consul_dying_keeps_the_last_known_pools_and_a_fresh_consul_takes_over() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let mut f = start().await;
+    f.consul.register("api-a", "api", a.addr, &["prod"]).await;
+    wait_serving(&f, &["a"]).await;
+    f.consul.kill().await;
+    // Consul is gone: the watch fails and the pool keeps serving what it had.
+    wait_for("the watch to notice", Duration::from_secs(10), || async {
+        f.tg.log_text().contains("Consul watch failed")
+    })
+    .await;
+    let c = plain();
+    for _ in 0..50 {
+        assert_eq!(
+            who(&c, f.http).await.unwrap(),
+            "a",
+            "the last known pool must keep serving"
+        );
+    }
+    // A fresh agent on the same address: its state (and index) start over.
+    let dir: &Path = f.dir.path();
+    let dir = dir.to_path_buf();
+    f.consul.restart(&dir).await;
+    f.consul.register("api-b", "api", b.addr, &["prod"]).await;
+    wait_serving(&f, &["b"]).await;
+    assert!(f.tg.log_text().contains("Consul answers again"));
+}
