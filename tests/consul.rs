@@ -244,3 +244,73 @@ async fn consul_dying_keeps_the_last_known_pools_and_a_fresh_consul_takes_over()
     wait_serving(&f, &["b"]).await;
     assert!(f.tg.log_text().contains("Consul answers again"));
 }
+
+#[tokio::test]
+async fn the_guard_never_empties_a_pool_unless_every_instance_is_critical() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let f = start().await;
+    f.consul.register("api-a", "api", a.addr, &["prod"]).await;
+    wait_serving(&f, &["a"]).await;
+    // The only instance disappears from Consul entirely: suspicious news, not applied.
+    f.consul.deregister("api-a").await;
+    wait_for(
+        "the guard to refuse the empty answer",
+        Duration::from_secs(10),
+        || async {
+            f.tg.log_text()
+                .contains("GUARD: Consul answered with no instance at all")
+        },
+    )
+    .await;
+    let c = plain();
+    for _ in 0..20 {
+        assert_eq!(who(&c, f.http).await.unwrap(), "a");
+    }
+    // A real outage: the instance exists and its check is critical. The pool empties.
+    f.consul.register("api-b", "api", b.addr, &["prod"]).await;
+    wait_serving(&f, &["b"]).await;
+    f.consul.set_check("api-b", false).await;
+    wait_for(
+        "the pool to empty on an all-critical service",
+        Duration::from_secs(10),
+        || {
+            let c = c.clone();
+            let http = f.http;
+            async move { who(&c, http).await.is_err_and(|e| e.starts_with("503")) }
+        },
+    )
+    .await;
+    assert!(f.tg.log_text().contains("every instance is critical"));
+}
+
+#[tokio::test]
+async fn a_restart_while_consul_is_down_serves_the_last_known_pools() {
+    let a = Upstream::start("a").await;
+    let mut f = start().await;
+    f.consul.register("api-a", "api", a.addr, &["prod"]).await;
+    wait_serving(&f, &["a"]).await;
+    let state = f.dir.path().join("tollgate-consul-state.json");
+    wait_for("the view to be saved", Duration::from_secs(5), || async {
+        std::fs::read_to_string(&state).is_ok_and(|s| s.contains(&a.addr.port().to_string()))
+    })
+    .await;
+    f.consul.kill().await;
+    let _ = f.tg.child.kill();
+    let _ = f.tg.child.wait();
+    // tollgate comes back while Consul is still dead
+    let mut tg = Tollgate::start(&f._path);
+    tg.ready(f.http).await;
+    let c = plain();
+    for _ in 0..20 {
+        assert_eq!(
+            who(&c, f.http).await.unwrap(),
+            "a",
+            "the saved view must serve"
+        );
+    }
+    assert!(tg
+        .log_text()
+        .contains("serving the last known Consul view until Consul answers"));
+    f.tg = tg;
+}

@@ -90,6 +90,8 @@ pub struct Metrics {
     pools: Mutex<BTreeMap<String, Arc<PoolMetrics>>>,
     pub reloads_ok: AtomicU64,
     pub consul_errors: AtomicU64,
+    /// Answers the guard refused to apply (a pool would have emptied).
+    pub consul_guarded: AtomicU64,
     /// From a Consul answer to the Snapshot that uses it being live.
     pub convergence: Histogram,
     pub reloads_failed: AtomicU64,
@@ -173,6 +175,17 @@ impl Metrics {
             out,
             "tollgate_consul_errors_total {}",
             self.consul_errors.load(Relaxed)
+        );
+        family(
+            out,
+            "tollgate_consul_guarded_total",
+            "counter",
+            "Consul answers the guard refused (a pool would have emptied).",
+        );
+        let _ = writeln!(
+            out,
+            "tollgate_consul_guarded_total {}",
+            self.consul_guarded.load(Relaxed)
         );
         family(
             out,

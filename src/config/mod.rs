@@ -82,10 +82,14 @@ pub struct ConsulSettings {
     /// Quiet time after a change before rebuilding, and the longest a burst can delay it.
     pub quiescence_min: Duration,
     pub quiescence_max: Duration,
+    /// Where the last applied view is kept, so a restart while Consul is down still serves.
+    pub state_file: Option<PathBuf>,
 }
 
 /// A pool's backends from Consul: the passing instances of a service.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct ServiceKey {
     pub service: String,
     pub tags: Vec<String>,
@@ -172,7 +176,7 @@ pub enum Balance {
     PowerOfTwo,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BackendSpec {
     pub address: SocketAddr,
     pub weight: u32,

@@ -75,6 +75,7 @@ pub struct RawConsul {
     pub cached: Option<bool>,
     pub quiescence_min: Option<S<String>>,
     pub quiescence_max: Option<S<String>>,
+    pub state_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

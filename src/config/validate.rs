@@ -414,6 +414,11 @@ fn consul(cx: &mut Ctx, raw: &super::raw::RawConsul) -> ConsulSettings {
         cached: raw.cached.unwrap_or(true),
         quiescence_min,
         quiescence_max,
+        state_file: match raw.state_file.as_deref() {
+            Some("") => None,
+            Some(p) => Some(cx.path(p)),
+            None => Some(cx.path("tollgate-consul-state.json")),
+        },
     }
 }
 

@@ -265,6 +265,25 @@ async fn query(
     Ok((next_index(index, answered), backends))
 }
 
+/// Does Consul know any instance of the service, whatever its health? (A plain read.)
+async fn instances_exist(
+    http: &reqwest::Client,
+    s: &ConsulSettings,
+    key: &ServiceKey,
+) -> Result<bool, String> {
+    let probe = ServiceKey {
+        passing: false,
+        ..key.clone()
+    };
+    let quick = ConsulSettings {
+        wait: Duration::from_secs(1),
+        ..s.clone()
+    };
+    // index 1 answers at once whenever the service's index is past 1
+    let (_, all) = query(http, &quick, &probe, 1).await?;
+    Ok(!all.is_empty())
+}
+
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
@@ -303,6 +322,26 @@ async fn watch(settings: ConsulSettings, key: ServiceKey, tx: mpsc::Sender<Updat
                 }
                 failures = 0;
                 index = next;
+                // The guard: a pool never goes from N > 0 to empty unless Consul confirms the
+                // service exists and every instance is critical.
+                let had = last.as_ref().map(Vec::len).unwrap_or(0);
+                if backends.is_empty() && had > 0 {
+                    let critical = key.passing
+                        && matches!(instances_exist(&http, &settings, &key).await, Ok(true));
+                    if critical {
+                        tracing::warn!(service = %key, "every instance is critical: the pool is now empty and answers 503");
+                    } else {
+                        tracing::error!(
+                            service = %key,
+                            kept = had,
+                            "GUARD: Consul answered with no instance at all; keeping the last known backends rather than emptying the pool"
+                        );
+                        crate::admin::metrics::metrics()
+                            .consul_guarded
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        continue;
+                    }
+                }
                 if last.as_ref() != Some(&backends) {
                     last = Some(backends.clone());
                     let view = ServiceView {
@@ -431,8 +470,14 @@ impl Manager {
             tracing::info!(service = %u.key, backends = u.view.backends.len(), index = u.view.index, "Consul change");
             view.services.insert(u.key.clone(), u.view.clone());
         }
+        let file = self.state.snapshot().config.consul.state_file.clone();
         match self.state.apply_view(view) {
             Ok(generation) => {
+                if let Some(f) = file {
+                    if let Err(e) = self.state.view().save(&f) {
+                        tracing::warn!(file = %f.display(), error = %e, "cannot save the Consul view; a restart while Consul is down would start with empty Consul pools");
+                    }
+                }
                 let took = oldest.elapsed();
                 crate::admin::metrics::metrics().convergence.observe(took);
                 tracing::info!(

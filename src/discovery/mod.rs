@@ -7,9 +7,10 @@ pub mod consul;
 
 use crate::config::{BackendSpec, ServiceKey};
 use std::collections::BTreeMap;
+use std::path::Path;
 
 /// What Consul last said about one service.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ServiceView {
     pub backends: Vec<BackendSpec>,
     /// `X-Consul-Index` of the answer.
@@ -27,4 +28,35 @@ impl View {
     pub fn backends(&self, key: &ServiceKey) -> Option<&[BackendSpec]> {
         self.services.get(key).map(|s| s.backends.as_slice())
     }
+
+    /// Write the view to `path` atomically (temporary file, then rename).
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        let entries: Vec<SavedService> = self
+            .services
+            .iter()
+            .map(|(k, v)| SavedService {
+                key: k.clone(),
+                view: v.clone(),
+            })
+            .collect();
+        let text = serde_json::to_vec_pretty(&entries).map_err(std::io::Error::other)?;
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, path)
+    }
+
+    pub fn load(path: &Path) -> Result<View, String> {
+        let text = std::fs::read(path).map_err(|e| e.to_string())?;
+        let entries: Vec<SavedService> = serde_json::from_slice(&text)
+            .map_err(|e| format!("{} is not a saved view: {e}", path.display()))?;
+        Ok(View {
+            services: entries.into_iter().map(|s| (s.key, s.view)).collect(),
+        })
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedService {
+    key: ServiceKey,
+    view: ServiceView,
 }

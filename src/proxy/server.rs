@@ -19,6 +19,42 @@ use pingora::services::listening::Service;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Start Consul pools from the last applied view (if saved), so a restart while Consul is
+/// down keeps serving; the watches replace it as soon as Consul answers.
+fn restore_consul_view(state: &State) {
+    let snap = state.snapshot();
+    let Some(file) = snap.config.consul.state_file.clone() else {
+        return;
+    };
+    if !snap.config.pools.values().any(|p| p.consul.is_some()) || !file.exists() {
+        return;
+    }
+    match crate::discovery::View::load(&file) {
+        Ok(view) => {
+            let age = std::fs::metadata(&file)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let services = view.services.len();
+            match state.apply_view(view) {
+                Ok(_) => tracing::warn!(
+                    file = %file.display(),
+                    age_seconds = age,
+                    services,
+                    "serving the last known Consul view until Consul answers"
+                ),
+                Err(e) => tracing::error!(
+                    "the saved Consul view cannot be used: {}",
+                    e.to_string().trim_end()
+                ),
+            }
+        }
+        Err(e) => tracing::error!(file = %file.display(), "ignoring the saved Consul view: {e}"),
+    }
+}
+
 struct NoTlsCallbacks;
 
 #[async_trait]
@@ -67,6 +103,7 @@ fn check_listeners(cfg: &Config) -> anyhow::Result<()> {
 /// is then sent SIGQUIT) instead of being bound: see docs/operations.md.
 pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
     let state = Arc::new(State::new(config).map_err(|e| anyhow::anyhow!("{e}"))?);
+    restore_consul_view(&state);
     let snap = state.snapshot();
     let cfg = &snap.config;
     if !upgrade {
