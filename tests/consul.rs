@@ -314,3 +314,106 @@ async fn a_restart_while_consul_is_down_serves_the_last_known_pools() {
         .contains("serving the last known Consul view until Consul answers"));
     f.tg = tg;
 }
+
+/// tollgate in front of `consul` with `token` in its [consul] section.
+async fn start_with(consul: &ConsulAgent, dir: &Path, token: &str) -> (Tollgate, SocketAddr, u16) {
+    let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let admin = free_port();
+    let path = dir.join(format!("tollgate-{}.toml", http.port()));
+    write(
+        &path,
+        &format!(
+            "[admin]\naddress = \"127.0.0.1:{admin}\"\n\n[consul]\naddress = \"http://{}\"\ntoken = \"{token}\"\nwait = \"30s\"\nstate_file = \"\"\n\n\
+             [[listener]]\naddress = \"{http}\"\n\n[[vhost]]\nnames = [\"a.test\"]\n[[vhost.route]]\npath = \"/\"\npool = \"api\"\n\n\
+             [pool.api]\nconsul = {{ service = \"api\" }}\n",
+            consul.http
+        ),
+    );
+    let mut tg = Tollgate::start(&path);
+    tg.ready(http).await;
+    (tg, http, admin)
+}
+
+#[tokio::test]
+async fn an_acl_agent_serves_with_the_right_token_and_a_wrong_token_is_a_clear_error() {
+    let a = Upstream::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let consul = ConsulAgent::start_with_acl(dir.path(), "root-token-for-tests").await;
+    consul.register("api-a", "api", a.addr, &[]).await;
+
+    let (good, http, admin) = start_with(&consul, dir.path(), "root-token-for-tests").await;
+    let c = plain();
+    wait_for(
+        "routing with the right token",
+        Duration::from_secs(15),
+        || {
+            let c = c.clone();
+            async move { who(&c, http).await.as_deref() == Ok("a") }
+        },
+    )
+    .await;
+    // /status shows the watch, healthy and fresh; /pools names the Consul index
+    let status: Value = c
+        .get(format!("http://127.0.0.1:{admin}/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let w = &status["consul"]["watches"][0];
+    assert_eq!(status["consul"]["configured"], true);
+    assert_eq!(w["service"], "api");
+    assert_eq!(w["healthy"], true);
+    assert!(w["stale_seconds"].as_u64().unwrap() < 60);
+    let pools: Value = c
+        .get(format!("http://127.0.0.1:{admin}/pools"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let src = pools[0]["source"].as_str().unwrap();
+    assert!(src.starts_with("consul service api at index "), "{src}");
+    let metrics = c
+        .get(format!("http://127.0.0.1:{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("tollgate_consul_watch_staleness_seconds{service=\"api\"}"));
+    drop(good);
+
+    let (bad, http, admin) = start_with(&consul, dir.path(), "not-a-token").await;
+    wait_for(
+        "the wrong token to be reported",
+        Duration::from_secs(15),
+        || async {
+            bad.log_text()
+                .contains("403 Forbidden: the Consul token cannot read service `api`")
+        },
+    )
+    .await;
+    let err = who(&c, http).await.unwrap_err();
+    assert!(
+        err.starts_with("503") && err.contains("no passing instance"),
+        "{err}"
+    );
+    let status: Value = c
+        .get(format!("http://127.0.0.1:{admin}/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let w = &status["consul"]["watches"][0];
+    assert_eq!(w["healthy"], false);
+    assert!(
+        w["last_error"].as_str().unwrap().contains("403 Forbidden"),
+        "{w}"
+    );
+}

@@ -38,8 +38,37 @@ pub(super) fn status(state: &State, snap: &Snapshot) -> Value {
         "vhosts": snap.config.vhosts.len(),
         "pools": snap.pools.len(),
         // Sources and subsystems not built yet report themselves as such.
-        "consul": { "configured": false },
+        "consul": consul_status(snap),
         "failover": { "configured": false, "state": "standalone" },
+    })
+}
+
+fn consul_status(snap: &Snapshot) -> Value {
+    let configured = snap.config.pools.values().any(|p| p.consul.is_some());
+    if !configured {
+        return json!({ "configured": false });
+    }
+    let now = unix_now() as u64;
+    let watches: Vec<Value> = crate::discovery::consul::watch_health()
+        .into_iter()
+        .map(|h| {
+            json!({
+                "service": h.service,
+                "healthy": h.consecutive_failures == 0 && h.last_success_unix > 0,
+                "index": h.index,
+                "last_success_unix": h.last_success_unix,
+                "stale_seconds": if h.last_success_unix == 0 { Value::Null } else { json!(now.saturating_sub(h.last_success_unix)) },
+                "consecutive_failures": h.consecutive_failures,
+                "last_error": h.last_error,
+            })
+        })
+        .collect();
+    json!({
+        "configured": true,
+        "address": snap.config.consul.address,
+        "errors_total": metrics().consul_errors.load(Relaxed),
+        "guarded_total": metrics().consul_guarded.load(Relaxed),
+        "watches": watches,
     })
 }
 
@@ -95,7 +124,13 @@ fn balance(b: Balance) -> &'static str {
 fn pool_json(pool: &Pool) -> Value {
     json!({
         "name": pool.name,
-        "source": "file",
+        "source": match &pool.spec.consul {
+            Some(key) => match crate::discovery::consul::watch_index(key) {
+                Some(i) => format!("consul service {key} at index {i}"),
+                None => format!("consul service {key} (no answer yet)"),
+            },
+            None => "file".to_string(),
+        },
         "balance": balance(pool.spec.balance),
         "retries": pool.spec.retries,
         "max_fails": pool.spec.health.max_fails,
@@ -321,6 +356,23 @@ pub(super) fn metrics_text(state: &State, snap: &Snapshot) -> String {
             esc(&c.source.display().to_string()),
             c.not_after
         );
+    }
+    family(
+        &mut out,
+        "tollgate_consul_watch_staleness_seconds",
+        "gauge",
+        "Seconds since Consul last answered the watch successfully (how stale its pool may be).",
+    );
+    let now = unix_now() as u64;
+    for h in crate::discovery::consul::watch_health() {
+        if h.last_success_unix > 0 {
+            let _ = writeln!(
+                out,
+                "tollgate_consul_watch_staleness_seconds{{service=\"{}\"}} {}",
+                esc(&h.service),
+                now.saturating_sub(h.last_success_unix)
+            );
+        }
     }
     m.render_requests(&mut out);
     out

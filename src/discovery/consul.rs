@@ -138,6 +138,51 @@ impl TokenBucket {
     }
 }
 
+/// How one watch is doing, for `/status` and `/metrics`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct WatchHealth {
+    pub service: String,
+    /// When Consul last answered this watch successfully (0: never).
+    pub last_success_unix: u64,
+    pub consecutive_failures: u32,
+    pub last_error: Option<String>,
+    pub index: u64,
+}
+
+fn health_table() -> &'static std::sync::Mutex<BTreeMap<ServiceKey, WatchHealth>> {
+    static T: std::sync::OnceLock<std::sync::Mutex<BTreeMap<ServiceKey, WatchHealth>>> =
+        std::sync::OnceLock::new();
+    T.get_or_init(Default::default)
+}
+
+/// The index of the last successful answer of the watch for `key`.
+pub fn watch_index(key: &ServiceKey) -> Option<u64> {
+    health_table()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(key)
+        .map(|h| h.index)
+}
+
+/// The health of every running watch.
+pub fn watch_health() -> Vec<WatchHealth> {
+    health_table()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .values()
+        .cloned()
+        .collect()
+}
+
+fn note_health(key: &ServiceKey, f: impl FnOnce(&mut WatchHealth)) {
+    let mut t = health_table().lock().unwrap_or_else(|e| e.into_inner());
+    let h = t.entry(key.clone()).or_insert_with(|| WatchHealth {
+        service: key.to_string(),
+        ..Default::default()
+    });
+    f(h);
+}
+
 /// A change seen by one watch.
 #[derive(Debug)]
 struct Update {
@@ -322,6 +367,12 @@ async fn watch(settings: ConsulSettings, key: ServiceKey, tx: mpsc::Sender<Updat
                 }
                 failures = 0;
                 index = next;
+                note_health(&key, |h| {
+                    h.last_success_unix = unix_now();
+                    h.consecutive_failures = 0;
+                    h.last_error = None;
+                    h.index = next;
+                });
                 // The guard: a pool never goes from N > 0 to empty unless Consul confirms the
                 // service exists and every instance is critical.
                 let had = last.as_ref().map(Vec::len).unwrap_or(0);
@@ -364,6 +415,10 @@ async fn watch(settings: ConsulSettings, key: ServiceKey, tx: mpsc::Sender<Updat
             }
             Err(e) => {
                 failures += 1;
+                note_health(&key, |h| {
+                    h.consecutive_failures = failures;
+                    h.last_error = Some(e.clone());
+                });
                 // the last known backends keep serving; start over from a full read
                 index = 1;
                 let wait = backoff(
@@ -423,6 +478,10 @@ impl Manager {
                 let keep = keys.contains(k);
                 if !keep {
                     h.abort();
+                    health_table()
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(k);
                 }
                 keep
             });

@@ -364,6 +364,8 @@ pub struct ConsulAgent {
     pub http: SocketAddr,
     ports: [u16; 3],
     log: PathBuf,
+    /// With ACLs on: the master token (used for registrations).
+    pub master_token: Option<String>,
 }
 
 pub fn consul_bin() -> String {
@@ -385,10 +387,22 @@ impl ConsulAgent {
     pub async fn start(dir: &Path) -> ConsulAgent {
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let ports = [free_port(), free_port(), free_port()];
-        Self::spawn(dir, http, ports).await
+        Self::spawn(dir, http, ports, None).await
     }
 
-    async fn spawn(dir: &Path, http: SocketAddr, ports: [u16; 3]) -> ConsulAgent {
+    /// An agent with ACLs on, default deny, and `master` as the master token.
+    pub async fn start_with_acl(dir: &Path, master: &str) -> ConsulAgent {
+        let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let ports = [free_port(), free_port(), free_port()];
+        Self::spawn(dir, http, ports, Some(master.to_string())).await
+    }
+
+    async fn spawn(
+        dir: &Path,
+        http: SocketAddr,
+        ports: [u16; 3],
+        master_token: Option<String>,
+    ) -> ConsulAgent {
         let log = dir.join(format!("consul-{}.log", http.port()));
         let child = Command::new(consul_bin())
             .args([
@@ -408,6 +422,12 @@ impl ConsulAgent {
             .args(["-serf-wan-port", &ports[1].to_string()])
             .args(["-server-port", &ports[2].to_string()])
             .arg("-log-level=warn")
+            .args(master_token.iter().flat_map(|t| {
+                [
+                    "-hcl".to_string(),
+                    format!("acl {{ enabled = true default_policy = \"deny\" tokens {{ master = \"{t}\" agent = \"{t}\" }} }}"),
+                ]
+            }))
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(Stdio::null())
             .spawn()
@@ -417,6 +437,7 @@ impl ConsulAgent {
             http,
             ports,
             log,
+            master_token,
         };
         let c = reqwest::Client::new();
         let url = format!("http://{http}/v1/status/leader");
@@ -445,7 +466,7 @@ impl ConsulAgent {
 
     pub async fn restart(&mut self, dir: &Path) {
         self.kill().await;
-        *self = Self::spawn(dir, self.http, self.ports).await;
+        *self = Self::spawn(dir, self.http, self.ports, self.master_token.clone()).await;
     }
 
     pub fn log_text(&self) -> String {
@@ -455,6 +476,9 @@ impl ConsulAgent {
     async fn put(&self, path: &str, body: Option<serde_json::Value>) {
         let c = reqwest::Client::new();
         let mut r = c.put(format!("http://{}{path}", self.http));
+        if let Some(t) = &self.master_token {
+            r = r.header("X-Consul-Token", t);
+        }
         if let Some(b) = body {
             r = r.json(&b);
         }
