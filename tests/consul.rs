@@ -417,3 +417,162 @@ async fn an_acl_agent_serves_with_the_right_token_and_a_wrong_token_is_a_clear_e
         "{w}"
     );
 }
+
+/// CPU seconds (user + system) the process has used, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // fields 14 and 15 of the file (utime, stime), counted after the command name
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+#[tokio::test]
+async fn five_hundred_services_of_four_instances_are_all_routed_and_tollgate_idles() {
+    const SERVICES: usize = 500;
+    let ups = [
+        Upstream::start("u0").await,
+        Upstream::start("u1").await,
+        Upstream::start("u2").await,
+        Upstream::start("u3").await,
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let consul = ConsulAgent::start(dir.path()).await;
+    // 2000 registrations, 32 at a time
+    let sem = Arc::new(tokio::sync::Semaphore::new(32));
+    let consul_http = consul.http;
+    let mut regs = tokio::task::JoinSet::new();
+    let client = reqwest::Client::new();
+    for s in 0..SERVICES {
+        for (k, up) in ups.iter().enumerate() {
+            let (sem, client, addr) = (sem.clone(), client.clone(), up.addr);
+            regs.spawn(async move {
+                let _p = sem.acquire_owned().await;
+                let body = serde_json::json!({
+                    "ID": format!("svc{s}-{k}"), "Name": format!("svc{s}"),
+                    "Address": "127.0.0.1", "Port": addr.port(),
+                    "Check": { "CheckID": format!("check-svc{s}-{k}"), "TTL": "10m", "Status": "passing" },
+                });
+                let r = client
+                    .put(format!("http://{consul_http}/v1/agent/service/register"))
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(r.status().is_success());
+            });
+        }
+    }
+    while let Some(r) = regs.join_next().await {
+        r.unwrap();
+    }
+
+    let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut cfg = format!(
+        "[admin]\nenabled = false\n\n[consul]\naddress = \"http://{}\"\nwait = \"30s\"\n\n\
+         [[listener]]\naddress = \"{http}\"\n\n[[vhost]]\nnames = [\"a.test\"]\n",
+        consul.http
+    );
+    for s in 0..SERVICES {
+        cfg.push_str(&format!(
+            "[[vhost.route]]\npath = \"/s{s}\"\npool = \"p{s}\"\n"
+        ));
+    }
+    for s in 0..SERVICES {
+        cfg.push_str(&format!(
+            "[pool.p{s}]\nconsul = {{ service = \"svc{s}\" }}\n"
+        ));
+    }
+    let path = dir.path().join("tollgate.toml");
+    write(&path, &cfg);
+    let started = Instant::now();
+    let mut tg = Tollgate::start(&path);
+    tg.ready(http).await;
+    let c = plain();
+    // every route answers from its pool
+    let mut pending: Vec<usize> = (0..SERVICES).collect();
+    let end = Instant::now() + Duration::from_secs(60);
+    while !pending.is_empty() {
+        assert!(
+            Instant::now() < end,
+            "{} services never routed",
+            pending.len()
+        );
+        let mut still = Vec::new();
+        for s in pending {
+            let r = c
+                .get(format!("http://{http}/s{s}"))
+                .header("host", "a.test")
+                .send()
+                .await;
+            if !r.is_ok_and(|r| r.status() == 200) {
+                still.push(s);
+            }
+        }
+        pending = still;
+        if !pending.is_empty() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    eprintln!(
+        "{SERVICES} services x 4 instances routed {:?} after start",
+        started.elapsed()
+    );
+    assert!(tg
+        .log_text()
+        .contains("watching changes through /v1/health/state/any"));
+
+    // idle between changes: no busy polling
+    let pid = tg.child.id();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (cpu0, t0) = (cpu_seconds(pid), Instant::now());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let used = cpu_seconds(pid) - cpu0;
+    let share = used / t0.elapsed().as_secs_f64();
+    eprintln!(
+        "tollgate CPU while nothing changes: {used:.3}s over 3s ({:.1}% of a core)",
+        share * 100.0
+    );
+    assert!(
+        share < 0.05,
+        "tollgate used {:.1}% of a core with nothing changing",
+        share * 100.0
+    );
+
+    // a change still converges on the fallback path
+    let r = client
+        .put(format!(
+            "http://{}/v1/agent/service/deregister/svc7-0",
+            consul.http
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    wait_for(
+        "svc7 to lose its instance on u0",
+        Duration::from_secs(15),
+        || {
+            let c = c.clone();
+            async move {
+                let mut set = BTreeSet::new();
+                for _ in 0..12 {
+                    if let Ok(r) = c
+                        .get(format!("http://{http}/s7"))
+                        .header("host", "a.test")
+                        .send()
+                        .await
+                    {
+                        if let Ok(j) = r.json::<Value>().await {
+                            set.insert(j["upstream"].as_str().unwrap_or_default().to_string());
+                        }
+                    }
+                }
+                set == BTreeSet::from(["u1".to_string(), "u2".to_string(), "u3".to_string()])
+            }
+        },
+    )
+    .await;
+    let _ = tg.child.kill();
+}

@@ -84,6 +84,9 @@ pub struct ConsulSettings {
     pub quiescence_max: Duration,
     /// Where the last applied view is kept, so a restart while Consul is down still serves.
     pub state_file: Option<PathBuf>,
+    /// Above this many watched services, the per-service blocking queries give way to the
+    /// fallback (two blocking queries in all); Consul allows 200 connections per client.
+    pub max_blocking: usize,
 }
 
 /// A pool's backends from Consul: the passing instances of a service.

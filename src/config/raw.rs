@@ -76,6 +76,7 @@ pub struct RawConsul {
     pub quiescence_min: Option<S<String>>,
     pub quiescence_max: Option<S<String>>,
     pub state_file: Option<String>,
+    pub max_blocking: Option<S<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

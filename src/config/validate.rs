@@ -414,6 +414,7 @@ fn consul(cx: &mut Ctx, raw: &super::raw::RawConsul) -> ConsulSettings {
         cached: raw.cached.unwrap_or(true),
         quiescence_min,
         quiescence_max,
+        max_blocking: cx.int(&raw.max_blocking, "consul.max_blocking", 128, 0, 190) as usize,
         state_file: match raw.state_file.as_deref() {
             Some("") => None,
             Some(p) => Some(cx.path(p)),

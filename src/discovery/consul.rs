@@ -340,6 +340,78 @@ fn urlencode(s: &str) -> String {
         .collect()
 }
 
+/// What to do with a successful answer: note the watch's health, apply the guard, and
+/// send the change (if any). `Err` when the manager has gone away.
+async fn on_answer(
+    http: &reqwest::Client,
+    settings: &ConsulSettings,
+    key: &ServiceKey,
+    index: u64,
+    backends: Vec<BackendSpec>,
+    last: &mut Option<Vec<BackendSpec>>,
+    tx: &mpsc::Sender<Update>,
+) -> Result<(), ()> {
+    note_health(key, |h| {
+        h.last_success_unix = unix_now();
+        h.consecutive_failures = 0;
+        h.last_error = None;
+        h.index = index;
+    });
+    // The guard: a pool never goes from N > 0 to empty unless Consul confirms the service
+    // exists and every instance is critical.
+    let had = last.as_ref().map(Vec::len).unwrap_or(0);
+    if backends.is_empty() && had > 0 {
+        let critical =
+            key.passing && matches!(instances_exist(http, settings, key).await, Ok(true));
+        if critical {
+            tracing::warn!(service = %key, "every instance is critical: the pool is now empty and answers 503");
+        } else {
+            tracing::error!(
+                service = %key,
+                kept = had,
+                "GUARD: Consul answered with no instance at all; keeping the last known backends rather than emptying the pool"
+            );
+            crate::admin::metrics::metrics()
+                .consul_guarded
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Ok(());
+        }
+    }
+    if last.as_ref() == Some(&backends) {
+        return Ok(());
+    }
+    *last = Some(backends.clone());
+    let update = Update {
+        key: key.clone(),
+        view: ServiceView {
+            backends,
+            index,
+            updated_unix: unix_now(),
+        },
+        received: Instant::now(),
+    };
+    tx.send(update).await.map_err(|_| ())
+}
+
+/// Note a failed query; the last known backends keep serving. Returns how long to back off.
+fn on_error(key: &ServiceKey, failures: u32, e: &str) -> Duration {
+    note_health(key, |h| {
+        h.consecutive_failures = failures;
+        h.last_error = Some(e.to_string());
+    });
+    let wait = backoff(
+        failures,
+        Duration::from_millis(200),
+        Duration::from_secs(30),
+        fastrand::f64(),
+    );
+    tracing::warn!(service = %key, error = %e, retry_in_ms = wait.as_millis() as u64, "Consul watch failed; serving the last known backends");
+    crate::admin::metrics::metrics()
+        .consul_errors
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    wait
+}
+
 /// Watch one service until the task is aborted; send every change.
 async fn watch(settings: ConsulSettings, key: ServiceKey, tx: mpsc::Sender<Update>) {
     let http = match client(&settings) {
@@ -367,72 +439,127 @@ async fn watch(settings: ConsulSettings, key: ServiceKey, tx: mpsc::Sender<Updat
                 }
                 failures = 0;
                 index = next;
-                note_health(&key, |h| {
-                    h.last_success_unix = unix_now();
-                    h.consecutive_failures = 0;
-                    h.last_error = None;
-                    h.index = next;
-                });
-                // The guard: a pool never goes from N > 0 to empty unless Consul confirms the
-                // service exists and every instance is critical.
-                let had = last.as_ref().map(Vec::len).unwrap_or(0);
-                if backends.is_empty() && had > 0 {
-                    let critical = key.passing
-                        && matches!(instances_exist(&http, &settings, &key).await, Ok(true));
-                    if critical {
-                        tracing::warn!(service = %key, "every instance is critical: the pool is now empty and answers 503");
-                    } else {
-                        tracing::error!(
-                            service = %key,
-                            kept = had,
-                            "GUARD: Consul answered with no instance at all; keeping the last known backends rather than emptying the pool"
-                        );
-                        crate::admin::metrics::metrics()
-                            .consul_guarded
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        continue;
-                    }
+                if on_answer(&http, &settings, &key, index, backends, &mut last, &tx)
+                    .await
+                    .is_err()
+                {
+                    return;
                 }
-                if last.as_ref() != Some(&backends) {
-                    last = Some(backends.clone());
-                    let view = ServiceView {
-                        backends,
-                        index,
-                        updated_unix: unix_now(),
-                    };
-                    if tx
-                        .send(Update {
-                            key: key.clone(),
-                            view,
-                            received: Instant::now(),
-                        })
+            }
+            Err(e) => {
+                failures += 1;
+                // start over from a full read
+                index = 1;
+                tokio::time::sleep(on_error(&key, failures, &e)).await;
+            }
+        }
+    }
+}
+
+/// One blocking query on an endpoint whose index moves with any change of its kind.
+async fn block_on(
+    http: &reqwest::Client,
+    s: &ConsulSettings,
+    path: &str,
+    index: u64,
+) -> Result<u64, String> {
+    let mut url = format!(
+        "{}{path}?index={index}&wait={}s",
+        s.address,
+        s.wait.as_secs()
+    );
+    if let Some(dc) = &s.datacenter {
+        url.push_str(&format!("&dc={}", urlencode(dc)));
+    }
+    if s.stale {
+        url.push_str("&stale");
+    }
+    let mut req = http
+        .get(&url)
+        .timeout(s.wait + s.wait / 16 + Duration::from_secs(5));
+    if let Some(t) = token(s) {
+        req = req.header("X-Consul-Token", t);
+    }
+    let resp = req.send().await.map_err(|e| e.to_string())?;
+    if !resp.status().is_success() {
+        return Err(format!("{path}: {}", resp.status()));
+    }
+    let answered = resp
+        .headers()
+        .get("x-consul-index")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    // drain the body so the connection can be reused
+    let _ = resp.bytes().await;
+    Ok(next_index(index, answered))
+}
+
+/// The fallback beyond `max_blocking` services: two blocking watches in all, on
+/// `/v1/health/state/any` (any check changes) and `/v1/catalog/services` (any registration
+/// or tag change); when either moves, every watched service is read once (16 at a time).
+async fn watch_all(settings: ConsulSettings, keys: Vec<ServiceKey>, tx: mpsc::Sender<Update>) {
+    let http = match client(&settings) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("{e}");
+            return;
+        }
+    };
+    tracing::info!(
+        services = keys.len(),
+        max_blocking = settings.max_blocking,
+        "more Consul services than blocking queries allowed: watching changes through /v1/health/state/any and /v1/catalog/services"
+    );
+    let mut last: BTreeMap<ServiceKey, Option<Vec<BackendSpec>>> =
+        keys.iter().map(|k| (k.clone(), None)).collect();
+    let mut failures: BTreeMap<ServiceKey, u32> = BTreeMap::new();
+    let (mut health_index, mut catalog_index) = (1u64, 1u64);
+    let mut bucket = TokenBucket::new(2.0, 4.0, Instant::now());
+    let limit = Arc::new(tokio::sync::Semaphore::new(16));
+    loop {
+        let delay = bucket.take(Instant::now());
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        // read every service once
+        let mut reads = tokio::task::JoinSet::new();
+        for k in &keys {
+            let (http, s, k, limit) = (http.clone(), settings.clone(), k.clone(), limit.clone());
+            reads.spawn(async move {
+                let _permit = limit.acquire_owned().await;
+                let r = query(&http, &s, &k, 0).await;
+                (k, r)
+            });
+        }
+        while let Some(Ok((k, r))) = reads.join_next().await {
+            match r {
+                Ok((index, backends)) => {
+                    failures.remove(&k);
+                    let slot = last.entry(k.clone()).or_default();
+                    if on_answer(&http, &settings, &k, index, backends, slot, &tx)
                         .await
                         .is_err()
                     {
                         return;
                     }
                 }
+                Err(e) => {
+                    let f = failures.entry(k.clone()).or_default();
+                    *f += 1;
+                    on_error(&k, *f, &e);
+                }
             }
-            Err(e) => {
-                failures += 1;
-                note_health(&key, |h| {
-                    h.consecutive_failures = failures;
-                    h.last_error = Some(e.clone());
-                });
-                // the last known backends keep serving; start over from a full read
-                index = 1;
-                let wait = backoff(
-                    failures,
-                    Duration::from_millis(200),
-                    Duration::from_secs(30),
-                    fastrand::f64(),
-                );
-                tracing::warn!(service = %key, error = %e, retry_in_ms = wait.as_millis() as u64, "Consul watch failed; serving the last known backends");
-                crate::admin::metrics::metrics()
-                    .consul_errors
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tokio::time::sleep(wait).await;
-            }
+        }
+        // then wait for the next change anywhere
+        tokio::select! {
+            r = block_on(&http, &settings, "/v1/health/state/any", health_index) => match r {
+                Ok(i) => health_index = i,
+                Err(e) => { health_index = 1; tokio::time::sleep(backoff(1, Duration::from_millis(500), Duration::from_secs(30), fastrand::f64())).await; tracing::warn!(error = %e, "Consul change watch failed"); }
+            },
+            r = block_on(&http, &settings, "/v1/catalog/services", catalog_index) => match r {
+                Ok(i) => catalog_index = i,
+                Err(e) => { catalog_index = 1; tokio::time::sleep(backoff(1, Duration::from_millis(500), Duration::from_secs(30), fastrand::f64())).await; tracing::warn!(error = %e, "Consul change watch failed"); }
+            },
         }
     }
 }
@@ -464,6 +591,7 @@ impl Manager {
         let (tx, mut rx) = mpsc::channel::<Update>(1024);
         let mut watches: BTreeMap<ServiceKey, tokio::task::JoinHandle<()>> = BTreeMap::new();
         let mut settings_in_force: Option<ConsulSettings> = None;
+        let mut fallback: Option<(Vec<ServiceKey>, tokio::task::JoinHandle<()>)> = None;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             // start and stop watches as pools come and go (checked every second)
@@ -472,23 +600,43 @@ impl Manager {
                 for (_, h) in std::mem::take(&mut watches) {
                     h.abort();
                 }
+                if let Some((_, h)) = fallback.take() {
+                    h.abort();
+                }
                 settings_in_force = Some(settings.clone());
             }
-            watches.retain(|k, h| {
-                let keep = keys.contains(k);
-                if !keep {
+            if keys.len() > settings.max_blocking {
+                // the fallback: one task for all services (restarted when the set changes)
+                for (_, h) in std::mem::take(&mut watches) {
                     h.abort();
-                    health_table()
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(k);
                 }
-                keep
-            });
-            for k in keys {
-                watches
-                    .entry(k.clone())
-                    .or_insert_with(|| tokio::spawn(watch(settings.clone(), k, tx.clone())));
+                if fallback.as_ref().map(|(k, _)| k) != Some(&keys) {
+                    if let Some((_, h)) = fallback.take() {
+                        h.abort();
+                    }
+                    let h = tokio::spawn(watch_all(settings.clone(), keys.clone(), tx.clone()));
+                    fallback = Some((keys.clone(), h));
+                }
+            } else {
+                if let Some((_, h)) = fallback.take() {
+                    h.abort();
+                }
+                watches.retain(|k, h| {
+                    let keep = keys.contains(k);
+                    if !keep {
+                        h.abort();
+                        health_table()
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(k);
+                    }
+                    keep
+                });
+                for k in keys {
+                    watches
+                        .entry(k.clone())
+                        .or_insert_with(|| tokio::spawn(watch(settings.clone(), k, tx.clone())));
+                }
             }
 
             tokio::select! {
@@ -514,6 +662,9 @@ impl Manager {
             }
         }
         for (_, h) in watches {
+            h.abort();
+        }
+        if let Some((_, h)) = fallback {
             h.abort();
         }
     }
