@@ -576,3 +576,53 @@ async fn five_hundred_services_of_four_instances_are_all_routed_and_tollgate_idl
     .await;
     let _ = tg.child.kill();
 }
+
+#[tokio::test]
+async fn a_removed_instance_drains_and_a_dead_one_is_retried_elsewhere() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let f = start().await;
+    f.consul.register("api-a", "api", a.addr, &["prod"]).await;
+    wait_serving(&f, &["a"]).await;
+    // A slow request is in flight to a when a is deregistered: it completes.
+    let http = f.http;
+    let slow = tokio::spawn(async move {
+        let r = plain()
+            .get(format!("http://{http}/sleep/1500"))
+            .header("host", "a.test")
+            .send()
+            .await
+            .unwrap();
+        (
+            r.status().as_u16(),
+            r.json::<Value>().await.unwrap()["upstream"].clone(),
+        )
+    });
+    wait_for(
+        "the slow request to reach a",
+        Duration::from_secs(5),
+        || async { a.hits() >= 1 },
+    )
+    .await;
+    f.consul.register("api-b", "api", b.addr, &["prod"]).await;
+    f.consul.deregister("api-a").await;
+    wait_serving(&f, &["b"]).await;
+    assert_eq!(
+        slow.await.unwrap(),
+        (200, Value::from("a")),
+        "the in-flight request drains"
+    );
+
+    // a comes back; then b dies before Consul knows: GETs are retried on a, none fails.
+    f.consul.register("api-a", "api", a.addr, &["prod"]).await;
+    wait_serving(&f, &["a", "b"]).await;
+    b.kill();
+    let c = plain();
+    for i in 0..40 {
+        assert_eq!(
+            who(&c, f.http).await.as_deref(),
+            Ok("a"),
+            "request {i} after b died"
+        );
+    }
+}

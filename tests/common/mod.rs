@@ -55,6 +55,7 @@ pub struct Upstream {
     /// TCP connections accepted (keep-alive reuse keeps this small).
     pub conns: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
+    connections: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
 }
 
 impl Drop for Upstream {
@@ -72,6 +73,8 @@ impl Upstream {
         let name_s = name.to_string();
         let h = hits.clone();
         let cn = conns.clone();
+        let connections: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let conn_list = connections.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, peer)) = listener.accept().await else {
@@ -80,7 +83,7 @@ impl Upstream {
                 cn.fetch_add(1, Ordering::SeqCst);
                 let name = name_s.clone();
                 let hits = h.clone();
-                tokio::spawn(async move {
+                let conn_task = tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
                         let name = name.clone();
                         let hits = hits.clone();
@@ -90,6 +93,7 @@ impl Upstream {
                         .serve_connection(TokioIo::new(stream), svc)
                         .await;
                 });
+                conn_list.lock().unwrap().push(conn_task.abort_handle());
             }
         });
         Upstream {
@@ -98,6 +102,15 @@ impl Upstream {
             hits,
             conns,
             task,
+            connections,
+        }
+    }
+
+    /// Die like a crashed process: stop listening and drop every open connection.
+    pub fn kill(&self) {
+        self.task.abort();
+        for c in self.connections.lock().unwrap().drain(..) {
+            c.abort();
         }
     }
 
