@@ -626,3 +626,120 @@ async fn a_removed_instance_drains_and_a_dead_one_is_retried_elsewhere() {
         );
     }
 }
+
+#[tokio::test]
+async fn services_declare_routes_in_tags_and_the_file_wins_conflicts() {
+    let file_up = Upstream::start("file").await;
+    let shop = Upstream::start("shop").await;
+    let blog = Upstream::start("blog").await;
+    let dir = tempfile::tempdir().unwrap();
+    let consul = ConsulAgent::start(dir.path()).await;
+    let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let admin = free_port();
+    let path = dir.path().join("tollgate.toml");
+    write(
+        &path,
+        &format!(
+            "[admin]\naddress = \"127.0.0.1:{admin}\"\n\n[consul]\naddress = \"http://{}\"\nwait = \"30s\"\ntag_routes = true\n\n\
+             [[listener]]\naddress = \"{http}\"\n\n[[vhost]]\nnames = [\"a.test\"]\n[[vhost.route]]\npath = \"/\"\npool = \"static\"\n\n\
+             [pool.static]\nbackends = [\"{}\"]\n",
+            consul.http, file_up.addr
+        ),
+    );
+    let mut tg = Tollgate::start(&path);
+    tg.ready(http).await;
+    consul
+        .register(
+            "shop-1",
+            "shop",
+            shop.addr,
+            &[
+                "tollgate.route=shop.test/",
+                "urlprefix-a.test/cart strip=/cart",
+            ],
+        )
+        .await;
+    consul
+        .register("blog-1", "blog", blog.addr, &["tollgate.route=a.test/"])
+        .await;
+
+    let c = plain();
+    let get = |host: &'static str, p: &'static str| {
+        let c = c.clone();
+        async move {
+            let r = c
+                .get(format!("http://{http}{p}"))
+                .header("host", host)
+                .send()
+                .await
+                .ok()?;
+            if r.status() != 200 {
+                return Some(format!("{}", r.status().as_u16()));
+            }
+            r.json::<Value>()
+                .await
+                .ok()
+                .map(|j| j["upstream"].as_str().unwrap_or_default().to_string())
+        }
+    };
+    wait_for(
+        "the tag routes to appear",
+        Duration::from_secs(15),
+        || async {
+            get("shop.test", "/").await.as_deref() == Some("shop")
+                && get("a.test", "/cart/x").await.as_deref() == Some("shop")
+        },
+    )
+    .await;
+    assert_eq!(
+        get("a.test", "/").await.as_deref(),
+        Some("file"),
+        "the file's route wins the conflict"
+    );
+    let status: Value = c
+        .get(format!("http://127.0.0.1:{admin}/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let conflicts = status["consul"]["route_conflicts"].as_array().unwrap();
+    assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+    let conflict = conflicts[0].as_str().unwrap();
+    assert!(
+        conflict.contains("service blog") && conflict.contains("already routed by file"),
+        "{conflict}"
+    );
+    assert!(tg
+        .log_text()
+        .contains("route conflict: consul tag `tollgate.route=a.test/` of service blog"));
+    let routes: Value = c
+        .get(format!("http://127.0.0.1:{admin}/routes"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let shop_vhost = routes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["vhost"] == "shop.test")
+        .unwrap();
+    assert_eq!(shop_vhost["routes"][0]["pool"], "consul:shop");
+    assert!(shop_vhost["routes"][0]["source"]
+        .as_str()
+        .unwrap()
+        .starts_with("consul tag `tollgate.route=shop.test/` of service shop at index "));
+
+    // the service goes away: its routes go with it
+    consul.deregister("shop-1").await;
+    wait_for("the tag routes to go", Duration::from_secs(15), || async {
+        get("shop.test", "/").await.as_deref() == Some("421")
+            && get("a.test", "/cart/x").await.as_deref() == Some("file")
+    })
+    .await;
+    let _ = tg.child.kill();
+}

@@ -35,7 +35,7 @@ pub(super) fn status(state: &State, snap: &Snapshot) -> Value {
             "last_reload": state.last_reload(),
         },
         "active_requests": crate::proxy::active_requests(),
-        "vhosts": snap.config.vhosts.len(),
+        "vhosts": snap.vhosts.len(),
         "pools": snap.pools.len(),
         // Sources and subsystems not built yet report themselves as such.
         "consul": consul_status(snap),
@@ -44,7 +44,8 @@ pub(super) fn status(state: &State, snap: &Snapshot) -> Value {
 }
 
 fn consul_status(snap: &Snapshot) -> Value {
-    let configured = snap.config.pools.values().any(|p| p.consul.is_some());
+    let configured =
+        snap.config.consul.tag_routes || snap.pools.iter().any(|p| p.spec.consul.is_some());
     if !configured {
         return json!({ "configured": false });
     }
@@ -68,27 +69,24 @@ fn consul_status(snap: &Snapshot) -> Value {
         "address": snap.config.consul.address,
         "errors_total": metrics().consul_errors.load(Relaxed),
         "guarded_total": metrics().consul_guarded.load(Relaxed),
+        "tag_routes": snap.config.consul.tag_routes,
+        "route_conflicts": snap.route_conflicts,
         "watches": watches,
     })
 }
 
 pub(super) fn routes(snap: &Snapshot) -> Value {
     Value::Array(
-        snap.config
-            .vhosts
+        snap.vhosts
             .iter()
             .map(|v| {
                 json!({
-                    "vhost": v.label(),
+                    "vhost": v.label,
                     "names": v.names,
                     "default": v.default,
                     "redirect_https": v.redirect_https,
-                    "source": format!("file {}", v.origin),
-                    "routes": v.routes.iter().map(|r| json!({
-                        "path": r.path,
-                        "pool": r.pool,
-                        "source": format!("file {}", r.origin),
-                    })).collect::<Vec<_>>(),
+                    "source": v.source,
+                    "routes": v.routes,
                 })
             })
             .collect(),
@@ -182,8 +180,8 @@ pub(super) fn explain(snap: &Snapshot, query: Option<&str>) -> Response<Vec<u8>>
         );
     };
     let vhost_json = |v: usize| {
-        let cfg = &snap.config.vhosts[v];
-        json!({"vhost": cfg.label(), "names": cfg.names, "source": format!("file {}", cfg.origin)})
+        let info = &snap.vhosts[v];
+        json!({"vhost": info.label, "names": info.names, "source": info.source})
     };
     let body = match snap.routes.lookup(&normalized, &path) {
         Lookup::NoVhost => json!({
@@ -201,10 +199,7 @@ pub(super) fn explain(snap: &Snapshot, query: Option<&str>) -> Response<Vec<u8>>
             target,
         } => {
             let prefix = &snap.routes.vhost(vhost).routes()[route].prefix;
-            let cfg_route = snap.config.vhosts[vhost]
-                .routes
-                .iter()
-                .find(|r| &r.path == prefix);
+            let route_info = snap.vhosts[vhost].routes.iter().find(|r| &r.path == prefix);
             let pool = &snap.pools[target];
             json!({
                 "host": host, "normalized_host": normalized, "path": path,
@@ -213,7 +208,7 @@ pub(super) fn explain(snap: &Snapshot, query: Option<&str>) -> Response<Vec<u8>>
                 "vhost": vhost_json(vhost),
                 "route": {
                     "path": prefix,
-                    "source": cfg_route.map(|r| format!("file {}", r.origin)),
+                    "source": route_info.map(|r| r.source.clone()),
                 },
                 "pool": pool_json(pool),
                 "plugins": [],

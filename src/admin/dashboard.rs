@@ -53,7 +53,7 @@ pub(super) fn page(state: &State, snap: &Snapshot) -> String {
     }
 
     h.push_str("<h2>Routes</h2><table id=routes><tr><th>vhost</th><th>names</th><th>path</th><th>pool</th><th>source</th></tr>");
-    for v in &snap.config.vhosts {
+    for v in &snap.vhosts {
         let names = if v.default && v.names.is_empty() {
             "(default)".to_string()
         } else {
@@ -63,11 +63,11 @@ pub(super) fn page(state: &State, snap: &Snapshot) -> String {
             let _ = write!(
                 h,
                 "<tr><td>{}</td><td>{}</td><td><code>{}</code></td><td>{}</td><td>{}</td></tr>",
-                esc(v.label()),
+                esc(&v.label),
                 esc(&names),
                 esc(&r.path),
                 esc(&r.pool),
-                esc(&r.origin.to_string())
+                esc(r.source.strip_prefix("file ").unwrap_or(&r.source))
             );
         }
     }

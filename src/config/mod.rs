@@ -8,6 +8,7 @@ mod raw;
 mod validate;
 
 pub use error::{ConfigError, ConfigErrors, Origin};
+pub use validate::check_host_name;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -87,6 +88,11 @@ pub struct ConsulSettings {
     /// Above this many watched services, the per-service blocking queries give way to the
     /// fallback (two blocking queries in all); Consul allows 200 connections per client.
     pub max_blocking: usize,
+    /// Create routes from service tags (`route_tag_prefix` + `host/path`).
+    pub tag_routes: bool,
+    pub route_tag_prefix: String,
+    /// Also read Fabio's `urlprefix-host/path` tags.
+    pub fabio_tags: bool,
 }
 
 /// A pool's backends from Consul: the passing instances of a service.
@@ -208,6 +214,41 @@ pub struct PoolSpec {
     /// Extra attempts on another backend after a connect failure (idempotent requests).
     pub retries: u32,
     pub health: HealthPolicy,
+}
+
+/// Pool defaults, shared by file pools and pools created for Consul-declared routes.
+pub mod pool_defaults {
+    use std::time::Duration;
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+    pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
+    pub const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+    pub const RETRIES: u32 = 2;
+    pub const MAX_FAILS: u32 = 3;
+    pub const EJECT_TIME: Duration = Duration::from_secs(10);
+    pub const EJECT_MAX_TIME: Duration = Duration::from_secs(300);
+}
+
+impl PoolSpec {
+    /// A pool with every default, whose backends are the passing instances of `key`.
+    pub fn for_consul(key: ServiceKey) -> PoolSpec {
+        use pool_defaults::*;
+        PoolSpec {
+            backends: Vec::new(),
+            consul: Some(key),
+            balance: Balance::RoundRobin,
+            connect_timeout: CONNECT_TIMEOUT,
+            read_timeout: READ_TIMEOUT,
+            write_timeout: WRITE_TIMEOUT,
+            idle_timeout: IDLE_TIMEOUT,
+            retries: RETRIES,
+            health: HealthPolicy {
+                max_fails: MAX_FAILS,
+                eject_time: EJECT_TIME,
+                eject_max_time: EJECT_MAX_TIME,
+            },
+        }
+    }
 }
 
 impl Config {

@@ -77,6 +77,9 @@ pub struct RawConsul {
     pub quiescence_max: Option<S<String>>,
     pub state_file: Option<String>,
     pub max_blocking: Option<S<i64>>,
+    pub tag_routes: Option<bool>,
+    pub route_tag_prefix: Option<String>,
+    pub fabio_tags: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

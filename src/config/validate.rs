@@ -415,6 +415,12 @@ fn consul(cx: &mut Ctx, raw: &super::raw::RawConsul) -> ConsulSettings {
         quiescence_min,
         quiescence_max,
         max_blocking: cx.int(&raw.max_blocking, "consul.max_blocking", 128, 0, 190) as usize,
+        tag_routes: raw.tag_routes.unwrap_or(false),
+        route_tag_prefix: raw
+            .route_tag_prefix
+            .clone()
+            .unwrap_or_else(|| "tollgate.route=".to_string()),
+        fabio_tags: raw.fabio_tags.unwrap_or(true),
         state_file: match raw.state_file.as_deref() {
             Some("") => None,
             Some(p) => Some(cx.path(p)),
@@ -533,7 +539,7 @@ fn listeners(cx: &mut Ctx, raw: &RawConfig) -> Vec<Listener> {
 }
 
 /// Is `name` a valid vhost name: a DNS name, an IP literal, or `*.` followed by a DNS name.
-pub(crate) fn check_host_name(name: &str) -> Result<(), String> {
+pub fn check_host_name(name: &str) -> Result<(), String> {
     if name.parse::<std::net::IpAddr>().is_ok() {
         return Ok(());
     }
@@ -799,44 +805,56 @@ fn pools(cx: &mut Ctx, raw: &BTreeMap<String, Spanned<RawPool>>) -> BTreeMap<Str
         let connect_timeout = cx.duration_in(
             &p.connect_timeout,
             &format!("{opt}.connect_timeout"),
-            ms(3000),
+            pool_defaults::CONNECT_TIMEOUT,
             ms(1),
             hour,
         );
         let read_timeout = cx.duration_in(
             &p.read_timeout,
             &format!("{opt}.read_timeout"),
-            ms(60_000),
+            pool_defaults::READ_TIMEOUT,
             ms(1),
             hour,
         );
         let write_timeout = cx.duration_in(
             &p.write_timeout,
             &format!("{opt}.write_timeout"),
-            ms(60_000),
+            pool_defaults::WRITE_TIMEOUT,
             ms(1),
             hour,
         );
         let idle_timeout = cx.duration_in(
             &p.idle_timeout,
             &format!("{opt}.idle_timeout"),
-            ms(60_000),
+            pool_defaults::IDLE_TIMEOUT,
             ms(1),
             hour,
         );
-        let retries = cx.int(&p.retries, &format!("{opt}.retries"), 2, 0, 10) as u32;
-        let max_fails = cx.int(&p.max_fails, &format!("{opt}.max_fails"), 3, 1, 1000) as u32;
+        let retries = cx.int(
+            &p.retries,
+            &format!("{opt}.retries"),
+            pool_defaults::RETRIES as i64,
+            0,
+            10,
+        ) as u32;
+        let max_fails = cx.int(
+            &p.max_fails,
+            &format!("{opt}.max_fails"),
+            pool_defaults::MAX_FAILS as i64,
+            1,
+            1000,
+        ) as u32;
         let eject_time = cx.duration_in(
             &p.eject_time,
             &format!("{opt}.eject_time"),
-            ms(10_000),
+            pool_defaults::EJECT_TIME,
             ms(1),
             hour,
         );
         let eject_max_time = cx.duration_in(
             &p.eject_max_time,
             &format!("{opt}.eject_max_time"),
-            ms(300_000),
+            pool_defaults::EJECT_MAX_TIME,
             ms(1),
             24 * hour,
         );

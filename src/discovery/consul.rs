@@ -4,7 +4,7 @@
 //! resync from index 0, and a quiescence window that turns a burst of changes into one
 //! Snapshot rebuild. The index rules and the answer parsing are pure and unit-tested.
 
-use super::{ServiceView, View};
+use super::{parse_route_tag, DiscoveredRoute, ServiceView, View};
 use crate::config::{BackendSpec, ConsulSettings, ServiceKey};
 use crate::state::State;
 use serde::Deserialize;
@@ -183,7 +183,26 @@ fn note_health(key: &ServiceKey, f: impl FnOnce(&mut WatchHealth)) {
     f(h);
 }
 
-/// A change seen by one watch.
+/// A change seen by a watch.
+#[derive(Debug)]
+enum Change {
+    Service(Update),
+    Routes {
+        routes: Vec<DiscoveredRoute>,
+        received: Instant,
+    },
+}
+
+impl Change {
+    fn received(&self) -> Instant {
+        match self {
+            Change::Service(u) => u.received,
+            Change::Routes { received, .. } => *received,
+        }
+    }
+}
+
+/// A service's new backends.
 #[derive(Debug)]
 struct Update {
     key: ServiceKey,
@@ -349,7 +368,7 @@ async fn on_answer(
     index: u64,
     backends: Vec<BackendSpec>,
     last: &mut Option<Vec<BackendSpec>>,
-    tx: &mpsc::Sender<Update>,
+    tx: &mpsc::Sender<Change>,
 ) -> Result<(), ()> {
     note_health(key, |h| {
         h.last_success_unix = unix_now();
@@ -390,7 +409,7 @@ async fn on_answer(
         },
         received: Instant::now(),
     };
-    tx.send(update).await.map_err(|_| ())
+    tx.send(Change::Service(update)).await.map_err(|_| ())
 }
 
 /// Note a failed query; the last known backends keep serving. Returns how long to back off.
@@ -413,7 +432,7 @@ fn on_error(key: &ServiceKey, failures: u32, e: &str) -> Duration {
 }
 
 /// Watch one service until the task is aborted; send every change.
-async fn watch(settings: ConsulSettings, key: ServiceKey, tx: mpsc::Sender<Update>) {
+async fn watch(settings: ConsulSettings, key: ServiceKey, tx: mpsc::Sender<Change>) {
     let http = match client(&settings) {
         Ok(c) => c,
         Err(e) => {
@@ -451,6 +470,143 @@ async fn watch(settings: ConsulSettings, key: ServiceKey, tx: mpsc::Sender<Updat
                 // start over from a full read
                 index = 1;
                 tokio::time::sleep(on_error(&key, failures, &e)).await;
+            }
+        }
+    }
+}
+
+/// The routes services declare in their tags, from one `/v1/catalog/services` query.
+async fn catalog_routes(
+    http: &reqwest::Client,
+    s: &ConsulSettings,
+    index: u64,
+) -> Result<(u64, Vec<DiscoveredRoute>), String> {
+    let mut url = format!(
+        "{}/v1/catalog/services?index={index}&wait={}s",
+        s.address,
+        s.wait.as_secs()
+    );
+    if let Some(dc) = &s.datacenter {
+        url.push_str(&format!("&dc={}", urlencode(dc)));
+    }
+    if s.stale {
+        url.push_str("&stale");
+    }
+    let mut req = http
+        .get(&url)
+        .timeout(s.wait + s.wait / 16 + Duration::from_secs(5));
+    if let Some(t) = token(s) {
+        req = req.header("X-Consul-Token", t);
+    }
+    let resp = req.send().await.map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let answered = resp
+        .headers()
+        .get("x-consul-index")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let body = resp.bytes().await.map_err(|e| e.to_string())?;
+    if !status.is_success() {
+        return Err(format!(
+            "/v1/catalog/services: {status}: {}",
+            String::from_utf8_lossy(&body).trim()
+        ));
+    }
+    let services: BTreeMap<String, Vec<String>> = serde_json::from_slice(&body)
+        .map_err(|e| format!("not a /v1/catalog/services answer: {e}"))?;
+    let next = next_index(index, answered);
+    let mut routes = Vec::new();
+    for (service, tags) in services {
+        for tag in tags {
+            match parse_route_tag(&tag, &s.route_tag_prefix, s.fabio_tags) {
+                Some(Ok((host, path))) => routes.push(DiscoveredRoute {
+                    host,
+                    path,
+                    service: service.clone(),
+                    tag,
+                    index: next,
+                }),
+                Some(Err(e)) => tracing::warn!(service = %service, "ignoring a route tag: {e}"),
+                None => {}
+            }
+        }
+    }
+    routes.sort();
+    routes.dedup_by(|a, b| a.host == b.host && a.path == b.path && a.service == b.service);
+    Ok((next, routes))
+}
+
+/// Watch the catalog for route tags; send the route set whenever it changes.
+async fn watch_catalog(settings: ConsulSettings, tx: mpsc::Sender<Change>) {
+    let http = match client(&settings) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("{e}");
+            return;
+        }
+    };
+    let mut bucket = TokenBucket::new(5.0, 10.0, Instant::now());
+    let (mut index, mut failures) = (1u64, 0u32);
+    // compared without the index: a registration elsewhere moves it without changing routes
+    let strip = |r: &[DiscoveredRoute]| -> Vec<(String, String, String, String)> {
+        r.iter()
+            .map(|r| {
+                (
+                    r.host.clone(),
+                    r.path.clone(),
+                    r.service.clone(),
+                    r.tag.clone(),
+                )
+            })
+            .collect()
+    };
+    let mut last: Option<Vec<(String, String, String, String)>> = None;
+    loop {
+        let delay = bucket.take(Instant::now());
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        match catalog_routes(&http, &settings, index).await {
+            Ok((next, routes)) => {
+                failures = 0;
+                index = next;
+                let now = strip(&routes);
+                if last.as_ref() == Some(&now) {
+                    continue;
+                }
+                if routes.is_empty() && last.as_ref().is_some_and(|l| !l.is_empty()) {
+                    tracing::error!("GUARD: the Consul catalog has no route tags any more; keeping the routes it had");
+                    crate::admin::metrics::metrics()
+                        .consul_guarded
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    continue;
+                }
+                last = Some(now);
+                if tx
+                    .send(Change::Routes {
+                        routes,
+                        received: Instant::now(),
+                    })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                index = 1;
+                let wait = backoff(
+                    failures,
+                    Duration::from_millis(200),
+                    Duration::from_secs(30),
+                    fastrand::f64(),
+                );
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "Consul catalog watch failed; keeping the routes it had");
+                crate::admin::metrics::metrics()
+                    .consul_errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(wait).await;
             }
         }
     }
@@ -497,7 +653,7 @@ async fn block_on(
 /// The fallback beyond `max_blocking` services: two blocking watches in all, on
 /// `/v1/health/state/any` (any check changes) and `/v1/catalog/services` (any registration
 /// or tag change); when either moves, every watched service is read once (16 at a time).
-async fn watch_all(settings: ConsulSettings, keys: Vec<ServiceKey>, tx: mpsc::Sender<Update>) {
+async fn watch_all(settings: ConsulSettings, keys: Vec<ServiceKey>, tx: mpsc::Sender<Change>) {
     let http = match client(&settings) {
         Ok(c) => c,
         Err(e) => {
@@ -576,11 +732,11 @@ impl Manager {
 
     fn wanted(&self) -> (ConsulSettings, Vec<ServiceKey>) {
         let snap = self.state.snapshot();
+        // pools of the live Snapshot: the file's and those created for tag-declared routes
         let mut keys: Vec<ServiceKey> = snap
-            .config
             .pools
-            .values()
-            .filter_map(|p| p.consul.clone())
+            .iter()
+            .filter_map(|p| p.spec.consul.clone())
             .collect();
         keys.sort();
         keys.dedup();
@@ -588,7 +744,8 @@ impl Manager {
     }
 
     pub async fn run(&self, mut shutdown: pingora::server::ShutdownWatch) {
-        let (tx, mut rx) = mpsc::channel::<Update>(1024);
+        let (tx, mut rx) = mpsc::channel::<Change>(1024);
+        let mut catalog: Option<tokio::task::JoinHandle<()>> = None;
         let mut watches: BTreeMap<ServiceKey, tokio::task::JoinHandle<()>> = BTreeMap::new();
         let mut settings_in_force: Option<ConsulSettings> = None;
         let mut fallback: Option<(Vec<ServiceKey>, tokio::task::JoinHandle<()>)> = None;
@@ -603,7 +760,13 @@ impl Manager {
                 if let Some((_, h)) = fallback.take() {
                     h.abort();
                 }
+                if let Some(h) = catalog.take() {
+                    h.abort();
+                }
                 settings_in_force = Some(settings.clone());
+            }
+            if settings.tag_routes && catalog.is_none() {
+                catalog = Some(tokio::spawn(watch_catalog(settings.clone(), tx.clone())));
             }
             if keys.len() > settings.max_blocking {
                 // the fallback: one task for all services (restarted when the set changes)
@@ -667,19 +830,31 @@ impl Manager {
         if let Some((_, h)) = fallback {
             h.abort();
         }
+        if let Some(h) = catalog {
+            h.abort();
+        }
     }
 
-    fn apply(&self, batch: Vec<Update>) {
+    fn apply(&self, batch: Vec<Change>) {
         let oldest = batch
             .iter()
-            .map(|u| u.received)
+            .map(Change::received)
             .min()
             .unwrap_or_else(Instant::now);
         let mut view: View = (*self.state.view()).clone();
-        for u in &batch {
-            tracing::info!(service = %u.key, backends = u.view.backends.len(), index = u.view.index, "Consul change");
-            view.services.insert(u.key.clone(), u.view.clone());
+        for c in &batch {
+            match c {
+                Change::Service(u) => {
+                    tracing::info!(service = %u.key, backends = u.view.backends.len(), index = u.view.index, "Consul change");
+                    view.services.insert(u.key.clone(), u.view.clone());
+                }
+                Change::Routes { routes, .. } => {
+                    tracing::info!(routes = routes.len(), "Consul route tags changed");
+                    view.routes = routes.clone();
+                }
+            }
         }
+        let before = self.state.snapshot().route_conflicts.clone();
         let file = self.state.snapshot().config.consul.state_file.clone();
         match self.state.apply_view(view) {
             Ok(generation) => {
@@ -696,6 +871,12 @@ impl Manager {
                     convergence_ms = took.as_secs_f64() * 1000.0,
                     "pools rebuilt from Consul"
                 );
+                let conflicts = &self.state.snapshot().route_conflicts;
+                if *conflicts != before {
+                    for c in conflicts {
+                        tracing::warn!("route conflict: {c}");
+                    }
+                }
             }
             Err(e) => tracing::error!(
                 "Consul change could not be applied: {}",

@@ -26,7 +26,9 @@ fn restore_consul_view(state: &State) {
     let Some(file) = snap.config.consul.state_file.clone() else {
         return;
     };
-    if !snap.config.pools.values().any(|p| p.consul.is_some()) || !file.exists() {
+    let uses_consul =
+        snap.config.consul.tag_routes || snap.config.pools.values().any(|p| p.consul.is_some());
+    if !uses_consul || !file.exists() {
         return;
     }
     match crate::discovery::View::load(&file) {

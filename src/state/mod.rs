@@ -7,12 +7,13 @@
 pub mod watch;
 
 use crate::admin::metrics::{metrics, RouteMetrics};
-use crate::config::{AdminToken, Config, ConfigErrors};
+use crate::config::{AdminToken, Config, ConfigErrors, PoolSpec, ServiceKey};
 use crate::discovery::View;
 use crate::routing::{RouteEntry, RouteTable, VhostEntry};
 use crate::tls::CertStore;
 use crate::upstream::{Pool, Registry};
 use arc_swap::ArcSwap;
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,6 +38,28 @@ pub struct Snapshot {
     pub unknown_metrics: Arc<RouteMetrics>,
     /// The admin bearer token in force (a token file is read at every build).
     pub admin_token: Option<String>,
+    /// Every vhost, in the order of `routes`, with where each route came from.
+    pub vhosts: Vec<VhostInfo>,
+    /// Consul-declared routes that were not applied, and why.
+    pub route_conflicts: Vec<String>,
+}
+
+/// A vhost as served: from the file, or created for a route a Consul service declared.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VhostInfo {
+    pub label: String,
+    pub names: Vec<String>,
+    pub default: bool,
+    pub redirect_https: bool,
+    pub source: String,
+    pub routes: Vec<RouteInfo>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RouteInfo {
+    pub path: String,
+    pub pool: String,
+    pub source: String,
 }
 
 impl Snapshot {
@@ -88,9 +111,98 @@ impl Snapshot {
     ) -> Result<Snapshot, ConfigErrors> {
         let certs = CertStore::load(&config)?;
         let admin_token = read_token(&config.admin.token)?;
+        // Vhosts and routes: the file's first, then the routes services declare in Consul.
+        // The file wins every conflict; conflicts are reported, never fatal.
+        let mut vhosts: Vec<VhostInfo> = config
+            .vhosts
+            .iter()
+            .map(|v| VhostInfo {
+                label: v.label().to_string(),
+                names: v.names.clone(),
+                default: v.default,
+                redirect_https: v.redirect_https,
+                source: format!("file {}", v.origin),
+                routes: v
+                    .routes
+                    .iter()
+                    .map(|r| RouteInfo {
+                        path: r.path.clone(),
+                        pool: r.pool.clone(),
+                        source: format!("file {}", r.origin),
+                    })
+                    .collect(),
+            })
+            .collect();
+        let mut pool_specs: BTreeMap<String, PoolSpec> = config.pools.clone();
+        let mut route_conflicts = Vec::new();
+        for dr in &view.routes {
+            let source = format!(
+                "consul tag `{}` of service {} at index {}",
+                dr.tag, dr.service, dr.index
+            );
+            let shown_host = if dr.host.is_empty() {
+                "any host"
+            } else {
+                dr.host.as_str()
+            };
+            let target = if dr.host.is_empty() {
+                vhosts.iter().position(|v| v.default)
+            } else {
+                vhosts.iter().position(|v| v.names.contains(&dr.host))
+            };
+            let vi = match target {
+                Some(i) => i,
+                None if dr.host.is_empty() => {
+                    route_conflicts.push(format!(
+                        "{source}: routes {shown_host}{} but there is no default vhost",
+                        dr.path
+                    ));
+                    continue;
+                }
+                None => {
+                    if config.has_tls() && !certs.covers(&dr.host) {
+                        route_conflicts.push(format!(
+                            "{source}: no certificate covers {}; HTTPS clients get the default certificate",
+                            dr.host
+                        ));
+                    }
+                    vhosts.push(VhostInfo {
+                        label: dr.host.clone(),
+                        names: vec![dr.host.clone()],
+                        default: false,
+                        redirect_https: true,
+                        source: source.clone(),
+                        routes: Vec::new(),
+                    });
+                    vhosts.len() - 1
+                }
+            };
+            if let Some(existing) = vhosts[vi].routes.iter().find(|r| r.path == dr.path) {
+                route_conflicts.push(format!(
+                    "{source}: {shown_host}{} is already routed by {} (kept)",
+                    dr.path, existing.source
+                ));
+                continue;
+            }
+            let pool = format!("consul:{}", dr.service);
+            pool_specs.entry(pool.clone()).or_insert_with(|| {
+                PoolSpec::for_consul(ServiceKey {
+                    service: dr.service.clone(),
+                    tags: Vec::new(),
+                    datacenter: None,
+                    passing: true,
+                })
+            });
+            vhosts[vi].routes.push(RouteInfo {
+                path: dr.path.clone(),
+                pool,
+                source,
+            });
+        }
+
         let mut pools = Vec::new();
         let mut index: HashMap<&str, usize> = HashMap::new();
-        for (name, spec) in &config.pools {
+        for (name, spec) in &pool_specs {
             index.insert(name, pools.len());
             let pool = match &spec.consul {
                 // Consul pools take the backends of the last successful answer (none yet: empty)
@@ -104,20 +216,20 @@ impl Snapshot {
             pools.push(Arc::new(pool));
         }
         let mut routes = RouteTable::default();
-        for v in &config.vhosts {
+        for v in &vhosts {
             let entries = v
                 .routes
                 .iter()
                 .map(|r| RouteEntry {
                     prefix: r.path.clone(),
-                    // validation guarantees the pool exists
+                    // validation (and the merge above) guarantee the pool exists
                     target: index.get(r.pool.as_str()).copied().unwrap_or(0),
                 })
                 .collect();
             routes.add(
                 &v.names,
                 v.default,
-                VhostEntry::new(v.label(), v.redirect_https, entries),
+                VhostEntry::new(&v.label, v.redirect_https, entries),
             );
         }
         let m = metrics();
@@ -147,6 +259,8 @@ impl Snapshot {
             unknown_metrics: m.route("-", "-"),
             admin_token,
             built_at_unix: unix_now(),
+            vhosts,
+            route_conflicts,
         })
     }
 }

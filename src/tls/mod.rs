@@ -50,7 +50,7 @@ impl CertStore {
     }
 
     /// Does a certificate cover vhost name `name` (which may itself be `*.x`)?
-    fn covers(&self, name: &str) -> bool {
+    pub fn covers(&self, name: &str) -> bool {
         match name.strip_prefix('*') {
             Some(suffix) => self.wildcard.contains_key(suffix),
             None => self.find(name).is_some(),
