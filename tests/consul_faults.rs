@@ -18,6 +18,13 @@ enum Step {
         index: Option<u64>,
         body: String,
     },
+    /// A 200 from servers that have lost their leader (`X-Consul-KnownLeader: false`).
+    NoLeader {
+        index: u64,
+        body: String,
+    },
+    /// Answer only after this long (past the client's timeout).
+    Slow(Duration),
     Reset,
 }
 
@@ -70,7 +77,29 @@ impl Scripted {
                                 }
                             }
                         };
+                        let step = match step {
+                            Step::Slow(d) => {
+                                tokio::time::sleep(d).await;
+                                Step::Answer {
+                                    status: 200,
+                                    index: Some(999),
+                                    body: "[]".into(),
+                                }
+                            }
+                            other => other,
+                        };
                         match step {
+                            Step::Slow(_) => unreachable!(),
+                            Step::NoLeader { index, body } => {
+                                let resp = format!(
+                                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Consul-Index: {index}\r\n\
+                                     X-Consul-KnownLeader: false\r\nContent-Length: {}\r\n\r\n{body}",
+                                    body.len()
+                                );
+                                if sock.write_all(resp.as_bytes()).await.is_err() {
+                                    return;
+                                }
+                            }
                             Step::Reset => {
                                 // linger 0: the close is a TCP reset (it cannot block: no data waits)
                                 #[allow(deprecated)]
@@ -188,11 +217,12 @@ async fn only_successful_answers_change_pools_and_index_rules_hold_on_the_wire()
 
     let dir = tempfile::tempdir().unwrap();
     let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let admin = free_port();
     let path = dir.path().join("t.toml");
     write(
         &path,
         &format!(
-            "[admin]\nenabled = false\n\n[consul]\naddress = \"http://{}\"\ntoken = \"secret-acl-token\"\nwait = \"2s\"\n\n\
+            "[admin]\naddress = \"127.0.0.1:{admin}\"\n\n[consul]\naddress = \"http://{}\"\ntoken = \"secret-acl-token\"\nwait = \"2s\"\n\n\
              [[listener]]\naddress = \"{http}\"\n\n[[vhost]]\nnames = [\"a.test\"]\n[[vhost.route]]\npath = \"/\"\npool = \"api\"\n\n\
              [pool.api]\nconsul = {{ service = \"api\" }}\n",
             consul.addr
@@ -282,5 +312,86 @@ async fn only_successful_answers_change_pools_and_index_rules_hold_on_the_wire()
     })
     .await;
     assert_eq!(serving(http).await, BTreeSet::from(["a".to_string()]));
+
+    // Index 0 is sent on as 1.
+    let before = consul.requests().len();
+    consul.push(ok(Some(0), &[a.addr, b.addr]));
+    wait_serving(http, &["a", "b"]).await;
+    wait_for("the next query", Duration::from_secs(10), || async {
+        consul.requests().len() >= before + 2
+    })
+    .await;
+    assert_eq!(
+        index_of(&consul.requests()[before + 1]),
+        Some(1),
+        "index 0 is never sent"
+    );
+
+    // The same index with the same body changes nothing: no rebuild. (The generation moves
+    // with the Snapshot itself, so it cannot race the way a log line would.)
+    let generation = || async move {
+        let v: Value = reqwest::get(format!("http://127.0.0.1:{admin}/status"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["snapshot"]["generation"].as_u64().unwrap()
+    };
+    let n = generation().await;
+    let before = consul.requests().len();
+    consul.push(ok(Some(40), &[a.addr, b.addr]));
+    consul.push(ok(Some(40), &[a.addr, b.addr]));
+    wait_for(
+        "both answers to be taken",
+        Duration::from_secs(10),
+        || async { consul.requests().len() >= before + 3 },
+    )
+    .await;
+    assert_eq!(
+        generation().await,
+        n,
+        "identical answers rebuilt the Snapshot"
+    );
+
+    // No known leader: the answer (which would empty the pool) is not acted on.
+    consul.push(Step::NoLeader {
+        index: 41,
+        body: Value::Array(vec![]).to_string(),
+    });
+    wait_for(
+        "the leaderless answer to be refused",
+        Duration::from_secs(10),
+        || async {
+            tg.log_text()
+                .contains("no leader (X-Consul-KnownLeader: false)")
+        },
+    )
+    .await;
+    assert_eq!(
+        serving(http).await,
+        BTreeSet::from(["a".to_string(), "b".to_string()])
+    );
+
+    // An answer slower than wait + wait/16 + margin (7.1 s here): the client gives up, the pool stays.
+    let failed = || tg.log_text().matches("Consul watch failed").count();
+    let f0 = failed();
+    consul.push(Step::Slow(Duration::from_secs(9)));
+    wait_for(
+        "the slow answer to time out",
+        Duration::from_secs(20),
+        || async { failed() > f0 },
+    )
+    .await;
+    assert!(
+        tg.log_text()
+            .contains("Consul did not answer within 7.125s (wait + wait/16 + 5s): timed out"),
+        "{}",
+        tg.log_text()
+    );
+    assert_eq!(
+        serving(http).await,
+        BTreeSet::from(["a".to_string(), "b".to_string()])
+    );
     tg.child.kill().ok();
 }

@@ -68,7 +68,7 @@ pub struct AdminSettings {
 
 /// How to reach Consul. Defaults follow Consul's own environment variables
 /// (`CONSUL_HTTP_ADDR`, `CONSUL_HTTP_TOKEN`, `CONSUL_CACERT`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ConsulSettings {
     /// `http://host:port` or `https://host:port`.
     pub address: String,
@@ -93,6 +93,10 @@ pub struct ConsulSettings {
     pub route_tag_prefix: String,
     /// Also read Fabio's `urlprefix-host/path` tags.
     pub fabio_tags: bool,
+    /// The shrink guard: an answer may not take a pool below this fraction of its backends.
+    pub min_fraction: f64,
+    /// How long a watch outlives the last pool that needs it (route flaps do not restart it).
+    pub watch_grace: Duration,
 }
 
 /// A pool's backends from Consul: the passing instances of a service.

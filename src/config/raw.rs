@@ -80,6 +80,8 @@ pub struct RawConsul {
     pub tag_routes: Option<bool>,
     pub route_tag_prefix: Option<String>,
     pub fabio_tags: Option<bool>,
+    pub min_fraction: Option<S<f64>>,
+    pub watch_grace: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -421,6 +421,25 @@ fn consul(cx: &mut Ctx, raw: &super::raw::RawConsul) -> ConsulSettings {
             .clone()
             .unwrap_or_else(|| "tollgate.route=".to_string()),
         fabio_tags: raw.fabio_tags.unwrap_or(true),
+        min_fraction: match &raw.min_fraction {
+            None => 0.0,
+            Some(f) if (0.0..=1.0).contains(f.get_ref()) => *f.get_ref(),
+            Some(f) => {
+                cx.err(
+                    f.span(),
+                    "consul.min_fraction",
+                    format!("must be between 0.0 and 1.0, got {}", f.get_ref()),
+                );
+                0.0
+            }
+        },
+        watch_grace: cx.duration_in(
+            &raw.watch_grace,
+            "consul.watch_grace",
+            Duration::from_secs(30),
+            Duration::ZERO,
+            Duration::from_secs(3600),
+        ),
         state_file: match raw.state_file.as_deref() {
             Some("") => None,
             Some(p) => Some(cx.path(p)),

@@ -100,6 +100,31 @@ pub fn parse_health(body: &[u8]) -> Result<(Vec<BackendSpec>, Vec<String>), Stri
     Ok((out, skipped))
 }
 
+/// The shrink guard: when an answer would leave fewer than `min_fraction` of the previous
+/// backends, keep enough of the previous ones (in address order) to stay at that fraction.
+/// New backends are always taken. Returns the backends to apply and whether it intervened.
+pub fn guard_shrink(
+    old: &[BackendSpec],
+    new: Vec<BackendSpec>,
+    min_fraction: f64,
+) -> (Vec<BackendSpec>, bool) {
+    let min = (old.len() as f64 * min_fraction).ceil() as usize;
+    if new.is_empty() || new.len() >= min {
+        return (new, false);
+    }
+    let mut out = new;
+    for b in old {
+        if out.len() >= min {
+            break;
+        }
+        if !out.iter().any(|n| n.address == b.address) {
+            out.push(b.clone());
+        }
+    }
+    out.sort_by_key(|b| b.address);
+    (out, true)
+}
+
 /// Full-jitter exponential backoff: uniform in [0, min(cap, base·2^attempt)].
 pub fn backoff(attempt: u32, base: Duration, cap: Duration, r: f64) -> Duration {
     let exp = base.saturating_mul(1u32 << attempt.min(16)).min(cap);
@@ -298,17 +323,26 @@ async fn query(
     if let Some(t) = token(s) {
         req = req.header("X-Consul-Token", t);
     }
-    let resp = req.send().await.map_err(|e| format!("{e}"))?;
+    let resp = req.send().await.map_err(|e| describe(&e, timeout))?;
     let status = resp.status();
     let answered = resp
         .headers()
         .get("x-consul-index")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    let known_leader = resp
+        .headers()
+        .get("x-consul-knownleader")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v != "false")
+        .unwrap_or(true);
     let body = resp
         .bytes()
         .await
         .map_err(|e| format!("reading the answer: {e}"))?;
+    if status.is_success() && !known_leader && !s.stale {
+        return Err("the Consul servers have no leader (X-Consul-KnownLeader: false): not acting on a possibly stale answer".into());
+    }
     if status == reqwest::StatusCode::FORBIDDEN {
         return Err(format!(
             "403 Forbidden: the Consul token cannot read service `{}` ({})",
@@ -346,6 +380,23 @@ async fn instances_exist(
     // index 1 answers at once whenever the service's index is past 1
     let (_, all) = query(http, &quick, &probe, 1).await?;
     Ok(!all.is_empty())
+}
+
+/// A reqwest error with its causes, and a timeout said as such.
+fn describe(e: &reqwest::Error, timeout: Duration) -> String {
+    if e.is_timeout() {
+        return format!(
+            "Consul did not answer within {timeout:?} (wait + wait/16 + 5s): timed out"
+        );
+    }
+    let mut out = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 fn urlencode(s: &str) -> String {
@@ -396,6 +447,25 @@ async fn on_answer(
             return Ok(());
         }
     }
+    let backends = match (last.as_ref(), settings.min_fraction > 0.0) {
+        (Some(old), true) => {
+            let (kept, guarded) = guard_shrink(old, backends, settings.min_fraction);
+            if guarded {
+                tracing::error!(
+                    service = %key,
+                    before = old.len(),
+                    after = kept.len(),
+                    min_fraction = settings.min_fraction,
+                    "GUARD: the pool would shrink below consul.min_fraction in one answer; keeping some of the previous backends"
+                );
+                crate::admin::metrics::metrics()
+                    .consul_guarded
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            kept
+        }
+        _ => backends,
+    };
     if last.as_ref() == Some(&backends) {
         return Ok(());
     }
@@ -749,6 +819,7 @@ impl Manager {
         let mut watches: BTreeMap<ServiceKey, tokio::task::JoinHandle<()>> = BTreeMap::new();
         let mut settings_in_force: Option<ConsulSettings> = None;
         let mut fallback: Option<(Vec<ServiceKey>, tokio::task::JoinHandle<()>)> = None;
+        let mut leaving: BTreeMap<ServiceKey, Instant> = BTreeMap::new();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             // start and stop watches as pools come and go (checked every second)
@@ -784,16 +855,25 @@ impl Manager {
                 if let Some((_, h)) = fallback.take() {
                     h.abort();
                 }
+                // a watch no pool needs any more is stopped after the grace period, so a
+                // route that flaps does not restart it
+                let now = Instant::now();
                 watches.retain(|k, h| {
-                    let keep = keys.contains(k);
-                    if !keep {
-                        h.abort();
-                        health_table()
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .remove(k);
+                    if keys.contains(k) {
+                        leaving.remove(k);
+                        return true;
                     }
-                    keep
+                    let since = *leaving.entry(k.clone()).or_insert(now);
+                    if now.duration_since(since) < settings.watch_grace {
+                        return true;
+                    }
+                    leaving.remove(k);
+                    h.abort();
+                    health_table()
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(k);
+                    false
                 });
                 for k in keys {
                     watches
@@ -936,6 +1016,35 @@ mod tests {
         assert_eq!(skipped.len(), 2);
         assert!(parse_health(b"{\"not\":\"a list\"}").is_err());
         assert_eq!(parse_health(b"[]").unwrap().0, vec![]);
+    }
+
+    fn b(port: u16) -> BackendSpec {
+        BackendSpec {
+            address: SocketAddr::from(([10, 0, 0, 1], port)),
+            weight: 1,
+        }
+    }
+
+    #[test]
+    fn the_shrink_guard_keeps_a_fraction() {
+        let old: Vec<BackendSpec> = (1..=10).map(b).collect();
+        // 10 -> 2 with min 0.5: three old ones come back to make 5
+        let (out, guarded) = guard_shrink(&old, vec![b(9), b(10)], 0.5);
+        assert!(guarded);
+        assert_eq!(
+            out.iter().map(|b| b.address.port()).collect::<Vec<_>>(),
+            vec![1, 2, 3, 9, 10]
+        );
+        // within the fraction: applied as is
+        let (out, guarded) = guard_shrink(&old, (1..=6).map(b).collect(), 0.5);
+        assert!(!guarded);
+        assert_eq!(out.len(), 6);
+        // growth and new backends are always taken
+        let (out, guarded) = guard_shrink(&old[..2], vec![b(1), b(2), b(50)], 0.9);
+        assert!(!guarded);
+        assert_eq!(out.len(), 3);
+        // empty answers are the other guard's business (instances_exist)
+        assert_eq!(guard_shrink(&old, vec![], 0.5), (vec![], false));
     }
 
     #[test]
