@@ -22,6 +22,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -37,6 +38,7 @@ CONSUL, TG, NG, UPS, ADMIN = 18700, 18780, 18781, [18790, 18791, 18792, 18793], 
 
 def free(port):
     s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT from a previous run is fine
     try:
         s.bind(("127.0.0.1", port))
         return True
@@ -129,6 +131,8 @@ def main():
     ap.add_argument("--changes", type=int, default=200)
     ap.add_argument("--tollgate", default=f"{ROOT}/target/release/tollgate")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--cached", choices=["true", "false"], default="true",
+                    help="tollgate's consul.cached (the agent cache)")
     args = ap.parse_args()
     for tool in ("nginx", "wrk", "consul"):
         if not shutil.which(tool):
@@ -157,7 +161,7 @@ def main():
     with open(f"{d}/tollgate.toml", "w") as f:
         f.write(f"[server]\nthreads = 1\n[log]\naccess_log = false\nlevel = \"warn\"\n"
                 f"[admin]\naddress = \"127.0.0.1:{ADMIN}\"\n"
-                f"[consul]\naddress = \"http://127.0.0.1:{CONSUL}\"\nstate_file = \"\"\n"
+                f"[consul]\naddress = \"http://127.0.0.1:{CONSUL}\"\nstate_file = \"\"\ncached = {args.cached}\n"
                 f"[[listener]]\naddress = \"127.0.0.1:{TG}\"\n"
                 f"[[vhost]]\ndefault = true\n[[vhost.route]]\npath = \"/\"\npool = \"web\"\n"
                 f"[pool.web]\nconsul = {{ service = \"web\" }}\n")
@@ -225,7 +229,7 @@ def main():
                     sys.exit(f"change {n} ({op} u{i}): {name} did not converge in 15 s")
                 conv[name].append(done[name])
         for w in wrk:
-            w.terminate()
+            w.send_signal(signal.SIGINT)  # wrk prints its summary on SIGINT
         outs = [w.communicate()[0] for w in wrk]
     finally:
         stop.set()

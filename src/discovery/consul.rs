@@ -131,6 +131,12 @@ pub fn backoff(attempt: u32, base: Duration, cap: Duration, r: f64) -> Duration 
     exp.mul_f64(r.clamp(0.0, 1.0))
 }
 
+/// Queries a second one watch may make, and its burst. The bucket stops a watch from looping
+/// on answers that come back at once (a misbehaving agent); it must not slow real churn: at
+/// 5/s a steady stream of changes waited 200 ms each (measured by benches/consul_convergence.py).
+const WATCH_RATE: f64 = 20.0;
+const WATCH_BURST: f64 = 40.0;
+
 /// A token bucket: `rate` tokens a second, at most `burst`. Returns how long to wait.
 #[derive(Debug)]
 pub struct TokenBucket {
@@ -512,7 +518,7 @@ async fn watch(settings: ConsulSettings, key: ServiceKey, tx: mpsc::Sender<Chang
     };
     // spread the first queries so watches do not wake together
     tokio::time::sleep(Duration::from_millis(fastrand::u64(0..100))).await;
-    let mut bucket = TokenBucket::new(5.0, 10.0, Instant::now());
+    let mut bucket = TokenBucket::new(WATCH_RATE, WATCH_BURST, Instant::now());
     let mut index = 1u64;
     let mut last: Option<Vec<BackendSpec>> = None;
     let mut failures = 0u32;
@@ -615,7 +621,7 @@ async fn watch_catalog(settings: ConsulSettings, tx: mpsc::Sender<Change>) {
             return;
         }
     };
-    let mut bucket = TokenBucket::new(5.0, 10.0, Instant::now());
+    let mut bucket = TokenBucket::new(WATCH_RATE, WATCH_BURST, Instant::now());
     let (mut index, mut failures) = (1u64, 0u32);
     // compared without the index: a registration elsewhere moves it without changing routes
     let strip = |r: &[DiscoveredRoute]| -> Vec<(String, String, String, String)> {
@@ -740,7 +746,7 @@ async fn watch_all(settings: ConsulSettings, keys: Vec<ServiceKey>, tx: mpsc::Se
         keys.iter().map(|k| (k.clone(), None)).collect();
     let mut failures: BTreeMap<ServiceKey, u32> = BTreeMap::new();
     let (mut health_index, mut catalog_index) = (1u64, 1u64);
-    let mut bucket = TokenBucket::new(2.0, 4.0, Instant::now());
+    let mut bucket = TokenBucket::new(10.0, 20.0, Instant::now());
     let limit = Arc::new(tokio::sync::Semaphore::new(16));
     loop {
         let delay = bucket.take(Instant::now());
