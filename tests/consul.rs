@@ -632,6 +632,7 @@ async fn services_declare_routes_in_tags_and_the_file_wins_conflicts() {
     let file_up = Upstream::start("file").await;
     let shop = Upstream::start("shop").await;
     let blog = Upstream::start("blog").await;
+    let docs = Upstream::start("docs").await;
     let dir = tempfile::tempdir().unwrap();
     let consul = ConsulAgent::start(dir.path()).await;
     let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -662,6 +663,12 @@ async fn services_declare_routes_in_tags_and_the_file_wins_conflicts() {
     consul
         .register("blog-1", "blog", blog.addr, &["tollgate.route=a.test/"])
         .await;
+    // an operator who keeps tags clean declares routes in service meta
+    let meta =
+        serde_json::json!({"tollgate-route": "docs.test/guide", "tollgate-route-2": "a.test/docs"});
+    consul
+        .register_with_meta("docs-1", "docs", docs.addr, meta)
+        .await;
 
     let c = plain();
     let get = |host: &'static str, p: &'static str| {
@@ -683,11 +690,13 @@ async fn services_declare_routes_in_tags_and_the_file_wins_conflicts() {
         }
     };
     wait_for(
-        "the tag routes to appear",
+        "the tag and meta routes to appear",
         Duration::from_secs(15),
         || async {
             get("shop.test", "/").await.as_deref() == Some("shop")
                 && get("a.test", "/cart/x").await.as_deref() == Some("shop")
+                && get("docs.test", "/guide/intro").await.as_deref() == Some("docs")
+                && get("a.test", "/docs").await.as_deref() == Some("docs")
         },
     )
     .await;

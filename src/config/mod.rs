@@ -93,6 +93,9 @@ pub struct ConsulSettings {
     pub route_tag_prefix: String,
     /// Also read Fabio's `urlprefix-host/path` tags.
     pub fabio_tags: bool,
+    /// Service meta keys that declare routes (`tollgate-route`, `tollgate-route-2`, …);
+    /// empty: meta is not read.
+    pub route_meta_prefix: String,
     /// The shrink guard: an answer may not take a pool below this fraction of its backends.
     pub min_fraction: f64,
     /// How long a watch outlives the last pool that needs it (route flaps do not restart it).

@@ -80,6 +80,7 @@ pub struct RawConsul {
     pub tag_routes: Option<bool>,
     pub route_tag_prefix: Option<String>,
     pub fabio_tags: Option<bool>,
+    pub route_meta_prefix: Option<String>,
     pub min_fraction: Option<S<f64>>,
     pub watch_grace: Option<S<String>>,
 }

@@ -421,6 +421,10 @@ fn consul(cx: &mut Ctx, raw: &super::raw::RawConsul) -> ConsulSettings {
             .clone()
             .unwrap_or_else(|| "tollgate.route=".to_string()),
         fabio_tags: raw.fabio_tags.unwrap_or(true),
+        route_meta_prefix: raw
+            .route_meta_prefix
+            .clone()
+            .unwrap_or_else(|| "tollgate-route".to_string()),
         min_fraction: match &raw.min_fraction {
             None => 0.0,
             Some(f) if (0.0..=1.0).contains(f.get_ref()) => *f.get_ref(),

@@ -592,6 +592,9 @@ async fn catalog_routes(
         .map_err(|e| format!("not a /v1/catalog/services answer: {e}"))?;
     let next = next_index(index, answered);
     let mut routes = Vec::new();
+    if !s.route_meta_prefix.is_empty() {
+        routes.extend(meta_routes(http, s, services.keys().cloned().collect(), next).await);
+    }
     for (service, tags) in services {
         for tag in tags {
             match parse_route_tag(&tag, &s.route_tag_prefix, s.fabio_tags) {
@@ -610,6 +613,84 @@ async fn catalog_routes(
     routes.sort();
     routes.dedup_by(|a, b| a.host == b.host && a.path == b.path && a.service == b.service);
     Ok((next, routes))
+}
+
+/// Routes declared in service meta (`tollgate-route`, `tollgate-route-2`, … = `host/path`):
+/// every service's instances are read once (16 at a time) per catalog change. A service that
+/// cannot be read keeps no meta routes this round (and the error is logged).
+async fn meta_routes(
+    http: &reqwest::Client,
+    s: &ConsulSettings,
+    services: Vec<String>,
+    index: u64,
+) -> Vec<DiscoveredRoute> {
+    #[derive(Deserialize)]
+    struct Instance {
+        #[serde(rename = "ServiceMeta", default)]
+        meta: Option<HashMap<String, String>>,
+    }
+    let limit = Arc::new(tokio::sync::Semaphore::new(16));
+    let mut reads = tokio::task::JoinSet::new();
+    for service in services {
+        let (http, s, limit) = (http.clone(), s.clone(), limit.clone());
+        reads.spawn(async move {
+            let _permit = limit.acquire_owned().await;
+            let mut url = format!("{}/v1/catalog/service/{}", s.address, urlencode(&service));
+            if let Some(dc) = &s.datacenter {
+                url.push_str(&format!("?dc={}", urlencode(dc)));
+            }
+            let mut req = http.get(&url).timeout(Duration::from_secs(10));
+            if let Some(t) = token(&s) {
+                req = req.header("X-Consul-Token", t);
+            }
+            let r: Result<Vec<Instance>, String> = async {
+                let resp = req
+                    .send()
+                    .await
+                    .map_err(|e| describe(&e, Duration::from_secs(10)))?;
+                if !resp.status().is_success() {
+                    return Err(format!("{}", resp.status()));
+                }
+                resp.json().await.map_err(|e| e.to_string())
+            }
+            .await;
+            (service, r)
+        });
+    }
+    let mut routes = Vec::new();
+    while let Some(Ok((service, r))) = reads.join_next().await {
+        let instances = match r {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!(service = %service, error = %e, "cannot read the service's meta for routes");
+                continue;
+            }
+        };
+        for meta in instances.into_iter().filter_map(|i| i.meta) {
+            for (k, v) in meta {
+                let is_route = k == s.route_meta_prefix
+                    || k.strip_prefix(&s.route_meta_prefix)
+                        .is_some_and(|rest| rest.starts_with('-'));
+                if !is_route {
+                    continue;
+                }
+                match parse_route_tag(&v, "", false) {
+                    Some(Ok((host, path))) => routes.push(DiscoveredRoute {
+                        host,
+                        path,
+                        service: service.clone(),
+                        tag: format!("meta {k}={v}"),
+                        index,
+                    }),
+                    Some(Err(e)) => {
+                        tracing::warn!(service = %service, "ignoring route meta {k}: {e}")
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+    routes
 }
 
 /// Watch the catalog for route tags; send the route set whenever it changes.

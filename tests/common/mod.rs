@@ -512,6 +512,25 @@ impl ConsulAgent {
         .await;
     }
 
+    /// Register an instance whose service meta holds `meta` (no tags).
+    pub async fn register_with_meta(
+        &self,
+        id: &str,
+        service: &str,
+        addr: SocketAddr,
+        meta: serde_json::Value,
+    ) {
+        self.put(
+            "/v1/agent/service/register",
+            Some(serde_json::json!({
+                "ID": id, "Name": service, "Address": addr.ip().to_string(), "Port": addr.port(),
+                "Meta": meta,
+                "Check": { "CheckID": format!("check-{id}"), "TTL": "10m", "Status": "passing" },
+            })),
+        )
+        .await;
+    }
+
     pub async fn deregister(&self, id: &str) {
         self.put(&format!("/v1/agent/service/deregister/{id}"), None)
             .await;
