@@ -99,7 +99,11 @@ backend be
     tollgate = write(f"{d}/tollgate.toml", f"""
 [server]
 threads = 1
+# the default for threads = 1, written out: one single-threaded runtime
+work_stealing = false
 watch_config = false
+[admin]
+enabled = false
 [log]
 access_log = false
 level = "warn"
