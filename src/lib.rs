@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod config;
 pub mod discovery;
+pub mod failover;
 pub mod proxy;
 pub mod routing;
 pub mod state;

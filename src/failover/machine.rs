@@ -1,0 +1,524 @@
+//! The failover state machine (INIT, BACKUP, MASTER, FAULT), driven by events and an injected
+//! clock (milliseconds). Rules:
+//! - never start as MASTER: INIT first, and while the peer has never been heard, hold for
+//!   `init_hold` before claiming;
+//! - election by (priority, name), higher wins;
+//! - every claim takes a term above any seen; a MASTER that hears a MASTER with a higher
+//!   (term, priority, name) demotes at once, so a healed split brain resolves itself;
+//! - claims are spaced by `claim_min_interval`, doubling for each claim soon after the last
+//!   (up to `claim_backoff_max`), so the address does not ping-pong;
+//! - a MASTER re-verifies it holds the address every `verify_every` and demotes if not;
+//! - local health failing means FAULT: release, stop advertising; recovery goes to BACKUP.
+
+use std::cmp::Ordering;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Role {
+    Init,
+    Backup,
+    Master,
+    Fault,
+}
+
+#[derive(Debug, Clone)]
+pub struct Params {
+    pub name: String,
+    pub priority: u8,
+    /// The peer is dead when not heard from for this long (ms).
+    pub dead_after: u64,
+    /// Hold in INIT this long when the peer was never heard (ms).
+    pub init_hold: u64,
+    pub preempt: bool,
+    pub claim_min_interval: u64,
+    pub claim_backoff_max: u64,
+    pub verify_every: u64,
+}
+
+/// What a heartbeat says about its sender (after authentication).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Advert {
+    pub name: String,
+    pub priority: u8,
+    pub term: u64,
+    pub role: Role,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Time passed.
+    Tick,
+    /// An authenticated, fresh heartbeat from the peer.
+    Heartbeat(Advert),
+    /// The local listeners' health check.
+    LocalHealth(bool),
+    /// Whether the claim actions took (the address answers locally / the EIP is ours).
+    ClaimResult(bool),
+    /// The periodic re-verification of a MASTER.
+    VerifyResult(bool),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Run the claim actions (vip, aws_eip, exec) for this term.
+    Claim { term: u64 },
+    /// Give the address up.
+    Release,
+    /// Check that we still hold the address.
+    Verify,
+}
+
+#[derive(Debug)]
+pub struct Machine {
+    p: Params,
+    role: Role,
+    term: u64,
+    started: u64,
+    peer: Option<(Advert, u64)>,
+    healthy: bool,
+    /// When the last claim was made and how many came in quick succession.
+    last_claim: Option<u64>,
+    quick_claims: u32,
+    last_verify: u64,
+    reason: String,
+    since: u64,
+}
+
+impl Machine {
+    pub fn new(p: Params, now: u64) -> Machine {
+        Machine {
+            p,
+            role: Role::Init,
+            term: 0,
+            started: now,
+            peer: None,
+            healthy: true,
+            last_claim: None,
+            quick_claims: 0,
+            last_verify: now,
+            reason: "starting".into(),
+            since: now,
+        }
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    pub fn term(&self) -> u64 {
+        self.term
+    }
+
+    /// Why the last transition happened, and when (ms).
+    pub fn last_transition(&self) -> (&str, u64) {
+        (&self.reason, self.since)
+    }
+
+    /// What our heartbeats say; `None` in FAULT (we stop advertising).
+    pub fn advert(&self) -> Option<Advert> {
+        (self.role != Role::Fault).then(|| Advert {
+            name: self.p.name.clone(),
+            priority: self.p.priority,
+            term: self.term,
+            role: self.role,
+        })
+    }
+
+    fn set(&mut self, role: Role, now: u64, reason: impl Into<String>) {
+        self.role = role;
+        self.reason = reason.into();
+        self.since = now;
+    }
+
+    fn peer_alive(&self, now: u64) -> Option<&Advert> {
+        self.peer
+            .as_ref()
+            .filter(|(_, seen)| now.saturating_sub(*seen) <= self.p.dead_after)
+            .map(|(a, _)| a)
+    }
+
+    /// Do we outrank `other` in an election: (priority, name), higher wins.
+    fn outranks(&self, other: &Advert) -> bool {
+        (self.p.priority, self.p.name.as_str()).cmp(&(other.priority, other.name.as_str()))
+            == Ordering::Greater
+    }
+
+    /// The earliest time the next claim may be made.
+    fn next_claim_at(&self) -> u64 {
+        match self.last_claim {
+            None => 0,
+            Some(t) => {
+                let wait = self
+                    .p
+                    .claim_min_interval
+                    .saturating_mul(1 << self.quick_claims.min(16))
+                    .min(self.p.claim_backoff_max);
+                t + wait
+            }
+        }
+    }
+
+    fn claim(&mut self, now: u64, reason: &str) -> Vec<Action> {
+        if now < self.next_claim_at() {
+            return Vec::new();
+        }
+        let peer_term = self.peer.as_ref().map(|(a, _)| a.term).unwrap_or(0);
+        self.term = self.term.max(peer_term) + 1;
+        // a claim soon after the last one counts towards the backoff; a quiet spell resets it
+        match self.last_claim {
+            Some(t) if now - t < self.p.claim_backoff_max.saturating_mul(2) => {
+                self.quick_claims += 1
+            }
+            _ => self.quick_claims = 0,
+        }
+        self.last_claim = Some(now);
+        self.last_verify = now;
+        self.set(Role::Master, now, reason);
+        vec![Action::Claim { term: self.term }]
+    }
+
+    fn demote(&mut self, now: u64, role: Role, reason: &str) -> Vec<Action> {
+        let was_master = self.role == Role::Master;
+        self.set(role, now, reason);
+        if was_master {
+            vec![Action::Release]
+        } else {
+            Vec::new()
+        }
+    }
+
+    pub fn handle(&mut self, now: u64, event: Event) -> Vec<Action> {
+        match event {
+            Event::LocalHealth(false) => {
+                self.healthy = false;
+                if self.role != Role::Fault {
+                    return self.demote(now, Role::Fault, "local health check failed");
+                }
+                return Vec::new();
+            }
+            Event::LocalHealth(true) => {
+                self.healthy = true;
+                if self.role == Role::Fault {
+                    self.set(Role::Backup, now, "local health check passes again");
+                }
+                return self.step(now);
+            }
+            Event::Heartbeat(a) => {
+                let higher = (a.term, a.priority, a.name.as_str())
+                    > (self.term, self.p.priority, self.p.name.as_str());
+                self.peer = Some((a.clone(), now));
+                if self.role == Role::Master && a.role == Role::Master && higher {
+                    return self.demote(
+                        now,
+                        Role::Backup,
+                        "the peer is MASTER with a higher (term, priority, name)",
+                    );
+                }
+                if self.role == Role::Init && a.role == Role::Master {
+                    self.set(Role::Backup, now, "the peer is MASTER");
+                }
+            }
+            Event::ClaimResult(ok) => {
+                if !ok && self.role == Role::Master {
+                    return self.demote(now, Role::Backup, "the claim did not take");
+                }
+                return Vec::new();
+            }
+            Event::VerifyResult(ok) => {
+                if !ok && self.role == Role::Master {
+                    return self.demote(now, Role::Backup, "no longer holds the address");
+                }
+                return Vec::new();
+            }
+            Event::Tick => {}
+        }
+        self.step(now)
+    }
+
+    /// What time and the peer's state call for.
+    fn step(&mut self, now: u64) -> Vec<Action> {
+        if !self.healthy {
+            return Vec::new();
+        }
+        let peer = self.peer_alive(now).cloned();
+        match self.role {
+            Role::Fault => Vec::new(),
+            Role::Init => match peer {
+                Some(p) if p.role == Role::Master => {
+                    self.set(Role::Backup, now, "the peer is MASTER");
+                    Vec::new()
+                }
+                Some(p) if p.role == Role::Fault || self.outranks(&p) => {
+                    self.claim(now, "elected: the peer ranks lower")
+                }
+                Some(_) => {
+                    self.set(Role::Backup, now, "the peer ranks higher");
+                    Vec::new()
+                }
+                None if self.peer.is_none() && now - self.started < self.p.init_hold => Vec::new(),
+                None => self.claim(now, "no peer heard"),
+            },
+            Role::Backup => match peer {
+                None => self.claim(now, "the peer is dead"),
+                Some(p) if p.role == Role::Fault => self.claim(now, "the peer is in FAULT"),
+                Some(p) if p.role == Role::Master && self.p.preempt && self.outranks(&p) => {
+                    self.claim(now, "preempting a lower-priority MASTER")
+                }
+                Some(p) if p.role != Role::Master && self.outranks(&p) => {
+                    self.claim(now, "elected: no MASTER and the peer ranks lower")
+                }
+                Some(_) => Vec::new(),
+            },
+            Role::Master => {
+                if now - self.last_verify >= self.p.verify_every {
+                    self.last_verify = now;
+                    return vec![Action::Verify];
+                }
+                Vec::new()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HB: u64 = 200; // heartbeat interval
+
+    fn params(name: &str, priority: u8, preempt: bool) -> Params {
+        Params {
+            name: name.into(),
+            priority,
+            dead_after: 3 * HB + 100,
+            init_hold: 3 * HB + 100,
+            preempt,
+            claim_min_interval: 1_000,
+            claim_backoff_max: 8_000,
+            verify_every: 3_000,
+        }
+    }
+
+    /// Two peers exchanging heartbeats every HB ms while `link` says so.
+    struct Pair {
+        a: Machine,
+        b: Machine,
+        now: u64,
+        a_up: bool,
+        b_up: bool,
+        link: bool,
+        claims: Vec<(String, u64)>,
+    }
+
+    impl Pair {
+        fn new(a: Params, b: Params) -> Pair {
+            Pair {
+                a: Machine::new(a, 0),
+                b: Machine::new(b, 0),
+                now: 0,
+                a_up: true,
+                b_up: true,
+                link: true,
+                claims: Vec::new(),
+            }
+        }
+
+        /// Advance by `ms` in heartbeat steps; every claim takes.
+        fn run(&mut self, ms: u64) {
+            let end = self.now + ms;
+            while self.now < end {
+                self.now += HB;
+                let now = self.now;
+                let (ad_a, ad_b) = (self.a.advert(), self.b.advert());
+                for (m, up, peer_ad, peer_up) in [
+                    (&mut self.a, self.a_up, ad_b, self.b_up),
+                    (&mut self.b, self.b_up, ad_a, self.a_up),
+                ] {
+                    if !up {
+                        continue;
+                    }
+                    let mut actions = m.handle(now, Event::Tick);
+                    if let (true, true, Some(ad)) = (self.link, peer_up, peer_ad) {
+                        actions.extend(m.handle(now, Event::Heartbeat(ad)));
+                    }
+                    for act in actions {
+                        match act {
+                            Action::Claim { term } => {
+                                self.claims.push((m.p.name.clone(), term));
+                                m.handle(now, Event::ClaimResult(true));
+                            }
+                            Action::Verify => {
+                                m.handle(now, Event::VerifyResult(true));
+                            }
+                            Action::Release => {}
+                        }
+                    }
+                }
+            }
+        }
+
+        fn masters(&self) -> Vec<&str> {
+            [(&self.a, self.a_up), (&self.b, self.b_up)]
+                .into_iter()
+                .filter(|(m, up)| *up && m.role() == Role::Master)
+                .map(|(m, _)| m.p.name.as_str())
+                .collect()
+        }
+    }
+
+    #[test]
+    fn never_starts_as_master_and_holds_while_no_peer_was_heard() {
+        let mut m = Machine::new(params("a", 100, false), 0);
+        assert_eq!(m.role(), Role::Init);
+        assert_eq!(m.handle(100, Event::Tick), vec![]);
+        assert_eq!(m.handle(600, Event::Tick), vec![]);
+        assert_eq!(m.role(), Role::Init, "still holding");
+        assert_eq!(m.handle(800, Event::Tick), vec![Action::Claim { term: 1 }]);
+        assert_eq!(m.role(), Role::Master);
+        assert_eq!(m.last_transition().0, "no peer heard");
+    }
+
+    #[test]
+    fn election_by_priority_then_name_on_simultaneous_start() {
+        for (pa, pb, winner) in [(200, 100, "a"), (100, 200, "b"), (100, 100, "b")] {
+            let mut p = Pair::new(params("a", pa, false), params("b", pb, false));
+            p.run(2_000);
+            assert_eq!(p.masters(), vec![winner], "priorities {pa}/{pb}");
+            assert_eq!(p.claims.len(), 1, "exactly one claim: {:?}", p.claims);
+        }
+    }
+
+    #[test]
+    fn peer_loss_makes_the_backup_master_within_the_dead_time() {
+        let mut p = Pair::new(params("a", 200, false), params("b", 100, false));
+        p.run(2_000);
+        assert_eq!(p.masters(), vec!["a"]);
+        p.a_up = false; // a dies
+        let died = p.now;
+        while p.masters() != vec!["b"] {
+            p.run(HB);
+            assert!(p.now - died <= 1_000, "takeover took too long");
+        }
+        assert_eq!(p.b.term(), 2, "the claim took a higher term");
+    }
+
+    #[test]
+    fn the_old_master_returns_without_preempt_and_stays_backup() {
+        let mut p = Pair::new(params("a", 200, false), params("b", 100, false));
+        p.run(2_000);
+        p.a_up = false;
+        p.run(2_000);
+        assert_eq!(p.masters(), vec!["b"]);
+        p.a = Machine::new(params("a", 200, false), p.now); // a restarts
+        p.a_up = true;
+        p.run(5_000);
+        assert_eq!(p.masters(), vec!["b"]);
+        assert_eq!(p.a.role(), Role::Backup);
+    }
+
+    #[test]
+    fn the_old_master_returns_with_preempt_and_takes_over_once() {
+        let mut p = Pair::new(params("a", 200, true), params("b", 100, true));
+        p.run(2_000);
+        p.a_up = false;
+        p.run(2_000);
+        assert_eq!(p.masters(), vec!["b"]);
+        p.a = Machine::new(params("a", 200, true), p.now);
+        p.a_up = true;
+        let claims_before = p.claims.len();
+        p.run(5_000);
+        assert_eq!(p.masters(), vec!["a"]);
+        assert_eq!(p.b.role(), Role::Backup);
+        assert_eq!(
+            p.b.last_transition().0,
+            "the peer is MASTER with a higher (term, priority, name)"
+        );
+        assert_eq!(p.claims.len(), claims_before + 1);
+    }
+
+    #[test]
+    fn a_healed_split_brain_resolves_to_one_master() {
+        let mut p = Pair::new(params("a", 200, false), params("b", 100, false));
+        p.run(2_000);
+        p.link = false; // the link between the peers is cut: both become master
+        p.run(3_000);
+        assert_eq!(p.masters().len(), 2);
+        p.link = true;
+        p.run(HB * 2);
+        assert_eq!(
+            p.masters().len(),
+            1,
+            "one master as soon as they hear each other"
+        );
+    }
+
+    #[test]
+    fn fault_releases_stops_advertising_and_recovers_as_backup() {
+        let mut m = Machine::new(params("a", 200, false), 0);
+        m.handle(800, Event::Tick);
+        assert_eq!(m.role(), Role::Master);
+        assert_eq!(
+            m.handle(900, Event::LocalHealth(false)),
+            vec![Action::Release]
+        );
+        assert_eq!(m.role(), Role::Fault);
+        assert_eq!(m.advert(), None, "a FAULT node stops advertising");
+        assert_eq!(
+            m.handle(5_000, Event::Tick),
+            vec![],
+            "no claim while unhealthy"
+        );
+        m.handle(6_000, Event::LocalHealth(true));
+        assert_ne!(m.role(), Role::Fault);
+        // with no peer it claims again, after the claim interval
+        assert_eq!(m.role(), Role::Master);
+        assert_eq!(m.term(), 2);
+    }
+
+    #[test]
+    fn failed_claims_back_off_instead_of_ping_ponging() {
+        let mut m = Machine::new(params("a", 200, false), 0);
+        let mut claim_times = Vec::new();
+        let mut now = 0;
+        while now < 30_000 {
+            now += 100;
+            for a in m.handle(now, Event::Tick) {
+                if let Action::Claim { .. } = a {
+                    claim_times.push(now);
+                    m.handle(now, Event::ClaimResult(false));
+                }
+            }
+        }
+        let gaps: Vec<u64> = claim_times.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(
+            gaps.iter().all(|g| *g >= 1_000),
+            "claims closer than the minimum: {gaps:?}"
+        );
+        assert!(
+            gaps.windows(2).all(|w| w[1] >= w[0]),
+            "the backoff never shrinks: {gaps:?}"
+        );
+        assert!(
+            gaps.iter().any(|g| *g >= 8_000),
+            "the backoff reaches its cap: {gaps:?}"
+        );
+        assert!(
+            claim_times.len() <= 8,
+            "{} claims in 30 s",
+            claim_times.len()
+        );
+    }
+
+    #[test]
+    fn a_master_that_no_longer_holds_the_address_demotes() {
+        let mut m = Machine::new(params("a", 200, false), 0);
+        m.handle(800, Event::Tick);
+        assert_eq!(m.handle(3_000, Event::Tick), vec![]);
+        assert_eq!(m.handle(3_900, Event::Tick), vec![Action::Verify]);
+        assert_eq!(
+            m.handle(3_900, Event::VerifyResult(false)),
+            vec![Action::Release]
+        );
+        assert_eq!(m.role(), Role::Backup);
+        assert_eq!(m.last_transition().0, "no longer holds the address");
+    }
+}
