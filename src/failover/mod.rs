@@ -3,4 +3,5 @@
 //! in, actions out, time passed in, so election, split brain and backoff are tested exactly.
 //! It must not touch sockets or addresses itself: the I/O edge performs its actions.
 
+pub mod heartbeat;
 pub mod machine;
