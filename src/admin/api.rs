@@ -39,7 +39,10 @@ pub(super) fn status(state: &State, snap: &Snapshot) -> Value {
         "pools": snap.pools.len(),
         // Sources and subsystems not built yet report themselves as such.
         "consul": consul_status(snap),
-        "failover": { "configured": false, "state": "standalone" },
+        "failover": match crate::failover::peer::status() {
+            Some(st) => json!({ "configured": true, "status": st }),
+            None => json!({ "configured": snap.config.failover.is_some(), "state": "standalone" }),
+        },
     })
 }
 
@@ -368,6 +371,39 @@ pub(super) fn metrics_text(state: &State, snap: &Snapshot) -> String {
                 now.saturating_sub(h.last_success_unix)
             );
         }
+    }
+    if let Some(st) = crate::failover::peer::status() {
+        family(
+            &mut out,
+            "tollgate_failover_state",
+            "gauge",
+            "1 for the failover state this node is in.",
+        );
+        for s in ["INIT", "BACKUP", "MASTER", "FAULT"] {
+            let _ = writeln!(
+                out,
+                "tollgate_failover_state{{state=\"{s}\"}} {}",
+                u8::from(st.state == s)
+            );
+        }
+        family(
+            &mut out,
+            "tollgate_failover_term",
+            "gauge",
+            "The failover term (every claim increments it).",
+        );
+        let _ = writeln!(out, "tollgate_failover_term {}", st.term);
+        family(
+            &mut out,
+            "tollgate_failover_rejected_heartbeats_total",
+            "counter",
+            "Heartbeats rejected (forged, replayed, stale).",
+        );
+        let _ = writeln!(
+            out,
+            "tollgate_failover_rejected_heartbeats_total {}",
+            st.rejected_packets
+        );
     }
     m.render_requests(&mut out);
     out

@@ -28,6 +28,7 @@ pub struct Config {
     pub certs_dir: Option<PathBuf>,
     pub admin: AdminSettings,
     pub consul: ConsulSettings,
+    pub failover: Option<FailoverSettings>,
     pub vhosts: Vec<Vhost>,
     pub pools: BTreeMap<String, PoolSpec>,
 }
@@ -125,6 +126,32 @@ impl std::fmt::Display for ServiceKey {
         }
         Ok(())
     }
+}
+
+/// The active/standby peer (`[failover]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailoverSettings {
+    pub name: String,
+    pub priority: u8,
+    /// UDP address heartbeats are received on, and the peer's.
+    pub listen: SocketAddr,
+    pub peer: SocketAddr,
+    pub secret: Vec<u8>,
+    pub interval: Duration,
+    pub dead_after: Duration,
+    pub preempt: bool,
+    pub claims: Vec<ClaimAction>,
+}
+
+/// What to do on becoming MASTER (and on leaving it), in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimAction {
+    /// Run a hook with the new state (keepalived-notify style).
+    Exec {
+        command: Vec<String>,
+        timeout: Duration,
+        retries: u32,
+    },
 }
 
 /// Where the admin bearer token comes from. A file is re-read on every reload.

@@ -16,6 +16,7 @@ pub struct RawConfig {
     pub tls: RawTls,
     pub admin: RawAdmin,
     pub consul: RawConsul,
+    pub failover: Option<S<RawFailover>>,
     #[serde(rename = "listener")]
     pub listeners: Vec<S<RawListener>>,
     #[serde(rename = "vhost")]
@@ -83,6 +84,33 @@ pub struct RawConsul {
     pub route_meta_prefix: Option<String>,
     pub min_fraction: Option<S<f64>>,
     pub watch_grace: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFailover {
+    pub name: S<String>,
+    pub priority: Option<S<i64>>,
+    pub listen: S<String>,
+    pub peer: S<String>,
+    pub secret: Option<S<String>>,
+    pub secret_file: Option<S<String>>,
+    pub interval: Option<S<String>>,
+    pub dead_after: Option<S<String>>,
+    pub preempt: Option<bool>,
+    #[serde(default)]
+    pub claim: Vec<S<RawClaim>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawClaim {
+    #[serde(rename = "type")]
+    pub kind: S<String>,
+    #[serde(default)]
+    pub command: Vec<String>,
+    pub timeout: Option<S<String>>,
+    pub retries: Option<S<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -257,6 +257,7 @@ fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
     let certs_dir = raw.tls.certs_dir.as_ref().map(|d| cx.path(d.get_ref()));
     let admin = admin(cx, &raw.admin);
     let consul = consul(cx, &raw.consul);
+    let failover = raw.failover.as_ref().and_then(|f| failover(cx, f));
     if admin.enabled
         && listeners
             .iter()
@@ -317,9 +318,96 @@ fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
         certs_dir,
         admin,
         consul,
+        failover,
         vhosts,
         pools,
     }
+}
+
+fn failover(cx: &mut Ctx, sf: &Spanned<super::raw::RawFailover>) -> Option<FailoverSettings> {
+    let f = sf.get_ref();
+    let addr =
+        |cx: &mut Ctx, v: &Spanned<String>, opt: &str| match v.get_ref().parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                cx.err(
+                    v.span(),
+                    opt,
+                    format!("`{}` is not an IP:port address", v.get_ref()),
+                );
+                None
+            }
+        };
+    let listen = addr(cx, &f.listen, "failover.listen");
+    let peer = addr(cx, &f.peer, "failover.peer");
+    let secret = match (&f.secret, &f.secret_file) {
+        (Some(s), None) => Some(s.get_ref().trim().as_bytes().to_vec()).filter(|s| s.len() >= 16),
+        (None, Some(p)) => std::fs::read_to_string(cx.path(p.get_ref()))
+            .ok()
+            .map(|s| s.trim().as_bytes().to_vec())
+            .filter(|s| s.len() >= 16),
+        _ => None,
+    };
+    if secret.is_none() {
+        cx.err(
+            sf.span(),
+            "failover.secret",
+            "set failover.secret or failover.secret_file to a shared secret of 16 characters or more",
+        );
+    }
+    let interval = cx.duration_in(
+        &f.interval,
+        "failover.interval",
+        Duration::from_millis(200),
+        Duration::from_millis(20),
+        Duration::from_secs(10),
+    );
+    let dead_after = cx.duration_in(
+        &f.dead_after,
+        "failover.dead_after",
+        interval * 3 + interval / 2,
+        interval * 2,
+        Duration::from_secs(60),
+    );
+    let priority = cx.int(&f.priority, "failover.priority", 100, 1, 255) as u8;
+    let name = f.name.get_ref().trim().to_string();
+    if name.is_empty() || name.len() > 64 {
+        cx.err(f.name.span(), "failover.name", "must be 1 to 64 characters");
+    }
+    let mut claims = Vec::new();
+    for (i, c) in f.claim.iter().enumerate() {
+        let c = c.get_ref();
+        let opt = format!("failover.claim[{i}]");
+        match c.kind.get_ref().as_str() {
+            "exec" => {
+                if c.command.is_empty() {
+                    cx.err(c.kind.span(), format!("{opt}.command"), "an exec claim needs command = [\"/path/to/hook\"]");
+                }
+                claims.push(ClaimAction::Exec {
+                    command: c.command.clone(),
+                    timeout: cx.duration_in(&c.timeout, &format!("{opt}.timeout"), Duration::from_secs(5), Duration::from_millis(10), Duration::from_secs(120)),
+                    retries: cx.int(&c.retries, &format!("{opt}.retries"), 2, 0, 10) as u32,
+                });
+            }
+            "vip" | "aws_eip" => cx.err(
+                c.kind.span(),
+                format!("{opt}.type"),
+                format!("`{}` claims are not built yet: use type = \"exec\" with a hook that moves the address", c.kind.get_ref()),
+            ),
+            other => cx.err(c.kind.span(), format!("{opt}.type"), format!("`{other}` is not one of: exec, vip, aws_eip")),
+        }
+    }
+    Some(FailoverSettings {
+        name,
+        priority,
+        listen: listen?,
+        peer: peer?,
+        secret: secret?,
+        interval,
+        dead_after,
+        preempt: f.preempt.unwrap_or(false),
+        claims,
+    })
 }
 
 fn env(name: &str) -> Option<String> {

@@ -5,3 +5,4 @@
 
 pub mod heartbeat;
 pub mod machine;
+pub mod peer;

@@ -170,6 +170,18 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
         "tollgate reloader",
         Reloader::new(state.clone()),
     ));
+    if let Some(f) = cfg.failover.clone() {
+        let first = cfg
+            .listeners
+            .iter()
+            .flat_map(|l| l.addresses.iter())
+            .next()
+            .copied();
+        server.add_service(background_service(
+            "tollgate failover",
+            crate::failover::peer::Peer::new(f, first),
+        ));
+    }
     server.add_service(background_service(
         "tollgate consul",
         crate::discovery::consul::Manager::new(state.clone()),
