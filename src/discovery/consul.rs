@@ -557,40 +557,9 @@ async fn catalog_routes(
     s: &ConsulSettings,
     index: u64,
 ) -> Result<(u64, Vec<DiscoveredRoute>), String> {
-    let mut url = format!(
-        "{}/v1/catalog/services?index={index}&wait={}s",
-        s.address,
-        s.wait.as_secs()
-    );
-    if let Some(dc) = &s.datacenter {
-        url.push_str(&format!("&dc={}", urlencode(dc)));
-    }
-    if s.stale {
-        url.push_str("&stale");
-    }
-    let mut req = http
-        .get(&url)
-        .timeout(s.wait + s.wait / 16 + Duration::from_secs(5));
-    if let Some(t) = token(s) {
-        req = req.header("X-Consul-Token", t);
-    }
-    let resp = req.send().await.map_err(|e| e.to_string())?;
-    let status = resp.status();
-    let answered = resp
-        .headers()
-        .get("x-consul-index")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    let body = resp.bytes().await.map_err(|e| e.to_string())?;
-    if !status.is_success() {
-        return Err(format!(
-            "/v1/catalog/services: {status}: {}",
-            String::from_utf8_lossy(&body).trim()
-        ));
-    }
+    let (next, body) = blocking_get(http, s, "/v1/catalog/services", index).await?;
     let services: BTreeMap<String, Vec<String>> = serde_json::from_slice(&body)
         .map_err(|e| format!("not a /v1/catalog/services answer: {e}"))?;
-    let next = next_index(index, answered);
     let mut routes = Vec::new();
     if !s.route_meta_prefix.is_empty() {
         routes.extend(meta_routes(http, s, services.keys().cloned().collect(), next).await);
@@ -769,13 +738,14 @@ async fn watch_catalog(settings: ConsulSettings, tx: mpsc::Sender<Change>) {
     }
 }
 
-/// One blocking query on an endpoint whose index moves with any change of its kind.
-async fn block_on(
+/// One blocking GET on a catalog-wide endpoint (`path`), with the settings' datacenter,
+/// stale flag, token and timeout. Returns the next index to send and the body.
+async fn blocking_get(
     http: &reqwest::Client,
     s: &ConsulSettings,
     path: &str,
     index: u64,
-) -> Result<u64, String> {
+) -> Result<(u64, bytes::Bytes), String> {
     let mut url = format!(
         "{}{path}?index={index}&wait={}s",
         s.address,
@@ -787,24 +757,39 @@ async fn block_on(
     if s.stale {
         url.push_str("&stale");
     }
-    let mut req = http
-        .get(&url)
-        .timeout(s.wait + s.wait / 16 + Duration::from_secs(5));
+    let timeout = s.wait + s.wait / 16 + Duration::from_secs(5);
+    let mut req = http.get(&url).timeout(timeout);
     if let Some(t) = token(s) {
         req = req.header("X-Consul-Token", t);
     }
-    let resp = req.send().await.map_err(|e| e.to_string())?;
-    if !resp.status().is_success() {
-        return Err(format!("{path}: {}", resp.status()));
-    }
+    let resp = req.send().await.map_err(|e| describe(&e, timeout))?;
+    let status = resp.status();
     let answered = resp
         .headers()
         .get("x-consul-index")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    // drain the body so the connection can be reused
-    let _ = resp.bytes().await;
-    Ok(next_index(index, answered))
+    // read the body in every case, so the connection can be reused
+    let body = resp.bytes().await.map_err(|e| e.to_string())?;
+    if !status.is_success() {
+        return Err(format!(
+            "{path}: {status}: {}",
+            String::from_utf8_lossy(&body).trim()
+        ));
+    }
+    Ok((next_index(index, answered), body))
+}
+
+/// One blocking query on an endpoint whose index moves with any change of its kind.
+async fn block_on(
+    http: &reqwest::Client,
+    s: &ConsulSettings,
+    path: &str,
+    index: u64,
+) -> Result<u64, String> {
+    blocking_get(http, s, path, index)
+        .await
+        .map(|(next, _)| next)
 }
 
 /// The fallback beyond `max_blocking` services: two blocking watches in all, on
