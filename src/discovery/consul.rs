@@ -278,95 +278,32 @@ fn token(s: &ConsulSettings) -> Option<String> {
     })
 }
 
-/// One blocking query. `Ok(None)` when the index did not move (nothing to do).
+/// One blocking query on the health of `key`: the next index to send and its backends.
 async fn query(
     http: &reqwest::Client,
     s: &ConsulSettings,
     key: &ServiceKey,
     index: u64,
 ) -> Result<(u64, Vec<BackendSpec>), String> {
-    let mut url = format!(
-        "{}/v1/health/service/{}",
-        s.address,
-        urlencode(&key.service)
-    );
-    let mut params: Vec<(String, String)> = vec![
-        ("index".into(), index.to_string()),
-        ("wait".into(), format!("{}s", s.wait.as_secs())),
-    ];
+    let mut params: Vec<(&str, String)> = Vec::new();
     if key.passing {
-        params.push(("passing".into(), "1".into()));
+        params.push(("passing", "1".into()));
     }
     for t in &key.tags {
-        params.push(("tag".into(), t.clone()));
-    }
-    if let Some(dc) = key.datacenter.as_ref().or(s.datacenter.as_ref()) {
-        params.push(("dc".into(), dc.clone()));
-    }
-    if s.stale {
-        params.push(("stale".into(), String::new()));
+        params.push(("tag", t.clone()));
     }
     if s.cached {
-        params.push(("cached".into(), String::new()));
+        params.push(("cached", String::new()));
     }
-    url.push('?');
-    url.push_str(
-        &params
-            .iter()
-            .map(|(k, v)| {
-                if v.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{k}={}", urlencode(v))
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("&"),
-    );
-    // wait + wait/16 (Consul's own jitter) + a margin
-    let timeout = s.wait + s.wait / 16 + Duration::from_secs(5);
-    let mut req = http.get(&url).timeout(timeout);
-    if let Some(t) = token(s) {
-        req = req.header("X-Consul-Token", t);
-    }
-    let resp = req.send().await.map_err(|e| describe(&e, timeout))?;
-    let status = resp.status();
-    let answered = resp
-        .headers()
-        .get("x-consul-index")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    let known_leader = resp
-        .headers()
-        .get("x-consul-knownleader")
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v != "false")
-        .unwrap_or(true);
-    let body = resp
-        .bytes()
-        .await
-        .map_err(|e| format!("reading the answer: {e}"))?;
-    if status.is_success() && !known_leader && !s.stale {
-        return Err("the Consul servers have no leader (X-Consul-KnownLeader: false): not acting on a possibly stale answer".into());
-    }
-    if status == reqwest::StatusCode::FORBIDDEN {
-        return Err(format!(
-            "403 Forbidden: the Consul token cannot read service `{}` ({})",
-            key.service,
-            String::from_utf8_lossy(&body).trim()
-        ));
-    }
-    if !status.is_success() {
-        return Err(format!(
-            "{status}: {}",
-            String::from_utf8_lossy(&body).trim()
-        ));
-    }
+    let path = format!("/v1/health/service/{}", urlencode(&key.service));
+    let what = format!("service `{}`", key.service);
+    let dc = key.datacenter.as_ref().or(s.datacenter.as_ref());
+    let (next, body) = consul_get(http, s, &path, &what, dc, &params, index).await?;
     let (backends, skipped) = parse_health(&body)?;
     if !skipped.is_empty() {
         tracing::warn!(service = %key, skipped = ?skipped, "Consul instances without a usable address were skipped");
     }
-    Ok((next_index(index, answered), backends))
+    Ok((next, backends))
 }
 
 /// Does Consul know any instance of the service, whatever its health? (A plain read.)
@@ -738,12 +675,17 @@ async fn watch_catalog(settings: ConsulSettings, tx: mpsc::Sender<Change>) {
     }
 }
 
-/// One blocking GET on a catalog-wide endpoint (`path`), with the settings' datacenter,
-/// stale flag, token and timeout. Returns the next index to send and the body.
-async fn blocking_get(
+/// One blocking GET: `path` with `index`, `wait`, `dc`, `stale` and `params`; the settings'
+/// token and timeout (wait + wait/16, Consul's own jitter, + a margin). Returns the next index
+/// to send (Consul's index rules) and the body. A 403, any other error status and an answer
+/// from servers without a leader (unless stale reads are allowed) are errors that say so.
+async fn consul_get(
     http: &reqwest::Client,
     s: &ConsulSettings,
     path: &str,
+    what: &str,
+    dc: Option<&String>,
+    params: &[(&str, String)],
     index: u64,
 ) -> Result<(u64, bytes::Bytes), String> {
     let mut url = format!(
@@ -751,11 +693,15 @@ async fn blocking_get(
         s.address,
         s.wait.as_secs()
     );
-    if let Some(dc) = &s.datacenter {
-        url.push_str(&format!("&dc={}", urlencode(dc)));
-    }
-    if s.stale {
-        url.push_str("&stale");
+    let dc_param = dc.map(|d| ("dc", d.clone()));
+    let stale = s.stale.then(|| ("stale", String::new()));
+    for (k, v) in params.iter().cloned().chain(dc_param).chain(stale) {
+        url.push('&');
+        url.push_str(k);
+        if !v.is_empty() {
+            url.push('=');
+            url.push_str(&urlencode(&v));
+        }
     }
     let timeout = s.wait + s.wait / 16 + Duration::from_secs(5);
     let mut req = http.get(&url).timeout(timeout);
@@ -764,13 +710,30 @@ async fn blocking_get(
     }
     let resp = req.send().await.map_err(|e| describe(&e, timeout))?;
     let status = resp.status();
-    let answered = resp
-        .headers()
-        .get("x-consul-index")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let answered = header("x-consul-index").and_then(|v| v.parse::<u64>().ok());
+    let known_leader = header("x-consul-knownleader")
+        .map(|v| v != "false")
+        .unwrap_or(true);
     // read the body in every case, so the connection can be reused
-    let body = resp.bytes().await.map_err(|e| e.to_string())?;
+    let body = resp
+        .bytes()
+        .await
+        .map_err(|e| format!("reading the answer: {e}"))?;
+    if status.is_success() && !known_leader && !s.stale {
+        return Err("the Consul servers have no leader (X-Consul-KnownLeader: false): not acting on a possibly stale answer".into());
+    }
+    if status == reqwest::StatusCode::FORBIDDEN {
+        return Err(format!(
+            "403 Forbidden: the Consul token cannot read {what} ({})",
+            String::from_utf8_lossy(&body).trim()
+        ));
+    }
     if !status.is_success() {
         return Err(format!(
             "{path}: {status}: {}",
@@ -778,6 +741,16 @@ async fn blocking_get(
         ));
     }
     Ok((next_index(index, answered), body))
+}
+
+/// One blocking GET on a catalog-wide endpoint (`path`).
+async fn blocking_get(
+    http: &reqwest::Client,
+    s: &ConsulSettings,
+    path: &str,
+    index: u64,
+) -> Result<(u64, bytes::Bytes), String> {
+    consul_get(http, s, path, path, s.datacenter.as_ref(), &[], index).await
 }
 
 /// One blocking query on an endpoint whose index moves with any change of its kind.
