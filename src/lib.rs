@@ -6,6 +6,7 @@ pub mod admin;
 pub mod config;
 pub mod discovery;
 pub mod failover;
+pub mod limits;
 pub mod proxy;
 pub mod routing;
 pub mod state;

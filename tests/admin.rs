@@ -63,7 +63,12 @@ backends = [{backends}]
 [pool.api]
 balance = "p2c"
 backends = [{backends}]
-{extra}"#,
+{extra}
+# the binary-upgrade test opens a new connection per request, faster than the
+# default per-IP connection rate allows one client
+[limits]
+allow = ["127.0.0.1"]
+"#,
         dir = dir.display(),
         backends = b.join(", ")
     )

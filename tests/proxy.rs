@@ -526,7 +526,7 @@ backends = [\"{dead}\"]
         "upstream failed",
         "no live backend in pool dead",
         "upstream timed out",
-        "missing or invalid Host header",
+        "invalid Host header",
     ] {
         wait_for(
             &format!("reason `{reason}` in the log"),

@@ -250,6 +250,39 @@ impl Metrics {
                 m.connect_failures.load(Relaxed)
             );
         }
+        let conns = crate::limits::table();
+        family(
+            out,
+            "tollgate_connections_open",
+            "gauge",
+            "Client connections holding a slot now.",
+        );
+        let _ = writeln!(out, "tollgate_connections_open {}", conns.open());
+        family(
+            out,
+            "tollgate_connections_accepted_total",
+            "counter",
+            "Client connections admitted.",
+        );
+        let _ = writeln!(
+            out,
+            "tollgate_connections_accepted_total {}",
+            conns.accepted()
+        );
+        family(
+            out,
+            "tollgate_connections_rejected_total",
+            "counter",
+            "Client connections closed at once, by the limit that refused them.",
+        );
+        for r in crate::limits::Refusal::ALL {
+            let _ = writeln!(
+                out,
+                "tollgate_connections_rejected_total{{reason=\"{}\"}} {}",
+                r.label(),
+                conns.rejected(r)
+            );
+        }
     }
 }
 

@@ -29,6 +29,7 @@ pub struct Config {
     pub admin: AdminSettings,
     pub consul: ConsulSettings,
     pub failover: Option<FailoverSettings>,
+    pub limits: Limits,
     pub vhosts: Vec<Vhost>,
     pub pools: BTreeMap<String, PoolSpec>,
 }
@@ -179,6 +180,44 @@ pub struct Listener {
     pub addresses: Vec<SocketAddr>,
     pub tls: bool,
     pub http2: bool,
+    /// Connections start with a PROXY protocol v1/v2 header (from `limits.trusted_proxies`).
+    pub proxy_protocol: bool,
+}
+
+/// `[limits]`: what one client, or all of them, may hold and send. Every value has a safe
+/// default (docs/configuration.md); the `h2_*` values apply at start only, the rest on reload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    /// New connections per second per client IP (token bucket rate; 0 = off).
+    pub connection_rate_per_ip: f64,
+    pub connection_burst_per_ip: u32,
+    /// Client networks the per-IP caps and rate do not apply to.
+    pub allow: Vec<crate::limits::Cidr>,
+    pub handshake_timeout: Duration,
+    /// The whole request header must arrive within this.
+    pub header_timeout: Duration,
+    /// The longest wait for the next piece of a request body.
+    pub body_idle_timeout: Duration,
+    /// How long an idle keep-alive connection is kept.
+    pub keepalive_timeout: Duration,
+    /// Bytes per second a request body must average once `min_body_rate_after` has passed
+    /// (0 = off).
+    pub min_body_rate: u64,
+    pub min_body_rate_after: Duration,
+    pub max_request_line: usize,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    /// The default request body cap; a route's `max_body_size` overrides it. 0 = no cap.
+    pub max_body_size: u64,
+    pub h2_max_concurrent_streams: u32,
+    pub h2_max_header_list_size: u32,
+    pub h2_max_pending_resets: usize,
+    pub h2_max_error_resets: usize,
+    /// Peers trusted to send PROXY headers and (with `x_forwarded_for`) X-Forwarded-For.
+    pub trusted_proxies: Vec<crate::limits::Cidr>,
+    pub x_forwarded_for: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -210,6 +249,8 @@ impl Vhost {
 pub struct Route {
     pub path: String,
     pub pool: String,
+    /// Overrides `limits.max_body_size` for this route (0 = no cap).
+    pub max_body_size: Option<u64>,
     pub origin: Origin,
 }
 
@@ -314,6 +355,25 @@ impl Config {
 }
 
 /// Parse a duration written with a unit: `250ms`, `2s`, `5m`, `1h`.
+/// A byte size: digits with an optional k, m or g suffix (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let t = t.strip_suffix('b').unwrap_or(&t);
+    let (num, mul) = match t.chars().last() {
+        Some('k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('m') => (&t[..t.len() - 1], 1 << 20),
+        Some('g') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .ok_or_else(|| {
+            format!("`{s}` is not a size: use bytes or a number with k, m or g (e.g. \"10m\")")
+        })
+}
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());

@@ -17,6 +17,7 @@ pub struct RawConfig {
     pub admin: RawAdmin,
     pub consul: RawConsul,
     pub failover: Option<S<RawFailover>>,
+    pub limits: RawLimits,
     #[serde(rename = "listener")]
     pub listeners: Vec<S<RawListener>>,
     #[serde(rename = "vhost")]
@@ -38,6 +39,40 @@ pub struct RawServer {
     pub forwarded_for: Option<S<String>>,
     pub pid_file: Option<String>,
     pub upgrade_sock: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLimits {
+    pub max_connections: Option<S<i64>>,
+    pub max_connections_per_ip: Option<S<i64>>,
+    pub connection_rate_per_ip: Option<S<f64>>,
+    pub connection_burst_per_ip: Option<S<i64>>,
+    pub allow: Vec<S<String>>,
+    pub handshake_timeout: Option<S<String>>,
+    pub header_timeout: Option<S<String>>,
+    pub body_idle_timeout: Option<S<String>>,
+    pub keepalive_timeout: Option<S<String>>,
+    pub min_body_rate: Option<S<i64>>,
+    pub min_body_rate_after: Option<S<String>>,
+    pub max_request_line: Option<S<i64>>,
+    pub max_header_bytes: Option<S<i64>>,
+    pub max_headers: Option<S<i64>>,
+    pub max_body_size: Option<S<RawSize>>,
+    pub h2_max_concurrent_streams: Option<S<i64>>,
+    pub h2_max_header_list_size: Option<S<i64>>,
+    pub h2_max_pending_resets: Option<S<i64>>,
+    pub h2_max_error_resets: Option<S<i64>>,
+    pub trusted_proxies: Vec<S<String>>,
+    pub x_forwarded_for: Option<bool>,
+}
+
+/// A byte size: a number of bytes, or a string like "10m" / "64k".
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+pub enum RawSize {
+    Bytes(i64),
+    Text(String),
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -147,6 +182,9 @@ pub struct RawListener {
     pub tls: bool,
     /// Offer HTTP/2 by ALPN on TLS listeners (default true).
     pub http2: Option<bool>,
+    /// Every connection starts with a PROXY protocol v1 or v2 header.
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -168,6 +206,7 @@ pub struct RawVhost {
 pub struct RawRoute {
     pub path: S<String>,
     pub pool: S<String>,
+    pub max_body_size: Option<S<RawSize>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,7 +1,7 @@
 //! Raw schema → validated model. Pure: reads nothing but the text it is given. Collects every
 //! problem it finds so `tollgate check` can print them all at once.
 
-use super::raw::{RawBackend, RawConfig, RawPool, RawVhost};
+use super::raw::{RawBackend, RawConfig, RawLimits, RawPool, RawSize, RawVhost};
 use super::*;
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
@@ -110,6 +110,30 @@ impl Ctx<'_> {
                 options[0].1
             }
         }
+    }
+
+    fn size(&mut self, v: &Option<Spanned<RawSize>>, option: &str, default: u64) -> u64 {
+        let Some(v) = v else { return default };
+        let parsed = match v.get_ref() {
+            RawSize::Bytes(n) if *n >= 0 => Ok(*n as u64),
+            RawSize::Bytes(n) => Err(format!("must not be negative, got {n}")),
+            RawSize::Text(t) => super::parse_size(t),
+        };
+        parsed.unwrap_or_else(|e| {
+            self.err(v.span(), option, e);
+            default
+        })
+    }
+
+    fn cidrs(&mut self, v: &[Spanned<String>], option: &str) -> Vec<crate::limits::Cidr> {
+        let mut out = Vec::new();
+        for c in v {
+            match c.get_ref().parse::<crate::limits::Cidr>() {
+                Ok(n) => out.push(n),
+                Err(e) => self.err(c.span(), option, e),
+            }
+        }
+        out
     }
 
     fn path(&self, p: &str) -> PathBuf {
@@ -258,6 +282,16 @@ fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
     let admin = admin(cx, &raw.admin);
     let consul = consul(cx, &raw.consul);
     let failover = raw.failover.as_ref().and_then(|f| failover(cx, f));
+    let limits = limits(cx, &raw.limits);
+    if limits.trusted_proxies.is_empty() {
+        if let Some(l) = raw.listeners.iter().find(|l| l.get_ref().proxy_protocol) {
+            cx.err(
+                l.span(),
+                "listener.proxy_protocol",
+                "needs limits.trusted_proxies: the load balancers allowed to send PROXY headers",
+            );
+        }
+    }
     if admin.enabled
         && listeners
             .iter()
@@ -319,8 +353,112 @@ fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
         admin,
         consul,
         failover,
+        limits,
         vhosts,
         pools,
+    }
+}
+
+fn limits(cx: &mut Ctx, r: &RawLimits) -> Limits {
+    let d = |s| Duration::from_secs(s);
+    let secs = |cx: &mut Ctx, v: &Option<Spanned<String>>, opt: &str, def: u64| {
+        cx.duration_in(v, opt, d(def), Duration::from_millis(10), d(3600))
+    };
+    let rate = match &r.connection_rate_per_ip {
+        None => 100.0,
+        Some(v) if v.get_ref().is_finite() && (0.0..=1e6).contains(v.get_ref()) => *v.get_ref(),
+        Some(v) => {
+            cx.err(
+                v.span(),
+                "limits.connection_rate_per_ip",
+                format!("must be between 0 and 1000000, got {}", v.get_ref()),
+            );
+            100.0
+        }
+    };
+    let max_connections = cx.int(
+        &r.max_connections,
+        "limits.max_connections",
+        10_000,
+        1,
+        10_000_000,
+    );
+    Limits {
+        max_connections: max_connections as usize,
+        max_connections_per_ip: cx.int(
+            &r.max_connections_per_ip,
+            "limits.max_connections_per_ip",
+            256,
+            1,
+            10_000_000,
+        ) as usize,
+        connection_rate_per_ip: rate,
+        connection_burst_per_ip: cx.int(
+            &r.connection_burst_per_ip,
+            "limits.connection_burst_per_ip",
+            200,
+            1,
+            1_000_000,
+        ) as u32,
+        allow: cx.cidrs(&r.allow, "limits.allow"),
+        handshake_timeout: secs(cx, &r.handshake_timeout, "limits.handshake_timeout", 10),
+        header_timeout: secs(cx, &r.header_timeout, "limits.header_timeout", 10),
+        body_idle_timeout: secs(cx, &r.body_idle_timeout, "limits.body_idle_timeout", 30),
+        keepalive_timeout: cx.duration_in(
+            &r.keepalive_timeout,
+            "limits.keepalive_timeout",
+            d(60),
+            d(1),
+            d(3600),
+        ),
+        min_body_rate: cx.int(&r.min_body_rate, "limits.min_body_rate", 0, 0, 1 << 40) as u64,
+        min_body_rate_after: secs(cx, &r.min_body_rate_after, "limits.min_body_rate_after", 10),
+        max_request_line: cx.int(
+            &r.max_request_line,
+            "limits.max_request_line",
+            8192,
+            64,
+            1 << 20,
+        ) as usize,
+        max_header_bytes: cx.int(
+            &r.max_header_bytes,
+            "limits.max_header_bytes",
+            32 * 1024,
+            256,
+            1 << 20,
+        ) as usize,
+        max_headers: cx.int(&r.max_headers, "limits.max_headers", 100, 4, 256) as usize,
+        max_body_size: cx.size(&r.max_body_size, "limits.max_body_size", 10 << 20),
+        h2_max_concurrent_streams: cx.int(
+            &r.h2_max_concurrent_streams,
+            "limits.h2_max_concurrent_streams",
+            100,
+            1,
+            10_000,
+        ) as u32,
+        h2_max_header_list_size: cx.int(
+            &r.h2_max_header_list_size,
+            "limits.h2_max_header_list_size",
+            32 * 1024,
+            1024,
+            1 << 20,
+        ) as u32,
+        h2_max_pending_resets: cx.int(
+            &r.h2_max_pending_resets,
+            "limits.h2_max_pending_resets",
+            20,
+            1,
+            100_000,
+        ) as usize,
+        h2_max_error_resets: cx.int(
+            &r.h2_max_error_resets,
+            "limits.h2_max_error_resets",
+            100,
+            1,
+            100_000,
+        ) as usize,
+        trusted_proxies: cx.cidrs(&r.trusted_proxies, "limits.trusted_proxies"),
+        x_forwarded_for: r.x_forwarded_for.unwrap_or(false),
     }
 }
 
@@ -646,6 +784,7 @@ fn listeners(cx: &mut Ctx, raw: &RawConfig) -> Vec<Listener> {
             addresses,
             tls,
             http2: l.get_ref().http2.unwrap_or(true) && tls,
+            proxy_protocol: l.get_ref().proxy_protocol,
         });
     }
     out
@@ -808,9 +947,14 @@ fn vhosts(
                     ),
                 );
             }
+            let max_body_size = r
+                .max_body_size
+                .as_ref()
+                .map(|_| cx.size(&r.max_body_size, &format!("{opt}.max_body_size"), 0));
             routes.push(Route {
                 path: p.clone(),
                 pool: pool.clone(),
+                max_body_size,
                 origin: cx.origin(r.path.span()),
             });
         }

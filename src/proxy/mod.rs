@@ -17,9 +17,10 @@ use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use std::borrow::Cow;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 static ACTIVE_REQUESTS: AtomicUsize = AtomicUsize::new(0);
 
@@ -59,6 +60,12 @@ pub struct RequestCtx {
     upstream_status: Option<u16>,
     /// Why tollgate answered itself (logged).
     reason: Option<Cow<'static, str>>,
+    /// The client: the socket peer, the PROXY header's source, or (from trusted proxies
+    /// only) X-Forwarded-For.
+    client_ip: Option<IpAddr>,
+    /// The request body cap for the matched route (None: no cap).
+    body_cap: Option<u64>,
+    body: crate::limits::http::BodyMeter,
 }
 
 impl Drop for RequestCtx {
@@ -88,11 +95,43 @@ impl ProxyHttp for Tollgate {
             upstream_start: None,
             upstream_status: None,
             reason: None,
+            client_ip: None,
+            body_cap: None,
+            body: Default::default(),
         }
     }
 
+    fn request_header_timeout(&self) -> Option<Duration> {
+        Some(self.state.load().config.limits.header_timeout)
+    }
+
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        if request::check(session, ctx).await? {
+            return Ok(true);
+        }
         request::route(session, ctx).await
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<bytes::Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let n = body.as_ref().map(|b| b.len()).unwrap_or(0);
+        let l = &ctx.snap.config.limits;
+        if let Err(r) = ctx.body.feed(
+            n,
+            Instant::now(),
+            ctx.body_cap,
+            l.min_body_rate,
+            l.min_body_rate_after,
+        ) {
+            ctx.reason = Some(r.reason.into());
+            return Error::e_explain(HTTPStatus(r.status), r.reason);
+        }
+        Ok(())
     }
 
     async fn upstream_peer(

@@ -10,6 +10,37 @@ use pingora::proxy::Session;
 
 const REQUEST_ID: &str = "x-request-id";
 
+/// The checks before routing: sizes, framing and Host (`limits::http`). Also sets the
+/// connection's keep-alive and body read timeouts and works out the client's address.
+/// `Ok(true)` when tollgate already answered (and, for untrustworthy framing, will close).
+pub(super) async fn check(session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+    let snap = ctx.snap.clone();
+    let l = &snap.config.limits;
+    session.set_keepalive(Some(l.keepalive_timeout.as_secs()));
+    session
+        .as_downstream_mut()
+        .set_read_timeout(Some(l.body_idle_timeout));
+    let peer = session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip());
+    ctx.client_ip = peer.map(|p| {
+        let xff = session
+            .req_header()
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok());
+        crate::limits::http::client_ip(p, xff, l)
+    });
+    if let Err(r) = crate::limits::http::check_request(session.req_header(), l) {
+        if r.close {
+            session.set_keepalive(None);
+        }
+        return answer(session, ctx, r.status, r.reason, None).await;
+    }
+    Ok(false)
+}
+
 /// Route the request; `Ok(true)` when tollgate already answered it.
 pub(super) async fn route(session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
     ctx.tls = session
@@ -63,6 +94,19 @@ pub(super) async fn route(session: &mut Session, ctx: &mut RequestCtx) -> Result
             ctx.route = Some(route);
             if let Some(resp) = redirect(session, ctx, vhost) {
                 return resp.await;
+            }
+            let route_cap = snap
+                .routes
+                .vhost(vhost)
+                .routes()
+                .get(route)
+                .and_then(|r| r.max_body_size);
+            ctx.body_cap = crate::limits::http::body_cap(route_cap, &snap.config.limits);
+            if let Err(r) =
+                crate::limits::http::check_declared_body(session.req_header(), ctx.body_cap)
+            {
+                session.set_keepalive(None);
+                return answer(session, ctx, r.status, r.reason, None).await;
             }
             ctx.pool = snap.pools.get(target).cloned();
             Ok(false)
@@ -162,11 +206,8 @@ pub(super) fn proxy_headers(
     req: &mut RequestHeader,
     ctx: &RequestCtx,
 ) -> Result<()> {
-    let client_ip = session
-        .client_addr()
-        .and_then(|a| a.as_inet())
-        .map(|a| a.ip().to_string());
-    if let Some(ip) = client_ip {
+    let _ = session;
+    if let Some(ip) = ctx.client_ip.map(|ip| ip.to_string()) {
         let xff = match ctx.snap.config.server.forwarded_for {
             ForwardedFor::Replace => ip,
             ForwardedFor::Append => match req

@@ -78,6 +78,8 @@ pub(super) async fn error_answer(
             504 => "the upstream server did not answer in time",
             502 => "the upstream server could not be reached or failed",
             400 => "bad request",
+            408 => "request body slower than limits.min_body_rate",
+            413 => "request body over max_body_size",
             _ => "internal error",
         };
         let body = Bytes::from(format!("{code} {text}\n"));
@@ -121,7 +123,7 @@ pub(super) fn access_log(session: &Session, e: Option<&Error>, ctx: &RequestCtx)
     tracing::info!(
         target: "access",
         request_id = %ctx.request_id,
-        client = %session.client_addr().map(|a| a.to_string()).unwrap_or_default(),
+        client = %client(session, ctx),
         proto = if session.is_http2() { "h2" } else { "http/1.1" },
         tls = ctx.tls,
         method = %req.method,
@@ -139,4 +141,15 @@ pub(super) fn access_log(session: &Session, e: Option<&Error>, ctx: &RequestCtx)
         reason = ctx.reason.as_deref().unwrap_or("-"),
         error = %e.map(|e| e.to_string()).unwrap_or_default(),
     );
+}
+
+/// The client as logged: the socket peer (or PROXY source) with its port, or the address
+/// X-Forwarded-For gave when that is trusted and differs.
+fn client(session: &Session, ctx: &RequestCtx) -> String {
+    let peer = session.client_addr().and_then(|a| a.as_inet()).copied();
+    match (peer, ctx.client_ip) {
+        (Some(p), Some(ip)) if p.ip() != ip => ip.to_string(),
+        (Some(p), _) => p.to_string(),
+        (None, _) => String::new(),
+    }
 }

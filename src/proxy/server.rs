@@ -137,6 +137,30 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
         Tollgate::new(state.handle(), cfg.log.access_log),
         "tollgate proxy",
     );
+    let limits = &cfg.limits;
+    pingora::listeners::set_handshake_timeout(limits.handshake_timeout);
+    // Admission (connection caps, per-IP rate, PROXY headers) before any TLS handshake.
+    let proxy_listeners: Vec<std::net::SocketAddr> = cfg
+        .listeners
+        .iter()
+        .filter(|l| l.proxy_protocol)
+        .flat_map(|l| l.addresses.iter().copied())
+        .collect();
+    proxy
+        .endpoints()
+        .set_pre_tls_callback(Arc::new(crate::limits::Admission::new(
+            state.handle(),
+            proxy_listeners,
+        )));
+    if let Some(app) = proxy.app_logic_mut() {
+        // HTTP/2 limits, rapid reset (CVE-2023-44487) included; these apply at start only.
+        let mut h2 = pingora::protocols::http::v2::server::H2Options::default();
+        h2.max_concurrent_streams(limits.h2_max_concurrent_streams)
+            .max_header_list_size(limits.h2_max_header_list_size)
+            .max_pending_accept_reset_streams(limits.h2_max_pending_resets)
+            .max_local_error_reset_streams(Some(limits.h2_max_error_resets));
+        app.h2_options = Some(h2);
+    }
     for l in &cfg.listeners {
         for a in &l.addresses {
             let addr = a.to_string();

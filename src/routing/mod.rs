@@ -9,6 +9,8 @@ use std::collections::HashMap;
 pub struct RouteEntry {
     pub prefix: String,
     pub target: usize,
+    /// The route's own request body cap, if it has one.
+    pub max_body_size: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -181,6 +183,7 @@ mod tests {
     fn table() -> RouteTable {
         let mut t = RouteTable::default();
         let r = |p: &str, t: usize| RouteEntry {
+            max_body_size: None,
             prefix: p.into(),
             target: t,
         };

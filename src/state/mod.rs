@@ -60,6 +60,8 @@ pub struct RouteInfo {
     pub path: String,
     pub pool: String,
     pub source: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_body_size: Option<u64>,
 }
 
 impl Snapshot {
@@ -129,6 +131,7 @@ impl Snapshot {
                         path: r.path.clone(),
                         pool: r.pool.clone(),
                         source: format!("file {}", r.origin),
+                        max_body_size: r.max_body_size,
                     })
                     .collect(),
             })
@@ -197,6 +200,7 @@ impl Snapshot {
                 path: dr.path.clone(),
                 pool,
                 source,
+                max_body_size: None,
             });
         }
 
@@ -221,6 +225,7 @@ impl Snapshot {
                 .routes
                 .iter()
                 .map(|r| RouteEntry {
+                    max_body_size: r.max_body_size,
                     prefix: r.path.clone(),
                     // validation (and the merge above) guarantee the pool exists
                     target: index.get(r.pool.as_str()).copied().unwrap_or(0),

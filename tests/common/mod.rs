@@ -352,6 +352,17 @@ pub async fn tls_connect(
     sni: &str,
     alpn: &[&str],
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tls_over(ca, tcp, sni, alpn).await.unwrap()
+}
+
+/// A TLS client handshake over an already connected socket.
+pub async fn tls_over(
+    ca: &TestCa,
+    tcp: tokio::net::TcpStream,
+    sni: &str,
+    alpn: &[&str],
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
     let mut roots = rustls::RootCertStore::empty();
     roots
@@ -364,11 +375,16 @@ pub async fn tls_connect(
         .with_root_certificates(roots)
         .with_no_client_auth();
     cfg.alpn_protocols = alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
         .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
         .await
-        .unwrap()
+}
+
+/// A TCP connection to `to` from the loopback address `from` (e.g. 127.0.0.2).
+pub async fn connect_from(from: [u8; 4], to: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    let s = tokio::net::TcpSocket::new_v4()?;
+    s.bind(SocketAddr::from((from, 0)))?;
+    s.connect(to).await
 }
 
 /// A real Consul agent in -dev mode on free loopback ports (DNS and gRPC off); killed on drop.
@@ -398,16 +414,27 @@ pub fn consul_bin() -> String {
 
 impl ConsulAgent {
     pub async fn start(dir: &Path) -> ConsulAgent {
-        let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let ports = [free_port(), free_port(), free_port()];
-        Self::spawn(dir, http, ports, None).await
+        Self::start_fresh(dir, None).await
     }
 
     /// An agent with ACLs on, default deny, and `master` as the master token.
     pub async fn start_with_acl(dir: &Path, master: &str) -> ConsulAgent {
-        let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let ports = [free_port(), free_port(), free_port()];
-        Self::spawn(dir, http, ports, Some(master.to_string())).await
+        Self::start_fresh(dir, Some(master.to_string())).await
+    }
+
+    /// Start on fresh ports; a port taken between picking and binding (another test, another
+    /// agent) makes the agent exit at once, so up to three sets of ports are tried.
+    async fn start_fresh(dir: &Path, master_token: Option<String>) -> ConsulAgent {
+        let mut last = String::new();
+        for _ in 0..3 {
+            let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let ports = [free_port(), free_port(), free_port()];
+            match Self::try_spawn(dir, http, ports, master_token.clone()).await {
+                Ok(a) => return a,
+                Err(e) => last = e,
+            }
+        }
+        panic!("the Consul agent did not start three times: {last}");
     }
 
     async fn spawn(
@@ -416,6 +443,18 @@ impl ConsulAgent {
         ports: [u16; 3],
         master_token: Option<String>,
     ) -> ConsulAgent {
+        match Self::try_spawn(dir, http, ports, master_token).await {
+            Ok(a) => a,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    async fn try_spawn(
+        dir: &Path,
+        http: SocketAddr,
+        ports: [u16; 3],
+        master_token: Option<String>,
+    ) -> Result<ConsulAgent, String> {
         let log = dir.join(format!("consul-{}.log", http.port()));
         let child = Command::new(consul_bin())
             .args([
@@ -445,7 +484,7 @@ impl ConsulAgent {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let agent = ConsulAgent {
+        let mut agent = ConsulAgent {
             child,
             http,
             ports,
@@ -454,21 +493,27 @@ impl ConsulAgent {
         };
         let c = reqwest::Client::new();
         let url = format!("http://{http}/v1/status/leader");
-        wait_for(
-            "the Consul agent to elect itself",
-            Duration::from_secs(30),
-            || {
-                let (c, url) = (c.clone(), url.clone());
-                async move {
-                    match c.get(&url).send().await {
-                        Ok(r) => r.text().await.map(|t| t.len() > 4).unwrap_or(false),
-                        Err(_) => false,
-                    }
+        // A loaded 2-core CI machine can take a while to elect; the loop is bounded.
+        let end = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < end {
+            if let Ok(Some(status)) = agent.child.try_wait() {
+                return Err(format!(
+                    "the Consul agent exited ({status}) before electing itself; its log:\n{}",
+                    agent.log_text()
+                ));
+            }
+            if let Ok(r) = c.get(&url).send().await {
+                if r.text().await.map(|t| t.len() > 4).unwrap_or(false) {
+                    return Ok(agent);
                 }
-            },
-        )
-        .await;
-        agent
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let log = agent.log_text();
+        agent.kill().await;
+        Err(format!(
+            "timed out after 60s waiting for the Consul agent to elect itself; its log:\n{log}"
+        ))
     }
 
     /// Kill -9 (its state is lost) and start a fresh agent on the same ports.

@@ -329,6 +329,8 @@ where
     {
         // phase 1 read request header
 
+        // tollgate patch: a deadline for the whole request header (slowloris).
+        downstream_session.set_header_timeout(self.inner.request_header_timeout());
         let res = tokio::select! {
             biased; // biased select is cheaper, and we don't want to drop already buffered requests
             res = downstream_session.read_request() => { res }
@@ -352,8 +354,16 @@ where
                         "Fail to proxy: {e}, downstream session type: {}",
                         downstream_session.session_type()
                     );
+                    // tollgate patch: a header over pingora's size or count limit is
+                    // 431 (RFC 6585), not 400.
+                    let too_large = e.context.as_ref().is_some_and(|c| {
+                        c.as_str().starts_with("Request header larger than")
+                    }) || e
+                        .root_cause()
+                        .downcast_ref::<httparse::Error>()
+                        .is_some_and(|c| matches!(c, httparse::Error::TooManyHeaders));
                     downstream_session
-                        .respond_error(400)
+                        .respond_error(if too_large { 431 } else { 400 })
                         .await
                         .unwrap_or_else(|e| {
                             error!("failed to send error response to downstream: {e}");

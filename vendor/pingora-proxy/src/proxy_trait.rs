@@ -122,6 +122,13 @@ pub trait ProxyHttp {
         Ok(())
     }
 
+    /// tollgate patch: the deadline for reading one whole HTTP/1 request header,
+    /// counted from its first byte. `None` (the default) keeps pingora's per-read
+    /// timeouts only, which a client trickling a byte at a time never trips.
+    fn request_header_timeout(&self) -> Option<Duration> {
+        None
+    }
+
     /// Returns whether this session is allowed to spawn subrequests.
     ///
     /// This function is checked after [Self::early_request_filter] to allow that filter to configure

@@ -1,0 +1,582 @@
+//! Limits against a real tollgate: connection caps per IP (127.0.0.1 against 127.0.0.2),
+//! the per-IP connection rate, slowloris, size and smuggling refusals, HTTP/2 rapid reset and
+//! the PROXY protocol. Every attack loop is bounded in count and time and targets loopback.
+
+mod common;
+
+use common::*;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+struct Site {
+    tg: Tollgate,
+    _dir: tempfile::TempDir,
+    https: SocketAddr,
+    http: SocketAddr,
+    admin: SocketAddr,
+    ca: TestCa,
+}
+
+/// tollgate with an HTTPS and a plain listener (`listener_extra` goes into the plain one),
+/// vhost a.test without the HTTPS redirect, `/` to `up`, `/small` capped at 16 body bytes.
+async fn site(up: SocketAddr, limits: &str, listener_extra: &str) -> Site {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    ca.issue(dir.path(), "a", &["a.test"], "a");
+    let https = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let d = dir.path().display();
+    let cfg = format!(
+        "[server]\nthreads = 2\nshutdown_timeout = \"5s\"\n\n\
+         [admin]\naddress = \"{admin}\"\n\n\
+         [limits]\n{limits}\n\n\
+         [[listener]]\naddress = \"{https}\"\ntls = true\n\n\
+         [[listener]]\naddress = \"{http}\"\n{listener_extra}\n\n\
+         [[vhost]]\nnames = [\"a.test\"]\ncert = \"{d}/a.crt\"\nkey = \"{d}/a.key\"\nredirect_https = false\n\
+         [[vhost.route]]\npath = \"/\"\npool = \"p\"\n\
+         [[vhost.route]]\npath = \"/small\"\npool = \"p\"\nmax_body_size = 16\n\
+         [pool.p]\nbackends = [\"{up}\"]\n"
+    );
+    let path = dir.path().join("tollgate.toml");
+    write(&path, &cfg);
+    let mut tg = Tollgate::start(&path);
+    tg.ready(https).await;
+    tg.ready(http).await;
+    tg.ready(admin).await;
+    Site {
+        tg,
+        _dir: dir,
+        https,
+        http,
+        admin,
+        ca,
+    }
+}
+
+impl Site {
+    async fn metric(&self, line_prefix: &str) -> f64 {
+        let text = reqwest::get(format!("http://{}/metrics", self.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find(|l| l.starts_with(line_prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no metric {line_prefix} in\n{text}"))
+    }
+
+    fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.tg.child.id())).unwrap();
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = after.split(' ').collect();
+        let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+        ticks / 100.0
+    }
+}
+
+/// Send `req` and read what comes back until the server closes or `wait` passes.
+/// Returns (status code or 0, closed by the server).
+async fn exchange<S>(mut s: S, req: &[u8], wait: Duration) -> (u16, bool, String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let _ = s.write_all(req).await;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let end = Instant::now() + wait;
+    let mut closed = false;
+    while Instant::now() < end {
+        match tokio::time::timeout(end - Instant::now(), s.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed = true;
+                break;
+            }
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Err(_) => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|r| r.get(..3))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, closed, text)
+}
+
+/// Is the connection closed by the server (EOF or reset) within `wait`, without an answer?
+async fn refused<S: tokio::io::AsyncRead + Unpin>(s: &mut S, wait: Duration) -> bool {
+    let mut b = [0u8; 64];
+    matches!(
+        tokio::time::timeout(wait, s.read(&mut b)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n";
+
+#[tokio::test]
+async fn per_ip_cap_holds_one_address_and_not_another() {
+    let up = Upstream::start("up").await;
+    let s = site(up.addr, "max_connections_per_ip = 4", "").await;
+    // four idle connections from 127.0.0.1 fill its slots (two plain, two TLS before any
+    // handshake: the slot is taken at accept)
+    let mut held = Vec::new();
+    for i in 0..4 {
+        let to = if i % 2 == 0 { s.http } else { s.https };
+        held.push(connect_from([127, 0, 0, 1], to).await.unwrap());
+    }
+    // wait until tollgate has admitted all four (the readiness probes are gone by then)
+    let end = Instant::now() + Duration::from_secs(10);
+    while s.metric("tollgate_connections_open").await != 4.0 {
+        assert!(
+            Instant::now() < end,
+            "the four connections were not admitted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // the fifth from 127.0.0.1 is closed at once, on either listener
+    let mut fifth = connect_from([127, 0, 0, 1], s.http).await.unwrap();
+    let _ = fifth.write_all(GET).await;
+    assert!(
+        refused(&mut fifth, Duration::from_secs(3)).await,
+        "over the cap, plain"
+    );
+    let tcp = connect_from([127, 0, 0, 1], s.https).await.unwrap();
+    assert!(
+        tls_over(&s.ca, tcp, "a.test", &["http/1.1"]).await.is_err(),
+        "over the cap, TLS: no handshake"
+    );
+    // 127.0.0.2 is another client: unaffected, over both listeners
+    for _ in 0..3 {
+        let c = connect_from([127, 0, 0, 2], s.http).await.unwrap();
+        let (status, _, _) = exchange(c, GET, Duration::from_millis(500)).await;
+        assert_eq!(status, 200);
+    }
+    let tcp = connect_from([127, 0, 0, 2], s.https).await.unwrap();
+    let tls = tls_over(&s.ca, tcp, "a.test", &["http/1.1"]).await.unwrap();
+    assert_eq!(exchange(tls, GET, Duration::from_millis(500)).await.0, 200);
+    assert!(
+        s.metric("tollgate_connections_rejected_total{reason=\"max_connections_per_ip\"}")
+            .await
+            >= 2.0
+    );
+    // closing one gives its slot back
+    held.pop();
+    let mut ok = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let c = connect_from([127, 0, 0, 1], s.http).await.unwrap();
+        if exchange(c, GET, Duration::from_millis(300)).await.0 == 200 {
+            ok = true;
+            break;
+        }
+    }
+    assert!(ok, "a slot came back after a connection closed");
+    drop(held);
+}
+
+#[tokio::test]
+async fn connection_rate_per_ip_is_a_token_bucket() {
+    let up = Upstream::start("up").await;
+    let s = site(
+        up.addr,
+        "connection_rate_per_ip = 2\nconnection_burst_per_ip = 5",
+        "",
+    )
+    .await;
+    // the burst (5) of new connections passes, then the bucket is empty
+    let mut answered = 0;
+    for _ in 0..8 {
+        let c = connect_from([127, 0, 0, 1], s.http).await.unwrap();
+        if exchange(c, GET, Duration::from_millis(300)).await.0 == 200 {
+            answered += 1;
+        }
+    }
+    // 5 from the burst, plus at most one refilled during the loop at 2/s
+    assert!((5..=6).contains(&answered), "answered {answered} of 8");
+    let c = connect_from([127, 0, 0, 2], s.http).await.unwrap();
+    assert_eq!(
+        exchange(c, GET, Duration::from_millis(300)).await.0,
+        200,
+        "127.0.0.2 has its own bucket"
+    );
+    // after a second, two more tokens
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let c = connect_from([127, 0, 0, 1], s.http).await.unwrap();
+    assert_eq!(exchange(c, GET, Duration::from_millis(300)).await.0, 200);
+    assert!(
+        s.metric("tollgate_connections_rejected_total{reason=\"connection_rate_per_ip\"}")
+            .await
+            >= 2.0
+    );
+}
+
+/// p99 of `n` sequential keep-alive requests, in seconds.
+async fn p99(c: &reqwest::Client, url: &str, n: usize) -> f64 {
+    let mut t = Vec::with_capacity(n);
+    for _ in 0..n {
+        let s = Instant::now();
+        let r = c.get(url).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+        t.push(s.elapsed().as_secs_f64());
+    }
+    t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    t[(n * 99 / 100).min(n - 1)]
+}
+
+#[tokio::test]
+async fn slowloris_does_not_slow_a_normal_client() {
+    let up = Upstream::start("up").await;
+    let s = site(
+        up.addr,
+        "header_timeout = \"2s\"\nmax_connections_per_ip = 1000\nconnection_rate_per_ip = 0",
+        "",
+    )
+    .await;
+    let c = client(&s.ca, s.https, &["a.test"]);
+    let url = format!("https://a.test:{}/", s.https.port());
+    p99(&c, &url, 50).await; // warm up
+    let calm = p99(&c, &url, 300).await;
+
+    // 500 connections (TLS done) trickle a header one byte every 300 ms
+    let mut attackers = Vec::new();
+    for i in 0..500u32 {
+        let tcp = connect_from([127, 0, 1, (i % 200) as u8 + 1], s.https)
+            .await
+            .unwrap();
+        let tls = tls_over(&s.ca, tcp, "a.test", &["http/1.1"]).await.unwrap();
+        attackers.push(tokio::spawn(async move {
+            let mut tls = tls;
+            let start = Instant::now();
+            let _ = tls
+                .write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\nX-Slow: ")
+                .await;
+            // bounded: at most 8 s or 27 bytes; returns when the server cuts the connection
+            for _ in 0..27 {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                if tls.write_all(b"a").await.is_err() || tls.flush().await.is_err() {
+                    return Some(start.elapsed());
+                }
+                if start.elapsed() > Duration::from_secs(8) {
+                    break;
+                }
+            }
+            let mut b = [0u8; 256];
+            match tokio::time::timeout(Duration::from_secs(1), tls.read(&mut b)).await {
+                Ok(Ok(_)) | Ok(Err(_)) => Some(start.elapsed()),
+                Err(_) => None,
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let loaded = p99(&c, &url, 300).await;
+    let mut cut = 0;
+    let mut latest = Duration::ZERO;
+    for a in attackers {
+        if let Some(d) = a.await.unwrap() {
+            cut += 1;
+            latest = latest.max(d);
+        }
+    }
+    eprintln!(
+        "p99 calm {:.2} ms, under slowloris {:.2} ms; {cut} of 500 cut, the last after {latest:?}",
+        calm * 1e3,
+        loaded * 1e3
+    );
+    assert_eq!(
+        cut, 500,
+        "every trickling connection is cut by header_timeout"
+    );
+    assert!(
+        latest < Duration::from_secs(6),
+        "cut near the 2 s header deadline, not later: {latest:?}"
+    );
+    // within 2x of the calm p99 (a 1 ms floor for timer noise on loopback)
+    assert!(
+        loaded <= (2.0 * calm).max(calm + 0.001),
+        "p99 {loaded} vs calm {calm}"
+    );
+}
+
+#[tokio::test]
+async fn oversized_and_smuggled_requests_are_refused_and_closed() {
+    let up = Upstream::start("up").await;
+    let s = site(
+        up.addr,
+        "max_headers = 20\nmax_header_bytes = 4096\nmax_request_line = 1024",
+        "",
+    )
+    .await;
+    let send = |req: Vec<u8>| {
+        let http = s.http;
+        async move {
+            let c = tokio::net::TcpStream::connect(http).await.unwrap();
+            exchange(c, &req, Duration::from_secs(3)).await
+        }
+    };
+    // honest requests pass and keep the connection
+    let (st, closed, _) = send(GET.to_vec()).await;
+    assert_eq!((st, closed), (200, false));
+    let (st, _, _) =
+        send(b"POST /small HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\n\r\nhello".to_vec())
+            .await;
+    assert_eq!(st, 200);
+
+    let smuggling: &[&str] = &[
+        "POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        "POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+        "POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5, 5\r\n\r\nhello",
+        "POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: +5\r\n\r\nhello",
+        "POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length : 5\r\n\r\nhello",
+        "POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "POST / HTTP/1.0\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: a.test\r\nX-Folded: a\r\n b\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n",
+    ];
+    let hits_before = up.hits();
+    for req in smuggling {
+        let (st, closed, text) = send(req.as_bytes().to_vec()).await;
+        assert_eq!(st, 400, "{req:?} got {text:?}");
+        assert!(closed, "{req:?}: the connection must close after the 400");
+    }
+    assert_eq!(up.hits(), hits_before, "none of them reached the upstream");
+
+    let bad_host = send(b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n".to_vec()).await;
+    assert_eq!(bad_host.0, 400);
+    let no_host = send(b"GET / HTTP/1.1\r\n\r\n".to_vec()).await;
+    assert_eq!(no_host.0, 400);
+
+    // sizes
+    let mut many = String::from("GET / HTTP/1.1\r\nHost: a.test\r\n");
+    for i in 0..25 {
+        many.push_str(&format!("X-H{i}: 1\r\n"));
+    }
+    many.push_str("\r\n");
+    assert_eq!(send(many.into_bytes()).await.0, 431, "header count");
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: a.test\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(5000)
+    );
+    assert_eq!(send(big.into_bytes()).await.0, 431, "header bytes");
+    let mut flood = String::from("GET / HTTP/1.1\r\nHost: a.test\r\n");
+    for i in 0..300 {
+        flood.push_str(&format!("X-F{i}: 1\r\n"));
+    }
+    flood.push_str("\r\n");
+    assert_eq!(
+        send(flood.into_bytes()).await.0,
+        431,
+        "over pingora's own 256-header cap"
+    );
+    let long = format!("GET /{} HTTP/1.1\r\nHost: a.test\r\n\r\n", "u".repeat(2000));
+    assert_eq!(send(long.into_bytes()).await.0, 414, "request line");
+    let (st, closed, _) = send(
+        b"POST /small HTTP/1.1\r\nHost: a.test\r\nContent-Length: 17\r\n\r\n01234567890123456"
+            .to_vec(),
+    )
+    .await;
+    assert_eq!(
+        (st, closed),
+        (413, true),
+        "declared body over the route's cap"
+    );
+    let (st, _, text) = send(
+        b"POST /small HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n0123456789abcdef\r\n10\r\n0123456789abcdef\r\n0\r\n\r\n".to_vec(),
+    )
+    .await;
+    assert_eq!(st, 413, "streamed body over the route's cap: {text}");
+}
+
+#[tokio::test]
+async fn idle_connections_and_stalled_bodies_are_cut() {
+    let up = Upstream::start("up").await;
+    let s = site(
+        up.addr,
+        "keepalive_timeout = \"1s\"\nbody_idle_timeout = \"1s\"",
+        "",
+    )
+    .await;
+    // keep-alive idle: answered, then closed about a second later
+    let c = tokio::net::TcpStream::connect(s.http).await.unwrap();
+    let start = Instant::now();
+    let (st, closed, _) = exchange(c, GET, Duration::from_secs(5)).await;
+    assert_eq!(st, 200);
+    assert!(
+        closed && start.elapsed() < Duration::from_secs(4),
+        "idle keep-alive cut: {:?}",
+        start.elapsed()
+    );
+    // a body that stops half way is cut after body_idle_timeout
+    let c = tokio::net::TcpStream::connect(s.http).await.unwrap();
+    let start = Instant::now();
+    let (_, closed, _) = exchange(
+        c,
+        b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 100\r\n\r\nonly-a-bit",
+        Duration::from_secs(6),
+    )
+    .await;
+    assert!(
+        closed && start.elapsed() < Duration::from_secs(5),
+        "stalled body cut: {:?}",
+        start.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn h2_rapid_reset_is_cut_off_and_cheap() {
+    let up = Upstream::start("up").await;
+    let s = site(up.addr, "", "").await;
+    let cpu_before = s.cpu_seconds();
+    let tls = tls_connect(&s.ca, s.https, "a.test", &["h2"]).await;
+    let (mut h2c, conn) = h2::client::handshake(tls).await.unwrap();
+    let conn_task = tokio::spawn(conn);
+    let started = Instant::now();
+    let mut sent = 0;
+    // at most 20,000 open-and-cancel streams or 10 s, whichever first
+    while sent < 20_000 && started.elapsed() < Duration::from_secs(10) && !conn_task.is_finished() {
+        let ready = match tokio::time::timeout(Duration::from_secs(2), h2c.clone().ready()).await {
+            Ok(Ok(r)) => r,
+            _ => break,
+        };
+        h2c = ready;
+        let req = http::Request::get(format!("https://a.test:{}/", s.https.port()))
+            .body(())
+            .unwrap();
+        match h2c.send_request(req, true) {
+            Ok((resp, _)) => {
+                drop(resp); // RST_STREAM(CANCEL) right away
+                tokio::task::yield_now().await;
+            }
+            Err(_) => break,
+        }
+        sent += 1;
+    }
+    let conn_result = tokio::time::timeout(Duration::from_secs(5), conn_task).await;
+    let cpu = s.cpu_seconds() - cpu_before;
+    eprintln!("rapid reset: {sent} streams sent before the server stopped it; {cpu:.2} s of tollgate CPU; connection ended: {conn_result:?}");
+    assert!(sent < 20_000, "the server ends a rapid-reset connection");
+    assert!(matches!(conn_result, Ok(Ok(Err(_)))), "with a GOAWAY error");
+    assert!(cpu < 3.0, "tollgate used {cpu:.2} s of CPU");
+    // and keeps serving everyone else
+    let c = client(&s.ca, s.https, &["a.test"]);
+    let r = c
+        .get(format!("https://a.test:{}/", s.https.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn proxy_protocol_sets_the_client_and_refuses_bad_headers() {
+    let up = Upstream::start("up").await;
+    let s = site(
+        up.addr,
+        "trusted_proxies = [\"127.0.0.1\"]\nmax_connections_per_ip = 2",
+        "proxy_protocol = true",
+    )
+    .await;
+    let xff = |text: &str| {
+        let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
+        let start = body.find('{').unwrap_or(0);
+        let v: serde_json::Value =
+            serde_json::from_str(&body[start..body.rfind('}').unwrap() + 1]).unwrap();
+        v["headers"]["x-forwarded-for"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    // v1
+    let c = connect_from([127, 0, 0, 1], s.http).await.unwrap();
+    let mut req = b"PROXY TCP4 203.0.113.7 192.0.2.1 40000 80\r\n".to_vec();
+    req.extend_from_slice(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n");
+    let (st, _, text) = exchange(c, &req, Duration::from_secs(3)).await;
+    assert_eq!(st, 200, "{text}");
+    assert_eq!(xff(&text), "203.0.113.7");
+    // v2, with the request in the same packet as the header
+    let c = connect_from([127, 0, 0, 1], s.http).await.unwrap();
+    let mut req = tollgate::limits::proxy_protocol::v2_header(
+        "[2001:db8::9]:5000".parse().unwrap(),
+        "[2001:db8::1]:80".parse().unwrap(),
+    );
+    req.extend_from_slice(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n");
+    let (st, _, text) = exchange(c, &req, Duration::from_secs(3)).await;
+    assert_eq!(st, 200, "{text}");
+    assert_eq!(xff(&text), "2001:db8::9");
+    // malformed headers: closed without an answer
+    for bad in [
+        &b"PROXY TCP4 203.0.113.7 192.0.2.1 99999 80\r\nGET / HTTP/1.1\r\n\r\n"[..],
+        b"PROXY SPX 1 2 3 4\r\n",
+        b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        b"\r\n\r\n\x00\r\nQUIT\n\x31\x11\x00\x0c",
+    ] {
+        let c = connect_from([127, 0, 0, 1], s.http).await.unwrap();
+        let (st, closed, text) = exchange(c, bad, Duration::from_secs(3)).await;
+        assert_eq!(
+            (st, closed),
+            (0, true),
+            "{:?} got {text:?}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+    // from an address not in trusted_proxies: closed, its header is not believed
+    let c = connect_from([127, 0, 0, 2], s.http).await.unwrap();
+    let (st, closed, _) = exchange(
+        c,
+        b"PROXY TCP4 198.51.100.1 192.0.2.1 1 80\r\nGET / HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        Duration::from_secs(3),
+    )
+    .await;
+    assert_eq!((st, closed), (0, true));
+    // the per-IP cap counts the PROXY source: two held for 203.0.113.50, the third refused,
+    // while another source through the same balancer is served
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut c = connect_from([127, 0, 0, 1], s.http).await.unwrap();
+        c.write_all(b"PROXY TCP4 203.0.113.50 192.0.2.1 1 80\r\n")
+            .await
+            .unwrap();
+        held.push(c);
+    }
+    let end = Instant::now() + Duration::from_secs(10);
+    while s.metric("tollgate_connections_open").await < 2.0 {
+        assert!(
+            Instant::now() < end,
+            "the two connections were not admitted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let c = connect_from([127, 0, 0, 1], s.http).await.unwrap();
+    let (st, closed, _) = exchange(
+        c,
+        b"PROXY TCP4 203.0.113.50 192.0.2.1 2 80\r\nGET / HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        Duration::from_secs(3),
+    )
+    .await;
+    assert_eq!((st, closed), (0, true));
+    let c = connect_from([127, 0, 0, 1], s.http).await.unwrap();
+    let (st, _, _) = exchange(c, b"PROXY TCP4 203.0.113.51 192.0.2.1 2 80\r\nGET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n", Duration::from_secs(3)).await;
+    assert_eq!(st, 200);
+    assert!(
+        s.metric("tollgate_connections_rejected_total{reason=\"bad_proxy_header\"}")
+            .await
+            >= 4.0
+    );
+    assert!(
+        s.metric("tollgate_connections_rejected_total{reason=\"untrusted_proxy\"}")
+            .await
+            >= 1.0
+    );
+    drop(held);
+}
