@@ -403,10 +403,22 @@ async fn idle_connections_and_stalled_bodies_are_cut() {
     let up = Upstream::start("up").await;
     let s = site(
         up.addr,
-        "keepalive_timeout = \"1s\"\nbody_idle_timeout = \"1s\"",
+        "keepalive_timeout = \"1s\"\nbody_idle_timeout = \"1s\"\nhandshake_timeout = \"1s\"",
         "",
     )
     .await;
+    // a TLS connection that never starts its handshake is cut after handshake_timeout
+    let mut silent = tokio::net::TcpStream::connect(s.https).await.unwrap();
+    let start = Instant::now();
+    assert!(
+        refused(&mut silent, Duration::from_secs(5)).await,
+        "silent TLS connection cut"
+    );
+    assert!(
+        start.elapsed() >= Duration::from_millis(800),
+        "not before the deadline: {:?}",
+        start.elapsed()
+    );
     // keep-alive idle: answered, then closed about a second later
     let c = tokio::net::TcpStream::connect(s.http).await.unwrap();
     let start = Instant::now();
