@@ -67,46 +67,43 @@ pub fn check_request(req: &RequestHeader, l: &Limits) -> Result<(), Reject> {
     );
     if is_h1 {
         check_framing(req)?;
-    } else if req.headers.get_all(CONTENT_LENGTH).iter().count() > 1 {
+    } else if first_and_more(req, CONTENT_LENGTH).1 {
         return Err(reject(400, "duplicate Content-Length", false));
     }
     check_host(req, is_h1)
 }
 
+/// The first value of header `name`, and whether another follows it. Runs on every
+/// request, so it looks at no more than two values and allocates nothing.
+fn first_and_more(req: &RequestHeader, name: http::HeaderName) -> (Option<&[u8]>, bool) {
+    let mut all = req.headers.get_all(name).into_iter();
+    (all.next().map(|v| v.as_bytes()), all.next().is_some())
+}
+
 /// RFC 9112 §6: one unambiguous way to find the end of the body, or 400 and close.
 fn check_framing(req: &RequestHeader) -> Result<(), Reject> {
-    let cls: Vec<&[u8]> = req
-        .headers
-        .get_all(CONTENT_LENGTH)
-        .iter()
-        .map(|v| v.as_bytes())
-        .collect();
-    let tes: Vec<&[u8]> = req
-        .headers
-        .get_all(TRANSFER_ENCODING)
-        .iter()
-        .map(|v| v.as_bytes())
-        .collect();
-    if !cls.is_empty() && !tes.is_empty() {
+    let (cl, more_cl) = first_and_more(req, CONTENT_LENGTH);
+    let (te, more_te) = first_and_more(req, TRANSFER_ENCODING);
+    if cl.is_some() && te.is_some() {
         return Err(reject(
             400,
             "both Content-Length and Transfer-Encoding",
             true,
         ));
     }
-    if cls.len() > 1 {
+    if more_cl {
         return Err(reject(400, "duplicate Content-Length", true));
     }
-    if let Some(cl) = cls.first() {
+    if let Some(cl) = cl {
         if cl.is_empty() || cl.len() > 19 || !cl.iter().all(u8::is_ascii_digit) {
             return Err(reject(400, "malformed Content-Length", true));
         }
     }
-    if !tes.is_empty() {
+    if let Some(te) = te {
         if req.version != Version::HTTP_11 {
             return Err(reject(400, "Transfer-Encoding before HTTP/1.1", true));
         }
-        if tes.len() > 1 || !tes[0].eq_ignore_ascii_case(b"chunked") {
+        if more_te || !te.eq_ignore_ascii_case(b"chunked") {
             return Err(reject(400, "Transfer-Encoding other than chunked", true));
         }
     }
@@ -114,19 +111,14 @@ fn check_framing(req: &RequestHeader) -> Result<(), Reject> {
 }
 
 fn check_host(req: &RequestHeader, is_h1: bool) -> Result<(), Reject> {
-    let hosts: Vec<&[u8]> = req
-        .headers
-        .get_all(HOST)
-        .iter()
-        .map(|v| v.as_bytes())
-        .collect();
-    if hosts.len() > 1 {
+    let (host, more) = first_and_more(req, HOST);
+    if more {
         return Err(reject(400, "more than one Host header", true));
     }
-    if is_h1 && req.version == Version::HTTP_11 && hosts.is_empty() {
+    if is_h1 && req.version == Version::HTTP_11 && host.is_none() {
         return Err(reject(400, "HTTP/1.1 request without Host", false));
     }
-    if let Some(h) = hosts.first() {
+    if let Some(h) = host {
         if h.is_empty()
             || !h
                 .iter()

@@ -205,17 +205,14 @@ impl ConnTable {
         l: &AdmitLimits,
         now: Instant,
     ) -> Result<ConnGuard, Refusal> {
-        let refuse = |r: Refusal| {
-            self.rejected[r as usize].fetch_add(1, Ordering::Relaxed);
-            Err(r)
-        };
         if self.open.fetch_add(1, Ordering::AcqRel) >= l.max_connections {
             self.open.fetch_sub(1, Ordering::AcqRel);
-            return refuse(Refusal::GlobalCap);
+            self.count(Refusal::GlobalCap);
+            return Err(Refusal::GlobalCap);
         }
         let key = client_key(ip);
         let exempt = any_contains(&l.allow, ip);
-        {
+        let verdict = {
             let mut shard = self.shard(&key).lock().unwrap_or_else(|p| p.into_inner());
             if shard.map.len() > shard.sweep_at.max(SWEEP_AT) {
                 sweep(&mut shard.map, l, now);
@@ -227,25 +224,32 @@ impl ConnTable {
                 tokens: l.burst as f64,
                 last: now,
             });
-            if !exempt {
-                if e.conns >= l.max_per_ip {
-                    drop(shard);
-                    self.open.fetch_sub(1, Ordering::AcqRel);
-                    return refuse(Refusal::IpCap);
-                }
-                if l.rate > 0.0 {
-                    let dt = now.saturating_duration_since(e.last).as_secs_f64();
-                    e.tokens = (e.tokens + dt * l.rate).min(l.burst as f64);
-                    e.last = now;
-                    if e.tokens < 1.0 {
-                        drop(shard);
-                        self.open.fetch_sub(1, Ordering::AcqRel);
-                        return refuse(Refusal::IpRate);
-                    }
+            let verdict = if exempt {
+                Ok(())
+            } else if e.conns >= l.max_per_ip {
+                Err(Refusal::IpCap)
+            } else if l.rate > 0.0 {
+                let dt = now.saturating_duration_since(e.last).as_secs_f64();
+                e.tokens = (e.tokens + dt * l.rate).min(l.burst as f64);
+                e.last = now;
+                if e.tokens < 1.0 {
+                    Err(Refusal::IpRate)
+                } else {
                     e.tokens -= 1.0;
+                    Ok(())
                 }
+            } else {
+                Ok(())
+            };
+            if verdict.is_ok() {
+                e.conns += 1;
             }
-            e.conns += 1;
+            verdict
+        };
+        if let Err(r) = verdict {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            self.count(r);
+            return Err(r);
         }
         self.accepted.fetch_add(1, Ordering::Relaxed);
         Ok(ConnGuard(Arc::new(GuardInner {

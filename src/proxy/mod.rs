@@ -154,11 +154,11 @@ impl ProxyHttp for Tollgate {
 
     async fn upstream_request_filter(
         &self,
-        session: &mut Session,
+        _session: &mut Session,
         req: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        request::proxy_headers(session, req, ctx)
+        request::proxy_headers(req, ctx)
     }
 
     async fn connected_to_upstream(

@@ -198,15 +198,11 @@ fn new_request_id() -> String {
     format!("{:032x}", fastrand::u128(..))
 }
 
-/// Headers on the request sent upstream: X-Forwarded-For/-Proto/-Host, X-Request-Id, Host.
+/// Headers on the request sent upstream: X-Forwarded-For (from `ctx.client_ip`), -Proto,
+/// -Host, X-Request-Id, Host.
 /// Hop-by-hop headers are stripped by pingora's upstream request policy (WebSocket upgrade
 /// headers are re-added for valid WebSocket requests only).
-pub(super) fn proxy_headers(
-    session: &Session,
-    req: &mut RequestHeader,
-    ctx: &RequestCtx,
-) -> Result<()> {
-    let _ = session;
+pub(super) fn proxy_headers(req: &mut RequestHeader, ctx: &RequestCtx) -> Result<()> {
     if let Some(ip) = ctx.client_ip.map(|ip| ip.to_string()) {
         let xff = match ctx.snap.config.server.forwarded_for {
             ForwardedFor::Replace => ip,
