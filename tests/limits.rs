@@ -70,6 +70,15 @@ impl Site {
             .unwrap_or_else(|| panic!("no metric {line_prefix} in\n{text}"))
     }
 
+    /// Wait until exactly `n` client connections hold a slot.
+    async fn wait_open(&self, n: usize) {
+        let what = format!("{n} client connections to hold a slot");
+        wait_for(&what, Duration::from_secs(10), || async move {
+            self.metric("tollgate_connections_open").await == n as f64
+        })
+        .await;
+    }
+
     fn cpu_seconds(&self) -> f64 {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.tg.child.id())).unwrap();
         let after = &stat[stat.rfind(')').unwrap() + 2..];
@@ -124,6 +133,8 @@ const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n";
 async fn per_ip_cap_holds_one_address_and_not_another() {
     let up = Upstream::start("up").await;
     let s = site(up.addr, "max_connections_per_ip = 4", "").await;
+    // the readiness probes must have given their slots back first
+    s.wait_open(0).await;
     // four idle connections from 127.0.0.1 fill its slots (two plain, two TLS before any
     // handshake: the slot is taken at accept)
     let mut held = Vec::new();
@@ -131,15 +142,7 @@ async fn per_ip_cap_holds_one_address_and_not_another() {
         let to = if i % 2 == 0 { s.http } else { s.https };
         held.push(connect_from([127, 0, 0, 1], to).await.unwrap());
     }
-    // wait until tollgate has admitted all four (the readiness probes are gone by then)
-    let end = Instant::now() + Duration::from_secs(10);
-    while s.metric("tollgate_connections_open").await != 4.0 {
-        assert!(
-            Instant::now() < end,
-            "the four connections were not admitted"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    s.wait_open(4).await;
     // the fifth from 127.0.0.1 is closed at once, on either listener
     let mut fifth = connect_from([127, 0, 0, 1], s.http).await.unwrap();
     let _ = fifth.write_all(GET).await;
@@ -553,6 +556,7 @@ async fn proxy_protocol_sets_the_client_and_refuses_bad_headers() {
     assert_eq!((st, closed), (0, true));
     // the per-IP cap counts the PROXY source: two held for 203.0.113.50, the third refused,
     // while another source through the same balancer is served
+    s.wait_open(0).await;
     let mut held = Vec::new();
     for _ in 0..2 {
         let mut c = connect_from([127, 0, 0, 1], s.http).await.unwrap();
@@ -561,14 +565,7 @@ async fn proxy_protocol_sets_the_client_and_refuses_bad_headers() {
             .unwrap();
         held.push(c);
     }
-    let end = Instant::now() + Duration::from_secs(10);
-    while s.metric("tollgate_connections_open").await < 2.0 {
-        assert!(
-            Instant::now() < end,
-            "the two connections were not admitted"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    s.wait_open(2).await;
     let c = connect_from([127, 0, 0, 1], s.http).await.unwrap();
     let (st, closed, _) = exchange(
         c,
