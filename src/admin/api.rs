@@ -1,6 +1,6 @@
 //! JSON views of the live state, `/explain`, and the `/metrics` text.
 
-use super::metrics::{esc, family, metrics};
+use super::metrics::{esc, family, metrics, single};
 use super::{json, query_params};
 use crate::config::Balance;
 use crate::routing::{normalize_host, Lookup};
@@ -235,20 +235,20 @@ pub(super) fn metrics_text(state: &State, snap: &Snapshot) -> String {
         "tollgate_build_info{{version=\"{}\"}} 1",
         env!("CARGO_PKG_VERSION")
     );
-    family(
+    single(
         &mut out,
         "tollgate_start_time_seconds",
         "gauge",
         "Start time, seconds since the Unix epoch.",
+        state.started_unix,
     );
-    let _ = writeln!(out, "tollgate_start_time_seconds {}", state.started_unix);
-    family(
+    single(
         &mut out,
         "tollgate_snapshot_generation",
         "gauge",
         "Generation of the routing snapshot in force.",
+        snap.generation,
     );
-    let _ = writeln!(out, "tollgate_snapshot_generation {}", snap.generation);
     family(
         &mut out,
         "tollgate_config_reloads_total",
@@ -265,81 +265,61 @@ pub(super) fn metrics_text(state: &State, snap: &Snapshot) -> String {
         "tollgate_config_reloads_total{{result=\"failure\"}} {}",
         m.reloads_failed.load(Relaxed)
     );
-    family(
+    single(
         &mut out,
         "tollgate_config_last_reload_success_timestamp_seconds",
         "gauge",
         "When the configuration last reloaded successfully (0: never since start).",
+        m.last_reload_success_unix.load(Relaxed),
     );
-    let _ = writeln!(
-        out,
-        "tollgate_config_last_reload_success_timestamp_seconds {}",
-        m.last_reload_success_unix.load(Relaxed)
-    );
-    family(
+    single(
         &mut out,
         "tollgate_active_requests",
         "gauge",
         "Requests being handled now.",
-    );
-    let _ = writeln!(
-        out,
-        "tollgate_active_requests {}",
-        crate::proxy::active_requests()
+        crate::proxy::active_requests(),
     );
 
     let now = now_ms();
-    family(
+    let per_backend = |out: &mut String,
+                       name: &str,
+                       kind: &str,
+                       help: &str,
+                       value: &dyn Fn(&crate::upstream::Backend) -> u64| {
+        family(out, name, kind, help);
+        for p in &snap.pools {
+            for b in &p.backends {
+                let _ = writeln!(
+                    out,
+                    "{name}{{pool=\"{}\",backend=\"{}\"}} {}",
+                    esc(&p.name),
+                    b.address,
+                    value(b)
+                );
+            }
+        }
+    };
+    per_backend(
         &mut out,
         "tollgate_backend_up",
         "gauge",
         "1 when the backend may get traffic, 0 while ejected.",
+        &|b| u64::from(b.state.is_available(now)),
     );
-    for p in &snap.pools {
-        for b in &p.backends {
-            let _ = writeln!(
-                out,
-                "tollgate_backend_up{{pool=\"{}\",backend=\"{}\"}} {}",
-                esc(&p.name),
-                b.address,
-                u8::from(b.state.is_available(now))
-            );
-        }
-    }
-    family(
+    per_backend(
         &mut out,
         "tollgate_backend_inflight_requests",
         "gauge",
         "Requests in flight to the backend.",
+        &|b| b.state.inflight.load(Relaxed),
     );
-    for p in &snap.pools {
-        for b in &p.backends {
-            let _ = writeln!(
-                out,
-                "tollgate_backend_inflight_requests{{pool=\"{}\",backend=\"{}\"}} {}",
-                esc(&p.name),
-                b.address,
-                b.state.inflight.load(Relaxed)
-            );
-        }
-    }
-    family(
+    per_backend(
         &mut out,
         "tollgate_backend_ejections_total",
         "counter",
         "Times the backend was ejected by passive health.",
+        &|b| b.state.ejections_total.load(Relaxed),
     );
-    for p in &snap.pools {
-        for b in &p.backends {
-            let _ = writeln!(
-                out,
-                "tollgate_backend_ejections_total{{pool=\"{}\",backend=\"{}\"}} {}",
-                esc(&p.name),
-                b.address,
-                b.state.ejections_total.load(Relaxed)
-            );
-        }
-    }
     family(
         &mut out,
         "tollgate_certificate_expiry_timestamp_seconds",

@@ -165,27 +165,19 @@ impl Metrics {
                 &format!("vhost=\"{}\",route=\"{}\"", esc(v), esc(r)),
             );
         }
-        family(
+        single(
             out,
             "tollgate_consul_errors_total",
             "counter",
             "Failed Consul queries (the last known pools keep serving).",
+            self.consul_errors.load(Relaxed),
         );
-        let _ = writeln!(
-            out,
-            "tollgate_consul_errors_total {}",
-            self.consul_errors.load(Relaxed)
-        );
-        family(
+        single(
             out,
             "tollgate_consul_guarded_total",
             "counter",
             "Consul answers the guard refused (a pool would have emptied).",
-        );
-        let _ = writeln!(
-            out,
-            "tollgate_consul_guarded_total {}",
-            self.consul_guarded.load(Relaxed)
+            self.consul_guarded.load(Relaxed),
         );
         family(
             out,
@@ -222,52 +214,39 @@ impl Metrics {
                 &format!("pool=\"{}\"", esc(p)),
             );
         }
-        family(
+        let per_pool =
+            |out: &mut String, name: &str, help: &str, value: fn(&PoolMetrics) -> u64| {
+                family(out, name, "counter", help);
+                for (p, m) in &pools {
+                    let _ = writeln!(out, "{name}{{pool=\"{}\"}} {}", esc(p), value(m));
+                }
+            };
+        per_pool(
             out,
             "tollgate_upstream_retries_total",
-            "counter",
             "Requests moved to another backend after a connect failure.",
+            |m| m.retries.load(Relaxed),
         );
-        for (p, m) in &pools {
-            let _ = writeln!(
-                out,
-                "tollgate_upstream_retries_total{{pool=\"{}\"}} {}",
-                esc(p),
-                m.retries.load(Relaxed)
-            );
-        }
-        family(
+        per_pool(
             out,
             "tollgate_upstream_connect_failures_total",
-            "counter",
             "Failed connects to backends.",
+            |m| m.connect_failures.load(Relaxed),
         );
-        for (p, m) in &pools {
-            let _ = writeln!(
-                out,
-                "tollgate_upstream_connect_failures_total{{pool=\"{}\"}} {}",
-                esc(p),
-                m.connect_failures.load(Relaxed)
-            );
-        }
         let conns = crate::limits::table();
-        family(
+        single(
             out,
             "tollgate_connections_open",
             "gauge",
             "Client connections holding a slot now.",
+            conns.open(),
         );
-        let _ = writeln!(out, "tollgate_connections_open {}", conns.open());
-        family(
+        single(
             out,
             "tollgate_connections_accepted_total",
             "counter",
             "Client connections admitted.",
-        );
-        let _ = writeln!(
-            out,
-            "tollgate_connections_accepted_total {}",
-            conns.accepted()
+            conns.accepted(),
         );
         family(
             out,
@@ -290,6 +269,12 @@ impl Metrics {
 pub fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// A family with one sample and no labels.
+pub fn single(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+    family(out, name, kind, help);
+    let _ = writeln!(out, "{name} {value}");
 }
 
 /// Escape a label value for the Prometheus text format.
