@@ -425,22 +425,35 @@ async fn on_answer(
     tx.send(Change::Service(update)).await.map_err(|_| ())
 }
 
+/// Count a watch's `failures`-th failed query in a row and return how long it backs off.
+fn failure_backoff(failures: u32) -> Duration {
+    crate::admin::metrics::metrics()
+        .consul_errors
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    backoff(
+        failures,
+        Duration::from_millis(200),
+        Duration::from_secs(30),
+        fastrand::f64(),
+    )
+}
+
+/// Wait until the watch's token bucket allows its next query.
+async fn pace(bucket: &mut TokenBucket) {
+    let delay = bucket.take(Instant::now());
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+}
+
 /// Note a failed query; the last known backends keep serving. Returns how long to back off.
 fn on_error(key: &ServiceKey, failures: u32, e: &str) -> Duration {
     note_health(key, |h| {
         h.consecutive_failures = failures;
         h.last_error = Some(e.to_string());
     });
-    let wait = backoff(
-        failures,
-        Duration::from_millis(200),
-        Duration::from_secs(30),
-        fastrand::f64(),
-    );
+    let wait = failure_backoff(failures);
     tracing::warn!(service = %key, error = %e, retry_in_ms = wait.as_millis() as u64, "Consul watch failed; serving the last known backends");
-    crate::admin::metrics::metrics()
-        .consul_errors
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     wait
 }
 
@@ -460,10 +473,7 @@ async fn watch(settings: ConsulSettings, key: ServiceKey, tx: mpsc::Sender<Chang
     let mut last: Option<Vec<BackendSpec>> = None;
     let mut failures = 0u32;
     loop {
-        let delay = bucket.take(Instant::now());
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
-        }
+        pace(&mut bucket).await;
         match query(&http, &settings, &key, index).await {
             Ok((next, backends)) => {
                 if failures > 0 {
@@ -625,10 +635,7 @@ async fn watch_catalog(settings: ConsulSettings, tx: mpsc::Sender<Change>) {
     };
     let mut last: Option<Vec<(String, String, String, String)>> = None;
     loop {
-        let delay = bucket.take(Instant::now());
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
-        }
+        pace(&mut bucket).await;
         match catalog_routes(&http, &settings, index).await {
             Ok((next, routes)) => {
                 failures = 0;
@@ -659,16 +666,8 @@ async fn watch_catalog(settings: ConsulSettings, tx: mpsc::Sender<Change>) {
             Err(e) => {
                 failures += 1;
                 index = 1;
-                let wait = backoff(
-                    failures,
-                    Duration::from_millis(200),
-                    Duration::from_secs(30),
-                    fastrand::f64(),
-                );
+                let wait = failure_backoff(failures);
                 tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "Consul catalog watch failed; keeping the routes it had");
-                crate::admin::metrics::metrics()
-                    .consul_errors
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tokio::time::sleep(wait).await;
             }
         }
@@ -788,10 +787,7 @@ async fn watch_all(settings: ConsulSettings, keys: Vec<ServiceKey>, tx: mpsc::Se
     let mut bucket = TokenBucket::new(10.0, 20.0, Instant::now());
     let limit = Arc::new(tokio::sync::Semaphore::new(16));
     loop {
-        let delay = bucket.take(Instant::now());
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
-        }
+        pace(&mut bucket).await;
         // read every service once
         let mut reads = tokio::task::JoinSet::new();
         for k in &keys {
@@ -825,14 +821,26 @@ async fn watch_all(settings: ConsulSettings, keys: Vec<ServiceKey>, tx: mpsc::Se
         tokio::select! {
             r = block_on(&http, &settings, "/v1/health/state/any", health_index) => match r {
                 Ok(i) => health_index = i,
-                Err(e) => { health_index = 1; tokio::time::sleep(backoff(1, Duration::from_millis(500), Duration::from_secs(30), fastrand::f64())).await; tracing::warn!(error = %e, "Consul change watch failed"); }
+                Err(e) => { health_index = 1; change_watch_failed(&e).await; }
             },
             r = block_on(&http, &settings, "/v1/catalog/services", catalog_index) => match r {
                 Ok(i) => catalog_index = i,
-                Err(e) => { catalog_index = 1; tokio::time::sleep(backoff(1, Duration::from_millis(500), Duration::from_secs(30), fastrand::f64())).await; tracing::warn!(error = %e, "Consul change watch failed"); }
+                Err(e) => { catalog_index = 1; change_watch_failed(&e).await; }
             },
         }
     }
+}
+
+/// A change watch of the fallback mode failed: back off, then say so.
+async fn change_watch_failed(e: &str) {
+    tokio::time::sleep(backoff(
+        1,
+        Duration::from_millis(500),
+        Duration::from_secs(30),
+        fastrand::f64(),
+    ))
+    .await;
+    tracing::warn!(error = %e, "Consul change watch failed");
 }
 
 /// Runs the watches the live configuration needs and applies what they see.
