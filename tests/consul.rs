@@ -86,6 +86,17 @@ async fn who(c: &reqwest::Client, http: SocketAddr) -> Result<String, String> {
     Ok(j["upstream"].as_str().unwrap_or_default().to_string())
 }
 
+/// A JSON view of the admin API on `127.0.0.1:{admin}` (no token in these tests).
+async fn admin_json(c: &reqwest::Client, admin: u16, path: &str) -> Value {
+    c.get(format!("http://127.0.0.1:{admin}{path}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// Which upstreams answer over `n` requests.
 async fn serving(c: &reqwest::Client, http: SocketAddr, n: usize) -> BTreeSet<String> {
     let mut set = BTreeSet::new();
@@ -353,27 +364,13 @@ async fn an_acl_agent_serves_with_the_right_token_and_a_wrong_token_is_a_clear_e
     )
     .await;
     // /status shows the watch, healthy and fresh; /pools names the Consul index
-    let status: Value = c
-        .get(format!("http://127.0.0.1:{admin}/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = admin_json(&c, admin, "/status").await;
     let w = &status["consul"]["watches"][0];
     assert_eq!(status["consul"]["configured"], true);
     assert_eq!(w["service"], "api");
     assert_eq!(w["healthy"], true);
     assert!(w["stale_seconds"].as_u64().unwrap() < 60);
-    let pools: Value = c
-        .get(format!("http://127.0.0.1:{admin}/pools"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let pools = admin_json(&c, admin, "/pools").await;
     let src = pools[0]["source"].as_str().unwrap();
     assert!(src.starts_with("consul service api at index "), "{src}");
     let metrics = c
@@ -402,14 +399,7 @@ async fn an_acl_agent_serves_with_the_right_token_and_a_wrong_token_is_a_clear_e
         err.starts_with("503") && err.contains("no passing instance"),
         "{err}"
     );
-    let status: Value = c
-        .get(format!("http://127.0.0.1:{admin}/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = admin_json(&c, admin, "/status").await;
     let w = &status["consul"]["watches"][0];
     assert_eq!(w["healthy"], false);
     assert!(
@@ -705,14 +695,7 @@ async fn services_declare_routes_in_tags_and_the_file_wins_conflicts() {
         Some("file"),
         "the file's route wins the conflict"
     );
-    let status: Value = c
-        .get(format!("http://127.0.0.1:{admin}/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = admin_json(&c, admin, "/status").await;
     let conflicts = status["consul"]["route_conflicts"].as_array().unwrap();
     assert_eq!(conflicts.len(), 1, "{conflicts:?}");
     let conflict = conflicts[0].as_str().unwrap();
@@ -723,14 +706,7 @@ async fn services_declare_routes_in_tags_and_the_file_wins_conflicts() {
     assert!(tg
         .log_text()
         .contains("route conflict: consul tag `tollgate.route=a.test/` of service blog"));
-    let routes: Value = c
-        .get(format!("http://127.0.0.1:{admin}/routes"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let routes = admin_json(&c, admin, "/routes").await;
     let shop_vhost = routes
         .as_array()
         .unwrap()
