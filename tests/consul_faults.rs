@@ -144,6 +144,16 @@ impl Scripted {
     fn requests(&self) -> Vec<String> {
         self.seen.lock().unwrap().clone()
     }
+
+    /// The index asked for by the query that follows the one answered when `before`
+    /// requests had been seen (waits up to 10 s for it to arrive).
+    async fn next_index(&self, before: usize) -> Option<u64> {
+        wait_for("the next query", Duration::from_secs(10), || async {
+            self.requests().len() >= before + 2
+        })
+        .await;
+        index_of(&self.requests()[before + 1])
+    }
 }
 
 fn ok(index: Option<u64>, backends: &[SocketAddr]) -> Step {
@@ -284,12 +294,8 @@ async fn only_successful_answers_change_pools_and_index_rules_hold_on_the_wire()
     let before = consul.requests().len();
     consul.push(ok(Some(5), &[b.addr]));
     wait_serving(http, &["b"]).await;
-    wait_for("the next query", Duration::from_secs(10), || async {
-        consul.requests().len() >= before + 2
-    })
-    .await;
     assert_eq!(
-        index_of(&consul.requests()[before + 1]),
+        consul.next_index(before).await,
         Some(1),
         "backwards index resets"
     );
@@ -298,11 +304,7 @@ async fn only_successful_answers_change_pools_and_index_rules_hold_on_the_wire()
     let before = consul.requests().len();
     consul.push(ok(None, &[a.addr]));
     wait_serving(http, &["a"]).await;
-    wait_for("the next query", Duration::from_secs(10), || async {
-        consul.requests().len() >= before + 2
-    })
-    .await;
-    assert_eq!(index_of(&consul.requests()[before + 1]), Some(1));
+    assert_eq!(consul.next_index(before).await, Some(1));
 
     // A forbidden token is a clear error, not an empty pool.
     consul.push(err(403, "ACL not found"));
@@ -317,12 +319,8 @@ async fn only_successful_answers_change_pools_and_index_rules_hold_on_the_wire()
     let before = consul.requests().len();
     consul.push(ok(Some(0), &[a.addr, b.addr]));
     wait_serving(http, &["a", "b"]).await;
-    wait_for("the next query", Duration::from_secs(10), || async {
-        consul.requests().len() >= before + 2
-    })
-    .await;
     assert_eq!(
-        index_of(&consul.requests()[before + 1]),
+        consul.next_index(before).await,
         Some(1),
         "index 0 is never sent"
     );
