@@ -215,16 +215,7 @@ pub fn client_ip(peer: IpAddr, xff: Option<&str>, l: &Limits) -> IpAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn limits() -> Limits {
-        crate::config::Config::parse(
-            std::path::Path::new("t.toml"),
-            "[[listener]]\naddress = \"127.0.0.1:1\"\n[[vhost]]\ndefault = true\n\
-             [[vhost.route]]\npath = \"/\"\npool = \"p\"\n[pool.p]\nbackends = [\"127.0.0.1:2\"]\n",
-        )
-        .unwrap()
-        .limits
-    }
+    use crate::limits::test_limits as limits;
 
     fn req(version: Version, headers: &[(&str, &str)]) -> RequestHeader {
         let mut r = RequestHeader::build("POST", b"/upload", None).unwrap();

@@ -9,6 +9,7 @@
 pub mod http;
 pub mod proxy_protocol;
 
+use crate::config::Limits;
 use crate::state::Snapshot;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -167,28 +168,6 @@ impl Default for ConnTable {
     }
 }
 
-/// The limits admission needs, copied out of the Snapshot.
-#[derive(Debug, Clone)]
-pub struct AdmitLimits {
-    pub max_connections: usize,
-    pub max_per_ip: usize,
-    pub rate: f64,
-    pub burst: u32,
-    pub allow: Vec<Cidr>,
-}
-
-impl AdmitLimits {
-    pub fn from(l: &crate::config::Limits) -> Self {
-        AdmitLimits {
-            max_connections: l.max_connections,
-            max_per_ip: l.max_connections_per_ip,
-            rate: l.connection_rate_per_ip,
-            burst: l.connection_burst_per_ip,
-            allow: l.allow.clone(),
-        }
-    }
-}
-
 impl ConnTable {
     fn shard(&self, key: &IpAddr) -> &Mutex<Shard> {
         use std::hash::{Hash, Hasher};
@@ -202,7 +181,7 @@ impl ConnTable {
     pub fn admit(
         self: &Arc<Self>,
         ip: IpAddr,
-        l: &AdmitLimits,
+        l: &Limits,
         now: Instant,
     ) -> Result<ConnGuard, Refusal> {
         if self.open.fetch_add(1, Ordering::AcqRel) >= l.max_connections {
@@ -221,16 +200,17 @@ impl ConnTable {
             }
             let e = shard.map.entry(key).or_insert(IpEntry {
                 conns: 0,
-                tokens: l.burst as f64,
+                tokens: l.connection_burst_per_ip as f64,
                 last: now,
             });
             let verdict = if exempt {
                 Ok(())
-            } else if e.conns >= l.max_per_ip {
+            } else if e.conns >= l.max_connections_per_ip {
                 Err(Refusal::IpCap)
-            } else if l.rate > 0.0 {
+            } else if l.connection_rate_per_ip > 0.0 {
                 let dt = now.saturating_duration_since(e.last).as_secs_f64();
-                e.tokens = (e.tokens + dt * l.rate).min(l.burst as f64);
+                e.tokens = (e.tokens + dt * l.connection_rate_per_ip)
+                    .min(l.connection_burst_per_ip as f64);
                 e.last = now;
                 if e.tokens < 1.0 {
                     Err(Refusal::IpRate)
@@ -293,11 +273,12 @@ impl ConnTable {
 }
 
 /// Drop entries with no connection whose bucket has refilled: they hold no information.
-fn sweep(shard: &mut HashMap<IpAddr, IpEntry>, l: &AdmitLimits, now: Instant) {
+fn sweep(shard: &mut HashMap<IpAddr, IpEntry>, l: &Limits, now: Instant) {
     shard.retain(|_, e| {
-        let full = l.rate <= 0.0
-            || e.tokens + now.saturating_duration_since(e.last).as_secs_f64() * l.rate
-                >= l.burst as f64;
+        let rate = l.connection_rate_per_ip;
+        let full = rate <= 0.0
+            || e.tokens + now.saturating_duration_since(e.last).as_secs_f64() * rate
+                >= l.connection_burst_per_ip as f64;
         e.conns > 0 || !full
     });
 }
@@ -438,8 +419,7 @@ impl PreTlsProcess for Admission {
                 }
             }
         }
-        let admit = AdmitLimits::from(limits);
-        match table().admit(client, &admit, Instant::now()) {
+        match table().admit(client, limits, Instant::now()) {
             Ok(guard) => {
                 stream.tracer = Some(Tracer(Box::new(guard)));
                 Ok(())
@@ -449,18 +429,31 @@ impl PreTlsProcess for Admission {
     }
 }
 
+/// The default limits, from a minimal valid configuration (tests).
+#[cfg(test)]
+pub(crate) fn test_limits() -> Limits {
+    crate::config::Config::parse(
+        std::path::Path::new("t.toml"),
+        "[[listener]]\naddress = \"127.0.0.1:1\"\n[[vhost]]\ndefault = true\n\
+         [[vhost.route]]\npath = \"/\"\npool = \"p\"\n[pool.p]\nbackends = [\"127.0.0.1:2\"]\n",
+    )
+    .unwrap()
+    .limits
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
 
-    fn limits(max: usize, per_ip: usize, rate: f64, burst: u32) -> AdmitLimits {
-        AdmitLimits {
+    fn limits(max: usize, per_ip: usize, rate: f64, burst: u32) -> Limits {
+        Limits {
             max_connections: max,
-            max_per_ip: per_ip,
-            rate,
-            burst,
+            max_connections_per_ip: per_ip,
+            connection_rate_per_ip: rate,
+            connection_burst_per_ip: burst,
             allow: vec!["10.9.0.0/16".parse().unwrap()],
+            ..test_limits()
         }
     }
 
