@@ -46,6 +46,16 @@ def start(cmd, cpu, name, port, log):
     return proc
 
 
+def stop(procs):
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def write(path, text):
     with open(path, "w") as f:
         f.write(text)
@@ -194,13 +204,7 @@ def main():
                     run_h2load(port, args.seconds, args.h2_connections, args.h2_streams, d))
                 print(f"round {r + 1}: {name} done", file=sys.stderr)
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)
 
     def mean(name, proto, key):
         return statistics.mean(x[key] for x in results[(name, proto)])

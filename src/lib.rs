@@ -12,3 +12,4 @@ pub mod routing;
 pub mod state;
 pub mod tls;
 pub mod upstream;
+pub mod wasm;

@@ -86,17 +86,6 @@ async fn who(c: &reqwest::Client, http: SocketAddr) -> Result<String, String> {
     Ok(j["upstream"].as_str().unwrap_or_default().to_string())
 }
 
-/// A JSON view of the admin API on `127.0.0.1:{admin}` (no token in these tests).
-async fn admin_json(c: &reqwest::Client, admin: u16, path: &str) -> Value {
-    c.get(format!("http://127.0.0.1:{admin}{path}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 /// Which upstreams answer over `n` requests.
 async fn serving(c: &reqwest::Client, http: SocketAddr, n: usize) -> BTreeSet<String> {
     let mut set = BTreeSet::new();

@@ -143,9 +143,117 @@ pub(super) fn pools(snap: &Snapshot) -> Value {
     Value::Array(snap.pools.iter().map(|p| pool_json(p)).collect())
 }
 
-pub(super) fn plugins() -> Value {
-    // No plugin host yet: the list is empty, not missing, so clients can rely on the shape.
-    Value::Array(Vec::new())
+pub(super) fn plugins(snap: &Snapshot) -> Value {
+    Value::Array(
+        snap.plugins
+            .values()
+            .map(|p| {
+                let used_by: Vec<String> = snap
+                    .vhosts
+                    .iter()
+                    .flat_map(|v| {
+                        v.routes
+                            .iter()
+                            .filter(|r| {
+                                v.plugins.contains(&p.spec.name) || r.plugins.contains(&p.spec.name)
+                            })
+                            .map(move |r| format!("{}{}", v.label, r.path))
+                    })
+                    .collect();
+                let mut v = serde_json::to_value(p.status()).unwrap_or(Value::Null);
+                v["routes"] = json!(used_by);
+                v["loaded_at_unix"] = json!(p.loaded_unix);
+                v
+            })
+            .collect(),
+    )
+}
+
+/// Plugin families: calls, faults by kind, instance starts, local answers, callouts, and
+/// the metrics plugins define themselves.
+fn plugin_metrics(out: &mut String, snap: &Snapshot) {
+    if snap.plugins.is_empty() {
+        return;
+    }
+    type Pick = fn(&crate::wasm::PluginStats) -> &std::sync::atomic::AtomicU64;
+    let families: [(&str, &str, Pick); 5] = [
+        (
+            "tollgate_plugin_calls_total",
+            "Callbacks called into each plugin.",
+            |s| &s.calls,
+        ),
+        (
+            "tollgate_plugin_instances_started_total",
+            "Plugin instances started (a fault discards one; the next start replaces it).",
+            |s| &s.instances_started,
+        ),
+        (
+            "tollgate_plugin_local_responses_total",
+            "Requests a plugin answered itself.",
+            |s| &s.local_responses,
+        ),
+        (
+            "tollgate_plugin_callouts_total",
+            "HTTP callouts plugins made.",
+            |s| &s.callouts,
+        ),
+        (
+            "tollgate_plugin_callout_failures_total",
+            "HTTP callouts that failed (no answer given to the plugin).",
+            |s| &s.callout_failures,
+        ),
+    ];
+    for (name, help, pick) in families {
+        family(out, name, "counter", help);
+        for p in snap.plugins.values() {
+            let _ = writeln!(
+                out,
+                "{name}{{plugin=\"{}\"}} {}",
+                esc(&p.spec.name),
+                pick(&p.stats).load(Relaxed)
+            );
+        }
+    }
+    family(
+        out,
+        "tollgate_plugin_faults_total",
+        "counter",
+        "Plugin failures by kind: deadline (CPU), trap (panic, out of memory, bad pointer), lost (instance gone or restarting), stuck (paused with nothing pending).",
+    );
+    for p in snap.plugins.values() {
+        let s = &p.stats;
+        for (kind, c) in [
+            ("deadline", &s.faults_deadline),
+            ("trap", &s.faults_trap),
+            ("lost", &s.faults_lost),
+            ("stuck", &s.faults_stuck),
+        ] {
+            let _ = writeln!(
+                out,
+                "tollgate_plugin_faults_total{{plugin=\"{}\",kind=\"{kind}\"}} {}",
+                esc(&p.spec.name),
+                c.load(Relaxed)
+            );
+        }
+    }
+    let defined = crate::wasm::host().metrics.all();
+    if !defined.is_empty() {
+        family(
+            out,
+            "tollgate_plugin_metric",
+            "untyped",
+            "Metrics plugins define (proxy_define_metric): counters and gauges as values, histograms as sums.",
+        );
+        for m in defined {
+            let _ = writeln!(
+                out,
+                "tollgate_plugin_metric{{plugin=\"{}\",name=\"{}\"}} {}",
+                esc(&m.plugin),
+                esc(&m.name),
+                m.value.load(Relaxed)
+            );
+        }
+    }
 }
 
 pub(super) fn certs(snap: &Snapshot) -> Value {
@@ -214,7 +322,10 @@ pub(super) fn explain(snap: &Snapshot, query: Option<&str>) -> Response<Vec<u8>>
                     "source": route_info.map(|r| r.source.clone()),
                 },
                 "pool": pool_json(pool),
-                "plugins": [],
+                "plugins": snap.route_plugins[vhost][route]
+                    .iter()
+                    .map(|p| p.spec.name.as_str())
+                    .collect::<Vec<_>>(),
             })
         }
     };
@@ -385,6 +496,7 @@ pub(super) fn metrics_text(state: &State, snap: &Snapshot) -> String {
             st.rejected_packets
         );
     }
+    plugin_metrics(&mut out, snap);
     m.render_requests(&mut out);
     out
 }

@@ -218,7 +218,7 @@ impl ServeHttp for Admin {
             (Method::GET, "/status") => json(StatusCode::OK, &api::status(&self.state, &snap)),
             (Method::GET, "/routes") => json(StatusCode::OK, &api::routes(&snap)),
             (Method::GET, "/pools") => json(StatusCode::OK, &api::pools(&snap)),
-            (Method::GET, "/plugins") => json(StatusCode::OK, &api::plugins()),
+            (Method::GET, "/plugins") => json(StatusCode::OK, &api::plugins(&snap)),
             (Method::GET, "/certs") => json(StatusCode::OK, &api::certs(&snap)),
             (Method::GET, "/explain") => api::explain(&snap, uri.query()),
             (Method::GET, "/metrics") => respond(

@@ -32,6 +32,36 @@ pub struct Config {
     pub limits: Limits,
     pub vhosts: Vec<Vhost>,
     pub pools: BTreeMap<String, PoolSpec>,
+    /// `[plugin.NAME]`, by name.
+    pub plugins: BTreeMap<String, PluginSpec>,
+}
+
+/// A proxy-wasm plugin: the module, what it is given, and its sandbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PluginSpec {
+    pub name: String,
+    pub file: PathBuf,
+    /// The plugin configuration (JSON), read by the plugin in proxy_on_configure.
+    pub config: Vec<u8>,
+    /// The VM configuration (JSON), read in proxy_on_vm_start.
+    pub vm_config: Vec<u8>,
+    /// Instances with the same vm_id share data and queues (default: the plugin's name).
+    pub vm_id: String,
+    pub on_error: OnError,
+    /// The longest one callback may run.
+    pub cpu_deadline: Duration,
+    /// The most linear memory one instance may have.
+    pub max_memory: u64,
+    pub origin: Origin,
+}
+
+/// What a request gets when a plugin fails (trap, deadline, lost instance).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnError {
+    /// Answer 500 (the default: a failed auth plugin must not let requests through).
+    FailClosed,
+    /// Skip the plugin for this request.
+    FailOpen,
 }
 
 #[derive(Debug, Clone)]
@@ -234,6 +264,8 @@ pub struct Vhost {
     pub default: bool,
     pub cert: Option<CertFiles>,
     pub redirect_https: bool,
+    /// Plugins every route of this vhost runs first, in order.
+    pub plugins: Vec<String>,
     pub routes: Vec<Route>,
     pub origin: Origin,
 }
@@ -251,6 +283,8 @@ pub struct Route {
     pub pool: String,
     /// Overrides `limits.max_body_size` for this route (0 = no cap).
     pub max_body_size: Option<u64>,
+    /// Plugins this route runs after its vhost's.
+    pub plugins: Vec<String>,
     pub origin: Origin,
 }
 

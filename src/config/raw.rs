@@ -24,6 +24,23 @@ pub struct RawConfig {
     pub vhosts: Vec<S<RawVhost>>,
     #[serde(rename = "pool")]
     pub pools: BTreeMap<String, S<RawPool>>,
+    #[serde(rename = "plugin")]
+    pub plugins: BTreeMap<String, S<RawPlugin>>,
+}
+
+/// `[plugin.NAME]`: a proxy-wasm module and its configuration.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPlugin {
+    pub file: S<String>,
+    /// Given to the plugin as JSON (proxy_on_configure).
+    pub config: Option<toml::Value>,
+    /// Given to the plugin as JSON (proxy_on_vm_start).
+    pub vm_config: Option<toml::Value>,
+    pub vm_id: Option<String>,
+    pub on_error: Option<S<String>>,
+    pub cpu_deadline: Option<S<String>>,
+    pub max_memory: Option<S<RawSize>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -198,6 +215,8 @@ pub struct RawVhost {
     pub key: Option<S<String>>,
     pub redirect_https: Option<bool>,
     #[serde(default)]
+    pub plugins: Vec<S<String>>,
+    #[serde(default)]
     pub route: Vec<S<RawRoute>>,
 }
 
@@ -207,6 +226,8 @@ pub struct RawRoute {
     pub path: S<String>,
     pub pool: S<String>,
     pub max_body_size: Option<S<RawSize>>,
+    #[serde(default)]
+    pub plugins: Vec<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -208,7 +208,8 @@ pub(super) fn parse(path: &Path, src: &str) -> Result<Config, ConfigErrors> {
 fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
     let listeners = listeners(cx, &raw);
     let pools = pools(cx, &raw.pools);
-    let vhosts = vhosts(cx, &raw.vhosts, &pools);
+    let plugins = plugins(cx, &raw.plugins);
+    let vhosts = vhosts(cx, &raw.vhosts, &pools, &plugins);
     let has_tls = listeners.iter().any(|l| l.tls);
 
     let s = &raw.server;
@@ -356,7 +357,114 @@ fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
         limits,
         vhosts,
         pools,
+        plugins,
     }
+}
+
+fn plugins(
+    cx: &mut Ctx,
+    raw: &BTreeMap<String, Spanned<super::raw::RawPlugin>>,
+) -> BTreeMap<String, PluginSpec> {
+    let mut out = BTreeMap::new();
+    for (name, sp) in raw {
+        let p = sp.get_ref();
+        let opt = |o: &str| format!("plugin.{name}.{o}");
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        {
+            cx.err(
+                sp.span(),
+                format!("plugin.{name}"),
+                "a plugin name may hold only letters, digits, - _ and .",
+            );
+        }
+        let json = |cx: &mut Ctx, v: &Option<toml::Value>, o: &str| -> Vec<u8> {
+            match v {
+                None => Vec::new(),
+                Some(toml::Value::String(s)) => s.clone().into_bytes(),
+                Some(v) => serde_json::to_vec(v).unwrap_or_else(|e| {
+                    cx.err(sp.span(), opt(o), format!("cannot be written as JSON: {e}"));
+                    Vec::new()
+                }),
+            }
+        };
+        let config = json(cx, &p.config, "config");
+        let vm_config = json(cx, &p.vm_config, "vm_config");
+        let on_error = cx.choice(
+            &p.on_error,
+            &opt("on_error"),
+            &[
+                ("fail_closed", OnError::FailClosed),
+                ("fail_open", OnError::FailOpen),
+            ],
+        );
+        let cpu_deadline = cx.duration_in(
+            &p.cpu_deadline,
+            &opt("cpu_deadline"),
+            Duration::from_millis(50),
+            Duration::from_millis(1),
+            Duration::from_secs(10),
+        );
+        let max_memory = cx.size(&p.max_memory, &opt("max_memory"), 64 << 20);
+        if !(1 << 16..=4 << 30).contains(&max_memory) {
+            let span = p.max_memory.as_ref().map(|m| m.span()).unwrap_or(0..0);
+            cx.err(
+                span,
+                opt("max_memory"),
+                "must be between 64k (one wasm page) and 4g",
+            );
+        }
+        out.insert(
+            name.clone(),
+            PluginSpec {
+                name: name.clone(),
+                file: cx.path(p.file.get_ref()),
+                config,
+                vm_config,
+                vm_id: p.vm_id.clone().unwrap_or_else(|| name.clone()),
+                on_error,
+                cpu_deadline,
+                max_memory,
+                origin: cx.origin(sp.span()),
+            },
+        );
+    }
+    out
+}
+
+/// Names in a `plugins = [...]` list, each checked against `[plugin.NAME]`.
+fn plugin_refs(
+    cx: &mut Ctx,
+    raw: &[Spanned<String>],
+    option: &str,
+    plugins: &BTreeMap<String, PluginSpec>,
+) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for r in raw {
+        let n = r.get_ref();
+        if !plugins.contains_key(n) {
+            let known: Vec<&str> = plugins.keys().map(String::as_str).collect();
+            cx.err(
+                r.span(),
+                option,
+                format!(
+                    "no plugin named `{n}` (defined plugins: {})",
+                    if known.is_empty() {
+                        "none; add [plugin.NAME] with file = \"….wasm\"".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            );
+        } else if out.contains(n) {
+            cx.err(r.span(), option, format!("`{n}` is listed twice"));
+        } else {
+            out.push(n.clone());
+        }
+    }
+    out
 }
 
 fn limits(cx: &mut Ctx, r: &RawLimits) -> Limits {
@@ -831,6 +939,7 @@ fn vhosts(
     cx: &mut Ctx,
     raw: &[Spanned<RawVhost>],
     pools: &BTreeMap<String, PoolSpec>,
+    plugins: &BTreeMap<String, PluginSpec>,
 ) -> Vec<Vhost> {
     let mut seen: HashMap<String, usize> = HashMap::new();
     let mut default_line: Option<usize> = None;
@@ -951,18 +1060,22 @@ fn vhosts(
                 .max_body_size
                 .as_ref()
                 .map(|_| cx.size(&r.max_body_size, &format!("{opt}.max_body_size"), 0));
+            let route_plugins = plugin_refs(cx, &r.plugins, &format!("{opt}.plugins"), plugins);
             routes.push(Route {
                 path: p.clone(),
                 pool: pool.clone(),
                 max_body_size,
+                plugins: route_plugins,
                 origin: cx.origin(r.path.span()),
             });
         }
+        let vhost_plugins = plugin_refs(cx, &v.plugins, &format!("vhost[{i}].plugins"), plugins);
         out.push(Vhost {
             names,
             default: v.default,
             cert,
             redirect_https: v.redirect_https.unwrap_or(true),
+            plugins: vhost_plugins,
             routes,
             origin,
         });

@@ -4,6 +4,7 @@
 //! headers, error answers, access log). `server` assembles listeners and services. Reads the
 //! Snapshot once per request and never takes a lock to do so; must not build Snapshots.
 
+mod plugins;
 mod request;
 mod response;
 pub mod server;
@@ -66,6 +67,13 @@ pub struct RequestCtx {
     /// The request body cap for the matched route (None: no cap).
     body_cap: Option<u64>,
     body: crate::limits::http::BodyMeter,
+    /// The route's proxy-wasm chain, once the request reached it.
+    plugins: Option<Box<crate::wasm::Chain>>,
+    /// A plugin's answer decided after the request head went upstream (sent by the
+    /// error path).
+    plugin_answer: Option<crate::wasm::LocalResponse>,
+    /// A plugin's local response body replacing the upstream's.
+    plugin_body: Option<bytes::Bytes>,
 }
 
 impl Drop for RequestCtx {
@@ -98,6 +106,9 @@ impl ProxyHttp for Tollgate {
             client_ip: None,
             body_cap: None,
             body: Default::default(),
+            plugins: None,
+            plugin_answer: None,
+            plugin_body: None,
         }
     }
 
@@ -109,14 +120,17 @@ impl ProxyHttp for Tollgate {
         if request::check(session, ctx).await? {
             return Ok(true);
         }
-        request::route(session, ctx).await
+        if request::route(session, ctx).await? {
+            return Ok(true);
+        }
+        plugins::request_headers(session, ctx).await
     }
 
     async fn request_body_filter(
         &self,
         _session: &mut Session,
         body: &mut Option<bytes::Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let n = body.as_ref().map(|b| b.len()).unwrap_or(0);
@@ -131,7 +145,7 @@ impl ProxyHttp for Tollgate {
             ctx.reason = Some(r.reason.into());
             return Error::e_explain(HTTPStatus(r.status), r.reason);
         }
-        Ok(())
+        plugins::request_body(body, end_of_stream, ctx).await
     }
 
     async fn upstream_peer(
@@ -195,7 +209,19 @@ impl ProxyHttp for Tollgate {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        plugins::response_headers(resp, ctx).await?;
         response::downstream_headers(resp, ctx)
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<bytes::Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        plugins::response_body(body, end_of_stream, ctx)?;
+        Ok(None)
     }
 
     async fn fail_to_proxy(
@@ -209,6 +235,7 @@ impl ProxyHttp for Tollgate {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         upstream::record_outcome(e, ctx);
+        plugins::log(session, ctx);
         let status = session
             .response_written()
             .map(|r| r.status.as_u16())

@@ -61,6 +61,17 @@ pub(super) async fn error_answer(
     e: &Error,
     ctx: &mut RequestCtx,
 ) -> FailToProxy {
+    if let Some(local) = ctx.plugin_answer.take() {
+        // A plugin answered after the request head went upstream.
+        let code = local.status;
+        if let Err(err) = super::plugins::write_local(session, ctx, &local).await {
+            tracing::debug!(error = %err, "could not send a plugin's answer to the client");
+        }
+        return FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        };
+    }
     let code = status_for(e);
     if ctx.reason.is_none() {
         ctx.reason = Some(reason_for(code, e).into());

@@ -105,6 +105,8 @@ fn check_listeners(cfg: &Config) -> anyhow::Result<()> {
 /// is then sent SIGQUIT) instead of being bound: see docs/operations.md.
 pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
     let state = Arc::new(State::new(config).map_err(|e| anyhow::anyhow!("{e}"))?);
+    // plugin callouts resolve pools through the live Snapshot
+    crate::wasm::host().attach(state.handle());
     restore_consul_view(&state);
     let snap = state.snapshot();
     let cfg = &snap.config;

@@ -12,6 +12,7 @@ use crate::discovery::View;
 use crate::routing::{RouteEntry, RouteTable, VhostEntry};
 use crate::tls::CertStore;
 use crate::upstream::{Pool, Registry};
+use crate::wasm::Plugin;
 use arc_swap::ArcSwap;
 use std::collections::BTreeMap;
 use std::collections::HashMap;
@@ -42,6 +43,12 @@ pub struct Snapshot {
     pub vhosts: Vec<VhostInfo>,
     /// Consul-declared routes that were not applied, and why.
     pub route_conflicts: Vec<String>,
+    /// The loaded proxy-wasm plugins, by name.
+    pub plugins: BTreeMap<String, Arc<Plugin>>,
+    /// Per vhost, per route: the plugin chain (the vhost's plugins, then the route's).
+    pub route_plugins: Vec<Vec<Vec<Arc<Plugin>>>>,
+    /// Every pool name (HTTP callouts may name any of them).
+    pub pool_names: Arc<Vec<String>>,
 }
 
 /// A vhost as served: from the file, or created for a route a Consul service declared.
@@ -52,6 +59,8 @@ pub struct VhostInfo {
     pub default: bool,
     pub redirect_https: bool,
     pub source: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub plugins: Vec<String>,
     pub routes: Vec<RouteInfo>,
 }
 
@@ -62,6 +71,8 @@ pub struct RouteInfo {
     pub source: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_body_size: Option<u64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub plugins: Vec<String>,
 }
 
 impl Snapshot {
@@ -113,6 +124,7 @@ impl Snapshot {
     ) -> Result<Snapshot, ConfigErrors> {
         let certs = CertStore::load(&config)?;
         let admin_token = read_token(&config.admin.token)?;
+        let plugins = crate::wasm::host().load(&config.plugins, config.server.threads)?;
         // Vhosts and routes: the file's first, then the routes services declare in Consul.
         // The file wins every conflict; conflicts are reported, never fatal.
         let mut vhosts: Vec<VhostInfo> = config
@@ -124,6 +136,7 @@ impl Snapshot {
                 default: v.default,
                 redirect_https: v.redirect_https,
                 source: format!("file {}", v.origin),
+                plugins: v.plugins.clone(),
                 routes: v
                     .routes
                     .iter()
@@ -132,6 +145,7 @@ impl Snapshot {
                         pool: r.pool.clone(),
                         source: format!("file {}", r.origin),
                         max_body_size: r.max_body_size,
+                        plugins: r.plugins.clone(),
                     })
                     .collect(),
             })
@@ -175,6 +189,7 @@ impl Snapshot {
                         default: false,
                         redirect_https: true,
                         source: source.clone(),
+                        plugins: Vec::new(),
                         routes: Vec::new(),
                     });
                     vhosts.len() - 1
@@ -201,6 +216,7 @@ impl Snapshot {
                 pool,
                 source,
                 max_body_size: None,
+                plugins: Vec::new(),
             });
         }
 
@@ -237,6 +253,30 @@ impl Snapshot {
                 VhostEntry::new(&v.label, v.redirect_https, entries),
             );
         }
+        // The chain of each route, in the order `routes` reports vhosts and routes.
+        // (`routes` holds the vhosts in the order of `vhosts`, each route sorted by prefix.)
+        let route_plugins = routes
+            .vhosts()
+            .iter()
+            .zip(&vhosts)
+            .map(|(v, info)| {
+                v.routes()
+                    .iter()
+                    .map(|r| {
+                        let mut names: Vec<&String> = info.plugins.iter().collect();
+                        if let Some(route) = info.routes.iter().find(|ri| ri.path == r.prefix) {
+                            names
+                                .extend(route.plugins.iter().filter(|n| !info.plugins.contains(n)));
+                        }
+                        names
+                            .iter()
+                            .filter_map(|n| plugins.get(*n).cloned())
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect();
+        let pool_names = Arc::new(pool_specs.keys().cloned().collect());
         let m = metrics();
         let route_metrics = routes
             .vhosts()
@@ -266,6 +306,9 @@ impl Snapshot {
             built_at_unix: unix_now(),
             vhosts,
             route_conflicts,
+            plugins,
+            route_plugins,
+            pool_names,
         })
     }
 }
@@ -402,6 +445,8 @@ impl State {
 /// (modification time and length; `None` when missing).
 pub fn watched_files(cfg: &Config) -> Vec<PathBuf> {
     let mut files = vec![cfg.source.clone()];
+    // a rebuilt plugin is picked up like a changed certificate
+    files.extend(cfg.plugins.values().map(|p| p.file.clone()));
     for v in &cfg.vhosts {
         if let Some(c) = &v.cert {
             files.push(c.cert.clone());

@@ -32,6 +32,17 @@ where
     panic!("timed out after {deadline:?} waiting for {what}");
 }
 
+/// GET an admin API path (no token) as JSON.
+pub async fn admin_json(c: &reqwest::Client, admin: u16, path: &str) -> serde_json::Value {
+    c.get(format!("http://127.0.0.1:{admin}{path}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0")

@@ -1,0 +1,187 @@
+//! JWT verification: JWS compact form, HS256 / RS256 / ES256 with configured keys (never
+//! `alg: none`, never a key of another algorithm than the token names), then the registered
+//! claims exp, nbf, iss and aud.
+
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use serde::Deserialize;
+use sha2::Sha256;
+use std::collections::BTreeMap;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJwtConfig {
+    #[serde(default)]
+    hs256_secret: Option<String>,
+    #[serde(default)]
+    rs256_keys: Vec<String>,
+    #[serde(default)]
+    es256_keys: Vec<String>,
+    #[serde(default)]
+    issuer: Option<String>,
+    #[serde(default)]
+    audience: Option<String>,
+    #[serde(default = "default_leeway")]
+    leeway_s: u64,
+    #[serde(default = "default_true")]
+    require_exp: bool,
+    #[serde(default)]
+    claims_to_headers: BTreeMap<String, String>,
+    #[serde(default = "default_header")]
+    header: String,
+    #[serde(default = "default_realm")]
+    realm: String,
+}
+
+fn default_leeway() -> u64 {
+    30
+}
+fn default_true() -> bool {
+    true
+}
+fn default_header() -> String {
+    "authorization".into()
+}
+fn default_realm() -> String {
+    "tollgate".into()
+}
+
+pub struct JwtConfig {
+    hs256: Option<Vec<u8>>,
+    rs256: Vec<rsa::pkcs1v15::VerifyingKey<Sha256>>,
+    es256: Vec<p256::ecdsa::VerifyingKey>,
+    issuer: Option<String>,
+    audience: Option<String>,
+    leeway: u64,
+    require_exp: bool,
+    pub claims_to_headers: BTreeMap<String, String>,
+    pub header: String,
+    pub realm: String,
+}
+
+impl JwtConfig {
+    pub fn build(raw: RawJwtConfig) -> Result<JwtConfig, String> {
+        use p256::pkcs8::DecodePublicKey as _;
+        use rsa::pkcs1::DecodeRsaPublicKey as _;
+        let mut rs256 = Vec::new();
+        for (i, pem) in raw.rs256_keys.iter().enumerate() {
+            let key = rsa::RsaPublicKey::from_public_key_pem(pem)
+                .or_else(|_| rsa::RsaPublicKey::from_pkcs1_pem(pem))
+                .map_err(|e| format!("jwt.rs256_keys[{i}] is not an RSA public key in PEM: {e}"))?;
+            rs256.push(rsa::pkcs1v15::VerifyingKey::<Sha256>::new(key));
+        }
+        let mut es256 = Vec::new();
+        for (i, pem) in raw.es256_keys.iter().enumerate() {
+            let key = p256::ecdsa::VerifyingKey::from_public_key_pem(pem).map_err(|e| {
+                format!("jwt.es256_keys[{i}] is not a P-256 public key in PEM: {e}")
+            })?;
+            es256.push(key);
+        }
+        let hs256 = raw.hs256_secret.map(String::into_bytes);
+        if hs256.as_ref().is_some_and(|s| s.len() < 32) {
+            return Err("jwt.hs256_secret must be at least 32 bytes".into());
+        }
+        if hs256.is_none() && rs256.is_empty() && es256.is_empty() {
+            return Err("jwt needs a key: hs256_secret, rs256_keys or es256_keys".into());
+        }
+        Ok(JwtConfig {
+            hs256,
+            rs256,
+            es256,
+            issuer: raw.issuer,
+            audience: raw.audience,
+            leeway: raw.leeway_s,
+            require_exp: raw.require_exp,
+            claims_to_headers: raw.claims_to_headers,
+            header: raw.header.to_ascii_lowercase(),
+            realm: raw.realm,
+        })
+    }
+
+    /// Verify `token` at `now` (Unix seconds); the claims, or why not.
+    pub fn verify(
+        &self,
+        token: &str,
+        now: u64,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, &'static str> {
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let mut parts = token.split('.');
+        let (Some(h), Some(p), Some(s), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err("not a JWS compact token");
+        };
+        let header: serde_json::Value = b64
+            .decode(h)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or("bad header")?;
+        let sig = b64.decode(s).map_err(|_| "bad signature encoding")?;
+        let signed = &token[..h.len() + 1 + p.len()];
+        let ok = match header.get("alg").and_then(|a| a.as_str()) {
+            Some("HS256") => {
+                let key = self.hs256.as_ref().ok_or("HS256 is not accepted")?;
+                let mut mac = Hmac::<Sha256>::new_from_slice(key).map_err(|_| "bad key")?;
+                mac.update(signed.as_bytes());
+                mac.verify_slice(&sig).is_ok()
+            }
+            Some("RS256") => {
+                use rsa::signature::Verifier as _;
+                if self.rs256.is_empty() {
+                    return Err("RS256 is not accepted");
+                }
+                let sig = rsa::pkcs1v15::Signature::try_from(sig.as_slice())
+                    .map_err(|_| "bad signature")?;
+                self.rs256
+                    .iter()
+                    .any(|k| k.verify(signed.as_bytes(), &sig).is_ok())
+            }
+            Some("ES256") => {
+                use p256::ecdsa::signature::Verifier as _;
+                if self.es256.is_empty() {
+                    return Err("ES256 is not accepted");
+                }
+                let sig = p256::ecdsa::Signature::from_slice(&sig).map_err(|_| "bad signature")?;
+                self.es256
+                    .iter()
+                    .any(|k| k.verify(signed.as_bytes(), &sig).is_ok())
+            }
+            _ => return Err("unsupported alg"),
+        };
+        if !ok {
+            return Err("signature does not verify");
+        }
+        let claims: serde_json::Map<String, serde_json::Value> = b64
+            .decode(p)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or("bad payload")?;
+        let num = |k: &str| claims.get(k).and_then(|v| v.as_f64());
+        match num("exp") {
+            Some(exp) if (now as f64) > exp + self.leeway as f64 => return Err("token expired"),
+            None if self.require_exp => return Err("token has no exp"),
+            _ => {}
+        }
+        if let Some(nbf) = num("nbf") {
+            if (now as f64) + (self.leeway as f64) < nbf {
+                return Err("token not valid yet");
+            }
+        }
+        if let Some(iss) = &self.issuer {
+            if claims.get("iss").and_then(|v| v.as_str()) != Some(iss.as_str()) {
+                return Err("wrong issuer");
+            }
+        }
+        if let Some(aud) = &self.audience {
+            let ok = match claims.get("aud") {
+                Some(serde_json::Value::String(a)) => a == aud,
+                Some(serde_json::Value::Array(v)) => v.iter().any(|a| a.as_str() == Some(aud)),
+                _ => false,
+            };
+            if !ok {
+                return Err("wrong audience");
+            }
+        }
+        Ok(claims)
+    }
+}

@@ -1,0 +1,311 @@
+//! ratelimit: token buckets keyed by client IP, a request header or the route. The buckets
+//! live in the host's shared data, updated with compare-and-swap, so every worker thread's
+//! instance spends from one budget. Over budget: 429 with Retry-After and the IETF
+//! RateLimit-Policy / RateLimit headers. Documentation: docs/plugins/ratelimit.md.
+
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel, Status};
+use serde::Deserialize;
+use std::net::IpAddr;
+use std::rc::Rc;
+use std::time::UNIX_EPOCH;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
+        Box::new(Root { cfg: None })
+    });
+}}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    /// Tokens added per second.
+    rate: f64,
+    /// Bucket size: how many requests may come at once.
+    burst: u32,
+    /// "client_ip" (default), "route", or "header:NAME".
+    #[serde(default)]
+    key: Option<String>,
+    /// Client networks never limited.
+    #[serde(default)]
+    allow: Vec<String>,
+    /// The policy name in RateLimit-Policy (default "default").
+    #[serde(default)]
+    policy: Option<String>,
+    /// Send RateLimit headers on answers that were let through too (default true).
+    #[serde(default)]
+    headers_on_success: Option<bool>,
+}
+
+enum Key {
+    ClientIp,
+    Route,
+    Header(String),
+}
+
+struct Config {
+    rate: f64,
+    burst: f64,
+    key: Key,
+    allow: Vec<(IpAddr, u8)>,
+    policy: String,
+    headers_on_success: bool,
+}
+
+fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
+    let (ip, bits) = match s.split_once('/') {
+        Some((ip, b)) => (ip, Some(b)),
+        None => (s, None),
+    };
+    let ip: IpAddr = ip
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not an address or CIDR"))?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let bits = match bits {
+        Some(b) => b
+            .trim()
+            .parse::<u8>()
+            .ok()
+            .filter(|b| *b <= max)
+            .ok_or(format!("`{s}` has a bad prefix length"))?,
+        None => max,
+    };
+    Ok((ip, bits))
+}
+
+fn in_cidr(ip: IpAddr, (net, bits): (IpAddr, u8)) -> bool {
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => {
+            let mask = if bits == 0 {
+                0
+            } else {
+                u32::MAX << (32 - bits as u32)
+            };
+            (u32::from(a) & mask) == (u32::from(n) & mask)
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) => {
+            let mask = if bits == 0 {
+                0
+            } else {
+                u128::MAX << (128 - bits as u32)
+            };
+            (u128::from(a) & mask) == (u128::from(n) & mask)
+        }
+        _ => false,
+    }
+}
+
+impl Config {
+    fn parse(bytes: &[u8]) -> Result<Config, String> {
+        let raw: RawConfig =
+            serde_json::from_slice(bytes).map_err(|e| format!("bad configuration: {e}"))?;
+        if !(raw.rate > 0.0 && raw.rate.is_finite()) {
+            return Err("rate must be a positive number of requests per second".into());
+        }
+        if raw.burst == 0 {
+            return Err("burst must be at least 1".into());
+        }
+        let key = match raw.key.as_deref().unwrap_or("client_ip") {
+            "client_ip" => Key::ClientIp,
+            "route" => Key::Route,
+            k => match k.strip_prefix("header:") {
+                Some(h) if !h.is_empty() => Key::Header(h.to_ascii_lowercase()),
+                _ => return Err(format!("key `{k}` is not client_ip, route or header:NAME")),
+            },
+        };
+        let allow = raw
+            .allow
+            .iter()
+            .map(|c| parse_cidr(c))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Config {
+            rate: raw.rate,
+            burst: raw.burst as f64,
+            key,
+            allow,
+            policy: raw.policy.unwrap_or_else(|| "default".into()),
+            headers_on_success: raw.headers_on_success.unwrap_or(true),
+        })
+    }
+}
+
+struct Root {
+    cfg: Option<Rc<Config>>,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let bytes = self.get_plugin_configuration().unwrap_or_default();
+        match Config::parse(&bytes) {
+            Ok(c) => {
+                self.cfg = Some(Rc::new(c));
+                true
+            }
+            Err(e) => {
+                proxy_wasm::hostcalls::log(LogLevel::Error, &format!("ratelimit: {e}")).ok();
+                false
+            }
+        }
+    }
+
+    fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Limiter {
+            cfg: self.cfg.clone()?,
+            remaining: None,
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct Limiter {
+    cfg: Rc<Config>,
+    /// (remaining tokens, seconds until full) for the RateLimit header.
+    remaining: Option<(u64, u64)>,
+}
+
+impl Context for Limiter {}
+
+/// A bucket as stored in shared data: tokens (f64) and the time they were counted (ns).
+fn decode(v: &[u8]) -> Option<(f64, u64)> {
+    if v.len() != 16 {
+        return None;
+    }
+    let t = f64::from_le_bytes(v[0..8].try_into().ok()?);
+    let at = u64::from_le_bytes(v[8..16].try_into().ok()?);
+    Some((t, at))
+}
+
+fn encode(tokens: f64, at: u64) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[0..8].copy_from_slice(&tokens.to_le_bytes());
+    out[8..16].copy_from_slice(&at.to_le_bytes());
+    out
+}
+
+impl Limiter {
+    fn client_ip(&self) -> Option<IpAddr> {
+        let v = self.get_property(vec!["source", "address"])?;
+        let s = String::from_utf8(v).ok()?;
+        s.parse::<std::net::SocketAddr>()
+            .map(|a| a.ip())
+            .ok()
+            .or_else(|| s.parse().ok())
+    }
+
+    fn key(&self) -> String {
+        match &self.cfg.key {
+            Key::ClientIp => match self.client_ip() {
+                Some(IpAddr::V6(v6)) => {
+                    // One bucket per /64: an IPv6 client usually holds the whole prefix.
+                    let s = v6.segments();
+                    format!("ip:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+                }
+                Some(ip) => format!("ip:{ip}"),
+                None => "ip:unknown".into(),
+            },
+            Key::Route => {
+                let r = self.get_property(vec!["route_name"]).unwrap_or_default();
+                format!("route:{}", String::from_utf8_lossy(&r))
+            }
+            Key::Header(h) => format!(
+                "hdr:{h}:{}",
+                self.get_http_request_header(h).unwrap_or_default()
+            ),
+        }
+    }
+
+    /// Take one token; Ok(remaining) or Err(seconds until one is back).
+    fn take(&mut self, key: &str) -> Result<f64, f64> {
+        let now = self
+            .get_current_time()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        let cfg = self.cfg.clone();
+        // Compare-and-swap: another worker's instance may update the bucket between our
+        // read and write; then read again. Bounded, so contention cannot spin forever.
+        for _ in 0..16 {
+            let (value, cas) = match self.get_shared_data(key) {
+                (Some(v), cas) => (decode(&v), cas),
+                (None, cas) => (None, cas),
+            };
+            let (tokens, at) = value.unwrap_or((cfg.burst, now));
+            let elapsed = now.saturating_sub(at) as f64 / 1e9;
+            let tokens = (tokens + elapsed * cfg.rate).min(cfg.burst);
+            let (left, verdict) = if tokens >= 1.0 {
+                (tokens - 1.0, Ok(tokens - 1.0))
+            } else {
+                (tokens, Err((1.0 - tokens) / cfg.rate))
+            };
+            match self.set_shared_data(key, Some(&encode(left, now.max(at))), cas) {
+                Ok(()) => return verdict,
+                Err(Status::CasMismatch) => continue,
+                Err(_) => return verdict,
+            }
+        }
+        // Heavy contention on one key: refuse rather than let the budget leak.
+        Err(1.0 / cfg.rate)
+    }
+
+    fn policy_header(&self) -> String {
+        let window = (self.cfg.burst / self.cfg.rate).ceil().max(1.0) as u64;
+        format!(
+            "\"{}\";q={};w={}",
+            self.cfg.policy, self.cfg.burst as u64, window
+        )
+    }
+}
+
+impl HttpContext for Limiter {
+    fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
+        if !self.cfg.allow.is_empty() {
+            if let Some(ip) = self.client_ip() {
+                if self.cfg.allow.iter().any(|c| in_cidr(ip, *c)) {
+                    return Action::Continue;
+                }
+            }
+        }
+        let key = format!("rl:{}", self.key());
+        match self.take(&key) {
+            Ok(left) => {
+                let full_in = ((self.cfg.burst - left) / self.cfg.rate).ceil() as u64;
+                self.remaining = Some((left.floor() as u64, full_in));
+                Action::Continue
+            }
+            Err(wait) => {
+                let retry = wait.ceil().max(1.0) as u64;
+                let policy = self.policy_header();
+                let state = format!("\"{}\";r=0;t={retry}", self.cfg.policy);
+                let retry_s = retry.to_string();
+                self.send_http_response(
+                    429,
+                    vec![
+                        ("retry-after", retry_s.as_str()),
+                        ("ratelimit-policy", policy.as_str()),
+                        ("ratelimit", state.as_str()),
+                        ("content-type", "text/plain; charset=utf-8"),
+                    ],
+                    Some(b"429 too many requests\n"),
+                );
+                Action::Pause
+            }
+        }
+    }
+
+    fn on_http_response_headers(&mut self, _n: usize, _eos: bool) -> Action {
+        if let (true, Some((left, t))) = (self.cfg.headers_on_success, self.remaining) {
+            let policy = self.policy_header();
+            self.set_http_response_header("ratelimit-policy", Some(&policy));
+            let state = format!("\"{}\";r={left};t={t}", self.cfg.policy);
+            self.set_http_response_header("ratelimit", Some(&state));
+        }
+        Action::Continue
+    }
+}

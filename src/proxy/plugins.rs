@@ -1,0 +1,257 @@
+//! The plugin phases: hand the request and response to the route's proxy-wasm chain
+//! (`wasm::Chain`) at each pingora phase, write back what plugins changed, and answer with
+//! what they decided (a local response, a 500 under `fail_closed`, a reset).
+
+use super::RequestCtx;
+use crate::wasm::{Chain, LocalResponse, RequestInfo, StreamData, Verdict};
+use bytes::Bytes;
+use pingora::prelude::*;
+use pingora::proxy::Session;
+use std::borrow::Cow;
+
+/// Start the route's chain and run `on_request_headers`. `Ok(true)`: answered already.
+pub(super) async fn request_headers(session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+    let (Some(v), Some(r)) = (ctx.vhost, ctx.route) else {
+        return Ok(false);
+    };
+    let chain = &ctx.snap.route_plugins[v][r];
+    if chain.is_empty() {
+        return Ok(false);
+    }
+    let info = request_info(session, ctx);
+    let data = StreamData::new(info, session.req_header().clone());
+    let mut chain = Box::new(Chain::new(chain.clone(), data, ctx.snap.pool_names.clone()));
+    let eos = session.as_downstream_mut().is_body_empty();
+    let verdict = chain.request_headers(eos).await;
+    if chain.data().req_dirty {
+        *session.req_header_mut() = chain.data().req.clone();
+    }
+    ctx.plugins = Some(chain);
+    match verdict {
+        Verdict::Continue => Ok(false),
+        v => {
+            answer(session, ctx, v).await?;
+            Ok(true)
+        }
+    }
+}
+
+/// `on_request_body` for each chunk (the chain may hold chunks back while a plugin pauses).
+pub(super) async fn request_body(
+    body: &mut Option<Bytes>,
+    end_of_stream: bool,
+    ctx: &mut RequestCtx,
+) -> Result<()> {
+    let Some(chain) = ctx.plugins.as_mut() else {
+        return Ok(());
+    };
+    match chain.request_body(body, end_of_stream).await {
+        Verdict::Continue => Ok(()),
+        v => {
+            // The request head may be upstream already: the answer goes out through
+            // pingora's error path, which `response::error_answer` gives this response.
+            let status = verdict_response(&v, ctx).status;
+            ctx.plugin_answer = Some(verdict_response(&v, ctx));
+            Error::e_explain(HTTPStatus(status), "answered by a plugin")
+        }
+    }
+}
+
+/// `on_response_headers` in reverse chain order; a local response replaces the upstream's.
+pub(super) async fn response_headers(
+    resp: &mut ResponseHeader,
+    ctx: &mut RequestCtx,
+) -> Result<()> {
+    let Some(chain) = ctx.plugins.as_mut() else {
+        return Ok(());
+    };
+    let eos = resp.status.as_u16() == 204
+        || resp.status.as_u16() == 304
+        || resp
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() == b"0");
+    match chain.response_headers(resp, eos).await {
+        Verdict::Continue => Ok(()),
+        Verdict::Reset { plugin } => {
+            ctx.reason = Some(format!("plugin {plugin} reset the stream").into());
+            Error::e_explain(ConnectionClosed, "a plugin reset the stream")
+        }
+        v => {
+            let local = verdict_response(&v, ctx);
+            let mut fresh = ResponseHeader::build(local.status, Some(local.headers.len() + 2))?;
+            for (k, val) in &local.headers {
+                if !skip_header(k) {
+                    fresh.append_header(k.clone(), val.as_slice())?;
+                }
+            }
+            fresh.insert_header(http::header::CONTENT_LENGTH, local.body.len())?;
+            *resp = fresh;
+            ctx.plugin_body = Some(local.body);
+            Ok(())
+        }
+    }
+}
+
+/// `on_response_body`, or the body of a local response that replaced the upstream's.
+pub(super) fn response_body(
+    body: &mut Option<Bytes>,
+    end_of_stream: bool,
+    ctx: &mut RequestCtx,
+) -> Result<()> {
+    if let Some(replacement) = &ctx.plugin_body {
+        *body = end_of_stream.then(|| replacement.clone());
+        return Ok(());
+    }
+    let Some(chain) = ctx.plugins.as_mut() else {
+        return Ok(());
+    };
+    match chain.response_body(body, end_of_stream) {
+        Verdict::Continue => Ok(()),
+        v => {
+            // The response head is out: the only thing left to do is cut the response.
+            let reason = match &v {
+                Verdict::Fail { plugin, fault } => format!("plugin {plugin} {fault}"),
+                Verdict::Reset { plugin } => format!("plugin {plugin} reset the stream"),
+                Verdict::TooLarge { plugin } => format!("plugin {plugin} held back too much body"),
+                Verdict::Respond(l) => {
+                    format!("a plugin answered {} after the response began", l.status)
+                }
+                Verdict::Continue => String::new(),
+            };
+            tracing::warn!(request_id = %ctx.request_id, "{reason}; response cut");
+            ctx.reason = Some(reason.into());
+            Error::e_explain(InternalError, "a plugin stopped the response")
+        }
+    }
+}
+
+/// End every context: on_log, on_done, on_delete.
+pub(super) fn log(session: &Session, ctx: &mut RequestCtx) {
+    if let Some(chain) = ctx.plugins.as_mut() {
+        if chain.data().resp.is_none() {
+            chain.data_mut().resp = session.response_written().cloned();
+        }
+        chain.finish();
+    }
+}
+
+fn request_info(session: &Session, ctx: &RequestCtx) -> RequestInfo {
+    let digest = session.digest();
+    let ssl = digest.and_then(|d| d.ssl_digest.as_ref());
+    let source = session.client_addr().and_then(|a| a.as_inet()).copied();
+    let source = match (source, ctx.client_ip) {
+        (Some(s), Some(ip)) if s.ip() != ip => Some(std::net::SocketAddr::new(ip, 0)),
+        (s, _) => s,
+    };
+    let (vhost, route) = match (ctx.vhost, ctx.route) {
+        (Some(v), Some(r)) => {
+            let vh = ctx.snap.routes.vhost(v);
+            (vh.label.clone(), vh.routes()[r].prefix.clone())
+        }
+        _ => (String::new(), String::new()),
+    };
+    RequestInfo {
+        source,
+        destination: session.server_addr().and_then(|a| a.as_inet()).copied(),
+        tls_version: ssl.map(|s| s.version.to_string()),
+        sni: ssl.is_some().then(|| ctx.host.clone()),
+        tls: ctx.tls,
+        request_id: ctx.request_id.clone(),
+        route_name: format!("{vhost}{route}"),
+        vhost,
+        pool: ctx
+            .pool
+            .as_ref()
+            .map(|p| p.name.clone())
+            .unwrap_or_default(),
+        protocol: if session.is_http2() {
+            "HTTP/2".into()
+        } else {
+            "HTTP/1.1".into()
+        },
+        start_unix_ns: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0),
+    }
+}
+
+/// The response a verdict stands for, and the reason logged with it.
+fn verdict_response(v: &Verdict, ctx: &mut RequestCtx) -> LocalResponse {
+    let text = |status: u16, msg: &str| LocalResponse {
+        status,
+        details: msg.to_string(),
+        headers: vec![("content-type".into(), b"text/plain; charset=utf-8".to_vec())],
+        body: Bytes::from(format!("{status} {msg}\n")),
+    };
+    let (resp, reason): (LocalResponse, Cow<'static, str>) = match v {
+        Verdict::Respond(l) => {
+            let why = if l.details.is_empty() {
+                format!("answered {} by a plugin", l.status)
+            } else {
+                format!("answered {} by a plugin: {}", l.status, l.details)
+            };
+            (l.clone(), why.into())
+        }
+        Verdict::Fail { plugin, fault } => (
+            text(500, "a plugin failed"),
+            format!("plugin {plugin} {fault} (on_error = fail_closed)").into(),
+        ),
+        Verdict::TooLarge { plugin } => (
+            text(413, "request body too large to buffer for a plugin"),
+            format!("plugin {plugin} held back more than 8 MiB of body").into(),
+        ),
+        Verdict::Reset { plugin } => (
+            text(400, "stream reset by a plugin"),
+            format!("plugin {plugin} reset the stream").into(),
+        ),
+        Verdict::Continue => (text(500, "internal error"), "".into()),
+    };
+    ctx.reason = Some(reason);
+    resp
+}
+
+fn skip_header(k: &str) -> bool {
+    matches!(
+        k,
+        "content-length" | "transfer-encoding" | "connection" | "keep-alive"
+    ) || k.starts_with(':')
+}
+
+/// Answer the request from the plugins' verdict (request phase: nothing sent yet).
+async fn answer(session: &mut Session, ctx: &mut RequestCtx, v: Verdict) -> Result<()> {
+    if let Verdict::Reset { .. } = v {
+        // No answer: the connection is closed once the request is done.
+        verdict_response(&v, ctx);
+        session.set_keepalive(None);
+        return Ok(());
+    }
+    let local = verdict_response(&v, ctx);
+    write_local(session, ctx, &local).await
+}
+
+/// Write a plugin's local response to the client.
+pub(super) async fn write_local(
+    session: &mut Session,
+    ctx: &RequestCtx,
+    local: &LocalResponse,
+) -> Result<()> {
+    let mut resp = ResponseHeader::build(local.status, Some(local.headers.len() + 2))?;
+    for (k, v) in &local.headers {
+        if !skip_header(k) {
+            resp.append_header(k.clone(), v.as_slice())?;
+        }
+    }
+    resp.insert_header(http::header::CONTENT_LENGTH, local.body.len())?;
+    resp.insert_header("x-request-id", &ctx.request_id)?;
+    if !session.as_downstream_mut().is_body_empty() {
+        // The body was not read: the connection cannot be reused safely.
+        session.set_keepalive(None);
+    }
+    session.write_response_header(Box::new(resp), false).await?;
+    session
+        .write_response_body(Some(local.body.clone()), true)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,530 @@
+//! A request's plugin chain: one HTTP context per plugin, created on the instance of the
+//! worker thread the request started on, driven through the phases in config order
+//! (responses in reverse order, as Envoy runs encoder filters). A pause is settled here:
+//! the callouts it dispatched run, their answers go to the root context, and the request
+//! resumes when the plugin continues it or answers it itself.
+
+use super::vm::{Callout, LocalResponse, StreamData, Vm};
+use super::{deliver_response, host, Fault, Plugin};
+use crate::config::OnError;
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+/// The most body a chain buffers while a plugin pauses body processing.
+pub const MAX_BUFFER: usize = 8 << 20;
+
+/// What the proxy must do after a phase.
+#[derive(Debug)]
+pub enum Verdict {
+    Continue,
+    /// A plugin answered the request itself.
+    Respond(LocalResponse),
+    /// A plugin failed and its policy is fail_closed: answer 500.
+    Fail {
+        plugin: String,
+        fault: Fault,
+    },
+    /// A plugin reset the stream: close the connection without an answer.
+    Reset {
+        plugin: String,
+    },
+    /// The body a plugin holds back grew past `MAX_BUFFER`.
+    TooLarge {
+        plugin: String,
+    },
+}
+
+struct Stream {
+    plugin: Arc<Plugin>,
+    slot: usize,
+    gen: u64,
+    ctx: u32,
+    /// False once the plugin failed open (it is skipped for the rest of the request).
+    active: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    RequestHeaders,
+    RequestBody,
+    ResponseHeaders,
+    ResponseBody,
+}
+
+pub struct Chain {
+    streams: Vec<Stream>,
+    plugins: Vec<Arc<Plugin>>,
+    pub data: Option<Box<StreamData>>,
+    pools: Arc<Vec<String>>,
+    finished: bool,
+    /// Body held back while a plugin paused body processing (request, response).
+    held_req: bool,
+    held_resp: bool,
+}
+
+impl Chain {
+    pub fn new(plugins: Vec<Arc<Plugin>>, data: StreamData, pools: Arc<Vec<String>>) -> Chain {
+        Chain {
+            streams: Vec::with_capacity(plugins.len()),
+            plugins,
+            data: Some(Box::new(data)),
+            pools,
+            finished: false,
+            held_req: false,
+            held_resp: false,
+        }
+    }
+
+    pub fn data(&self) -> &StreamData {
+        self.data
+            .as_deref()
+            .expect("stream data is always returned after a call")
+    }
+
+    pub fn data_mut(&mut self) -> &mut StreamData {
+        self.data
+            .as_deref_mut()
+            .expect("stream data is always returned after a call")
+    }
+
+    /// Run a callback of plugin `i` with the stream loaded; returns its result and the
+    /// callouts it dispatched. A fault discards the instance.
+    fn call(
+        &mut self,
+        i: usize,
+        f: impl FnOnce(&mut Vm, u32) -> Result<i32, Fault>,
+    ) -> Result<(i32, Vec<Callout>), Fault> {
+        let s = &self.streams[i];
+        let p = s.plugin.clone();
+        p.stats.calls.fetch_add(1, Relaxed);
+        let mut slot = p.lock(s.slot);
+        if slot.gen != s.gen || slot.vm.is_none() {
+            let f = Fault::Lost("the instance this request started on was discarded".into());
+            p.stats.fault(&f);
+            return Err(f);
+        }
+        let vm = slot.vm.as_mut().expect("checked above");
+        vm.load(s.ctx, &mut self.data, &self.pools);
+        let r = f(vm, s.ctx);
+        let callouts = vm.take_callouts();
+        vm.unload(&mut self.data);
+        match r {
+            Ok(v) => {
+                super::Plugin::update_tick(&mut slot);
+                Ok((v, callouts))
+            }
+            Err(fault) => {
+                p.fail(&mut slot, &fault);
+                Err(fault)
+            }
+        }
+    }
+
+    /// Create the HTTP context of every plugin (lazily, on the first phase).
+    fn open(&mut self, i: usize) -> Result<(), Fault> {
+        let p = self.plugins[i].clone();
+        let slot_i = p.my_slot();
+        let mut slot = p.lock(slot_i);
+        if let Err(f) = p.ensure(&mut slot) {
+            p.stats.fault(&f);
+            return Err(f);
+        }
+        let vm = slot.vm.as_mut().expect("ensured above");
+        match vm.new_context() {
+            Ok(ctx) => {
+                let gen = slot.gen;
+                self.streams.push(Stream {
+                    plugin: p.clone(),
+                    slot: slot_i,
+                    gen,
+                    ctx,
+                    active: true,
+                });
+                Ok(())
+            }
+            Err(f) => {
+                p.fail(&mut slot, &f);
+                Err(f)
+            }
+        }
+    }
+
+    /// Apply the plugin's `on_error` policy to a fault.
+    fn policy(&mut self, i: usize, fault: Fault) -> Option<Verdict> {
+        let name = self.plugins[i].spec.name.clone();
+        if let Fault::Stuck(_) = fault {
+            // (traps and deadlines were counted when the instance was discarded)
+            self.plugins[i].stats.fault(&fault);
+        }
+        match self.plugins[i].spec.on_error {
+            OnError::FailClosed => Some(Verdict::Fail {
+                plugin: name,
+                fault,
+            }),
+            OnError::FailOpen => {
+                tracing::warn!(plugin = %name, "plugin {fault}; skipped for this request (on_error = fail_open)");
+                if let Some(s) = self.streams.get_mut(i) {
+                    s.active = false;
+                }
+                None
+            }
+        }
+    }
+
+    /// Settle what a callback asked for: a local answer, a reset, or a pause that waits on
+    /// callouts. `Ok(true)`: the plugin let the phase go on.
+    async fn settle(
+        &mut self,
+        i: usize,
+        phase: Phase,
+        action: i32,
+        mut callouts: Vec<Callout>,
+    ) -> Result<Option<Verdict>, Fault> {
+        let mut paused = action != super::abi::ACTION_CONTINUE;
+        loop {
+            if let Some(v) = self.answer(i) {
+                return Ok(Some(v));
+            }
+            let resumed = match phase {
+                Phase::RequestHeaders | Phase::RequestBody => self.data().continue_request,
+                _ => self.data().continue_response,
+            };
+            if resumed {
+                paused = false;
+            }
+            if callouts.is_empty() {
+                if paused && matches!(phase, Phase::RequestHeaders | Phase::ResponseHeaders) {
+                    return Err(Fault::Stuck(
+                        "paused the request with nothing pending that can resume it".into(),
+                    ));
+                }
+                return Ok(None);
+            }
+            let plugin = self.streams[i].plugin.clone();
+            let runs = callouts.drain(..).map(|c| {
+                let plugin = plugin.clone();
+                async move {
+                    let token = c.token;
+                    (token, host().run_callout(&plugin, c).await)
+                }
+            });
+            let answers = futures_join(runs).await;
+            for (token, resp) in answers {
+                let (_, more) =
+                    self.call(i, |vm, _ctx| deliver_response(vm, token, resp).map(|_| 0))?;
+                callouts.extend(more);
+                if self.data().local.is_some() || self.data().reset {
+                    break;
+                }
+            }
+        }
+    }
+
+    fn answer(&mut self, i: usize) -> Option<Verdict> {
+        let name = self.plugins[i].spec.name.clone();
+        let d = self.data_mut();
+        if d.reset {
+            return Some(Verdict::Reset { plugin: name });
+        }
+        let local = d.local.take()?;
+        self.plugins[i].stats.local_responses.fetch_add(1, Relaxed);
+        Some(Verdict::Respond(local))
+    }
+
+    /// on_request_headers for every plugin, in order.
+    pub async fn request_headers(&mut self, end_of_stream: bool) -> Verdict {
+        for i in 0..self.plugins.len() {
+            if let Err(f) = self.open(i) {
+                // No context: the plugin cannot see this request at all.
+                self.streams.push(Stream {
+                    plugin: self.plugins[i].clone(),
+                    slot: 0,
+                    gen: u64::MAX,
+                    ctx: 0,
+                    active: false,
+                });
+                match self.policy(i, f) {
+                    Some(v) => return v,
+                    None => continue,
+                }
+            }
+            let n = self.data().req.headers.len() + 4;
+            if let Some(v) = self
+                .headers(i, Phase::RequestHeaders, n, end_of_stream)
+                .await
+            {
+                return v;
+            }
+        }
+        Verdict::Continue
+    }
+
+    /// One plugin's on_request_headers / on_response_headers (`n` headers), its pause
+    /// settled; `Some` when the phase must stop with that verdict.
+    async fn headers(&mut self, i: usize, phase: Phase, n: usize, eos: bool) -> Option<Verdict> {
+        let request = phase == Phase::RequestHeaders;
+        if request {
+            self.data_mut().continue_request = false;
+        } else {
+            self.data_mut().continue_response = false;
+        }
+        let (n, eos) = (n as i32, eos as i32);
+        let r = self.call(i, |vm, ctx| {
+            let f = if request {
+                vm.exports.on_request_headers.clone()
+            } else {
+                vm.exports.on_response_headers.clone()
+            };
+            match f {
+                Some(f) => vm.call(|s| f.call(s, (ctx as i32, n, eos))),
+                None => Ok(super::abi::ACTION_CONTINUE),
+            }
+        });
+        let r = match r {
+            Ok((a, c)) => self.settle(i, phase, a, c).await,
+            Err(f) => Err(f),
+        };
+        match r {
+            Ok(v) => v,
+            Err(f) => self.policy(i, f),
+        }
+    }
+
+    /// on_request_body: `chunk` is appended to the chain's buffer; a plugin that pauses
+    /// before the end of the body makes the chain hold the buffer back (Envoy's
+    /// StopIterationAndBuffer) and see it again, grown, with the next chunk.
+    pub async fn request_body(
+        &mut self,
+        chunk: &mut Option<Bytes>,
+        end_of_stream: bool,
+    ) -> Verdict {
+        self.body(chunk, end_of_stream, Phase::RequestBody).await
+    }
+
+    async fn body(&mut self, chunk: &mut Option<Bytes>, eos: bool, phase: Phase) -> Verdict {
+        let request = phase == Phase::RequestBody;
+        {
+            let d = self.data_mut();
+            let buf = if request {
+                &mut d.req_body
+            } else {
+                &mut d.resp_body
+            };
+            if let Some(c) = chunk.take() {
+                buf.extend_from_slice(&c);
+            }
+        }
+        let order: Vec<usize> = if request {
+            (0..self.streams.len()).collect()
+        } else {
+            (0..self.streams.len()).rev().collect()
+        };
+        for i in order {
+            if !self.streams[i].active {
+                continue;
+            }
+            let size = if request {
+                self.data().req_body.len()
+            } else {
+                self.data().resp_body.len()
+            };
+            if size > MAX_BUFFER {
+                return Verdict::TooLarge {
+                    plugin: self.plugins[i].spec.name.clone(),
+                };
+            }
+            let (size, eos_i) = (size as i32, eos as i32);
+            let r = self.call(i, |vm, ctx| {
+                let f = if request {
+                    vm.exports.on_request_body.clone()
+                } else {
+                    vm.exports.on_response_body.clone()
+                };
+                match f {
+                    Some(f) => vm.call(|s| f.call(s, (ctx as i32, size, eos_i))),
+                    None => Ok(super::abi::ACTION_CONTINUE),
+                }
+            });
+            let r = match r {
+                Ok((a, c)) if request => self.settle(i, phase, a, c).await.map(|v| (a, v)),
+                Ok((a, c)) => {
+                    if !c.is_empty() {
+                        Err(Fault::Stuck("dispatched an HTTP callout from on_response_body, which tollgate does not support".into()))
+                    } else {
+                        Ok((a, self.answer(i)))
+                    }
+                }
+                Err(f) => Err(f),
+            };
+            match r {
+                Ok((_, Some(v))) => return v,
+                Ok((a, None)) => {
+                    let resumed = if request {
+                        self.data().continue_request
+                    } else {
+                        self.data().continue_response
+                    };
+                    if a != super::abi::ACTION_CONTINUE && !eos && !resumed {
+                        // hold the body back until the plugin lets it through
+                        if request {
+                            self.held_req = true;
+                        } else {
+                            self.held_resp = true;
+                        }
+                        return Verdict::Continue;
+                    }
+                }
+                Err(f) => {
+                    if let Some(v) = self.policy(i, f) {
+                        return v;
+                    }
+                }
+            }
+        }
+        let d = self.data_mut();
+        let buf = if request {
+            &mut d.req_body
+        } else {
+            &mut d.resp_body
+        };
+        if !buf.is_empty() {
+            *chunk = Some(Bytes::from(std::mem::take(buf)));
+        }
+        if request {
+            self.held_req = false;
+        } else {
+            self.held_resp = false;
+        }
+        Verdict::Continue
+    }
+
+    /// on_response_headers, in reverse order. `resp` is the upstream's answer (or
+    /// tollgate's own); plugin changes are written back into it.
+    pub async fn response_headers(
+        &mut self,
+        resp: &mut ResponseHeader,
+        end_of_stream: bool,
+    ) -> Verdict {
+        self.data_mut().resp = Some(resp.clone());
+        self.data_mut().resp_dirty = false;
+        for i in (0..self.streams.len()).rev() {
+            if !self.streams[i].active {
+                continue;
+            }
+            let n = resp.headers.len() + 1;
+            if let Some(v) = self
+                .headers(i, Phase::ResponseHeaders, n, end_of_stream)
+                .await
+            {
+                return v;
+            }
+        }
+        let d = self.data_mut();
+        if d.resp_dirty {
+            if let Some(r) = &d.resp {
+                *resp = r.clone();
+            }
+        }
+        Verdict::Continue
+    }
+
+    /// on_response_body, in reverse order. Synchronous (pingora's body filter is), so a
+    /// callout here is a fault.
+    pub fn response_body(&mut self, chunk: &mut Option<Bytes>, end_of_stream: bool) -> Verdict {
+        // The body phase never awaits for responses: no callouts are run there.
+        let fut = self.body(chunk, end_of_stream, Phase::ResponseBody);
+        match poll_ready(fut) {
+            Some(v) => v,
+            None => Verdict::Continue,
+        }
+    }
+
+    /// on_log, then on_done and on_delete: the end of every context.
+    pub fn finish(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        for i in 0..self.streams.len() {
+            if self.streams[i].ctx == 0 {
+                continue;
+            }
+            let active = self.streams[i].active;
+            let _ = self.call(i, |vm, ctx| {
+                if active {
+                    if let Some(f) = vm.exports.on_log.clone() {
+                        vm.call(|s| f.call(s, ctx as i32))?;
+                    }
+                }
+                if let Some(f) = vm.exports.on_done.clone() {
+                    vm.call(|s| f.call(s, ctx as i32))?;
+                }
+                if let Some(f) = vm.exports.on_delete.clone() {
+                    vm.call(|s| f.call(s, ctx as i32))?;
+                }
+                Ok(0)
+            });
+        }
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        self.plugins.iter().map(|p| p.spec.name.as_str()).collect()
+    }
+
+    /// Whether a plugin is holding the request body back.
+    pub fn holding_request_body(&self) -> bool {
+        self.held_req
+    }
+}
+
+impl Drop for Chain {
+    fn drop(&mut self) {
+        // A request that ended before logging (a dropped connection) still frees its
+        // contexts, or the plugin's per-context state would grow without end.
+        if !self.finished {
+            self.finish();
+        }
+    }
+}
+
+/// Await every future, in order of the input (callouts of one pause run concurrently).
+async fn futures_join<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let handles: Vec<_> = futs.collect();
+    let mut out = Vec::with_capacity(handles.len());
+    // Callouts are few per pause; running them one after another would add their
+    // latencies, so drive them together.
+    let mut pinned: Vec<std::pin::Pin<Box<F>>> = handles.into_iter().map(Box::pin).collect();
+    let mut done: Vec<Option<F::Output>> = (0..pinned.len()).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, f) in pinned.iter_mut().enumerate() {
+            if done[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => done[i] = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.extend(done.into_iter().flatten());
+    out
+}
+
+/// Poll a future that never waits (the response body path runs no callouts).
+fn poll_ready<F: std::future::Future>(fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    match fut.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(v) => Some(v),
+        std::task::Poll::Pending => None,
+    }
+}
