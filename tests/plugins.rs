@@ -172,6 +172,11 @@ async fn raw_abi_plugin_reads_headers_answers_and_adds_headers() {
     assert_eq!(s, 200);
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["headers"]["x-wat"], "ok", "{v}");
+    // a pseudo-header written by the plugin changes the request sent upstream
+    let (s, body) = with_do(&c, &p.url("/x?q=1"), "w").await;
+    assert_eq!(s, 200);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["path"], "/rewritten", "{v}");
     // no x-do: the plugin lets the request through untouched
     let r = c.get(p.url("/x")).send().await.unwrap();
     assert_eq!(r.status(), 200);
@@ -656,6 +661,27 @@ async fn auth_api_keys_from_header_or_query() {
         .await
         .unwrap();
     assert_eq!(upstream_headers(r).await["x-auth-key"], "ops");
+    // a key that is not UTF-8 is refused like any wrong key; the SDK's string getter gets
+    // it with the bad bytes replaced, so the instance does not panic for other clients
+    let bad = reqwest::header::HeaderValue::from_bytes(b"k-ci-\xff\xfe").unwrap();
+    let r = c
+        .get(p.url("/x"))
+        .header("x-api-key", bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = c
+        .get(p.url("/x"))
+        .header("x-api-key", "k-ci-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let traps = p
+        .metric("tollgate_plugin_faults_total{plugin=\"auth\",kind=\"trap\"}")
+        .await;
+    assert_eq!(traps, 0.0, "no instance trapped");
     for (hdr, q) in [
         (Some("k-ci-124"), ""),
         (None, "?key=nope"),

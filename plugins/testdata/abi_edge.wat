@@ -10,12 +10,14 @@
 ;;   h  hostcall with a 2 GiB length
 ;;   r  hostcall whose return pointer is out of range
 ;;   n  return 1 (pause) with nothing pending
+;;   w  rewrite :path to /rewritten, continue
 ;; Every instance counts its ticks in the metric `ticks` (20 ms period).
 (module
   (import "env" "proxy_get_header_map_value" (func $get (param i32 i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_send_local_response" (func $send (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
   (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_replace_header_map_value" (func $replace (param i32 i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_define_metric" (func $define (param i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_increment_metric" (func $inc (param i32 i64) (result i32)))
   (import "env" "proxy_set_tick_period_milliseconds" (func $tick (param i32) (result i32)))
@@ -30,6 +32,7 @@
   (data (i32.const 64) "ok")
   (data (i32.const 80) "ticks")
   (data (i32.const 96) "abi_edge started\n")
+  (data (i32.const 176) "/rewritten")
   ;; iovec for fd_write at 128: {ptr 96, len 17}
   (data (i32.const 128) "\60\00\00\00\11\00\00\00")
 
@@ -97,6 +100,8 @@
       (drop (call $send (i32.const 200) (i32.const 0) (i32.const 0)
         (i32.load (i32.const 8)) (i32.load (i32.const 12)) (i32.const 0) (i32.const 0) (i32.const -1)))
       (return (i32.const 1))))
+    (if (i32.eq (local.get $c) (i32.const 119)) (then
+      (drop (call $replace (i32.const 0) (i32.const 32) (i32.const 5) (i32.const 176) (i32.const 10)))))
     (if (i32.eq (local.get $c) (i32.const 97)) (then
       (drop (call $add (i32.const 0) (i32.const 48) (i32.const 5) (i32.const 64) (i32.const 2)))))
     (i32.const 0))

@@ -12,6 +12,8 @@ pub mod chain;
 mod hostcalls;
 mod properties;
 pub mod shared;
+#[cfg(test)]
+mod tests;
 mod vm;
 
 pub use chain::{Chain, Verdict};

@@ -276,6 +276,8 @@ pub struct Exports {
 pub struct Vm {
     pub store: Store<HostState>,
     pub exports: Exports,
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) instance: wasmtime::Instance,
     next_ctx: u32,
     deadline_ticks: u64,
 }
@@ -372,6 +374,7 @@ impl Vm {
         let mut vm = Vm {
             store,
             exports,
+            instance,
             next_ctx: ROOT_ID + 1,
             deadline_ticks,
         };
