@@ -589,3 +589,289 @@ async fn proxy_protocol_sets_the_client_and_refuses_bad_headers() {
     );
     drop(held);
 }
+
+/// HTTP/2 by hand over TLS, for a client that breaks rules a compliant client keeps.
+struct RawH2 {
+    s: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    /// The server's SETTINGS: (identifier, value).
+    settings: Vec<(u16, u32)>,
+}
+
+type Frame = (u8, u8, u32, Vec<u8>);
+
+impl RawH2 {
+    async fn open(site: &Site) -> RawH2 {
+        let mut s = tls_connect(&site.ca, site.https, "a.test", &["h2"]).await;
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        let mut h = RawH2 {
+            s,
+            settings: Vec::new(),
+        };
+        h.send(4, 0, 0, &[]).await;
+        // wait for the server's SETTINGS and acknowledge them: only acknowledged settings
+        // bind the server
+        for _ in 0..10 {
+            let (ty, flags, _, payload) = h.next(Duration::from_secs(5)).await.expect("SETTINGS");
+            if ty == 4 && flags & 1 == 0 {
+                h.settings = payload
+                    .chunks_exact(6)
+                    .map(|c| {
+                        (
+                            u16::from_be_bytes([c[0], c[1]]),
+                            u32::from_be_bytes([c[2], c[3], c[4], c[5]]),
+                        )
+                    })
+                    .collect();
+                h.send(4, 1, 0, &[]).await;
+                return h;
+            }
+        }
+        panic!("no SETTINGS from the server");
+    }
+
+    async fn send(&mut self, ty: u8, flags: u8, stream: u32, payload: &[u8]) {
+        let len = payload.len() as u32;
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, ty, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        self.s.write_all(&f).await.unwrap();
+    }
+
+    async fn next(&mut self, wait: Duration) -> Option<Frame> {
+        let mut head = [0u8; 9];
+        tokio::time::timeout(wait, self.s.read_exact(&mut head))
+            .await
+            .ok()?
+            .ok()?;
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0; len];
+        self.s.read_exact(&mut payload).await.ok()?;
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        Some((head[3], head[4], stream, payload))
+    }
+
+    fn setting(&self, id: u16) -> Option<u32> {
+        self.settings
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map(|(_, v)| *v)
+    }
+}
+
+/// An HPACK integer with an `n`-bit prefix under `pattern`.
+fn hpack_int(pattern: u8, n: u32, mut v: usize) -> Vec<u8> {
+    let max = (1usize << n) - 1;
+    if v < max {
+        return vec![pattern | v as u8];
+    }
+    let mut out = vec![pattern | max as u8];
+    v -= max;
+    while v >= 128 {
+        out.push((v % 128) as u8 | 0x80);
+        v /= 128;
+    }
+    out.push(v as u8);
+    out
+}
+
+fn hpack_str(s: &[u8]) -> Vec<u8> {
+    let mut out = hpack_int(0, 7, s.len());
+    out.extend_from_slice(s);
+    out
+}
+
+/// A GET header block: static-table method and scheme, literal :path and :authority, and
+/// `extra` as literal headers.
+fn get_block(path: &str, extra: &[(&str, &str)]) -> Vec<u8> {
+    let mut b = vec![0x82, 0x87];
+    b.extend(hpack_int(0x00, 4, 4));
+    b.extend(hpack_str(path.as_bytes()));
+    b.extend(hpack_int(0x00, 4, 1));
+    b.extend(hpack_str(b"a.test"));
+    for (k, v) in extra {
+        b.push(0x00);
+        b.extend(hpack_str(k.as_bytes()));
+        b.extend(hpack_str(v.as_bytes()));
+    }
+    b
+}
+
+#[tokio::test]
+async fn h2_stream_limit_refuses_streams_over_the_cap() {
+    let up = Upstream::start("up").await;
+    let s = site(up.addr, "h2_max_concurrent_streams = 3", "").await;
+    let mut h = RawH2::open(&s).await;
+    assert_eq!(h.setting(3), Some(3), "SETTINGS_MAX_CONCURRENT_STREAMS");
+    // four streams at once to a slow path: the fourth is over the cap
+    for id in [1, 3, 5, 7] {
+        h.send(1, 0x5, id, &get_block("/sleep/2000", &[])).await;
+    }
+    let mut refused = Vec::new();
+    let end = Instant::now() + Duration::from_secs(5);
+    while refused.is_empty() && Instant::now() < end {
+        match h.next(Duration::from_secs(5)).await {
+            Some((3, _, stream, payload)) => {
+                let code = u32::from_be_bytes(payload[..4].try_into().unwrap());
+                refused.push((stream, code));
+            }
+            Some(_) => {}
+            None => break,
+        }
+    }
+    assert_eq!(
+        refused,
+        vec![(7, 7)],
+        "RST_STREAM(REFUSED_STREAM) on stream 7 only"
+    );
+    // the three streams within the cap are answered
+    let mut answered = std::collections::BTreeSet::new();
+    let end = Instant::now() + Duration::from_secs(10);
+    while answered.len() < 3 && Instant::now() < end {
+        match h.next(Duration::from_secs(5)).await {
+            Some((1, _, stream, _)) => {
+                answered.insert(stream);
+            }
+            Some(_) => {}
+            None => break,
+        }
+    }
+    assert_eq!(answered.into_iter().collect::<Vec<_>>(), vec![1, 3, 5]);
+}
+
+#[tokio::test]
+async fn h2_header_list_over_the_limit_is_refused() {
+    let up = Upstream::start("up").await;
+    let s = site(up.addr, "h2_max_header_list_size = 1024", "").await;
+    // up to 4x the limit: that stream is answered 431, the connection goes on
+    let tls = tls_connect(&s.ca, s.https, "a.test", &["h2"]).await;
+    let (h2c, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    let url = format!("https://a.test:{}/", s.https.port());
+    let mut h2c = h2c.ready().await.unwrap();
+    for (header, want) in [("x".repeat(2000), 431), ("small".to_string(), 200)] {
+        let req = http::Request::get(url.as_str())
+            .header("x-h", header.as_str())
+            .body(())
+            .unwrap();
+        let (resp, _) = h2c.send_request(req, true).unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(resp.status(), want);
+        h2c = h2c.ready().await.unwrap();
+    }
+    assert_eq!(up.hits(), 1, "only the small request reached the upstream");
+    // 4x the limit or more is abuse: GOAWAY(ENHANCE_YOUR_CALM) and the connection ends
+    // (sent by hand: a client library may refuse to send it)
+    let mut h = RawH2::open(&s).await;
+    assert_eq!(h.setting(6), Some(1024), "SETTINGS_MAX_HEADER_LIST_SIZE");
+    let big = "x".repeat(8000);
+    h.send(1, 0x5, 1, &get_block("/", &[("x-big", &big)])).await;
+    let mut goaway = None;
+    let end = Instant::now() + Duration::from_secs(5);
+    while goaway.is_none() && Instant::now() < end {
+        match h.next(Duration::from_secs(5)).await {
+            Some((7, _, 0, payload)) => {
+                goaway = Some(u32::from_be_bytes(payload[4..8].try_into().unwrap()))
+            }
+            Some(_) => {}
+            None => break,
+        }
+    }
+    assert_eq!(goaway, Some(0xb), "GOAWAY(ENHANCE_YOUR_CALM)");
+    assert_eq!(up.hits(), 1);
+}
+
+#[tokio::test]
+async fn a_body_slower_than_min_body_rate_is_cut_with_408() {
+    let up = Upstream::start("up").await;
+    let s = site(
+        up.addr,
+        "min_body_rate = 2000\nmin_body_rate_after = \"1s\"",
+        "",
+    )
+    .await;
+    let head = b"POST /drain HTTP/1.1\r\nHost: a.test\r\nContent-Length: 20000\r\n\r\n";
+    // a fast body of the same size is served
+    let mut fast = tokio::net::TcpStream::connect(s.http).await.unwrap();
+    fast.write_all(b"POST /drain HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\nContent-Length: 20000\r\n\r\n")
+        .await
+        .unwrap();
+    fast.write_all(&[b'a'; 20000]).await.unwrap();
+    let (status, _, body) = exchange(fast, b"", Duration::from_secs(5)).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"body_len\":20000"), "{body}");
+    // 200 bytes every 250 ms: 800 B/s, under the 2000 B/s floor once the 1 s grace is over
+    let mut slow = tokio::net::TcpStream::connect(s.http).await.unwrap();
+    slow.write_all(head).await.unwrap();
+    let started = Instant::now();
+    let mut cut = false;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if slow.write_all(&[b'b'; 200]).await.is_err() {
+            cut = true;
+            break;
+        }
+        let mut buf = [0u8; 512];
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(1), slow.read(&mut buf)).await
+        {
+            let text = String::from_utf8_lossy(&buf[..n]).to_string();
+            assert!(n == 0 || text.starts_with("HTTP/1.1 408"), "{text}");
+            cut = true;
+            break;
+        }
+    }
+    let took = started.elapsed();
+    assert!(cut, "the slow body was not cut");
+    assert!(
+        took > Duration::from_millis(900) && took < Duration::from_secs(4),
+        "cut after {took:?} (grace 1 s)"
+    );
+}
+
+#[tokio::test]
+async fn x_forwarded_for_is_believed_only_from_trusted_proxies() {
+    let up = Upstream::start("up").await;
+    let s = site(
+        up.addr,
+        "trusted_proxies = [\"127.0.0.1/32\"]\nx_forwarded_for = true",
+        "",
+    )
+    .await;
+    let seen = |from: [u8; 4]| {
+        let http = s.http;
+        async move {
+            let c = reqwest::Client::builder()
+                .no_proxy()
+                .local_address(std::net::IpAddr::from(from))
+                .build()
+                .unwrap();
+            let v: serde_json::Value = c
+                .get(format!("http://{http}/"))
+                .header("host", "a.test")
+                .header("x-forwarded-for", "198.51.100.1, 203.0.113.9, 127.0.0.1")
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["headers"]["x-forwarded-for"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        }
+    };
+    // from the trusted balancer: the nearest address that is not a trusted proxy
+    assert_eq!(seen([127, 0, 0, 1]).await, "203.0.113.9");
+    // from anyone else: the socket peer; the header it sent is not believed
+    assert_eq!(seen([127, 0, 0, 2]).await, "127.0.0.2");
+    let log = s.tg.log_text();
+    assert!(
+        log.contains("client=203.0.113.9"),
+        "the access log names the real client"
+    );
+}

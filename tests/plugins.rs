@@ -991,3 +991,51 @@ async fn auth_external_calls_out_to_the_auth_service() {
             >= 3.0
     );
 }
+
+#[tokio::test]
+async fn a_route_runs_its_vhost_plugins_then_its_own_in_order() {
+    let up = Upstream::start("up").await;
+    let hash = format!("sha256:s:{}", sha256_hex(b"spw"));
+    let body = format!(
+        r#"
+[plugin.rl]
+file = "{rl}"
+config = {{ rate = 0.01, burst = 1 }}
+
+[plugin.auth]
+file = "{auth}"
+config = {{ basic = {{ users = {{ u = "{hash}" }} }} }}
+
+[[vhost]]
+default = true
+plugins = ["rl"]
+[[vhost.route]]
+path = "/"
+pool = "up"
+plugins = ["auth", "rl"]
+
+[pool.up]
+backends = ["{up}"]
+"#,
+        rl = dist("ratelimit"),
+        auth = dist("auth"),
+        up = up.addr
+    );
+    let p = proxy(&body, &[]).await;
+    let c = plain();
+    // the vhost's rate limit runs first: the first request passes it and meets auth...
+    let r = c.get(p.url("/x")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    // ...the second is stopped by the rate limit before auth is asked
+    let r = c
+        .get(p.url("/x"))
+        .basic_auth("u", Some("pw"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    // a name in both lists runs once (at the vhost's position)
+    let e = admin_json(&c, p.admin, "/explain?host=h.test&path=/x").await;
+    assert_eq!(e["plugins"], serde_json::json!(["rl", "auth"]), "{e}");
+    assert_eq!(up.hits(), 0);
+}

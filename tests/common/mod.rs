@@ -58,7 +58,8 @@ pub fn dead_addr() -> SocketAddr {
 }
 
 /// An HTTP/1.1 upstream that answers with JSON describing the request it got.
-/// `/sleep/<ms>` waits before answering; `/hop` answers with hop-by-hop headers.
+/// `/sleep/<ms>` waits before answering; `/hop` answers with hop-by-hop headers; `/drain`
+/// reads the whole request body first and answers with its length.
 pub struct Upstream {
     pub addr: SocketAddr,
     pub name: String,
@@ -138,6 +139,15 @@ async fn answer(
 ) -> Response<Full<Bytes>> {
     hits.fetch_add(1, Ordering::SeqCst);
     let path = req.uri().path().to_string();
+    if path == "/drain" {
+        // read the whole body before answering (most upstreams answer after the body)
+        use http_body_util::BodyExt;
+        let n = match req.into_body().collect().await {
+            Ok(b) => b.to_bytes().len(),
+            Err(_) => 0,
+        };
+        return Response::new(Full::new(Bytes::from(format!("{{\"body_len\":{n}}}"))));
+    }
     if let Some(ms) = path
         .rsplit_once("/sleep/")
         .and_then(|(_, s)| s.parse::<u64>().ok())
