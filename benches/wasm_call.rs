@@ -32,6 +32,7 @@ fn spec(name: &str, file: PathBuf, config: &str) -> PluginSpec {
         config: config.as_bytes().to_vec(),
         vm_config: Vec::new(),
         vm_id: name.into(),
+        root_id: String::new(),
         on_error: OnError::FailClosed,
         cpu_deadline: Duration::from_millis(50),
         max_memory: 64 << 20,

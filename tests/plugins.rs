@@ -1039,3 +1039,36 @@ backends = ["{up}"]
     assert_eq!(e["plugins"], serde_json::json!(["rl", "auth"]), "{e}");
     assert_eq!(up.hits(), 0);
 }
+
+#[tokio::test]
+async fn a_filter_built_with_the_assemblyscript_sdk_runs_unchanged() {
+    // ABI 0.2.0, a `malloc` allocator and `wasi_unstable` imports: the paths the Rust
+    // SDK does not take
+    let up = Upstream::start("up").await;
+    let body = format!(
+        r#"
+[plugin.as]
+file = "{}"
+config = "from-assemblyscript"
+root_id = "add_header"
+
+[[vhost]]
+default = true
+plugins = ["as"]
+[[vhost.route]]
+path = "/"
+pool = "up"
+
+[pool.up]
+backends = ["{}"]
+"#,
+        dist("as_headers"),
+        up.addr
+    );
+    let p = proxy(&body, &[]).await;
+    let r = plain().get(p.url("/as/path?q=1")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-as-path"], "/as/path?q=1");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["headers"]["x-as-sdk"], "from-assemblyscript", "{v}");
+}

@@ -47,6 +47,9 @@ pub struct PluginSpec {
     pub vm_config: Vec<u8>,
     /// Instances with the same vm_id share data and queues (default: the plugin's name).
     pub vm_id: String,
+    /// Envoy's root_id: the `plugin_root_id` property, which some SDKs (AssemblyScript)
+    /// use to pick the root context (default: empty, as in Envoy).
+    pub root_id: String,
     pub on_error: OnError,
     /// The longest one callback may run.
     pub cpu_deadline: Duration,

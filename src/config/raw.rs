@@ -38,6 +38,7 @@ pub struct RawPlugin {
     /// Given to the plugin as JSON (proxy_on_vm_start).
     pub vm_config: Option<toml::Value>,
     pub vm_id: Option<String>,
+    pub root_id: Option<String>,
     pub on_error: Option<S<String>>,
     pub cpu_deadline: Option<S<String>>,
     pub max_memory: Option<S<RawSize>>,

@@ -424,6 +424,7 @@ fn plugins(
                 config,
                 vm_config,
                 vm_id: p.vm_id.clone().unwrap_or_else(|| name.clone()),
+                root_id: p.root_id.clone().unwrap_or_default(),
                 on_error,
                 cpu_deadline,
                 max_memory,

@@ -414,8 +414,13 @@ impl Host {
                 }
             };
             let settings = format!(
-                "{}|{:?}|{:?}|{}|{}",
-                spec.vm_id, spec.on_error, spec.cpu_deadline, spec.max_memory, threads
+                "{}|{}|{:?}|{:?}|{}|{}",
+                spec.vm_id,
+                spec.root_id,
+                spec.on_error,
+                spec.cpu_deadline,
+                spec.max_memory,
+                threads
             );
             let fp = sha256(&[&bytes, &spec.config, &spec.vm_config, settings.as_bytes()]);
             if let Some(p) = live.get(name).filter(|p| p.fingerprint == fp) {

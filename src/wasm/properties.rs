@@ -9,7 +9,7 @@ pub fn get(d: &HostState, path: &[String]) -> Option<Vec<u8>> {
     // Plugin-level properties work from any context.
     match p.as_slice() {
         ["plugin_name"] => return Some(d.spec.name.as_bytes().to_vec()),
-        ["plugin_root_id"] => return Some(d.spec.name.as_bytes().to_vec()),
+        ["plugin_root_id"] => return Some(d.spec.root_id.as_bytes().to_vec()),
         ["plugin_vm_id"] => return Some(d.spec.vm_id.as_bytes().to_vec()),
         ["node", "id"] => return Some(b"tollgate".to_vec()),
         _ => {}

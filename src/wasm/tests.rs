@@ -90,6 +90,7 @@ impl T {
             config: br#"{"plugin":"config"}"#.to_vec(),
             vm_config: Vec::new(),
             vm_id: vm_id.into(),
+            root_id: String::new(),
             on_error: OnError::FailClosed,
             cpu_deadline: Duration::from_secs(1),
             max_memory: 1 << 20,
