@@ -136,11 +136,14 @@ fn bench(c: &mut Criterion) {
         let list: Vec<_> = chain.iter().map(|n| plugins[*n].clone()).collect();
         g.bench_function(chain.join("+"), |b| {
             b.iter(|| {
-                let data = StreamData::new(info.clone(), req.clone());
+                // as the proxy does: the chain holds a placeholder, the request is lent
+                let placeholder =
+                    pingora::http::RequestHeader::build("GET", b"/", Some(0)).unwrap();
+                let data = StreamData::new(info.clone(), placeholder);
                 let mut ch = Chain::new(list.clone(), data, pools.clone());
-                let v = ready(ch.request_headers(true));
+                let v = ready(ch.request_headers(&mut req, true));
                 assert!(matches!(v, Verdict::Continue), "{v:?}");
-                ch.finish();
+                ch.finish(Some(&mut req));
             })
         });
     }

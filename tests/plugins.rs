@@ -243,7 +243,13 @@ async fn misbehaving_plugin_gets_its_policy_and_tollgate_keeps_serving() {
         }
     };
     assert!(faults("deadline").await >= 1.0);
-    assert!(faults("trap").await >= 5.0);
+    // five cases trap; one that lands on a worker's instance still backing off from the
+    // previous fault is answered `lost` instead (the same 500)
+    let (trap, lost) = (faults("trap").await, faults("lost").await);
+    assert!(
+        trap >= 1.0 && trap + lost >= 5.0,
+        "trap {trap}, lost {lost}"
+    );
     assert!(faults("stuck").await >= 1.0);
     let log = p.tg.log_text();
     assert!(log.contains("ran past its CPU deadline"), "{log}");

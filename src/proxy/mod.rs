@@ -128,7 +128,7 @@ impl ProxyHttp for Tollgate {
 
     async fn request_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<bytes::Bytes>,
         end_of_stream: bool,
         ctx: &mut RequestCtx,
@@ -145,7 +145,7 @@ impl ProxyHttp for Tollgate {
             ctx.reason = Some(r.reason.into());
             return Error::e_explain(HTTPStatus(r.status), r.reason);
         }
-        plugins::request_body(body, end_of_stream, ctx).await
+        plugins::request_body(session, body, end_of_stream, ctx).await
     }
 
     async fn upstream_peer(
@@ -205,22 +205,22 @@ impl ProxyHttp for Tollgate {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        plugins::response_headers(resp, ctx).await?;
+        plugins::response_headers(session, resp, ctx).await?;
         response::downstream_headers(resp, ctx)
     }
 
     fn response_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<bytes::Bytes>,
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<Duration>> {
-        plugins::response_body(body, end_of_stream, ctx)?;
+        plugins::response_body(session, body, end_of_stream, ctx)?;
         Ok(None)
     }
 

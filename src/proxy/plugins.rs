@@ -19,13 +19,11 @@ pub(super) async fn request_headers(session: &mut Session, ctx: &mut RequestCtx)
         return Ok(false);
     }
     let info = request_info(session, ctx);
-    let data = StreamData::new(info, session.req_header().clone());
+    // the chain holds a placeholder; the session lends it the real header in each phase
+    let data = StreamData::new(info, RequestHeader::build("GET", b"/", Some(0))?);
     let mut chain = Box::new(Chain::new(chain.clone(), data, ctx.snap.pool_names.clone()));
     let eos = session.as_downstream_mut().is_body_empty();
-    let verdict = chain.request_headers(eos).await;
-    if chain.data().req_dirty {
-        *session.req_header_mut() = chain.data().req.clone();
-    }
+    let verdict = chain.request_headers(session.req_header_mut(), eos).await;
     ctx.plugins = Some(chain);
     match verdict {
         Verdict::Continue => Ok(false),
@@ -38,6 +36,7 @@ pub(super) async fn request_headers(session: &mut Session, ctx: &mut RequestCtx)
 
 /// `on_request_body` for each chunk (the chain may hold chunks back while a plugin pauses).
 pub(super) async fn request_body(
+    session: &mut Session,
     body: &mut Option<Bytes>,
     end_of_stream: bool,
     ctx: &mut RequestCtx,
@@ -45,7 +44,10 @@ pub(super) async fn request_body(
     let Some(chain) = ctx.plugins.as_mut() else {
         return Ok(());
     };
-    match chain.request_body(body, end_of_stream).await {
+    match chain
+        .request_body(session.req_header_mut(), body, end_of_stream)
+        .await
+    {
         Verdict::Continue => Ok(()),
         v => {
             // The request head may be upstream already: the answer goes out through
@@ -59,6 +61,7 @@ pub(super) async fn request_body(
 
 /// `on_response_headers` in reverse chain order; a local response replaces the upstream's.
 pub(super) async fn response_headers(
+    session: &mut Session,
     resp: &mut ResponseHeader,
     ctx: &mut RequestCtx,
 ) -> Result<()> {
@@ -71,7 +74,10 @@ pub(super) async fn response_headers(
             .headers
             .get(http::header::CONTENT_LENGTH)
             .is_some_and(|v| v.as_bytes() == b"0");
-    match chain.response_headers(resp, eos).await {
+    match chain
+        .response_headers(session.req_header_mut(), resp, eos)
+        .await
+    {
         Verdict::Continue => Ok(()),
         Verdict::Reset { plugin } => {
             ctx.reason = Some(format!("plugin {plugin} reset the stream").into());
@@ -95,6 +101,7 @@ pub(super) async fn response_headers(
 
 /// `on_response_body`, or the body of a local response that replaced the upstream's.
 pub(super) fn response_body(
+    session: &mut Session,
     body: &mut Option<Bytes>,
     end_of_stream: bool,
     ctx: &mut RequestCtx,
@@ -106,7 +113,7 @@ pub(super) fn response_body(
     let Some(chain) = ctx.plugins.as_mut() else {
         return Ok(());
     };
-    match chain.response_body(body, end_of_stream) {
+    match chain.response_body(session.req_header_mut(), body, end_of_stream) {
         Verdict::Continue => Ok(()),
         v => {
             // The response head is out: the only thing left to do is cut the response.
@@ -127,12 +134,11 @@ pub(super) fn response_body(
 }
 
 /// End every context: on_log, on_done, on_delete.
-pub(super) fn log(session: &Session, ctx: &mut RequestCtx) {
+pub(super) fn log(session: &mut Session, ctx: &mut RequestCtx) {
     if let Some(chain) = ctx.plugins.as_mut() {
-        if chain.data().resp.is_none() {
-            chain.data_mut().resp = session.response_written().cloned();
-        }
-        chain.finish();
+        // on_log may read the response headers: the only copy made of them
+        chain.data_mut().resp = session.response_written().cloned();
+        chain.finish(Some(session.req_header_mut()));
     }
 }
 

@@ -8,7 +8,7 @@ use super::vm::{Callout, LocalResponse, StreamData, Vm};
 use super::{deliver_response, host, Fault, Plugin};
 use crate::config::OnError;
 use bytes::Bytes;
-use pingora::http::ResponseHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
@@ -62,6 +62,10 @@ pub struct Chain {
     /// Body held back while a plugin paused body processing (request, response).
     held_req: bool,
     held_resp: bool,
+    /// The headers ended the request / response: there is no body to call plugins with
+    /// (Envoy calls no body callback then either).
+    req_ended: bool,
+    resp_ended: bool,
 }
 
 impl Chain {
@@ -74,7 +78,16 @@ impl Chain {
             finished: false,
             held_req: false,
             held_resp: false,
+            req_ended: false,
+            resp_ended: false,
         }
+    }
+
+    /// Swap the live request header (`req`, the session's) with the chain's placeholder:
+    /// before a phase the plugins get the real one, after it the session gets it back, with
+    /// whatever plugins changed. No copy either way.
+    fn swap_req(&mut self, req: &mut RequestHeader) {
+        std::mem::swap(&mut self.data_mut().req, req);
     }
 
     pub fn data(&self) -> &StreamData {
@@ -234,7 +247,19 @@ impl Chain {
     }
 
     /// on_request_headers for every plugin, in order.
-    pub async fn request_headers(&mut self, end_of_stream: bool) -> Verdict {
+    pub async fn request_headers(
+        &mut self,
+        req: &mut RequestHeader,
+        end_of_stream: bool,
+    ) -> Verdict {
+        self.req_ended = end_of_stream;
+        self.swap_req(req);
+        let v = self.request_headers_inner(end_of_stream).await;
+        self.swap_req(req);
+        v
+    }
+
+    async fn request_headers_inner(&mut self, end_of_stream: bool) -> Verdict {
         for i in 0..self.plugins.len() {
             if let Err(f) = self.open(i) {
                 // No context: the plugin cannot see this request at all.
@@ -297,10 +322,17 @@ impl Chain {
     /// StopIterationAndBuffer) and see it again, grown, with the next chunk.
     pub async fn request_body(
         &mut self,
+        req: &mut RequestHeader,
         chunk: &mut Option<Bytes>,
         end_of_stream: bool,
     ) -> Verdict {
-        self.body(chunk, end_of_stream, Phase::RequestBody).await
+        if self.req_ended || (chunk.is_none() && !end_of_stream) {
+            return Verdict::Continue;
+        }
+        self.swap_req(req);
+        let v = self.body(chunk, end_of_stream, Phase::RequestBody).await;
+        self.swap_req(req);
+        v
     }
 
     async fn body(&mut self, chunk: &mut Option<Bytes>, eos: bool, phase: Phase) -> Verdict {
@@ -404,16 +436,39 @@ impl Chain {
     /// tollgate's own); plugin changes are written back into it.
     pub async fn response_headers(
         &mut self,
+        req: &mut RequestHeader,
         resp: &mut ResponseHeader,
         end_of_stream: bool,
     ) -> Verdict {
-        self.data_mut().resp = Some(resp.clone());
-        self.data_mut().resp_dirty = false;
+        self.resp_ended = end_of_stream;
+        // the upstream's header is lent like the request's: swapped in, then back
+        let placeholder = ResponseHeader::build(200, Some(0)).ok();
+        let Some(placeholder) = placeholder else {
+            return Verdict::Continue;
+        };
+        self.data_mut().resp = Some(std::mem::replace(resp, placeholder));
+        self.swap_req(req);
+        let v = self.response_headers_inner(resp.headers.len()).await;
+        self.swap_req(req);
+        if let Some(r) = self.data_mut().resp.take() {
+            *resp = r;
+        }
+        v
+    }
+
+    async fn response_headers_inner(&mut self, _placeholder_len: usize) -> Verdict {
+        let end_of_stream = self.resp_ended;
         for i in (0..self.streams.len()).rev() {
             if !self.streams[i].active {
                 continue;
             }
-            let n = resp.headers.len() + 1;
+            let n = self
+                .data()
+                .resp
+                .as_ref()
+                .map(|r| r.headers.len())
+                .unwrap_or(0)
+                + 1;
             if let Some(v) = self
                 .headers(i, Phase::ResponseHeaders, n, end_of_stream)
                 .await
@@ -421,28 +476,41 @@ impl Chain {
                 return v;
             }
         }
-        let d = self.data_mut();
-        if d.resp_dirty {
-            if let Some(r) = &d.resp {
-                *resp = r.clone();
-            }
-        }
         Verdict::Continue
     }
 
     /// on_response_body, in reverse order. Synchronous (pingora's body filter is), so a
     /// callout here is a fault.
-    pub fn response_body(&mut self, chunk: &mut Option<Bytes>, end_of_stream: bool) -> Verdict {
-        // The body phase never awaits for responses: no callouts are run there.
-        let fut = self.body(chunk, end_of_stream, Phase::ResponseBody);
-        match poll_ready(fut) {
-            Some(v) => v,
-            None => Verdict::Continue,
+    pub fn response_body(
+        &mut self,
+        req: &mut RequestHeader,
+        chunk: &mut Option<Bytes>,
+        end_of_stream: bool,
+    ) -> Verdict {
+        if self.resp_ended || (chunk.is_none() && !end_of_stream) {
+            return Verdict::Continue;
         }
+        self.swap_req(req);
+        // The body phase never awaits for responses: no callouts are run there.
+        let v = poll_ready(self.body(chunk, end_of_stream, Phase::ResponseBody))
+            .unwrap_or(Verdict::Continue);
+        self.swap_req(req);
+        v
     }
 
     /// on_log, then on_done and on_delete: the end of every context.
-    pub fn finish(&mut self) {
+    pub fn finish(&mut self, req: Option<&mut RequestHeader>) {
+        match req {
+            Some(req) => {
+                self.swap_req(req);
+                self.finish_inner();
+                self.swap_req(req);
+            }
+            None => self.finish_inner(),
+        }
+    }
+
+    fn finish_inner(&mut self) {
         if self.finished {
             return;
         }
@@ -484,7 +552,7 @@ impl Drop for Chain {
         // A request that ended before logging (a dropped connection) still frees its
         // contexts, or the plugin's per-context state would grow without end.
         if !self.finished {
-            self.finish();
+            self.finish(None);
         }
     }
 }

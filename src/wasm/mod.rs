@@ -164,6 +164,8 @@ pub(crate) struct Slot {
 pub struct Plugin {
     pub spec: Arc<PluginSpec>,
     fingerprint: [u8; 32],
+    /// The module's content hash (its key in the compiled-module cache).
+    code_hash: [u8; 32],
     pre: InstancePre<HostState>,
     slots: Vec<Mutex<Slot>>,
     pub stats: Arc<PluginStats>,
@@ -390,6 +392,12 @@ impl Host {
         threads: usize,
     ) -> Result<BTreeMap<String, Arc<Plugin>>, ConfigErrors> {
         if specs.is_empty() {
+            // every plugin was removed: nothing to keep (no background threads started)
+            self.live.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            self.modules
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
             return Ok(BTreeMap::new());
         }
         self.start_background();
@@ -438,6 +446,12 @@ impl Host {
             return Err(ConfigErrors(errors));
         }
         *self.live.lock().unwrap_or_else(|e| e.into_inner()) = out.clone();
+        // Forget compiled modules no live plugin uses (plugins of older Snapshots keep
+        // their own reference until those Snapshots go).
+        self.modules
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|hash, _| out.values().any(|p| p.code_hash == *hash));
         Ok(out)
     }
 
@@ -501,6 +515,7 @@ impl Host {
         let plugin = Plugin {
             spec: Arc::new(spec.clone()),
             fingerprint,
+            code_hash,
             pre,
             slots: (0..threads)
                 .map(|_| {

@@ -14,8 +14,8 @@ pub struct SharedData {
 #[derive(Default)]
 struct DataInner {
     next_cas: u32,
-    /// (vm_id, key) → (value, cas)
-    map: HashMap<(String, String), (Vec<u8>, u32)>,
+    /// vm_id → key → (value, cas); nested so a lookup borrows its keys
+    map: HashMap<String, HashMap<String, (Vec<u8>, u32)>>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -27,23 +27,28 @@ pub enum SetResult {
 impl SharedData {
     pub fn get(&self, vm_id: &str, key: &str) -> Option<(Vec<u8>, u32)> {
         let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        g.map.get(&(vm_id.to_string(), key.to_string())).cloned()
+        g.map.get(vm_id)?.get(key).cloned()
     }
 
     pub fn set(&self, vm_id: &str, key: &str, value: &[u8], cas: u32) -> SetResult {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         g.next_cas = g.next_cas.wrapping_add(1).max(1);
         let next = g.next_cas;
-        let k = (vm_id.to_string(), key.to_string());
-        match g.map.get_mut(&k) {
+        if !g.map.contains_key(vm_id) {
+            g.map.insert(vm_id.to_string(), HashMap::new());
+        }
+        let space = g.map.get_mut(vm_id).expect("inserted above");
+        match space.get_mut(key) {
             Some(e) => {
                 if cas != 0 && cas != e.1 {
                     return SetResult::CasMismatch;
                 }
-                *e = (value.to_vec(), next);
+                e.0.clear();
+                e.0.extend_from_slice(value);
+                e.1 = next;
             }
             None => {
-                g.map.insert(k, (value.to_vec(), next));
+                space.insert(key.to_string(), (value.to_vec(), next));
             }
         }
         SetResult::Ok
@@ -52,7 +57,7 @@ impl SharedData {
     /// How many keys a VM id holds (admin view).
     pub fn len(&self, vm_id: &str) -> usize {
         let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        g.map.keys().filter(|(v, _)| v == vm_id).count()
+        g.map.get(vm_id).map_or(0, HashMap::len)
     }
 }
 

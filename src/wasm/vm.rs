@@ -44,10 +44,11 @@ pub struct LocalResponse {
 /// whichever plugin is being called and back out afterwards.
 pub struct StreamData {
     pub info: RequestInfo,
+    /// The request header while a phase runs (lent by the session); a placeholder between
+    /// phases (see `Chain`).
     pub req: RequestHeader,
-    pub req_dirty: bool,
+    /// The response header during on_response_headers (lent), or a copy for on_log.
     pub resp: Option<ResponseHeader>,
-    pub resp_dirty: bool,
     pub req_body: Vec<u8>,
     pub resp_body: Vec<u8>,
     pub local: Option<LocalResponse>,
@@ -60,13 +61,14 @@ pub struct StreamData {
 }
 
 impl StreamData {
+    /// `req` is the request header the chain holds between phases: the real one is lent
+    /// by the session for each phase (pass a placeholder), or, with no session (tests,
+    /// benchmarks), the header itself.
     pub fn new(info: RequestInfo, req: RequestHeader) -> StreamData {
         StreamData {
             info,
             req,
-            req_dirty: false,
             resp: None,
-            resp_dirty: false,
             req_body: Vec::new(),
             resp_body: Vec::new(),
             local: None,
@@ -472,7 +474,6 @@ pub fn set_header(
     };
     match t {
         MapType::RequestHeaders => {
-            s.req_dirty = true;
             let info_tls = s.info.tls;
             match set_on_request(&mut s.req, &name, value, mode, info_tls) {
                 Ok(()) => Status::Ok,
@@ -483,7 +484,6 @@ pub fn set_header(
             let Some(r) = s.resp.as_mut() else {
                 return Status::NotFound;
             };
-            s.resp_dirty = true;
             match set_on_response(r, &name, value, mode) {
                 Ok(()) => Status::Ok,
                 Err(()) => Status::BadArgument,
@@ -608,7 +608,6 @@ pub fn set_all_headers(
                 for n in names {
                     s.req.remove_header(&n);
                 }
-                s.req_dirty = true;
             }
             MapType::ResponseHeaders => {
                 let Some(r) = s.resp.as_mut() else {
@@ -618,7 +617,6 @@ pub fn set_all_headers(
                 for n in names {
                     r.remove_header(&n);
                 }
-                s.resp_dirty = true;
             }
             MapType::RequestTrailers | MapType::ResponseTrailers => return Status::Ok,
             _ => return Status::NotFound,

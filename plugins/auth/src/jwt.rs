@@ -46,6 +46,23 @@ fn default_realm() -> String {
     "tollgate".into()
 }
 
+pub type Claims = serde_json::Map<String, serde_json::Value>;
+
+/// Tokens this instance verified: an exact match skips the signature check. Bounded; when
+/// full it starts over.
+#[derive(Default)]
+pub struct Cache {
+    map: std::collections::HashMap<String, Verified>,
+}
+
+struct Verified {
+    claims: Claims,
+    exp: Option<f64>,
+    nbf: Option<f64>,
+}
+
+const CACHE_MAX: usize = 4096;
+
 pub struct JwtConfig {
     hs256: Option<Vec<u8>>,
     rs256: Vec<rsa::pkcs1v15::VerifyingKey<Sha256>>,
@@ -98,12 +115,48 @@ impl JwtConfig {
         })
     }
 
-    /// Verify `token` at `now` (Unix seconds); the claims, or why not.
-    pub fn verify(
-        &self,
-        token: &str,
-        now: u64,
-    ) -> Result<serde_json::Map<String, serde_json::Value>, &'static str> {
+    /// Verify `token` at `now` (Unix seconds); the claims, or why not. A token this
+    /// instance verified before skips the signature and the static claims (an exact match
+    /// in `cache`); its times are checked again on every request.
+    pub fn verify(&self, token: &str, now: u64, cache: &mut Cache) -> Result<Claims, &'static str> {
+        if let Some(v) = cache.map.get(token) {
+            self.check_time(v.exp, v.nbf, now)?;
+            return Ok(v.claims.clone());
+        }
+        let claims = self.verify_uncached(token)?;
+        let num = |k: &str| claims.get(k).and_then(|v| v.as_f64());
+        let (exp, nbf) = (num("exp"), num("nbf"));
+        self.check_time(exp, nbf, now)?;
+        if cache.map.len() >= CACHE_MAX {
+            cache.map.clear();
+        }
+        cache.map.insert(
+            token.to_string(),
+            Verified {
+                claims: claims.clone(),
+                exp,
+                nbf,
+            },
+        );
+        Ok(claims)
+    }
+
+    fn check_time(&self, exp: Option<f64>, nbf: Option<f64>, now: u64) -> Result<(), &'static str> {
+        match exp {
+            Some(exp) if (now as f64) > exp + self.leeway as f64 => return Err("token expired"),
+            None if self.require_exp => return Err("token has no exp"),
+            _ => {}
+        }
+        if let Some(nbf) = nbf {
+            if (now as f64) + (self.leeway as f64) < nbf {
+                return Err("token not valid yet");
+            }
+        }
+        Ok(())
+    }
+
+    /// The signature, and the claims that do not change with time (iss, aud).
+    fn verify_uncached(&self, token: &str) -> Result<Claims, &'static str> {
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let mut parts = token.split('.');
         let (Some(h), Some(p), Some(s), None) =
@@ -151,22 +204,11 @@ impl JwtConfig {
         if !ok {
             return Err("signature does not verify");
         }
-        let claims: serde_json::Map<String, serde_json::Value> = b64
+        let claims: Claims = b64
             .decode(p)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .ok_or("bad payload")?;
-        let num = |k: &str| claims.get(k).and_then(|v| v.as_f64());
-        match num("exp") {
-            Some(exp) if (now as f64) > exp + self.leeway as f64 => return Err("token expired"),
-            None if self.require_exp => return Err("token has no exp"),
-            _ => {}
-        }
-        if let Some(nbf) = num("nbf") {
-            if (now as f64) + (self.leeway as f64) < nbf {
-                return Err("token not valid yet");
-            }
-        }
         if let Some(iss) = &self.issuer {
             if claims.get("iss").and_then(|v| v.as_str()) != Some(iss.as_str()) {
                 return Err("wrong issuer");

@@ -12,13 +12,17 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { cfg: None }) });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root {
+        cfg: None,
+        jwt_cache: Rc::default(),
+    }) });
 }}
 
 #[derive(Deserialize)]
@@ -184,6 +188,8 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 
 struct Root {
     cfg: Option<Rc<Mode>>,
+    /// Verified JWTs, shared by this instance's requests.
+    jwt_cache: Rc<RefCell<jwt::Cache>>,
 }
 
 impl Context for Root {}
@@ -206,6 +212,7 @@ impl RootContext for Root {
     fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(Auth {
             cfg: self.cfg.clone()?,
+            jwt_cache: self.jwt_cache.clone(),
         }))
     }
 
@@ -216,6 +223,7 @@ impl RootContext for Root {
 
 struct Auth {
     cfg: Rc<Mode>,
+    jwt_cache: Rc<RefCell<jwt::Cache>>,
 }
 
 impl Context for Auth {
@@ -362,7 +370,8 @@ impl Auth {
             self.deny(401, "bearer token required", Some(www));
             return Action::Pause;
         };
-        match j.verify(&token, self.now()) {
+        let verdict = j.verify(&token, self.now(), &mut self.jwt_cache.borrow_mut());
+        match verdict {
             Ok(claims) => {
                 for (claim, header) in &j.claims_to_headers {
                     if let Some(v) = claims.get(claim) {

@@ -50,6 +50,8 @@ struct Config {
     key: Key,
     allow: Vec<(IpAddr, u8)>,
     policy: String,
+    /// The RateLimit-Policy value (the same on every answer).
+    policy_header: String,
     headers_on_success: bool,
 }
 
@@ -120,12 +122,16 @@ impl Config {
             .iter()
             .map(|c| parse_cidr(c))
             .collect::<Result<Vec<_>, _>>()?;
+        let policy = raw.policy.unwrap_or_else(|| "default".into());
+        // w: the seconds an empty bucket takes to fill
+        let window = (raw.burst as f64 / raw.rate).ceil().max(1.0) as u64;
         Ok(Config {
             rate: raw.rate,
             burst: raw.burst as f64,
             key,
             allow,
-            policy: raw.policy.unwrap_or_else(|| "default".into()),
+            policy_header: format!("\"{policy}\";q={};w={window}", raw.burst),
+            policy,
             headers_on_success: raw.headers_on_success.unwrap_or(true),
         })
     }
@@ -253,14 +259,6 @@ impl Limiter {
         // Heavy contention on one key: refuse rather than let the budget leak.
         Err(1.0 / cfg.rate)
     }
-
-    fn policy_header(&self) -> String {
-        let window = (self.cfg.burst / self.cfg.rate).ceil().max(1.0) as u64;
-        format!(
-            "\"{}\";q={};w={}",
-            self.cfg.policy, self.cfg.burst as u64, window
-        )
-    }
 }
 
 impl HttpContext for Limiter {
@@ -281,14 +279,14 @@ impl HttpContext for Limiter {
             }
             Err(wait) => {
                 let retry = wait.ceil().max(1.0) as u64;
-                let policy = self.policy_header();
+                let policy = self.cfg.policy_header.as_str();
                 let state = format!("\"{}\";r=0;t={retry}", self.cfg.policy);
                 let retry_s = retry.to_string();
                 self.send_http_response(
                     429,
                     vec![
                         ("retry-after", retry_s.as_str()),
-                        ("ratelimit-policy", policy.as_str()),
+                        ("ratelimit-policy", policy),
                         ("ratelimit", state.as_str()),
                         ("content-type", "text/plain; charset=utf-8"),
                     ],
@@ -301,8 +299,8 @@ impl HttpContext for Limiter {
 
     fn on_http_response_headers(&mut self, _n: usize, _eos: bool) -> Action {
         if let (true, Some((left, t))) = (self.cfg.headers_on_success, self.remaining) {
-            let policy = self.policy_header();
-            self.set_http_response_header("ratelimit-policy", Some(&policy));
+            let cfg = self.cfg.clone();
+            self.set_http_response_header("ratelimit-policy", Some(&cfg.policy_header));
             let state = format!("\"{}\";r={left};t={t}", self.cfg.policy);
             self.set_http_response_header("ratelimit", Some(&state));
         }
