@@ -15,6 +15,11 @@ alternate the order. Prints req/s, p50 and p99 per route and the ratios to /none
 
     scripts/install-deps bench && cargo build --release && plugins/build && benches/plugins.py
 
+Wall-clock numbers on a shared 2-core VM move by ±20% from run to run. `--callgrind` adds
+the deterministic measure: tollgate under valgrind's callgrind, counters zeroed after a
+warm-up, then the instructions tollgate executes for exactly `--requests` requests per
+route (curl, HTTP/1.1 keep-alive), reported per request and as a ratio to /none.
+
 Traffic goes to 127.0.0.1 only.
 """
 import argparse
@@ -108,12 +113,49 @@ def run_wrk(path, secs, conns, bearer):
     return {"rps": rps, "p50": lat["50"], "p99": lat["99"], "errors": int(errors.group(1)) if errors else 0}
 
 
+def callgrind_counts(tollgate, conf, tokens, d, n):
+    """Instructions per request per route, tollgate under callgrind."""
+    log = open(f"{d}/callgrind.log", "w")
+    proc = subprocess.Popen(["valgrind", "--tool=callgrind", "--smc-check=all-non-file",
+                             f"--callgrind-out-file={d}/cg.out", tollgate, "run", "--config", conf],
+                            stdout=log, stderr=log)
+    try:
+        compare.wait_port(TG, proc, "tollgate under callgrind", timeout=120)
+        counts = {}
+        for path in ROUTES:
+            def curl(spec):
+                subprocess.run(["curl", "-sk", "--http1.1", "-o", "/dev/null", "-H",
+                                f"Authorization: Bearer {tokens[path]}",
+                                f"https://127.0.0.1:{TG}{path}?{spec}"], check=True)
+            curl("w=[1-30]")  # warm-up: connection, instances, caches
+            subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
+            curl(f"i=[1-{n}]")
+            before = set(os.listdir(d))
+            subprocess.run(["callgrind_control", "--dump=x", str(proc.pid)], check=True, capture_output=True)
+            end = time.time() + 30
+            dump = None
+            while dump is None and time.time() < end:
+                new = [f for f in set(os.listdir(d)) - before if f.startswith("cg.out.")]
+                dump = new[0] if new else None
+                time.sleep(0.2)
+            time.sleep(0.5)  # let the dump finish writing
+            totals = [line for line in open(f"{d}/{dump}") if line.startswith("totals:")]
+            counts[path] = int(totals[0].split()[1]) / n
+            print(f"callgrind: {path} done", file=sys.stderr)
+        return counts
+    finally:
+        compare.stop([proc])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--tollgate", default=f"{ROOT}/target/release/tollgate")
+    ap.add_argument("--callgrind", action="store_true", help="also count instructions per request")
+    ap.add_argument("--requests", type=int, default=500, help="requests per route under callgrind")
+    ap.add_argument("--skip-wrk", action="store_true", help="only the callgrind counts")
     args = ap.parse_args()
     for tool in ("nginx", "wrk", "taskset", "openssl"):
         if not shutil.which(tool):
@@ -137,6 +179,20 @@ def main():
     results = {r: [] for r in ROUTES}
     # one connection: the added latency per request, without queueing behind other requests
     lat = {r: [] for r in ROUTES}
+    counts = None
+    if args.callgrind:
+        for tool in ("valgrind", "callgrind_control", "curl"):
+            if not shutil.which(tool):
+                sys.exit(f"{tool} is missing (apt-get install valgrind curl)")
+        try:
+            counts = callgrind_counts(args.tollgate, conf, tokens, d, args.requests)
+        except BaseException:
+            compare.stop(procs)
+            raise
+    if args.skip_wrk:
+        compare.stop(procs)
+        print_counts(counts, args.requests)
+        return
     try:
         procs.append(compare.start([args.tollgate, "run", "--config", conf], 0, "tollgate", TG, log))
         for r in range(args.rounds):
@@ -171,7 +227,20 @@ def main():
         p50 = statistics.mean(x["p50"] for x in lat[path])
         p99 = statistics.mean(x["p99"] for x in lat[path])
         print(f"| `{path}` | {p50:.3f} | {p99:.3f} | {(p50 - lat_base) * 1000:.0f} |")
+    print_counts(counts, args.requests)
     shutil.rmtree(d, ignore_errors=True)
+
+
+def print_counts(counts, n):
+    if not counts:
+        return
+    base = counts["/none"]
+    print(f"\nInstructions per request (callgrind, {n} requests per route, HTTP/1.1 keep-alive):\n")
+    print("| route | instructions / request | added | vs /none | req/s if CPU-bound, vs /none |")
+    print("|---|---:|---:|---:|---:|")
+    for path in ROUTES:
+        c = counts[path]
+        print(f"| `{path}` | {c:,.0f} | {c - base:,.0f} | {c / base:.3f} | {base / c:.3f} |")
 
 
 if __name__ == "__main__":

@@ -138,7 +138,7 @@ fn bench(c: &mut Criterion) {
             b.iter(|| {
                 // as the proxy does: the chain holds a placeholder, the request is lent
                 let placeholder =
-                    pingora::http::RequestHeader::build("GET", b"/", Some(0)).unwrap();
+                    pingora::http::RequestHeader::build_no_case("GET", b"/", Some(0)).unwrap();
                 let data = StreamData::new(info.clone(), placeholder);
                 let mut ch = Chain::new(list.clone(), data, pools.clone());
                 let v = ready(ch.request_headers(&mut req, true));

@@ -20,7 +20,7 @@ pub(super) async fn request_headers(session: &mut Session, ctx: &mut RequestCtx)
     }
     let info = request_info(session, ctx);
     // the chain holds a placeholder; the session lends it the real header in each phase
-    let data = StreamData::new(info, RequestHeader::build("GET", b"/", Some(0))?);
+    let data = StreamData::new(info, RequestHeader::build_no_case("GET", b"/", Some(0))?);
     let mut chain = Box::new(Chain::new(chain.clone(), data, ctx.snap.pool_names.clone()));
     let eos = session.as_downstream_mut().is_body_empty();
     let verdict = chain.request_headers(session.req_header_mut(), eos).await;

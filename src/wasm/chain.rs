@@ -442,7 +442,7 @@ impl Chain {
     ) -> Verdict {
         self.resp_ended = end_of_stream;
         // the upstream's header is lent like the request's: swapped in, then back
-        let placeholder = ResponseHeader::build(200, Some(0)).ok();
+        let placeholder = ResponseHeader::build_no_case(200, Some(0)).ok();
         let Some(placeholder) = placeholder else {
             return Verdict::Continue;
         };

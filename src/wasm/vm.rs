@@ -468,14 +468,21 @@ pub fn set_header(
     mode: Mode,
 ) -> abi::Status {
     use abi::Status;
-    let name = name.to_ascii_lowercase();
+    // names are matched lower-case; most plugins already send them so
+    let lowered;
+    let name = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        lowered = name.to_ascii_lowercase();
+        lowered.as_str()
+    } else {
+        name
+    };
     let Some(s) = data.stream_mut() else {
         return Status::NotFound;
     };
     match t {
         MapType::RequestHeaders => {
             let info_tls = s.info.tls;
-            match set_on_request(&mut s.req, &name, value, mode, info_tls) {
+            match set_on_request(&mut s.req, name, value, mode, info_tls) {
                 Ok(()) => Status::Ok,
                 Err(()) => Status::BadArgument,
             }
@@ -484,7 +491,7 @@ pub fn set_header(
             let Some(r) = s.resp.as_mut() else {
                 return Status::NotFound;
             };
-            match set_on_response(r, &name, value, mode) {
+            match set_on_response(r, name, value, mode) {
                 Ok(()) => Status::Ok,
                 Err(()) => Status::BadArgument,
             }
