@@ -1,5 +1,5 @@
 //! One plugin round trip on the request path, without the network: create the HTTP
-//! context, `proxy_on_request_headers`, then `on_log` / `on_done` / `on_delete` — what
+//! context, `proxy_on_request_headers`, then `on_done` / `on_log` / `on_delete` — what
 //! every request pays per plugin. Three plugins: a no-op written in WAT (the host's own
 //! cost), ratelimit, and auth with an HS256 JWT (both built by plugins/build).
 //!

@@ -133,7 +133,7 @@ pub(super) fn response_body(
     }
 }
 
-/// End every context: on_log, on_done, on_delete.
+/// End every context: on_done, on_log, on_delete (the ABI's order).
 pub(super) fn log(session: &mut Session, ctx: &mut RequestCtx) {
     if let Some(chain) = ctx.plugins.as_mut() {
         // on_log may read the response headers: the only copy made of them

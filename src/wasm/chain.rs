@@ -498,7 +498,7 @@ impl Chain {
         v
     }
 
-    /// on_log, then on_done and on_delete: the end of every context.
+    /// on_done, on_log, then on_delete: the end of every context.
     pub fn finish(&mut self, req: Option<&mut RequestHeader>) {
         match req {
             Some(req) => {
@@ -520,14 +520,16 @@ impl Chain {
                 continue;
             }
             let active = self.streams[i].active;
+            // the ABI's order: done, then log ("proxy_on_log occurs after
+            // proxy_on_done", the C++ SDK's header), then delete
             let _ = self.call(i, |vm, ctx| {
+                if let Some(f) = vm.exports.on_done.clone() {
+                    vm.call(|s| f.call(s, ctx as i32))?;
+                }
                 if active {
                     if let Some(f) = vm.exports.on_log.clone() {
                         vm.call(|s| f.call(s, ctx as i32))?;
                     }
-                }
-                if let Some(f) = vm.exports.on_done.clone() {
-                    vm.call(|s| f.call(s, ctx as i32))?;
                 }
                 if let Some(f) = vm.exports.on_delete.clone() {
                     vm.call(|s| f.call(s, ctx as i32))?;

@@ -417,3 +417,41 @@ fn contexts_unsupported_calls_and_unknown_imports_answer_statuses() {
     let (k, kl) = t.poke(ARG, b"x-one");
     assert_eq!(t.ok("value", &[0, k, kl, RP as i64, RL as i64]), NOT_FOUND);
 }
+
+#[test]
+fn a_module_without_wasi_and_with_a_malloc_allocator_starts() {
+    // what wasm32-unknown-unknown builds look like: no imports at all, `malloc`
+    let wat = r#"(module
+      (memory (export "memory") 1)
+      (global $h (mut i32) (i32.const 1024))
+      (func (export "proxy_abi_version_0_2_0"))
+      (func (export "malloc") (param i32) (result i32)
+        (local $p i32) (local.set $p (global.get $h))
+        (global.set $h (i32.add (global.get $h) (local.get 0))) (local.get $p))
+      (func (export "proxy_on_context_create") (param i32 i32))
+      (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) (i32.const 0)))"#;
+    let module = Module::new(host().engine(), wat).unwrap();
+    assert_eq!(module.imports().count(), 0);
+    let mut linker = Linker::new(host().engine());
+    hostcalls::link(&mut linker, &module, "plain").unwrap();
+    let pre = linker.instantiate_pre(&module).unwrap();
+    let spec = Arc::new(PluginSpec {
+        name: "plain".into(),
+        file: "plain.wat".into(),
+        config: Vec::new(),
+        vm_config: Vec::new(),
+        vm_id: "plain".into(),
+        root_id: String::new(),
+        on_error: OnError::FailClosed,
+        cpu_deadline: Duration::from_secs(1),
+        max_memory: 1 << 20,
+        origin: Origin {
+            file: Arc::from("t"),
+            line: 1,
+        },
+    });
+    let mut vm = Vm::start(host(), spec, &pre).unwrap();
+    let ctx = vm.new_context().unwrap();
+    let f = vm.exports.on_request_headers.clone().unwrap();
+    assert_eq!(vm.call(|s| f.call(s, (ctx as i32, 0, 1))).unwrap(), 0);
+}
