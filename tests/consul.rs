@@ -717,3 +717,57 @@ async fn services_declare_routes_in_tags_and_the_file_wins_conflicts() {
     .await;
     let _ = tg.child.kill();
 }
+
+#[tokio::test]
+async fn consul_over_https_is_trusted_through_its_ca_file_only() {
+    let a = Upstream::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    let consul = ConsulAgent::start_tls(dir.path(), &ca).await;
+    let https = consul.https.expect("an HTTPS listener");
+    let ca_file = dir.path().join("consul-ca.pem");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    let start = |trust: &str| {
+        let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let path = dir.path().join(format!("tollgate-{}.toml", http.port()));
+        write(
+            &path,
+            &format!(
+                "[admin]\nenabled = false\n\n[consul]\naddress = \"https://{https}\"\n{trust}wait = \"30s\"\nstate_file = \"\"\n\n\
+                 [[listener]]\naddress = \"{http}\"\n\n[[vhost]]\nnames = [\"a.test\"]\n[[vhost.route]]\npath = \"/\"\npool = \"api\"\n\n\
+                 [pool.api]\nconsul = {{ service = \"api\" }}\n"
+            ),
+        );
+        (Tollgate::start(&path), http)
+    };
+    let (mut tg, http) = start(&format!("ca_cert = \"{}\"\n", ca_file.display()));
+    tg.ready(http).await;
+    // without the CA (no system roots are used either), the agent is not trusted
+    let (mut untrusting, http2) = start("");
+    untrusting.ready(http2).await;
+    consul.register("api-a", "api", a.addr, &[]).await;
+    let c = plain();
+    wait_for(
+        "the HTTPS watch to route api-a",
+        Duration::from_secs(20),
+        || {
+            let c = c.clone();
+            async move { who(&c, http).await.as_deref() == Ok("a") }
+        },
+    )
+    .await;
+    wait_for(
+        "the untrusting tollgate to log why",
+        Duration::from_secs(20),
+        || {
+            let log = untrusting.log_text();
+            async move { log.contains("invalid peer certificate: UnknownIssuer") }
+        },
+    )
+    .await;
+    let err = who(&c, http2).await.unwrap_err();
+    assert!(
+        err.starts_with("503"),
+        "never an instance it could not verify: {err}"
+    );
+}

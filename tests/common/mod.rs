@@ -416,6 +416,10 @@ pub struct ConsulAgent {
     log: PathBuf,
     /// With ACLs on: the master token (used for registrations).
     pub master_token: Option<String>,
+    /// Extra agent configuration (HCL), e.g. an HTTPS listener.
+    extra_hcl: Option<String>,
+    /// The HTTPS API address, when the agent serves one (registrations use `http`).
+    pub https: Option<SocketAddr>,
 }
 
 pub fn consul_bin() -> String {
@@ -435,22 +439,46 @@ pub fn consul_bin() -> String {
 
 impl ConsulAgent {
     pub async fn start(dir: &Path) -> ConsulAgent {
-        Self::start_fresh(dir, None).await
+        Self::start_fresh(dir, None, None).await
+    }
+
+    /// An agent that also serves its API over HTTPS, with a certificate for 127.0.0.1
+    /// issued by `ca`.
+    pub async fn start_tls(dir: &Path, ca: &TestCa) -> ConsulAgent {
+        let (cert, key) = ca.issue(dir, "consul", &["127.0.0.1", "localhost"], "consul");
+        Self::start_fresh(
+            dir,
+            None,
+            Some(format!(
+                "cert_file = \"{}\"\nkey_file = \"{}\"",
+                cert.display(),
+                key.display()
+            )),
+        )
+        .await
     }
 
     /// An agent with ACLs on, default deny, and `master` as the master token.
     pub async fn start_with_acl(dir: &Path, master: &str) -> ConsulAgent {
-        Self::start_fresh(dir, Some(master.to_string())).await
+        Self::start_fresh(dir, Some(master.to_string()), None).await
     }
 
     /// Start on fresh ports; a port taken between picking and binding (another test, another
     /// agent) makes the agent exit at once, so up to three sets of ports are tried.
-    async fn start_fresh(dir: &Path, master_token: Option<String>) -> ConsulAgent {
+    async fn start_fresh(
+        dir: &Path,
+        master_token: Option<String>,
+        tls: Option<String>,
+    ) -> ConsulAgent {
         let mut last = String::new();
         for _ in 0..3 {
             let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
             let ports = [free_port(), free_port(), free_port()];
-            match Self::try_spawn(dir, http, ports, master_token.clone()).await {
+            // an HTTPS listener on a fresh port, with the certificate settings given
+            let extra = tls
+                .as_ref()
+                .map(|t| format!("ports {{ https = {} }}\n{t}", free_port()));
+            match Self::try_spawn(dir, http, ports, master_token.clone(), extra).await {
                 Ok(a) => return a,
                 Err(e) => last = e,
             }
@@ -463,8 +491,9 @@ impl ConsulAgent {
         http: SocketAddr,
         ports: [u16; 3],
         master_token: Option<String>,
+        extra_hcl: Option<String>,
     ) -> ConsulAgent {
-        match Self::try_spawn(dir, http, ports, master_token).await {
+        match Self::try_spawn(dir, http, ports, master_token, extra_hcl).await {
             Ok(a) => a,
             Err(e) => panic!("{e}"),
         }
@@ -475,6 +504,7 @@ impl ConsulAgent {
         http: SocketAddr,
         ports: [u16; 3],
         master_token: Option<String>,
+        extra_hcl: Option<String>,
     ) -> Result<ConsulAgent, String> {
         let log = dir.join(format!("consul-{}.log", http.port()));
         let child = Command::new(consul_bin())
@@ -501,16 +531,33 @@ impl ConsulAgent {
                     format!("acl {{ enabled = true default_policy = \"deny\" tokens {{ master = \"{t}\" agent = \"{t}\" }} }}"),
                 ]
             }))
+            .args(
+                extra_hcl
+                    .iter()
+                    .flat_map(|h| ["-hcl".to_string(), h.clone()]),
+            )
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
+        let https = extra_hcl.as_deref().and_then(|h| {
+            let port = h
+                .split("https = ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<u16>()
+                .ok()?;
+            Some(SocketAddr::from(([127, 0, 0, 1], port)))
+        });
         let mut agent = ConsulAgent {
             child,
             http,
             ports,
             log,
             master_token,
+            extra_hcl,
+            https,
         };
         let c = reqwest::Client::new();
         let url = format!("http://{http}/v1/status/leader");
@@ -545,7 +592,14 @@ impl ConsulAgent {
 
     pub async fn restart(&mut self, dir: &Path) {
         self.kill().await;
-        *self = Self::spawn(dir, self.http, self.ports, self.master_token.clone()).await;
+        *self = Self::spawn(
+            dir,
+            self.http,
+            self.ports,
+            self.master_token.clone(),
+            self.extra_hcl.clone(),
+        )
+        .await;
     }
 
     pub fn log_text(&self) -> String {
