@@ -274,6 +274,25 @@ async fn endpoints_have_their_documented_shapes() {
             .unwrap();
         assert_eq!(r.status(), 200);
     }
+    // the client has its answer a moment before tollgate has logged the request and let
+    // go of the backend: wait for the count, do not race it
+    let live_idle = |pools: &Value| {
+        pools.as_array().is_some_and(|ps| {
+            ps.iter().any(|p| {
+                p["name"] == "web"
+                    && p["backends"].as_array().is_some_and(|b| {
+                        b.iter()
+                            .any(|x| x["address"] == up.addr.to_string() && x["inflight"] == 0)
+                    })
+            })
+        })
+    };
+    wait_for(
+        "the live backend to have no request in flight",
+        Duration::from_secs(5),
+        || async { live_idle(&get_json(&f, "/pools").await) },
+    )
+    .await;
     let pools = get_json(&f, "/pools").await;
     let web = pools
         .as_array()
