@@ -56,12 +56,9 @@ enum Phase {
 pub struct Chain {
     streams: Vec<Stream>,
     plugins: Vec<Arc<Plugin>>,
-    pub data: Option<Box<StreamData>>,
+    data: Option<Box<StreamData>>,
     pools: Arc<Vec<String>>,
     finished: bool,
-    /// Body held back while a plugin paused body processing (request, response).
-    held_req: bool,
-    held_resp: bool,
     /// The headers ended the request / response: there is no body to call plugins with
     /// (Envoy calls no body callback then either).
     req_ended: bool,
@@ -76,8 +73,6 @@ impl Chain {
             data: Some(Box::new(data)),
             pools,
             finished: false,
-            held_req: false,
-            held_resp: false,
             req_ended: false,
             resp_ended: false,
         }
@@ -223,7 +218,8 @@ impl Chain {
                     (token, host().run_callout(&plugin, c).await)
                 }
             });
-            let answers = futures_join(runs).await;
+            // callouts of one pause run together: their latencies do not add up
+            let answers = futures_util::future::join_all(runs).await;
             for (token, resp) in answers {
                 let (_, more) =
                     self.call(i, |vm, _ctx| deliver_response(vm, token, resp).map(|_| 0))?;
@@ -399,12 +395,7 @@ impl Chain {
                         self.data().continue_response
                     };
                     if a != super::abi::ACTION_CONTINUE && !eos && !resumed {
-                        // hold the body back until the plugin lets it through
-                        if request {
-                            self.held_req = true;
-                        } else {
-                            self.held_resp = true;
-                        }
+                        // hold the body back (in the buffer) until the plugin lets it through
                         return Verdict::Continue;
                     }
                 }
@@ -423,11 +414,6 @@ impl Chain {
         };
         if !buf.is_empty() {
             *chunk = Some(Bytes::from(std::mem::take(buf)));
-        }
-        if request {
-            self.held_req = false;
-        } else {
-            self.held_resp = false;
         }
         Verdict::Continue
     }
@@ -448,7 +434,7 @@ impl Chain {
         };
         self.data_mut().resp = Some(std::mem::replace(resp, placeholder));
         self.swap_req(req);
-        let v = self.response_headers_inner(resp.headers.len()).await;
+        let v = self.response_headers_inner().await;
         self.swap_req(req);
         if let Some(r) = self.data_mut().resp.take() {
             *resp = r;
@@ -456,7 +442,7 @@ impl Chain {
         v
     }
 
-    async fn response_headers_inner(&mut self, _placeholder_len: usize) -> Verdict {
+    async fn response_headers_inner(&mut self) -> Verdict {
         let end_of_stream = self.resp_ended;
         for i in (0..self.streams.len()).rev() {
             if !self.streams[i].active {
@@ -538,15 +524,6 @@ impl Chain {
             });
         }
     }
-
-    pub fn names(&self) -> Vec<&str> {
-        self.plugins.iter().map(|p| p.spec.name.as_str()).collect()
-    }
-
-    /// Whether a plugin is holding the request body back.
-    pub fn holding_request_body(&self) -> bool {
-        self.held_req
-    }
 }
 
 impl Drop for Chain {
@@ -557,35 +534,6 @@ impl Drop for Chain {
             self.finish(None);
         }
     }
-}
-
-/// Await every future, in order of the input (callouts of one pause run concurrently).
-async fn futures_join<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let handles: Vec<_> = futs.collect();
-    let mut out = Vec::with_capacity(handles.len());
-    // Callouts are few per pause; running them one after another would add their
-    // latencies, so drive them together.
-    let mut pinned: Vec<std::pin::Pin<Box<F>>> = handles.into_iter().map(Box::pin).collect();
-    let mut done: Vec<Option<F::Output>> = (0..pinned.len()).map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (i, f) in pinned.iter_mut().enumerate() {
-            if done[i].is_none() {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => done[i] = Some(v),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            std::task::Poll::Pending
-        } else {
-            std::task::Poll::Ready(())
-        }
-    })
-    .await;
-    out.extend(done.into_iter().flatten());
-    out
 }
 
 /// Poll a future that never waits (the response body path runs no callouts).

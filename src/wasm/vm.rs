@@ -222,17 +222,6 @@ pub enum Fault {
     Stuck(String),
 }
 
-impl Fault {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Fault::Deadline => "deadline",
-            Fault::Trap(_) => "trap",
-            Fault::Lost(_) => "lost",
-            Fault::Stuck(_) => "stuck",
-        }
-    }
-}
-
 impl std::fmt::Display for Fault {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -480,13 +469,10 @@ pub fn set_header(
         return Status::NotFound;
     };
     match t {
-        MapType::RequestHeaders => {
-            let info_tls = s.info.tls;
-            match set_on_request(&mut s.req, name, value, mode, info_tls) {
-                Ok(()) => Status::Ok,
-                Err(()) => Status::BadArgument,
-            }
-        }
+        MapType::RequestHeaders => match set_on_request(&mut s.req, name, value, mode) {
+            Ok(()) => Status::Ok,
+            Err(()) => Status::BadArgument,
+        },
         MapType::ResponseHeaders => {
             let Some(r) = s.resp.as_mut() else {
                 return Status::NotFound;
@@ -509,13 +495,7 @@ pub enum Mode {
     Remove,
 }
 
-fn set_on_request(
-    req: &mut RequestHeader,
-    name: &str,
-    value: &[u8],
-    mode: Mode,
-    _tls: bool,
-) -> Result<(), ()> {
+fn set_on_request(req: &mut RequestHeader, name: &str, value: &[u8], mode: Mode) -> Result<(), ()> {
     match name {
         ":method" => {
             if mode == Mode::Remove {
