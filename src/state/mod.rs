@@ -470,10 +470,15 @@ pub fn fingerprint(cfg: &Config) -> Fingerprint {
     watched_files(cfg)
         .into_iter()
         .map(|p| {
-            let m = std::fs::metadata(&p)
-                .ok()
-                .map(|m| (m.modified().unwrap_or(UNIX_EPOCH), m.len()));
+            let m = stamp(&p);
             (p, m)
         })
         .collect()
+}
+
+/// What a file change is judged by: its modification time and length (`None`: missing).
+pub fn stamp(path: &std::path::Path) -> Option<(SystemTime, u64)> {
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| (m.modified().unwrap_or(UNIX_EPOCH), m.len()))
 }
