@@ -85,12 +85,7 @@ pub(super) async fn response_headers(
         }
         v => {
             let local = verdict_response(&v, ctx);
-            let mut fresh = ResponseHeader::build(local.status, Some(local.headers.len() + 2))?;
-            for (k, val) in &local.headers {
-                if !skip_header(k) {
-                    fresh.append_header(k.clone(), val.as_slice())?;
-                }
-            }
+            let mut fresh = local_header(&local)?;
             fresh.insert_header(http::header::CONTENT_LENGTH, local.body.len())?;
             *resp = fresh;
             ctx.plugin_body = Some(local.body);
@@ -243,21 +238,17 @@ pub(super) async fn write_local(
     ctx: &RequestCtx,
     local: &LocalResponse,
 ) -> Result<()> {
+    let resp = local_header(local)?;
+    super::request::send(session, &ctx.request_id, resp, local.body.clone()).await
+}
+
+/// The status and headers of a plugin's local response (framing headers are tollgate's).
+fn local_header(local: &LocalResponse) -> Result<ResponseHeader> {
     let mut resp = ResponseHeader::build(local.status, Some(local.headers.len() + 2))?;
     for (k, v) in &local.headers {
         if !skip_header(k) {
             resp.append_header(k.clone(), v.as_slice())?;
         }
     }
-    resp.insert_header(http::header::CONTENT_LENGTH, local.body.len())?;
-    resp.insert_header("x-request-id", &ctx.request_id)?;
-    if !session.as_downstream_mut().is_body_empty() {
-        // The body was not read: the connection cannot be reused safely.
-        session.set_keepalive(None);
-    }
-    session.write_response_header(Box::new(resp), false).await?;
-    session
-        .write_response_body(Some(local.body.clone()), true)
-        .await?;
-    Ok(())
+    Ok(resp)
 }

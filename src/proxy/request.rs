@@ -163,18 +163,30 @@ pub(super) async fn answer(
     let body = Bytes::from(format!("{status} {reason}\n"));
     let mut resp = ResponseHeader::build(status, Some(4))?;
     resp.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
-    resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
-    resp.insert_header(REQUEST_ID, &ctx.request_id)?;
     if let Some(l) = location {
         resp.insert_header(http::header::LOCATION, l)?;
     }
+    send(session, &ctx.request_id, resp, body).await?;
+    Ok(true)
+}
+
+/// Send an answer tollgate makes itself (its own or a plugin's): `resp` with Content-Length
+/// and the request id added, then `body`.
+pub(super) async fn send(
+    session: &mut Session,
+    request_id: &str,
+    mut resp: ResponseHeader,
+    body: Bytes,
+) -> Result<()> {
+    resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
+    resp.insert_header(REQUEST_ID, request_id)?;
     if has_body(session.req_header()) {
         // The body was not read: the connection cannot be reused safely.
         session.set_keepalive(None);
     }
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await?;
-    Ok(true)
+    Ok(())
 }
 
 fn has_body(req: &RequestHeader) -> bool {
