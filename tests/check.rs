@@ -1,22 +1,15 @@
 //! `tollgate check`: every problem named with file:line and the option; exit 1 on any.
 
+mod common;
+
 use std::process::Command;
 
 fn check(src: &str) -> (i32, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("t.toml");
     std::fs::write(&path, src).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
-    (
-        out.status.code().unwrap_or(-1),
-        text.replace(&path.display().to_string(), "t.toml"),
-    )
+    let (code, text) = common::run_check(&path);
+    (code, text.replace(&path.display().to_string(), "t.toml"))
 }
 
 const VALID: &str = r#"[[listener]]

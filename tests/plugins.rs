@@ -89,14 +89,8 @@ async fn proxy(body: &str, files: &[(&str, &str)]) -> Proxy {
 
 /// `tollgate check` on `cfg`: it must fail (exit 1); what it printed.
 fn check_fails(cfg: &Path) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["check", "--config"])
-        .arg(cfg)
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{text}");
+    let (code, text) = run_check(cfg);
+    assert_eq!(code, 1, "{text}");
     text
 }
 

@@ -81,24 +81,29 @@ struct T {
     vm: Vm,
 }
 
+/// A plugin's settings for these tests: 1 s deadline, 1 MiB memory, fail_closed.
+fn spec(name: &str, vm_id: &str, config: &[u8]) -> Arc<PluginSpec> {
+    Arc::new(PluginSpec {
+        name: name.into(),
+        file: format!("{name}.wat").into(),
+        config: config.to_vec(),
+        vm_config: Vec::new(),
+        vm_id: vm_id.into(),
+        root_id: String::new(),
+        on_error: OnError::FailClosed,
+        cpu_deadline: Duration::from_secs(1),
+        max_memory: 1 << 20,
+        origin: Origin {
+            file: Arc::from("t"),
+            line: 1,
+        },
+    })
+}
+
 impl T {
     /// An instance with a request loaded (context CTX), vm_id unique to the test.
     fn new(vm_id: &str) -> T {
-        let spec = Arc::new(PluginSpec {
-            name: "t".into(),
-            file: "t.wat".into(),
-            config: br#"{"plugin":"config"}"#.to_vec(),
-            vm_config: Vec::new(),
-            vm_id: vm_id.into(),
-            root_id: String::new(),
-            on_error: OnError::FailClosed,
-            cpu_deadline: Duration::from_secs(1),
-            max_memory: 1 << 20,
-            origin: Origin {
-                file: Arc::from("t"),
-                line: 1,
-            },
-        });
+        let spec = spec("t", vm_id, br#"{"plugin":"config"}"#);
         let module = Module::new(host().engine(), WAT).unwrap();
         let mut linker = Linker::new(host().engine());
         hostcalls::link(&mut linker, &module, "t").unwrap();
@@ -435,22 +440,7 @@ fn a_module_without_wasi_and_with_a_malloc_allocator_starts() {
     let mut linker = Linker::new(host().engine());
     hostcalls::link(&mut linker, &module, "plain").unwrap();
     let pre = linker.instantiate_pre(&module).unwrap();
-    let spec = Arc::new(PluginSpec {
-        name: "plain".into(),
-        file: "plain.wat".into(),
-        config: Vec::new(),
-        vm_config: Vec::new(),
-        vm_id: "plain".into(),
-        root_id: String::new(),
-        on_error: OnError::FailClosed,
-        cpu_deadline: Duration::from_secs(1),
-        max_memory: 1 << 20,
-        origin: Origin {
-            file: Arc::from("t"),
-            line: 1,
-        },
-    });
-    let mut vm = Vm::start(host(), spec, &pre).unwrap();
+    let mut vm = Vm::start(host(), spec("plain", "plain", b""), &pre).unwrap();
     let ctx = vm.new_context().unwrap();
     let f = vm.exports.on_request_headers.clone().unwrap();
     assert_eq!(vm.call(|s| f.call(s, (ctx as i32, 0, 1))).unwrap(), 0);

@@ -32,6 +32,18 @@ where
     panic!("timed out after {deadline:?} waiting for {what}");
 }
 
+/// `tollgate check --config path`: its exit code and what it printed (stderr, then stdout).
+pub fn run_check(path: &Path) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["check", "--config"])
+        .arg(path)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    (out.status.code().unwrap_or(-1), text)
+}
+
 /// GET an admin API path (no token) as JSON.
 pub async fn admin_json(c: &reqwest::Client, admin: u16, path: &str) -> serde_json::Value {
     c.get(format!("http://127.0.0.1:{admin}{path}"))
