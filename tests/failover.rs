@@ -164,3 +164,86 @@ async fn the_standby_takes_over_when_the_master_dies_and_a_returning_node_does_n
     }
     assert_eq!(state(a2.admin).await.as_deref(), Some("BACKUP"));
 }
+
+/// The `vip` claim for real: two tollgates in their own network namespaces share 198.18.0.100;
+/// a client in a third namespace loops against it. The master is killed (SIGKILL: nothing is
+/// released), the standby adds the address and sends gratuitous ARP, and the client is served
+/// by it within the takeover target. The old master then returns without preempt (it clears
+/// the stale address it left and stays BACKUP) and, restarted with preempt, takes back over.
+#[test]
+fn vip_takeover_in_network_namespaces() {
+    use common::takeover::Pair;
+    let mut p = Pair::new();
+    p.start("a", 200, false);
+    p.start("b", 100, false);
+    p.wait_master("a", Duration::from_secs(10));
+    assert!(p.has_vip("a") && !p.has_vip("b"));
+    p.start_client(Duration::from_millis(10), Duration::from_secs(60));
+    let t0 = Instant::now();
+    let (t, failed) = p.served_by_after("a", t0, Duration::from_secs(5));
+    assert!(t < Duration::from_secs(1) && failed == 0, "{t:?} {failed}");
+
+    // the master dies: the standby claims, announces, and serves
+    let killed = p.kill("a");
+    let (takeover, failed) = p.served_by_after("b", killed, Duration::from_secs(5));
+    eprintln!("takeover after SIGKILL: {takeover:?}, {failed} failed requests");
+    assert!(
+        takeover < Duration::from_secs(2),
+        "takeover took {takeover:?}"
+    );
+    p.wait_master("b", Duration::from_secs(2));
+    assert!(p.has_vip("b"));
+
+    // the old master returns without preempt: it clears the address it left behind, stays
+    // BACKUP, and the client keeps being served by b with no failure
+    let back = Instant::now();
+    p.start("a", 200, false);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(p.states(), (Some("BACKUP".into()), Some("MASTER".into())));
+    assert!(
+        !p.has_vip("a"),
+        "stale address left on a:\n{}",
+        p.lab.addresses("a")
+    );
+    let s = p.since(back);
+    assert!(
+        s.len() > 50,
+        "the client loop stalled: {} requests",
+        s.len()
+    );
+    assert!(
+        s.iter().all(|s| s.served_by.as_deref() == Ok("198.18.0.2")),
+        "{:?}",
+        s.iter()
+            .filter(|s| s.served_by.as_deref() != Ok("198.18.0.2"))
+            .collect::<Vec<_>>()
+    );
+
+    // restarted with preempt, the higher-priority node takes the address back once
+    p.kill("a");
+    std::thread::sleep(Duration::from_millis(300));
+    let pre = Instant::now();
+    p.start("a", 200, true);
+    let (t, failed) = p.served_by_after("a", pre, Duration::from_secs(10));
+    p.wait_master("a", Duration::from_secs(3));
+    eprintln!("preempt: served by a {t:?} after its start, {failed} failed requests");
+    assert!(
+        failed <= 2,
+        "{failed} requests failed during the preempt handover"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        p.has_vip("a") && !p.has_vip("b"),
+        "a: {}\nb: {}",
+        p.lab.addresses("a"),
+        p.lab.addresses("b")
+    );
+    let settled = Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    let s = p.since(settled);
+    assert!(
+        s.iter().all(|s| s.served_by.as_deref() == Ok("198.18.0.1")),
+        "{s:?}"
+    );
+    p.stop_client();
+}

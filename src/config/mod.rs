@@ -175,6 +175,16 @@ pub struct FailoverSettings {
     pub dead_after: Duration,
     pub preempt: bool,
     pub claims: Vec<ClaimAction>,
+    /// Fencing: be MASTER only while holding this Consul lock (`[consul]` says where).
+    pub consul_lock: Option<ConsulLock>,
+}
+
+/// `failover.consul_lock`: a Consul session (TTL, no lock delay) holding a KV key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsulLock {
+    pub key: String,
+    /// The session's TTL: how long a dead holder keeps the lock (Consul: 10s..24h).
+    pub ttl: Duration,
 }
 
 /// What to do on becoming MASTER (and on leaving it), in order.
@@ -186,6 +196,45 @@ pub enum ClaimAction {
         timeout: Duration,
         retries: u32,
     },
+    /// A floating address on a local interface, announced by gratuitous ARP / unsolicited
+    /// neighbour advertisement.
+    Vip {
+        address: std::net::IpAddr,
+        prefix: u8,
+        interface: String,
+        /// Announcements per burst, and the delay before the second burst.
+        garp_count: u32,
+        garp_repeat: Duration,
+        timeout: Duration,
+        retries: u32,
+    },
+    /// An AWS elastic IP moved to this instance or ENI with EC2 `AssociateAddress`.
+    AwsEip(AwsEip),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AwsEip {
+    pub allocation_id: String,
+    /// When neither is set, the instance id comes from IMDSv2.
+    pub instance_id: Option<String>,
+    pub network_interface_id: Option<String>,
+    pub region: String,
+    /// The EC2 endpoint (`https://ec2.REGION.amazonaws.com` unless set).
+    pub endpoint: String,
+    /// The instance metadata service (IMDSv2).
+    pub imds_endpoint: String,
+    pub timeout: Duration,
+    pub retries: u32,
+}
+
+impl ClaimAction {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClaimAction::Exec { .. } => "exec",
+            ClaimAction::Vip { .. } => "vip",
+            ClaimAction::AwsEip(_) => "aws_eip",
+        }
+    }
 }
 
 /// Where the admin bearer token comes from. A file is re-read on every reload.

@@ -153,6 +153,9 @@ pub struct RawFailover {
     pub preempt: Option<bool>,
     #[serde(default)]
     pub claim: Vec<S<RawClaim>>,
+    pub consul_lock: Option<S<bool>>,
+    pub consul_lock_key: Option<S<String>>,
+    pub consul_lock_ttl: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -164,6 +167,18 @@ pub struct RawClaim {
     pub command: Vec<String>,
     pub timeout: Option<S<String>>,
     pub retries: Option<S<i64>>,
+    // vip
+    pub address: Option<S<String>>,
+    pub interface: Option<S<String>>,
+    pub garp_count: Option<S<i64>>,
+    pub garp_repeat: Option<S<String>>,
+    // aws_eip
+    pub allocation_id: Option<S<String>>,
+    pub instance_id: Option<S<String>>,
+    pub network_interface_id: Option<S<String>>,
+    pub region: Option<S<String>>,
+    pub endpoint: Option<S<String>>,
+    pub imds_endpoint: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -248,7 +248,7 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-fn client(s: &ConsulSettings) -> Result<reqwest::Client, String> {
+pub(crate) fn client(s: &ConsulSettings) -> Result<reqwest::Client, String> {
     let mut b = reqwest::Client::builder()
         .use_rustls_tls()
         .tls_built_in_root_certs(false)
@@ -269,7 +269,7 @@ fn client(s: &ConsulSettings) -> Result<reqwest::Client, String> {
         .map_err(|e| format!("cannot build the Consul client: {e}"))
 }
 
-fn token(s: &ConsulSettings) -> Option<String> {
+pub(crate) fn token(s: &ConsulSettings) -> Option<String> {
     s.token.clone().or_else(|| {
         s.token_file
             .as_ref()

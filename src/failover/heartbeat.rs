@@ -4,6 +4,7 @@
 //!
 //! Layout (big endian): `TGHB` | version 1 | priority u8 | role u8 | term u64 | seq u64 |
 //! unix ms u64 | name length u8 | name | HMAC-SHA256 of everything before it (32 bytes).
+//! The role byte's top bit says the sender is a BACKUP asking the MASTER to yield (preempt).
 
 use super::machine::{Advert, Role};
 use ring::hmac;
@@ -59,7 +60,7 @@ pub fn encode(hb: &Heartbeat, secret: &[u8]) -> Vec<u8> {
     out.extend_from_slice(MAGIC);
     out.push(VERSION);
     out.push(hb.advert.priority);
-    out.push(role_byte(hb.advert.role));
+    out.push(role_byte(hb.advert.role) | if hb.advert.preempting { 0x80 } else { 0 });
     out.extend_from_slice(&hb.advert.term.to_be_bytes());
     out.extend_from_slice(&hb.seq.to_be_bytes());
     out.extend_from_slice(&hb.sent_unix_ms.to_be_bytes());
@@ -88,7 +89,8 @@ pub fn decode(packet: &[u8], secret: &[u8]) -> Result<Heartbeat, Rejected> {
         advert: Advert {
             name: name.to_string(),
             priority: body[5],
-            role: byte_role(body[6]).ok_or(Rejected::Malformed)?,
+            role: byte_role(body[6] & 0x7f).ok_or(Rejected::Malformed)?,
+            preempting: body[6] & 0x80 != 0,
             term: u64_at(7),
         },
         seq: u64_at(15),
@@ -141,7 +143,8 @@ mod tests {
                 name: "edge-b".into(),
                 priority: 100,
                 term: 7,
-                role: Role::Master,
+                role: Role::Backup,
+                preempting: true,
             },
             seq,
             sent_unix_ms: at,

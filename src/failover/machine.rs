@@ -8,7 +8,13 @@
 //! - claims are spaced by `claim_min_interval`, doubling for each claim soon after the last
 //!   (up to `claim_backoff_max`), so the address does not ping-pong;
 //! - a MASTER re-verifies it holds the address every `verify_every` and demotes if not;
-//! - local health failing means FAULT: release, stop advertising; recovery goes to BACKUP.
+//! - preemption is a handover, never an overlap: the preempting BACKUP asks (`preempting` in
+//!   its adverts), the MASTER releases and goes on advertising MASTER until the release is
+//!   done (`Event::Released`), and only then does the preempting node claim;
+//! - local health failing means FAULT: release, stop advertising; recovery goes to BACKUP;
+//! - fenced (`consul_lock`): a claim first needs the Consul lock (`AcquireLock`, retried no
+//!   faster than `claim_min_interval`); losing it demotes a MASTER, and a node that holds it
+//!   without being MASTER lets it go.
 
 use std::cmp::Ordering;
 
@@ -32,6 +38,8 @@ pub struct Params {
     pub claim_min_interval: u64,
     pub claim_backoff_max: u64,
     pub verify_every: u64,
+    /// Be MASTER only while holding the Consul lock.
+    pub fenced: bool,
 }
 
 /// What a heartbeat says about its sender (after authentication).
@@ -41,6 +49,8 @@ pub struct Advert {
     pub priority: u8,
     pub term: u64,
     pub role: Role,
+    /// A BACKUP that outranks the MASTER and preempts asks it to yield.
+    pub preempting: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +65,10 @@ pub enum Event {
     ClaimResult(bool),
     /// The periodic re-verification of a MASTER.
     VerifyResult(bool),
+    /// Fenced: whether the Consul lock is ours (an acquire's answer, or a lost session).
+    Lock(bool),
+    /// A `Release` finished (successfully or not): stop advertising MASTER.
+    Released,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,6 +79,10 @@ pub enum Action {
     Release,
     /// Check that we still hold the address.
     Verify,
+    /// Fenced: try to take the Consul lock (answer with `Event::Lock`).
+    AcquireLock,
+    /// Fenced: let the Consul lock go (after any `Release` before it).
+    ReleaseLock,
 }
 
 #[derive(Debug)]
@@ -81,6 +99,12 @@ pub struct Machine {
     last_verify: u64,
     reason: String,
     since: u64,
+    lock_held: bool,
+    next_lock_try: u64,
+    /// Demoted from MASTER, and the release is still running.
+    releasing: bool,
+    /// Asking the MASTER to yield.
+    preempting: bool,
 }
 
 impl Machine {
@@ -97,6 +121,10 @@ impl Machine {
             last_verify: now,
             reason: "starting".into(),
             since: now,
+            lock_held: false,
+            next_lock_try: 0,
+            releasing: false,
+            preempting: false,
         }
     }
 
@@ -115,11 +143,18 @@ impl Machine {
 
     /// What our heartbeats say; `None` in FAULT (we stop advertising).
     pub fn advert(&self) -> Option<Advert> {
+        // while the address is being given up, peers must not take it yet
+        let role = if self.releasing {
+            Role::Master
+        } else {
+            self.role
+        };
         (self.role != Role::Fault).then(|| Advert {
             name: self.p.name.clone(),
             priority: self.p.priority,
             term: self.term,
-            role: self.role,
+            role,
+            preempting: self.preempting && self.role == Role::Backup,
         })
     }
 
@@ -161,6 +196,13 @@ impl Machine {
         if now < self.next_claim_at() {
             return Vec::new();
         }
+        if self.p.fenced && !self.lock_held {
+            if now < self.next_lock_try {
+                return Vec::new();
+            }
+            self.next_lock_try = now + self.p.claim_min_interval;
+            return vec![Action::AcquireLock];
+        }
         let peer_term = self.peer.as_ref().map(|(a, _)| a.term).unwrap_or(0);
         self.term = self.term.max(peer_term) + 1;
         // a claim soon after the last one counts towards the backoff; a quiet spell resets it
@@ -172,6 +214,7 @@ impl Machine {
         }
         self.last_claim = Some(now);
         self.last_verify = now;
+        self.preempting = false;
         self.set(Role::Master, now, reason);
         vec![Action::Claim { term: self.term }]
     }
@@ -179,11 +222,21 @@ impl Machine {
     fn demote(&mut self, now: u64, role: Role, reason: &str) -> Vec<Action> {
         let was_master = self.role == Role::Master;
         self.set(role, now, reason);
+        let mut out = Vec::new();
         if was_master {
-            vec![Action::Release]
-        } else {
-            Vec::new()
+            self.releasing = true;
+            out.push(Action::Release);
         }
+        if self.lock_held {
+            self.lock_held = false;
+            out.push(Action::ReleaseLock);
+        }
+        out
+    }
+
+    /// Whether this node holds (or believes it holds) the Consul lock.
+    pub fn lock_held(&self) -> bool {
+        self.lock_held
     }
 
     pub fn handle(&mut self, now: u64, event: Event) -> Vec<Action> {
@@ -213,6 +266,17 @@ impl Machine {
                         "the peer is MASTER with a higher (term, priority, name)",
                     );
                 }
+                if self.role == Role::Master
+                    && a.role == Role::Backup
+                    && a.preempting
+                    && !self.outranks(&a)
+                {
+                    return self.demote(
+                        now,
+                        Role::Backup,
+                        "yielding to a higher-priority peer that preempts",
+                    );
+                }
                 if self.role == Role::Init && a.role == Role::Master {
                     self.set(Role::Backup, now, "the peer is MASTER");
                 }
@@ -229,13 +293,38 @@ impl Machine {
                 }
                 return Vec::new();
             }
+            Event::Released => {
+                self.releasing = false;
+            }
+            Event::Lock(held) => {
+                if !held {
+                    self.lock_held = false;
+                    if self.role == Role::Master {
+                        return self.demote(now, Role::Backup, "lost the Consul lock");
+                    }
+                    if self.role == Role::Init {
+                        self.set(Role::Backup, now, "the Consul lock is held elsewhere");
+                    }
+                    return Vec::new();
+                }
+                self.lock_held = true;
+            }
             Event::Tick => {}
         }
         self.step(now)
     }
 
-    /// What time and the peer's state call for.
+    /// What time and the peer's state call for; a lock held without being MASTER goes back.
     fn step(&mut self, now: u64) -> Vec<Action> {
+        let mut out = self.step_role(now);
+        if self.lock_held && self.role != Role::Master {
+            self.lock_held = false;
+            out.push(Action::ReleaseLock);
+        }
+        out
+    }
+
+    fn step_role(&mut self, now: u64) -> Vec<Action> {
         if !self.healthy {
             return Vec::new();
         }
@@ -257,11 +346,14 @@ impl Machine {
                 None if self.peer.is_none() && now - self.started < self.p.init_hold => Vec::new(),
                 None => self.claim(now, "no peer heard"),
             },
+            Role::Backup if self.releasing => Vec::new(),
             Role::Backup => match peer {
                 None => self.claim(now, "the peer is dead"),
                 Some(p) if p.role == Role::Fault => self.claim(now, "the peer is in FAULT"),
                 Some(p) if p.role == Role::Master && self.p.preempt && self.outranks(&p) => {
-                    self.claim(now, "preempting a lower-priority MASTER")
+                    // ask; the claim follows once the MASTER has released
+                    self.preempting = true;
+                    Vec::new()
                 }
                 Some(p) if p.role != Role::Master && self.outranks(&p) => {
                     self.claim(now, "elected: no MASTER and the peer ranks lower")
@@ -295,6 +387,14 @@ mod tests {
             claim_min_interval: 1_000,
             claim_backoff_max: 8_000,
             verify_every: 3_000,
+            fenced: false,
+        }
+    }
+
+    fn fenced(name: &str, priority: u8) -> Params {
+        Params {
+            fenced: true,
+            ..params(name, priority, false)
         }
     }
 
@@ -307,6 +407,10 @@ mod tests {
         b_up: bool,
         link: bool,
         claims: Vec<(String, u64)>,
+        /// The Consul lock's holder, for fenced machines (Consul stays reachable to both).
+        lock: Option<String>,
+        /// Every (time, masters) seen after each step.
+        history: Vec<(u64, usize)>,
     }
 
     impl Pair {
@@ -319,6 +423,8 @@ mod tests {
                 b_up: true,
                 link: true,
                 claims: Vec::new(),
+                lock: None,
+                history: Vec::new(),
             }
         }
 
@@ -340,19 +446,36 @@ mod tests {
                     if let (true, true, Some(ad)) = (self.link, peer_up, peer_ad) {
                         actions.extend(m.handle(now, Event::Heartbeat(ad)));
                     }
-                    for act in actions {
-                        match act {
+                    let mut work = actions;
+                    while let Some(act) = (!work.is_empty()).then(|| work.remove(0)) {
+                        let name = m.p.name.clone();
+                        let more = match act {
                             Action::Claim { term } => {
-                                self.claims.push((m.p.name.clone(), term));
-                                m.handle(now, Event::ClaimResult(true));
+                                assert!(
+                                    !m.p.fenced || self.lock.as_deref() == Some(name.as_str()),
+                                    "{name} claimed without the lock"
+                                );
+                                self.claims.push((name, term));
+                                m.handle(now, Event::ClaimResult(true))
                             }
-                            Action::Verify => {
-                                m.handle(now, Event::VerifyResult(true));
+                            Action::Verify => m.handle(now, Event::VerifyResult(true)),
+                            Action::Release => m.handle(now, Event::Released),
+                            Action::AcquireLock => {
+                                let ok = self.lock.get_or_insert_with(|| name.clone()) == &name;
+                                m.handle(now, Event::Lock(ok))
                             }
-                            Action::Release => {}
-                        }
+                            Action::ReleaseLock => {
+                                if self.lock.as_deref() == Some(name.as_str()) {
+                                    self.lock = None;
+                                }
+                                Vec::new()
+                            }
+                        };
+                        work.extend(more);
                     }
                 }
+                let masters = self.masters().len();
+                self.history.push((now, masters));
             }
         }
 
@@ -430,7 +553,7 @@ mod tests {
         assert_eq!(p.b.role(), Role::Backup);
         assert_eq!(
             p.b.last_transition().0,
-            "the peer is MASTER with a higher (term, priority, name)"
+            "yielding to a higher-priority peer that preempts"
         );
         assert_eq!(p.claims.len(), claims_before + 1);
     }
@@ -462,6 +585,7 @@ mod tests {
         );
         assert_eq!(m.role(), Role::Fault);
         assert_eq!(m.advert(), None, "a FAULT node stops advertising");
+        m.handle(950, Event::Released);
         assert_eq!(
             m.handle(5_000, Event::Tick),
             vec![],
@@ -484,7 +608,11 @@ mod tests {
             for a in m.handle(now, Event::Tick) {
                 if let Action::Claim { .. } = a {
                     claim_times.push(now);
-                    m.handle(now, Event::ClaimResult(false));
+                    assert_eq!(
+                        m.handle(now, Event::ClaimResult(false)),
+                        vec![Action::Release]
+                    );
+                    m.handle(now, Event::Released);
                 }
             }
         }
@@ -520,5 +648,121 @@ mod tests {
         );
         assert_eq!(m.role(), Role::Backup);
         assert_eq!(m.last_transition().0, "no longer holds the address");
+    }
+
+    #[test]
+    fn preemption_hands_over_without_two_masters_at_any_step() {
+        let mut p = Pair::new(params("a", 200, true), params("b", 100, false));
+        p.a_up = false;
+        p.run(3_000);
+        assert_eq!(p.masters(), vec!["b"]);
+        p.a = Machine::new(params("a", 200, true), p.now);
+        p.a_up = true;
+        p.history.clear();
+        p.run(3_000);
+        assert_eq!(p.masters(), vec!["a"]);
+        assert!(p.history.iter().all(|(_, n)| *n <= 1), "{:?}", p.history);
+        // b yielded (released) before a claimed: a's claim is the last one
+        assert_eq!(p.claims.last().map(|c| c.0.as_str()), Some("a"));
+        assert_eq!(
+            p.b.last_transition().0,
+            "yielding to a higher-priority peer that preempts"
+        );
+    }
+
+    #[test]
+    fn a_master_keeps_advertising_master_until_its_release_is_done() {
+        let mut m = Machine::new(params("b", 100, false), 0);
+        m.handle(1_000, Event::Tick); // no peer heard: claims
+        assert_eq!(m.role(), Role::Master);
+        let asks = Advert {
+            name: "a".into(),
+            priority: 200,
+            term: 0,
+            role: Role::Backup,
+            preempting: true,
+        };
+        assert_eq!(
+            m.handle(1_100, Event::Heartbeat(asks)),
+            vec![Action::Release]
+        );
+        assert_eq!(m.role(), Role::Backup);
+        assert_eq!(m.advert().unwrap().role, Role::Master, "still releasing");
+        m.handle(1_150, Event::Released);
+        assert_eq!(m.advert().unwrap().role, Role::Backup);
+    }
+
+    #[test]
+    fn fenced_a_cut_peer_link_still_makes_one_master() {
+        let mut p = Pair::new(fenced("a", 200), fenced("b", 100));
+        p.run(2_000);
+        assert_eq!(p.masters(), vec!["a"]);
+        assert_eq!(p.lock.as_deref(), Some("a"));
+        // the heartbeat link goes, Consul does not: b thinks a is dead, but cannot get the lock
+        p.link = false;
+        p.run(30_000);
+        assert_eq!(p.masters(), vec!["a"]);
+        assert!(
+            p.history.iter().all(|(_, n)| *n <= 1),
+            "two masters at once: {:?}",
+            p.history
+        );
+        assert!(
+            p.claims.iter().all(|(n, _)| n == "a"),
+            "b claimed: {:?}",
+            p.claims
+        );
+        assert_eq!(p.b.role(), Role::Backup);
+        assert!(!p.b.lock_held());
+    }
+
+    #[test]
+    fn fenced_the_standby_waits_for_a_dead_masters_lock_then_claims() {
+        let mut p = Pair::new(fenced("a", 200), fenced("b", 100));
+        p.run(2_000);
+        assert_eq!(p.masters(), vec!["a"]);
+        p.a_up = false; // a dies; its session lives until the TTL runs out
+        p.run(5_000);
+        assert_eq!(
+            p.b.role(),
+            Role::Backup,
+            "b must not claim while a's lock lives"
+        );
+        p.lock = None; // the TTL ran out: Consul released the lock
+        p.run(2_000);
+        assert_eq!(p.masters(), vec!["b"]);
+        assert_eq!(p.lock.as_deref(), Some("b"));
+    }
+
+    #[test]
+    fn fenced_losing_the_lock_releases_the_address_then_the_lock() {
+        let mut m = Machine::new(fenced("a", 200), 0);
+        assert_eq!(m.handle(1_000, Event::Tick), vec![Action::AcquireLock]);
+        // no second try before claim_min_interval
+        assert_eq!(m.handle(1_200, Event::Tick), vec![]);
+        assert!(matches!(
+            m.handle(1_300, Event::Lock(true))[..],
+            [Action::Claim { .. }]
+        ));
+        assert_eq!(m.role(), Role::Master);
+        assert_eq!(
+            m.handle(2_000, Event::Lock(false)),
+            vec![Action::Release],
+            "the session is gone: nothing left to release in Consul"
+        );
+        assert_eq!(m.role(), Role::Backup);
+        // a local fault gives up the address first, then the lock
+        let mut m = Machine::new(fenced("a", 200), 0);
+        m.handle(1_000, Event::Tick);
+        m.handle(1_100, Event::Lock(true));
+        assert_eq!(
+            m.handle(1_200, Event::LocalHealth(false)),
+            vec![Action::Release, Action::ReleaseLock]
+        );
+        // a refused lock leaves the node BACKUP
+        let mut m = Machine::new(fenced("b", 100), 0);
+        m.handle(1_000, Event::Tick);
+        assert_eq!(m.handle(1_100, Event::Lock(false)), vec![]);
+        assert_eq!(m.role(), Role::Backup);
     }
 }

@@ -3,14 +3,16 @@
 //! actions run as spawned tasks whose results come back as events (a slow hook never stops
 //! the heartbeats).
 
+use super::claim::Claims;
 use super::heartbeat::{decode, encode, Heartbeat, ReplayGuard};
+use super::lock::Lock;
 use super::machine::{Action, Event, Machine, Params, Role};
-use crate::config::{ClaimAction, FailoverSettings};
+use crate::config::{ConsulSettings, FailoverSettings};
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use std::net::SocketAddr;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 
@@ -26,6 +28,10 @@ pub struct Status {
     pub last_transition: String,
     pub last_transition_unix_ms: u64,
     pub rejected_packets: u64,
+    /// The last claim / release / verification outcome.
+    pub last_action: String,
+    /// Fenced nodes: whether this node holds the Consul lock.
+    pub consul_lock: Option<bool>,
 }
 
 fn status_cell() -> &'static Mutex<Option<Status>> {
@@ -59,12 +65,17 @@ pub fn state_name(r: Role) -> &'static str {
 
 pub struct Peer {
     s: FailoverSettings,
+    consul: ConsulSettings,
     /// Where the local health check connects (our first traffic listener).
     health: Option<SocketAddr>,
 }
 
 impl Peer {
-    pub fn new(s: FailoverSettings, first_listener: Option<SocketAddr>) -> Peer {
+    pub fn new(
+        s: FailoverSettings,
+        consul: ConsulSettings,
+        first_listener: Option<SocketAddr>,
+    ) -> Peer {
         let health = first_listener.map(|mut a| {
             if a.ip().is_unspecified() {
                 a.set_ip(if a.is_ipv4() {
@@ -75,46 +86,82 @@ impl Peer {
             }
             a
         });
-        Peer { s, health }
+        Peer { s, consul, health }
     }
 }
 
-/// Run every claim hook with `state`; Ok when all succeeded (each with its retries).
-async fn run_hooks(claims: Vec<ClaimAction>, name: String, state: &'static str, term: u64) -> bool {
-    let mut all = true;
-    for c in claims {
-        let ClaimAction::Exec {
-            command,
-            timeout,
-            retries,
-        } = c;
-        let mut ok = false;
-        for attempt in 0..=retries {
-            let mut cmd = tokio::process::Command::new(&command[0]);
-            cmd.args(&command[1..])
-                .env("TOLLGATE_STATE", state)
-                .env("TOLLGATE_TERM", term.to_string())
-                .env("TOLLGATE_NAME", &name)
-                .kill_on_drop(true);
-            match tokio::time::timeout(timeout, cmd.status()).await {
-                Ok(Ok(st)) if st.success() => {
-                    ok = true;
-                    break;
-                }
-                Ok(Ok(st)) => {
-                    tracing::warn!(hook = ?command, state, attempt, status = %st, "failover hook failed")
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(hook = ?command, state, attempt, error = %e, "failover hook could not run")
-                }
-                Err(_) => {
-                    tracing::warn!(hook = ?command, state, attempt, timeout_ms = timeout.as_millis() as u64, "failover hook timed out")
+/// Work for the effects task, which runs claims, releases, checks and the Consul lock one at
+/// a time in the order the machine asked for them (a release never overtakes its claim).
+enum Job {
+    Act(Action, &'static str, u64),
+    Renew,
+}
+
+/// What the effects task reports back.
+enum Done {
+    Claim(Result<(), String>, u64),
+    Release(Result<(), String>),
+    Verify(Result<(), String>),
+    Lock(Result<bool, String>),
+}
+
+type SharedLock = Arc<tokio::sync::Mutex<Option<Lock>>>;
+
+async fn effects(
+    claims: Arc<Claims>,
+    lock: SharedLock,
+    mut jobs: mpsc::UnboundedReceiver<Job>,
+    done: mpsc::UnboundedSender<Done>,
+) {
+    while let Some(job) = jobs.recv().await {
+        let out = match job {
+            Job::Act(Action::Claim { term }, _, _) => {
+                let t = Instant::now();
+                let r = claims.claim(term).await;
+                Done::Claim(r, t.elapsed().as_millis() as u64)
+            }
+            Job::Act(Action::Release, state, term) => {
+                Done::Release(claims.release(state, term).await)
+            }
+            Job::Act(Action::Verify, _, _) => {
+                let fenced = match lock.lock().await.as_ref() {
+                    Some(l) => Some(l.held().await),
+                    None => None,
+                };
+                match fenced {
+                    Some(Ok(false)) => Done::Lock(Ok(false)),
+                    // Consul unreachable: the session's TTL decides, not one failed read
+                    _ => Done::Verify(claims.verify().await),
                 }
             }
+            Job::Act(Action::AcquireLock, _, _) => match lock.lock().await.as_mut() {
+                Some(l) => Done::Lock(l.acquire().await),
+                None => Done::Lock(Ok(true)),
+            },
+            Job::Act(Action::ReleaseLock, _, _) => {
+                if let Some(l) = lock.lock().await.as_mut() {
+                    if let Err(e) = l.release().await {
+                        tracing::warn!(error = %e, "failover: cannot release the Consul lock (its TTL will)");
+                    }
+                }
+                continue;
+            }
+            Job::Renew => match lock.lock().await.as_mut() {
+                Some(l) => match l.renew().await {
+                    Ok(true) => continue,
+                    Ok(false) => Done::Lock(Ok(false)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "failover: Consul session renewal failed");
+                        continue;
+                    }
+                },
+                None => continue,
+            },
+        };
+        if done.send(out).is_err() {
+            return;
         }
-        all &= ok;
     }
-    all
 }
 
 #[async_trait]
@@ -141,6 +188,7 @@ impl BackgroundService for Peer {
                 claim_min_interval: (interval * 5).max(1_000),
                 claim_backoff_max: (interval * 150).max(30_000),
                 verify_every: (interval * 15).max(3_000),
+                fenced: s.consul_lock.is_some(),
             },
             now(),
         );
@@ -150,7 +198,30 @@ impl BackgroundService for Peer {
         let mut rejected = 0u64;
         let mut healthy = true;
         let mut peer_seen: Option<(Heartbeat, Instant)> = None;
-        let (hook_tx, mut hook_rx) = mpsc::channel::<(bool, bool)>(16); // (was a claim, ok)
+        let claims = Claims::new(s);
+        claims.clear_stale().await;
+        let lock: SharedLock = Arc::new(tokio::sync::Mutex::new(match &s.consul_lock {
+            None => None,
+            Some(l) => match Lock::new(&self.consul, l, &s.name) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    tracing::error!(error = %e, "failover: cannot reach Consul for the lock; this node stays out of the election");
+                    return;
+                }
+            },
+        }));
+        let renew_every = lock
+            .lock()
+            .await
+            .as_ref()
+            .map(|l| l.renew_every())
+            .unwrap_or(std::time::Duration::from_secs(3600));
+        let (job_tx, job_rx) = mpsc::unbounded_channel::<Job>();
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+        tokio::spawn(effects(claims.clone(), lock.clone(), job_rx, done_tx));
+        let mut renew = tokio::time::interval(renew_every);
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_action = String::new();
         let mut tick = tokio::time::interval(s.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut buf = vec![0u8; 2048];
@@ -161,9 +232,19 @@ impl BackgroundService for Peer {
             tokio::select! {
                 _ = shutdown.changed() => {
                     if m.role() == Role::Master {
-                        run_hooks(s.claims.clone(), s.name.clone(), "BACKUP", m.term()).await;
+                        if let Err(e) = claims.release("BACKUP", m.term()).await {
+                            tracing::error!(error = %e, "failover: release at shutdown failed");
+                        }
+                    }
+                    if let Some(l) = lock.lock().await.as_mut() {
+                        l.destroy().await;
                     }
                     return;
+                }
+                _ = renew.tick() => {
+                    if m.lock_held() {
+                        let _ = job_tx.send(Job::Renew);
+                    }
                 }
                 _ = tick.tick() => {
                     if let Some(addr) = self.health {
@@ -197,32 +278,45 @@ impl BackgroundService for Peer {
                         }
                     }
                 }
-                Some((was_claim, ok)) = hook_rx.recv() => {
-                    if was_claim {
-                        actions.extend(m.handle(now(), Event::ClaimResult(ok)));
-                    }
+                Some(d) = done_rx.recv() => {
+                    let event = match d {
+                        Done::Claim(Ok(()), ms) => {
+                            last_action = format!("claimed term {} in {ms} ms", m.term());
+                            tracing::info!(term = m.term(), ms, "failover: claim took and is verified");
+                            Event::ClaimResult(true)
+                        }
+                        Done::Claim(Err(e), _) => {
+                            last_action = format!("claim failed: {e}");
+                            tracing::error!(error = %e, "failover: claim failed");
+                            Event::ClaimResult(false)
+                        }
+                        Done::Release(r) => {
+                            last_action = match &r {
+                                Ok(()) => "released".into(),
+                                Err(e) => format!("release failed: {e}"),
+                            };
+                            if let Err(e) = r {
+                                tracing::error!(error = %e, "failover: release failed");
+                            }
+                            Event::Released
+                        }
+                        Done::Verify(Ok(())) => Event::VerifyResult(true),
+                        Done::Verify(Err(e)) => {
+                            last_action = format!("verification failed: {e}");
+                            tracing::error!(error = %e, "failover: the address is no longer ours");
+                            Event::VerifyResult(false)
+                        }
+                        Done::Lock(Ok(held)) => Event::Lock(held),
+                        Done::Lock(Err(e)) => {
+                            tracing::warn!(error = %e, "failover: Consul lock");
+                            Event::Lock(false)
+                        }
+                    };
+                    actions.extend(m.handle(now(), event));
                 }
             }
             for a in actions {
-                let (claims, name, tx, term) =
-                    (s.claims.clone(), s.name.clone(), hook_tx.clone(), m.term());
-                match a {
-                    Action::Claim { term } => {
-                        tokio::spawn(async move {
-                            let ok = run_hooks(claims, name, "MASTER", term).await;
-                            let _ = tx.send((true, ok)).await;
-                        });
-                    }
-                    Action::Release => {
-                        let state = state_name(m.role());
-                        tokio::spawn(async move {
-                            let ok = run_hooks(claims, name, state, term).await;
-                            let _ = tx.send((false, ok)).await;
-                        });
-                    }
-                    // exec claims cannot be verified generically: the hook owns the address
-                    Action::Verify => {}
-                }
+                let _ = job_tx.send(Job::Act(a, state_name(m.role()), m.term()));
             }
             let (reason, since) = m.last_transition();
             {
@@ -240,6 +334,8 @@ impl BackgroundService for Peer {
                     last_transition: reason.to_string(),
                     last_transition_unix_ms: unix_ms().saturating_sub(now().saturating_sub(since)),
                     rejected_packets: rejected,
+                    last_action: last_action.clone(),
+                    consul_lock: s.consul_lock.as_ref().map(|_| m.lock_held()),
                 };
                 let changed = status()
                     .map(|o| o.state != st.state || o.term != st.term)

@@ -205,7 +205,7 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
             .copied();
         server.add_service(background_service(
             "tollgate failover",
-            crate::failover::peer::Peer::new(f, first),
+            crate::failover::peer::Peer::new(f, cfg.consul.clone(), first),
         ));
     }
     server.add_service(background_service(

@@ -1,6 +1,9 @@
 //! Test harness: real upstream servers on loopback, a test CA, and the real tollgate binary.
 #![allow(dead_code)]
 
+pub mod netns;
+pub mod takeover;
+
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -275,9 +278,19 @@ pub struct Tollgate {
 
 impl Tollgate {
     pub fn start(config: &Path) -> Tollgate {
+        Tollgate::start_cmd(Command::new(Tollgate::bin()), config)
+    }
+
+    pub fn bin() -> &'static str {
+        env!("CARGO_BIN_EXE_tollgate")
+    }
+
+    /// Run `tollgate run --config FILE` through `cmd` (the binary, or a wrapper such as
+    /// `ip netns exec NS tollgate`); the log goes next to the config.
+    pub fn start_cmd(mut cmd: Command, config: &Path) -> Tollgate {
         let log = config.with_extension("log");
         let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        let child = cmd
             .args(["run", "--config"])
             .arg(config)
             .env("TOLLGATE_LOG", "info")

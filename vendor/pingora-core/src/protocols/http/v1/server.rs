@@ -1349,8 +1349,14 @@ impl HttpSession {
     /// `Some(>0)`: reusing this session is allowed within the given timeout in seconds.
     /// If the client disallows connection reuse, then `keepalive` will be ignored.
     pub fn set_server_keepalive(&mut self, keepalive: Option<u64>) {
-        if let Some(false) = self.is_connection_keepalive() {
+        let close = match self.is_connection_keepalive() {
             // connection: close is set
+            Some(false) => true,
+            // tollgate patch: HTTP/1.0 is close unless the client asked for keep-alive
+            None => self.request_header.as_ref().map(|r| r.version) == Some(http::Version::HTTP_10),
+            Some(true) => false,
+        };
+        if close {
             self.set_keepalive(None);
         } else {
             self.set_keepalive(keepalive);

@@ -1,0 +1,184 @@
+//! Fencing through Consul (`failover.consul_lock`): a node may be MASTER only while its
+//! Consul session holds the lock key. The session has a TTL (renewed at a third of it), no
+//! lock delay and the `release` behaviour, so a dead holder's lock frees itself after the TTL
+//! and a node that loses its session (or cannot renew it) gives the address up. A network
+//! split between the peers alone cannot make two masters while both still reach Consul.
+
+use crate::config::{ConsulLock, ConsulSettings};
+use std::time::Duration;
+
+pub struct Lock {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+    dc: Option<String>,
+    key: String,
+    ttl: Duration,
+    node: String,
+    session: Option<String>,
+}
+
+impl Lock {
+    pub fn new(consul: &ConsulSettings, l: &ConsulLock, node: &str) -> Result<Lock, String> {
+        Ok(Lock {
+            http: crate::discovery::consul::client(consul)?,
+            base: consul.address.trim_end_matches('/').to_string(),
+            token: crate::discovery::consul::token(consul),
+            dc: consul.datacenter.clone(),
+            key: l.key.clone(),
+            ttl: l.ttl,
+            node: node.to_string(),
+            session: None,
+        })
+    }
+
+    /// How often the session must be renewed.
+    pub fn renew_every(&self) -> Duration {
+        self.ttl / 3
+    }
+
+    fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let mut r = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .timeout(Duration::from_secs(3));
+        if let Some(t) = &self.token {
+            r = r.header("X-Consul-Token", t);
+        }
+        if let Some(dc) = &self.dc {
+            r = r.query(&[("dc", dc)]);
+        }
+        r
+    }
+
+    async fn session(&mut self) -> Result<String, String> {
+        if let Some(s) = &self.session {
+            return Ok(s.clone());
+        }
+        let body = serde_json::json!({
+            "Name": format!("tollgate-failover-{}", self.node),
+            "TTL": format!("{}s", self.ttl.as_secs()),
+            "LockDelay": "0s",
+            "Behavior": "release",
+        });
+        let r = self
+            .req(reqwest::Method::PUT, "/v1/session/create")
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| format!("Consul session create: {e}"))?;
+        let status = r.status();
+        let text = r.text().await.unwrap_or_default();
+        if !status.is_success() {
+            return Err(format!("Consul session create: HTTP {status}: {text}"));
+        }
+        #[derive(serde::Deserialize)]
+        struct Created {
+            #[serde(rename = "ID")]
+            id: String,
+        }
+        let c: Created =
+            serde_json::from_str(&text).map_err(|e| format!("Consul session create: {e}"))?;
+        self.session = Some(c.id.clone());
+        Ok(c.id)
+    }
+
+    /// Try to take the lock; Ok(false) when another session holds it.
+    pub async fn acquire(&mut self) -> Result<bool, String> {
+        let id = self.session().await?;
+        let r = self
+            .req(reqwest::Method::PUT, &format!("/v1/kv/{}", self.key))
+            .query(&[("acquire", &id)])
+            .body(self.node.clone())
+            .send()
+            .await
+            .map_err(|e| format!("Consul lock acquire: {e}"))?;
+        let status = r.status();
+        let text = r.text().await.unwrap_or_default();
+        if !status.is_success() {
+            if text.contains("invalid session") || text.contains("Invalid session") {
+                self.session = None;
+            }
+            return Err(format!(
+                "Consul lock acquire: HTTP {status}: {}",
+                text.trim()
+            ));
+        }
+        Ok(text.trim() == "true")
+    }
+
+    /// Renew the session; Ok(false) when Consul no longer knows it (the lock is gone).
+    pub async fn renew(&mut self) -> Result<bool, String> {
+        let Some(id) = self.session.clone() else {
+            return Ok(false);
+        };
+        let r = self
+            .req(reqwest::Method::PUT, &format!("/v1/session/renew/{id}"))
+            .send()
+            .await
+            .map_err(|e| format!("Consul session renew: {e}"))?;
+        if r.status() == reqwest::StatusCode::NOT_FOUND {
+            self.session = None;
+            return Ok(false);
+        }
+        if !r.status().is_success() {
+            return Err(format!("Consul session renew: HTTP {}", r.status()));
+        }
+        Ok(true)
+    }
+
+    /// Whether our session is the lock's holder now.
+    pub async fn held(&self) -> Result<bool, String> {
+        let Some(id) = &self.session else {
+            return Ok(false);
+        };
+        let r = self
+            .req(reqwest::Method::GET, &format!("/v1/kv/{}", self.key))
+            .send()
+            .await
+            .map_err(|e| format!("Consul lock check: {e}"))?;
+        if r.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(false);
+        }
+        if !r.status().is_success() {
+            return Err(format!("Consul lock check: HTTP {}", r.status()));
+        }
+        #[derive(serde::Deserialize)]
+        struct Entry {
+            #[serde(rename = "Session", default)]
+            session: Option<String>,
+        }
+        let e: Vec<Entry> = r
+            .json()
+            .await
+            .map_err(|e| format!("Consul lock check: {e}"))?;
+        Ok(e.first().and_then(|e| e.session.as_deref()) == Some(id.as_str()))
+    }
+
+    /// Let the lock go (the session stays, for the next acquire).
+    pub async fn release(&mut self) -> Result<(), String> {
+        let Some(id) = self.session.clone() else {
+            return Ok(());
+        };
+        let r = self
+            .req(reqwest::Method::PUT, &format!("/v1/kv/{}", self.key))
+            .query(&[("release", &id)])
+            .send()
+            .await
+            .map_err(|e| format!("Consul lock release: {e}"))?;
+        if !r.status().is_success() {
+            return Err(format!("Consul lock release: HTTP {}", r.status()));
+        }
+        Ok(())
+    }
+
+    /// On shutdown: destroy the session, which frees the lock at once.
+    pub async fn destroy(&mut self) {
+        if let Some(id) = self.session.take() {
+            let _ = self
+                .req(reqwest::Method::PUT, &format!("/v1/session/destroy/{id}"))
+                .send()
+                .await;
+        }
+    }
+}
