@@ -22,8 +22,19 @@ struct Node {
     admin: u16,
 }
 
-/// `ports`: admin, http, own UDP, peer UDP.
-fn config(dir: &Path, name: &str, prio: u8, ports: [u16; 4], up: SocketAddr) -> String {
+fn exec_claim(dir: &Path) -> String {
+    format!(
+        r#"[[failover.claim]]
+type = "exec"
+command = ["/bin/sh", "-c", "echo \"$TOLLGATE_NAME $TOLLGATE_STATE $TOLLGATE_TERM\" >> {log}"]
+"#,
+        log = dir.join("claims.log").display()
+    )
+}
+
+/// `ports`: admin, http, own UDP, peer UDP; `extra`: the claim blocks and any more
+/// `[failover]` settings.
+fn config(name: &str, prio: u8, ports: [u16; 4], up: SocketAddr, extra: &str) -> String {
     format!(
         r#"[server]
 threads = 1
@@ -45,11 +56,7 @@ listen = "127.0.0.1:{udp}"
 peer = "127.0.0.1:{peer_udp}"
 secret = "shared-secret-for-tests-0123"
 interval = "200ms"
-[[failover.claim]]
-type = "exec"
-command = ["/bin/sh", "-c", "echo \"$TOLLGATE_NAME $TOLLGATE_STATE $TOLLGATE_TERM\" >> {log}"]
-"#,
-        log = dir.join("claims.log").display(),
+{extra}"#,
         admin = ports[0],
         http = ports[1],
         udp = ports[2],
@@ -70,13 +77,30 @@ async fn state(admin: u16) -> Option<String> {
 }
 
 async fn start(dir: &Path, name: &str, prio: u8, udp: u16, peer_udp: u16, up: SocketAddr) -> Node {
+    start_with(dir, name, prio, [udp, peer_udp], up, &exec_claim(dir), &[]).await
+}
+
+async fn start_with(
+    dir: &Path,
+    name: &str,
+    prio: u8,
+    udp: [u16; 2],
+    up: SocketAddr,
+    extra: &str,
+    env: &[(&str, &str)],
+) -> Node {
     let (admin, http) = (free_port(), free_port());
     let path = dir.join(format!("{name}.toml"));
     write(
         &path,
-        &config(dir, name, prio, [admin, http, udp, peer_udp], up),
+        &config(name, prio, [admin, http, udp[0], udp[1]], up, extra),
     );
-    let mut tg = Tollgate::start(&path);
+    let mut cmd = std::process::Command::new(Tollgate::bin());
+    cmd.env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_SESSION_TOKEN");
+    cmd.envs(env.iter().copied());
+    let mut tg = Tollgate::start_cmd(cmd, &path);
     tg.ready(SocketAddr::from(([127, 0, 0, 1], admin))).await;
     Node { tg, admin }
 }
@@ -246,4 +270,241 @@ fn vip_takeover_in_network_namespaces() {
         "{s:?}"
     );
     p.stop_client();
+}
+
+async fn wait_state(admin: u16, want: &str, within: Duration) {
+    let end = Instant::now() + within;
+    loop {
+        let s = state(admin).await;
+        if s.as_deref() == Some(want) {
+            return;
+        }
+        assert!(Instant::now() < end, "state {s:?}, waited for {want}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The `aws_eip` claim against moto's EC2 server: the elastic IP follows the master. Node a
+/// has its instance id configured and credentials in the environment; node b has neither and
+/// gets both from an IMDSv2 service (token required). After a kill, and after a SIGSTOP /
+/// SIGCONT of the master (which must come back as BACKUP and leave the address alone),
+/// DescribeAddresses shows the instance of the node that should hold it.
+#[tokio::test]
+async fn aws_eip_follows_the_master_and_a_resumed_master_does_not_take_it_back() {
+    use common::aws::{Imds, Moto};
+    let moto = Moto::start().await;
+    let ids = moto.run_instances(2).await;
+    let (ia, ib) = (ids[0].clone(), ids[1].clone());
+    let alloc = moto.allocate_address().await;
+    let imds_b = Imds::start(
+        &ib,
+        Some(("tollgate-edge", "AKIDFROMROLE", "secret-from-role")),
+    )
+    .await;
+    let claim = |instance: Option<&str>, imds: &str| {
+        format!(
+            r#"[[failover.claim]]
+type = "aws_eip"
+allocation_id = "{alloc}"
+region = "us-east-1"
+endpoint = "{ep}"
+imds_endpoint = "{imds}"
+timeout = "2s"
+{inst}
+"#,
+            ep = moto.endpoint(),
+            inst = instance
+                .map(|i| format!("instance_id = \"{i}\""))
+                .unwrap_or_default()
+        )
+    };
+    let up = Upstream::start("up").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (ua, ub) = (udp_port(), udp_port());
+    let env_a = [
+        ("AWS_ACCESS_KEY_ID", "AKIDFROMENV"),
+        ("AWS_SECRET_ACCESS_KEY", "secret-from-env"),
+    ];
+    // node a has no metadata service: its instance id is configured
+    let claim_a = claim(Some(&ia), "http://127.0.0.1:9");
+    let a = start_with(
+        dir.path(),
+        "edge-a",
+        200,
+        [ua, ub],
+        up.addr,
+        &claim_a,
+        &env_a,
+    )
+    .await;
+    let claim_b = claim(None, &imds_b.endpoint());
+    let b = start_with(dir.path(), "edge-b", 100, [ub, ua], up.addr, &claim_b, &[]).await;
+
+    wait_state(a.admin, "MASTER", Duration::from_secs(10)).await;
+    wait_state(b.admin, "BACKUP", Duration::from_secs(5)).await;
+    let m = &moto;
+    wait_for(
+        "the address on a's instance",
+        Duration::from_secs(5),
+        || async { m.holder(&alloc).await.as_deref() == Some(ia.as_str()) },
+    )
+    .await;
+
+    // the master dies: the standby moves the address to its own instance (from IMDS)
+    let mut a = a;
+    let _ = a.tg.child.kill();
+    let _ = a.tg.child.wait();
+    let died = Instant::now();
+    wait_for(
+        "the address on b's instance",
+        Duration::from_secs(5),
+        || async { m.holder(&alloc).await.as_deref() == Some(ib.as_str()) },
+    )
+    .await;
+    eprintln!("aws_eip takeover after kill: {:?}", died.elapsed());
+    wait_state(b.admin, "MASTER", Duration::from_secs(1)).await;
+    assert!(
+        imds_b.served.load(std::sync::atomic::Ordering::SeqCst) >= 3,
+        "b read its instance id and role credentials from IMDS"
+    );
+    assert_eq!(imds_b.refused.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+    // a returns as BACKUP; then the master (b) is frozen: a takes the address over
+    let a = start_with(
+        dir.path(),
+        "edge-a",
+        200,
+        [ua, ub],
+        up.addr,
+        &claim_a,
+        &env_a,
+    )
+    .await;
+    wait_state(a.admin, "BACKUP", Duration::from_secs(5)).await;
+    assert_eq!(m.holder(&alloc).await.as_deref(), Some(ib.as_str()));
+    b.tg.signal("STOP");
+    wait_state(a.admin, "MASTER", Duration::from_secs(5)).await;
+    wait_for(
+        "the address back on a's instance",
+        Duration::from_secs(5),
+        || async { m.holder(&alloc).await.as_deref() == Some(ia.as_str()) },
+    )
+    .await;
+
+    // b resumes: it hears a MASTER of a higher term (or finds the address gone when it
+    // verifies) and demotes, without associating the address again
+    b.tg.signal("CONT");
+    wait_state(b.admin, "BACKUP", Duration::from_secs(5)).await;
+    let end = Instant::now() + Duration::from_secs(5); // longer than the verify interval
+    while Instant::now() < end {
+        assert_eq!(
+            m.holder(&alloc).await.as_deref(),
+            Some(ia.as_str()),
+            "b took it back"
+        );
+        assert_eq!(state(a.admin).await.as_deref(), Some("MASTER"));
+        assert_eq!(state(b.admin).await.as_deref(), Some("BACKUP"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = b.tg.log_text();
+    assert!(!log.contains("claim failed"), "{log}");
+}
+
+/// A UDP relay for heartbeats: what arrives on `port` goes on to `to` unless the link is cut.
+async fn relay(
+    to: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (u16, tokio::task::JoinHandle<()>) {
+    let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let port = s.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        let mut buf = vec![0u8; 2048];
+        while let Ok((n, _)) = s.recv_from(&mut buf).await {
+            if !cut.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = s.send_to(&buf[..n], ("127.0.0.1", to)).await;
+            }
+        }
+    });
+    (port, task)
+}
+
+async fn status(admin: u16) -> Value {
+    reqwest::get(format!("http://127.0.0.1:{admin}/status"))
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap()["failover"]["status"]
+        .clone()
+}
+
+/// Fencing with a real Consul agent: with `consul_lock = true`, cutting the heartbeat link
+/// between the peers (Consul still reachable by both) leaves exactly one MASTER, because the
+/// standby cannot take the lock. When the master dies, the standby takes over once Consul
+/// has expired the dead master's session.
+#[tokio::test]
+async fn consul_lock_keeps_one_master_when_the_peer_link_is_cut() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let consul = ConsulAgent::start(dir.path()).await;
+    let up = Upstream::start("up").await;
+    let (ua, ub) = (udp_port(), udp_port());
+    let cut = Arc::new(AtomicBool::new(false));
+    let (to_b, _r1) = relay(ub, cut.clone()).await;
+    let (to_a, _r2) = relay(ua, cut.clone()).await;
+    let extra = format!(
+        "consul_lock = true\nconsul_lock_key = \"tollgate/test/leader\"\n{}\n[consul]\naddress = \"http://{}\"\n",
+        exec_claim(dir.path()),
+        consul.http
+    );
+    let a = start_with(dir.path(), "edge-a", 200, [ua, to_b], up.addr, &extra, &[]).await;
+    let b = start_with(dir.path(), "edge-b", 100, [ub, to_a], up.addr, &extra, &[]).await;
+    wait_state(a.admin, "MASTER", Duration::from_secs(10)).await;
+    wait_state(b.admin, "BACKUP", Duration::from_secs(5)).await;
+    assert_eq!(status(a.admin).await["consul_lock"], true);
+    assert_eq!(status(b.admin).await["consul_lock"], false);
+
+    // cut the peer link only: b no longer hears a, but cannot get the lock
+    cut.store(true, Ordering::SeqCst);
+    let end = Instant::now() + Duration::from_secs(6);
+    let mut samples = 0;
+    while Instant::now() < end {
+        let (sa, sb) = (state(a.admin).await, state(b.admin).await);
+        assert_eq!(sa.as_deref(), Some("MASTER"));
+        assert_ne!(
+            sb.as_deref(),
+            Some("MASTER"),
+            "two masters with the link cut"
+        );
+        samples += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(samples > 50);
+    let sb = status(b.admin).await;
+    assert!(
+        sb["peer_last_seen_ms_ago"].as_u64().unwrap() > 3_000,
+        "{sb}"
+    );
+    let claims = std::fs::read_to_string(dir.path().join("claims.log")).unwrap();
+    assert!(
+        !claims.contains("edge-b MASTER"),
+        "b ran its claim: {claims}"
+    );
+
+    // heal; then the master dies without a word: its session must expire before b may claim
+    cut.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let mut a = a;
+    let _ = a.tg.child.kill();
+    let _ = a.tg.child.wait();
+    let died = Instant::now();
+    wait_state(b.admin, "MASTER", Duration::from_secs(40)).await;
+    let took = died.elapsed();
+    eprintln!("fenced takeover after kill: {took:?} (the session TTL is 10s)");
+    assert!(
+        took >= Duration::from_secs(5),
+        "b claimed before a's session expired: {took:?}"
+    );
+    assert_eq!(status(b.admin).await["consul_lock"], true);
 }

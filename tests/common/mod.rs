@@ -1,6 +1,7 @@
 //! Test harness: real upstream servers on loopback, a test CA, and the real tollgate binary.
 #![allow(dead_code)]
 
+pub mod aws;
 pub mod netns;
 pub mod takeover;
 

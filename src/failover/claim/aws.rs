@@ -469,6 +469,7 @@ mod tests {
       <instanceId>i-abc</instanceId>
       <associationId>eipassoc-1</associationId>
       <networkInterfaceId>eni-9</networkInterfaceId>
+      <tagSet><item><key>role</key><value>edge</value></item></tagSet>
     </item>
   </addressesSet>
 </DescribeAddressesResponse>"#;
