@@ -464,6 +464,20 @@ async fn consul_lock_keeps_one_master_when_the_peer_link_is_cut() {
     wait_state(b.admin, "BACKUP", Duration::from_secs(5)).await;
     assert_eq!(status(a.admin).await["consul_lock"], true);
     assert_eq!(status(b.admin).await["consul_lock"], false);
+    let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", a.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "tollgate_failover_state{state=\"MASTER\"} 1",
+        "tollgate_failover_consul_lock_held 1",
+        "tollgate_failover_peer_last_seen_seconds 0.",
+        "tollgate_failover_last_transition_timestamp_seconds 1",
+    ] {
+        assert!(metrics.contains(line), "no `{line}` in\n{metrics}");
+    }
 
     // cut the peer link only: b no longer hears a, but cannot get the lock
     cut.store(true, Ordering::SeqCst);
@@ -507,4 +521,198 @@ async fn consul_lock_keeps_one_master_when_the_peer_link_is_cut() {
         "b claimed before a's session expired: {took:?}"
     );
     assert_eq!(status(b.admin).await["consul_lock"], true);
+}
+
+/// Parse a captured Ethernet frame into what the `vip` claim announces: gratuitous ARP
+/// (op, sender MAC, sender IP, target IP) or an IPv6 neighbour advertisement (hop limit,
+/// flags byte, target, target link-layer option).
+#[derive(Debug, PartialEq)]
+enum Announcement {
+    Arp {
+        op: u16,
+        sha: [u8; 6],
+        spa: [u8; 4],
+        tpa: [u8; 4],
+    },
+    Na {
+        hop_limit: u8,
+        flags: u8,
+        target: std::net::Ipv6Addr,
+        mac: Option<[u8; 6]>,
+    },
+}
+
+fn parse_frame(f: &[u8]) -> Option<Announcement> {
+    let ethertype = u16::from_be_bytes([*f.get(12)?, *f.get(13)?]);
+    let p = &f[14..];
+    match ethertype {
+        0x0806 if p.len() >= 28 => Some(Announcement::Arp {
+            op: u16::from_be_bytes([p[6], p[7]]),
+            sha: p[8..14].try_into().ok()?,
+            spa: p[14..18].try_into().ok()?,
+            tpa: p[24..28].try_into().ok()?,
+        }),
+        0x86dd if p.len() >= 40 + 24 && p[6] == 58 && p[40] == 136 => {
+            let icmp = &p[40..];
+            let target: [u8; 16] = icmp[8..24].try_into().ok()?;
+            let mac = (icmp.len() >= 32 && icmp[24] == 2).then(|| icmp[26..32].try_into().unwrap());
+            Some(Announcement::Na {
+                hop_limit: p[7],
+                flags: icmp[4],
+                target: target.into(),
+                mac,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// What the `vip` claim puts on the wire, captured by a packet socket on the client host:
+/// gratuitous ARP in both forms and an unsolicited neighbour advertisement (hop limit 255,
+/// override flag, our MAC), each in two bursts `garp_repeat` apart. A clean shutdown
+/// removes both addresses.
+#[test]
+fn vip_announcements_on_the_wire_ipv4_and_ipv6() {
+    use common::netns::{enter, Lab};
+    let lab = Lab::new();
+    // capture on c first
+    let path = format!("/var/run/netns/{}", lab.ns("c"));
+    let capture = std::thread::spawn(move || {
+        enter(&path);
+        // SAFETY: a packet socket for ETH_P_ALL; frames read into a buffer we own.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW,
+                (libc::ETH_P_ALL as u16).to_be() as i32,
+            )
+        };
+        assert!(
+            fd >= 0,
+            "packet socket: {}",
+            std::io::Error::last_os_error()
+        );
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 200_000,
+        };
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
+        let mut seen = Vec::new();
+        let end = Instant::now() + Duration::from_secs(6);
+        let mut buf = [0u8; 2048];
+        while Instant::now() < end {
+            let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n > 0 {
+                if let Some(a) = parse_frame(&buf[..n as usize]) {
+                    seen.push((Instant::now(), a));
+                }
+            }
+        }
+        unsafe { libc::close(fd) };
+        seen
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("a.toml");
+    let claims = r#"[[failover.claim]]
+type = "vip"
+address = "198.18.0.100/24"
+interface = "eth0"
+garp_count = 2
+garp_repeat = "1s"
+[[failover.claim]]
+type = "vip"
+address = "2001:db8::100/64"
+interface = "eth0"
+garp_count = 2
+garp_repeat = "1s"
+"#;
+    std::fs::write(
+        &cfg,
+        common::takeover::node_config_with("a", 100, false, claims),
+    )
+    .unwrap();
+    let tg = Tollgate::start_cmd(lab.command("a", Tollgate::bin()), &cfg);
+    let seen = capture.join().unwrap();
+    let link = std::process::Command::new("ip")
+        .args(["-n", &lab.ns("a"), "-6", "addr", "show", "dev", "eth0"])
+        .output()
+        .unwrap();
+    let v6 = String::from_utf8_lossy(&link.stdout).to_string();
+    assert!(v6.contains("2001:db8::100/64"), "{v6}\n{}", tg.log_text());
+    let link = std::process::Command::new("ip")
+        .args(["-n", &lab.ns("a"), "-o", "link", "show", "dev", "eth0"])
+        .output()
+        .unwrap();
+    let link = String::from_utf8_lossy(&link.stdout).to_string();
+    let mac: Vec<u8> = link
+        .split("link/ether ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_default()
+        .split(':')
+        .filter_map(|h| u8::from_str_radix(h, 16).ok())
+        .collect();
+    let vip4 = [198, 18, 0, 100];
+    let vip6: std::net::Ipv6Addr = "2001:db8::100".parse().unwrap();
+    let arp = |op: u16| {
+        seen.iter()
+            .filter(|(_, a)| matches!(a, Announcement::Arp { op: o, spa, tpa, .. } if *o == op && *spa == vip4 && *tpa == vip4))
+            .map(|(t, a)| (*t, a))
+            .collect::<Vec<_>>()
+    };
+    let (requests, replies) = (arp(1), arp(2));
+    let nas: Vec<_> = seen
+        .iter()
+        .filter(|(_, a)| matches!(a, Announcement::Na { target, .. } if *target == vip6))
+        .collect();
+    assert!(
+        requests.len() >= 4 && replies.len() >= 4,
+        "two bursts of 2 of each form: {seen:?}"
+    );
+    assert!(nas.len() >= 4, "{seen:?}");
+    for (_, a) in requests.iter().chain(&replies) {
+        if let Announcement::Arp { sha, .. } = a {
+            assert_eq!(&sha[..], &mac[..], "sender MAC is a's eth0 ({link})");
+        }
+    }
+    for (_, a) in &nas {
+        let Announcement::Na {
+            hop_limit,
+            flags,
+            mac: m,
+            ..
+        } = a
+        else {
+            unreachable!()
+        };
+        assert_eq!(*hop_limit, 255);
+        assert_eq!(flags & 0xe0, 0x20, "override only");
+        assert_eq!(m.map(|m| m.to_vec()), Some(mac.clone()));
+    }
+    let span = requests.last().unwrap().0 - requests[0].0;
+    assert!(
+        span >= Duration::from_millis(800),
+        "a second burst about 1s later: {span:?}"
+    );
+
+    // a clean shutdown gives both addresses up
+    tg.signal("TERM");
+    let mut tg = tg;
+    let _ = tg.child.wait();
+    let v4 = lab.addresses("a");
+    assert!(!v4.contains("198.18.0.100"), "{v4}");
+    let link = std::process::Command::new("ip")
+        .args(["-n", &lab.ns("a"), "-6", "addr", "show", "dev", "eth0"])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&link.stdout).contains("2001:db8::100"));
 }

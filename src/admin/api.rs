@@ -495,6 +495,39 @@ pub(super) fn metrics_text(state: &State, snap: &Snapshot) -> String {
             "tollgate_failover_rejected_heartbeats_total {}",
             st.rejected_packets
         );
+        if let Some(ms) = st.peer_last_seen_ms_ago {
+            family(
+                &mut out,
+                "tollgate_failover_peer_last_seen_seconds",
+                "gauge",
+                "Seconds since the last valid heartbeat from the peer.",
+            );
+            let _ = writeln!(
+                out,
+                "tollgate_failover_peer_last_seen_seconds {:.3}",
+                ms as f64 / 1000.0
+            );
+        }
+        family(
+            &mut out,
+            "tollgate_failover_last_transition_timestamp_seconds",
+            "gauge",
+            "When this node last changed state (Unix time).",
+        );
+        let _ = writeln!(
+            out,
+            "tollgate_failover_last_transition_timestamp_seconds {:.3}",
+            st.last_transition_unix_ms as f64 / 1000.0
+        );
+        if let Some(held) = st.consul_lock {
+            family(
+                &mut out,
+                "tollgate_failover_consul_lock_held",
+                "gauge",
+                "1 while this node holds the failover Consul lock.",
+            );
+            let _ = writeln!(out, "tollgate_failover_consul_lock_held {}", u8::from(held));
+        }
     }
     plugin_metrics(&mut out, snap);
     m.render_requests(&mut out);

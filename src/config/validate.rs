@@ -1584,4 +1584,77 @@ backends = ["127.0.0.1:9000", { address = "127.0.0.1:9001", weight = 3 }]
         let src = "[pool.web]\nretries = x\n";
         assert_eq!(option_at(src, src.find('x').unwrap()), "pool.web.retries");
     }
+
+    const FAILOVER: &str = "[failover]\nname = \"a\"\nlisten = \"10.0.0.1:7946\"\npeer = \"10.0.0.2:7946\"\nsecret = \"0123456789abcdef\"\n";
+
+    #[test]
+    fn failover_claims_are_validated_per_type() {
+        let ok = format!(
+            "{OK}{FAILOVER}consul_lock = true\n\
+             [[failover.claim]]\ntype = \"vip\"\naddress = \"203.0.113.10/24\"\ninterface = \"eth0\"\n\
+             [[failover.claim]]\ntype = \"aws_eip\"\nallocation_id = \"eipalloc-1\"\nregion = \"eu-west-1\"\n\
+             [[failover.claim]]\ntype = \"exec\"\ncommand = [\"/bin/true\"]\n"
+        );
+        let c = parse(Path::new("/etc/tollgate/t.toml"), &ok).unwrap();
+        let f = c.failover.unwrap();
+        assert_eq!(
+            f.claims.iter().map(|c| c.kind()).collect::<Vec<_>>(),
+            ["vip", "aws_eip", "exec"]
+        );
+        assert_eq!(
+            f.consul_lock.as_ref().unwrap().key,
+            "tollgate/failover/leader"
+        );
+        assert_eq!(f.consul_lock.unwrap().ttl, Duration::from_secs(10));
+        match &f.claims[1] {
+            ClaimAction::AwsEip(e) => {
+                assert_eq!(e.endpoint, "https://ec2.eu-west-1.amazonaws.com");
+                assert_eq!(e.imds_endpoint, "http://169.254.169.254");
+                assert_eq!(e.instance_id, None);
+            }
+            other => panic!("{other:?}"),
+        }
+
+        let bad = format!(
+            "{OK}{FAILOVER}consul_lock_ttl = \"5s\"\n\
+             [[failover.claim]]\ntype = \"vip\"\naddress = \"203.0.113.10\"\ninterface = \"eth0\"\n\
+             [[failover.claim]]\ntype = \"vip\"\ninterface = \"eth0\"\n\
+             [[failover.claim]]\ntype = \"vip\"\naddress = \"127.0.0.5/8\"\ninterface = \"eth0\"\n\
+             [[failover.claim]]\ntype = \"aws_eip\"\nallocation_id = \"eipalloc-1\"\nregion = \"x\"\nendpoint = \"ec2.example\"\n\
+             [[failover.claim]]\ntype = \"exec\"\ncommand = [\"/bin/true\"]\ninterface = \"eth0\"\n\
+             [[failover.claim]]\ntype = \"carrier-pigeon\"\n"
+        );
+        let e = errs(&bad);
+        let got: Vec<(String, String)> = e
+            .iter()
+            .map(|e| (e.option.clone(), e.message.clone()))
+            .collect();
+        let has = |opt: &str, msg: &str| {
+            assert!(
+                got.iter().any(|(o, m)| o == opt && m.contains(msg)),
+                "no `{opt}: …{msg}…` in {got:#?}"
+            )
+        };
+        has(
+            "failover.consul_lock_ttl",
+            "only applies with failover.consul_lock = true",
+        );
+        has("failover.claim[0].address", "is not ADDRESS/PREFIX");
+        has("failover.claim[1].address", "a vip claim needs address");
+        has("failover.claim[2].address", "cannot float between hosts");
+        has(
+            "failover.claim[3].endpoint",
+            "is not an http:// or https:// URL",
+        );
+        has(
+            "failover.claim[4].interface",
+            "does not apply to type = \"exec\"",
+        );
+        has(
+            "failover.claim[5].type",
+            "is not one of: exec, vip, aws_eip",
+        );
+        // each problem names its line
+        assert!(e.iter().all(|e| e.to_string().contains("t.toml:")), "{e:?}");
+    }
 }

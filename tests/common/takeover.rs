@@ -26,6 +26,14 @@ fn peer_of(host: &str) -> &'static str {
 }
 
 pub fn node_config(host: &str, priority: u8, preempt: bool) -> String {
+    let claim = format!(
+        "[[failover.claim]]\ntype = \"vip\"\naddress = \"{VIP}/24\"\ninterface = \"eth0\"\n"
+    );
+    node_config_with(host, priority, preempt, &claim)
+}
+
+/// A node of the lab with its own claim blocks.
+pub fn node_config_with(host: &str, priority: u8, preempt: bool, claims: &str) -> String {
     let me = host_ip(host);
     let peer = host_ip(peer_of(host));
     format!(
@@ -50,11 +58,7 @@ listen = "{me}:{HB_PORT}"
 peer = "{peer}:{HB_PORT}"
 secret = "shared-secret-for-tests-0123"
 preempt = {preempt}
-[[failover.claim]]
-type = "vip"
-address = "{VIP}/24"
-interface = "eth0"
-"#,
+{claims}"#,
         up = host_ip("c"),
     )
 }
