@@ -8,19 +8,27 @@ packaged here): a blocking query on the same /v1/health/service/web?passing endp
 the upstream block, `nginx -s reload`, repeat (consul-template's default: no quiescence).
 
 Then CHANGES registration / deregistration / health-check flips (instance u0 always stays, so
-no pool ever empties). After each Consul write, both proxies are probed with requests until
-the set of instances answering is the expected one; that time is the convergence. wrk load
-runs against both proxies throughout and its failures are counted.
+no pool ever empties). The clock starts when the Consul write is sent. Each proxy then has
+its own prober, which sends rounds of 12 simultaneous requests until one round is answered by
+exactly the expected set of instances; that time is the convergence. wrk load runs against
+both proxies throughout and its failures are counted. tollgate's config exempts loopback
+from its per-IP connection rate (`limits.allow`): the probe opens thousands of connections
+a second from 127.0.0.1.
 
     scripts/install-deps bench && scripts/install-consul && cargo build --release
-    benches/consul_convergence.py [--changes 200]
+    benches/consul_convergence.py [--changes 200] [--quiescence-min 10ms]
+
+CONV_TRACE=FILE appends each change's send time and both convergence times to FILE and keeps
+the run's directory (servers.log has tollgate's own timestamps; run with TOLLGATE_LOG=info).
 
 Loopback only.
 """
 import argparse
+import collections
 import json
 import os
 import random
+import selectors
 import shutil
 import signal
 import socket
@@ -72,26 +80,76 @@ def register(i):
         "Check": {"CheckID": f"check-web-{i}", "TTL": "30m", "Status": "passing"}})
 
 
+def ask(port):
+    """One request through the proxy: the instance that answered, or None."""
+    try:
+        s = socket.create_connection(("127.0.0.1", port), 1)
+        s.sendall(b"GET / HTTP/1.1\r\nHost: web.test\r\nConnection: close\r\n\r\n")
+        data = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        s.close()
+        if data.startswith(b"HTTP/1.1 200"):
+            return data.split(b"\r\n\r\n", 1)[-1].strip().decode()
+    except OSError:
+        pass
+    return None
+
+
 def probe(port, n=12):
     """The set of instances answering n requests through the proxy."""
-    seen = set()
+    return {r for r in (ask(port) for _ in range(n)) if r is not None}
+
+
+def ask_many(port, n):
+    """n requests through the proxy at once (n connections, sent together): the instances
+    that answered, None for each failure."""
+    sel = selectors.DefaultSelector()
+    out = []
     for _ in range(n):
         try:
             s = socket.create_connection(("127.0.0.1", port), 1)
             s.sendall(b"GET / HTTP/1.1\r\nHost: web.test\r\nConnection: close\r\n\r\n")
-            data = b""
-            while True:
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
-            s.close()
-            body = data.split(b"\r\n\r\n", 1)[-1].strip().decode()
-            if data.startswith(b"HTTP/1.1 200"):
-                seen.add(body)
+            s.setblocking(False)
+            sel.register(s, selectors.EVENT_READ, bytearray())
         except OSError:
-            pass
-    return seen
+            out.append(None)
+    end = time.time() + 2
+    while sel.get_map() and time.time() < end:
+        for key, _ in sel.select(timeout=0.5):
+            try:
+                chunk = key.fileobj.recv(4096)
+            except OSError:
+                chunk = b""
+                key.data.clear()
+            if chunk:
+                key.data.extend(chunk)
+                continue
+            sel.unregister(key.fileobj)
+            key.fileobj.close()
+            data = bytes(key.data)
+            ok = data.startswith(b"HTTP/1.1 200")
+            out.append(data.split(b"\r\n\r\n", 1)[-1].strip().decode() if ok else None)
+    for key in list(sel.get_map().values()):
+        key.fileobj.close()
+        out.append(None)
+    return out
+
+
+def converge_time(port, expected, t0, n=12, limit=15):
+    """Seconds from t0 until a round of n simultaneous requests, all sent after t0, is
+    answered by exactly the expected instances; None if that never happens. Simultaneous
+    requests keep the probe's own lag small (one round trip under load, not twelve) and
+    cannot fall into step with the load's requests the way one-at-a-time requests can under
+    round robin."""
+    while time.time() - t0 < limit:
+        answers = ask_many(port, n)
+        if set(answers) == expected:
+            return time.time() - t0
+    return None
 
 
 def template_loop(d, stop, reloads):
@@ -131,6 +189,8 @@ def main():
     ap.add_argument("--changes", type=int, default=200)
     ap.add_argument("--tollgate", default=f"{ROOT}/target/release/tollgate")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--quiescence-min", default=None,
+                    help="tollgate's consul.quiescence_min (default: tollgate's own default)")
     ap.add_argument("--cached", choices=["true", "false"], default="true",
                     help="tollgate's consul.cached (the agent cache)")
     args = ap.parse_args()
@@ -161,12 +221,17 @@ def main():
     with open(f"{d}/tollgate.toml", "w") as f:
         f.write(f"[server]\nthreads = 1\n[log]\naccess_log = false\nlevel = \"warn\"\n"
                 f"[admin]\naddress = \"127.0.0.1:{ADMIN}\"\n"
+                # the probe opens a few thousand connections a second from loopback: exempt it
+                # from the per-IP connection rate, which would otherwise refuse most of them
+                f"[limits]\nallow = [\"127.0.0.1\"]\n"
                 f"[consul]\naddress = \"http://127.0.0.1:{CONSUL}\"\nstate_file = \"\"\ncached = {args.cached}\n"
-                f"[[listener]]\naddress = \"127.0.0.1:{TG}\"\n"
+                + (f"quiescence_min = \"{args.quiescence_min}\"\n" if args.quiescence_min else "")
+                + f"[[listener]]\naddress = \"127.0.0.1:{TG}\"\n"
                 f"[[vhost]]\ndefault = true\n[[vhost.route]]\npath = \"/\"\npool = \"web\"\n"
                 f"[pool.web]\nconsul = {{ service = \"web\" }}\n")
     log = open(f"{d}/servers.log", "w")
     procs = []
+    wrk = []
     stop = threading.Event()
     try:
         procs.append(subprocess.Popen(
@@ -201,13 +266,14 @@ def main():
                 time.sleep(0.05)
 
         # load on both during all changes
-        wrk = [subprocess.Popen(["wrk", "-t1", "-c4", "-d600s", f"http://127.0.0.1:{port}/", "-H", "Host: web.test"],
+        wrk += [subprocess.Popen(["wrk", "-t1", "-c4", "-d600s", f"http://127.0.0.1:{port}/", "-H", "Host: web.test"],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for port in (TG, NG)]
         state = {1: "absent", 2: "absent", 3: "absent"}
         conv = {"tollgate": [], "nginx": []}
         for n in range(args.changes):
             i = random.choice([1, 2, 3])
             s = state[i]
+            t0 = time.time()  # from the moment the write is sent
             if s == "absent":
                 register(i); state[i] = "passing"; op = "register"
             elif s == "passing":
@@ -217,23 +283,38 @@ def main():
                     consul("PUT", f"/v1/agent/service/deregister/web-{i}"); state[i] = "absent"; op = "deregister"
             else:
                 consul("PUT", f"/v1/agent/check/pass/check-web-{i}"); state[i] = "passing"; op = "pass"
-            t0 = time.time()
             expected = {"u0"} | {f"u{k}" for k, v in state.items() if v == "passing"}
             done = {}
-            while len(done) < 2 and time.time() - t0 < 15:
-                for name, port in (("tollgate", TG), ("nginx", NG)):
-                    if name not in done and probe(port) == expected:
-                        done[name] = time.time() - t0
+
+            def until_converged(name, port):
+                # each proxy has its own prober, so neither's time includes the other's probes
+                t = converge_time(port, expected, t0)
+                if t is not None:
+                    done[name] = t
+
+            probers = [threading.Thread(target=until_converged, args=(name, port))
+                       for name, port in (("tollgate", TG), ("nginx", NG))]
+            for th in probers:
+                th.start()
+            for th in probers:
+                th.join()
             for name in ("tollgate", "nginx"):
                 if name not in done:
-                    sys.exit(f"change {n} ({op} u{i}): {name} did not converge in 15 s")
+                    port = TG if name == "tollgate" else NG
+                    if name == "tollgate":
+                        print(urllib.request.urlopen(f"http://127.0.0.1:{ADMIN}/pools").read().decode())
+                    sys.exit(f"change {n} ({op} u{i}): {name} did not converge in 15 s: "
+                             f"expected {sorted(expected)}, it routes to {sorted(probe(port))}")
                 conv[name].append(done[name])
+            if os.environ.get("CONV_TRACE"):
+                with open(os.environ["CONV_TRACE"], "a") as tf:
+                    tf.write(f"{t0:.6f} {op} {done['tollgate'] * 1000:.2f} {done['nginx'] * 1000:.2f}\n")
         for w in wrk:
             w.send_signal(signal.SIGINT)  # wrk prints its summary on SIGINT
         outs = [w.communicate()[0] for w in wrk]
     finally:
         stop.set()
-        for p in procs:
+        for p in procs + [w for w in wrk if w.poll() is None]:
             p.terminate()
         for p in procs:
             try:
@@ -255,7 +336,7 @@ def main():
                 (int(non2xx.group(1)) if non2xx else 0) + (sum(map(int, sock.groups())) if sock else 0))
 
     print(f"\nConsul convergence, {args.changes} changes (register / deregister / check fail / check pass), "
-          f"probe = 12 requests, load = wrk 4 connections on each proxy\n")
+          f"probe = rounds of 12 simultaneous requests, load = wrk 4 connections on each proxy\n")
     print("| proxy | p50 ms | p99 ms | max ms | requests under load | failed |")
     print("|---|---:|---:|---:|---:|---:|")
     for (name, label), out in zip((("tollgate", "tollgate (Consul watch)"), ("nginx", "nginx + consul-template loop")), outs):
@@ -265,8 +346,12 @@ def main():
     t50, n50 = pct(conv["tollgate"], .5), pct(conv["nginx"], .5)
     t99, n99 = pct(conv["tollgate"], .99), pct(conv["nginx"], .99)
     print(f"\nnginx/tollgate convergence: p50 {n50 / t50:.1f}x, p99 {n99 / t99:.1f}x; nginx reloads: {len(reloads)}")
-    print("(times include the probe's own resolution: ~12 sequential requests per probe)")
-    shutil.rmtree(d, ignore_errors=True)
+    print("(times include the probe's own resolution: one round of 12 simultaneous requests; "
+          "each proxy is probed by its own thread)")
+    if not os.environ.get("CONV_TRACE"):
+        shutil.rmtree(d, ignore_errors=True)
+    else:
+        print(f"kept {d}")
 
 
 if __name__ == "__main__":

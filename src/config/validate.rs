@@ -956,7 +956,7 @@ fn consul(cx: &mut Ctx, raw: &super::raw::RawConsul) -> ConsulSettings {
     let quiescence_min = cx.duration_in(
         &raw.quiescence_min,
         "consul.quiescence_min",
-        ms(10),
+        ms(2),
         ms(0),
         Duration::from_secs(60),
     );

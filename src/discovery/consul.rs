@@ -233,6 +233,29 @@ impl Change {
     }
 }
 
+/// Quiescence: after `first`, take what arrives until the channel has been quiet for `min`,
+/// but never wait longer than `max` in all: one Snapshot rebuild per burst.
+async fn burst<T>(
+    first: T,
+    rx: &mut tokio::sync::mpsc::Receiver<T>,
+    min: Duration,
+    max: Duration,
+) -> Vec<T> {
+    let started = tokio::time::Instant::now();
+    let mut batch = vec![first];
+    loop {
+        let left = max.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            break;
+        }
+        match tokio::time::timeout(min.min(left), rx.recv()).await {
+            Ok(Some(u)) => batch.push(u),
+            _ => break,
+        }
+    }
+    batch
+}
+
 /// A service's new backends.
 #[derive(Debug)]
 struct Update {
@@ -939,20 +962,8 @@ impl Manager {
                 _ = shutdown.changed() => break,
                 _ = tick.tick() => {}
                 Some(first) = rx.recv() => {
-                    // quiescence: wait for quiet (min), but never longer than max in total
-                    let q = &settings;
-                    let started = Instant::now();
-                    let mut batch = vec![first];
-                    loop {
-                        let left = q.quiescence_max.saturating_sub(started.elapsed());
-                        if left.is_zero() {
-                            break;
-                        }
-                        match tokio::time::timeout(q.quiescence_min.min(left), rx.recv()).await {
-                            Ok(Some(u)) => batch.push(u),
-                            _ => break,
-                        }
-                    }
+                    let batch =
+                        burst(first, &mut rx, settings.quiescence_min, settings.quiescence_max).await;
                     self.apply(batch);
                 }
             }
@@ -1028,6 +1039,42 @@ impl pingora::services::background::BackgroundService for Manager {
 
 #[cfg(test)]
 mod tests {
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_becomes_one_batch_and_a_quiet_gap_ends_it() {
+        let ms = Duration::from_millis;
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        // watches woken by one Consul index answer within a millisecond of each other
+        let sender = tokio::spawn(async move {
+            for i in 1..=5 {
+                tokio::time::sleep(ms(1)).await;
+                tx.send(i).await.unwrap();
+            }
+            tokio::time::sleep(ms(50)).await; // quiet: the next change is a new burst
+            tx.send(6).await.unwrap();
+            // a steady stream faster than the window: cut off by the max
+            for i in 7..200 {
+                tokio::time::sleep(ms(1)).await;
+                if tx.send(i).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let t = tokio::time::Instant::now();
+        assert_eq!(
+            burst(0, &mut rx, ms(2), ms(150)).await,
+            vec![0, 1, 2, 3, 4, 5]
+        );
+        assert_eq!(t.elapsed(), ms(7), "5 ms of burst, then 2 ms of quiet");
+        let first = rx.recv().await.unwrap();
+        assert_eq!(first, 6);
+        let t = tokio::time::Instant::now();
+        let b = burst(first, &mut rx, ms(2), ms(30)).await;
+        assert_eq!(t.elapsed(), ms(30), "never longer than max");
+        assert!(b.len() >= 25 && b.len() <= 32, "{}", b.len());
+        sender.abort();
+    }
+
     use super::*;
 
     #[test]
