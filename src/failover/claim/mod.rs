@@ -154,6 +154,9 @@ impl Claims {
                         *garp_count,
                         *garp_repeat,
                     );
+                    if wait.is_zero() {
+                        continue;
+                    }
                     tokio::spawn(async move {
                         tokio::time::sleep(wait).await;
                         if matches!(vip::holds(&iface, ip).await, Ok(true)) {
@@ -187,12 +190,22 @@ impl Claims {
                     })
                     .await?
                 }
+                // EC2 is eventually consistent: DescribeAddresses may show the old holder for a
+                // moment after AssociateAddress, so a negative answer is asked again until the
+                // step's timeout has passed
                 Runner::Eip(e) => {
-                    if !attempts("aws_eip verify", t, r, || e.holds()).await? {
-                        return Err(format!(
-                            "DescribeAddresses shows {} on another instance",
-                            e.s.allocation_id
-                        ));
+                    let patience = tokio::time::Instant::now() + t;
+                    loop {
+                        if attempts("aws_eip verify", t, r, || e.holds()).await? {
+                            break;
+                        }
+                        if tokio::time::Instant::now() >= patience {
+                            return Err(format!(
+                                "DescribeAddresses shows {} on another instance",
+                                e.s.allocation_id
+                            ));
+                        }
+                        tokio::time::sleep(Duration::from_millis(250)).await;
                     }
                 }
             }

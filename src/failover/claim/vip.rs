@@ -87,7 +87,7 @@ fn flags(m: &AddressMessage) -> AddressFlags {
 }
 
 /// Add the address (already there is fine), then announce it once (`count` packets of each
-/// form). The caller schedules the second burst.
+/// form; a failed announcement is logged, not fatal). The caller schedules the second burst.
 pub async fn add(interface: &str, ip: IpAddr, prefix: u8, count: u32) -> Result<(), String> {
     let h = handle()?;
     let l = link(&h, interface).await?;
@@ -105,7 +105,12 @@ pub async fn add(interface: &str, ip: IpAddr, prefix: u8, count: u32) -> Result<
         Err(e) if netlink_errno(&e) == Some(EEXIST) => {}
         Err(e) => return Err(format!("cannot add {ip}/{prefix} to {interface}: {e}")),
     }
-    announce(&l, ip, count)
+    // the address is ours now; a failed announcement leaves neighbours to find it when their
+    // entries expire, which is slower but not a reason to give the address up again
+    if let Err(e) = announce(&l, ip, count) {
+        tracing::warn!(%ip, interface, error = %e, "failover: the address is added but could not be announced");
+    }
+    Ok(())
 }
 
 /// Delete the address; absent already is fine.
