@@ -716,3 +716,54 @@ garp_repeat = "1s"
         .unwrap();
     assert!(!String::from_utf8_lossy(&link.stdout).contains("2001:db8::100"));
 }
+
+/// A MASTER that shuts down cleanly (SIGTERM, or the old process of a binary upgrade)
+/// releases, then says it is leaving: the standby claims at once instead of waiting out
+/// the dead time. A node whose heartbeat port is still held (the process it upgrades) waits
+/// for it instead of leaving the election for good.
+#[tokio::test]
+async fn a_clean_shutdown_hands_over_at_once_and_a_busy_heartbeat_port_is_waited_for() {
+    let up = Upstream::start("up").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (ua, ub) = (udp_port(), udp_port());
+    // b's port is taken, as by the old process during an upgrade
+    let squatter = UdpSocket::bind(("127.0.0.1", ub)).unwrap();
+    let a = start(dir.path(), "edge-a", 200, ua, ub, up.addr).await;
+    let b = start(dir.path(), "edge-b", 100, ub, ua, up.addr).await;
+    wait_state(a.admin, "MASTER", Duration::from_secs(10)).await;
+    let sb = status(b.admin).await;
+    assert_eq!(sb["state"], "INIT", "{sb}");
+    assert!(
+        sb["last_transition"]
+            .as_str()
+            .unwrap()
+            .contains("waiting for failover.listen"),
+        "{sb}"
+    );
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(
+        state(b.admin).await.as_deref(),
+        Some("INIT"),
+        "out of the election while waiting"
+    );
+    drop(squatter);
+    wait_state(b.admin, "BACKUP", Duration::from_secs(5)).await;
+
+    // a clean stop of the MASTER: b takes over on a's leaving heartbeat
+    a.tg.signal("TERM");
+    let stopped = Instant::now();
+    wait_state(b.admin, "MASTER", Duration::from_secs(5)).await;
+    let took = stopped.elapsed();
+    let sb = status(b.admin).await;
+    assert_eq!(sb["last_transition"], "the peer is in FAULT", "{sb}");
+    eprintln!("takeover after a clean stop: {took:?}");
+    let claims = std::fs::read_to_string(dir.path().join("claims.log")).unwrap();
+    let a_released = claims
+        .find("edge-a BACKUP")
+        .expect("a ran its release hook");
+    let b_claimed = claims.rfind("edge-b MASTER").expect("b claimed");
+    assert!(
+        a_released < b_claimed,
+        "a released before b claimed:\n{claims}"
+    );
+}

@@ -6,7 +6,7 @@
 use super::claim::Claims;
 use super::heartbeat::{decode, encode, Heartbeat, ReplayGuard};
 use super::lock::Lock;
-use super::machine::{Action, Event, Machine, Params, Role};
+use super::machine::{Action, Advert, Event, Machine, Params, Role};
 use crate::config::{ConsulSettings, FailoverSettings};
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
@@ -168,11 +168,36 @@ async fn effects(
 impl BackgroundService for Peer {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let s = &self.s;
-        let sock = match tokio::net::UdpSocket::bind(s.listen).await {
-            Ok(sock) => sock,
-            Err(e) => {
-                tracing::error!(address = %s.listen, error = %e, "failover: cannot bind failover.listen; this node stays out of the election");
-                return;
+        // During a binary upgrade the old process still holds the port: wait for it (out of
+        // the election meanwhile) instead of giving up.
+        let mut waited = false;
+        let sock = loop {
+            match tokio::net::UdpSocket::bind(s.listen).await {
+                Ok(sock) => break sock,
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    if !waited {
+                        waited = true;
+                        tracing::warn!(address = %s.listen, "failover: failover.listen is in use (by the process this one upgrades?); waiting for it, out of the election");
+                        *status_cell().lock().unwrap_or_else(|e| e.into_inner()) = Some(Status {
+                            name: s.name.clone(),
+                            state: "INIT".into(),
+                            last_transition: format!(
+                                "waiting for failover.listen {}: in use",
+                                s.listen
+                            ),
+                            last_transition_unix_ms: unix_ms(),
+                            ..Status::default()
+                        });
+                    }
+                    tokio::select! {
+                        _ = shutdown.changed() => return,
+                        _ = tokio::time::sleep(s.interval) => {}
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(address = %s.listen, error = %e, "failover: cannot bind failover.listen; this node stays out of the election");
+                    return;
+                }
             }
         };
         let origin = Instant::now();
@@ -239,6 +264,24 @@ impl BackgroundService for Peer {
                     if let Some(l) = lock.lock().await.as_mut() {
                         l.destroy().await;
                     }
+                    // say we are leaving (as FAULT), so the peer claims now rather than after
+                    // the dead time; sent a few times against loss
+                    for _ in 0..3 {
+                        seq += 1;
+                        let hb = Heartbeat {
+                            advert: Advert {
+                                name: s.name.clone(),
+                                priority: s.priority,
+                                term: m.term(),
+                                role: Role::Fault,
+                                preempting: false,
+                            },
+                            seq,
+                            sent_unix_ms: unix_ms(),
+                        };
+                        let _ = sock.send_to(&encode(&hb, &s.secret), s.peer).await;
+                    }
+                    tracing::info!("failover: left the election (shutdown)");
                     return;
                 }
                 _ = renew.tick() => {
