@@ -521,6 +521,29 @@ async fn consul_lock_keeps_one_master_when_the_peer_link_is_cut() {
         "b claimed before a's session expired: {took:?}"
     );
     assert_eq!(status(b.admin).await["consul_lock"], true);
+
+    // Consul goes away: b cannot renew its session, so before Consul could hand the lock to
+    // anyone (no sooner than the TTL), b gives the address up
+    let mut consul = consul;
+    consul.kill().await;
+    let lost = Instant::now();
+    wait_state(b.admin, "BACKUP", Duration::from_secs(12)).await;
+    let took = lost.elapsed();
+    eprintln!("fenced MASTER gave up {took:?} after Consul went away (TTL 10s)");
+    assert!(
+        took < Duration::from_secs(10),
+        "{took:?}: not before the TTL"
+    );
+    assert_eq!(
+        status(b.admin).await["last_transition"],
+        "lost the Consul lock"
+    );
+    let claims = std::fs::read_to_string(dir.path().join("claims.log")).unwrap();
+    let b_claimed = claims.rfind("edge-b MASTER").unwrap();
+    assert!(
+        claims[b_claimed..].contains("edge-b BACKUP"),
+        "b ran its release hook:\n{claims}"
+    );
 }
 
 /// Parse a captured Ethernet frame into what the `vip` claim announces: gratuitous ARP

@@ -1,8 +1,10 @@
 //! Fencing through Consul (`failover.consul_lock`): a node may be MASTER only while its
-//! Consul session holds the lock key. The session has a TTL (renewed at a third of it), no
+//! Consul session holds the lock key. The session has a TTL (renewed every fifth of it), no
 //! lock delay and the `release` behaviour, so a dead holder's lock frees itself after the TTL
-//! and a node that loses its session (or cannot renew it) gives the address up. A network
-//! split between the peers alone cannot make two masters while both still reach Consul.
+//! and a node that loses its session, or cannot renew it for three quarters of the TTL, gives
+//! the address up (before Consul, which never expires a session sooner than its TTL, can
+//! hand the lock to the peer). A network split between the peers alone cannot make two
+//! masters while both still reach Consul.
 
 use crate::config::{ConsulLock, ConsulSettings};
 use std::time::Duration;
@@ -16,6 +18,9 @@ pub struct Lock {
     ttl: Duration,
     node: String,
     session: Option<String>,
+    /// When Consul last confirmed the session (created, renewed): it cannot expire sooner
+    /// than the TTL after that.
+    confirmed: Option<std::time::Instant>,
 }
 
 impl Lock {
@@ -29,19 +34,20 @@ impl Lock {
             ttl: l.ttl,
             node: node.to_string(),
             session: None,
+            confirmed: None,
         })
     }
 
     /// How often the session must be renewed.
     pub fn renew_every(&self) -> Duration {
-        self.ttl / 3
+        self.ttl / 5
     }
 
     fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         let mut r = self
             .http
             .request(method, format!("{}{path}", self.base))
-            .timeout(Duration::from_secs(3));
+            .timeout(Duration::from_secs(3).min(self.ttl / 5));
         if let Some(t) = &self.token {
             r = r.header("X-Consul-Token", t);
         }
@@ -80,6 +86,7 @@ impl Lock {
         let c: Created =
             serde_json::from_str(&text).map_err(|e| format!("Consul session create: {e}"))?;
         self.session = Some(c.id.clone());
+        self.confirmed = Some(std::time::Instant::now());
         Ok(c.id)
     }
 
@@ -124,7 +131,16 @@ impl Lock {
         if !r.status().is_success() {
             return Err(format!("Consul session renew: HTTP {}", r.status()));
         }
+        self.confirmed = Some(std::time::Instant::now());
         Ok(true)
+    }
+
+    /// Whether Consul may have expired the session without our hearing of it: no renewal
+    /// has been confirmed for three quarters of the TTL. A MASTER cut off from Consul must
+    /// give the address up before its lock can pass to the peer.
+    pub fn may_have_expired(&self) -> bool {
+        self.confirmed
+            .is_none_or(|t| t.elapsed() >= self.ttl.mul_f64(0.75))
     }
 
     /// Whether our session is the lock's holder now.

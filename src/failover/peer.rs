@@ -150,6 +150,10 @@ async fn effects(
                 Some(l) => match l.renew().await {
                     Ok(true) => continue,
                     Ok(false) => Done::Lock(Ok(false)),
+                    Err(e) if l.may_have_expired() => {
+                        tracing::error!(error = %e, "failover: the Consul session could not be renewed for 3/4 of its TTL; giving the address up before the lock can move");
+                        Done::Lock(Ok(false))
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "failover: Consul session renewal failed");
                         continue;
@@ -230,7 +234,7 @@ impl BackgroundService for Peer {
             Some(l) => match Lock::new(&self.consul, l, &s.name) {
                 Ok(l) => Some(l),
                 Err(e) => {
-                    tracing::error!(error = %e, "failover: cannot reach Consul for the lock; this node stays out of the election");
+                    tracing::error!(error = %e, "failover: cannot set up the Consul client for the lock; this node stays out of the election");
                     return;
                 }
             },
