@@ -127,8 +127,14 @@ async fn the_standby_takes_over_when_the_master_dies_and_a_returning_node_does_n
         assert!(Instant::now() < end, "no election: a={sa:?} b={sb:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let claims = std::fs::read_to_string(dir.path().join("claims.log")).unwrap_or_default();
-    assert!(claims.contains("edge-a MASTER 1"), "{claims}");
+    // the state says MASTER as the claim starts; the hook runs right after
+    let log = dir.path().join("claims.log");
+    wait_for("a's claim hook", Duration::from_secs(5), || async {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("edge-a MASTER 1")
+    })
+    .await;
 
     // forged heartbeats (wrong secret, garbage) change nothing
     let s = UdpSocket::bind("127.0.0.1:0").unwrap();

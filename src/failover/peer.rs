@@ -256,8 +256,10 @@ impl BackgroundService for Peer {
         let mut buf = vec![0u8; 2048];
         tracing::info!(name = %s.name, priority = s.priority, listen = %s.listen, peer = %s.peer, "failover peer started (INIT)");
 
+        let mut last_advert: Option<Advert> = None;
         loop {
             let mut actions = Vec::new();
+            let mut send_now = false;
             tokio::select! {
                 _ = shutdown.changed() => {
                     if m.role() == Role::Master {
@@ -305,11 +307,7 @@ impl BackgroundService for Peer {
                         }
                     }
                     actions.extend(m.handle(now(), Event::Tick));
-                    if let Some(advert) = m.advert() {
-                        seq += 1;
-                        let hb = Heartbeat { advert, seq, sent_unix_ms: unix_ms() };
-                        let _ = sock.send_to(&encode(&hb, &s.secret), s.peer).await;
-                    }
+                    send_now = true;
                 }
                 r = sock.recv_from(&mut buf) => {
                     if let Ok((n, from)) = r {
@@ -364,6 +362,22 @@ impl BackgroundService for Peer {
             }
             for a in actions {
                 let _ = job_tx.send(Job::Act(a, state_name(m.role()), m.term()));
+            }
+            // heartbeats go every interval, and at once when what we advertise changed (a
+            // preempting node asks, a yielding MASTER says it has released, a claim is
+            // announced), so a handover takes a round trip, not an interval
+            let advert = m.advert();
+            if send_now || advert != last_advert {
+                if let Some(a) = advert.clone() {
+                    seq += 1;
+                    let hb = Heartbeat {
+                        advert: a,
+                        seq,
+                        sent_unix_ms: unix_ms(),
+                    };
+                    let _ = sock.send_to(&encode(&hb, &s.secret), s.peer).await;
+                }
+                last_advert = advert;
             }
             let (reason, since) = m.last_transition();
             {
