@@ -10,11 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 fn udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_port() // free for UDP and TCP, outside the ephemeral range
 }
 
 struct Node {

@@ -59,13 +59,30 @@ pub async fn admin_json(c: &reqwest::Client, admin: u16, path: &str) -> serde_js
         .unwrap()
 }
 
-/// A port that was free a moment ago.
+/// A loopback port that was free a moment ago, from below the kernel's ephemeral range
+/// (32768+ on Linux): a port from `bind(…:0)` can be handed out again to another test's
+/// outgoing connection or listener before the server under test binds it. Each test process
+/// walks its own stretch (by pid), one port per call.
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::AtomicU32;
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (std::process::id() * 997) % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
+        if StdListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {LOW}..{}", LOW + SPAN);
 }
 
 /// A loopback address nobody listens on (connect is refused).
