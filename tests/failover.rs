@@ -203,7 +203,8 @@ fn vip_takeover_in_network_namespaces() {
     p.start("a", 200, false);
     p.start("b", 100, false);
     p.wait_master("a", Duration::from_secs(10));
-    assert!(p.has_vip("a") && !p.has_vip("b"));
+    p.wait_vip("a", true, Duration::from_secs(2));
+    assert!(!p.has_vip("b"));
     p.start_client(Duration::from_millis(10), Duration::from_secs(60));
     let t0 = Instant::now();
     let (t, failed) = p.served_by_after("a", t0, Duration::from_secs(5));
@@ -540,12 +541,14 @@ async fn consul_lock_keeps_one_master_when_the_peer_link_is_cut() {
         status(b.admin).await["last_transition"],
         "lost the Consul lock"
     );
-    let claims = std::fs::read_to_string(dir.path().join("claims.log")).unwrap();
-    let b_claimed = claims.rfind("edge-b MASTER").unwrap();
-    assert!(
-        claims[b_claimed..].contains("edge-b BACKUP"),
-        "b ran its release hook:\n{claims}"
-    );
+    // the state changes as the release starts; the hook runs right after
+    let log = dir.path().join("claims.log");
+    wait_for("b's release hook", Duration::from_secs(5), || async {
+        let claims = std::fs::read_to_string(&log).unwrap_or_default();
+        let b_claimed = claims.rfind("edge-b MASTER").unwrap_or(usize::MAX);
+        b_claimed != usize::MAX && claims[b_claimed..].contains("edge-b BACKUP")
+    })
+    .await;
 }
 
 /// Parse a captured Ethernet frame into what the `vip` claim announces: gratuitous ARP
@@ -782,7 +785,14 @@ async fn a_clean_shutdown_hands_over_at_once_and_a_busy_heartbeat_port_is_waited
     let sb = status(b.admin).await;
     assert_eq!(sb["last_transition"], "the peer is in FAULT", "{sb}");
     eprintln!("takeover after a clean stop: {took:?}");
-    let claims = std::fs::read_to_string(dir.path().join("claims.log")).unwrap();
+    let log = dir.path().join("claims.log");
+    wait_for("b's claim hook", Duration::from_secs(5), || async {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("edge-b MASTER")
+    })
+    .await;
+    let claims = std::fs::read_to_string(&log).unwrap();
     let a_released = claims
         .find("edge-a BACKUP")
         .expect("a ran its release hook");

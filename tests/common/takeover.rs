@@ -242,6 +242,16 @@ impl Pair {
         }
     }
 
+    /// Wait until the floating address is (or is not) on a host's eth0: the state says
+    /// MASTER as the claim starts, the address follows a moment later.
+    pub fn wait_vip(&self, host: &str, present: bool, within: Duration) {
+        let end = Instant::now() + within;
+        while self.has_vip(host) != present {
+            assert!(Instant::now() < end, "vip on {host}: wanted {present}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Whether the floating address is on a host's eth0.
     pub fn has_vip(&self, host: &str) -> bool {
         self.lab.addresses(host).contains(&format!("{VIP}/24"))
