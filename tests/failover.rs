@@ -157,9 +157,7 @@ async fn the_standby_takes_over_when_the_master_dies_and_a_returning_node_does_n
     );
 
     // the master dies: the standby takes over within about a second
-    let mut a = a;
-    let _ = a.tg.child.kill();
-    let _ = a.tg.child.wait();
+    drop(a); // Tollgate's drop: SIGKILL, then reap
     let died = Instant::now();
     while state(b.admin).await.as_deref() != Some("MASTER") {
         assert!(died.elapsed() < Duration::from_secs(3), "no takeover");
@@ -330,40 +328,30 @@ timeout = "2s"
     ];
     // node a has no metadata service: its instance id is configured
     let claim_a = claim(Some(&ia), "http://127.0.0.1:9");
-    let a = start_with(
-        dir.path(),
-        "edge-a",
-        200,
-        [ua, ub],
-        up.addr,
-        &claim_a,
-        &env_a,
-    )
-    .await;
+    let start_a = || {
+        start_with(
+            dir.path(),
+            "edge-a",
+            200,
+            [ua, ub],
+            up.addr,
+            &claim_a,
+            &env_a,
+        )
+    };
+    let a = start_a().await;
     let claim_b = claim(None, &imds_b.endpoint());
     let b = start_with(dir.path(), "edge-b", 100, [ub, ua], up.addr, &claim_b, &[]).await;
 
     wait_state(a.admin, "MASTER", Duration::from_secs(10)).await;
     wait_state(b.admin, "BACKUP", Duration::from_secs(5)).await;
     let m = &moto;
-    wait_for(
-        "the address on a's instance",
-        Duration::from_secs(5),
-        || async { m.holder(&alloc).await.as_deref() == Some(ia.as_str()) },
-    )
-    .await;
+    m.wait_holder(&alloc, &ia).await;
 
     // the master dies: the standby moves the address to its own instance (from IMDS)
-    let mut a = a;
-    let _ = a.tg.child.kill();
-    let _ = a.tg.child.wait();
+    drop(a); // Tollgate's drop: SIGKILL, then reap
     let died = Instant::now();
-    wait_for(
-        "the address on b's instance",
-        Duration::from_secs(5),
-        || async { m.holder(&alloc).await.as_deref() == Some(ib.as_str()) },
-    )
-    .await;
+    m.wait_holder(&alloc, &ib).await;
     eprintln!("aws_eip takeover after kill: {:?}", died.elapsed());
     wait_state(b.admin, "MASTER", Duration::from_secs(1)).await;
     assert!(
@@ -373,26 +361,12 @@ timeout = "2s"
     assert_eq!(imds_b.refused.load(std::sync::atomic::Ordering::SeqCst), 0);
 
     // a returns as BACKUP; then the master (b) is frozen: a takes the address over
-    let a = start_with(
-        dir.path(),
-        "edge-a",
-        200,
-        [ua, ub],
-        up.addr,
-        &claim_a,
-        &env_a,
-    )
-    .await;
+    let a = start_a().await;
     wait_state(a.admin, "BACKUP", Duration::from_secs(5)).await;
     assert_eq!(m.holder(&alloc).await.as_deref(), Some(ib.as_str()));
     b.tg.signal("STOP");
     wait_state(a.admin, "MASTER", Duration::from_secs(5)).await;
-    wait_for(
-        "the address back on a's instance",
-        Duration::from_secs(5),
-        || async { m.holder(&alloc).await.as_deref() == Some(ia.as_str()) },
-    )
-    .await;
+    m.wait_holder(&alloc, &ia).await;
 
     // b resumes: it hears a MASTER of a higher term (or finds the address gone when it
     // verifies) and demotes, without associating the address again
@@ -512,9 +486,7 @@ async fn consul_lock_keeps_one_master_when_the_peer_link_is_cut() {
     // heal; then the master dies without a word: its session must expire before b may claim
     cut.store(false, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let mut a = a;
-    let _ = a.tg.child.kill();
-    let _ = a.tg.child.wait();
+    drop(a); // Tollgate's drop: SIGKILL, then reap
     let died = Instant::now();
     wait_state(b.admin, "MASTER", Duration::from_secs(40)).await;
     let took = died.elapsed();

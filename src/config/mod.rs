@@ -174,7 +174,7 @@ pub struct FailoverSettings {
     pub interval: Duration,
     pub dead_after: Duration,
     pub preempt: bool,
-    pub claims: Vec<ClaimAction>,
+    pub claims: Vec<Claim>,
     /// Fencing: be MASTER only while holding this Consul lock (`[consul]` says where).
     pub consul_lock: Option<ConsulLock>,
 }
@@ -187,29 +187,34 @@ pub struct ConsulLock {
     pub ttl: Duration,
 }
 
+/// One claim action, with how long each attempt may take and how often it is retried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub action: ClaimAction,
+    pub timeout: Duration,
+    pub retries: u32,
+}
+
 /// What to do on becoming MASTER (and on leaving it), in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClaimAction {
     /// Run a hook with the new state (keepalived-notify style).
-    Exec {
-        command: Vec<String>,
-        timeout: Duration,
-        retries: u32,
-    },
+    Exec { command: Vec<String> },
     /// A floating address on a local interface, announced by gratuitous ARP / unsolicited
     /// neighbour advertisement.
-    Vip {
-        address: std::net::IpAddr,
-        prefix: u8,
-        interface: String,
-        /// Announcements per burst, and the delay before the second burst.
-        garp_count: u32,
-        garp_repeat: Duration,
-        timeout: Duration,
-        retries: u32,
-    },
+    Vip(Vip),
     /// An AWS elastic IP moved to this instance or ENI with EC2 `AssociateAddress`.
     AwsEip(AwsEip),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vip {
+    pub address: std::net::IpAddr,
+    pub prefix: u8,
+    pub interface: String,
+    /// Announcements per burst, and the delay before the second burst.
+    pub garp_count: u32,
+    pub garp_repeat: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -223,15 +228,13 @@ pub struct AwsEip {
     pub endpoint: String,
     /// The instance metadata service (IMDSv2).
     pub imds_endpoint: String,
-    pub timeout: Duration,
-    pub retries: u32,
 }
 
 impl ClaimAction {
     pub fn kind(&self) -> &'static str {
         match self {
             ClaimAction::Exec { .. } => "exec",
-            ClaimAction::Vip { .. } => "vip",
+            ClaimAction::Vip(_) => "vip",
             ClaimAction::AwsEip(_) => "aws_eip",
         }
     }

@@ -682,7 +682,7 @@ fn failover(cx: &mut Ctx, sf: &Spanned<super::raw::RawFailover>) -> Option<Failo
 }
 
 /// One `[[failover.claim]]`: its type's options are required, other types' options refused.
-fn claim(cx: &mut Ctx, c: &super::raw::RawClaim, opt: &str) -> Option<ClaimAction> {
+fn claim(cx: &mut Ctx, c: &super::raw::RawClaim, opt: &str) -> Option<Claim> {
     let kind = c.kind.get_ref().as_str();
     let timeout_default = match kind {
         "vip" => Duration::from_secs(2),
@@ -748,7 +748,7 @@ fn claim(cx: &mut Ctx, c: &super::raw::RawClaim, opt: &str) -> Option<ClaimActio
                 }
             }
         };
-    match kind {
+    let action = match kind {
         "exec" => {
             if c.command.is_empty() {
                 cx.err(
@@ -760,8 +760,6 @@ fn claim(cx: &mut Ctx, c: &super::raw::RawClaim, opt: &str) -> Option<ClaimActio
             }
             Some(ClaimAction::Exec {
                 command: c.command.clone(),
-                timeout,
-                retries,
             })
         }
         "vip" => {
@@ -800,7 +798,7 @@ fn claim(cx: &mut Ctx, c: &super::raw::RawClaim, opt: &str) -> Option<ClaimActio
                     "an interface name is at most 15 characters, without `/`",
                 );
             }
-            Some(ClaimAction::Vip {
+            Some(ClaimAction::Vip(Vip {
                 address: ip,
                 prefix,
                 interface,
@@ -812,9 +810,7 @@ fn claim(cx: &mut Ctx, c: &super::raw::RawClaim, opt: &str) -> Option<ClaimActio
                     Duration::ZERO,
                     Duration::from_secs(60),
                 ),
-                timeout,
-                retries,
-            })
+            }))
         }
         "aws_eip" => {
             let allocation_id = required(
@@ -881,8 +877,6 @@ fn claim(cx: &mut Ctx, c: &super::raw::RawClaim, opt: &str) -> Option<ClaimActio
                 region,
                 endpoint,
                 imds_endpoint,
-                timeout,
-                retries,
             }))
         }
         other => {
@@ -893,7 +887,12 @@ fn claim(cx: &mut Ctx, c: &super::raw::RawClaim, opt: &str) -> Option<ClaimActio
             );
             None
         }
-    }
+    }?;
+    Some(Claim {
+        action,
+        timeout,
+        retries,
+    })
 }
 
 fn env(name: &str) -> Option<String> {
@@ -1598,7 +1597,7 @@ backends = ["127.0.0.1:9000", { address = "127.0.0.1:9001", weight = 3 }]
         let c = parse(Path::new("/etc/tollgate/t.toml"), &ok).unwrap();
         let f = c.failover.unwrap();
         assert_eq!(
-            f.claims.iter().map(|c| c.kind()).collect::<Vec<_>>(),
+            f.claims.iter().map(|c| c.action.kind()).collect::<Vec<_>>(),
             ["vip", "aws_eip", "exec"]
         );
         assert_eq!(
@@ -1606,7 +1605,7 @@ backends = ["127.0.0.1:9000", { address = "127.0.0.1:9001", weight = 3 }]
             "tollgate/failover/leader"
         );
         assert_eq!(f.consul_lock.unwrap().ttl, Duration::from_secs(10));
-        match &f.claims[1] {
+        match &f.claims[1].action {
             ClaimAction::AwsEip(e) => {
                 assert_eq!(e.endpoint, "https://ec2.eu-west-1.amazonaws.com");
                 assert_eq!(e.imds_endpoint, "http://169.254.169.254");

@@ -9,6 +9,18 @@
 use crate::config::{ConsulLock, ConsulSettings};
 use std::time::Duration;
 
+/// Send, and read the whole answer: (status, body). Only a transport failure is an error
+/// here; each caller decides what a status means.
+async fn call(
+    rb: reqwest::RequestBuilder,
+    what: &str,
+) -> Result<(reqwest::StatusCode, String), String> {
+    let r = rb.send().await.map_err(|e| format!("Consul {what}: {e}"))?;
+    let status = r.status();
+    let text = r.text().await.map_err(|e| format!("Consul {what}: {e}"))?;
+    Ok((status, text))
+}
+
 pub struct Lock {
     http: reqwest::Client,
     base: String,
@@ -67,14 +79,12 @@ impl Lock {
             "LockDelay": "0s",
             "Behavior": "release",
         });
-        let r = self
-            .req(reqwest::Method::PUT, "/v1/session/create")
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| format!("Consul session create: {e}"))?;
-        let status = r.status();
-        let text = r.text().await.unwrap_or_default();
+        let (status, text) = call(
+            self.req(reqwest::Method::PUT, "/v1/session/create")
+                .json(&body),
+            "session create",
+        )
+        .await?;
         if !status.is_success() {
             return Err(format!("Consul session create: HTTP {status}: {text}"));
         }
@@ -93,15 +103,13 @@ impl Lock {
     /// Try to take the lock; Ok(false) when another session holds it.
     pub async fn acquire(&mut self) -> Result<bool, String> {
         let id = self.session().await?;
-        let r = self
-            .req(reqwest::Method::PUT, &format!("/v1/kv/{}", self.key))
-            .query(&[("acquire", &id)])
-            .body(self.node.clone())
-            .send()
-            .await
-            .map_err(|e| format!("Consul lock acquire: {e}"))?;
-        let status = r.status();
-        let text = r.text().await.unwrap_or_default();
+        let (status, text) = call(
+            self.req(reqwest::Method::PUT, &format!("/v1/kv/{}", self.key))
+                .query(&[("acquire", &id)])
+                .body(self.node.clone()),
+            "lock acquire",
+        )
+        .await?;
         if !status.is_success() {
             if text.contains("invalid session") || text.contains("Invalid session") {
                 self.session = None;
@@ -119,17 +127,17 @@ impl Lock {
         let Some(id) = self.session.clone() else {
             return Ok(false);
         };
-        let r = self
-            .req(reqwest::Method::PUT, &format!("/v1/session/renew/{id}"))
-            .send()
-            .await
-            .map_err(|e| format!("Consul session renew: {e}"))?;
-        if r.status() == reqwest::StatusCode::NOT_FOUND {
+        let (status, _) = call(
+            self.req(reqwest::Method::PUT, &format!("/v1/session/renew/{id}")),
+            "session renew",
+        )
+        .await?;
+        if status == reqwest::StatusCode::NOT_FOUND {
             self.session = None;
             return Ok(false);
         }
-        if !r.status().is_success() {
-            return Err(format!("Consul session renew: HTTP {}", r.status()));
+        if !status.is_success() {
+            return Err(format!("Consul session renew: HTTP {status}"));
         }
         self.confirmed = Some(std::time::Instant::now());
         Ok(true)
@@ -148,26 +156,24 @@ impl Lock {
         let Some(id) = &self.session else {
             return Ok(false);
         };
-        let r = self
-            .req(reqwest::Method::GET, &format!("/v1/kv/{}", self.key))
-            .send()
-            .await
-            .map_err(|e| format!("Consul lock check: {e}"))?;
-        if r.status() == reqwest::StatusCode::NOT_FOUND {
+        let (status, text) = call(
+            self.req(reqwest::Method::GET, &format!("/v1/kv/{}", self.key)),
+            "lock check",
+        )
+        .await?;
+        if status == reqwest::StatusCode::NOT_FOUND {
             return Ok(false);
         }
-        if !r.status().is_success() {
-            return Err(format!("Consul lock check: HTTP {}", r.status()));
+        if !status.is_success() {
+            return Err(format!("Consul lock check: HTTP {status}"));
         }
         #[derive(serde::Deserialize)]
         struct Entry {
             #[serde(rename = "Session", default)]
             session: Option<String>,
         }
-        let e: Vec<Entry> = r
-            .json()
-            .await
-            .map_err(|e| format!("Consul lock check: {e}"))?;
+        let e: Vec<Entry> =
+            serde_json::from_str(&text).map_err(|e| format!("Consul lock check: {e}"))?;
         Ok(e.first().and_then(|e| e.session.as_deref()) == Some(id.as_str()))
     }
 
@@ -176,14 +182,14 @@ impl Lock {
         let Some(id) = self.session.clone() else {
             return Ok(());
         };
-        let r = self
-            .req(reqwest::Method::PUT, &format!("/v1/kv/{}", self.key))
-            .query(&[("release", &id)])
-            .send()
-            .await
-            .map_err(|e| format!("Consul lock release: {e}"))?;
-        if !r.status().is_success() {
-            return Err(format!("Consul lock release: HTTP {}", r.status()));
+        let (status, _) = call(
+            self.req(reqwest::Method::PUT, &format!("/v1/kv/{}", self.key))
+                .query(&[("release", &id)]),
+            "lock release",
+        )
+        .await?;
+        if !status.is_success() {
+            return Err(format!("Consul lock release: HTTP {status}"));
         }
         Ok(())
     }

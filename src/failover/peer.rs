@@ -90,6 +90,23 @@ impl Peer {
     }
 }
 
+/// One heartbeat to the peer, with the next sequence number (a lost packet is the next
+/// one's business).
+async fn send_heartbeat(
+    sock: &tokio::net::UdpSocket,
+    s: &FailoverSettings,
+    seq: &mut u64,
+    advert: Advert,
+) {
+    *seq += 1;
+    let hb = Heartbeat {
+        advert,
+        seq: *seq,
+        sent_unix_ms: unix_ms(),
+    };
+    let _ = sock.send_to(&encode(&hb, &s.secret), s.peer).await;
+}
+
 /// Work for the effects task, which runs claims, releases, checks and the Consul lock one at
 /// a time in the order the machine asked for them (a release never overtakes its claim).
 enum Job {
@@ -273,19 +290,7 @@ impl BackgroundService for Peer {
                     // say we are leaving (as FAULT), so the peer claims now rather than after
                     // the dead time; sent a few times against loss
                     for _ in 0..3 {
-                        seq += 1;
-                        let hb = Heartbeat {
-                            advert: Advert {
-                                name: s.name.clone(),
-                                priority: s.priority,
-                                term: m.term(),
-                                role: Role::Fault,
-                                preempting: false,
-                            },
-                            seq,
-                            sent_unix_ms: unix_ms(),
-                        };
-                        let _ = sock.send_to(&encode(&hb, &s.secret), s.peer).await;
+                        send_heartbeat(&sock, s, &mut seq, m.farewell()).await;
                     }
                     tracing::info!("failover: left the election (shutdown)");
                     return;
@@ -369,13 +374,7 @@ impl BackgroundService for Peer {
             let advert = m.advert();
             if send_now || advert != last_advert {
                 if let Some(a) = advert.clone() {
-                    seq += 1;
-                    let hb = Heartbeat {
-                        advert: a,
-                        seq,
-                        sent_unix_ms: unix_ms(),
-                    };
-                    let _ = sock.send_to(&encode(&hb, &s.secret), s.peer).await;
+                    send_heartbeat(&sock, s, &mut seq, a).await;
                 }
                 last_advert = advert;
             }

@@ -122,6 +122,16 @@ impl Moto {
         tag(&body, "allocationId").unwrap_or_else(|| panic!("AllocateAddress: {body}"))
     }
 
+    /// Wait (up to 5 s) until the address is associated with `instance_id`.
+    pub async fn wait_holder(&self, allocation_id: &str, instance_id: &str) {
+        super::wait_for(
+            &format!("{allocation_id} on {instance_id}"),
+            Duration::from_secs(5),
+            || async { self.holder(allocation_id).await.as_deref() == Some(instance_id) },
+        )
+        .await;
+    }
+
     /// The instance the address is associated with.
     pub async fn holder(&self, allocation_id: &str) -> Option<String> {
         let body = self
@@ -151,87 +161,88 @@ impl Drop for Imds {
     }
 }
 
+/// What the metadata service knows, and what it counts.
+struct ImdsState {
+    token: String,
+    instance_id: String,
+    /// role name, access key id, secret
+    role: Option<(String, String, String)>,
+    refused: Arc<AtomicUsize>,
+    served: Arc<AtomicUsize>,
+}
+
+impl ImdsState {
+    fn answer(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        let reply = |code: StatusCode, body: String| {
+            Response::builder()
+                .status(code)
+                .body(Full::new(Bytes::from(body)))
+                .unwrap()
+        };
+        let path = req.uri().path();
+        if req.method() == hyper::Method::PUT && path == "/latest/api/token" {
+            if !req
+                .headers()
+                .contains_key("x-aws-ec2-metadata-token-ttl-seconds")
+            {
+                return reply(StatusCode::BAD_REQUEST, String::new());
+            }
+            return reply(StatusCode::OK, self.token.clone());
+        }
+        let ok = req
+            .headers()
+            .get("x-aws-ec2-metadata-token")
+            .is_some_and(|t| t.as_bytes() == self.token.as_bytes());
+        if !ok {
+            self.refused.fetch_add(1, Ordering::SeqCst);
+            return reply(StatusCode::UNAUTHORIZED, String::new());
+        }
+        self.served.fetch_add(1, Ordering::SeqCst);
+        let creds = "/latest/meta-data/iam/security-credentials/";
+        match (path, &self.role) {
+            ("/latest/meta-data/instance-id", _) => reply(StatusCode::OK, self.instance_id.clone()),
+            (p, Some((r, _, _))) if p == creds => reply(StatusCode::OK, r.clone()),
+            (p, Some((r, k, s))) if p == format!("{creds}{r}") => reply(
+                StatusCode::OK,
+                serde_json::json!({
+                    "Code": "Success",
+                    "Type": "AWS-HMAC",
+                    "AccessKeyId": k,
+                    "SecretAccessKey": s,
+                    "Token": "imds-session-token",
+                    "Expiration": "2099-01-01T00:00:00Z",
+                })
+                .to_string(),
+            ),
+            _ => reply(StatusCode::NOT_FOUND, String::new()),
+        }
+    }
+}
+
 impl Imds {
     /// `role`: an IAM role name and its credentials (access key id, secret).
     pub async fn start(instance_id: &str, role: Option<(&str, &str, &str)>) -> Imds {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let token = format!("imds-token-{}", std::process::id());
         let refused = Arc::new(AtomicUsize::new(0));
         let served = Arc::new(AtomicUsize::new(0));
-        let id = instance_id.to_string();
-        let role = role.map(|(r, k, s)| (r.to_string(), k.to_string(), s.to_string()));
-        let (rf, sv) = (refused.clone(), served.clone());
+        let state = Arc::new(ImdsState {
+            token: format!("imds-token-{}", std::process::id()),
+            instance_id: instance_id.to_string(),
+            role: role.map(|(r, k, s)| (r.to_string(), k.to_string(), s.to_string())),
+            refused: refused.clone(),
+            served: served.clone(),
+        });
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (token, id, role, rf, sv) = (
-                    token.clone(),
-                    id.clone(),
-                    role.clone(),
-                    rf.clone(),
-                    sv.clone(),
-                );
+                let state = state.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
-                        let (token, id, role, rf, sv) = (
-                            token.clone(),
-                            id.clone(),
-                            role.clone(),
-                            rf.clone(),
-                            sv.clone(),
-                        );
-                        async move {
-                            let reply = |code: StatusCode, body: String| {
-                                Ok::<_, hyper::Error>(
-                                    Response::builder()
-                                        .status(code)
-                                        .body(Full::new(Bytes::from(body)))
-                                        .unwrap(),
-                                )
-                            };
-                            let path = req.uri().path().to_string();
-                            if req.method() == hyper::Method::PUT && path == "/latest/api/token" {
-                                if !req
-                                    .headers()
-                                    .contains_key("x-aws-ec2-metadata-token-ttl-seconds")
-                                {
-                                    return reply(StatusCode::BAD_REQUEST, String::new());
-                                }
-                                return reply(StatusCode::OK, token);
-                            }
-                            let ok = req
-                                .headers()
-                                .get("x-aws-ec2-metadata-token")
-                                .is_some_and(|t| t.as_bytes() == token.as_bytes());
-                            if !ok {
-                                rf.fetch_add(1, Ordering::SeqCst);
-                                return reply(StatusCode::UNAUTHORIZED, String::new());
-                            }
-                            sv.fetch_add(1, Ordering::SeqCst);
-                            let creds = "/latest/meta-data/iam/security-credentials/";
-                            match (path.as_str(), &role) {
-                                ("/latest/meta-data/instance-id", _) => reply(StatusCode::OK, id),
-                                (p, Some((r, _, _))) if p == creds => {
-                                    reply(StatusCode::OK, r.clone())
-                                }
-                                (p, Some((r, k, s))) if p == format!("{creds}{r}") => reply(
-                                    StatusCode::OK,
-                                    serde_json::json!({
-                                        "Code": "Success",
-                                        "Type": "AWS-HMAC",
-                                        "AccessKeyId": k,
-                                        "SecretAccessKey": s,
-                                        "Token": "imds-session-token",
-                                        "Expiration": "2099-01-01T00:00:00Z",
-                                    })
-                                    .to_string(),
-                                ),
-                                _ => reply(StatusCode::NOT_FOUND, String::new()),
-                            }
-                        }
+                        let answer = state.answer(&req);
+                        async move { Ok::<_, hyper::Error>(answer) }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)

@@ -184,10 +184,9 @@ impl Pair {
 
     /// SIGKILL: the process dies without releasing anything.
     pub fn kill(&mut self, host: &str) -> Instant {
-        let mut tg = self.nodes[index(host)].take().expect("running");
+        let tg = self.nodes[index(host)].take().expect("running");
         let t = Instant::now();
-        let _ = tg.child.kill();
-        let _ = tg.child.wait();
+        drop(tg); // Tollgate's drop: SIGKILL, then reap
         t
     }
 

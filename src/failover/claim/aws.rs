@@ -149,6 +149,15 @@ fn form_encode(pairs: &[(&str, &str)]) -> String {
         .join("&")
 }
 
+/// A metadata service answer's body; any failure or non-2xx status is an error naming `what`.
+async fn imds_body(req: reqwest::RequestBuilder, what: &str) -> Result<String, String> {
+    let r = req.send().await.map_err(|e| format!("{what}: {e}"))?;
+    if !r.status().is_success() {
+        return Err(format!("{what}: HTTP {}", r.status()));
+    }
+    r.text().await.map_err(|e| format!("{what}: {e}"))
+}
+
 /// The EC2 side of one `aws_eip` claim: the HTTP client and what IMDS told us once.
 pub struct Eip {
     pub s: AwsEip,
@@ -172,31 +181,23 @@ impl Eip {
     }
 
     async fn imds_token(&self) -> Result<String, String> {
-        let r = self
-            .http
-            .put(format!("{}/latest/api/token", self.s.imds_endpoint))
-            .header("X-aws-ec2-metadata-token-ttl-seconds", "21600")
-            .send()
-            .await
-            .map_err(|e| format!("IMDSv2 token: {e}"))?;
-        if !r.status().is_success() {
-            return Err(format!("IMDSv2 token: HTTP {}", r.status()));
-        }
-        r.text().await.map_err(|e| format!("IMDSv2 token: {e}"))
+        imds_body(
+            self.http
+                .put(format!("{}/latest/api/token", self.s.imds_endpoint))
+                .header("X-aws-ec2-metadata-token-ttl-seconds", "21600"),
+            "IMDSv2 token",
+        )
+        .await
     }
 
     async fn imds_get(&self, token: &str, path: &str) -> Result<String, String> {
-        let r = self
-            .http
-            .get(format!("{}/latest/{path}", self.s.imds_endpoint))
-            .header("X-aws-ec2-metadata-token", token)
-            .send()
-            .await
-            .map_err(|e| format!("IMDS {path}: {e}"))?;
-        if !r.status().is_success() {
-            return Err(format!("IMDS {path}: HTTP {}", r.status()));
-        }
-        r.text().await.map_err(|e| format!("IMDS {path}: {e}"))
+        imds_body(
+            self.http
+                .get(format!("{}/latest/{path}", self.s.imds_endpoint))
+                .header("X-aws-ec2-metadata-token", token),
+            &format!("IMDS {path}"),
+        )
+        .await
     }
 
     /// This instance's id: configured, or from IMDSv2 (asked once).

@@ -6,23 +6,14 @@
 pub mod aws;
 pub mod vip;
 
-use crate::config::{ClaimAction, FailoverSettings};
+use crate::config::{ClaimAction, FailoverSettings, Vip};
 use std::future::Future;
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 enum Runner {
-    Exec {
-        command: Vec<String>,
-    },
-    Vip {
-        address: IpAddr,
-        prefix: u8,
-        interface: String,
-        garp_count: u32,
-        garp_repeat: Duration,
-    },
+    Exec { command: Vec<String> },
+    Vip(Vip),
     Eip(aws::Eip),
 }
 
@@ -83,39 +74,13 @@ impl Claims {
         let steps = s
             .claims
             .iter()
-            .map(|c| match c.clone() {
-                ClaimAction::Exec {
-                    command,
-                    timeout,
-                    retries,
-                } => Step {
-                    runner: Runner::Exec { command },
-                    timeout,
-                    retries,
-                },
-                ClaimAction::Vip {
-                    address,
-                    prefix,
-                    interface,
-                    garp_count,
-                    garp_repeat,
-                    timeout,
-                    retries,
-                } => Step {
-                    runner: Runner::Vip {
-                        address,
-                        prefix,
-                        interface,
-                        garp_count,
-                        garp_repeat,
-                    },
-                    timeout,
-                    retries,
-                },
-                ClaimAction::AwsEip(e) => Step {
-                    timeout: e.timeout,
-                    retries: e.retries,
-                    runner: Runner::Eip(aws::Eip::new(e)),
+            .map(|c| Step {
+                timeout: c.timeout,
+                retries: c.retries,
+                runner: match c.action.clone() {
+                    ClaimAction::Exec { command } => Runner::Exec { command },
+                    ClaimAction::Vip(v) => Runner::Vip(v),
+                    ClaimAction::AwsEip(e) => Runner::Eip(aws::Eip::new(e)),
                 },
             })
             .collect();
@@ -134,33 +99,22 @@ impl Claims {
                 Runner::Exec { command } => {
                     attempts("exec", t, r, || exec(command, &self.name, "MASTER", term)).await?
                 }
-                Runner::Vip {
-                    address,
-                    prefix,
-                    interface,
-                    garp_count,
-                    garp_repeat,
-                } => {
+                Runner::Vip(v) => {
                     attempts("vip", t, r, || {
-                        vip::add(interface, *address, *prefix, *garp_count)
+                        vip::add(&v.interface, v.address, v.prefix, v.garp_count)
                     })
                     .await?;
                     // a second burst a little later, for neighbours that missed or rate-limited
                     // the first; only while we still hold the address
-                    let (me, ip, iface, n, wait) = (
-                        self.clone(),
-                        *address,
-                        interface.clone(),
-                        *garp_count,
-                        *garp_repeat,
-                    );
-                    if wait.is_zero() {
+                    if v.garp_repeat.is_zero() {
                         continue;
                     }
+                    let (me, v) = (self.clone(), v.clone());
                     tokio::spawn(async move {
-                        tokio::time::sleep(wait).await;
-                        if matches!(vip::holds(&iface, ip).await, Ok(true)) {
-                            if let Err(e) = vip::announce_by_name(&iface, ip, n).await {
+                        tokio::time::sleep(v.garp_repeat).await;
+                        if matches!(vip::holds(&v.interface, v.address).await, Ok(true)) {
+                            let r = vip::announce_by_name(&v.interface, v.address, v.garp_count);
+                            if let Err(e) = r.await {
                                 tracing::warn!(name = %me.name, error = %e, "failover: second announcement failed");
                             }
                         }
@@ -179,13 +133,11 @@ impl Claims {
             let (t, r) = (step.timeout, step.retries);
             match &step.runner {
                 Runner::Exec { .. } => {}
-                Runner::Vip {
-                    address, interface, ..
-                } => {
+                Runner::Vip(v) => {
                     attempts("vip verify", t, r, || async {
-                        match vip::holds(interface, *address).await? {
+                        match vip::holds(&v.interface, v.address).await? {
                             true => Ok(()),
-                            false => Err(format!("{address} is not on {interface}")),
+                            false => Err(format!("{} is not on {}", v.address, v.interface)),
                         }
                     })
                     .await?
@@ -222,9 +174,9 @@ impl Claims {
                 Runner::Exec { command } => {
                     attempts("exec", t, r, || exec(command, &self.name, state, term)).await
                 }
-                Runner::Vip {
-                    address, interface, ..
-                } => attempts("vip release", t, r, || vip::del(interface, *address)).await,
+                Runner::Vip(v) => {
+                    attempts("vip release", t, r, || vip::del(&v.interface, v.address)).await
+                }
                 Runner::Eip(_) => Ok(()),
             };
             if let Err(e) = res {
@@ -238,9 +190,9 @@ impl Claims {
     /// so a returning node never answers for an address it has not claimed.
     pub async fn clear_stale(&self) {
         for step in &self.steps {
-            if let Runner::Vip {
+            if let Runner::Vip(Vip {
                 address, interface, ..
-            } = &step.runner
+            }) = &step.runner
             {
                 match vip::holds(interface, *address).await {
                     Ok(true) => {

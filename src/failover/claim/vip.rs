@@ -21,11 +21,13 @@ pub struct Link {
     pub mac: [u8; 6],
 }
 
-fn handle() -> Result<rtnetlink::Handle, String> {
+/// An rtnetlink connection and the interface it will work on.
+async fn open(interface: &str) -> Result<(rtnetlink::Handle, Link), String> {
     let (conn, handle, _) =
         rtnetlink::new_connection().map_err(|e| format!("cannot open rtnetlink: {e}"))?;
     tokio::spawn(conn);
-    Ok(handle)
+    let l = link(&handle, interface).await?;
+    Ok((handle, l))
 }
 
 fn netlink_errno(e: &rtnetlink::Error) -> Option<i32> {
@@ -89,8 +91,7 @@ fn flags(m: &AddressMessage) -> AddressFlags {
 /// Add the address (already there is fine), then announce it once (`count` packets of each
 /// form; a failed announcement is logged, not fatal). The caller schedules the second burst.
 pub async fn add(interface: &str, ip: IpAddr, prefix: u8, count: u32) -> Result<(), String> {
-    let h = handle()?;
-    let l = link(&h, interface).await?;
+    let (h, l) = open(interface).await?;
     let mut req = h.address().add(l.index, ip, prefix);
     if ip.is_ipv6() {
         // no duplicate address detection: the old holder may still have it for a moment, and
@@ -115,8 +116,7 @@ pub async fn add(interface: &str, ip: IpAddr, prefix: u8, count: u32) -> Result<
 
 /// Delete the address; absent already is fine.
 pub async fn del(interface: &str, ip: IpAddr) -> Result<(), String> {
-    let h = handle()?;
-    let l = link(&h, interface).await?;
+    let (h, l) = open(interface).await?;
     let Some(m) = find(&h, l.index, ip).await? else {
         return Ok(());
     };
@@ -129,8 +129,7 @@ pub async fn del(interface: &str, ip: IpAddr) -> Result<(), String> {
 
 /// Whether the address is on the interface and usable (not failed duplicate detection).
 pub async fn holds(interface: &str, ip: IpAddr) -> Result<bool, String> {
-    let h = handle()?;
-    let l = link(&h, interface).await?;
+    let (h, l) = open(interface).await?;
     Ok(find(&h, l.index, ip)
         .await?
         .is_some_and(|m| !flags(&m).contains(AddressFlags::Dadfailed)))
@@ -138,8 +137,7 @@ pub async fn holds(interface: &str, ip: IpAddr) -> Result<bool, String> {
 
 /// Send `count` announcements of each form for `ip` on the interface.
 pub async fn announce_by_name(interface: &str, ip: IpAddr, count: u32) -> Result<(), String> {
-    let h = handle()?;
-    let l = link(&h, interface).await?;
+    let (_, l) = open(interface).await?;
     announce(&l, ip, count)
 }
 
