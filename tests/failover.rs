@@ -18,6 +18,22 @@ struct Node {
     admin: u16,
 }
 
+/// Wait (up to 5 s) for the exec hook's log to hold `line`: a node's state changes as its
+/// claim or release starts, and the hook runs right after.
+async fn wait_hook(dir: &Path, line: &str) {
+    let log = dir.join("claims.log");
+    wait_for(
+        &format!("the hook to log `{line}`"),
+        Duration::from_secs(5),
+        || async {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains(line)
+        },
+    )
+    .await;
+}
+
 fn exec_claim(dir: &Path) -> String {
     format!(
         r#"[[failover.claim]]
@@ -124,13 +140,7 @@ async fn the_standby_takes_over_when_the_master_dies_and_a_returning_node_does_n
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // the state says MASTER as the claim starts; the hook runs right after
-    let log = dir.path().join("claims.log");
-    wait_for("a's claim hook", Duration::from_secs(5), || async {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("edge-a MASTER 1")
-    })
-    .await;
+    wait_hook(dir.path(), "edge-a MASTER 1").await;
 
     // forged heartbeats (wrong secret, garbage) change nothing
     let s = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -166,12 +176,7 @@ async fn the_standby_takes_over_when_the_master_dies_and_a_returning_node_does_n
     let took = died.elapsed();
     eprintln!("takeover after {took:?}");
     assert!(took < Duration::from_secs(2), "takeover took {took:?}");
-    wait_for("the claim hook to run", Duration::from_secs(5), || async {
-        std::fs::read_to_string(dir.path().join("claims.log"))
-            .unwrap_or_default()
-            .contains("edge-b MASTER 2")
-    })
-    .await;
+    wait_hook(dir.path(), "edge-b MASTER 2").await;
 
     // the old master comes back: without preempt it stays BACKUP
     let a2 = start(dir.path(), "edge-a", 200, ua, ub, up.addr).await;
@@ -757,14 +762,8 @@ async fn a_clean_shutdown_hands_over_at_once_and_a_busy_heartbeat_port_is_waited
     let sb = status(b.admin).await;
     assert_eq!(sb["last_transition"], "the peer is in FAULT", "{sb}");
     eprintln!("takeover after a clean stop: {took:?}");
-    let log = dir.path().join("claims.log");
-    wait_for("b's claim hook", Duration::from_secs(5), || async {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("edge-b MASTER")
-    })
-    .await;
-    let claims = std::fs::read_to_string(&log).unwrap();
+    wait_hook(dir.path(), "edge-b MASTER").await;
+    let claims = std::fs::read_to_string(dir.path().join("claims.log")).unwrap();
     let a_released = claims
         .find("edge-a BACKUP")
         .expect("a ran its release hook");
