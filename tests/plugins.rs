@@ -79,6 +79,8 @@ async fn proxy(body: &str, files: &[(&str, &str)]) -> Proxy {
     write(&path, &cfg);
     let mut tg = Tollgate::start(&path);
     tg.ready(http).await;
+    // the admin listener starts on its own thread: the tests read /metrics and /plugins
+    tg.ready(SocketAddr::from(([127, 0, 0, 1], admin))).await;
     Proxy {
         tg,
         dir,
