@@ -23,7 +23,10 @@ use crate::config::{ConfigError, ConfigErrors, PluginSpec};
 use crate::state::Snapshot;
 use arc_swap::ArcSwap;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicI64, AtomicU64, AtomicUsize,
+    Ordering::{Relaxed, SeqCst},
+};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 use vm::{HostState, Vm, ROOT_ID};
@@ -31,6 +34,35 @@ use wasmtime::{Engine, InstancePre, Linker, Module};
 
 /// How often the epoch advances: the resolution of CPU deadlines.
 const EPOCH_TICK: Duration = Duration::from_millis(2);
+
+/// Guest calls running now, on any thread: the epoch clock only ticks while there are any,
+/// so an idle tollgate with plugins loaded does not wake 500 times a second.
+static IN_GUEST: AtomicUsize = AtomicUsize::new(0);
+/// The epoch clock is parked (or about to park) and must be woken by the next call.
+static CLOCK_PARKED: AtomicBool = AtomicBool::new(false);
+static CLOCK: OnceLock<std::thread::Thread> = OnceLock::new();
+
+/// Held while guest code runs (every call into a store of the host's engine): keeps the
+/// epoch clock, and with it the CPU deadline, ticking.
+pub(crate) struct Running(());
+
+impl Running {
+    pub(crate) fn enter() -> Running {
+        IN_GUEST.fetch_add(1, SeqCst);
+        if CLOCK_PARKED.load(SeqCst) {
+            if let Some(t) = CLOCK.get() {
+                t.unpark();
+            }
+        }
+        Running(())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        IN_GUEST.fetch_sub(1, SeqCst);
+    }
+}
 
 pub fn deadline_ticks(d: Duration) -> u64 {
     (d.as_millis() as u64)
@@ -277,7 +309,11 @@ impl Plugin {
     fn update_tick(slot: &mut Slot) {
         let period = slot.vm.as_ref().and_then(|v| v.store.data().tick_period);
         match (period, slot.next_tick) {
-            (Some(p), None) => slot.next_tick = Some(Instant::now() + p),
+            (Some(p), None) => {
+                slot.next_tick = Some(Instant::now() + p);
+                // the timers thread sleeps until the next tick it knows of
+                host().wake_timers.notify_one();
+            }
             (None, Some(_)) => slot.next_tick = None,
             _ => {}
         }
@@ -330,6 +366,8 @@ pub struct Host {
     pub queues: shared::SharedQueues,
     pub metrics: PluginMetrics,
     queue_ready: Mutex<Vec<(String, u32)>>,
+    /// Wakes the timers thread: a queue notification, or a tick period newly set.
+    wake_timers: tokio::sync::Notify,
     http: reqwest::Client,
     state: OnceLock<Arc<ArcSwap<Snapshot>>>,
     background: OnceLock<()>,
@@ -350,6 +388,7 @@ pub fn host() -> &'static Host {
             queues: Default::default(),
             metrics: Default::default(),
             queue_ready: Mutex::default(),
+            wake_timers: tokio::sync::Notify::new(),
             http: reqwest::Client::builder()
                 .no_proxy()
                 .pool_max_idle_per_host(16)
@@ -378,10 +417,10 @@ impl Host {
     }
 
     /// Give the host the live Snapshot handle (callouts resolve pools through it). Called
-    /// once when the server starts; also starts the background thread.
+    /// once when the server starts. The background threads start with the first plugin
+    /// (`load`): a tollgate without plugins runs none.
     pub fn attach(&'static self, state: Arc<ArcSwap<Snapshot>>) {
         let _ = self.state.set(state);
-        self.start_background();
     }
 
     /// Load the configured plugins: compile (or reuse) each module, and start one instance
@@ -573,23 +612,35 @@ impl Host {
     }
 
     fn notify_queue(&self, owner: &str, id: u32) {
-        self.queue_ready
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((owner.to_string(), id));
+        let mut ready = self.queue_ready.lock().unwrap_or_else(|e| e.into_inner());
+        if ready.is_empty() {
+            self.wake_timers.notify_one();
+        }
+        ready.push((owner.to_string(), id));
     }
 
-    /// The epoch clock (its own thread, so nothing can hold deadlines back) and a thread
-    /// with a small runtime for root-context work: ticks, queue notifications, and the
-    /// callouts they make.
+    /// The epoch clock (its own thread, so nothing can hold deadlines back; it sleeps while
+    /// no guest code runs, see [`Running`]) and a thread with a small runtime for
+    /// root-context work: ticks, queue notifications, and the callouts they make.
     fn start_background(&'static self) {
         self.background.get_or_init(|| {
-            let _ = std::thread::Builder::new()
+            let clock = std::thread::Builder::new()
                 .name("tollgate-wasm-epoch".into())
                 .spawn(move || loop {
+                    if IN_GUEST.load(SeqCst) == 0 {
+                        CLOCK_PARKED.store(true, SeqCst);
+                        // a call that starts after this check sees the flag and unparks us
+                        if IN_GUEST.load(SeqCst) == 0 {
+                            std::thread::park();
+                        }
+                        CLOCK_PARKED.store(false, SeqCst);
+                    }
                     std::thread::sleep(EPOCH_TICK);
                     self.engine.increment_epoch();
                 });
+            if let Ok(h) = clock {
+                let _ = CLOCK.set(h.thread().clone());
+            }
             let _ = std::thread::Builder::new()
                 .name("tollgate-wasm-timers".into())
                 .spawn(move || {
@@ -608,11 +659,27 @@ impl Host {
         });
     }
 
+    /// Root-context rounds: due ticks and queue notifications. The thread sleeps until the
+    /// next tick is due or something wakes it (a queue notification, a tick period newly
+    /// set), and runs at most one round per 10 ms, so notifications come in batches.
     async fn timers(&'static self) {
-        let mut every = tokio::time::interval(Duration::from_millis(10));
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        const ROUND: Duration = Duration::from_millis(10);
+        let mut last = tokio::time::Instant::now();
         loop {
-            every.tick().await;
+            let next_tick = self
+                .live()
+                .values()
+                .flat_map(|p| (0..p.slots.len()).filter_map(|i| p.lock(i).next_tick))
+                .min();
+            let idle = next_tick.map_or(Duration::from_secs(60), |t| {
+                t.saturating_duration_since(Instant::now())
+            });
+            tokio::select! {
+                _ = self.wake_timers.notified() => {}
+                _ = tokio::time::sleep(idle) => {}
+            }
+            tokio::time::sleep_until(last + ROUND).await;
+            last = tokio::time::Instant::now();
             let live = self.live();
             let ready: Vec<(String, u32)> =
                 std::mem::take(&mut *self.queue_ready.lock().unwrap_or_else(|e| e.into_inner()));

@@ -311,9 +311,12 @@ impl Vm {
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(deadline_ticks.saturating_mul(10));
-        let instance = pre
-            .instantiate(&mut store)
-            .map_err(|e| format!("cannot instantiate: {}", classify(e)))?;
+        let instance = {
+            // a start function is guest code too
+            let _running = super::Running::enter();
+            pre.instantiate(&mut store)
+        }
+        .map_err(|e| format!("cannot instantiate: {}", classify(e)))?;
         let memory = instance
             .get_memory(&mut store, "memory")
             .ok_or("the module exports no memory named `memory`")?;
@@ -402,6 +405,7 @@ impl Vm {
     ) -> Result<R, Fault> {
         self.store
             .set_epoch_deadline(self.deadline_ticks.saturating_mul(10));
+        let _running = super::Running::enter();
         f(&mut self.store).map_err(classify)
     }
 
@@ -411,6 +415,7 @@ impl Vm {
         f: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<R>,
     ) -> Result<R, Fault> {
         self.store.set_epoch_deadline(self.deadline_ticks);
+        let _running = super::Running::enter();
         f(&mut self.store).map_err(classify)
     }
 
