@@ -260,7 +260,16 @@ async fn misbehaving_plugin_gets_its_policy_and_tollgate_keeps_serving() {
         .iter()
         .find(|x| x["name"] == "wat")
         .unwrap();
-    assert!(wat["instances_started"].as_u64().unwrap() >= 7, "{wat}");
+    // Every discarded instance had been started, and with more discards than workers the
+    // discarded ones were rebuilt. (Not "one start per case": the request that confirms the
+    // plugin serves again may land on the other worker, whose slot then is not rebuilt yet.)
+    let discarded = faults("deadline").await + trap + faults("stuck").await;
+    let started = wat["instances_started"].as_u64().unwrap() as f64;
+    let workers = wat["instances"].as_u64().unwrap() as f64;
+    assert!(
+        discarded > workers && started >= discarded,
+        "{discarded} discarded, {wat}"
+    );
     assert_eq!(wat["routes"][0], "default/", "{wat}");
 }
 
