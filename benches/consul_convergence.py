@@ -9,14 +9,16 @@ the upstream block, `nginx -s reload`, repeat (consul-template's default: no qui
 
 Then CHANGES registration / deregistration / health-check flips (instance u0 always stays, so
 no pool ever empties). The clock starts when the Consul write is sent. Each proxy then has
-its own prober, which sends rounds of 12 simultaneous requests until one round is answered by
-exactly the expected set of instances; that time is the convergence. wrk load runs against
-both proxies throughout and its failures are counted. tollgate's config exempts loopback
+its own prober process, which sends rounds of 12 simultaneous requests until one round is
+answered by exactly the expected set of instances; that time is the convergence. wrk load
+runs against both proxies throughout and its failures are counted. Each side has its own
+CPU, as it would have its own machine (tollgate, its load and prober on one; nginx, its
+reloads, the template loop, its load and prober on the other; `--no-pin` to share both). tollgate's config exempts loopback
 from its per-IP connection rate (`limits.allow`): the probe opens thousands of connections
 a second from 127.0.0.1.
 
     scripts/install-deps bench && scripts/install-consul && cargo build --release
-    benches/consul_convergence.py [--changes 200] [--quiescence-min 10ms]
+    benches/consul_convergence.py [--changes 200] [--quiescence-min 10ms] [--no-pin]
 
 CONV_TRACE=FILE appends each change's send time and both convergence times to FILE and keeps
 the run's directory (servers.log has tollgate's own timestamps; run with TOLLGATE_LOG=info).
@@ -24,15 +26,14 @@ the run's directory (servers.log has tollgate's own timestamps; run with TOLLGAT
 Loopback only.
 """
 import argparse
-import collections
 import json
+import multiprocessing
 import os
 import random
 import selectors
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -141,15 +142,41 @@ def ask_many(port, n):
 
 def converge_time(port, expected, t0, n=12, limit=15):
     """Seconds from t0 until a round of n simultaneous requests, all sent after t0, is
-    answered by exactly the expected instances; None if that never happens. Simultaneous
-    requests keep the probe's own lag small (one round trip under load, not twelve) and
-    cannot fall into step with the load's requests the way one-at-a-time requests can under
-    round robin."""
+    answered by exactly the expected instances (None if that never happens), and each round's
+    duration in ms. Simultaneous requests keep the probe's own lag small (one round trip under
+    load, not twelve) and cannot fall into step with the load's requests the way
+    one-at-a-time requests can under round robin."""
+    rounds = []
     while time.time() - t0 < limit:
+        start = time.time()
         answers = ask_many(port, n)
+        end = time.time()
+        rounds.append((end - start) * 1000)
         if set(answers) == expected:
-            return time.time() - t0
-    return None
+            return end - t0, rounds
+    return None, rounds
+
+
+def prober(port, conn, cpu):
+    """One proxy's prober, in its own process: two probers in one Python process would share
+    its interpreter lock, and each one's rounds would wait for the other's."""
+    pin(cpu)
+    while True:
+        job = conn.recv()
+        if job is None:
+            return
+        expected, t0 = job
+        conn.send(converge_time(port, set(expected), t0))
+
+
+def pin(cpu):
+    """Keep this process (and the threads and processes it starts) on one CPU; None: anywhere."""
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+
+
+def on(cpu, argv):
+    return argv if cpu is None else ["taskset", "-c", str(cpu)] + argv
 
 
 def template_loop(d, stop, reloads):
@@ -193,7 +220,15 @@ def main():
                     help="tollgate's consul.quiescence_min (default: tollgate's own default)")
     ap.add_argument("--cached", choices=["true", "false"], default="true",
                     help="tollgate's consul.cached (the agent cache)")
+    ap.add_argument("--no-pin", action="store_true",
+                    help="let both sides share both CPUs (default: each side on its own CPU)")
     args = ap.parse_args()
+    # Each side on its own CPU, as each would be on its own machine: tollgate, its load and
+    # its prober on CPU 0; nginx (master, workers, the reloads), the template loop, its load
+    # and its prober on CPU 1. Unpinned, each reload's fork, exec and config parse land on
+    # the CPU tollgate is converging on. Consul and the upstreams are shared.
+    pins = (None, None) if args.no_pin or len(os.sched_getaffinity(0)) < 2 else tuple(sorted(os.sched_getaffinity(0))[:2])
+    tg_cpu, ng_cpu = pins
     for tool in ("nginx", "wrk", "consul"):
         if not shutil.which(tool):
             sys.exit(f"{tool} is missing: scripts/install-deps bench && scripts/install-consul")
@@ -249,10 +284,20 @@ def main():
         procs.append(subprocess.Popen(["nginx", "-p", d, "-e", f"{d}/ups.err", "-c", f"{d}/ups.conf"], stdout=log, stderr=log))
         for p in UPS:
             wait_port(p)
-        procs.append(subprocess.Popen(["nginx", "-p", d, "-e", f"{d}/nginx.err", "-c", f"{d}/nginx.conf"], stdout=log, stderr=log))
+        procs.append(subprocess.Popen(on(ng_cpu, ["nginx", "-p", d, "-e", f"{d}/nginx.err", "-c", f"{d}/nginx.conf"]),
+                                      stdout=log, stderr=log))
         wait_port(NG)
-        procs.append(subprocess.Popen([args.tollgate, "run", "--config", f"{d}/tollgate.toml"], stdout=log, stderr=log))
+        procs.append(subprocess.Popen(on(tg_cpu, [args.tollgate, "run", "--config", f"{d}/tollgate.toml"]),
+                                      stdout=log, stderr=log))
         wait_port(TG)
+        # the probers are forked before this process starts any thread
+        probers = {}
+        for name, port in (("tollgate", TG), ("nginx", NG)):
+            here, there = multiprocessing.get_context("fork").Pipe()
+            cpu = tg_cpu if name == "tollgate" else ng_cpu
+            multiprocessing.get_context("fork").Process(target=prober, args=(port, there, cpu), daemon=True).start()
+            probers[name] = here
+        pin(ng_cpu)  # the template loop's thread, and the reloads it runs
         reloads = []
         threading.Thread(target=template_loop, args=(d, stop, reloads), daemon=True).start()
 
@@ -266,10 +311,12 @@ def main():
                 time.sleep(0.05)
 
         # load on both during all changes
-        wrk += [subprocess.Popen(["wrk", "-t1", "-c4", "-d600s", f"http://127.0.0.1:{port}/", "-H", "Host: web.test"],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for port in (TG, NG)]
+        wrk += [subprocess.Popen(on(cpu, ["wrk", "-t1", "-c4", "-d600s", f"http://127.0.0.1:{port}/", "-H", "Host: web.test"]),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                for port, cpu in ((TG, tg_cpu), (NG, ng_cpu))]
         state = {1: "absent", 2: "absent", 3: "absent"}
         conv = {"tollgate": [], "nginx": []}
+        round_ms = {"tollgate": [], "nginx": []}
         for n in range(args.changes):
             i = random.choice([1, 2, 3])
             s = state[i]
@@ -284,28 +331,19 @@ def main():
             else:
                 consul("PUT", f"/v1/agent/check/pass/check-web-{i}"); state[i] = "passing"; op = "pass"
             expected = {"u0"} | {f"u{k}" for k, v in state.items() if v == "passing"}
-            done = {}
-
-            def until_converged(name, port):
-                # each proxy has its own prober, so neither's time includes the other's probes
-                t = converge_time(port, expected, t0)
-                if t is not None:
-                    done[name] = t
-
-            probers = [threading.Thread(target=until_converged, args=(name, port))
-                       for name, port in (("tollgate", TG), ("nginx", NG))]
-            for th in probers:
-                th.start()
-            for th in probers:
-                th.join()
-            for name in ("tollgate", "nginx"):
-                if name not in done:
+            for conn in probers.values():
+                conn.send((sorted(expected), t0))
+            done = {name: conn.recv() for name, conn in probers.items()}
+            for name, (t, rounds) in done.items():
+                if t is None:
                     port = TG if name == "tollgate" else NG
                     if name == "tollgate":
                         print(urllib.request.urlopen(f"http://127.0.0.1:{ADMIN}/pools").read().decode())
                     sys.exit(f"change {n} ({op} u{i}): {name} did not converge in 15 s: "
                              f"expected {sorted(expected)}, it routes to {sorted(probe(port))}")
-                conv[name].append(done[name])
+                conv[name].append(t)
+                round_ms[name].extend(rounds)
+            done = {name: t for name, (t, _) in done.items()}
             if os.environ.get("CONV_TRACE"):
                 with open(os.environ["CONV_TRACE"], "a") as tf:
                     tf.write(f"{t0:.6f} {op} {done['tollgate'] * 1000:.2f} {done['nginx'] * 1000:.2f}\n")
@@ -346,8 +384,9 @@ def main():
     t50, n50 = pct(conv["tollgate"], .5), pct(conv["nginx"], .5)
     t99, n99 = pct(conv["tollgate"], .99), pct(conv["nginx"], .99)
     print(f"\nnginx/tollgate convergence: p50 {n50 / t50:.1f}x, p99 {n99 / t99:.1f}x; nginx reloads: {len(reloads)}")
-    print("(times include the probe's own resolution: one round of 12 simultaneous requests; "
-          "each proxy is probed by its own thread)")
+    print("(times include the probe's own resolution, one round of 12 simultaneous requests: "
+          f"round p50 tollgate {pct(round_ms['tollgate'], .5):.1f} ms, nginx {pct(round_ms['nginx'], .5):.1f} ms; "
+          "each proxy is probed by its own process)")
     if not os.environ.get("CONV_TRACE"):
         shutil.rmtree(d, ignore_errors=True)
     else:
