@@ -293,15 +293,13 @@ impl Chain {
         }
         let (n, eos) = (n as i32, eos as i32);
         let r = self.call(i, |vm, ctx| {
-            let f = if request {
-                vm.exports.on_request_headers.clone()
+            let args = (ctx as i32, n, eos);
+            let r = if request {
+                vm.call_export(|e| e.on_request_headers.as_ref(), args)
             } else {
-                vm.exports.on_response_headers.clone()
+                vm.call_export(|e| e.on_response_headers.as_ref(), args)
             };
-            match f {
-                Some(f) => vm.call(|s| f.call(s, (ctx as i32, n, eos))),
-                None => Ok(super::abi::ACTION_CONTINUE),
-            }
+            r.map(|a| a.unwrap_or(super::abi::ACTION_CONTINUE))
         });
         let r = match r {
             Ok((a, c)) => self.settle(i, phase, a, c).await,
@@ -365,15 +363,13 @@ impl Chain {
             }
             let (size, eos_i) = (size as i32, eos as i32);
             let r = self.call(i, |vm, ctx| {
-                let f = if request {
-                    vm.exports.on_request_body.clone()
+                let args = (ctx as i32, size, eos_i);
+                let r = if request {
+                    vm.call_export(|e| e.on_request_body.as_ref(), args)
                 } else {
-                    vm.exports.on_response_body.clone()
+                    vm.call_export(|e| e.on_response_body.as_ref(), args)
                 };
-                match f {
-                    Some(f) => vm.call(|s| f.call(s, (ctx as i32, size, eos_i))),
-                    None => Ok(super::abi::ACTION_CONTINUE),
-                }
+                r.map(|a| a.unwrap_or(super::abi::ACTION_CONTINUE))
             });
             let r = match r {
                 Ok((a, c)) if request => self.settle(i, phase, a, c).await.map(|v| (a, v)),
@@ -509,17 +505,11 @@ impl Chain {
             // the ABI's order: done, then log ("proxy_on_log occurs after
             // proxy_on_done", the C++ SDK's header), then delete
             let _ = self.call(i, |vm, ctx| {
-                if let Some(f) = vm.exports.on_done.clone() {
-                    vm.call(|s| f.call(s, ctx as i32))?;
-                }
+                vm.call_export(|e| e.on_done.as_ref(), ctx as i32)?;
                 if active {
-                    if let Some(f) = vm.exports.on_log.clone() {
-                        vm.call(|s| f.call(s, ctx as i32))?;
-                    }
+                    vm.call_export(|e| e.on_log.as_ref(), ctx as i32)?;
                 }
-                if let Some(f) = vm.exports.on_delete.clone() {
-                    vm.call(|s| f.call(s, ctx as i32))?;
-                }
+                vm.call_export(|e| e.on_delete.as_ref(), ctx as i32)?;
                 Ok(0)
             });
         }

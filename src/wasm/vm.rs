@@ -106,7 +106,9 @@ pub struct HostState {
     pub host: &'static Host,
     pub limits: StoreLimits,
     pub memory: Option<Memory>,
-    pub malloc: Option<TypedFunc<i32, i32>>,
+    /// In an Arc: `give` clones it for every value it hands over, and cloning a
+    /// `TypedFunc` costs several reference counts in wasmtime's type registry.
+    pub malloc: Option<Arc<TypedFunc<i32, i32>>>,
     /// The context hostcalls apply to (set_effective_context changes it).
     pub effective: u32,
     /// The HTTP context of the loaded stream (0: none loaded).
@@ -327,7 +329,7 @@ impl Vm {
                 "the module exports neither proxy_on_memory_allocate nor malloc (i32) -> i32"
             })?;
         store.data_mut().memory = Some(memory);
-        store.data_mut().malloc = Some(malloc);
+        store.data_mut().malloc = Some(Arc::new(malloc));
 
         macro_rules! opt {
             ($name:literal) => {
@@ -419,13 +421,29 @@ impl Vm {
         f(&mut self.store).map_err(classify)
     }
 
+    /// Call the export `pick` chooses, with the per-call CPU deadline; `None` if the module
+    /// does not export it. Borrows the export instead of cloning it: a `TypedFunc` clone
+    /// (and its drop) costs a handful of atomic reference counts in wasmtime's type
+    /// registry, and a request makes a dozen such calls.
+    pub fn call_export<P: wasmtime::WasmParams, R: wasmtime::WasmResults>(
+        &mut self,
+        pick: impl FnOnce(&Exports) -> Option<&TypedFunc<P, R>>,
+        params: P,
+    ) -> Result<Option<R>, Fault> {
+        let Some(f) = pick(&self.exports) else {
+            return Ok(None);
+        };
+        self.store.set_epoch_deadline(self.deadline_ticks);
+        let _running = super::Running::enter();
+        f.call(&mut self.store, params).map(Some).map_err(classify)
+    }
+
     /// A new HTTP context id (never 0 or the root's).
     pub fn new_context(&mut self) -> Result<u32, Fault> {
         let id = self.next_ctx;
         self.next_ctx = self.next_ctx.wrapping_add(1).max(ROOT_ID + 1);
-        let f = self.exports.on_context_create.clone();
         self.store.data_mut().effective = id;
-        self.call(|s| f.call(s, (id as i32, ROOT_ID as i32)))?;
+        self.call_export(|e| Some(&e.on_context_create), (id as i32, ROOT_ID as i32))?;
         Ok(id)
     }
 
