@@ -715,14 +715,12 @@ impl Host {
             let vm = slot.vm.as_mut().expect("checked above");
             vm.store.data_mut().effective = ROOT_ID;
             let r = match &what {
-                RootCall::Tick => match vm.exports.on_tick.clone() {
-                    Some(f) => vm.call(|s| f.call(s, ROOT_ID as i32)),
-                    None => Ok(()),
-                },
-                RootCall::QueueReady(id) => match vm.exports.on_queue_ready.clone() {
-                    Some(f) => vm.call(|s| f.call(s, (ROOT_ID as i32, *id as i32))),
-                    None => Ok(()),
-                },
+                RootCall::Tick => vm
+                    .call_export(|e| e.on_tick.as_ref(), ROOT_ID as i32)
+                    .map(drop),
+                RootCall::QueueReady(id) => vm
+                    .call_export(|e| e.on_queue_ready.as_ref(), (ROOT_ID as i32, *id as i32))
+                    .map(drop),
                 RootCall::Response(token, resp) => deliver_response(vm, *token, resp.clone()),
             };
             let callouts = vm.take_callouts();
@@ -825,15 +823,20 @@ enum RootCall {
 /// Hand a callout's answer to the root context (the SDKs route it to the context that
 /// dispatched it, switching with proxy_set_effective_context).
 fn deliver_response(vm: &mut Vm, token: u32, resp: vm::CalloutResponse) -> Result<(), Fault> {
-    let Some(f) = vm.exports.on_http_call_response.clone() else {
+    if vm.exports.on_http_call_response.is_none() {
         return Ok(());
-    };
+    }
     let nh = resp.headers.len() as i32;
     let nb = resp.body.len() as i32;
     let st = vm.store.data_mut();
     st.callout_response = Some(resp);
     st.effective = ROOT_ID;
-    let r = vm.call(|s| f.call(s, (ROOT_ID as i32, token as i32, nh, nb, 0)));
+    let r = vm
+        .call_export(
+            |e| e.on_http_call_response.as_ref(),
+            (ROOT_ID as i32, token as i32, nh, nb, 0),
+        )
+        .map(drop);
     vm.store.data_mut().callout_response = None;
     r
 }

@@ -442,6 +442,6 @@ fn a_module_without_wasi_and_with_a_malloc_allocator_starts() {
     let pre = linker.instantiate_pre(&module).unwrap();
     let mut vm = Vm::start(host(), spec("plain", "plain", b""), &pre).unwrap();
     let ctx = vm.new_context().unwrap();
-    let f = vm.exports.on_request_headers.clone().unwrap();
-    assert_eq!(vm.call(|s| f.call(s, (ctx as i32, 0, 1))).unwrap(), 0);
+    let r = vm.call_export(|e| e.on_request_headers.as_ref(), (ctx as i32, 0, 1));
+    assert_eq!(r.unwrap(), Some(0));
 }

@@ -235,6 +235,17 @@ impl std::fmt::Display for Fault {
     }
 }
 
+/// Run guest code in `store` with a CPU deadline of `ticks` epochs, the epoch clock running.
+fn guarded<R>(
+    store: &mut Store<HostState>,
+    ticks: u64,
+    f: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<R>,
+) -> Result<R, Fault> {
+    store.set_epoch_deadline(ticks);
+    let _running = super::Running::enter();
+    f(store).map_err(classify)
+}
+
 fn classify(e: wasmtime::Error) -> Fault {
     match e.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => Fault::Deadline,
@@ -405,20 +416,7 @@ impl Vm {
         &mut self,
         f: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<R>,
     ) -> Result<R, Fault> {
-        self.store
-            .set_epoch_deadline(self.deadline_ticks.saturating_mul(10));
-        let _running = super::Running::enter();
-        f(&mut self.store).map_err(classify)
-    }
-
-    /// Call into the guest with the per-call CPU deadline.
-    pub fn call<R>(
-        &mut self,
-        f: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<R>,
-    ) -> Result<R, Fault> {
-        self.store.set_epoch_deadline(self.deadline_ticks);
-        let _running = super::Running::enter();
-        f(&mut self.store).map_err(classify)
+        guarded(&mut self.store, self.deadline_ticks.saturating_mul(10), f)
     }
 
     /// Call the export `pick` chooses, with the per-call CPU deadline; `None` if the module
@@ -433,9 +431,7 @@ impl Vm {
         let Some(f) = pick(&self.exports) else {
             return Ok(None);
         };
-        self.store.set_epoch_deadline(self.deadline_ticks);
-        let _running = super::Running::enter();
-        f.call(&mut self.store, params).map(Some).map_err(classify)
+        guarded(&mut self.store, self.deadline_ticks, |s| f.call(s, params)).map(Some)
     }
 
     /// A new HTTP context id (never 0 or the root's).
