@@ -664,22 +664,8 @@ impl Host {
     /// set), and runs at most one round per 10 ms, so notifications come in batches.
     async fn timers(&'static self) {
         const ROUND: Duration = Duration::from_millis(10);
-        let mut last = tokio::time::Instant::now();
         loop {
-            let next_tick = self
-                .live()
-                .values()
-                .flat_map(|p| (0..p.slots.len()).filter_map(|i| p.lock(i).next_tick))
-                .min();
-            let idle = next_tick.map_or(Duration::from_secs(60), |t| {
-                t.saturating_duration_since(Instant::now())
-            });
-            tokio::select! {
-                _ = self.wake_timers.notified() => {}
-                _ = tokio::time::sleep(idle) => {}
-            }
-            tokio::time::sleep_until(last + ROUND).await;
-            last = tokio::time::Instant::now();
+            let round = tokio::time::Instant::now();
             let live = self.live();
             let ready: Vec<(String, u32)> =
                 std::mem::take(&mut *self.queue_ready.lock().unwrap_or_else(|e| e.into_inner()));
@@ -700,6 +686,19 @@ impl Host {
                     }
                 }
             }
+            // sleep until the next tick due (the ticks just run have set theirs)
+            let next_tick = live
+                .values()
+                .flat_map(|p| (0..p.slots.len()).filter_map(|i| p.lock(i).next_tick))
+                .min();
+            let idle = next_tick.map_or(Duration::from_secs(60), |t| {
+                t.saturating_duration_since(Instant::now())
+            });
+            tokio::select! {
+                _ = self.wake_timers.notified() => {}
+                _ = tokio::time::sleep(idle) => {}
+            }
+            tokio::time::sleep_until(round + ROUND).await;
         }
     }
 
