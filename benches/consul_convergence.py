@@ -13,9 +13,9 @@ its own prober process, which sends rounds of 12 simultaneous requests until one
 answered by exactly the expected set of instances; that time is the convergence. wrk load
 runs against both proxies throughout and its failures are counted. Each side has its own
 CPU, as it would have its own machine (tollgate, its load and prober on one; nginx, its
-reloads, the template loop, its load and prober on the other; `--no-pin` to share both). tollgate's config exempts loopback
-from its per-IP connection rate (`limits.allow`): the probe opens thousands of connections
-a second from 127.0.0.1.
+reloads, the template loop, its load and prober on the other; `--no-pin` to share both).
+tollgate's config exempts loopback from its per-IP connection rate (`limits.allow`): the
+probe opens thousands of connections a second from 127.0.0.1.
 
     scripts/install-deps bench && scripts/install-consul && cargo build --release
     benches/consul_convergence.py [--changes 200] [--quiescence-min 10ms] [--no-pin]
@@ -158,14 +158,12 @@ def converge_time(port, expected, t0, n=12, limit=15):
 
 
 def prober(port, conn, cpu):
-    """One proxy's prober, in its own process: two probers in one Python process would share
-    its interpreter lock, and each one's rounds would wait for the other's."""
+    """One proxy's prober, in its own process (a daemon: it ends with the benchmark): two
+    probers in one Python process would share its interpreter lock, and each one's rounds
+    would wait for the other's."""
     pin(cpu)
     while True:
-        job = conn.recv()
-        if job is None:
-            return
-        expected, t0 = job
+        expected, t0 = conn.recv()
         conn.send(converge_time(port, set(expected), t0))
 
 
@@ -291,12 +289,11 @@ def main():
                                       stdout=log, stderr=log))
         wait_port(TG)
         # the probers are forked before this process starts any thread
+        fork = multiprocessing.get_context("fork")
         probers = {}
-        for name, port in (("tollgate", TG), ("nginx", NG)):
-            here, there = multiprocessing.get_context("fork").Pipe()
-            cpu = tg_cpu if name == "tollgate" else ng_cpu
-            multiprocessing.get_context("fork").Process(target=prober, args=(port, there, cpu), daemon=True).start()
-            probers[name] = here
+        for name, port, cpu in (("tollgate", TG, tg_cpu), ("nginx", NG, ng_cpu)):
+            probers[name], there = fork.Pipe()
+            fork.Process(target=prober, args=(port, there, cpu), daemon=True).start()
         pin(ng_cpu)  # the template loop's thread, and the reloads it runs
         reloads = []
         threading.Thread(target=template_loop, args=(d, stop, reloads), daemon=True).start()
@@ -333,8 +330,9 @@ def main():
             expected = {"u0"} | {f"u{k}" for k, v in state.items() if v == "passing"}
             for conn in probers.values():
                 conn.send((sorted(expected), t0))
-            done = {name: conn.recv() for name, conn in probers.items()}
-            for name, (t, rounds) in done.items():
+            done = {}
+            for name, conn in probers.items():
+                t, rounds = conn.recv()
                 if t is None:
                     port = TG if name == "tollgate" else NG
                     if name == "tollgate":
@@ -343,7 +341,7 @@ def main():
                              f"expected {sorted(expected)}, it routes to {sorted(probe(port))}")
                 conv[name].append(t)
                 round_ms[name].extend(rounds)
-            done = {name: t for name, (t, _) in done.items()}
+                done[name] = t
             if os.environ.get("CONV_TRACE"):
                 with open(os.environ["CONV_TRACE"], "a") as tf:
                     tf.write(f"{t0:.6f} {op} {done['tollgate'] * 1000:.2f} {done['nginx'] * 1000:.2f}\n")
