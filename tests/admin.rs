@@ -185,6 +185,17 @@ async fn every_endpoint_but_healthz_needs_the_token() {
         "{cookie}"
     );
     let pair = cookie.split(';').next().unwrap().to_string();
+    assert!(
+        !pair.contains(TOKEN),
+        "the cookie is derived from the token, not the token: {pair}"
+    );
+    let r = c
+        .get(format!("{base}/status"))
+        .bearer_auth(pair.split_once('=').unwrap().1)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "the cookie value is not a bearer token");
     let r = c
         .get(format!("{base}/"))
         .header("cookie", &pair)
@@ -193,6 +204,23 @@ async fn every_endpoint_but_healthz_needs_the_token() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert!(r.text().await.unwrap().contains("<table id=routes>"));
+    let r = c
+        .head(format!("{base}/"))
+        .header("cookie", &pair)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "HEAD with the cookie");
+    // the bearer scheme is case-insensitive (RFC 9110 §11.1)
+    for scheme in ["bearer", "BEARER", "Bearer"] {
+        let r = c
+            .get(format!("{base}/status"))
+            .header("authorization", format!("{scheme} {TOKEN}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{scheme}");
+    }
     let r = c
         .post(format!("{base}/reload"))
         .header("cookie", &pair)
@@ -683,6 +711,10 @@ async fn startup_errors_name_the_option_to_fix() {
         "{err}"
     );
     assert!(err.contains("another process listens there"), "{err}");
+    assert!(
+        err.starts_with("tollgate: could not start: "),
+        "the name once: {err}"
+    );
     drop(busy);
     std::fs::write(dir.path().join("certs/a.key"), "not a key").unwrap();
     let err = run(&config(dir.path(), https, admin, &[up.addr], ""));
@@ -809,4 +841,109 @@ async fn binary_upgrade_hands_over_the_sockets_without_refusing_a_connection() {
         "{}",
         f.tg.log_text()
     );
+}
+
+/// Without a token: a Host that is not an IP address or localhost (DNS rebinding) and
+/// cross-origin POSTs (CSRF) are refused; local tools still work.
+#[tokio::test]
+async fn tokenless_admin_refuses_rebinding_and_cross_origin_posts() {
+    let up = Upstream::start("up").await;
+    let dir = tempfile::tempdir().unwrap();
+    let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let path = dir.path().join("tollgate.toml");
+    write(
+        &path,
+        &format!(
+            "[admin]\naddress = \"{admin}\"\n[[listener]]\naddress = \"{http}\"\n\
+             [[vhost]]\nnames = [\"a.test\"]\n[[vhost.route]]\npath = \"/\"\npool = \"p\"\n\
+             [pool.p]\nbackends = [\"{}\"]\n",
+            up.addr
+        ),
+    );
+    let mut tg = Tollgate::start(&path);
+    tg.ready(admin).await;
+    let c = reqwest::Client::new();
+    let base = format!("http://{admin}");
+    let get = |host: &str| c.get(format!("{base}/status")).header("host", host).send();
+    for host in [
+        admin.to_string(),
+        format!("localhost:{}", admin.port()),
+        "127.0.0.1".into(),
+        "[::1]:9901".into(),
+    ] {
+        assert_eq!(get(&host).await.unwrap().status(), 200, "Host: {host}");
+    }
+    for host in [
+        "rebind.attacker.example",
+        "rebind.attacker.example:9901",
+        "localhost.evil:1",
+    ] {
+        assert_eq!(get(host).await.unwrap().status(), 421, "Host: {host}");
+    }
+    let post = |origin: Option<&str>, site: Option<&str>| {
+        let mut r = c.post(format!("{base}/reload"));
+        if let Some(o) = origin {
+            r = r.header("origin", o);
+        }
+        if let Some(s) = site {
+            r = r.header("sec-fetch-site", s);
+        }
+        r.send()
+    };
+    assert_eq!(
+        post(Some("http://evil.example"), None)
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+    assert_eq!(post(Some("null"), None).await.unwrap().status(), 403);
+    assert_eq!(post(None, Some("cross-site")).await.unwrap().status(), 403);
+    assert_eq!(
+        post(Some(&format!("http://{admin}")), Some("same-origin"))
+            .await
+            .unwrap()
+            .status(),
+        200,
+        "the dashboard's own page may POST"
+    );
+    assert_eq!(
+        post(None, None).await.unwrap().status(),
+        200,
+        "curl -X POST"
+    );
+    assert!(tg.log_text().contains("cross-origin admin request refused"));
+}
+
+/// `server.pid_file` holds the process id while tollgate runs and is removed at a clean exit.
+#[tokio::test]
+async fn pid_file_holds_the_pid_while_running() {
+    let up = Upstream::start("up").await;
+    let dir = tempfile::tempdir().unwrap();
+    let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let path = dir.path().join("tollgate.toml");
+    write(
+        &path,
+        &format!(
+            "[server]\npid_file = \"run/tollgate.pid\"\nshutdown_timeout = \"5s\"\n\
+             [admin]\nenabled = false\n[[listener]]\naddress = \"{http}\"\n\
+             [[vhost]]\nnames = [\"a.test\"]\n[[vhost.route]]\npath = \"/\"\npool = \"p\"\n\
+             [pool.p]\nbackends = [\"{}\"]\n",
+            up.addr
+        ),
+    );
+    std::fs::create_dir(dir.path().join("run")).unwrap();
+    let pid_file = dir.path().join("run/tollgate.pid");
+    let mut tg = Tollgate::start(&path);
+    tg.ready(http).await;
+    let pid = std::fs::read_to_string(&pid_file).unwrap();
+    assert_eq!(pid.trim(), tg.child.id().to_string());
+    tg.signal("TERM");
+    let end = Instant::now() + Duration::from_secs(10);
+    while tg.child.try_wait().unwrap().is_none() && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(tg.child.try_wait().unwrap().is_some(), "exited");
+    assert!(!pid_file.exists(), "removed at a clean exit");
 }

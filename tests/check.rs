@@ -48,6 +48,12 @@ fn each_kind_of_problem_is_named_with_file_line_and_option() {
         (&VALID.replace("names = [\"example.com\"]", "names = [\"example.com\"]\ncert = \"missing.crt\"\nkey = \"missing.key\"").replace("address = \"127.0.0.1:18080\"", "address = \"127.0.0.1:18443\"\ntls = true"), "t.toml:7: vhost.cert", "cannot read certificate"),
         (&VALID.replace("[pool.web]\n", "[pool.web]\nbalance = \"random\"\n"), "t.toml:11: pool.web.balance", "not one of: round_robin, p2c"),
         (&VALID.replace("names = [\"example.com\"]", "names = [\"a.*.com\"]"), "t.toml:5: vhost[0].names", "wildcard is only allowed"),
+        (&VALID.replace("127.0.0.1:18080", "0.0.0.0:18080").replace("[pool.web]\n", "[admin]\naddress = \"127.0.0.1:18080\"\n[pool.web]\n"), "t.toml:11: admin.address", "shares its port with the traffic listener 0.0.0.0:18080"),
+        (&VALID.replace("address = \"127.0.0.1:18080\"", "address = [\"0.0.0.0:18080\", \"127.0.0.1:18080\"]"), "t.toml:2: listener[0].address", "127.0.0.1:18080 is already used by the listener on line 2 (as 0.0.0.0:18080"),
+        (&VALID.replace("path = \"/\"", "path = \"/a/../b\""), "t.toml:7: vhost[0].route[0].path", "can never match: requests are routed on their normalised path (no //, . or .. segments, %XX only for reserved characters, no ;); write `/b`"),
+        (&VALID.replace("path = \"/\"", "path = \"/%61dmin\""), "t.toml:7: vhost[0].route[0].path", "write `/admin`"),
+        (&VALID.replace("[pool.web]\n", "[limits]\nencoded_slashes = \"decode\"\n[pool.web]\n"), "t.toml:11: limits.encoded_slashes", "not one of: reject, keep"),
+        (&VALID.replace("[pool.web]\n", "[limits]\nsend_timeout = \"60\"\n[pool.web]\n"), "t.toml:11: limits.send_timeout", "has no unit"),
     ];
     for (src, at, msg) in cases {
         let (code, out) = check(src);
@@ -75,5 +81,99 @@ fn a_missing_file_is_a_clear_error() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read the configuration file"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot read the configuration file"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(
+        err.starts_with("/nonexistent/tollgate.toml: --config: "),
+        "{err}"
+    );
+}
+
+#[test]
+fn schema_problems_do_not_hide_the_others() {
+    // an unknown option, two wrong types, a bad address and a missing pool: all at once,
+    // in line order, with hints for the type mistakes
+    let src = VALID
+        .replace("127.0.0.1:18080", "nowhere")
+        .replace("pool = \"web\"", "pool = \"api\"\nretry = 3")
+        .replace(
+            "[pool.web]\n",
+            "[pool.web]\nread_timeout = 30\nretries = \"2\"\n",
+        );
+    let (code, out) = check(&src);
+    assert_eq!(code, 1);
+    assert!(out.contains("5 problems"), "{out}");
+    for want in [
+        "t.toml:2: listener[0].address: `nowhere` is not an IP:port",
+        "t.toml:8: vhost[0].route[0].pool: no pool named `api`",
+        "t.toml:9: vhost.route.retry: unknown field `retry`",
+        "t.toml:12: pool.web.read_timeout: invalid type: integer `30`, expected a string (durations are strings with a unit: write \"30s\"",
+        "t.toml:13: pool.web.retries: invalid type: string \"2\", expected i64 (write the number without quotes)",
+    ] {
+        assert!(out.contains(want), "expected `{want}` in:\n{out}");
+    }
+    let lines: Vec<usize> = out
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("t.toml:"))
+        .filter_map(|l| l.split(':').next()?.parse().ok())
+        .collect();
+    assert!(lines.windows(2).all(|w| w[0] <= w[1]), "line order: {out}");
+}
+
+#[test]
+fn errors_name_the_file_and_line_they_come_from() {
+    // certs_dir that does not exist: the line of tls.certs_dir
+    let src = VALID.replace("127.0.0.1:18080\"", "127.0.0.1:18443\"\ntls = true")
+        + "\n[tls]\ncerts_dir = \"/nonexistent-certs\"\n";
+    let (code, out) = check(&src);
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("t.toml:15: tls.certs_dir: cannot read the directory /nonexistent-certs"),
+        "{out}"
+    );
+    // a byte that is not UTF-8: its line
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.toml");
+    let mut bytes = VALID.as_bytes().to_vec();
+    let at = VALID.find("example.com").unwrap();
+    bytes[at] = 0xff;
+    std::fs::write(&path, bytes).unwrap();
+    let (code, out) = common::run_check(&path);
+    assert_eq!(code, 1);
+    let out = out.replace(&path.display().to_string(), "t.toml");
+    assert!(
+        out.contains("t.toml:5: --config: byte 0xff is not UTF-8"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_plugin_that_refuses_its_configuration_says_why() {
+    let wasm = concat!(env!("CARGO_MANIFEST_DIR"), "/plugins/dist/auth.wasm");
+    assert!(
+        std::path::Path::new(wasm).exists(),
+        "{wasm} is missing: run plugins/build (scripts/test does)"
+    );
+    let src = format!(
+        "{VALID}\n[plugin.jwt]\nfile = \"{wasm}\"\nconfig = {{ jwt = {{ es256_keys = [\"not a key\"] }} }}\n"
+    )
+    .replace(
+        "pool = \"web\"",
+        "pool = \"web\"\nplugins = [\"jwt\"]",
+    );
+    let (code, out) = check(&src);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("the plugin rejected its configuration"),
+        "{out}"
+    );
+    assert!(
+        out.contains("es256_keys[0]"),
+        "the plugin's own reason is shown: {out}"
+    );
+    assert!(
+        !out.contains("plugins/build"),
+        "no build hint when built: {out}"
+    );
 }

@@ -21,6 +21,11 @@ struct Site {
 /// tollgate with an HTTPS and a plain listener (`listener_extra` goes into the plain one),
 /// vhost a.test without the HTTPS redirect, `/` to `up`, `/small` capped at 16 body bytes.
 async fn site(up: SocketAddr, limits: &str, listener_extra: &str) -> Site {
+    site_with(up, limits, listener_extra, "").await
+}
+
+/// `site`, with `pool_extra` in pool `p`.
+async fn site_with(up: SocketAddr, limits: &str, listener_extra: &str, pool_extra: &str) -> Site {
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new();
     ca.issue(dir.path(), "a", &["a.test"], "a");
@@ -37,7 +42,7 @@ async fn site(up: SocketAddr, limits: &str, listener_extra: &str) -> Site {
          [[vhost]]\nnames = [\"a.test\"]\ncert = \"{d}/a.crt\"\nkey = \"{d}/a.key\"\nredirect_https = false\n\
          [[vhost.route]]\npath = \"/\"\npool = \"p\"\n\
          [[vhost.route]]\npath = \"/small\"\npool = \"p\"\nmax_body_size = 16\n\
-         [pool.p]\nbackends = [\"{up}\"]\n"
+         [pool.p]\nbackends = [\"{up}\"]\n{pool_extra}\n"
     );
     let path = dir.path().join("tollgate.toml");
     write(&path, &cfg);
@@ -873,5 +878,227 @@ async fn x_forwarded_for_is_believed_only_from_trusted_proxies() {
     assert!(
         log.contains("client=203.0.113.9"),
         "the access log names the real client"
+    );
+}
+
+/// An HTTP/2 request whose HEADERS announce a 10-byte body that never comes.
+async fn h2_stalled_post(
+    h2c: &mut h2::client::SendRequest<bytes::Bytes>,
+) -> (Option<u16>, Duration) {
+    let req = http::Request::builder()
+        .method("POST")
+        .uri("https://a.test/drain")
+        .header("content-length", "10")
+        .body(())
+        .unwrap();
+    let start = Instant::now();
+    let (resp, _body) = h2c.send_request(req, false).unwrap();
+    let status = match tokio::time::timeout(Duration::from_secs(15), resp).await {
+        Ok(Ok(r)) => Some(r.status().as_u16()),
+        _ => None, // reset
+    };
+    (status, start.elapsed())
+}
+
+#[tokio::test]
+async fn a_client_that_never_sends_its_body_is_cut_and_no_backend_is_blamed() {
+    let up = Upstream::start("up").await;
+    // 1. HTTP/2 bodies have body_idle_timeout too
+    let s = site(up.addr, "body_idle_timeout = \"1s\"", "").await;
+    let tls = tls_connect(&s.ca, s.https, "a.test", &["h2"]).await;
+    let (mut h2c, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    let (status, took) = h2_stalled_post(&mut h2c).await;
+    assert!(
+        matches!(status, Some(408) | None),
+        "the client's stall is answered 408 or reset: {status:?}"
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "cut after body_idle_timeout, not the pool's read_timeout: {took:?}"
+    );
+    drop(s);
+
+    // 2. a pool read_timeout shorter than body_idle_timeout: the upstream timeout while the
+    // client still owes body is the client's 408, and never ejects the backend
+    let s = site_with(
+        up.addr,
+        "body_idle_timeout = \"30s\"",
+        "",
+        "read_timeout = \"1s\"\nmax_fails = 2",
+    )
+    .await;
+    let tls = tls_connect(&s.ca, s.https, "a.test", &["h2"]).await;
+    let (h2c, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    let stalls = (0..4).map(|_| {
+        let mut c = h2c.clone();
+        async move { h2_stalled_post(&mut c).await }
+    });
+    for (status, took) in futures_util::future::join_all(stalls).await {
+        assert_eq!(status, Some(408), "h2 stall after {took:?}");
+    }
+    let h1_stalls = (0..4).map(|_| async {
+        let c = tokio::net::TcpStream::connect(s.http).await.unwrap();
+        exchange(
+            c,
+            b"POST /drain HTTP/1.1\r\nHost: a.test\r\nContent-Length: 10\r\n\r\nabc",
+            Duration::from_secs(10),
+        )
+        .await
+    });
+    for (status, closed, text) in futures_util::future::join_all(h1_stalls).await {
+        assert_eq!((status, closed), (408, true), "{text}");
+        assert!(!text.to_ascii_lowercase().contains("pingora"), "{text}");
+    }
+    // eight client stalls against max_fails = 2: the backend still serves everyone else
+    let c = tokio::net::TcpStream::connect(s.http).await.unwrap();
+    let (status, _, text) = exchange(c, GET, Duration::from_secs(3)).await;
+    assert_eq!(status, 200, "backend not ejected: {text}");
+    assert_eq!(
+        s.metric("tollgate_backend_ejections_total").await,
+        0.0,
+        "no ejection"
+    );
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order() {
+    let up = Upstream::start("up").await;
+    let s = site(up.addr, "", "").await;
+    let c = tokio::net::TcpStream::connect(s.http).await.unwrap();
+    let three = b"GET /one HTTP/1.1\r\nHost: a.test\r\n\r\n\
+GET /two HTTP/1.1\r\nHost: a.test\r\n\r\n\
+GET /three HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n";
+    let (status, closed, text) = exchange(c, three, Duration::from_secs(5)).await;
+    assert_eq!((status, closed), (200, true));
+    assert_eq!(text.matches("HTTP/1.1 200").count(), 3, "{text}");
+    let at = |p: &str| {
+        text.find(&format!("\"path\":\"{p}\""))
+            .unwrap_or_else(|| panic!("{p} not answered: {text}"))
+    };
+    assert!(
+        at("/one") < at("/two") && at("/two") < at("/three"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_after_send_timeout() {
+    let up = Upstream::start("up").await;
+    let s = site(up.addr, "send_timeout = \"1s\"", "").await;
+    let mut c = tokio::net::TcpStream::connect(s.http).await.unwrap();
+    c.write_all(b"GET /bytes/67108864 HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await
+        .unwrap();
+    // not reading: the connection's slot is given back once send_timeout passes
+    s.wait_open(1).await;
+    s.wait_open(0).await;
+    let mut total = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    let end = Instant::now() + Duration::from_secs(10);
+    let eof = loop {
+        match tokio::time::timeout(end - Instant::now(), c.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(n)) => total += n,
+            Err(_) => break false,
+        }
+    };
+    assert!(eof, "closed by tollgate");
+    assert!(total < 64 << 20, "the 64 MiB answer was cut: {total} bytes");
+}
+
+#[tokio::test]
+async fn idle_and_ping_only_h2_connections_are_closed() {
+    let up = Upstream::start("up").await;
+    let s = site(up.addr, "keepalive_timeout = \"1s\"", "").await;
+    // after the preface and SETTINGS, nothing
+    let mut idle = RawH2::open(&s).await;
+    let start = Instant::now();
+    while idle.next(Duration::from_secs(6)).await.is_some() {}
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "idle h2 connection closed: {:?}",
+        start.elapsed()
+    );
+    // PING every 100 ms and nothing else: still closed
+    let mut ping = RawH2::open(&s).await;
+    let start = Instant::now();
+    let mut closed = false;
+    while start.elapsed() < Duration::from_secs(6) {
+        let mut f = vec![0, 0, 8, 6, 0, 0, 0, 0, 0];
+        f.extend_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
+        if ping.s.write_all(&f).await.is_err() {
+            closed = true;
+            break;
+        }
+        let mut b = [0u8; 256];
+        match tokio::time::timeout(Duration::from_millis(100), ping.s.read(&mut b)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed = true;
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        closed && start.elapsed() < Duration::from_secs(5),
+        "PING-only h2 connection closed: {:?}",
+        start.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn client_caused_failures_are_logged_calmly_and_answers_do_not_name_pingora() {
+    let up = Upstream::start("up").await;
+    let s = site(up.addr, "", "").await;
+    // a refusal pingora answers itself: no Server: Pingora, and an access line with a reason
+    let c = tokio::net::TcpStream::connect(s.http).await.unwrap();
+    let (status, _, text) = exchange(
+        c,
+        b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        Duration::from_secs(3),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(!text.to_ascii_lowercase().contains("pingora"), "{text}");
+    let c = tokio::net::TcpStream::connect(s.http).await.unwrap();
+    let (status, _, _) = exchange(
+        c,
+        b"GET / HTTP/1.1\r\nHost: a.test\r\nX-Folded: a\r\n b\r\n\r\n",
+        Duration::from_secs(3),
+    )
+    .await;
+    assert_eq!(status, 400);
+    // what the failover self-probe does to a TLS listener, and what scanners do
+    for _ in 0..5 {
+        drop(tokio::net::TcpStream::connect(s.https).await.unwrap());
+        let mut c = tokio::net::TcpStream::connect(s.https).await.unwrap();
+        let _ = c.write_all(b"\x16\x03\x01\x00\x05hello-not-tls").await;
+        let _ = refused(&mut c, Duration::from_secs(2)).await;
+    }
+    // h2 garbage after the preface, and a reset in the middle of a request
+    let mut h = RawH2::open(&s).await;
+    h.send(0x0, 0, 1, b"data on an idle stream").await;
+    while h.next(Duration::from_secs(2)).await.is_some() {}
+    let mut c = tokio::net::TcpStream::connect(s.http).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: a.").await.unwrap();
+    drop(c);
+    let refused_line = |log: &str| {
+        log.lines().any(|l| {
+            l.contains(" access: ") && l.contains("status=400") && l.contains("Content-Length")
+        })
+    };
+    wait_for(
+        "the access line of the refused request",
+        Duration::from_secs(5),
+        || async { refused_line(&s.tg.log_text()) },
+    )
+    .await;
+    let log = s.tg.log_text();
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+    assert!(
+        errors.is_empty(),
+        "client-caused events logged as errors: {errors:#?}"
     );
 }

@@ -41,6 +41,61 @@ pub fn token_matches(given: &str, expected: &str) -> bool {
         == 0
 }
 
+/// The dashboard cookie's value: derived from the token (HMAC-SHA256), so the cookie jar
+/// never holds the token itself and a leaked cookie cannot be used as a bearer token.
+fn cookie_value(token: &str) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, token.as_bytes());
+    let tag = ring::hmac::sign(&key, b"tollgate admin dashboard cookie v1");
+    tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The bearer token of an `Authorization` header; the scheme is case-insensitive (RFC 9110
+/// §11.1).
+fn bearer(v: &str) -> Option<&str> {
+    let (scheme, token) = v.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Whether `Host` names this host as only a local client or an operator would: an IP address
+/// or `localhost`, with an optional port. Without a token, that is what stops DNS rebinding
+/// (a page on a name the attacker controls, resolved to 127.0.0.1) from reading the API.
+fn local_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((v6, port)) => {
+                return v6.parse::<std::net::Ipv6Addr>().is_ok()
+                    && (port.is_empty()
+                        || port
+                            .strip_prefix(':')
+                            .is_some_and(|p| p.parse::<u16>().is_ok()))
+            }
+            None => return false,
+        },
+        None => match host.rsplit_once(':') {
+            Some((h, p)) if p.parse::<u16>().is_ok() => h,
+            Some(_) => return false,
+            None => host,
+        },
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::Ipv4Addr>().is_ok()
+}
+
+/// Whether a request comes from a page of another origin: `Origin` (sent by browsers on
+/// every POST) names another host than `Host`, or `Sec-Fetch-Site` says cross-site.
+fn cross_origin(req: &pingora::http::RequestHeader) -> bool {
+    let h = |n: &str| req.headers.get(n).and_then(|v| v.to_str().ok());
+    if h("sec-fetch-site").is_some_and(|s| s == "cross-site" || s == "same-site") {
+        return true;
+    }
+    match h("origin") {
+        None => false,
+        Some(origin) => {
+            let authority = origin.split_once("://").map(|(_, a)| a).unwrap_or("null");
+            h("host").is_none_or(|host| !authority.eq_ignore_ascii_case(host))
+        }
+    }
+}
+
 pub(crate) fn respond(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
     Response::builder()
         .status(status)
@@ -118,7 +173,14 @@ impl Admin {
             .headers
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            .and_then(bearer);
+        if let Some(t) = bearer {
+            return if token_matches(t, expected) {
+                Auth::Ok
+            } else {
+                Auth::Wrong
+            };
+        }
         let cookie = allow_cookie
             .then(|| {
                 req.headers
@@ -134,9 +196,9 @@ impl Admin {
                     .next()
             })
             .flatten();
-        match bearer.map(str::to_string).or(cookie) {
+        match cookie {
             None => Auth::Missing,
-            Some(t) if token_matches(t.trim(), expected) => Auth::Ok,
+            Some(c) if token_matches(c.trim(), &cookie_value(expected)) => Auth::Ok,
             Some(_) => Auth::Wrong,
         }
     }
@@ -153,6 +215,25 @@ impl ServeHttp for Admin {
         }
         let snap = self.state.snapshot();
         let token = snap.admin_token.as_deref();
+        let req = session.req_header();
+        if token.is_none() {
+            let host = req
+                .headers
+                .get(http::header::HOST)
+                .and_then(|v| v.to_str().ok());
+            if !host.is_some_and(local_host) {
+                return text(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    "without admin.token the admin API answers only to Host: an IP address or localhost",
+                );
+            }
+        }
+        if method != Method::GET && method != Method::HEAD && cross_origin(req) {
+            tracing::warn!(client = ?session.client_addr().map(|a| a.to_string()), path, "cross-origin admin request refused");
+            return text(StatusCode::FORBIDDEN, "cross-origin request refused");
+        }
+        let head = method == Method::HEAD;
+        let method = if head { Method::GET } else { method };
 
         // The dashboard accepts `/?token=…` once and answers with a cookie (SameSite=Strict,
         // HttpOnly), so a browser can be pointed at it; the cookie is honoured for GET only.
@@ -169,7 +250,10 @@ impl ServeHttp for Admin {
                         .header(http::header::LOCATION, "/")
                         .header(
                             http::header::SET_COOKIE,
-                            format!("{COOKIE}={given}; Path=/; HttpOnly; SameSite=Strict"),
+                            format!(
+                                "{COOKIE}={}; Path=/; HttpOnly; SameSite=Strict",
+                                cookie_value(expected)
+                            ),
                         )
                         .header(http::header::CONTENT_LENGTH, 0)
                         .body(Vec::new())

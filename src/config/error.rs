@@ -58,6 +58,10 @@ pub struct ConfigErrors(pub Vec<ConfigError>);
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.0.len();
+        if let [one] = self.0.as_slice() {
+            // one problem, one line
+            return writeln!(f, "{one}");
+        }
         writeln!(
             f,
             "{n} problem{} in the configuration:",

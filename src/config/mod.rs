@@ -26,6 +26,8 @@ pub struct Config {
     pub listeners: Vec<Listener>,
     /// Directory scanned for `*.crt`/`*.pem` certificates with a matching `.key`.
     pub certs_dir: Option<PathBuf>,
+    /// Where `tls.certs_dir` is written (for errors about the directory and its files).
+    pub certs_dir_origin: Origin,
     pub admin: AdminSettings,
     pub consul: ConsulSettings,
     pub failover: Option<FailoverSettings>,
@@ -80,7 +82,8 @@ pub struct ServerSettings {
     /// Port used in `Location` of HTTP→HTTPS redirects (omitted when 443).
     pub https_redirect_port: u16,
     pub forwarded_for: ForwardedFor,
-    pub pid_file: String,
+    /// Written with the process id at start, removed at a clean exit (none: not written).
+    pub pid_file: Option<PathBuf>,
     pub upgrade_sock: String,
 }
 
@@ -287,6 +290,10 @@ pub struct Limits {
     pub body_idle_timeout: Duration,
     /// How long an idle keep-alive connection is kept.
     pub keepalive_timeout: Duration,
+    /// The longest wait for a client to accept more of a response (nginx's `send_timeout`).
+    pub send_timeout: Duration,
+    /// `%2F` / `%5C` in request paths: refused (400) or kept encoded.
+    pub encoded_slashes: crate::routing::path::EncodedSlashes,
     /// Bytes per second a request body must average once `min_body_rate_after` has passed
     /// (0 = off).
     pub min_body_rate: u64,
@@ -419,7 +426,7 @@ impl Config {
     /// Read and validate `path`. Every problem found is returned, not just the first.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let file: Arc<str> = Arc::from(path.display().to_string());
-        let src = std::fs::read_to_string(path).map_err(|e| {
+        let bytes = std::fs::read(path).map_err(|e| {
             ConfigErrors::single(
                 Origin {
                     file: file.clone(),
@@ -427,6 +434,16 @@ impl Config {
                 },
                 "--config",
                 format!("cannot read the configuration file: {e}"),
+            )
+        })?;
+        let src = String::from_utf8(bytes).map_err(|e| {
+            let at = e.utf8_error().valid_up_to();
+            let good = String::from_utf8_lossy(&e.as_bytes()[..at]).into_owned();
+            let bad = e.as_bytes()[at];
+            ConfigErrors::single(
+                Origin::at(&file, &good, at),
+                "--config",
+                format!("byte 0x{bad:02x} is not UTF-8: save the file as UTF-8"),
             )
         })?;
         Self::parse(path, &src)

@@ -71,6 +71,8 @@ pub struct RawLimits {
     pub header_timeout: Option<S<String>>,
     pub body_idle_timeout: Option<S<String>>,
     pub keepalive_timeout: Option<S<String>>,
+    pub send_timeout: Option<S<String>>,
+    pub encoded_slashes: Option<S<String>>,
     pub min_body_rate: Option<S<i64>>,
     pub min_body_rate_after: Option<S<String>>,
     pub max_request_line: Option<S<i64>>,

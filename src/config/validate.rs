@@ -172,18 +172,101 @@ fn option_at(src: &str, offset: usize) -> String {
     }
 }
 
+/// A hint for the common type mistakes, from serde's message and the option's name.
+fn type_hint(message: &str, option: &str) -> &'static str {
+    let timed = [
+        "timeout",
+        "interval",
+        "_time",
+        "_after",
+        "deadline",
+        "ttl",
+        "quiescence",
+    ]
+    .iter()
+    .any(|w| option.contains(w));
+    let sized = option.contains("size") || option.contains("memory");
+    if message.starts_with("invalid type: integer") && message.contains("expected a string") {
+        if timed {
+            return " (durations are strings with a unit: write \"30s\", \"250ms\", \"5m\")";
+        }
+        if sized {
+            return " (sizes are a number of bytes or a string with a unit: \"64k\", \"10m\")";
+        }
+        return " (write it in quotes)";
+    }
+    if message.starts_with("invalid type: string") {
+        if message.contains("expected a boolean") {
+            return " (write true or false, without quotes)";
+        }
+        if message.contains("expected i64") || message.contains("expected f64") {
+            return " (write the number without quotes)";
+        }
+    }
+    if message.starts_with("unknown field") {
+        return " (check the spelling; docs/configuration.md lists every option)";
+    }
+    ""
+}
+
+/// Deserialise the schema, collecting every schema problem rather than the first: after
+/// each, the statement at fault is blanked out (same byte offsets, so later lines keep their
+/// numbers) and the file read again, at most 50 times. A TOML syntax error, or a required
+/// option that is missing, ends the collection (`None`: nothing more can be checked).
+fn read_schema(file: &Arc<str>, src: &str) -> (Option<RawConfig>, Vec<ConfigError>) {
+    let mut text = src.to_string();
+    let mut errors: Vec<ConfigError> = Vec::new();
+    for _ in 0..50 {
+        let e = match toml::from_str::<RawConfig>(&text) {
+            Ok(raw) => return (Some(raw), errors),
+            Err(e) => e,
+        };
+        let syntax = text.parse::<toml::Table>().is_err();
+        let span = e.span().unwrap_or(0..0);
+        let option = option_at(&text, span.start);
+        let message = e.message().trim().to_string();
+        if message.starts_with("missing field") && !errors.is_empty() {
+            // most likely the option blanked out above: already reported
+            return (None, errors);
+        }
+        let hint = type_hint(&message, &option);
+        errors.push(ConfigError {
+            origin: Origin::at(file, src, span.start),
+            option,
+            message: format!("{message}{hint}"),
+        });
+        if syntax || message.starts_with("missing field") || span.is_empty() {
+            return (None, errors);
+        }
+        // blank the lines the span covers
+        let start = text[..span.start].rfind('\n').map_or(0, |i| i + 1);
+        let end = text[span.end.min(text.len())..]
+            .find('\n')
+            .map_or(text.len(), |i| span.end + i);
+        if text[start..end].trim_start().starts_with('[') {
+            // a whole table is at fault: dropping it would only make up other problems
+            return (None, errors);
+        }
+        let blank: String = text[start..end]
+            .chars()
+            .map(|c| if c == '\n' { '\n' } else { ' ' })
+            .collect();
+        if blank.len() != end - start {
+            return (None, errors); // non-ASCII: offsets would shift
+        }
+        text.replace_range(start..end, &blank);
+        if text.parse::<toml::Table>().is_err() {
+            return (None, errors);
+        }
+    }
+    (None, errors)
+}
+
 pub(super) fn parse(path: &Path, src: &str) -> Result<Config, ConfigErrors> {
     let file: Arc<str> = Arc::from(path.display().to_string());
-    let raw: RawConfig = match toml::from_str(src) {
-        Ok(raw) => raw,
-        Err(e) => {
-            let offset = e.span().map(|s| s.start).unwrap_or(0);
-            return Err(ConfigErrors(vec![ConfigError {
-                origin: Origin::at(&file, src, offset),
-                option: option_at(src, offset),
-                message: e.message().trim().to_string(),
-            }]));
-        }
+    let (raw, schema_errors) = read_schema(&file, src);
+    let Some(raw) = raw else {
+        return Err(ConfigErrors(schema_errors));
     };
     let base = path
         .parent()
@@ -194,7 +277,7 @@ pub(super) fn parse(path: &Path, src: &str) -> Result<Config, ConfigErrors> {
         file,
         src,
         base,
-        errors: Vec::new(),
+        errors: schema_errors,
     };
     let cfg = build(&mut cx, raw, path);
     if cx.errors.is_empty() {
@@ -280,6 +363,10 @@ fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
     };
 
     let certs_dir = raw.tls.certs_dir.as_ref().map(|d| cx.path(d.get_ref()));
+    let certs_dir_origin = match &raw.tls.certs_dir {
+        Some(d) => cx.origin(d.span()),
+        None => cx.origin(0..0),
+    };
     let admin = admin(cx, &raw.admin);
     let consul = consul(cx, &raw.consul);
     let failover = raw.failover.as_ref().and_then(|f| failover(cx, f));
@@ -293,19 +380,21 @@ fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
             );
         }
     }
-    if admin.enabled
-        && listeners
-            .iter()
-            .any(|l| l.addresses.contains(&admin.address))
-    {
+    let clash = listeners
+        .iter()
+        .flat_map(|l| l.addresses.iter())
+        .find(|a| addresses_overlap(**a, admin.address));
+    if let (true, Some(traffic)) = (admin.enabled, clash) {
         let span = raw.admin.address.as_ref().map(|a| a.span()).unwrap_or(0..0);
+        let why = if *traffic == admin.address {
+            "is also a traffic listener".to_string()
+        } else {
+            format!("shares its port with the traffic listener {traffic}, so requests could land on either")
+        };
         cx.err(
             span,
             "admin.address",
-            format!(
-                "{} is also a traffic listener: the admin API needs its own address",
-                admin.address
-            ),
+            format!("{} {why}: the admin API needs its own port", admin.address),
         );
     }
     if has_tls && certs_dir.is_none() && vhosts.iter().all(|v| v.cert.is_none()) {
@@ -335,10 +424,7 @@ fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
             upstream_keepalive_pool_size: pool_size,
             https_redirect_port,
             forwarded_for,
-            pid_file: s
-                .pid_file
-                .clone()
-                .unwrap_or_else(|| "/tmp/tollgate.pid".to_string()),
+            pid_file: s.pid_file.as_deref().map(|p| cx.path(p)),
             upgrade_sock: s
                 .upgrade_sock
                 .clone()
@@ -351,6 +437,7 @@ fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
         },
         listeners,
         certs_dir,
+        certs_dir_origin,
         admin,
         consul,
         failover,
@@ -519,6 +606,15 @@ fn limits(cx: &mut Ctx, r: &RawLimits) -> Limits {
             d(60),
             d(1),
             d(3600),
+        ),
+        send_timeout: secs(cx, &r.send_timeout, "limits.send_timeout", 60),
+        encoded_slashes: cx.choice(
+            &r.encoded_slashes,
+            "limits.encoded_slashes",
+            &[
+                ("reject", crate::routing::path::EncodedSlashes::Reject),
+                ("keep", crate::routing::path::EncodedSlashes::Keep),
+            ],
         ),
         min_body_rate: cx.int(&r.min_body_rate, "limits.min_body_rate", 0, 0, 1 << 40) as u64,
         min_body_rate_after: secs(cx, &r.min_body_rate_after, "limits.min_body_rate_after", 10),
@@ -1089,6 +1185,14 @@ fn admin(cx: &mut Ctx, raw: &super::raw::RawAdmin) -> AdminSettings {
     }
 }
 
+/// Whether two listening addresses would take the same connections: the same address, or the
+/// same port where one is the wildcard (`0.0.0.0`, `[::]`) of the other's family.
+fn addresses_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 fn listeners(cx: &mut Ctx, raw: &RawConfig) -> Vec<Listener> {
     if raw.listeners.is_empty() {
         cx.err(
@@ -1097,7 +1201,7 @@ fn listeners(cx: &mut Ctx, raw: &RawConfig) -> Vec<Listener> {
             "no listeners: add [[listener]] with address = \"0.0.0.0:443\" and tls = true",
         );
     }
-    let mut seen: HashMap<SocketAddr, usize> = HashMap::new();
+    let mut seen: Vec<(SocketAddr, usize)> = Vec::new();
     let mut out = Vec::new();
     for (i, l) in raw.listeners.iter().enumerate() {
         let span = l.get_ref().address.span();
@@ -1110,13 +1214,21 @@ fn listeners(cx: &mut Ctx, raw: &RawConfig) -> Vec<Listener> {
             match a.parse::<SocketAddr>() {
                 Ok(sa) => {
                     let line = cx.origin(span.clone()).line;
-                    if let Some(prev) = seen.insert(sa, line) {
+                    if let Some((other, prev)) =
+                        seen.iter().find(|(b, _)| addresses_overlap(sa, *b))
+                    {
+                        let what = if *other == sa {
+                            String::new()
+                        } else {
+                            format!(" (as {other}: same port, and one is a wildcard address)")
+                        };
                         cx.err(
                             span.clone(),
                             format!("listener[{i}].address"),
-                            format!("{sa} is already used by the listener on line {prev}"),
+                            format!("{sa} is already used by the listener on line {prev}{what}"),
                         );
                     }
+                    seen.push((sa, line));
                     addresses.push(sa);
                 }
                 Err(_) => cx.err(
@@ -1268,6 +1380,29 @@ fn vhosts(
                     format!("{opt}.path"),
                     format!(
                         "`{p}` is not a path prefix: it must start with / and hold no ? # or space"
+                    ),
+                );
+            } else if p.contains(';')
+                || !matches!(
+                    crate::routing::path::normalize_path(
+                        p,
+                        crate::routing::path::EncodedSlashes::Keep
+                    ),
+                    Ok(std::borrow::Cow::Borrowed(_))
+                )
+            {
+                let hint = match crate::routing::path::normalize_path(
+                    p,
+                    crate::routing::path::EncodedSlashes::Keep,
+                ) {
+                    Ok(n) if !p.contains(';') => format!("; write `{n}`"),
+                    _ => String::new(),
+                };
+                cx.err(
+                    r.path.span(),
+                    format!("{opt}.path"),
+                    format!(
+                        "`{p}` can never match: requests are routed on their normalised path (no //, . or .. segments, %XX only for reserved characters, no ;){hint}"
                     ),
                 );
             }
@@ -1533,21 +1668,51 @@ backends = ["127.0.0.1:9000", { address = "127.0.0.1:9001", weight = 3 }]
 
     #[test]
     fn syntax_error_names_line_and_option() {
-        let e = errs("[server]\nthreads = \"two\"\n");
-        assert_eq!(e.len(), 1);
-        assert_eq!(e[0].origin.line, 2);
-        assert_eq!(e[0].option, "server.threads");
+        let e = errs("[server]\nthreads = 2\nwork_stealing = [\n");
+        assert_eq!(e.len(), 1, "nothing more can be read: {e:?}");
+        assert_eq!(e[0].origin.line, 4);
+    }
+
+    #[test]
+    fn type_errors_have_a_hint_and_do_not_hide_other_problems() {
+        let src = OK
+            .replacen("[pool.web]\n", "[pool.web]\nconnect_timeout = 5\n", 1)
+            .replace("pool = \"web\"", "pool = \"nope\"");
+        let e = errs(&format!("[server]\nthreads = \"two\"\n{src}"));
+        let t = e.iter().find(|e| e.option == "server.threads").unwrap();
+        assert_eq!(t.origin.line, 2);
+        assert!(t.message.contains("without quotes"), "{}", t.message);
+        let c = e
+            .iter()
+            .find(|e| e.option == "pool.web.connect_timeout")
+            .unwrap_or_else(|| panic!("{e:?}"));
+        assert!(c.message.contains("write \"30s\""), "{}", c.message);
+        assert!(
+            e.iter().any(|e| e.message.contains("no pool named `nope`")),
+            "the semantic problem is reported with the schema ones: {e:?}"
+        );
+        let lines: Vec<usize> = e.iter().map(|e| e.origin.line).collect();
+        assert!(
+            lines.windows(2).all(|w| w[0] <= w[1]),
+            "in line order: {lines:?}"
+        );
     }
 
     #[test]
     fn unknown_option_is_an_error() {
-        let e = errs("[server]\nthreadz = 2\n");
-        assert_eq!(e[0].origin.line, 2);
+        let e = errs("[server]\nthreadz = 2\nthreadx = 3\n");
+        let unknown: Vec<_> = e
+            .iter()
+            .filter(|e| e.option.starts_with("server."))
+            .collect();
+        assert_eq!(unknown.len(), 2, "both unknown options at once: {e:?}");
+        assert_eq!(unknown[0].origin.line, 2);
         assert!(
-            e[0].message.contains("unknown field `threadz`"),
+            unknown[0].message.contains("unknown field `threadz`"),
             "{}",
-            e[0].message
+            unknown[0].message
         );
+        assert!(unknown[1].message.contains("unknown field `threadx`"));
     }
 
     #[test]

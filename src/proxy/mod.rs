@@ -67,6 +67,9 @@ pub struct RequestCtx {
     /// The request body cap for the matched route (None: no cap).
     body_cap: Option<u64>,
     body: crate::limits::http::BodyMeter,
+    /// The client has announced a request body it has not finished sending: an upstream
+    /// timeout now is the client's doing, not the backend's.
+    owes_body: bool,
     /// The route's proxy-wasm chain, once the request reached it.
     plugins: Option<Box<crate::wasm::Chain>>,
     /// A plugin's answer decided after the request head went upstream (sent by the
@@ -106,6 +109,7 @@ impl ProxyHttp for Tollgate {
             client_ip: None,
             body_cap: None,
             body: Default::default(),
+            owes_body: false,
             plugins: None,
             plugin_answer: None,
             plugin_body: None,
@@ -134,6 +138,9 @@ impl ProxyHttp for Tollgate {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let n = body.as_ref().map(|b| b.len()).unwrap_or(0);
+        if end_of_stream {
+            ctx.owes_body = false;
+        }
         let l = &ctx.snap.config.limits;
         if let Err(r) = ctx.body.feed(
             n,
@@ -231,6 +238,23 @@ impl ProxyHttp for Tollgate {
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
         response::error_answer(session, e, ctx).await
+    }
+
+    fn request_refused(
+        &self,
+        session: &pingora::protocols::http::ServerSession,
+        e: &Error,
+        status: u16,
+    ) {
+        if self.access_log {
+            response::refused_log(session, e, status);
+        }
+    }
+
+    /// Client-caused failures (resets, stalls, bad frames) are in the access log with their
+    /// reason; an ERROR line each would let any client flood the log.
+    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, e: &Error) -> bool {
+        *e.esource() == ErrorSource::Downstream || response::client_stalled(e, ctx)
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {

@@ -3,10 +3,12 @@
 
 use super::RequestCtx;
 use crate::config::ForwardedFor;
+use crate::routing::path::{normalize_path, PathError};
 use crate::routing::{normalize_host, Lookup};
 use bytes::Bytes;
 use pingora::prelude::*;
 use pingora::proxy::Session;
+use std::borrow::Cow;
 
 const REQUEST_ID: &str = "x-request-id";
 
@@ -17,9 +19,17 @@ pub(super) async fn check(session: &mut Session, ctx: &mut RequestCtx) -> Result
     let snap = ctx.snap.clone();
     let l = &snap.config.limits;
     session.set_keepalive(Some(l.keepalive_timeout.as_secs()));
-    session
-        .as_downstream_mut()
-        .set_read_timeout(Some(l.body_idle_timeout));
+    let down = session.as_downstream_mut();
+    down.set_read_timeout(Some(l.body_idle_timeout));
+    down.set_write_timeout(Some(l.send_timeout));
+    // HTTP/1.1 requests sent before the previous answer are served in order (RFC 9112
+    // §9.3.2), not dropped with the connection.
+    down.set_pipelining_enabled(true);
+    ctx.owes_body = if session.is_http2() {
+        !session.as_downstream_mut().is_body_done()
+    } else {
+        has_body(session.req_header())
+    };
     let peer = session
         .client_addr()
         .and_then(|a| a.as_inet())
@@ -38,7 +48,66 @@ pub(super) async fn check(session: &mut Session, ctx: &mut RequestCtx) -> Result
         }
         return answer(session, ctx, r.status, r.reason, None).await;
     }
+    if let Err(reason) = normalize_target(session.req_header_mut(), l) {
+        return answer(session, ctx, 400, reason, None).await;
+    }
     Ok(false)
+}
+
+/// The request target's form (RFC 9112 §3.2: origin-form, absolute-form with an http(s)
+/// scheme, or `*` for OPTIONS; anything else is a 400) and its path normalised
+/// (`routing::path`). The request is then routed, shown to plugins, logged and forwarded with
+/// the normalised path, in origin-form.
+fn normalize_target(
+    req: &mut RequestHeader,
+    l: &crate::config::Limits,
+) -> Result<(), &'static str> {
+    use pingora::protocols::http::authority::{raw_target_authority, RawTargetAuthority};
+    if !req.raw_path_is_utf8() {
+        return Err("request target is not valid UTF-8");
+    }
+    let raw = req.raw_path();
+    let authority = match raw.first() {
+        Some(b'/') => None,
+        _ if raw == b"*" => {
+            return if req.method == http::Method::OPTIONS {
+                Ok(())
+            } else {
+                Err("request target * is for OPTIONS only")
+            };
+        }
+        _ => match raw_target_authority(raw) {
+            RawTargetAuthority::Absolute {
+                scheme, authority, ..
+            } if scheme.eq_ignore_ascii_case(b"http") || scheme.eq_ignore_ascii_case(b"https") => {
+                Some(authority.to_vec())
+            }
+            _ => return Err(PathError::NotOriginForm.reason()),
+        },
+    };
+    let path = match normalize_path(req.uri.path(), l.encoded_slashes) {
+        Ok(Cow::Borrowed(_)) if authority.is_none() => return Ok(()),
+        Ok(p) => p.into_owned(),
+        Err(e) => return Err(e.reason()),
+    };
+    let pq = match req.uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = req.uri.scheme().cloned();
+    parts.authority = req.uri.authority().cloned();
+    parts.path_and_query = Some(pq.parse().map_err(|_| PathError::BadPercent.reason())?);
+    let uri = http::Uri::from_parts(parts).map_err(|_| PathError::NotOriginForm.reason())?;
+    if let Some(a) = authority {
+        // absolute-form: pingora has checked that a Host, if any, equals the authority
+        if !req.headers.contains_key(http::header::HOST) {
+            req.insert_header(http::header::HOST, a)
+                .map_err(|_| "invalid authority in the request target")?;
+        }
+    }
+    req.set_uri(uri);
+    Ok(())
 }
 
 /// Route the request; `Ok(true)` when tollgate already answered it.

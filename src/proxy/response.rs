@@ -29,8 +29,22 @@ pub(super) fn downstream_headers(resp: &mut ResponseHeader, ctx: &RequestCtx) ->
     Ok(())
 }
 
+/// Whether the request failed because the client stopped sending a body it announced: the
+/// client's body idle timeout, or an upstream timeout while the backend still waited for the
+/// body. Either is a 408, and never counts against the backend.
+pub(super) fn client_stalled(e: &Error, ctx: &RequestCtx) -> bool {
+    match (e.etype(), e.esource()) {
+        (ReadTimedout, ErrorSource::Downstream) => true,
+        (ReadTimedout, ErrorSource::Upstream) => ctx.owes_body && ctx.upstream_status.is_none(),
+        _ => false,
+    }
+}
+
 /// The status tollgate answers with when proxying failed.
-fn status_for(e: &Error) -> u16 {
+fn status_for(e: &Error, ctx: &RequestCtx) -> u16 {
+    if client_stalled(e, ctx) {
+        return 408;
+    }
     match e.etype() {
         HTTPStatus(code) => *code,
         ConnectTimedout | ReadTimedout | WriteTimedout if *e.esource() == ErrorSource::Upstream => {
@@ -49,6 +63,7 @@ fn status_for(e: &Error) -> u16 {
 
 fn reason_for(code: u16, e: &Error) -> String {
     match code {
+        408 => "the client did not send the request body within limits.body_idle_timeout".into(),
         504 => format!("upstream timed out ({})", e.etype().as_str()),
         502 => format!("upstream failed ({})", e.etype().as_str()),
         503 => "no live backend".to_string(),
@@ -72,7 +87,7 @@ pub(super) async fn error_answer(
             can_reuse_downstream: false,
         };
     }
-    let code = status_for(e);
+    let code = status_for(e, ctx);
     if ctx.reason.is_none() {
         ctx.reason = Some(reason_for(code, e).into());
     }
@@ -89,7 +104,7 @@ pub(super) async fn error_answer(
             504 => "the upstream server did not answer in time",
             502 => "the upstream server could not be reached or failed",
             400 => "bad request",
-            408 => "request body slower than limits.min_body_rate",
+            408 => ctx.reason.as_deref().unwrap_or("request timeout"),
             413 => "request body over max_body_size",
             _ => "internal error",
         };
@@ -148,9 +163,50 @@ pub(super) fn access_log(session: &Session, e: Option<&Error>, ctx: &RequestCtx)
         attempts = ctx.tried.len(),
         upstream_status = ctx.upstream_status.unwrap_or(0),
         bytes_sent = session.body_bytes_sent(),
-        duration_ms = ctx.start.elapsed().as_secs_f64() * 1000.0,
+        // microsecond precision, without float noise in the log
+        duration_ms = (ctx.start.elapsed().as_micros() as f64 / 1000.0),
         reason = ctx.reason.as_deref().unwrap_or("-"),
         error = %e.map(|e| e.to_string()).unwrap_or_default(),
+    );
+}
+
+/// The access log line for a request pingora refused before tollgate's filters saw it (a
+/// header it could not parse, a smuggling shape, CONNECT): the same fields, `-` for what is
+/// not known.
+pub(super) fn refused_log(
+    session: &pingora::protocols::http::ServerSession,
+    e: &Error,
+    status: u16,
+) {
+    let reason = e
+        .context
+        .as_ref()
+        .map(|c| c.as_str().to_string())
+        .unwrap_or_else(|| e.etype().as_str().to_string());
+    let tls = session
+        .digest()
+        .and_then(|d| d.ssl_digest.as_ref())
+        .is_some();
+    tracing::info!(
+        target: "access",
+        request_id = "-",
+        client = %session.client_addr().map(|a| a.to_string()).unwrap_or_default(),
+        proto = if session.is_http2() { "h2" } else { "http/1.1" },
+        tls,
+        method = "-",
+        host = "-",
+        path = "-",
+        status,
+        vhost = "-",
+        route = "-",
+        pool = "-",
+        backend = "-",
+        attempts = 0,
+        upstream_status = 0,
+        bytes_sent = 0,
+        duration_ms = 0.0,
+        reason = %reason,
+        error = %e,
     );
 }
 

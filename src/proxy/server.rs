@@ -122,7 +122,6 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
         grace_period_seconds: Some(whole_seconds(cfg.server.shutdown_timeout)),
         graceful_shutdown_timeout_seconds: Some(1),
         upstream_keepalive_pool_size: cfg.server.upstream_keepalive_pool_size,
-        pid_file: cfg.server.pid_file.clone(),
         upgrade_sock: cfg.server.upgrade_sock.clone(),
         ..ServerConf::default()
     };
@@ -131,6 +130,16 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
         upgrade,
         ..Opt::default()
     };
+    if let Some(pid_file) = &cfg.server.pid_file {
+        write_pid_file(pid_file).with_context(|| {
+            format!(
+                "cannot write server.pid_file {} (in {})",
+                pid_file.display(),
+                cfg.source.display()
+            )
+        })?;
+        let _ = PID_FILE.set(pid_file.clone());
+    }
     let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
     server.bootstrap();
 
@@ -162,6 +171,11 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
             .max_pending_accept_reset_streams(limits.h2_max_pending_resets)
             .max_local_error_reset_streams(Some(limits.h2_max_error_resets));
         app.h2_options = Some(h2);
+        // An HTTP/2 connection with no open stream is closed after keepalive_timeout, as an
+        // idle HTTP/1 one is; PING or SETTINGS frames alone do not keep it open.
+        let mut opts = pingora::apps::HttpServerOptions::default();
+        opts.h2_idle_timeout = Some(limits.keepalive_timeout);
+        app.server_options = Some(opts);
     }
     for l in &cfg.listeners {
         for a in &l.addresses {
@@ -225,6 +239,28 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+static PID_FILE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// Write this process's id to `path` (through a temporary file and a rename, so a reader
+/// never sees it half written).
+fn write_pid_file(path: &std::path::Path) -> std::io::Result<()> {
+    let tmp = path.with_extension("pid.tmp");
+    std::fs::write(&tmp, format!("{}\n", std::process::id()))?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Remove the pid file at exit, unless another process (a binary upgrade's new tollgate) has
+/// written its own id there since.
+fn remove_pid_file() {
+    if let Some(path) = PID_FILE.get() {
+        let ours =
+            std::fs::read_to_string(path).is_ok_and(|s| s.trim() == std::process::id().to_string());
+        if ours {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 /// pingora's Unix signal handling, plus an early exit once a graceful shutdown has drained:
 /// pingora itself would sleep the whole grace period even with nothing in flight.
 struct DrainWatch;
@@ -248,11 +284,15 @@ impl ShutdownSignalWatch for DrainWatch {
                     let active = super::active_requests();
                     if active == 0 {
                         tracing::info!("graceful shutdown: no request in flight, exiting");
+                        remove_pid_file();
                         std::process::exit(0);
                     }
                     std::thread::sleep(Duration::from_millis(20));
                 }
             });
+        }
+        if matches!(signal, ShutdownSignal::FastShutdown) {
+            remove_pid_file();
         }
         signal
     }

@@ -75,6 +75,8 @@ pub(super) fn record_outcome(e: Option<&Error>, ctx: &mut RequestCtx) {
     };
     let b = &pool.backends[i];
     match e {
+        // The backend was waiting for a body the client never finished: not its failure.
+        Some(err) if super::response::client_stalled(err, ctx) => {}
         Some(err) if *err.esource() == ErrorSource::Upstream && ctx.upstream_status.is_none() => {
             if let Some(ms) = b.state.record_failure(now_ms(), &pool.spec.health) {
                 tracing::warn!(pool = %pool.name, backend = %b.address, eject_ms = ms, error = %err, "backend ejected after consecutive failures");

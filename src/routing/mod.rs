@@ -1,6 +1,9 @@
 //! Virtual-host and path routing. Owns: host normalisation, the vhost table (exact names,
 //! `*.` wildcards, one default) and longest-prefix path matching. Pure: no I/O, no clocks, no
 //! knowledge of pools beyond the index it is given; `state` builds it, `proxy` asks it.
+//! `path` normalises request paths before they are routed (and forwarded).
+
+pub mod path;
 
 use std::collections::HashMap;
 
@@ -37,9 +40,12 @@ impl VhostEntry {
 
     /// The route with the longest prefix matching `path`. A prefix matches at a segment
     /// boundary: `/api` matches `/api`, `/api/x` and `/api?q`, not `/apix`; a prefix ending in
-    /// `/` matches everything below it.
+    /// `/` matches everything below it. `;` parameters do not take part (`/api;v=1/x` matches
+    /// `/api`); `path` is expected normalised (`path::normalize_path`).
     pub fn route(&self, path: &str) -> Option<(usize, &RouteEntry)> {
         let path = path.split(['?', '#']).next().unwrap_or("");
+        let path = path::strip_params(path);
+        let path = path.as_ref();
         self.routes
             .iter()
             .enumerate()
@@ -225,6 +231,9 @@ mod tests {
         assert_eq!(target("/apix"), 0);
         assert_eq!(target("/api/v2/x"), 2);
         assert_eq!(target("/api/v23"), 1);
+        assert_eq!(target("/api;v=1"), 1);
+        assert_eq!(target("/api;v=1/v2/x"), 2);
+        assert_eq!(target("/apix;y"), 0);
     }
 
     #[test]

@@ -181,6 +181,13 @@ async fn answer(
         };
         return Response::new(Full::new(Bytes::from(format!("{{\"body_len\":{n}}}"))));
     }
+    if let Some(n) = path
+        .strip_prefix("/bytes/")
+        .and_then(|s| s.parse::<usize>().ok())
+    {
+        // a large answer, for clients that do not read it
+        return Response::new(Full::new(Bytes::from(vec![b'x'; n.min(256 << 20)])));
+    }
     if let Some(ms) = path
         .rsplit_once("/sleep/")
         .and_then(|(_, s)| s.parse::<u64>().ok())

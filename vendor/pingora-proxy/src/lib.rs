@@ -362,15 +362,20 @@ where
                         .root_cause()
                         .downcast_ref::<httparse::Error>()
                         .is_some_and(|c| matches!(c, httparse::Error::TooManyHeaders));
+                    let status = if too_large { 431 } else { 400 };
+                    // tollgate patch: the application logs every request it refused.
+                    self.inner.request_refused(&downstream_session, &e, status);
                     downstream_session
-                        .respond_error(if too_large { 431 } else { 400 })
+                        .respond_error(status)
                         .await
                         .unwrap_or_else(|e| {
-                            error!("failed to send error response to downstream: {e}");
+                            debug!("failed to send error response to downstream: {e}");
                         });
                 } else {
                     // otherwise the connection must be broken, no need to send anything
-                    error!(
+                    // tollgate patch: a client that resets or sends garbage is not a
+                    // server error; debug, or any client could flood the log.
+                    debug!(
                         "Fail to proxy: {e}, downstream session type: {}",
                         downstream_session.session_type()
                     );
@@ -395,6 +400,9 @@ where
             .is_some_and(|opts| opts.allow_connect_method_proxying)
             && downstream_session.req_header().method == Method::CONNECT
         {
+            // tollgate patch: logged by the application like any refused request
+            let e = Error::explain(InvalidHTTPHeader, "CONNECT is not proxied");
+            self.inner.request_refused(&downstream_session, &e, 405);
             downstream_session
                 .respond_error(405)
                 .await

@@ -550,6 +550,11 @@ pub trait ProxyHttp {
     ) {
     }
 
+    /// tollgate patch: pingora answered `status` itself, before any filter ran, because the
+    /// request could not be parsed or is not allowed (`e` says why). The request header may
+    /// not exist: use only the session's connection details.
+    fn request_refused(&self, _session: &HttpSession, _e: &Error, _status: u16) {}
+
     /// A value of true means that the log message will be suppressed. The default value is false.
     ///
     /// See also: [`Self::suppress_proxy_warn_log`].

@@ -242,17 +242,19 @@ impl<A: ServerApp + Send + Sync + 'static> Service<A> {
                                             debug!("Downstream connection refused: {e}");
                                             return;
                                         }
-                                        // TODO: Maybe IOApp trait needs a fn to handle/filter out this error
+                                        // tollgate patch: a failed handshake is the client's
+                                        // doing (a scan, a health probe, a reset); at error
+                                        // level any client could flood the log.
                                         if let Some(addr) = peer_addr {
-                                            error!("Downstream handshake error from {}: {e}", addr);
+                                            debug!("Downstream handshake error from {}: {e}", addr);
                                         } else {
-                                            error!("Downstream handshake error: {e}");
+                                            debug!("Downstream handshake error: {e}");
                                         }
                                     }
                                 }
                             }
                             Err(_) => {
-                                error!("Downstream handshake timeout");
+                                debug!("Downstream handshake timeout");
                             }
                         }
                     });

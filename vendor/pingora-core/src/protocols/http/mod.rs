@@ -31,7 +31,8 @@ pub mod v2;
 pub use server::{ReusableHttpStream, Session as ServerSession};
 
 /// The Pingora server name string
-pub const SERVER_NAME: &[u8; 7] = b"Pingora";
+// tollgate patch: no answer of tollgate's names the framework it is built on.
+pub const SERVER_NAME: &[u8; 8] = b"tollgate";
 
 /// An enum to hold all possible HTTP response events.
 #[derive(Debug)]

@@ -291,6 +291,8 @@ pub struct HttpSession {
     pub write_timeout: Option<Duration>,
     // How long to wait when draining (discarding) request body
     total_drain_timeout: Option<Duration>,
+    // tollgate patch: the longest wait for the next piece of the request body
+    read_timeout: Option<Duration>,
 }
 
 /// The outcome of accepting the next event on an HTTP/2 downstream connection.
@@ -499,6 +501,7 @@ impl HttpSession {
             digest,
             write_timeout: None,
             total_drain_timeout: None,
+            read_timeout: None,
         })))
     }
 
@@ -520,8 +523,21 @@ impl HttpSession {
 
     /// Read request body bytes. `None` when there is no more body to read.
     pub async fn read_body_bytes(&mut self) -> Result<Option<Bytes>> {
-        // TODO: timeout
-        let data = self.request_body_reader.data().await.transpose().or_err(
+        // tollgate patch: a client that announces a body and never sends it must not hold
+        // the stream (and an upstream connection) until the upstream gives up.
+        let data = match self.read_timeout {
+            Some(t) => match timeout(t, self.request_body_reader.data()).await {
+                Ok(data) => data,
+                Err(_) => {
+                    return Error::e_explain(
+                        ErrorType::ReadTimedout,
+                        format!("while reading downstream request body, timeout: {t:?}"),
+                    )
+                }
+            },
+            None => self.request_body_reader.data().await,
+        };
+        let data = data.transpose().or_err(
             ErrorType::ReadError,
             "while reading downstream request body",
         )?;
@@ -591,6 +607,16 @@ impl HttpSession {
     /// to write to the stream after `timeout`.
     pub fn set_write_timeout(&mut self, timeout: Option<Duration>) {
         self.write_timeout = timeout;
+    }
+
+    /// tollgate patch: the longest wait for the next piece of the request body.
+    pub fn set_read_timeout(&mut self, timeout: Option<Duration>) {
+        self.read_timeout = timeout;
+    }
+
+    /// tollgate patch: the request body read timeout.
+    pub fn get_read_timeout(&self) -> Option<Duration> {
+        self.read_timeout
     }
 
     /// Get the write timeout.
