@@ -22,6 +22,7 @@ struct Cli {
 enum Command {
     /// Run the proxy.
     Run {
+        /// The configuration file (TOML); relative paths in it are relative to its directory.
         #[arg(long, short)]
         config: PathBuf,
         /// Take the listening sockets over from the running tollgate (zero-downtime binary
@@ -31,6 +32,7 @@ enum Command {
     },
     /// Validate a configuration (and its certificates); print every problem. Exit 1 if any.
     Check {
+        /// The configuration file (TOML) to validate.
         #[arg(long, short)]
         config: PathBuf,
     },
@@ -48,6 +50,7 @@ enum CertCommand {
         /// Host names (and IP addresses) the certificate covers.
         #[arg(required = true)]
         hosts: Vec<String>,
+        /// Directory to write <first host>.crt and .key into (created if missing).
         #[arg(long, default_value = "certs")]
         dir: PathBuf,
     },
@@ -82,7 +85,7 @@ fn run(path: PathBuf, upgrade: bool) -> ExitCode {
         }
     };
     init_logging(&config.log);
-    match tollgate::proxy::server::run(config, upgrade).context("tollgate could not start") {
+    match tollgate::proxy::server::run(config, upgrade).context("could not start") {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
     }

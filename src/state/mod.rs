@@ -122,9 +122,22 @@ impl Snapshot {
         generation: u64,
         view: &View,
     ) -> Result<Snapshot, ConfigErrors> {
-        let certs = CertStore::load(&config)?;
-        let admin_token = read_token(&config.admin.token)?;
-        let plugins = crate::wasm::host().load(&config.plugins, config.server.threads)?;
+        // every problem at once, in line order: certificates, the token, plugins
+        let certs = CertStore::load(&config);
+        let admin_token = read_token(&config.admin.token);
+        let plugins = crate::wasm::host().load(&config.plugins, config.server.threads);
+        let (certs, admin_token, plugins) = match (certs, admin_token, plugins) {
+            (Ok(c), Ok(t), Ok(p)) => (c, t, p),
+            (c, t, p) => {
+                let mut all: Vec<_> = [c.err(), t.err(), p.err()]
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|e| e.0)
+                    .collect();
+                all.sort_by_key(|e| e.origin.line);
+                return Err(ConfigErrors(all));
+            }
+        };
         // Vhosts and routes: the file's first, then the routes services declare in Consul.
         // The file wins every conflict; conflicts are reported, never fatal.
         let mut vhosts: Vec<VhostInfo> = config

@@ -79,14 +79,19 @@ impl CertStore {
             return Ok(store);
         }
         if let Some(dir) = &cfg.certs_dir {
-            for (cert, key) in scan_dir(dir, &mut errors) {
+            let at = &cfg.certs_dir_origin;
+            for (cert, key) in scan_dir(dir, at, &mut errors) {
                 match load_pair(&cert, &key) {
                     Ok((ck, info)) => {
                         store.insert(&info.names, &ck);
                         store.fallback.get_or_insert(ck);
                         store.infos.push(info);
                     }
-                    Err(e) => errors.push(file_error(&cert, "tls.certs_dir", e)),
+                    Err(e) => errors.push(ConfigError {
+                        origin: at.clone(),
+                        option: "tls.certs_dir".into(),
+                        message: format!("{}: {e}", cert.display()),
+                    }),
                 }
             }
         }
@@ -127,10 +132,7 @@ impl CertStore {
             }
             if store.is_empty() {
                 errors.push(ConfigError {
-                    origin: Origin {
-                        file: cfg.source.display().to_string().into(),
-                        line: 0,
-                    },
+                    origin: cfg.certs_dir_origin.clone(),
                     option: "tls.certs_dir".into(),
                     message: "TLS listeners are configured but no certificate was found".into(),
                 });
@@ -144,27 +146,16 @@ impl CertStore {
     }
 }
 
-fn file_error(path: &Path, option: &str, message: String) -> ConfigError {
-    ConfigError {
-        origin: Origin {
-            file: path.display().to_string().into(),
-            line: 0,
-        },
-        option: option.into(),
-        message,
-    }
-}
-
 /// `*.crt` / `*.pem` files in `dir` that have a `.key` beside them (same stem).
-fn scan_dir(dir: &Path, errors: &mut Vec<ConfigError>) -> Vec<(PathBuf, PathBuf)> {
+fn scan_dir(dir: &Path, at: &Origin, errors: &mut Vec<ConfigError>) -> Vec<(PathBuf, PathBuf)> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) => {
-            errors.push(file_error(
-                dir,
-                "tls.certs_dir",
-                format!("cannot read the directory: {e}"),
-            ));
+            errors.push(ConfigError {
+                origin: at.clone(),
+                option: "tls.certs_dir".into(),
+                message: format!("cannot read the directory {}: {e}", dir.display()),
+            });
             return Vec::new();
         }
     };
@@ -271,8 +262,23 @@ pub fn write_dev_cert(hosts: &[String], dir: &Path) -> anyhow::Result<(PathBuf, 
         !hosts.is_empty(),
         "name at least one host, e.g. `tollgate cert dev localhost`"
     );
-    let ck = rcgen::generate_simple_self_signed(hosts.to_vec())
+    // valid from yesterday (clock skew) for 90 days: long enough for local use, short
+    // enough that a dev certificate left in production shows up
+    let mut params = rcgen::CertificateParams::new(hosts.to_vec())
         .context("cannot generate a certificate for these names")?;
+    let (y, m, d) = civil_from_unix(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64)
+            - 86_400,
+    );
+    params.not_before = rcgen::date_time_ymd(y, m, d);
+    params.not_after = params.not_before + std::time::Duration::from_secs(91 * 86_400);
+    let key_pair = rcgen::KeyPair::generate().context("cannot generate a key")?;
+    let cert = params
+        .self_signed(&key_pair)
+        .context("cannot generate a certificate for these names")?;
+    let ck = rcgen::CertifiedKey { cert, key_pair };
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let stem = hosts[0].replace('*', "_wildcard");
     let cert = dir.join(format!("{stem}.crt"));
@@ -282,6 +288,20 @@ pub fn write_dev_cert(hosts: &[String], dir: &Path) -> anyhow::Result<(PathBuf, 
     write_private(&key, ck.key_pair.serialize_pem().as_bytes())
         .with_context(|| format!("cannot write {}", key.display()))?;
     Ok((cert, key))
+}
+
+/// The UTC calendar date of a Unix time (Howard Hinnant's `civil_from_days`).
+fn civil_from_unix(secs: i64) -> (i32, u8, u8) {
+    let z = secs.div_euclid(86_400) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u8;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
+    let y = (yoe + era * 400 + i64::from(m <= 2)) as i32;
+    (y, m, d)
 }
 
 fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
@@ -301,12 +321,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_unix(0), (1970, 1, 1));
+        assert_eq!(civil_from_unix(951_782_400), (2000, 2, 29));
+        assert_eq!(civil_from_unix(1_798_761_599), (2026, 12, 31));
+    }
+
+    #[test]
     fn dev_cert_loads_and_names_its_hosts() {
         let dir = std::env::temp_dir().join(format!("tollgate-tls-{}", std::process::id()));
         let (c, k) = write_dev_cert(&["localhost".into(), "*.local.test".into()], &dir).unwrap();
         let (ck, info) = load_pair(&c, &k).unwrap();
         assert_eq!(info.names, vec!["localhost", "*.local.test"]);
-        assert!(info.not_after > 0);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let days_left = (info.not_after - now) / 86_400;
+        assert!(
+            (88..=90).contains(&days_left),
+            "valid ~90 days: {days_left}"
+        );
         let mut store = CertStore::default();
         store.insert(&info.names, &ck);
         assert!(store.resolve(Some("LOCALHOST")).is_some());

@@ -194,6 +194,9 @@ fn proxy(l: &mut Linker<HostState>, known: &mut HashSet<(String, String)>) -> R<
         "proxy_log",
         |mut c: C, level: i32, p: i32, n: i32| -> R<i32> {
             let msg = read_str(&mut c, p, n)?;
+            if level >= abi::LOG_INFO {
+                c.data_mut().note_startup_log(&msg);
+            }
             let plugin = c.data().spec.name.as_str();
             match level {
                 abi::LOG_TRACE => tracing::trace!(plugin, "{msg}"),

@@ -478,8 +478,18 @@ impl Host {
             let bytes = match std::fs::read(&spec.file) {
                 Ok(b) => b,
                 Err(e) => {
+                    // the shipped plugins are built, not committed: say how
+                    let shipped = spec
+                        .file
+                        .parent()
+                        .is_some_and(|d| d.ends_with("plugins/dist"));
+                    let hint = if shipped && e.kind() == std::io::ErrorKind::NotFound {
+                        " (build the shipped plugins with plugins/build)"
+                    } else {
+                        ""
+                    };
                     errors.push(err(format!(
-                        "cannot read {}: {e} (build the plugins with plugins/build)",
+                        "cannot read {}: {e}{hint}",
                         spec.file.display()
                     )));
                     continue;

@@ -122,6 +122,32 @@ pub struct HostState {
     pub pools: Arc<Vec<String>>,
     /// Bytes written to stdout/stderr not yet ending in a newline.
     pub stdout: Vec<u8>,
+    /// While the instance starts: what the plugin logged (info and above), so that a
+    /// refused start can say why (`tollgate check` shows no log).
+    pub startup_log: Option<Vec<String>>,
+}
+
+impl HostState {
+    /// Keep a start-up log line (a few, each bounded) for the error a refused start gives.
+    pub fn note_startup_log(&mut self, msg: &str) {
+        if let Some(lines) = self.startup_log.as_mut() {
+            if lines.len() < 8 {
+                let mut m: String = msg.chars().take(400).collect();
+                if m.len() < msg.len() {
+                    m.push('…');
+                }
+                lines.push(m);
+            }
+        }
+    }
+
+    /// What the plugin logged while starting, for an error message: `": line; line"`.
+    fn startup_reason(&mut self) -> String {
+        match self.startup_log.take() {
+            Some(lines) if !lines.is_empty() => format!(": {}", lines.join("; ")),
+            _ => " (it logged nothing)".to_string(),
+        }
+    }
 }
 
 impl HostState {
@@ -319,6 +345,7 @@ impl Vm {
                 tick_period: None,
                 pools: Arc::new(Vec::new()),
                 stdout: Vec::new(),
+                startup_log: Some(Vec::new()),
             },
         );
         store.limiter(|s| &mut s.limits);
@@ -394,7 +421,8 @@ impl Vm {
                 .call_long(|s| f.call(s, (ROOT_ID as i32, n)))
                 .map_err(|f| format!("proxy_on_vm_start {f}"))?;
             if ok == 0 {
-                return Err("proxy_on_vm_start returned false (see the plugin's log)".into());
+                let why = vm.store.data_mut().startup_reason();
+                return Err(format!("proxy_on_vm_start returned false{why}"));
             }
         }
         if let Some(f) = vm.exports.on_configure.clone() {
@@ -403,12 +431,13 @@ impl Vm {
                 .call_long(|s| f.call(s, (ROOT_ID as i32, n)))
                 .map_err(|f| format!("proxy_on_configure {f}"))?;
             if ok == 0 {
-                return Err(
-                    "the plugin rejected its configuration (proxy_on_configure returned false; see the plugin's log)"
-                        .into(),
-                );
+                let why = vm.store.data_mut().startup_reason();
+                return Err(format!(
+                    "the plugin rejected its configuration (proxy_on_configure returned false){why}"
+                ));
             }
         }
+        vm.store.data_mut().startup_log = None;
         Ok(vm)
     }
 
