@@ -3,6 +3,7 @@
 //! or near-pure pieces the request path consults.
 
 pub mod admin;
+pub mod alloc;
 pub mod config;
 pub mod discovery;
 pub mod failover;

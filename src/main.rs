@@ -9,7 +9,7 @@ use tollgate::config::{Config, LogFormat, LogSettings};
 // A proxy allocates and frees per request; mimalloc measured faster than glibc malloc here
 // (see benches/README.md).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tollgate::alloc::MiMalloc = tollgate::alloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(name = "tollgate", version, about = "HTTPS edge reverse proxy")]

@@ -47,6 +47,7 @@ pub struct RequestCtx {
     snap: Arc<Snapshot>,
     start: Instant,
     request_id: String,
+    request_id_hv: std::sync::OnceLock<http::HeaderValue>,
     host: String,
     tls: bool,
     vhost: Option<usize>,
@@ -79,6 +80,19 @@ pub struct RequestCtx {
     plugin_body: Option<bytes::Bytes>,
 }
 
+impl RequestCtx {
+    /// The request id as a header value, made once and shared by the request sent upstream
+    /// and the response (a `HeaderValue` clone is a reference count).
+    fn request_id_value(&self) -> http::HeaderValue {
+        self.request_id_hv
+            .get_or_init(|| {
+                http::HeaderValue::from_str(&self.request_id)
+                    .unwrap_or_else(|_| http::HeaderValue::from_static("-"))
+            })
+            .clone()
+    }
+}
+
 impl Drop for RequestCtx {
     fn drop(&mut self) {
         ACTIVE_REQUESTS.fetch_sub(1, Ordering::SeqCst);
@@ -95,6 +109,7 @@ impl ProxyHttp for Tollgate {
             snap: self.state.load_full(),
             start: Instant::now(),
             request_id: String::new(),
+            request_id_hv: std::sync::OnceLock::new(),
             host: String::new(),
             tls: false,
             vhost: None,

@@ -119,24 +119,23 @@ pub(super) async fn route(session: &mut Session, ctx: &mut RequestCtx) -> Result
     ctx.request_id = incoming_request_id(session.req_header()).unwrap_or_else(new_request_id);
 
     let req = session.req_header();
-    let raw_host = req
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            req.headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        });
-    let Some(host) = raw_host.as_deref().and_then(normalize_host) else {
+    let raw_host = match req.uri.authority() {
+        Some(a) => Some(a.as_str()),
+        None => req
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok()),
+    };
+    let Some(host) = raw_host.and_then(normalize_host) else {
         return answer(session, ctx, 400, "missing or invalid Host header", None).await;
     };
     ctx.host = host;
-    let path = req.uri.path().to_string();
 
     let snap = ctx.snap.clone();
-    match snap.routes.lookup(&ctx.host, &path) {
+    let lookup = snap
+        .routes
+        .lookup(&ctx.host, session.req_header().uri.path());
+    match lookup {
         Lookup::NoVhost => {
             answer(
                 session,
@@ -276,7 +275,12 @@ fn incoming_request_id(req: &RequestHeader) -> Option<String> {
 }
 
 fn new_request_id() -> String {
-    format!("{:032x}", fastrand::u128(..))
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let n = fastrand::u128(..);
+    let id: Vec<u8> = (0..32)
+        .map(|i| HEX[((n >> (124 - 4 * i)) & 0xf) as usize])
+        .collect();
+    String::from_utf8(id).unwrap_or_default()
 }
 
 /// Headers on the request sent upstream: X-Forwarded-For (from `ctx.client_ip`), -Proto,
@@ -284,7 +288,12 @@ fn new_request_id() -> String {
 /// Hop-by-hop headers are stripped by pingora's upstream request policy (WebSocket upgrade
 /// headers are re-added for valid WebSocket requests only).
 pub(super) fn proxy_headers(req: &mut RequestHeader, ctx: &RequestCtx) -> Result<()> {
-    if let Some(ip) = ctx.client_ip.map(|ip| ip.to_string()) {
+    use http::HeaderValue;
+    // Values are made as HeaderValues here (one allocation at most, no re-validation of a
+    // copy), and names are static: measured with callgrind, these four inserts were the
+    // largest part of tollgate's own per-request work.
+    if let Some(ip) = ctx.client_ip {
+        let ip = ip.to_string();
         let xff = match ctx.snap.config.server.forwarded_for {
             ForwardedFor::Replace => ip,
             ForwardedFor::Append => match req
@@ -296,20 +305,28 @@ pub(super) fn proxy_headers(req: &mut RequestHeader, ctx: &RequestCtx) -> Result
                 _ => ip,
             },
         };
+        let xff =
+            HeaderValue::try_from(xff).or_err(InvalidHTTPHeader, "invalid X-Forwarded-For")?;
         req.insert_header("x-forwarded-for", xff)?;
     }
-    req.insert_header("x-forwarded-proto", if ctx.tls { "https" } else { "http" })?;
-    let original_host = req
-        .headers
-        .get(http::header::HOST)
-        .map(|h| h.as_bytes().to_vec())
-        .or_else(|| req.uri.authority().map(|a| a.as_str().as_bytes().to_vec()));
-    if let Some(h) = original_host {
-        req.insert_header("x-forwarded-host", h.clone())?;
-        if !req.headers.contains_key(http::header::HOST) {
-            req.insert_header(http::header::HOST, h)?;
+    req.insert_header(
+        "x-forwarded-proto",
+        HeaderValue::from_static(if ctx.tls { "https" } else { "http" }),
+    )?;
+    let original_host = match req.headers.get(http::header::HOST) {
+        Some(h) => Some((h.clone(), true)),
+        None => req
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            .map(|h| (h, false)),
+    };
+    if let Some((h, had_host)) = original_host {
+        if !had_host {
+            req.insert_header(http::header::HOST, h.clone())?;
         }
+        req.insert_header("x-forwarded-host", h)?;
     }
-    req.insert_header(REQUEST_ID, &ctx.request_id)?;
+    req.insert_header(REQUEST_ID, ctx.request_id_value())?;
     Ok(())
 }

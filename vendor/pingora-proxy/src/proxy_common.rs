@@ -176,6 +176,26 @@ impl ConnectionNominations {
 }
 
 fn strip_standard_hop_by_hop_headers(req: &mut RequestHeader) {
+    // tollgate patch: one pass over the (few) header names first; most requests carry none
+    // of these, and ten removals cost ten hash lookups (~1.7k instructions per request)
+    let hop_by_hop = |n: &header::HeaderName| {
+        matches!(
+            n.as_str(),
+            "keep-alive"
+                | "proxy-connection"
+                | "proxy-authenticate"
+                | "proxy-authorization"
+                | "te"
+                | "trailer"
+                | "transfer-encoding"
+                | "connection"
+                | "upgrade"
+                | "http2-settings"
+        )
+    };
+    if !req.headers.keys().any(hop_by_hop) {
+        return;
+    }
     req.remove_header(KEEP_ALIVE);
     req.remove_header(PROXY_CONNECTION);
     req.remove_header(&header::PROXY_AUTHENTICATE);

@@ -360,7 +360,10 @@ impl TransportConnector {
         if let Some(s) = reused_stream {
             Ok((s, true))
         } else {
-            let s = self.new_stream(peer).await?;
+            // tollgate patch: boxed, so the connect and TLS handshake state (~8 KB) is not part
+            // of every request's future, which is moved on every keep-alive request even when
+            // the connection is reused (most of the time)
+            let s = Box::pin(self.new_stream(peer)).await?;
             Ok((s, false))
         }
     }

@@ -376,7 +376,9 @@ impl HttpSession {
                             req.method.unwrap_or(""),
                             // we path httparse to allow unsafe bytes in the str
                             req.path.unwrap_or("").as_bytes(),
-                            Some(req.headers.len()),
+                            // tollgate patch: room for the headers a proxy adds (X-Forwarded-*,
+                            // a request id), so adding them does not grow (rehash) both maps
+                            Some(req.headers.len() + 8),
                         )?);
 
                         request_header.set_version(match req.version {
