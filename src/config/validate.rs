@@ -1193,6 +1193,17 @@ fn addresses_overlap(a: SocketAddr, b: SocketAddr) -> bool {
         && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
+/// `None` when a route path is in the normal form requests are routed on; else a hint for
+/// the error (`"; write `/b`"` when it has one).
+fn route_path_not_normal(p: &str) -> Option<String> {
+    use crate::routing::path::{normalize_path, EncodedSlashes};
+    match normalize_path(p, EncodedSlashes::Keep) {
+        Ok(std::borrow::Cow::Borrowed(_)) if !p.contains(';') => None,
+        Ok(n) if !p.contains(';') => Some(format!("; write `{n}`")),
+        _ => Some(String::new()),
+    }
+}
+
 fn listeners(cx: &mut Ctx, raw: &RawConfig) -> Vec<Listener> {
     if raw.listeners.is_empty() {
         cx.err(
@@ -1382,22 +1393,7 @@ fn vhosts(
                         "`{p}` is not a path prefix: it must start with / and hold no ? # or space"
                     ),
                 );
-            } else if p.contains(';')
-                || !matches!(
-                    crate::routing::path::normalize_path(
-                        p,
-                        crate::routing::path::EncodedSlashes::Keep
-                    ),
-                    Ok(std::borrow::Cow::Borrowed(_))
-                )
-            {
-                let hint = match crate::routing::path::normalize_path(
-                    p,
-                    crate::routing::path::EncodedSlashes::Keep,
-                ) {
-                    Ok(n) if !p.contains(';') => format!("; write `{n}`"),
-                    _ => String::new(),
-                };
+            } else if let Some(hint) = route_path_not_normal(p) {
                 cx.err(
                     r.path.span(),
                     format!("{opt}.path"),
