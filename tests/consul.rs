@@ -446,6 +446,53 @@ async fn five_hundred_services_of_four_instances_are_all_routed_and_tollgate_idl
     while let Some(r) = regs.join_next().await {
         r.unwrap();
     }
+    // The agent copies its registrations into the catalog (which the health endpoints read)
+    // by anti-entropy, in the background; on a slow machine that runs for seconds. Wait for
+    // the catalog to hold all of them and for its health index to stop moving, so that "idle"
+    // below really means nothing changes in Consul.
+    let health = format!("http://{consul_http}/v1/health/state/passing");
+    let end = Instant::now() + Duration::from_secs(60);
+    let mut settled: Option<(String, Instant)> = None;
+    loop {
+        assert!(
+            Instant::now() < end,
+            "Consul's catalog never settled with all {} passing instances",
+            SERVICES * 4
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let Ok(r) = client.get(&health).send().await else {
+            continue;
+        };
+        let index = r
+            .headers()
+            .get("x-consul-index")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let Ok(checks) = r.json::<Vec<Value>>().await else {
+            continue;
+        };
+        let ours = checks
+            .iter()
+            .filter(|c| {
+                c["ServiceName"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("svc"))
+            })
+            .count();
+        if ours != SERVICES * 4 {
+            settled = None;
+            continue;
+        }
+        match &settled {
+            Some((i, since)) if *i == index => {
+                if since.elapsed() >= Duration::from_secs(1) {
+                    break;
+                }
+            }
+            _ => settled = Some((index, Instant::now())),
+        }
+    }
 
     let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let mut cfg = format!(

@@ -889,49 +889,62 @@ async fn watch_all(settings: ConsulSettings, keys: Vec<ServiceKey>, tx: mpsc::Se
     let mut last: BTreeMap<ServiceKey, Option<Vec<BackendSpec>>> =
         keys.iter().map(|k| (k.clone(), None)).collect();
     let mut failures: BTreeMap<ServiceKey, u32> = BTreeMap::new();
-    let (mut health_index, mut catalog_index) = (1u64, 1u64);
+    // Where both change watches stand now, taken before the first full read: a change after
+    // this point moves an index and causes another read, so none is missed; and the first
+    // blocking queries wait instead of answering at once and causing two redundant reads.
+    let (health, catalog) = tokio::join!(
+        block_on(&http, &settings, "/v1/health/state/any", 0),
+        block_on(&http, &settings, "/v1/catalog/services", 0),
+    );
+    let (mut health_index, mut catalog_index) = (health.unwrap_or(1), catalog.unwrap_or(1));
     let mut bucket = TokenBucket::new(10.0, 20.0, Instant::now());
     let limit = Arc::new(tokio::sync::Semaphore::new(16));
+    let mut read = true;
     loop {
-        pace(&mut bucket).await;
-        // read every service once
-        let mut reads = tokio::task::JoinSet::new();
-        for k in &keys {
-            let (http, s, k, limit) = (http.clone(), settings.clone(), k.clone(), limit.clone());
-            reads.spawn(async move {
-                let _permit = limit.acquire_owned().await;
-                let r = query(&http, &s, &k, 0).await;
-                (k, r)
-            });
-        }
-        while let Some(Ok((k, r))) = reads.join_next().await {
-            match r {
-                Ok((index, backends)) => {
-                    failures.remove(&k);
-                    let slot = last.entry(k.clone()).or_default();
-                    if on_answer(&http, &settings, &k, index, backends, slot, &tx)
-                        .await
-                        .is_err()
-                    {
-                        return;
+        if read {
+            pace(&mut bucket).await;
+            // read every service once
+            let mut reads = tokio::task::JoinSet::new();
+            for k in &keys {
+                let (http, s, k, limit) =
+                    (http.clone(), settings.clone(), k.clone(), limit.clone());
+                reads.spawn(async move {
+                    let _permit = limit.acquire_owned().await;
+                    let r = query(&http, &s, &k, 0).await;
+                    (k, r)
+                });
+            }
+            while let Some(Ok((k, r))) = reads.join_next().await {
+                match r {
+                    Ok((index, backends)) => {
+                        failures.remove(&k);
+                        let slot = last.entry(k.clone()).or_default();
+                        if on_answer(&http, &settings, &k, index, backends, slot, &tx)
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
                     }
-                }
-                Err(e) => {
-                    let f = failures.entry(k.clone()).or_default();
-                    *f += 1;
-                    on_error(&k, *f, &e);
+                    Err(e) => {
+                        let f = failures.entry(k.clone()).or_default();
+                        *f += 1;
+                        on_error(&k, *f, &e);
+                    }
                 }
             }
         }
-        // then wait for the next change anywhere
+        // then wait for the next change anywhere; a blocking query that ran out its `wait`
+        // answers with the index it was given: nothing changed, nothing to read
+        read = !failures.is_empty();
         tokio::select! {
             r = block_on(&http, &settings, "/v1/health/state/any", health_index) => match r {
-                Ok(i) => health_index = i,
-                Err(e) => { health_index = 1; change_watch_failed(&e).await; }
+                Ok(i) => { read |= i != health_index; health_index = i; }
+                Err(e) => { health_index = 1; read = true; change_watch_failed(&e).await; }
             },
             r = block_on(&http, &settings, "/v1/catalog/services", catalog_index) => match r {
-                Ok(i) => catalog_index = i,
-                Err(e) => { catalog_index = 1; change_watch_failed(&e).await; }
+                Ok(i) => { read |= i != catalog_index; catalog_index = i; }
+                Err(e) => { catalog_index = 1; read = true; change_watch_failed(&e).await; }
             },
         }
     }
