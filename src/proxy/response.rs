@@ -6,42 +6,60 @@ use bytes::Bytes;
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, Session};
 
+const KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: http::HeaderName = http::HeaderName::from_static("proxy-connection");
+
 /// Headers sent to the client: the request id, and no hop-by-hop headers from upstream.
 pub(super) fn downstream_headers(resp: &mut ResponseHeader, ctx: &RequestCtx) -> Result<()> {
     if resp.status.as_u16() != 101 {
-        // the common case, `Connection: keep-alive` or `close`, nominates nothing and
-        // allocates nothing
-        let nominates = |v: &http::HeaderValue| {
-            v.to_str().map_or(true, |v| {
-                v.split(',').any(|t| {
-                    let t = t.trim();
-                    !t.is_empty()
-                        && !t.eq_ignore_ascii_case("close")
-                        && !t.eq_ignore_ascii_case("keep-alive")
-                })
-            })
-        };
-        let connection = resp.headers.get_all(http::header::CONNECTION);
-        if connection.iter().any(nominates) {
-            let nominated: Vec<String> = connection
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .map(|t| t.trim().to_ascii_lowercase())
-                .filter(|t| !t.is_empty() && t != "close" && t != "keep-alive")
-                .collect();
-            for h in nominated {
-                resp.remove_header(&h);
+        // One look at the response's few names; the hash lookups and removals below run
+        // only for names that are there (most answers carry `Connection: keep-alive` only).
+        let (mut connection, mut keep_alive, mut proxy_connection) = (false, false, false);
+        for k in resp.headers.keys() {
+            if *k == http::header::CONNECTION {
+                connection = true;
+            } else if *k == KEEP_ALIVE {
+                keep_alive = true;
+            } else if *k == PROXY_CONNECTION {
+                proxy_connection = true;
             }
         }
-        resp.remove_header(&http::header::CONNECTION);
-        for h in ["keep-alive", "proxy-connection"] {
-            if resp.headers.contains_key(h) {
-                resp.remove_header(h);
+        if connection {
+            // the common case, `Connection: keep-alive` or `close`, nominates nothing and
+            // allocates nothing
+            let nominates = |v: &http::HeaderValue| {
+                v.to_str().map_or(true, |v| {
+                    v.split(',').any(|t| {
+                        let t = t.trim();
+                        !t.is_empty()
+                            && !t.eq_ignore_ascii_case("close")
+                            && !t.eq_ignore_ascii_case("keep-alive")
+                    })
+                })
+            };
+            let values = resp.headers.get_all(http::header::CONNECTION);
+            if values.iter().any(nominates) {
+                let nominated: Vec<String> = values
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .flat_map(|v| v.split(','))
+                    .map(|t| t.trim().to_ascii_lowercase())
+                    .filter(|t| !t.is_empty() && t != "close" && t != "keep-alive")
+                    .collect();
+                for h in nominated {
+                    resp.remove_header(&h);
+                }
             }
+            resp.remove_header(&http::header::CONNECTION);
+        }
+        if keep_alive {
+            resp.remove_header(&KEEP_ALIVE);
+        }
+        if proxy_connection {
+            resp.remove_header(&PROXY_CONNECTION);
         }
     }
-    resp.insert_header("x-request-id", ctx.request_id_value())?;
+    resp.insert_header(super::request::REQUEST_ID, ctx.request_id_value())?;
     Ok(())
 }
 
@@ -128,7 +146,7 @@ pub(super) async fn error_answer(
         let mut resp = pingora::protocols::http::ServerSession::generate_error(code);
         let _ = resp.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8");
         let _ = resp.set_content_length(body.len());
-        let _ = resp.insert_header("x-request-id", ctx.request_id_value());
+        let _ = resp.insert_header(super::request::REQUEST_ID, ctx.request_id_value());
         if let Err(err) = session
             .as_downstream_mut()
             .write_error_response(resp, body)

@@ -1,0 +1,153 @@
+// Copyright 2026 Cloudflare, Inc.
+//
+// Licensed under the Apache License, Version 2.0 (the "License");
+// you may not use this file except in compliance with the License.
+// You may obtain a copy of the License at
+//
+// http://www.apache.org/licenses/LICENSE-2.0
+//
+// Unless required by applicable law or agreed to in writing, software
+// distributed under the License is distributed on an "AS IS" BASIS,
+// WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+// See the License for the specific language governing permissions and
+// limitations under the License.
+
+use crate::*;
+use bytes::Bytes;
+use http::header;
+
+#[derive(Debug, Clone)]
+pub struct CaseHeaderName(Bytes);
+
+impl CaseHeaderName {
+    pub fn new(name: String) -> Self {
+        CaseHeaderName(name.into())
+    }
+}
+
+impl CaseHeaderName {
+    pub fn as_slice(&self) -> &[u8] {
+        &self.0
+    }
+
+    pub fn from_slice(buf: &[u8]) -> Self {
+        CaseHeaderName(Bytes::copy_from_slice(buf))
+    }
+}
+
+/// A trait that converts into case-sensitive header names.
+pub trait IntoCaseHeaderName {
+    fn into_case_header_name(self) -> CaseHeaderName;
+
+    /// tollgate patch: the name as written and as an [`HeaderName`]. The default parses the
+    /// written name; a name that is a [`HeaderName`] already is not parsed again (inserting a
+    /// header by `HeaderName` constant cost a parse, an allocation and a promotion of the
+    /// parsed name's buffer to shared on its clone into the case map).
+    fn into_names(self) -> Option<(CaseHeaderName, HeaderName)>
+    where
+        Self: Sized,
+    {
+        let case = self.into_case_header_name();
+        let name = HeaderName::from_bytes(case.as_slice()).ok()?;
+        Some((case, name))
+    }
+}
+
+impl IntoCaseHeaderName for CaseHeaderName {
+    fn into_case_header_name(self) -> CaseHeaderName {
+        self
+    }
+}
+
+impl IntoCaseHeaderName for String {
+    fn into_case_header_name(self) -> CaseHeaderName {
+        CaseHeaderName(self.into())
+    }
+}
+
+impl IntoCaseHeaderName for &'static str {
+    fn into_case_header_name(self) -> CaseHeaderName {
+        CaseHeaderName(self.into())
+    }
+}
+
+impl IntoCaseHeaderName for HeaderName {
+    fn into_case_header_name(self) -> CaseHeaderName {
+        CaseHeaderName(titled_header_name(&self))
+    }
+
+    fn into_names(self) -> Option<(CaseHeaderName, HeaderName)> {
+        Some((CaseHeaderName(titled_header_name(&self)), self))
+    }
+}
+
+impl IntoCaseHeaderName for &HeaderName {
+    fn into_case_header_name(self) -> CaseHeaderName {
+        CaseHeaderName(titled_header_name(self))
+    }
+
+    fn into_names(self) -> Option<(CaseHeaderName, HeaderName)> {
+        Some((CaseHeaderName(titled_header_name(self)), self.clone()))
+    }
+}
+
+impl IntoCaseHeaderName for Bytes {
+    fn into_case_header_name(self) -> CaseHeaderName {
+        CaseHeaderName(self)
+    }
+}
+
+fn titled_header_name(header_name: &HeaderName) -> Bytes {
+    titled_header_name_str(header_name).map_or_else(
+        || Bytes::copy_from_slice(header_name.as_str().as_bytes()),
+        |s| Bytes::from_static(s.as_bytes()),
+    )
+}
+
+pub(crate) fn titled_header_name_str(header_name: &HeaderName) -> Option<&'static str> {
+    Some(match *header_name {
+        header::ACCEPT_RANGES => "Accept-Ranges",
+        header::AGE => "Age",
+        header::CACHE_CONTROL => "Cache-Control",
+        header::CONNECTION => "Connection",
+        header::CONTENT_TYPE => "Content-Type",
+        header::CONTENT_ENCODING => "Content-Encoding",
+        header::CONTENT_LENGTH => "Content-Length",
+        header::DATE => "Date",
+        header::TRANSFER_ENCODING => "Transfer-Encoding",
+        header::HOST => "Host",
+        header::SERVER => "Server",
+        header::SET_COOKIE => "Set-Cookie",
+        // TODO: add more const header here to map to their titled case
+        // TODO: automatically upper case the first letter?
+        _ => {
+            return None;
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_case_header_name() {
+        assert_eq!("FoO".into_case_header_name().as_slice(), b"FoO");
+        assert_eq!("FoO".to_string().into_case_header_name().as_slice(), b"FoO");
+        assert_eq!(header::SERVER.into_case_header_name().as_slice(), b"Server");
+    }
+
+    #[test]
+    fn test_into_names() {
+        // tollgate patch: a HeaderName is taken as it is, a written name is parsed
+        let (case, name) = header::SERVER.into_names().unwrap();
+        assert_eq!((case.as_slice(), name), (&b"Server"[..], header::SERVER));
+        let custom = HeaderName::from_static("x-request-id");
+        let (case, name) = (&custom).into_names().unwrap();
+        assert_eq!((case.as_slice(), &name), (&b"x-request-id"[..], &custom));
+        let (case, name) = "X-Request-Id".into_names().unwrap();
+        assert_eq!((case.as_slice(), name), (&b"X-Request-Id"[..], custom));
+        assert!("bad name".into_names().is_none());
+        assert!("".into_names().is_none());
+    }
+}
