@@ -183,6 +183,28 @@ pub struct TransportConnector {
 
 const DEFAULT_POOL_SIZE: usize = 128;
 
+
+/// tollgate patch: whether a pooled stream is connected to `peer`, before it is reused.
+/// `Peer::matches_fd` asks the kernel (`getpeername`) on every reuse, a syscall per proxied
+/// request. The connection's socket digest holds the same address, read once per
+/// connection; when it equals the peer's address that settles it. Anything else (a proxied
+/// peer, 0.0.0.0, no digest, a different address) takes `matches_fd` as before.
+#[cfg(unix)]
+fn peer_matches<P: Peer>(peer: &P, stream: &Stream) -> bool {
+    use crate::protocols::l4::socket::SocketAddr as PeerAddr;
+    if peer.get_proxy().is_none() {
+        if let PeerAddr::Inet(want) = peer.address() {
+            let known = stream
+                .get_socket_digest()
+                .and_then(|d| d.peer_addr().cloned());
+            if !want.ip().is_unspecified() && known.as_ref() == Some(peer.address()) {
+                return true;
+            }
+        }
+    }
+    peer.matches_fd(stream.id())
+}
+
 impl TransportConnector {
     /// Create a new [TransportConnector] with the given [ConnectorOptions]
     pub fn new(mut options: Option<ConnectorOptions>) -> Self {
@@ -261,7 +283,7 @@ impl TransportConnector {
                         // test_reusable_stream: we assume server would never actively send data
                         // first on an idle stream.
                         #[cfg(unix)]
-                        if peer.matches_fd(stream.id())
+                        if peer_matches(peer, &stream)
                             && test_reusable_stream(&mut stream, &self.unexpected_data_conn_count)
                         {
                             Some(stream)
