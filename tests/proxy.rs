@@ -675,6 +675,129 @@ async fn proxy_headers_request_id_and_hop_by_hop_stripping() {
     assert!(head.contains("\nx-upstream: up"));
 }
 
+/// A client socket that notes the TLS records it receives: (content type, length).
+struct RecordTap {
+    tcp: tokio::net::TcpStream,
+    pending: Vec<u8>,
+    records: std::sync::Arc<std::sync::Mutex<Vec<(u8, usize)>>>,
+}
+
+impl tokio::io::AsyncRead for RecordTap {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        std::task::ready!(std::pin::Pin::new(&mut self.tcp).poll_read(cx, buf))?;
+        let this = &mut *self;
+        this.pending.extend_from_slice(&buf.filled()[before..]);
+        // 5-byte record header: type, version (2), length (2)
+        while this.pending.len() >= 5 {
+            let len = u16::from_be_bytes([this.pending[3], this.pending[4]]) as usize;
+            if this.pending.len() < 5 + len {
+                break;
+            }
+            this.records.lock().unwrap().push((this.pending[0], len));
+            this.pending.drain(..5 + len);
+        }
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl tokio::io::AsyncWrite for RecordTap {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+/// Send a GET over an HTTP/1.1 keep-alive connection and read one whole response:
+/// (status line and headers, body).
+async fn get_h1<S>(s: &mut S, path: &str) -> (String, Vec<u8>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: a.test\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    s.flush().await.unwrap();
+    let mut raw = Vec::new();
+    let mut chunk = [0u8; 16384];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse().unwrap())
+                .expect("a content-length");
+            if raw.len() >= end + 4 + len {
+                assert_eq!(raw.len(), end + 4 + len, "bytes after the response");
+                return (head, raw[end + 4..].to_vec());
+            }
+        }
+        let n = tokio::time::timeout_at(deadline, s.read(&mut chunk))
+            .await
+            .expect("the response in time")
+            .unwrap();
+        assert!(n > 0, "connection closed mid-response");
+        raw.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test]
+async fn a_small_response_leaves_as_one_tls_record() {
+    let up = Upstream::start("up").await;
+    let body = single_pool("", &format!("backends = [\"{}\"]", up.addr));
+    let s = site(&body, issue_a).await;
+    let records = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let tap = RecordTap {
+        tcp: tokio::net::TcpStream::connect(s.https).await.unwrap(),
+        pending: Vec::new(),
+        records: records.clone(),
+    };
+    let mut tls = tls_over(&s.ca, tap, "a.test", &["http/1.1"]).await.unwrap();
+    // the first answer also carries TLS 1.3's session tickets: count from the second
+    let (head, _) = get_h1(&mut tls, "/bytes/16").await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    for n in [600usize, 1, 6000, 100_000] {
+        records.lock().unwrap().clear();
+        let (head, body) = get_h1(&mut tls, &format!("/bytes/{n}")).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert_eq!(body, vec![b'x'; n], "the body of /bytes/{n} arrived whole");
+        let got = records.lock().unwrap().clone();
+        assert!(
+            got.iter().all(|(t, _)| *t == 23),
+            "only application data: {got:?}"
+        );
+        if n <= 600 {
+            // header and body: one record (it was two: one per write)
+            assert_eq!(got.len(), 1, "/bytes/{n} came as {got:?}");
+        } else {
+            // no record as small as the header alone ahead of the body
+            assert!(got[0].1 > 1024, "/bytes/{n} came as {got:?}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn http2_to_clients_and_http11_to_upstreams() {
     let up = Upstream::start("up").await;

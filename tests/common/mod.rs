@@ -428,12 +428,15 @@ pub async fn tls_connect(
 }
 
 /// A TLS client handshake over an already connected socket.
-pub async fn tls_over(
+pub async fn tls_over<S>(
     ca: &TestCa,
-    tcp: tokio::net::TcpStream,
+    tcp: S,
     sni: &str,
     alpn: &[&str],
-) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+) -> std::io::Result<tokio_rustls::client::TlsStream<S>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
     let mut roots = rustls::RootCertStore::empty();
     roots

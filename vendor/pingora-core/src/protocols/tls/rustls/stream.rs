@@ -16,7 +16,7 @@ use std::io::Result as IoResult;
 use std::ops::{Deref, DerefMut};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::listeners::tls::Acceptor;
@@ -49,7 +49,16 @@ pub struct TlsStream<T> {
     digest: Option<Arc<SslDigest>>,
     ssl: Option<TlsRef>,
     timing: TimingDigest,
+    // tollgate patch: plaintext of small writes, gathered until a flush (or a write that
+    // does not fit) so that it leaves as one TLS record, see `poll_write`
+    wbuf: Vec<u8>,
 }
+
+// tollgate patch: the most plaintext gathered before it is handed to rustls: what fits,
+// as one record, in the L4 write buffer under TLS (`DEFAULT_L4_WRITE_BUFFER_SIZE`,
+// 1460 bytes, less a TLS 1.2 AES-GCM record's 29 bytes of framing). Bytes held here are
+// bytes that buffer would have held as ciphertext, so nothing leaves later than it did.
+const GATHER_LIMIT: usize = crate::protocols::l4::stream::DEFAULT_L4_WRITE_BUFFER_SIZE - 29;
 
 impl<T> TlsStream<T>
 where
@@ -73,6 +82,7 @@ where
             digest: None,
             ssl: None,
             timing: Default::default(),
+            wbuf: Vec::new(),
         })
     }
 
@@ -90,6 +100,7 @@ where
             digest: None,
             ssl: None,
             timing: Default::default(),
+            wbuf: Vec::new(),
         })
     }
 }
@@ -199,19 +210,69 @@ where
     }
 }
 
+// tollgate patch: gathered writes. An HTTP/1 response is written as its header and then
+// its body (and a chunked body as the chunk size, the data and CRLF); rustls makes a TLS
+// record of every write, so a small response left as two records: twice the AEAD setup,
+// record framing and tag (~2.5k instructions each) and 22-29 more bytes on the wire.
+// Small writes are gathered here; a flush, a shutdown or a write that does not fit hands
+// them to rustls, together with that write, as one record (rustls makes one record of a
+// vectored write, up to its 16 KiB maximum). Callers already flush to send: the L4
+// buffer under TLS holds small writes the same way.
+impl<T> TlsStream<T>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    /// Hand the gathered plaintext to rustls (records may still sit in the L4 buffer).
+    fn poll_write_gathered(&mut self, cx: &mut Context) -> Poll<IoResult<()>> {
+        while !self.wbuf.is_empty() {
+            let n = ready!(Pin::new(self.tls.stream.as_mut().unwrap()).poll_write(cx, &self.wbuf))?;
+            if n == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.wbuf.drain(..n);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
 impl<T> AsyncWrite for TlsStream<T>
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context, buf: &[u8]) -> Poll<IoResult<usize>> {
-        Pin::new(&mut self.tls.stream.as_mut().unwrap()).poll_write(cx, buf)
+        let this = &mut *self;
+        if this.wbuf.len() + buf.len() <= GATHER_LIMIT {
+            if this.wbuf.capacity() == 0 {
+                this.wbuf.reserve_exact(GATHER_LIMIT);
+            }
+            this.wbuf.extend_from_slice(buf);
+            return Poll::Ready(Ok(buf.len()));
+        }
+        let stream = this.tls.stream.as_mut().unwrap();
+        // what is gathered and this write, as one record
+        while !this.wbuf.is_empty() {
+            let both = [std::io::IoSlice::new(&this.wbuf), std::io::IoSlice::new(buf)];
+            let n = ready!(Pin::new(&mut *stream).poll_write_vectored(cx, &both))?;
+            if n == 0 {
+                return Poll::Ready(Ok(0));
+            }
+            if n > this.wbuf.len() {
+                let taken = n - this.wbuf.len();
+                this.wbuf.clear();
+                return Poll::Ready(Ok(taken));
+            }
+            this.wbuf.drain(..n);
+        }
+        Pin::new(stream).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context) -> Poll<IoResult<()>> {
+        ready!(self.poll_write_gathered(cx))?;
         Pin::new(&mut self.tls.stream.as_mut().unwrap()).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context) -> Poll<IoResult<()>> {
+        ready!(self.poll_write_gathered(cx))?;
         Pin::new(&mut self.tls.stream.as_mut().unwrap()).poll_shutdown(cx)
     }
 
@@ -220,7 +281,19 @@ where
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<IoResult<usize>> {
-        Pin::new(&mut self.tls.stream.as_mut().unwrap()).poll_write_vectored(cx, bufs)
+        let this = &mut *self;
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        if this.wbuf.len() + total <= GATHER_LIMIT {
+            if this.wbuf.capacity() == 0 {
+                this.wbuf.reserve_exact(GATHER_LIMIT);
+            }
+            for b in bufs {
+                this.wbuf.extend_from_slice(b);
+            }
+            return Poll::Ready(Ok(total));
+        }
+        ready!(this.poll_write_gathered(cx))?;
+        Pin::new(&mut this.tls.stream.as_mut().unwrap()).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
