@@ -4,12 +4,15 @@
 
 pub mod admin;
 pub mod alloc;
+pub mod clock;
 pub mod config;
 pub mod discovery;
 pub mod failover;
 pub mod limits;
+pub mod metrics;
 pub mod proxy;
 pub mod routing;
+pub mod server;
 pub mod state;
 pub mod tls;
 pub mod upstream;

@@ -85,7 +85,7 @@ fn run(path: PathBuf, upgrade: bool) -> ExitCode {
         }
     };
     init_logging(&config.log);
-    match tollgate::proxy::server::run(config, upgrade).context("could not start") {
+    match tollgate::server::run(config, upgrade).context("could not start") {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
     }

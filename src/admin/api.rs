@@ -1,22 +1,16 @@
 //! JSON views of the live state, `/explain`, and the `/metrics` text.
 
-use super::metrics::{esc, family, metrics, single};
 use super::{json, query_params};
+use crate::clock::now_ms;
 use crate::config::Balance;
+use crate::metrics::{esc, family, metrics, single};
 use crate::routing::{normalize_host, Lookup};
 use crate::state::{Snapshot, State};
-use crate::upstream::{now_ms, Pool};
+use crate::upstream::Pool;
 use http::{Response, StatusCode};
 use serde_json::{json, Value};
 use std::fmt::Write;
 use std::sync::atomic::Ordering::Relaxed;
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
 
 pub(super) fn status(state: &State, snap: &Snapshot) -> Value {
     let m = metrics();
@@ -52,7 +46,7 @@ fn consul_status(snap: &Snapshot) -> Value {
     if !configured {
         return json!({ "configured": false });
     }
-    let now = unix_now() as u64;
+    let now = (crate::clock::unix_secs() as i64) as u64;
     let watches: Vec<Value> = crate::discovery::consul::watch_health()
         .into_iter()
         .map(|h| {
@@ -257,7 +251,7 @@ fn plugin_metrics(out: &mut String, snap: &Snapshot) {
 }
 
 pub(super) fn certs(snap: &Snapshot) -> Value {
-    let now = unix_now();
+    let now = crate::clock::unix_secs() as i64;
     Value::Array(
         snap.certs
             .infos
@@ -452,7 +446,7 @@ pub(super) fn metrics_text(state: &State, snap: &Snapshot) -> String {
         "gauge",
         "Seconds since Consul last answered the watch successfully (how stale its pool may be).",
     );
-    let now = unix_now() as u64;
+    let now = (crate::clock::unix_secs() as i64) as u64;
     for h in crate::discovery::consul::watch_health() {
         if h.last_success_unix > 0 {
             let _ = writeln!(
@@ -531,5 +525,39 @@ pub(super) fn metrics_text(state: &State, snap: &Snapshot) -> String {
     }
     plugin_metrics(&mut out, snap);
     m.render_requests(&mut out);
+    connection_metrics(&mut out);
     out
+}
+
+/// The connection limits' counters (`limits::table()`).
+fn connection_metrics(out: &mut String) {
+    let conns = crate::limits::table();
+    single(
+        out,
+        "tollgate_connections_open",
+        "gauge",
+        "Client connections holding a slot now.",
+        conns.open(),
+    );
+    single(
+        out,
+        "tollgate_connections_accepted_total",
+        "counter",
+        "Client connections admitted.",
+        conns.accepted(),
+    );
+    family(
+        out,
+        "tollgate_connections_rejected_total",
+        "counter",
+        "Client connections closed at once, by the limit that refused them.",
+    );
+    for r in crate::limits::Refusal::ALL {
+        let _ = writeln!(
+            out,
+            "tollgate_connections_rejected_total{{reason=\"{}\"}} {}",
+            r.label(),
+            conns.rejected(r)
+        );
+    }
 }

@@ -1,8 +1,8 @@
 //! The read-only HTML dashboard: the same data as the JSON API, rendered on the server with
 //! inline CSS and no scripts or external assets (it must work on an air-gapped admin host).
 
+use crate::clock::now_ms;
 use crate::state::{Snapshot, State};
-use crate::upstream::now_ms;
 use std::fmt::Write;
 use std::sync::atomic::Ordering::Relaxed;
 

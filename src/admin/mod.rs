@@ -7,7 +7,6 @@
 
 mod api;
 mod dashboard;
-pub mod metrics;
 
 use crate::state::State;
 use async_trait::async_trait;

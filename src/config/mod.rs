@@ -3,6 +3,7 @@
 //! validation only: it reads the config file and nothing else (certificates are read by
 //! `tls`, sockets are opened by `proxy`), so `check` and reload share one pure path.
 
+pub mod cidr;
 mod error;
 mod raw;
 mod validate;
@@ -282,7 +283,7 @@ pub struct Limits {
     pub connection_rate_per_ip: f64,
     pub connection_burst_per_ip: u32,
     /// Client networks the per-IP caps and rate do not apply to.
-    pub allow: Vec<crate::limits::Cidr>,
+    pub allow: Vec<cidr::Cidr>,
     pub handshake_timeout: Duration,
     /// The whole request header must arrive within this.
     pub header_timeout: Duration,
@@ -308,7 +309,7 @@ pub struct Limits {
     pub h2_max_pending_resets: usize,
     pub h2_max_error_resets: usize,
     /// Peers trusted to send PROXY headers and (with `x_forwarded_for`) X-Forwarded-For.
-    pub trusted_proxies: Vec<crate::limits::Cidr>,
+    pub trusted_proxies: Vec<cidr::Cidr>,
     pub x_forwarded_for: bool,
 }
 
@@ -510,6 +511,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     };
     ms.map(Duration::from_millis)
         .ok_or_else(|| format!("`{s}` is too large for a duration"))
+}
+
+/// What a file change is judged by: its modification time and length (`None`: missing).
+pub fn stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64)> {
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| (m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len()))
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 use tokio::sync::mpsc;
 
 /// What `/status` and `/metrics` show.
@@ -45,13 +45,6 @@ pub fn status() -> Option<Status> {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone()
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 pub fn state_name(r: Role) -> &'static str {
@@ -102,7 +95,7 @@ async fn send_heartbeat(
     let hb = Heartbeat {
         advert,
         seq: *seq,
-        sent_unix_ms: unix_ms(),
+        sent_unix_ms: crate::clock::unix_ms(),
     };
     let _ = sock.send_to(&encode(&hb, &s.secret), s.peer).await;
 }
@@ -206,7 +199,7 @@ impl BackgroundService for Peer {
                                 "waiting for failover.listen {}: in use",
                                 s.listen
                             ),
-                            last_transition_unix_ms: unix_ms(),
+                            last_transition_unix_ms: crate::clock::unix_ms(),
                             ..Status::default()
                         });
                     }
@@ -240,7 +233,7 @@ impl BackgroundService for Peer {
         );
         let mut guard = ReplayGuard::new(&s.name, 10_000);
         // sequence numbers start from the wall clock, so they keep rising across restarts
-        let mut seq = unix_ms();
+        let mut seq = crate::clock::unix_ms();
         let mut rejected = 0u64;
         let mut healthy = true;
         let mut peer_seen: Option<(Heartbeat, Instant)> = None;
@@ -316,7 +309,7 @@ impl BackgroundService for Peer {
                 }
                 r = sock.recv_from(&mut buf) => {
                     if let Ok((n, from)) = r {
-                        match decode(&buf[..n], &s.secret).and_then(|hb| guard.check(&hb, unix_ms()).map(|_| hb)) {
+                        match decode(&buf[..n], &s.secret).and_then(|hb| guard.check(&hb, crate::clock::unix_ms()).map(|_| hb)) {
                             Ok(hb) => {
                                 actions.extend(m.handle(now(), Event::Heartbeat(hb.advert.clone())));
                                 peer_seen = Some((hb, Instant::now()));
@@ -392,7 +385,8 @@ impl BackgroundService for Peer {
                         .as_ref()
                         .map(|(_, t)| t.elapsed().as_millis() as u64),
                     last_transition: reason.to_string(),
-                    last_transition_unix_ms: unix_ms().saturating_sub(now().saturating_sub(since)),
+                    last_transition_unix_ms: crate::clock::unix_ms()
+                        .saturating_sub(now().saturating_sub(since)),
                     rejected_packets: rejected,
                     last_action: last_action.clone(),
                     consul_lock: s.consul_lock.as_ref().map(|_| m.lock_held()),

@@ -194,7 +194,7 @@ impl BodyMeter {
 /// read), or, when `x_forwarded_for` is on and the peer is a trusted proxy, the nearest
 /// address in X-Forwarded-For that is not a trusted proxy.
 pub fn client_ip(peer: IpAddr, xff: Option<&str>, l: &Limits) -> IpAddr {
-    if !l.x_forwarded_for || !super::any_contains(&l.trusted_proxies, peer) {
+    if !l.x_forwarded_for || !crate::config::cidr::any_contains(&l.trusted_proxies, peer) {
         return peer;
     }
     let Some(xff) = xff else { return peer };
@@ -205,7 +205,7 @@ pub fn client_ip(peer: IpAddr, xff: Option<&str>, l: &Limits) -> IpAddr {
             return last;
         };
         last = ip;
-        if !super::any_contains(&l.trusted_proxies, ip) {
+        if !crate::config::cidr::any_contains(&l.trusted_proxies, ip) {
             return ip;
         }
     }

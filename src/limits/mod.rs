@@ -1,98 +1,23 @@
 //! Limits on what one client, or all of them, may hold and send. Owns: connection admission
 //! (the global and per-IP caps, the per-IP new-connection rate, the PROXY protocol), the
-//! request checks (sizes, framing, Host) and the body limits. Admission runs on every new
-//! connection before its TLS handshake (a pre-handshake callback pingora calls on both
-//! listener kinds, see vendor/pingora-core/TOLLGATE-PATCH.md); the connection's slot is given
-//! back when pingora drops the socket. Counters live here, beside the Snapshot, so they
-//! survive reloads; the limits themselves are read from the Snapshot on each use.
+//! request checks (sizes, framing, Host) and the body limits. Admission (`proxy::admission`)
+//! runs on every new connection before its TLS handshake (a pre-handshake callback pingora
+//! calls on both listener kinds, see vendor/pingora-core/TOLLGATE-PATCH.md) and takes a slot
+//! here; the connection's slot is given back when pingora drops the socket. Counters live
+//! here, beside the Snapshot, so they survive reloads; the limits themselves are handed in
+//! from the Snapshot on each use.
 
 pub mod http;
 pub mod proxy_protocol;
 
+use crate::config::cidr::{any_contains, canonical};
 use crate::config::Limits;
-use crate::state::Snapshot;
-use arc_swap::ArcSwap;
-use async_trait::async_trait;
-use pingora::listeners::PreTlsProcess;
-use pingora::protocols::l4::stream::Stream as L4Stream;
-use pingora::protocols::{GetSocketDigest, SocketDigest};
-use pingora::upstreams::peer::{Tracer, Tracing};
+use pingora::upstreams::peer::Tracing;
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::str::FromStr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-
-/// An IP network: `10.0.0.0/8`, `2001:db8::/32`, or one address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl Cidr {
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = canonical(ip);
-        match (self.addr, ip) {
-            (IpAddr::V4(n), IpAddr::V4(a)) => {
-                mask(u32::from(n) as u128, self.prefix, 32)
-                    == mask(u32::from(a) as u128, self.prefix, 32)
-            }
-            (IpAddr::V6(n), IpAddr::V6(a)) => {
-                mask(u128::from(n), self.prefix, 128) == mask(u128::from(a), self.prefix, 128)
-            }
-            _ => false,
-        }
-    }
-}
-
-fn mask(v: u128, prefix: u8, bits: u8) -> u128 {
-    if prefix == 0 {
-        return 0;
-    }
-    let keep = u128::MAX << (bits - prefix);
-    let width = if bits == 128 {
-        u128::MAX
-    } else {
-        (1u128 << bits) - 1
-    };
-    v & keep & width
-}
-
-/// IPv4-mapped IPv6 addresses (from a dual-stack socket) as the IPv4 address they are.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
-    }
-}
-
-impl FromStr for Cidr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad =
-            || format!("`{s}` is not an IP network (e.g. 10.0.0.0/8, 2001:db8::/32 or 192.0.2.7)");
-        let (ip, prefix) = match s.trim().split_once('/') {
-            Some((ip, p)) => (ip, Some(p)),
-            None => (s.trim(), None),
-        };
-        let addr = canonical(ip.parse::<IpAddr>().map_err(|_| bad())?);
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            None => max,
-            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(bad)?,
-        };
-        Ok(Cidr { addr, prefix })
-    }
-}
-
-pub fn any_contains(nets: &[Cidr], ip: IpAddr) -> bool {
-    nets.iter().any(|n| n.contains(ip))
-}
 
 /// Why a connection was turned away (a label of `tollgate_connections_rejected_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -345,90 +270,6 @@ pub fn table() -> &'static Arc<ConnTable> {
     T.get_or_init(|| Arc::new(ConnTable::default()))
 }
 
-/// Runs on every new connection before its TLS handshake (and on plain listeners before the
-/// first request): reads a PROXY header where the listener expects one, then takes a slot.
-pub struct Admission {
-    state: Arc<ArcSwap<Snapshot>>,
-    /// Listening addresses that expect a PROXY header.
-    proxy_listeners: Vec<SocketAddr>,
-}
-
-impl Admission {
-    pub fn new(state: Arc<ArcSwap<Snapshot>>, proxy_listeners: Vec<SocketAddr>) -> Self {
-        Admission {
-            state,
-            proxy_listeners,
-        }
-    }
-
-    fn expects_proxy(&self, local: Option<SocketAddr>) -> bool {
-        let Some(local) = local else { return false };
-        self.proxy_listeners.iter().any(|l| {
-            l.port() == local.port()
-                && (l.ip().is_unspecified() || canonical(l.ip()) == canonical(local.ip()))
-        })
-    }
-}
-
-fn refused(r: Refusal, who: IpAddr) -> Box<pingora::Error> {
-    pingora::Error::explain(
-        pingora::ErrorType::Custom("admission"),
-        format!("{who}: {}", r.label()),
-    )
-}
-
-#[async_trait]
-impl PreTlsProcess for Admission {
-    async fn process(&self, stream: &mut L4Stream) -> pingora::Result<()> {
-        let digest = stream.get_socket_digest();
-        let inet = |a: Option<&pingora::protocols::l4::socket::SocketAddr>| {
-            a.and_then(|a| a.as_inet()).copied()
-        };
-        let (peer, local) = match &digest {
-            Some(d) => (inet(d.peer_addr()), inet(d.local_addr())),
-            None => (None, None),
-        };
-        // Unix sockets and the like have no IP: nothing to count them by.
-        let Some(peer) = peer else { return Ok(()) };
-        let snap = self.state.load();
-        let limits = &snap.config.limits;
-        // follows reloads: the next connection's handshake gets the current deadline
-        pingora::listeners::set_handshake_timeout(limits.handshake_timeout);
-        let mut client = peer.ip();
-        if self.expects_proxy(local) {
-            if !any_contains(&limits.trusted_proxies, peer.ip()) {
-                table().count(Refusal::UntrustedProxy);
-                return Err(refused(Refusal::UntrustedProxy, peer.ip()));
-            }
-            match proxy_protocol::read(stream, limits.header_timeout).await {
-                Ok(Some(src)) => {
-                    client = src.ip();
-                    if let Some(d) = &digest {
-                        use std::os::fd::AsRawFd;
-                        let nd = SocketDigest::from_raw_fd(stream.as_raw_fd());
-                        let _ = nd.peer_addr.set(Some(src.into()));
-                        let _ = nd.local_addr.set(d.local_addr().cloned());
-                        stream.set_socket_digest(nd);
-                    }
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    table().count(Refusal::BadProxyHeader);
-                    tracing::debug!(peer = %peer, error = %e, "bad PROXY protocol header");
-                    return Err(refused(Refusal::BadProxyHeader, peer.ip()));
-                }
-            }
-        }
-        match table().admit(client, limits, Instant::now()) {
-            Ok(guard) => {
-                stream.tracer = Some(Tracer(Box::new(guard)));
-                Ok(())
-            }
-            Err(r) => Err(refused(r, client)),
-        }
-    }
-}
-
 /// The default limits, from a minimal valid configuration (tests).
 #[cfg(test)]
 pub(crate) fn test_limits() -> Limits {
@@ -454,25 +295,6 @@ mod tests {
             connection_burst_per_ip: burst,
             allow: vec!["10.9.0.0/16".parse().unwrap()],
             ..test_limits()
-        }
-    }
-
-    #[test]
-    fn cidr_parsing_and_matching() {
-        let n: Cidr = "10.0.0.0/8".parse().unwrap();
-        assert!(n.contains("10.200.3.4".parse().unwrap()));
-        assert!(!n.contains("11.0.0.1".parse().unwrap()));
-        assert!(n.contains("::ffff:10.1.2.3".parse().unwrap()), "v4-mapped");
-        let one: Cidr = "192.0.2.7".parse().unwrap();
-        assert!(one.contains("192.0.2.7".parse().unwrap()));
-        assert!(!one.contains("192.0.2.8".parse().unwrap()));
-        let v6: Cidr = "2001:db8::/32".parse().unwrap();
-        assert!(v6.contains("2001:db8:1::9".parse().unwrap()));
-        assert!(!v6.contains("2001:db9::1".parse().unwrap()));
-        let all: Cidr = "0.0.0.0/0".parse().unwrap();
-        assert!(all.contains("8.8.8.8".parse().unwrap()));
-        for bad in ["10.0.0.0/33", "nope", "10.0.0.0/x", "::/129", ""] {
-            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
         }
     }
 

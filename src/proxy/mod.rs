@@ -1,13 +1,15 @@
 //! The pingora `ProxyHttp` implementation: the request path. Shaped after pingora's phase
 //! chart, one file per phase group: `request` (routing, redirects, local answers, proxy
 //! headers), `upstream` (peer selection, retries, passive health), `response` (response
-//! headers, error answers, access log). `server` assembles listeners and services. Reads the
+//! headers, error answers, access log), plus what the listeners run before a request:
+//! `admission` (connection limits, PROXY protocol) and `sni` (the certificate resolver). Reads the
 //! Snapshot once per request and never takes a lock to do so; must not build Snapshots.
 
+pub mod admission;
 mod plugins;
 mod request;
 mod response;
-pub mod server;
+pub mod sni;
 mod upstream;
 
 use crate::state::Snapshot;

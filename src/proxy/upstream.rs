@@ -2,7 +2,8 @@
 //! requests, bounded by the pool's `retries`), and feed passive health.
 
 use super::RequestCtx;
-use crate::upstream::{now_ms, InflightGuard};
+use crate::clock::now_ms;
+use crate::upstream::InflightGuard;
 use pingora::prelude::*;
 use pingora::proxy::Session;
 use pingora::upstreams::peer::HttpPeer;

@@ -6,9 +6,9 @@
 
 pub mod watch;
 
-use crate::admin::metrics::{metrics, RouteMetrics};
 use crate::config::{AdminToken, Config, ConfigErrors, PoolSpec, ServiceKey};
 use crate::discovery::View;
+use crate::metrics::{metrics, RouteMetrics};
 use crate::routing::{RouteEntry, RouteTable, VhostEntry};
 use crate::tls::CertStore;
 use crate::upstream::{Pool, Registry};
@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 /// Everything a request needs to be routed, immutable once published.
 #[derive(Debug)]
@@ -316,7 +316,7 @@ impl Snapshot {
             vhost_metrics,
             unknown_metrics: m.route("-", "-"),
             admin_token,
-            built_at_unix: unix_now(),
+            built_at_unix: crate::clock::unix_secs(),
             vhosts,
             route_conflicts,
             plugins,
@@ -347,13 +347,6 @@ pub struct ReloadOutcome {
     pub errors: Vec<String>,
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 impl State {
     /// Build the first Snapshot from `config`.
     pub fn new(config: Config) -> Result<State, ConfigErrors> {
@@ -365,7 +358,7 @@ impl State {
             generation: AtomicU64::new(1),
             reload_lock: Mutex::new(()),
             started: std::time::Instant::now(),
-            started_unix: unix_now(),
+            started_unix: crate::clock::unix_secs(),
             last_reload: Mutex::new(None),
             view: ArcSwap::from_pointee(View::default()),
         })
@@ -390,9 +383,9 @@ impl State {
             Ok(generation) => {
                 m.reloads_ok.fetch_add(1, Ordering::Relaxed);
                 m.last_reload_success_unix
-                    .store(unix_now(), Ordering::Relaxed);
+                    .store(crate::clock::unix_secs(), Ordering::Relaxed);
                 ReloadOutcome {
-                    at_unix: unix_now(),
+                    at_unix: crate::clock::unix_secs(),
                     ok: true,
                     generation: *generation,
                     errors: Vec::new(),
@@ -401,7 +394,7 @@ impl State {
             Err(e) => {
                 m.reloads_failed.fetch_add(1, Ordering::Relaxed);
                 ReloadOutcome {
-                    at_unix: unix_now(),
+                    at_unix: crate::clock::unix_secs(),
                     ok: false,
                     generation: self.generation.load(Ordering::SeqCst),
                     errors: e.0.iter().map(|e| e.to_string()).collect(),
@@ -483,15 +476,39 @@ pub fn fingerprint(cfg: &Config) -> Fingerprint {
     watched_files(cfg)
         .into_iter()
         .map(|p| {
-            let m = stamp(&p);
+            let m = crate::config::stamp(&p);
             (p, m)
         })
         .collect()
 }
 
-/// What a file change is judged by: its modification time and length (`None`: missing).
-pub fn stamp(path: &std::path::Path) -> Option<(SystemTime, u64)> {
-    std::fs::metadata(path)
-        .ok()
-        .map(|m| (m.modified().unwrap_or(UNIX_EPOCH), m.len()))
+impl crate::discovery::consul::Live for State {
+    fn wanted(&self) -> (crate::config::ConsulSettings, Vec<ServiceKey>) {
+        let snap = self.snapshot();
+        // pools of the live Snapshot: the file's and those created for tag-declared routes
+        let mut keys: Vec<ServiceKey> = snap
+            .pools
+            .iter()
+            .filter_map(|p| p.spec.consul.clone())
+            .collect();
+        keys.sort();
+        keys.dedup();
+        (snap.config.consul.clone(), keys)
+    }
+
+    fn view(&self) -> Arc<View> {
+        State::view(self)
+    }
+
+    fn apply_view(&self, view: View) -> Result<u64, ConfigErrors> {
+        State::apply_view(self, view)
+    }
+
+    fn route_conflicts(&self) -> Vec<String> {
+        self.snapshot().route_conflicts.clone()
+    }
+
+    fn state_file(&self) -> Option<PathBuf> {
+        self.snapshot().config.consul.state_file.clone()
+    }
 }

@@ -1,14 +1,12 @@
 //! TLS certificates for the customer-facing listeners. Owns: loading certificate/key pairs
 //! (from vhost `cert`/`key` and from `tls.certs_dir`), the per-SNI certificate store that each
-//! Snapshot carries, the rustls `ResolvesServerCert` that reads the live Snapshot, and
-//! `cert dev`. Must not touch routing or sockets; reload is driven by `state`.
+//! Snapshot carries, and `cert dev`. Must not touch routing or sockets; reload is driven by
+//! `state`, and the listeners' certificate resolver (`proxy::sni`) reads the live Snapshot's
+//! store.
 
 use crate::config::{Config, ConfigError, ConfigErrors, Origin};
-use crate::state::Snapshot;
-use arc_swap::ArcSwap;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -234,25 +232,6 @@ fn cert_info(der: &CertificateDer<'_>, source: &Path) -> Result<CertInfo, String
         not_after: x509.validity().not_after.timestamp(),
         source: source.to_path_buf(),
     })
-}
-
-/// rustls asks this for a certificate on every handshake; it reads the live Snapshot, so a
-/// reload (config or certificate files) changes the answer for the next handshake.
-#[derive(Debug)]
-pub struct SniResolver {
-    state: Arc<ArcSwap<Snapshot>>,
-}
-
-impl SniResolver {
-    pub fn new(state: Arc<ArcSwap<Snapshot>>) -> Self {
-        SniResolver { state }
-    }
-}
-
-impl ResolvesServerCert for SniResolver {
-    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.state.load().certs.resolve(hello.server_name())
-    }
 }
 
 /// Write a self-signed certificate for `hosts` to `<dir>/<first host>.crt` and `.key`.

@@ -12,14 +12,7 @@ use crate::config::{Balance, PoolSpec};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Instant;
-
-/// Milliseconds on a process-wide monotonic clock (the clock health decisions use).
-pub fn now_ms() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64
-}
+use std::sync::{Arc, Mutex};
 
 #[derive(Debug)]
 pub struct Backend {
@@ -31,7 +24,7 @@ pub struct Backend {
 #[derive(Debug)]
 pub struct Pool {
     pub name: String,
-    pub metrics: Arc<crate::admin::metrics::PoolMetrics>,
+    pub metrics: Arc<crate::metrics::PoolMetrics>,
     pub backends: Vec<Backend>,
     pub spec: PoolSpec,
     schedule: Vec<usize>,
@@ -121,7 +114,7 @@ impl Registry {
         let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
         Pool {
             name: name.to_string(),
-            metrics: crate::admin::metrics::metrics().pool(name),
+            metrics: crate::metrics::metrics().pool(name),
             schedule: selection::wrr_schedule(&weights),
             backends,
             spec: spec.clone(),

@@ -8,8 +8,11 @@
 //! Snapshots (it hands `state` the loaded plugins).
 
 mod abi;
+mod background;
 pub mod chain;
+mod clock;
 mod hostcalls;
+mod metrics;
 mod properties;
 pub mod shared;
 #[cfg(test)]
@@ -19,9 +22,14 @@ mod vm;
 pub use chain::{Chain, Verdict};
 pub use vm::{Fault, LocalResponse, RequestInfo, StreamData};
 
+use background::*;
+pub use clock::deadline_ticks;
+pub(crate) use clock::Running;
+use clock::*;
+pub use metrics::{PluginMetric, PluginMetrics};
+
 use crate::config::{ConfigError, ConfigErrors, PluginSpec};
-use crate::state::Snapshot;
-use arc_swap::ArcSwap;
+use crate::upstream::Pool;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{
     AtomicBool, AtomicI64, AtomicU64, AtomicUsize,
@@ -31,45 +39,6 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 use vm::{HostState, Vm, ROOT_ID};
 use wasmtime::{Engine, InstancePre, Linker, Module};
-
-/// How often the epoch advances: the resolution of CPU deadlines.
-const EPOCH_TICK: Duration = Duration::from_millis(2);
-
-/// Guest calls running now, on any thread: the epoch clock only ticks while there are any,
-/// so an idle tollgate with plugins loaded does not wake 500 times a second.
-static IN_GUEST: AtomicUsize = AtomicUsize::new(0);
-/// The epoch clock is parked (or about to park) and must be woken by the next call.
-static CLOCK_PARKED: AtomicBool = AtomicBool::new(false);
-static CLOCK: OnceLock<std::thread::Thread> = OnceLock::new();
-
-/// Held while guest code runs (every call into a store of the host's engine): keeps the
-/// epoch clock, and with it the CPU deadline, ticking.
-pub(crate) struct Running(());
-
-impl Running {
-    pub(crate) fn enter() -> Running {
-        IN_GUEST.fetch_add(1, SeqCst);
-        if CLOCK_PARKED.load(SeqCst) {
-            if let Some(t) = CLOCK.get() {
-                t.unpark();
-            }
-        }
-        Running(())
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        IN_GUEST.fetch_sub(1, SeqCst);
-    }
-}
-
-pub fn deadline_ticks(d: Duration) -> u64 {
-    (d.as_millis() as u64)
-        .div_ceil(EPOCH_TICK.as_millis() as u64)
-        .max(1)
-        + 1
-}
 
 /// Counters per plugin name (they survive reloads of the plugin).
 #[derive(Debug, Default)]
@@ -94,89 +63,6 @@ impl PluginStats {
             Fault::Stuck(_) => &self.faults_stuck,
         }
         .fetch_add(1, Relaxed);
-    }
-}
-
-/// Metrics plugins define (proxy_define_metric), rendered in /metrics.
-#[derive(Default)]
-pub struct PluginMetrics {
-    inner: Mutex<MetricsInner>,
-}
-
-#[derive(Default)]
-struct MetricsInner {
-    by_name: HashMap<(String, String), u32>,
-    list: Vec<Arc<PluginMetric>>,
-}
-
-pub struct PluginMetric {
-    pub plugin: String,
-    pub name: String,
-    pub kind: i32,
-    pub value: AtomicI64,
-    pub count: AtomicU64,
-}
-
-impl PluginMetrics {
-    fn define(&self, plugin: &str, name: &str, kind: i32) -> u32 {
-        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (plugin.to_string(), name.to_string());
-        if let Some(id) = g.by_name.get(&key) {
-            return *id;
-        }
-        g.list.push(Arc::new(PluginMetric {
-            plugin: plugin.to_string(),
-            name: name.to_string(),
-            kind,
-            value: AtomicI64::new(0),
-            count: AtomicU64::new(0),
-        }));
-        let id = g.list.len() as u32;
-        g.by_name.insert(key, id);
-        id
-    }
-
-    fn metric(&self, id: u32) -> Option<Arc<PluginMetric>> {
-        let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        g.list.get((id as usize).checked_sub(1)?).cloned()
-    }
-
-    fn increment(&self, id: u32, by: i64) -> abi::Status {
-        match self.metric(id) {
-            Some(m) if m.kind != abi::METRIC_HISTOGRAM => {
-                m.value.fetch_add(by, Relaxed);
-                abi::Status::Ok
-            }
-            Some(_) => abi::Status::BadArgument,
-            None => abi::Status::NotFound,
-        }
-    }
-
-    fn record(&self, id: u32, v: u64) -> abi::Status {
-        match self.metric(id) {
-            Some(m) if m.kind == abi::METRIC_HISTOGRAM => {
-                m.value.fetch_add(v as i64, Relaxed);
-                m.count.fetch_add(1, Relaxed);
-                abi::Status::Ok
-            }
-            Some(m) => {
-                m.value.store(v as i64, Relaxed);
-                abi::Status::Ok
-            }
-            None => abi::Status::NotFound,
-        }
-    }
-
-    fn get(&self, id: u32) -> Option<u64> {
-        self.metric(id).map(|m| m.value.load(Relaxed) as u64)
-    }
-
-    pub fn all(&self) -> Vec<Arc<PluginMetric>> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .list
-            .clone()
     }
 }
 
@@ -369,9 +255,12 @@ pub struct Host {
     /// Wakes the timers thread: a queue notification, or a tick period newly set.
     wake_timers: tokio::sync::Notify,
     http: reqwest::Client,
-    state: OnceLock<Arc<ArcSwap<Snapshot>>>,
+    pools: OnceLock<PoolLookup>,
     background: OnceLock<()>,
 }
+
+/// How callouts find a pool by name in the live configuration (handed in by the server).
+pub type PoolLookup = Box<dyn Fn(&str) -> Option<Arc<Pool>> + Send + Sync>;
 
 pub fn host() -> &'static Host {
     static H: OnceLock<Host> = OnceLock::new();
@@ -394,7 +283,7 @@ pub fn host() -> &'static Host {
                 .pool_max_idle_per_host(16)
                 .build()
                 .unwrap_or_default(),
-            state: OnceLock::new(),
+            pools: OnceLock::new(),
             background: OnceLock::new(),
         }
     })
@@ -416,11 +305,11 @@ impl Host {
         &self.engine
     }
 
-    /// Give the host the live Snapshot handle (callouts resolve pools through it). Called
-    /// once when the server starts. The background threads start with the first plugin
-    /// (`load`): a tollgate without plugins runs none.
-    pub fn attach(&'static self, state: Arc<ArcSwap<Snapshot>>) {
-        let _ = self.state.set(state);
+    /// Give the host the way to find a pool of the live configuration by name (callouts go
+    /// to its backends). Called once when the server starts. The background threads start
+    /// with the first plugin (`load`): a tollgate without plugins runs none.
+    pub fn attach(&'static self, pools: PoolLookup) {
+        let _ = self.pools.set(pools);
     }
 
     /// Load the configured plugins: compile (or reuse) each module, and start one instance
@@ -467,7 +356,7 @@ impl Host {
             // Every Snapshot build comes here, Consul-driven ones too: a file unchanged since
             // the live plugin read it (judged as the config watcher judges files) is not read
             // again.
-            let stamp = crate::state::stamp(&spec.file);
+            let stamp = crate::config::stamp(&spec.file);
             let unchanged = live.get(name).filter(|p| {
                 stamp.is_some() && p.stamp == stamp && p.fingerprint == fingerprint(&p.code_hash)
             });
@@ -628,224 +517,4 @@ impl Host {
         }
         ready.push((owner.to_string(), id));
     }
-
-    /// The epoch clock (its own thread, so nothing can hold deadlines back; it sleeps while
-    /// no guest code runs, see [`Running`]) and a thread with a small runtime for
-    /// root-context work: ticks, queue notifications, and the callouts they make.
-    fn start_background(&'static self) {
-        self.background.get_or_init(|| {
-            let clock = std::thread::Builder::new()
-                .name("tollgate-wasm-epoch".into())
-                .spawn(move || loop {
-                    if IN_GUEST.load(SeqCst) == 0 {
-                        CLOCK_PARKED.store(true, SeqCst);
-                        // a call that starts after this check sees the flag and unparks us
-                        if IN_GUEST.load(SeqCst) == 0 {
-                            std::thread::park();
-                        }
-                        CLOCK_PARKED.store(false, SeqCst);
-                    }
-                    std::thread::sleep(EPOCH_TICK);
-                    self.engine.increment_epoch();
-                });
-            if let Ok(h) = clock {
-                let _ = CLOCK.set(h.thread().clone());
-            }
-            let _ = std::thread::Builder::new()
-                .name("tollgate-wasm-timers".into())
-                .spawn(move || {
-                    let rt = match tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                    {
-                        Ok(rt) => rt,
-                        Err(e) => {
-                            tracing::error!("plugin timers cannot start: {e}");
-                            return;
-                        }
-                    };
-                    rt.block_on(self.timers());
-                });
-        });
-    }
-
-    /// Root-context rounds: due ticks and queue notifications. The thread sleeps until the
-    /// next tick is due or something wakes it (a queue notification, a tick period newly
-    /// set), and runs at most one round per 10 ms, so notifications come in batches.
-    async fn timers(&'static self) {
-        const ROUND: Duration = Duration::from_millis(10);
-        loop {
-            let round = tokio::time::Instant::now();
-            let live = self.live();
-            let ready: Vec<(String, u32)> =
-                std::mem::take(&mut *self.queue_ready.lock().unwrap_or_else(|e| e.into_inner()));
-            for (owner, id) in ready {
-                if let Some(p) = live.get(&owner) {
-                    // the first running instance hears it (any can dequeue)
-                    if let Some(i) = (0..p.slots.len()).find(|i| p.lock(*i).vm.is_some()) {
-                        self.root_call(p, i, RootCall::QueueReady(id));
-                    }
-                }
-            }
-            let now = Instant::now();
-            for p in live.values() {
-                for i in 0..p.slots.len() {
-                    let due = p.lock(i).next_tick.is_some_and(|t| t <= now);
-                    if due {
-                        self.root_call(p, i, RootCall::Tick);
-                    }
-                }
-            }
-            // sleep until the next tick due (the ticks just run have set theirs)
-            let next_tick = live
-                .values()
-                .flat_map(|p| (0..p.slots.len()).filter_map(|i| p.lock(i).next_tick))
-                .min();
-            let idle = next_tick.map_or(Duration::from_secs(60), |t| {
-                t.saturating_duration_since(Instant::now())
-            });
-            tokio::select! {
-                _ = self.wake_timers.notified() => {}
-                _ = tokio::time::sleep(idle) => {}
-            }
-            tokio::time::sleep_until(round + ROUND).await;
-        }
-    }
-
-    /// Call a root-context callback on slot `i` (from the timers thread); callouts it makes
-    /// run on that thread's runtime and are answered to the root context.
-    fn root_call(&'static self, p: &Arc<Plugin>, i: usize, what: RootCall) {
-        let callouts = {
-            let mut slot = p.lock(i);
-            if slot.vm.is_none() {
-                return;
-            }
-            let gen = slot.gen;
-            let vm = slot.vm.as_mut().expect("checked above");
-            vm.store.data_mut().effective = ROOT_ID;
-            let r = match &what {
-                RootCall::Tick => vm
-                    .call_export(|e| e.on_tick.as_ref(), ROOT_ID as i32)
-                    .map(drop),
-                RootCall::QueueReady(id) => vm
-                    .call_export(|e| e.on_queue_ready.as_ref(), (ROOT_ID as i32, *id as i32))
-                    .map(drop),
-                RootCall::Response(token, resp) => deliver_response(vm, *token, resp.clone()),
-            };
-            let callouts = vm.take_callouts();
-            vm.store.data_mut().callout_response = None;
-            if let RootCall::Tick = what {
-                let period = vm.store.data().tick_period;
-                slot.next_tick = period.map(|p| Instant::now() + p);
-            }
-            if let Err(f) = r {
-                p.fail(&mut slot, &f);
-                return;
-            }
-            Plugin::update_tick(&mut slot);
-            callouts.into_iter().map(|c| (gen, c)).collect::<Vec<_>>()
-        };
-        for (gen, c) in callouts {
-            let p = p.clone();
-            tokio::spawn(async move {
-                let token = c.token;
-                let resp = host().run_callout(&p, c).await;
-                if p.lock(i).gen == gen {
-                    host().root_call(&p, i, RootCall::Response(token, resp));
-                }
-            });
-        }
-    }
-
-    /// Run one HTTP callout against a backend of the named pool. A failure is answered
-    /// as Envoy does: no headers and no body (the plugin sees no `:status`).
-    async fn run_callout(&self, p: &Plugin, c: vm::Callout) -> vm::CalloutResponse {
-        p.stats.callouts.fetch_add(1, Relaxed);
-        let failed = |why: String| {
-            p.stats.callout_failures.fetch_add(1, Relaxed);
-            tracing::warn!(plugin = %p.spec.name, pool = %c.pool, "HTTP callout failed: {why}");
-            vm::CalloutResponse::default()
-        };
-        let Some(state) = self.state.get() else {
-            return failed("the server is not running".into());
-        };
-        let snap = state.load_full();
-        let Some(pool) = snap.pools.iter().find(|x| x.name == c.pool) else {
-            return failed("the pool no longer exists".into());
-        };
-        let Some(b) = pool.select(crate::upstream::now_ms(), &[]) else {
-            return failed("the pool has no available backend".into());
-        };
-        let addr = pool.backends[b].address;
-        let Ok(method) = reqwest::Method::from_bytes(c.method.as_bytes()) else {
-            return failed(format!("bad method {}", c.method));
-        };
-        let mut req = self
-            .http
-            .request(method, format!("http://{addr}{}", c.path))
-            .timeout(c.timeout)
-            .header("host", c.authority.as_str());
-        for (k, v) in &c.headers {
-            req = req.header(k.as_str(), v.as_slice());
-        }
-        if !c.body.is_empty() {
-            req = req.body(c.body.clone());
-        }
-        let resp = match req.send().await {
-            Ok(r) => r,
-            Err(e) => return failed(format!("{e}")),
-        };
-        let mut headers = vec![(
-            ":status".to_string(),
-            resp.status().as_str().as_bytes().to_vec(),
-        )];
-        headers.extend(
-            resp.headers()
-                .iter()
-                .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec())),
-        );
-        const MAX_BODY: usize = 4 << 20;
-        let mut body = Vec::new();
-        let mut resp = resp;
-        loop {
-            match resp.chunk().await {
-                Ok(Some(chunk)) => {
-                    if body.len() + chunk.len() > MAX_BODY {
-                        return failed("answer body over 4 MiB".into());
-                    }
-                    body.extend_from_slice(&chunk);
-                }
-                Ok(None) => break,
-                Err(e) => return failed(format!("{e}")),
-            }
-        }
-        vm::CalloutResponse { headers, body }
-    }
-}
-
-enum RootCall {
-    Tick,
-    QueueReady(u32),
-    Response(u32, vm::CalloutResponse),
-}
-
-/// Hand a callout's answer to the root context (the SDKs route it to the context that
-/// dispatched it, switching with proxy_set_effective_context).
-fn deliver_response(vm: &mut Vm, token: u32, resp: vm::CalloutResponse) -> Result<(), Fault> {
-    if vm.exports.on_http_call_response.is_none() {
-        return Ok(());
-    }
-    let nh = resp.headers.len() as i32;
-    let nb = resp.body.len() as i32;
-    let st = vm.store.data_mut();
-    st.callout_response = Some(resp);
-    st.effective = ROOT_ID;
-    let r = vm
-        .call_export(
-            |e| e.on_http_call_response.as_ref(),
-            (ROOT_ID as i32, token as i32, nh, nb, 0),
-        )
-        .map(drop);
-    vm.store.data_mut().callout_response = None;
-    r
 }

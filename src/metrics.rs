@@ -233,35 +233,6 @@ impl Metrics {
             "Failed connects to backends.",
             |m| m.connect_failures.load(Relaxed),
         );
-        let conns = crate::limits::table();
-        single(
-            out,
-            "tollgate_connections_open",
-            "gauge",
-            "Client connections holding a slot now.",
-            conns.open(),
-        );
-        single(
-            out,
-            "tollgate_connections_accepted_total",
-            "counter",
-            "Client connections admitted.",
-            conns.accepted(),
-        );
-        family(
-            out,
-            "tollgate_connections_rejected_total",
-            "counter",
-            "Client connections closed at once, by the limit that refused them.",
-        );
-        for r in crate::limits::Refusal::ALL {
-            let _ = writeln!(
-                out,
-                "tollgate_connections_rejected_total{{reason=\"{}\"}} {}",
-                r.label(),
-                conns.rejected(r)
-            );
-        }
     }
 }
 

@@ -1,11 +1,13 @@
-//! Assemble the pingora server: listeners (plain and TLS with the SNI resolver), the proxy
-//! service and the reload watcher, then run until SIGTERM (graceful drain) or SIGINT.
+//! The composition root: assembles the pingora server (listeners, plain and TLS with the SNI
+//! resolver; the proxy service; the admin listener), the reload watcher, Consul discovery and
+//! the failover peer, then runs until SIGTERM (graceful drain) or SIGINT. The only module that
+//! wires the others together; `main.rs` stays the command line.
 
-use super::Tollgate;
 use crate::admin::Admin;
 use crate::config::Config;
+use crate::proxy::sni::SniResolver;
+use crate::proxy::Tollgate;
 use crate::state::{watch::Reloader, State};
-use crate::tls::SniResolver;
 use anyhow::{bail, Context};
 use async_trait::async_trait;
 use pingora::apps::http_app::HttpServer;
@@ -106,7 +108,10 @@ fn check_listeners(cfg: &Config) -> anyhow::Result<()> {
 pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
     let state = Arc::new(State::new(config).map_err(|e| anyhow::anyhow!("{e}"))?);
     // plugin callouts resolve pools through the live Snapshot
-    crate::wasm::host().attach(state.handle());
+    let live = state.handle();
+    crate::wasm::host().attach(Box::new(move |name| {
+        live.load().pools.iter().find(|p| p.name == name).cloned()
+    }));
     restore_consul_view(&state);
     let snap = state.snapshot();
     let cfg = &snap.config;
@@ -159,7 +164,7 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
         .collect();
     proxy
         .endpoints()
-        .set_pre_tls_callback(Arc::new(crate::limits::Admission::new(
+        .set_pre_tls_callback(Arc::new(crate::proxy::admission::Admission::new(
             state.handle(),
             proxy_listeners,
         )));
@@ -281,7 +286,7 @@ impl ShutdownSignalWatch for DrainWatch {
                 // let pingora stop the listeners and in-progress handshakes become requests
                 std::thread::sleep(settle);
                 loop {
-                    let active = super::active_requests();
+                    let active = crate::proxy::active_requests();
                     if active == 0 {
                         tracing::info!("graceful shutdown: no request in flight, exiting");
                         remove_pid_file();

@@ -1,0 +1,131 @@
+//! `[consul]`, with Consul's environment variables as defaults.
+
+use super::*;
+
+/// `[consul]`, with Consul's environment variables as defaults.
+pub(super) fn consul(cx: &mut Ctx, raw: &crate::config::raw::RawConsul) -> ConsulSettings {
+    let addr_raw = raw
+        .address
+        .as_ref()
+        .map(|a| (a.get_ref().clone(), a.span()))
+        .or_else(|| env("CONSUL_HTTP_ADDR").map(|a| (a, 0..0)))
+        .unwrap_or_else(|| ("127.0.0.1:8500".to_string(), 0..0));
+    let address = if addr_raw.0.starts_with("http://") || addr_raw.0.starts_with("https://") {
+        addr_raw.0.trim_end_matches('/').to_string()
+    } else {
+        format!("http://{}", addr_raw.0.trim_end_matches('/'))
+    };
+    if address
+        .parse::<http::Uri>()
+        .map(|u| u.host().is_none())
+        .unwrap_or(true)
+    {
+        cx.err(
+            addr_raw.1,
+            "consul.address",
+            format!(
+                "`{}` is not an address: use http://127.0.0.1:8500 (or CONSUL_HTTP_ADDR)",
+                addr_raw.0
+            ),
+        );
+    }
+    let token = raw
+        .token
+        .as_ref()
+        .map(|t| t.get_ref().trim().to_string())
+        .or_else(|| env("CONSUL_HTTP_TOKEN"));
+    let token_file = raw.token_file.as_ref().map(|f| cx.path(f.get_ref()));
+    if let (Some(_), Some(f)) = (&raw.token, &raw.token_file) {
+        cx.err(
+            f.span(),
+            "consul.token_file",
+            "set consul.token or consul.token_file, not both",
+        );
+    }
+    let ca_cert = raw
+        .ca_cert
+        .as_ref()
+        .map(|c| cx.path(c.get_ref()))
+        .or_else(|| env("CONSUL_CACERT").map(PathBuf::from));
+    let ms = Duration::from_millis;
+    let wait = cx.duration_in(
+        &raw.wait,
+        "consul.wait",
+        Duration::from_secs(300),
+        Duration::from_secs(1),
+        Duration::from_secs(600),
+    );
+    let quiescence_min = cx.duration_in(
+        &raw.quiescence_min,
+        "consul.quiescence_min",
+        ms(2),
+        ms(0),
+        Duration::from_secs(60),
+    );
+    let quiescence_max = cx.duration_in(
+        &raw.quiescence_max,
+        "consul.quiescence_max",
+        ms(150),
+        ms(0),
+        Duration::from_secs(300),
+    );
+    if quiescence_max < quiescence_min {
+        let span = raw
+            .quiescence_max
+            .as_ref()
+            .map(|s| s.span())
+            .unwrap_or(0..0);
+        cx.err(
+            span,
+            "consul.quiescence_max",
+            "must not be shorter than consul.quiescence_min",
+        );
+    }
+    ConsulSettings {
+        address,
+        token,
+        token_file,
+        ca_cert,
+        datacenter: raw.datacenter.as_ref().map(|d| d.get_ref().clone()),
+        wait,
+        stale: raw.stale.unwrap_or(false),
+        cached: raw.cached.unwrap_or(true),
+        quiescence_min,
+        quiescence_max,
+        max_blocking: cx.int(&raw.max_blocking, "consul.max_blocking", 128, 0, 190) as usize,
+        tag_routes: raw.tag_routes.unwrap_or(false),
+        route_tag_prefix: raw
+            .route_tag_prefix
+            .clone()
+            .unwrap_or_else(|| "tollgate.route=".to_string()),
+        fabio_tags: raw.fabio_tags.unwrap_or(true),
+        route_meta_prefix: raw
+            .route_meta_prefix
+            .clone()
+            .unwrap_or_else(|| "tollgate-route".to_string()),
+        min_fraction: match &raw.min_fraction {
+            None => 0.0,
+            Some(f) if (0.0..=1.0).contains(f.get_ref()) => *f.get_ref(),
+            Some(f) => {
+                cx.err(
+                    f.span(),
+                    "consul.min_fraction",
+                    format!("must be between 0.0 and 1.0, got {}", f.get_ref()),
+                );
+                0.0
+            }
+        },
+        watch_grace: cx.duration_in(
+            &raw.watch_grace,
+            "consul.watch_grace",
+            Duration::from_secs(30),
+            Duration::ZERO,
+            Duration::from_secs(3600),
+        ),
+        state_file: match raw.state_file.as_deref() {
+            Some("") => None,
+            Some(p) => Some(cx.path(p)),
+            None => Some(cx.path("tollgate-consul-state.json")),
+        },
+    }
+}

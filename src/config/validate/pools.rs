@@ -1,0 +1,180 @@
+//! `[pool.*]`: backends or a Consul service, balancing, health, timeouts.
+
+use super::*;
+
+pub(super) fn pools(
+    cx: &mut Ctx,
+    raw: &BTreeMap<String, Spanned<RawPool>>,
+) -> BTreeMap<String, PoolSpec> {
+    let mut out = BTreeMap::new();
+    for (name, sp) in raw {
+        let p = sp.get_ref();
+        let opt = format!("pool.{name}");
+        if !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
+            cx.err(
+                sp.span(),
+                opt.clone(),
+                format!("`{name}` is not a pool name: use letters, digits, - _ ."),
+            );
+        }
+        let consul = p.consul.as_ref().map(|c| {
+            let c_ref = c.get_ref();
+            if c_ref.service.get_ref().trim().is_empty() {
+                cx.err(
+                    c_ref.service.span(),
+                    format!("{opt}.consul.service"),
+                    "is empty",
+                );
+            }
+            if !p.backends.is_empty() {
+                cx.err(
+                    c.span(),
+                    format!("{opt}.consul"),
+                    "a pool takes its backends from Consul or from `backends`, not both",
+                );
+            }
+            ServiceKey {
+                service: c_ref.service.get_ref().trim().to_string(),
+                tags: c_ref.tags.clone(),
+                datacenter: c_ref.datacenter.clone(),
+                passing: c_ref.passing.unwrap_or(true),
+            }
+        });
+        if p.backends.is_empty() && consul.is_none() {
+            cx.err(
+                sp.span(),
+                format!("{opt}.backends"),
+                "a pool needs backends = [\"127.0.0.1:8080\"] or consul = { service = \"name\" }",
+            );
+        }
+        let mut backends = Vec::new();
+        for (k, sb) in p.backends.iter().enumerate() {
+            let (addr, weight) = match sb.get_ref() {
+                RawBackend::Address(a) => (a.clone(), None),
+                RawBackend::Full(f) => (f.address.clone(), f.weight),
+            };
+            let bopt = format!("{opt}.backends[{k}]");
+            let weight = match weight {
+                None => 1,
+                Some(w) if (1..=1000).contains(&w) => w as u32,
+                Some(w) => {
+                    cx.err(
+                        sb.span(),
+                        format!("{bopt}.weight"),
+                        format!("must be between 1 and 1000, got {w}"),
+                    );
+                    1
+                }
+            };
+            match addr.parse::<SocketAddr>() {
+                Ok(address) => {
+                    if backends.iter().any(|b: &BackendSpec| b.address == address) {
+                        cx.err(sb.span(), bopt, format!("{address} is listed twice in this pool"));
+                    } else {
+                        backends.push(BackendSpec { address, weight });
+                    }
+                }
+                Err(_) => cx.err(
+                    sb.span(),
+                    bopt,
+                    format!("`{addr}` is not an IP:port address (static backends are not resolved by DNS)"),
+                ),
+            }
+        }
+        let balance = cx.choice(
+            &p.balance,
+            &format!("{opt}.balance"),
+            &[
+                ("round_robin", Balance::RoundRobin),
+                ("p2c", Balance::PowerOfTwo),
+            ],
+        );
+        let ms = Duration::from_millis;
+        let hour = Duration::from_secs(3600);
+        let connect_timeout = cx.duration_in(
+            &p.connect_timeout,
+            &format!("{opt}.connect_timeout"),
+            pool_defaults::CONNECT_TIMEOUT,
+            ms(1),
+            hour,
+        );
+        let read_timeout = cx.duration_in(
+            &p.read_timeout,
+            &format!("{opt}.read_timeout"),
+            pool_defaults::READ_TIMEOUT,
+            ms(1),
+            hour,
+        );
+        let write_timeout = cx.duration_in(
+            &p.write_timeout,
+            &format!("{opt}.write_timeout"),
+            pool_defaults::WRITE_TIMEOUT,
+            ms(1),
+            hour,
+        );
+        let idle_timeout = cx.duration_in(
+            &p.idle_timeout,
+            &format!("{opt}.idle_timeout"),
+            pool_defaults::IDLE_TIMEOUT,
+            ms(1),
+            hour,
+        );
+        let retries = cx.int(
+            &p.retries,
+            &format!("{opt}.retries"),
+            pool_defaults::RETRIES as i64,
+            0,
+            10,
+        ) as u32;
+        let max_fails = cx.int(
+            &p.max_fails,
+            &format!("{opt}.max_fails"),
+            pool_defaults::MAX_FAILS as i64,
+            1,
+            1000,
+        ) as u32;
+        let eject_time = cx.duration_in(
+            &p.eject_time,
+            &format!("{opt}.eject_time"),
+            pool_defaults::EJECT_TIME,
+            ms(1),
+            hour,
+        );
+        let eject_max_time = cx.duration_in(
+            &p.eject_max_time,
+            &format!("{opt}.eject_max_time"),
+            pool_defaults::EJECT_MAX_TIME,
+            ms(1),
+            24 * hour,
+        );
+        if eject_max_time < eject_time {
+            cx.err(
+                sp.span(),
+                format!("{opt}.eject_max_time"),
+                format!("must not be shorter than eject_time ({eject_time:?})"),
+            );
+        }
+        out.insert(
+            name.clone(),
+            PoolSpec {
+                backends,
+                consul,
+                balance,
+                connect_timeout,
+                read_timeout,
+                write_timeout,
+                idle_timeout,
+                retries,
+                health: HealthPolicy {
+                    max_fails,
+                    eject_time,
+                    eject_max_time,
+                },
+            },
+        );
+    }
+    out
+}

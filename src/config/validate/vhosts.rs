@@ -1,0 +1,207 @@
+//! `[[vhost]]` and `[[vhost.route]]`: names, certificates, route paths in normal form.
+
+use super::*;
+
+/// `None` when a route path is in the normal form requests are routed on; else a hint for
+/// the error (`"; write `/b`"` when it has one).
+pub(super) fn route_path_not_normal(p: &str) -> Option<String> {
+    use crate::routing::path::{normalize_path, EncodedSlashes};
+    match normalize_path(p, EncodedSlashes::Keep) {
+        Ok(std::borrow::Cow::Borrowed(_)) if !p.contains(';') => None,
+        Ok(n) if !p.contains(';') => Some(format!("; write `{n}`")),
+        _ => Some(String::new()),
+    }
+}
+
+/// Is `name` a valid vhost name: a DNS name, an IP literal, or `*.` followed by a DNS name.
+pub fn check_host_name(name: &str) -> Result<(), String> {
+    if name.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(());
+    }
+    let (wild, rest) = match name.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, name),
+    };
+    if rest.contains('*') {
+        return Err(format!(
+            "`{name}`: a wildcard is only allowed as the whole first label, e.g. *.example.com"
+        ));
+    }
+    if rest.is_empty() || rest.len() > 253 {
+        return Err(format!("`{name}` is not a host name"));
+    }
+    for label in rest.split('.') {
+        let ok = !label.is_empty()
+            && label.len() <= 63
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && !label.starts_with('-')
+            && !label.ends_with('-');
+        if !ok {
+            return Err(format!(
+                "`{name}` is not a host name (label `{label}`): use letters, digits and hyphens"
+            ));
+        }
+    }
+    if wild && !rest.contains('.') && rest.parse::<std::net::IpAddr>().is_ok() {
+        return Err(format!("`{name}`: a wildcard cannot cover an IP address"));
+    }
+    Ok(())
+}
+
+pub(super) fn vhosts(
+    cx: &mut Ctx,
+    raw: &[Spanned<RawVhost>],
+    pools: &BTreeMap<String, PoolSpec>,
+    plugins: &BTreeMap<String, PluginSpec>,
+) -> Vec<Vhost> {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut default_line: Option<usize> = None;
+    let mut out = Vec::new();
+    for (i, sv) in raw.iter().enumerate() {
+        let v = sv.get_ref();
+        let origin = cx.origin(sv.span());
+        let mut names = Vec::new();
+        for n in &v.names {
+            let name = n
+                .get_ref()
+                .trim()
+                .trim_end_matches('.')
+                .to_ascii_lowercase();
+            if let Err(e) = check_host_name(&name) {
+                cx.err(n.span(), format!("vhost[{i}].names"), e);
+                continue;
+            }
+            let line = cx.origin(n.span()).line;
+            if let Some(prev) = seen.insert(name.clone(), line) {
+                cx.err(
+                    n.span(),
+                    format!("vhost[{i}].names"),
+                    format!("`{name}` is already a name of the vhost on line {prev}"),
+                );
+            }
+            names.push(name);
+        }
+        if v.default {
+            if let Some(prev) = default_line {
+                cx.err(
+                    sv.span(),
+                    format!("vhost[{i}].default"),
+                    format!(
+                        "only one vhost can be the default; the vhost on line {prev} already is"
+                    ),
+                );
+            }
+            default_line = Some(origin.line);
+        } else if v.names.is_empty() {
+            cx.err(
+                sv.span(),
+                format!("vhost[{i}].names"),
+                "a vhost needs names = [\"example.com\"] unless it is the default (default = true)",
+            );
+        }
+        let cert = match (&v.cert, &v.key) {
+            (Some(c), Some(k)) => Some(CertFiles {
+                cert: cx.path(c.get_ref()),
+                key: cx.path(k.get_ref()),
+                origin: cx.origin(c.span()),
+            }),
+            (None, None) => None,
+            (Some(c), None) => {
+                cx.err(
+                    c.span(),
+                    format!("vhost[{i}].key"),
+                    "cert is set but key is not: set both",
+                );
+                None
+            }
+            (None, Some(k)) => {
+                cx.err(
+                    k.span(),
+                    format!("vhost[{i}].cert"),
+                    "key is set but cert is not: set both",
+                );
+                None
+            }
+        };
+        if v.route.is_empty() {
+            cx.err(
+                sv.span(),
+                format!("vhost[{i}].route"),
+                "the vhost has no routes: add [[vhost.route]] with path = \"/\" and pool = \"…\"",
+            );
+        }
+        let mut routes = Vec::new();
+        let mut paths: HashMap<String, usize> = HashMap::new();
+        for (j, sr) in v.route.iter().enumerate() {
+            let r = sr.get_ref();
+            let p = r.path.get_ref();
+            let opt = format!("vhost[{i}].route[{j}]");
+            if !p.starts_with('/') || p.contains(['?', '#', ' ']) {
+                cx.err(
+                    r.path.span(),
+                    format!("{opt}.path"),
+                    format!(
+                        "`{p}` is not a path prefix: it must start with / and hold no ? # or space"
+                    ),
+                );
+            } else if let Some(hint) = route_path_not_normal(p) {
+                cx.err(
+                    r.path.span(),
+                    format!("{opt}.path"),
+                    format!(
+                        "`{p}` can never match: requests are routed on their normalised path (no //, . or .. segments, %XX only for reserved characters, no ;){hint}"
+                    ),
+                );
+            }
+            let line = cx.origin(r.path.span()).line;
+            if let Some(prev) = paths.insert(p.clone(), line) {
+                cx.err(
+                    r.path.span(),
+                    format!("{opt}.path"),
+                    format!("`{p}` is already routed on line {prev}"),
+                );
+            }
+            let pool = r.pool.get_ref();
+            if !pools.contains_key(pool) {
+                let known: Vec<&str> = pools.keys().map(String::as_str).collect();
+                cx.err(
+                    r.pool.span(),
+                    format!("{opt}.pool"),
+                    format!(
+                        "no pool named `{pool}` (defined pools: {})",
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                );
+            }
+            let max_body_size = r
+                .max_body_size
+                .as_ref()
+                .map(|_| cx.size(&r.max_body_size, &format!("{opt}.max_body_size"), 0));
+            let route_plugins = plugin_refs(cx, &r.plugins, &format!("{opt}.plugins"), plugins);
+            routes.push(Route {
+                path: p.clone(),
+                pool: pool.clone(),
+                max_body_size,
+                plugins: route_plugins,
+                origin: cx.origin(r.path.span()),
+            });
+        }
+        let vhost_plugins = plugin_refs(cx, &v.plugins, &format!("vhost[{i}].plugins"), plugins);
+        out.push(Vhost {
+            names,
+            default: v.default,
+            cert,
+            redirect_https: v.redirect_https.unwrap_or(true),
+            plugins: vhost_plugins,
+            routes,
+            origin,
+        });
+    }
+    out
+}

@@ -1,0 +1,514 @@
+//! The watch loops: one blocking watch per service, the catalog watch for routes declared in
+//! tags and meta, and the fallback beyond `max_blocking` services (two change watches, then
+//! a read of every watched service); the per-watch health that `/status` shows.
+
+use super::*;
+
+/// How one watch is doing, for `/status` and `/metrics`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct WatchHealth {
+    pub service: String,
+    /// When Consul last answered this watch successfully (0: never).
+    pub last_success_unix: u64,
+    pub consecutive_failures: u32,
+    pub last_error: Option<String>,
+    pub index: u64,
+}
+
+pub(super) fn health_table() -> &'static std::sync::Mutex<BTreeMap<ServiceKey, WatchHealth>> {
+    static T: std::sync::OnceLock<std::sync::Mutex<BTreeMap<ServiceKey, WatchHealth>>> =
+        std::sync::OnceLock::new();
+    T.get_or_init(Default::default)
+}
+
+/// The index of the last successful answer of the watch for `key`.
+pub fn watch_index(key: &ServiceKey) -> Option<u64> {
+    health_table()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(key)
+        .map(|h| h.index)
+}
+
+/// The health of every running watch.
+pub fn watch_health() -> Vec<WatchHealth> {
+    health_table()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .values()
+        .cloned()
+        .collect()
+}
+
+pub(super) fn note_health(key: &ServiceKey, f: impl FnOnce(&mut WatchHealth)) {
+    let mut t = health_table().lock().unwrap_or_else(|e| e.into_inner());
+    let h = t.entry(key.clone()).or_insert_with(|| WatchHealth {
+        service: key.to_string(),
+        ..Default::default()
+    });
+    f(h);
+}
+
+/// One blocking query on the health of `key`: the next index to send and its backends.
+pub(super) async fn query(
+    http: &reqwest::Client,
+    s: &ConsulSettings,
+    key: &ServiceKey,
+    index: u64,
+) -> Result<(u64, Vec<BackendSpec>), String> {
+    let mut params: Vec<(&str, String)> = Vec::new();
+    if key.passing {
+        params.push(("passing", "1".into()));
+    }
+    for t in &key.tags {
+        params.push(("tag", t.clone()));
+    }
+    if s.cached {
+        params.push(("cached", String::new()));
+    }
+    let path = format!("/v1/health/service/{}", urlencode(&key.service));
+    let what = format!("service `{}`", key.service);
+    let dc = key.datacenter.as_ref().or(s.datacenter.as_ref());
+    let (next, body) = consul_get(http, s, &path, &what, dc, &params, index).await?;
+    let (backends, skipped) = parse_health(&body)?;
+    if !skipped.is_empty() {
+        tracing::warn!(service = %key, skipped = ?skipped, "Consul instances without a usable address were skipped");
+    }
+    Ok((next, backends))
+}
+
+/// Does Consul know any instance of the service, whatever its health? (A plain read.)
+pub(super) async fn instances_exist(
+    http: &reqwest::Client,
+    s: &ConsulSettings,
+    key: &ServiceKey,
+) -> Result<bool, String> {
+    let probe = ServiceKey {
+        passing: false,
+        ..key.clone()
+    };
+    let quick = ConsulSettings {
+        wait: Duration::from_secs(1),
+        ..s.clone()
+    };
+    // index 1 answers at once whenever the service's index is past 1
+    let (_, all) = query(http, &quick, &probe, 1).await?;
+    Ok(!all.is_empty())
+}
+
+/// What to do with a successful answer: note the watch's health, apply the guard, and
+/// send the change (if any). `Err` when the manager has gone away.
+pub(super) async fn on_answer(
+    http: &reqwest::Client,
+    settings: &ConsulSettings,
+    key: &ServiceKey,
+    index: u64,
+    backends: Vec<BackendSpec>,
+    last: &mut Option<Vec<BackendSpec>>,
+    tx: &mpsc::Sender<Change>,
+) -> Result<(), ()> {
+    note_health(key, |h| {
+        h.last_success_unix = crate::clock::unix_secs();
+        h.consecutive_failures = 0;
+        h.last_error = None;
+        h.index = index;
+    });
+    // The guard: a pool never goes from N > 0 to empty unless Consul confirms the service
+    // exists and every instance is critical.
+    let had = last.as_ref().map(Vec::len).unwrap_or(0);
+    if backends.is_empty() && had > 0 {
+        let critical =
+            key.passing && matches!(instances_exist(http, settings, key).await, Ok(true));
+        if critical {
+            tracing::warn!(service = %key, "every instance is critical: the pool is now empty and answers 503");
+        } else {
+            tracing::error!(
+                service = %key,
+                kept = had,
+                "GUARD: Consul answered with no instance at all; keeping the last known backends rather than emptying the pool"
+            );
+            crate::metrics::metrics()
+                .consul_guarded
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Ok(());
+        }
+    }
+    let backends = match (last.as_ref(), settings.min_fraction > 0.0) {
+        (Some(old), true) => {
+            let (kept, guarded) = guard_shrink(old, backends, settings.min_fraction);
+            if guarded {
+                tracing::error!(
+                    service = %key,
+                    before = old.len(),
+                    after = kept.len(),
+                    min_fraction = settings.min_fraction,
+                    "GUARD: the pool would shrink below consul.min_fraction in one answer; keeping some of the previous backends"
+                );
+                crate::metrics::metrics()
+                    .consul_guarded
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            kept
+        }
+        _ => backends,
+    };
+    if last.as_ref() == Some(&backends) {
+        return Ok(());
+    }
+    *last = Some(backends.clone());
+    let update = Update {
+        key: key.clone(),
+        view: ServiceView {
+            backends,
+            index,
+            updated_unix: crate::clock::unix_secs(),
+        },
+        received: Instant::now(),
+    };
+    tx.send(Change::Service(update)).await.map_err(|_| ())
+}
+
+/// Count a watch's `failures`-th failed query in a row and return how long it backs off.
+pub(super) fn failure_backoff(failures: u32) -> Duration {
+    crate::metrics::metrics()
+        .consul_errors
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    backoff(
+        failures,
+        Duration::from_millis(200),
+        Duration::from_secs(30),
+        fastrand::f64(),
+    )
+}
+
+/// Wait until the watch's token bucket allows its next query.
+pub(super) async fn pace(bucket: &mut TokenBucket) {
+    let delay = bucket.take(Instant::now());
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// Note a failed query; the last known backends keep serving. Returns how long to back off.
+pub(super) fn on_error(key: &ServiceKey, failures: u32, e: &str) -> Duration {
+    note_health(key, |h| {
+        h.consecutive_failures = failures;
+        h.last_error = Some(e.to_string());
+    });
+    let wait = failure_backoff(failures);
+    tracing::warn!(service = %key, error = %e, retry_in_ms = wait.as_millis() as u64, "Consul watch failed; serving the last known backends");
+    wait
+}
+
+/// Watch one service until the task is aborted; send every change.
+pub(super) async fn watch(settings: ConsulSettings, key: ServiceKey, tx: mpsc::Sender<Change>) {
+    let http = match client(&settings) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(service = %key, "{e}");
+            return;
+        }
+    };
+    // spread the first queries so watches do not wake together
+    tokio::time::sleep(Duration::from_millis(fastrand::u64(0..100))).await;
+    let mut bucket = TokenBucket::new(WATCH_RATE, WATCH_BURST, Instant::now());
+    let mut index = 1u64;
+    let mut last: Option<Vec<BackendSpec>> = None;
+    let mut failures = 0u32;
+    loop {
+        pace(&mut bucket).await;
+        match query(&http, &settings, &key, index).await {
+            Ok((next, backends)) => {
+                if failures > 0 {
+                    tracing::info!(service = %key, "Consul answers again");
+                }
+                failures = 0;
+                index = next;
+                if on_answer(&http, &settings, &key, index, backends, &mut last, &tx)
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                // start over from a full read
+                index = 1;
+                tokio::time::sleep(on_error(&key, failures, &e)).await;
+            }
+        }
+    }
+}
+
+/// The routes services declare in their tags, from one `/v1/catalog/services` query.
+pub(super) async fn catalog_routes(
+    http: &reqwest::Client,
+    s: &ConsulSettings,
+    index: u64,
+) -> Result<(u64, Vec<DiscoveredRoute>), String> {
+    let (next, body) = blocking_get(http, s, "/v1/catalog/services", index).await?;
+    let services: BTreeMap<String, Vec<String>> = serde_json::from_slice(&body)
+        .map_err(|e| format!("not a /v1/catalog/services answer: {e}"))?;
+    let mut routes = Vec::new();
+    if !s.route_meta_prefix.is_empty() {
+        routes.extend(meta_routes(http, s, services.keys().cloned().collect(), next).await);
+    }
+    for (service, tags) in services {
+        for tag in tags {
+            match parse_route_tag(&tag, &s.route_tag_prefix, s.fabio_tags) {
+                Some(Ok((host, path))) => routes.push(DiscoveredRoute {
+                    host,
+                    path,
+                    service: service.clone(),
+                    tag,
+                    index: next,
+                }),
+                Some(Err(e)) => tracing::warn!(service = %service, "ignoring a route tag: {e}"),
+                None => {}
+            }
+        }
+    }
+    routes.sort();
+    routes.dedup_by(|a, b| a.host == b.host && a.path == b.path && a.service == b.service);
+    Ok((next, routes))
+}
+
+/// Routes declared in service meta (`tollgate-route`, `tollgate-route-2`, … = `host/path`):
+/// every service's instances are read once (16 at a time) per catalog change. A service that
+/// cannot be read keeps no meta routes this round (and the error is logged).
+pub(super) async fn meta_routes(
+    http: &reqwest::Client,
+    s: &ConsulSettings,
+    services: Vec<String>,
+    index: u64,
+) -> Vec<DiscoveredRoute> {
+    #[derive(Deserialize)]
+    struct Instance {
+        #[serde(rename = "ServiceMeta", default)]
+        meta: Option<HashMap<String, String>>,
+    }
+    let limit = Arc::new(tokio::sync::Semaphore::new(16));
+    let mut reads = tokio::task::JoinSet::new();
+    for service in services {
+        let (http, s, limit) = (http.clone(), s.clone(), limit.clone());
+        reads.spawn(async move {
+            let _permit = limit.acquire_owned().await;
+            let mut url = format!("{}/v1/catalog/service/{}", s.address, urlencode(&service));
+            if let Some(dc) = &s.datacenter {
+                url.push_str(&format!("?dc={}", urlencode(dc)));
+            }
+            let mut req = http.get(&url).timeout(Duration::from_secs(10));
+            if let Some(t) = token(&s) {
+                req = req.header("X-Consul-Token", t);
+            }
+            let r: Result<Vec<Instance>, String> = async {
+                let resp = req
+                    .send()
+                    .await
+                    .map_err(|e| describe(&e, Duration::from_secs(10)))?;
+                if !resp.status().is_success() {
+                    return Err(format!("{}", resp.status()));
+                }
+                resp.json().await.map_err(|e| e.to_string())
+            }
+            .await;
+            (service, r)
+        });
+    }
+    let mut routes = Vec::new();
+    while let Some(Ok((service, r))) = reads.join_next().await {
+        let instances = match r {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!(service = %service, error = %e, "cannot read the service's meta for routes");
+                continue;
+            }
+        };
+        for meta in instances.into_iter().filter_map(|i| i.meta) {
+            for (k, v) in meta {
+                let is_route = k == s.route_meta_prefix
+                    || k.strip_prefix(&s.route_meta_prefix)
+                        .is_some_and(|rest| rest.starts_with('-'));
+                if !is_route {
+                    continue;
+                }
+                match parse_route_tag(&v, "", false) {
+                    Some(Ok((host, path))) => routes.push(DiscoveredRoute {
+                        host,
+                        path,
+                        service: service.clone(),
+                        tag: format!("meta {k}={v}"),
+                        index,
+                    }),
+                    Some(Err(e)) => {
+                        tracing::warn!(service = %service, "ignoring route meta {k}: {e}")
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+    routes
+}
+
+/// Watch the catalog for route tags; send the route set whenever it changes.
+pub(super) async fn watch_catalog(settings: ConsulSettings, tx: mpsc::Sender<Change>) {
+    let http = match client(&settings) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("{e}");
+            return;
+        }
+    };
+    let mut bucket = TokenBucket::new(WATCH_RATE, WATCH_BURST, Instant::now());
+    let (mut index, mut failures) = (1u64, 0u32);
+    // compared without the index: a registration elsewhere moves it without changing routes
+    let strip = |r: &[DiscoveredRoute]| -> Vec<(String, String, String, String)> {
+        r.iter()
+            .map(|r| {
+                (
+                    r.host.clone(),
+                    r.path.clone(),
+                    r.service.clone(),
+                    r.tag.clone(),
+                )
+            })
+            .collect()
+    };
+    let mut last: Option<Vec<(String, String, String, String)>> = None;
+    loop {
+        pace(&mut bucket).await;
+        match catalog_routes(&http, &settings, index).await {
+            Ok((next, routes)) => {
+                failures = 0;
+                index = next;
+                let now = strip(&routes);
+                if last.as_ref() == Some(&now) {
+                    continue;
+                }
+                if routes.is_empty() && last.as_ref().is_some_and(|l| !l.is_empty()) {
+                    tracing::error!("GUARD: the Consul catalog has no route tags any more; keeping the routes it had");
+                    crate::metrics::metrics()
+                        .consul_guarded
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    continue;
+                }
+                last = Some(now);
+                if tx
+                    .send(Change::Routes {
+                        routes,
+                        received: Instant::now(),
+                    })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                index = 1;
+                let wait = failure_backoff(failures);
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "Consul catalog watch failed; keeping the routes it had");
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+/// The fallback beyond `max_blocking` services: two blocking watches in all, on
+/// `/v1/health/state/any` (any check changes) and `/v1/catalog/services` (any registration
+/// or tag change); when either moves, every watched service is read once (16 at a time).
+pub(super) async fn watch_all(
+    settings: ConsulSettings,
+    keys: Vec<ServiceKey>,
+    tx: mpsc::Sender<Change>,
+) {
+    let http = match client(&settings) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("{e}");
+            return;
+        }
+    };
+    tracing::info!(
+        services = keys.len(),
+        max_blocking = settings.max_blocking,
+        "more Consul services than blocking queries allowed: watching changes through /v1/health/state/any and /v1/catalog/services"
+    );
+    let mut last: BTreeMap<ServiceKey, Option<Vec<BackendSpec>>> =
+        keys.iter().map(|k| (k.clone(), None)).collect();
+    let mut failures: BTreeMap<ServiceKey, u32> = BTreeMap::new();
+    // Where both change watches stand now, taken before the first full read: a change after
+    // this point moves an index and causes another read, so none is missed; and the first
+    // blocking queries wait instead of answering at once and causing two redundant reads.
+    let (health, catalog) = tokio::join!(
+        block_on(&http, &settings, "/v1/health/state/any", 0),
+        block_on(&http, &settings, "/v1/catalog/services", 0),
+    );
+    let (mut health_index, mut catalog_index) = (health.unwrap_or(1), catalog.unwrap_or(1));
+    let mut bucket = TokenBucket::new(10.0, 20.0, Instant::now());
+    let limit = Arc::new(tokio::sync::Semaphore::new(16));
+    let mut read = true;
+    loop {
+        if read {
+            pace(&mut bucket).await;
+            // read every service once
+            let mut reads = tokio::task::JoinSet::new();
+            for k in &keys {
+                let (http, s, k, limit) =
+                    (http.clone(), settings.clone(), k.clone(), limit.clone());
+                reads.spawn(async move {
+                    let _permit = limit.acquire_owned().await;
+                    let r = query(&http, &s, &k, 0).await;
+                    (k, r)
+                });
+            }
+            while let Some(Ok((k, r))) = reads.join_next().await {
+                match r {
+                    Ok((index, backends)) => {
+                        failures.remove(&k);
+                        let slot = last.entry(k.clone()).or_default();
+                        if on_answer(&http, &settings, &k, index, backends, slot, &tx)
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let f = failures.entry(k.clone()).or_default();
+                        *f += 1;
+                        on_error(&k, *f, &e);
+                    }
+                }
+            }
+        }
+        // then wait for the next change anywhere; a blocking query that ran out its `wait`
+        // answers with the index it was given: nothing changed, nothing to read
+        read = !failures.is_empty();
+        tokio::select! {
+            r = block_on(&http, &settings, "/v1/health/state/any", health_index) => match r {
+                Ok(i) => { read |= i != health_index; health_index = i; }
+                Err(e) => { health_index = 1; read = true; change_watch_failed(&e).await; }
+            },
+            r = block_on(&http, &settings, "/v1/catalog/services", catalog_index) => match r {
+                Ok(i) => { read |= i != catalog_index; catalog_index = i; }
+                Err(e) => { catalog_index = 1; read = true; change_watch_failed(&e).await; }
+            },
+        }
+    }
+}
+
+/// A change watch of the fallback mode failed: back off, then say so.
+pub(super) async fn change_watch_failed(e: &str) {
+    tokio::time::sleep(backoff(
+        1,
+        Duration::from_millis(500),
+        Duration::from_secs(30),
+        fastrand::f64(),
+    ))
+    .await;
+    tracing::warn!(error = %e, "Consul change watch failed");
+}

@@ -1,0 +1,43 @@
+//! The epoch clock behind the plugins' CPU deadlines: it ticks every `EPOCH_TICK` while
+//! guest code runs (`Running`) and parks while none does.
+
+use super::*;
+
+/// How often the epoch advances: the resolution of CPU deadlines.
+pub(super) const EPOCH_TICK: Duration = Duration::from_millis(2);
+
+/// Guest calls running now, on any thread: the epoch clock only ticks while there are any,
+/// so an idle tollgate with plugins loaded does not wake 500 times a second.
+pub(super) static IN_GUEST: AtomicUsize = AtomicUsize::new(0);
+/// The epoch clock is parked (or about to park) and must be woken by the next call.
+pub(super) static CLOCK_PARKED: AtomicBool = AtomicBool::new(false);
+pub(super) static CLOCK: OnceLock<std::thread::Thread> = OnceLock::new();
+
+/// Held while guest code runs (every call into a store of the host's engine): keeps the
+/// epoch clock, and with it the CPU deadline, ticking.
+pub(crate) struct Running(());
+
+impl Running {
+    pub(crate) fn enter() -> Running {
+        IN_GUEST.fetch_add(1, SeqCst);
+        if CLOCK_PARKED.load(SeqCst) {
+            if let Some(t) = CLOCK.get() {
+                t.unpark();
+            }
+        }
+        Running(())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        IN_GUEST.fetch_sub(1, SeqCst);
+    }
+}
+
+pub fn deadline_ticks(d: Duration) -> u64 {
+    (d.as_millis() as u64)
+        .div_ceil(EPOCH_TICK.as_millis() as u64)
+        .max(1)
+        + 1
+}
