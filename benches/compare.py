@@ -21,9 +21,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UP, TG, NG, HA = 18080, 18443, 18444, 18445
+TG_ADMIN = 18449
 BODY = "x" * 1023 + "\n"
 
 
@@ -113,7 +115,8 @@ threads = 1
 work_stealing = false
 watch_config = false
 [admin]
-enabled = false
+# loopback, no token: read once after each run for the upstream connections opened
+address = "127.0.0.1:{TG_ADMIN}"
 [log]
 access_log = false
 level = "warn"
@@ -163,6 +166,14 @@ def run_h2load(port, secs, conns, streams, d):
     return {"rps": rps, "p50": pct(0.50), "p99": pct(0.99), "errors": int(m.group(2)) if m else -1}
 
 
+def upstream_connects():
+    """New connections tollgate has opened to the upstream (its connect-time histogram's count)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{TG_ADMIN}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    m = re.search(r'^tollgate_upstream_connect_duration_seconds_count\{pool="up"\} (\d+)$', text, re.M)
+    return int(m.group(1)) if m else 0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=int, default=10, help="duration of each measurement")
@@ -191,6 +202,8 @@ def main():
         "haproxy": (HA, lambda: start(["haproxy", "-db", "-f", ha_conf], 0, "haproxy", HA, log)),
     }
     results = {(p, proto): [] for p in proxies for proto in ("h1", "h2")}
+    # the keep-alive pool must not be the limit: new upstream connections per measured run
+    opened = {"h1": [], "h2": []}
     try:
         for name, (port, launch) in proxies.items():
             procs.append(launch())
@@ -199,9 +212,14 @@ def main():
             for name in (order if r % 2 == 0 else order[::-1]):
                 port = proxies[name][0]
                 run_wrk(port, 2, args.connections)  # warm-up: TLS sessions, upstream pools
+                c0 = upstream_connects() if name == "tollgate" else 0
                 results[(name, "h1")].append(run_wrk(port, args.seconds, args.connections))
+                c1 = upstream_connects() if name == "tollgate" else 0
                 results[(name, "h2")].append(
                     run_h2load(port, args.seconds, args.h2_connections, args.h2_streams, d))
+                if name == "tollgate":
+                    opened["h1"].append(c1 - c0)
+                    opened["h2"].append(upstream_connects() - c1)
                 print(f"round {r + 1}: {name} done", file=sys.stderr)
     finally:
         stop(procs)
@@ -226,6 +244,12 @@ def main():
         print(f"| {proto} | {t / mean('nginx', proto, 'rps'):.2f} | {t / mean('haproxy', proto, 'rps'):.2f} "
               f"| {mean('tollgate', proto, 'p99') / mean('nginx', proto, 'p99'):.2f} "
               f"| {mean('tollgate', proto, 'p99') / mean('haproxy', proto, 'p99'):.2f} |")
+    for proto in ("h1", "h2"):
+        reqs = sum(x["rps"] * args.seconds for x in results[("tollgate", proto)])
+        print(f"\ntollgate {proto}: {sum(opened[proto])} new upstream connections for "
+              f"~{reqs:.0f} requests (keep-alive reuse; the pool is not the limit when this "
+              f"stays near the number of requests in flight)", end="")
+    print()
     shutil.rmtree(d, ignore_errors=True)
 
 

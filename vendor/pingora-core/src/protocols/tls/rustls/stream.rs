@@ -211,9 +211,9 @@ where
 }
 
 // tollgate patch: gathered writes. An HTTP/1 response is written as its header and then
-// its body (and a chunked body as the chunk size, the data and CRLF); rustls makes a TLS
-// record of every write, so a small response left as two records: twice the AEAD setup,
-// record framing and tag (~2.5k instructions each) and 22-29 more bytes on the wire.
+// its body; rustls makes a TLS record of every write, so a small response left as two
+// records: twice the AEAD setup, record framing and tag (~4k instructions each) and 22-29
+// more bytes on the wire.
 // Small writes are gathered here; a flush, a shutdown or a write that does not fit hands
 // them to rustls, together with that write, as one record (rustls makes one record of a
 // vectored write, up to its 16 KiB maximum). Callers already flush to send: the L4
