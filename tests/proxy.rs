@@ -799,6 +799,64 @@ async fn a_small_response_leaves_as_one_tls_record() {
 }
 
 #[tokio::test]
+async fn upstream_connections_are_reused_at_hundreds_of_requests_in_flight() {
+    // 4 HTTP/2 clients x 90 streams, each request held 300 ms by the upstream: 360 requests
+    // in flight, more than the old default pool (128 per worker, 2 workers) could keep. The
+    // second round must find the first round's connections in the pool, not open new ones.
+    let up = Upstream::start("up").await;
+    let body = single_pool("", &format!("backends = [\"{}\"]", up.addr));
+    let s = site(&body, issue_a).await;
+    let port = s.https.port();
+    let clients: Vec<reqwest::Client> = (0..4)
+        .map(|_| client(&s.ca, s.https, &["a.test"]))
+        .collect();
+    // one request each first, so every client has its one HTTP/2 connection before the
+    // rounds (concurrent first requests would each open one, and hit the per-IP rate limit)
+    for c in &clients {
+        let r = c
+            .get(format!("https://a.test:{port}/warm"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    }
+    let round = |n: usize| {
+        let mut tasks = Vec::new();
+        for (k, c) in clients.iter().enumerate() {
+            for i in 0..90 {
+                let c = c.clone();
+                tasks.push(tokio::spawn(async move {
+                    let r = c
+                        .get(format!("https://a.test:{port}/r{n}/{k}/{i}/sleep/300"))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+                    assert_eq!(r.status(), 200);
+                }));
+            }
+        }
+        tasks
+    };
+    for t in round(1) {
+        t.await.unwrap();
+    }
+    let after_first = up.conns.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        after_first >= 300,
+        "the first round had its requests in flight at once: {after_first} upstream connections"
+    );
+    for t in round(2) {
+        t.await.unwrap();
+    }
+    let new = up.conns.load(std::sync::atomic::Ordering::SeqCst) - after_first;
+    assert!(
+        new <= 20,
+        "{new} new upstream connections in the second round (after {after_first} in the first)"
+    );
+}
+
+#[tokio::test]
 async fn http2_to_clients_and_http11_to_upstreams() {
     let up = Upstream::start("up").await;
     let body = single_pool("", &format!("backends = [\"{}\"]", up.addr));

@@ -326,10 +326,14 @@ pub(super) fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
         Duration::from_millis(50),
         Duration::from_secs(3600),
     );
+    // Idle upstream connections kept per worker. It must cover the requests in flight: a
+    // connection released when the pool is full is closed, and the next request pays a new
+    // connect (at 128, HTTP/2 load with 256 streams in flight opened a connection for one
+    // request in three; benches/compare.py counts them). Idle connections cost a socket each.
     let pool_size = cx.int(
         &s.upstream_keepalive_pool_size,
         "server.upstream_keepalive_pool_size",
-        128,
+        1024,
         0,
         65536,
     ) as usize;
