@@ -122,117 +122,16 @@ impl Snapshot {
         generation: u64,
         view: &View,
     ) -> Result<Snapshot, ConfigErrors> {
-        // every problem at once, in line order: certificates, the token, plugins
-        let certs = CertStore::load(&config);
-        let admin_token = read_token(&config.admin.token);
-        let plugins = crate::wasm::host().load(&config.plugins, config.server.threads);
-        let (certs, admin_token, plugins) = match (certs, admin_token, plugins) {
-            (Ok(c), Ok(t), Ok(p)) => (c, t, p),
-            (c, t, p) => {
-                let mut all: Vec<_> = [c.err(), t.err(), p.err()]
-                    .into_iter()
-                    .flatten()
-                    .flat_map(|e| e.0)
-                    .collect();
-                all.sort_by_key(|e| e.origin.line);
-                return Err(ConfigErrors(all));
-            }
-        };
-        // Vhosts and routes: the file's first, then the routes services declare in Consul.
-        // The file wins every conflict; conflicts are reported, never fatal.
-        let mut vhosts: Vec<VhostInfo> = config
-            .vhosts
-            .iter()
-            .map(|v| VhostInfo {
-                label: v.label().to_string(),
-                names: v.names.clone(),
-                default: v.default,
-                redirect_https: v.redirect_https,
-                source: format!("file {}", v.origin),
-                plugins: v.plugins.clone(),
-                routes: v
-                    .routes
-                    .iter()
-                    .map(|r| RouteInfo {
-                        path: r.path.clone(),
-                        pool: r.pool.clone(),
-                        source: format!("file {}", r.origin),
-                        max_body_size: r.max_body_size,
-                        plugins: r.plugins.clone(),
-                    })
-                    .collect(),
-            })
-            .collect();
-        let mut pool_specs: BTreeMap<String, PoolSpec> = config.pools.clone();
-        let mut route_conflicts = Vec::new();
-        for dr in &view.routes {
-            let source = format!(
-                "consul tag `{}` of service {} at index {}",
-                dr.tag, dr.service, dr.index
-            );
-            let shown_host = if dr.host.is_empty() {
-                "any host"
-            } else {
-                dr.host.as_str()
-            };
-            let target = if dr.host.is_empty() {
-                vhosts.iter().position(|v| v.default)
-            } else {
-                vhosts.iter().position(|v| v.names.contains(&dr.host))
-            };
-            let vi = match target {
-                Some(i) => i,
-                None if dr.host.is_empty() => {
-                    route_conflicts.push(format!(
-                        "{source}: routes {shown_host}{} but there is no default vhost",
-                        dr.path
-                    ));
-                    continue;
-                }
-                None => {
-                    if config.has_tls() && !certs.covers(&dr.host) {
-                        route_conflicts.push(format!(
-                            "{source}: no certificate covers {}; HTTPS clients get the default certificate",
-                            dr.host
-                        ));
-                    }
-                    vhosts.push(VhostInfo {
-                        label: dr.host.clone(),
-                        names: vec![dr.host.clone()],
-                        default: false,
-                        redirect_https: true,
-                        source: source.clone(),
-                        plugins: Vec::new(),
-                        routes: Vec::new(),
-                    });
-                    vhosts.len() - 1
-                }
-            };
-            if let Some(existing) = vhosts[vi].routes.iter().find(|r| r.path == dr.path) {
-                route_conflicts.push(format!(
-                    "{source}: {shown_host}{} is already routed by {} (kept)",
-                    dr.path, existing.source
-                ));
-                continue;
-            }
-            let pool = format!("consul:{}", dr.service);
-            pool_specs.entry(pool.clone()).or_insert_with(|| {
-                PoolSpec::for_consul(ServiceKey {
-                    service: dr.service.clone(),
-                    tags: Vec::new(),
-                    datacenter: None,
-                    passing: true,
-                })
-            });
-            vhosts[vi].routes.push(RouteInfo {
-                path: dr.path.clone(),
-                pool,
-                source,
-                max_body_size: None,
-                plugins: Vec::new(),
-            });
-        }
-
+        let Gathered {
+            certs,
+            admin_token,
+            plugins,
+        } = gather(&config)?;
+        let Merged {
+            vhosts,
+            pool_specs,
+            route_conflicts,
+        } = merge_routes(&config, view, |host| certs.covers(host));
         let mut pools = Vec::new();
         let mut index: HashMap<&str, usize> = HashMap::new();
         for (name, spec) in &pool_specs {
@@ -323,6 +222,149 @@ impl Snapshot {
             route_plugins,
             pool_names,
         })
+    }
+}
+
+/// What a Snapshot build reads besides the config: certificates, the admin token (a token
+/// file is read at every build) and the plugins (compiled, or reused when unchanged).
+struct Gathered {
+    certs: CertStore,
+    admin_token: Option<String>,
+    plugins: BTreeMap<String, Arc<Plugin>>,
+}
+
+/// Read what the config names; every problem at once, in line order.
+fn gather(config: &Config) -> Result<Gathered, ConfigErrors> {
+    let certs = CertStore::load(config);
+    let admin_token = read_token(&config.admin.token);
+    let plugins = crate::wasm::host().load(&config.plugins, config.server.threads);
+    match (certs, admin_token, plugins) {
+        (Ok(certs), Ok(admin_token), Ok(plugins)) => Ok(Gathered {
+            certs,
+            admin_token,
+            plugins,
+        }),
+        (c, t, p) => {
+            let mut all: Vec<_> = [c.err(), t.err(), p.err()]
+                .into_iter()
+                .flatten()
+                .flat_map(|e| e.0)
+                .collect();
+            all.sort_by_key(|e| e.origin.line);
+            Err(ConfigErrors(all))
+        }
+    }
+}
+
+/// The vhosts and pools a Snapshot serves: the file's, then the routes services declare in
+/// Consul (`view.routes`), merged. The file wins every conflict; a conflict is reported in
+/// `route_conflicts`, never fatal. Pure: `covers` says whether a loaded certificate covers a
+/// host (for the warning about Consul-declared hosts without one).
+pub(crate) struct Merged {
+    pub vhosts: Vec<VhostInfo>,
+    pub pool_specs: BTreeMap<String, PoolSpec>,
+    pub route_conflicts: Vec<String>,
+}
+
+pub(crate) fn merge_routes(config: &Config, view: &View, covers: impl Fn(&str) -> bool) -> Merged {
+    // Vhosts and routes: the file's first, then the routes services declare in Consul.
+    // The file wins every conflict; conflicts are reported, never fatal.
+    let mut vhosts: Vec<VhostInfo> = config
+        .vhosts
+        .iter()
+        .map(|v| VhostInfo {
+            label: v.label().to_string(),
+            names: v.names.clone(),
+            default: v.default,
+            redirect_https: v.redirect_https,
+            source: format!("file {}", v.origin),
+            plugins: v.plugins.clone(),
+            routes: v
+                .routes
+                .iter()
+                .map(|r| RouteInfo {
+                    path: r.path.clone(),
+                    pool: r.pool.clone(),
+                    source: format!("file {}", r.origin),
+                    max_body_size: r.max_body_size,
+                    plugins: r.plugins.clone(),
+                })
+                .collect(),
+        })
+        .collect();
+    let mut pool_specs: BTreeMap<String, PoolSpec> = config.pools.clone();
+    let mut route_conflicts = Vec::new();
+    for dr in &view.routes {
+        let source = format!(
+            "consul tag `{}` of service {} at index {}",
+            dr.tag, dr.service, dr.index
+        );
+        let shown_host = if dr.host.is_empty() {
+            "any host"
+        } else {
+            dr.host.as_str()
+        };
+        let target = if dr.host.is_empty() {
+            vhosts.iter().position(|v| v.default)
+        } else {
+            vhosts.iter().position(|v| v.names.contains(&dr.host))
+        };
+        let vi = match target {
+            Some(i) => i,
+            None if dr.host.is_empty() => {
+                route_conflicts.push(format!(
+                    "{source}: routes {shown_host}{} but there is no default vhost",
+                    dr.path
+                ));
+                continue;
+            }
+            None => {
+                if config.has_tls() && !covers(&dr.host) {
+                    route_conflicts.push(format!(
+                        "{source}: no certificate covers {}; HTTPS clients get the default certificate",
+                        dr.host
+                    ));
+                }
+                vhosts.push(VhostInfo {
+                    label: dr.host.clone(),
+                    names: vec![dr.host.clone()],
+                    default: false,
+                    redirect_https: true,
+                    source: source.clone(),
+                    plugins: Vec::new(),
+                    routes: Vec::new(),
+                });
+                vhosts.len() - 1
+            }
+        };
+        if let Some(existing) = vhosts[vi].routes.iter().find(|r| r.path == dr.path) {
+            route_conflicts.push(format!(
+                "{source}: {shown_host}{} is already routed by {} (kept)",
+                dr.path, existing.source
+            ));
+            continue;
+        }
+        let pool = format!("consul:{}", dr.service);
+        pool_specs.entry(pool.clone()).or_insert_with(|| {
+            PoolSpec::for_consul(ServiceKey {
+                service: dr.service.clone(),
+                tags: Vec::new(),
+                datacenter: None,
+                passing: true,
+            })
+        });
+        vhosts[vi].routes.push(RouteInfo {
+            path: dr.path.clone(),
+            pool,
+            source,
+            max_body_size: None,
+            plugins: Vec::new(),
+        });
+    }
+    Merged {
+        vhosts,
+        pool_specs,
+        route_conflicts,
     }
 }
 
@@ -510,5 +552,142 @@ impl crate::discovery::consul::Live for State {
 
     fn state_file(&self) -> Option<PathBuf> {
         self.snapshot().config.consul.state_file.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::DiscoveredRoute;
+
+    fn config(extra: &str) -> Config {
+        Config::parse(
+            std::path::Path::new("t.toml"),
+            &format!(
+                "[[listener]]\naddress = \"127.0.0.1:1\"\n{extra}\n\
+                 [[vhost]]\nnames = [\"a.test\"]\n\
+                 [[vhost.route]]\npath = \"/\"\npool = \"p\"\n\
+                 [pool.p]\nbackends = [\"127.0.0.1:2\"]\n"
+            ),
+        )
+        .unwrap()
+    }
+
+    fn declared(host: &str, path: &str, service: &str) -> DiscoveredRoute {
+        DiscoveredRoute {
+            host: host.into(),
+            path: path.into(),
+            service: service.into(),
+            tag: format!("tollgate.route={host}{path}"),
+            index: 7,
+        }
+    }
+
+    fn view(routes: Vec<DiscoveredRoute>) -> View {
+        View {
+            routes,
+            ..View::default()
+        }
+    }
+
+    #[test]
+    fn the_file_wins_a_conflict_and_the_conflict_is_reported() {
+        let m = merge_routes(
+            &config(""),
+            &view(vec![declared("a.test", "/", "rogue")]),
+            |_| true,
+        );
+        assert_eq!(m.vhosts.len(), 1);
+        let routes = &m.vhosts[0].routes;
+        assert_eq!(routes.len(), 1);
+        assert_eq!(routes[0].pool, "p", "the file's route is kept");
+        assert!(
+            routes[0].source.starts_with("file t.toml:"),
+            "{}",
+            routes[0].source
+        );
+        assert_eq!(m.route_conflicts.len(), 1, "{:?}", m.route_conflicts);
+        assert!(
+            m.route_conflicts[0].contains("service rogue")
+                && m.route_conflicts[0].contains("a.test/ is already routed by file t.toml:"),
+            "{:?}",
+            m.route_conflicts
+        );
+        assert!(!m.pool_specs.contains_key("consul:rogue"));
+    }
+
+    #[test]
+    fn declared_routes_join_a_file_vhost_or_make_their_own() {
+        let m = merge_routes(
+            &config(""),
+            &view(vec![
+                declared("a.test", "/api", "api"),
+                declared("b.test", "/", "web"),
+            ]),
+            |_| true,
+        );
+        assert!(m.route_conflicts.is_empty(), "{:?}", m.route_conflicts);
+        let a = &m.vhosts[0];
+        assert_eq!(a.routes.len(), 2);
+        let api = a.routes.iter().find(|r| r.path == "/api").unwrap();
+        assert_eq!(api.pool, "consul:api");
+        assert!(
+            api.source.contains("service api at index 7"),
+            "{}",
+            api.source
+        );
+        let b = &m.vhosts[1];
+        assert_eq!(
+            (b.label.as_str(), b.names.clone()),
+            ("b.test", vec!["b.test".to_string()])
+        );
+        assert!(b.redirect_https && !b.default);
+        assert_eq!(b.routes[0].pool, "consul:web");
+        for (pool, service) in [("consul:api", "api"), ("consul:web", "web")] {
+            let key = m.pool_specs[pool].consul.as_ref().expect("a Consul pool");
+            assert_eq!(key.service, service);
+            assert!(key.passing && key.tags.is_empty() && key.datacenter.is_none());
+        }
+        assert!(m.pool_specs.contains_key("p"), "the file's pools stay");
+    }
+
+    #[test]
+    fn any_host_routes_need_a_default_vhost() {
+        let any = view(vec![declared("", "/x", "svc")]);
+        let m = merge_routes(&config(""), &any, |_| true);
+        assert_eq!(m.vhosts[0].routes.len(), 1);
+        assert!(
+            m.route_conflicts[0].contains("routes any host/x but there is no default vhost"),
+            "{:?}",
+            m.route_conflicts
+        );
+        let with_default = Config::parse(
+            std::path::Path::new("t.toml"),
+            "[[listener]]\naddress = \"127.0.0.1:1\"\n[[vhost]]\ndefault = true\n\
+             [[vhost.route]]\npath = \"/\"\npool = \"p\"\n[pool.p]\nbackends = [\"127.0.0.1:2\"]\n",
+        )
+        .unwrap();
+        let m = merge_routes(&with_default, &any, |_| true);
+        assert!(m.route_conflicts.is_empty(), "{:?}", m.route_conflicts);
+        assert_eq!(m.vhosts[0].routes.len(), 2);
+        assert_eq!(m.vhosts[0].routes[1].pool, "consul:svc");
+    }
+
+    #[test]
+    fn a_declared_host_without_a_certificate_is_reported_when_tls_is_on() {
+        let routes = view(vec![declared("c.test", "/", "web")]);
+        // plain listeners only: nothing to warn about
+        let m = merge_routes(&config(""), &routes, |_| false);
+        assert!(m.route_conflicts.is_empty(), "{:?}", m.route_conflicts);
+        let tls = config("tls = true\n[tls]\ncerts_dir = \"/nonexistent\"\n");
+        let m = merge_routes(&tls, &routes, |h| h != "c.test");
+        assert_eq!(m.vhosts.len(), 2, "the route is still served");
+        assert!(
+            m.route_conflicts[0].contains("no certificate covers c.test"),
+            "{:?}",
+            m.route_conflicts
+        );
+        let m = merge_routes(&tls, &routes, |_| true);
+        assert!(m.route_conflicts.is_empty(), "{:?}", m.route_conflicts);
     }
 }
