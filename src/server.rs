@@ -5,8 +5,9 @@
 
 use crate::admin::Admin;
 use crate::config::Config;
+use crate::limits::ConnTable;
 use crate::proxy::sni::SniResolver;
-use crate::proxy::Tollgate;
+use crate::proxy::{ActiveRequests, Tollgate};
 use crate::state::{watch::Reloader, State};
 use anyhow::{bail, Context};
 use async_trait::async_trait;
@@ -148,9 +149,12 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
     let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
     server.bootstrap();
 
+    // shared counters, handed to the services that show or use them
+    let active = ActiveRequests::default();
+    let conns = Arc::new(ConnTable::default());
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
-        Tollgate::new(state.handle(), cfg.log.access_log),
+        Tollgate::new(state.handle(), cfg.log.access_log, active.clone()),
         "tollgate proxy",
     );
     let limits = &cfg.limits;
@@ -167,6 +171,7 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
         .set_pre_tls_callback(Arc::new(crate::proxy::admission::Admission::new(
             state.handle(),
             proxy_listeners,
+            conns.clone(),
         )));
     if let Some(app) = proxy.app_logic_mut() {
         // HTTP/2 limits, rapid reset (CVE-2023-44487) included; these apply at start only.
@@ -201,7 +206,7 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
     if cfg.admin.enabled {
         let mut admin = Service::new(
             "tollgate admin".to_string(),
-            HttpServer::new_app(Admin::new(state.clone())),
+            HttpServer::new_app(Admin::new(state.clone(), active.clone(), conns.clone())),
         );
         admin.threads = Some(1);
         admin.add_tcp(&cfg.admin.address.to_string());
@@ -239,7 +244,7 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
     );
     drop(snap);
     server.run(pingora::server::RunArgs {
-        shutdown_signal: Box::new(DrainWatch),
+        shutdown_signal: Box::new(DrainWatch(active)),
     });
     Ok(())
 }
@@ -268,7 +273,7 @@ fn remove_pid_file() {
 
 /// pingora's Unix signal handling, plus an early exit once a graceful shutdown has drained:
 /// pingora itself would sleep the whole grace period even with nothing in flight.
-struct DrainWatch;
+struct DrainWatch(ActiveRequests);
 
 #[async_trait]
 impl ShutdownSignalWatch for DrainWatch {
@@ -282,11 +287,12 @@ impl ShutdownSignalWatch for DrainWatch {
             ShutdownSignal::FastShutdown => None,
         };
         if let Some(settle) = settle {
+            let active = self.0.clone();
             std::thread::spawn(move || {
                 // let pingora stop the listeners and in-progress handshakes become requests
                 std::thread::sleep(settle);
                 loop {
-                    let active = crate::proxy::active_requests();
+                    let active = active.count();
                     if active == 0 {
                         tracing::info!("graceful shutdown: no request in flight, exiting");
                         remove_pid_file();

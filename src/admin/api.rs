@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use std::fmt::Write;
 use std::sync::atomic::Ordering::Relaxed;
 
-pub(super) fn status(state: &State, snap: &Snapshot) -> Value {
+pub(super) fn status(state: &State, snap: &Snapshot, active_requests: usize) -> Value {
     let m = metrics();
     json!({
         "version": env!("CARGO_PKG_VERSION"),
@@ -28,7 +28,7 @@ pub(super) fn status(state: &State, snap: &Snapshot) -> Value {
             "reloads_failed": m.reloads_failed.load(Relaxed),
             "last_reload": state.last_reload(),
         },
-        "active_requests": crate::proxy::active_requests(),
+        "active_requests": active_requests,
         "vhosts": snap.vhosts.len(),
         "pools": snap.pools.len(),
         // Sources and subsystems not built yet report themselves as such.
@@ -326,7 +326,12 @@ pub(super) fn explain(snap: &Snapshot, query: Option<&str>) -> Response<Vec<u8>>
     json(StatusCode::OK, &body)
 }
 
-pub(super) fn metrics_text(state: &State, snap: &Snapshot) -> String {
+pub(super) fn metrics_text(
+    state: &State,
+    snap: &Snapshot,
+    active_requests: usize,
+    conns: &crate::limits::ConnTable,
+) -> String {
     let m = metrics();
     let mut out = String::with_capacity(16 * 1024);
     family(
@@ -382,7 +387,7 @@ pub(super) fn metrics_text(state: &State, snap: &Snapshot) -> String {
         "tollgate_active_requests",
         "gauge",
         "Requests being handled now.",
-        crate::proxy::active_requests(),
+        active_requests,
     );
 
     let now = now_ms();
@@ -525,13 +530,12 @@ pub(super) fn metrics_text(state: &State, snap: &Snapshot) -> String {
     }
     plugin_metrics(&mut out, snap);
     m.render_requests(&mut out);
-    connection_metrics(&mut out);
+    connection_metrics(&mut out, conns);
     out
 }
 
-/// The connection limits' counters (`limits::table()`).
-fn connection_metrics(out: &mut String) {
-    let conns = crate::limits::table();
+/// The connection limits' counters.
+fn connection_metrics(out: &mut String, conns: &crate::limits::ConnTable) {
     single(
         out,
         "tollgate_connections_open",

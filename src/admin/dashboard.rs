@@ -29,7 +29,7 @@ pub(super) fn login_page() -> String {
     )
 }
 
-pub(super) fn page(state: &State, snap: &Snapshot) -> String {
+pub(super) fn page(state: &State, snap: &Snapshot, active_requests: usize) -> String {
     let mut h = String::with_capacity(8192);
     let _ = write!(
         h,
@@ -40,7 +40,7 @@ pub(super) fn page(state: &State, snap: &Snapshot) -> String {
         state.started.elapsed().as_secs(),
         snap.generation,
         esc(&snap.config.source.display().to_string()),
-        crate::proxy::active_requests(),
+        active_requests,
     );
     if let Some(r) = state.last_reload() {
         let _ = write!(

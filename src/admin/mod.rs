@@ -8,6 +8,8 @@
 mod api;
 mod dashboard;
 
+use crate::limits::ConnTable;
+use crate::proxy::ActiveRequests;
 use crate::state::State;
 use async_trait::async_trait;
 use http::{Method, Response, StatusCode};
@@ -19,11 +21,19 @@ const COOKIE: &str = "tollgate_admin";
 
 pub struct Admin {
     state: Arc<State>,
+    active: ActiveRequests,
+    conns: Arc<ConnTable>,
 }
 
 impl Admin {
-    pub fn new(state: Arc<State>) -> Self {
-        Admin { state }
+    /// The admin service over `state`, showing the proxy's requests in flight (`active`)
+    /// and its connection table (`conns`).
+    pub fn new(state: Arc<State>, active: ActiveRequests, conns: Arc<ConnTable>) -> Self {
+        Admin {
+            state,
+            active,
+            conns,
+        }
     }
 }
 
@@ -296,9 +306,12 @@ impl ServeHttp for Admin {
             (Method::GET, "/") => respond(
                 StatusCode::OK,
                 "text/html; charset=utf-8",
-                dashboard::page(&self.state, &snap).into_bytes(),
+                dashboard::page(&self.state, &snap, self.active.count()).into_bytes(),
             ),
-            (Method::GET, "/status") => json(StatusCode::OK, &api::status(&self.state, &snap)),
+            (Method::GET, "/status") => json(
+                StatusCode::OK,
+                &api::status(&self.state, &snap, self.active.count()),
+            ),
             (Method::GET, "/routes") => json(StatusCode::OK, &api::routes(&snap)),
             (Method::GET, "/pools") => json(StatusCode::OK, &api::pools(&snap)),
             (Method::GET, "/plugins") => json(StatusCode::OK, &api::plugins(&snap)),
@@ -307,7 +320,8 @@ impl ServeHttp for Admin {
             (Method::GET, "/metrics") => respond(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
-                api::metrics_text(&self.state, &snap).into_bytes(),
+                api::metrics_text(&self.state, &snap, self.active.count(), &self.conns)
+                    .into_bytes(),
             ),
             (Method::POST, "/reload") => match self.state.reload() {
                 Ok(generation) => json(

@@ -3,9 +3,10 @@
 //! request checks (sizes, framing, Host) and the body limits. Admission (`proxy::admission`)
 //! runs on every new connection before its TLS handshake (a pre-handshake callback pingora
 //! calls on both listener kinds, see vendor/pingora-core/TOLLGATE-PATCH.md) and takes a slot
-//! here; the connection's slot is given back when pingora drops the socket. Counters live
-//! here, beside the Snapshot, so they survive reloads; the limits themselves are handed in
-//! from the Snapshot on each use.
+//! in the `ConnTable`; the slot is given back when pingora drops the socket. The table (one,
+//! made by `server` and handed to admission and the admin API) outlives Snapshots, so its
+//! counters survive reloads; the limits themselves are handed in from the Snapshot on each
+//! use.
 
 pub mod http;
 pub mod proxy_protocol;
@@ -262,12 +263,6 @@ impl Tracing for ConnGuard {
     fn boxed_clone(&self) -> Box<dyn Tracing> {
         Box::new(self.clone())
     }
-}
-
-/// The process-wide connection table.
-pub fn table() -> &'static Arc<ConnTable> {
-    static T: std::sync::OnceLock<Arc<ConnTable>> = std::sync::OnceLock::new();
-    T.get_or_init(|| Arc::new(ConnTable::default()))
 }
 
 /// The default limits, from a minimal valid configuration (tests).

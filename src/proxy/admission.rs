@@ -1,10 +1,10 @@
 //! Connection admission: the pre-handshake callback pingora runs on every new connection
 //! (both listener kinds, see vendor/pingora-core/TOLLGATE-PATCH.md). It reads a PROXY header
-//! where the listener expects one and takes a slot in `limits::table()` under the live
+//! where the listener expects one and takes a slot in the connection table under the live
 //! Snapshot's limits.
 
 use crate::config::cidr::{any_contains, canonical};
-use crate::limits::{proxy_protocol, table, Refusal};
+use crate::limits::{proxy_protocol, ConnTable, Refusal};
 use crate::state::Snapshot;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -22,13 +22,20 @@ pub struct Admission {
     state: Arc<ArcSwap<Snapshot>>,
     /// Listening addresses that expect a PROXY header.
     proxy_listeners: Vec<SocketAddr>,
+    /// The connection table the slots are taken from.
+    conns: Arc<ConnTable>,
 }
 
 impl Admission {
-    pub fn new(state: Arc<ArcSwap<Snapshot>>, proxy_listeners: Vec<SocketAddr>) -> Self {
+    pub fn new(
+        state: Arc<ArcSwap<Snapshot>>,
+        proxy_listeners: Vec<SocketAddr>,
+        conns: Arc<ConnTable>,
+    ) -> Self {
         Admission {
             state,
             proxy_listeners,
+            conns,
         }
     }
 
@@ -68,7 +75,7 @@ impl PreTlsProcess for Admission {
         let mut client = peer.ip();
         if self.expects_proxy(local) {
             if !any_contains(&limits.trusted_proxies, peer.ip()) {
-                table().count(Refusal::UntrustedProxy);
+                self.conns.count(Refusal::UntrustedProxy);
                 return Err(refused(Refusal::UntrustedProxy, peer.ip()));
             }
             match proxy_protocol::read(stream, limits.header_timeout).await {
@@ -84,13 +91,13 @@ impl PreTlsProcess for Admission {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    table().count(Refusal::BadProxyHeader);
+                    self.conns.count(Refusal::BadProxyHeader);
                     tracing::debug!(peer = %peer, error = %e, "bad PROXY protocol header");
                     return Err(refused(Refusal::BadProxyHeader, peer.ip()));
                 }
             }
         }
-        match table().admit(client, limits, Instant::now()) {
+        match self.conns.admit(client, limits, Instant::now()) {
             Ok(guard) => {
                 stream.tracer = Some(Tracer(Box::new(guard)));
                 Ok(())

@@ -25,27 +25,46 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-static ACTIVE_REQUESTS: AtomicUsize = AtomicUsize::new(0);
+/// Requests being handled right now (from request start to the end of logging): one
+/// counter shared by the proxy, the admin API and the drain-aware shutdown.
+#[derive(Debug, Default, Clone)]
+pub struct ActiveRequests(Arc<AtomicUsize>);
 
-/// Requests being handled right now (from request start to the end of logging).
-pub fn active_requests() -> usize {
-    ACTIVE_REQUESTS.load(Ordering::SeqCst)
+impl ActiveRequests {
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// One request counted in `ActiveRequests` for as long as its context lives.
+struct Counted(Arc<AtomicUsize>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 pub struct Tollgate {
     state: Arc<ArcSwap<Snapshot>>,
     access_log: bool,
+    active: ActiveRequests,
 }
 
 impl Tollgate {
-    pub fn new(state: Arc<ArcSwap<Snapshot>>, access_log: bool) -> Self {
-        Tollgate { state, access_log }
+    pub fn new(state: Arc<ArcSwap<Snapshot>>, access_log: bool, active: ActiveRequests) -> Self {
+        Tollgate {
+            state,
+            access_log,
+            active,
+        }
     }
 }
 
 /// Per-request state. The Snapshot is pinned when the request starts, so a reload never
 /// changes routing under a request in flight.
 pub struct RequestCtx {
+    _counted: Counted,
     snap: Arc<Snapshot>,
     start: Instant,
     request_id: String,
@@ -95,19 +114,14 @@ impl RequestCtx {
     }
 }
 
-impl Drop for RequestCtx {
-    fn drop(&mut self) {
-        ACTIVE_REQUESTS.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 #[async_trait]
 impl ProxyHttp for Tollgate {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        ACTIVE_REQUESTS.fetch_add(1, Ordering::SeqCst);
+        self.active.0.fetch_add(1, Ordering::SeqCst);
         RequestCtx {
+            _counted: Counted(self.active.0.clone()),
             snap: self.state.load_full(),
             start: Instant::now(),
             request_id: String::new(),
