@@ -298,25 +298,20 @@ pub(super) fn explain(snap: &Snapshot, query: Option<&str>) -> Response<Vec<u8>>
             "answer": 404, "reason": "no route for this path",
             "vhost": vhost_json(vhost),
         }),
-        Lookup::Route {
-            vhost,
-            route,
-            target,
-        } => {
-            let prefix = &snap.routes.vhost(vhost).routes()[route].prefix;
-            let route_info = snap.vhosts[vhost].routes.iter().find(|r| &r.path == prefix);
-            let pool = &snap.pools[target];
+        Lookup::Route { vhost, target, .. } => {
+            let record = &snap.records[target];
+            let pool = &snap.pools[record.pool];
             json!({
                 "host": host, "normalized_host": normalized, "path": path,
                 "answer": "proxy",
                 "redirect_plain_http_to_https": snap.routes.vhost(vhost).redirect_https && snap.config.has_tls(),
                 "vhost": vhost_json(vhost),
                 "route": {
-                    "path": prefix,
-                    "source": route_info.map(|r| r.source.clone()),
+                    "path": record.prefix,
+                    "source": record.source,
                 },
                 "pool": pool_json(pool),
-                "plugins": snap.route_plugins[vhost][route]
+                "plugins": record.plugins
                     .iter()
                     .map(|p| p.spec.name.as_str())
                     .collect::<Vec<_>>(),

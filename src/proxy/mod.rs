@@ -72,7 +72,8 @@ pub struct RequestCtx {
     host: String,
     tls: bool,
     vhost: Option<usize>,
-    route: Option<usize>,
+    /// The matched route's record in the Snapshot (`Snapshot::records`).
+    record: Option<usize>,
     pool: Option<Arc<Pool>>,
     /// Backends tried for this request (indexes into the pool).
     tried: Vec<usize>,
@@ -129,7 +130,7 @@ impl ProxyHttp for Tollgate {
             host: String::new(),
             tls: false,
             vhost: None,
-            route: None,
+            record: None,
             pool: None,
             tried: Vec::new(),
             backend: None,
@@ -296,7 +297,7 @@ impl ProxyHttp for Tollgate {
             .map(|r| r.status.as_u16())
             .unwrap_or(0);
         ctx.snap
-            .request_metrics(ctx.vhost, ctx.route)
+            .request_metrics(ctx.vhost, ctx.record)
             .record(status, ctx.start.elapsed());
         if self.access_log {
             response::access_log(session, e, ctx);

@@ -11,10 +11,10 @@ use std::borrow::Cow;
 
 /// Start the route's chain and run `on_request_headers`. `Ok(true)`: answered already.
 pub(super) async fn request_headers(session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-    let (Some(v), Some(r)) = (ctx.vhost, ctx.route) else {
+    let Some(r) = ctx.record else {
         return Ok(false);
     };
-    let chain = &ctx.snap.route_plugins[v][r];
+    let chain = &ctx.snap.records[r].plugins;
     if chain.is_empty() {
         return Ok(false);
     }
@@ -145,12 +145,12 @@ fn request_info(session: &Session, ctx: &RequestCtx) -> RequestInfo {
         (Some(s), Some(ip)) if s.ip() != ip => Some(std::net::SocketAddr::new(ip, 0)),
         (s, _) => s,
     };
-    let (vhost, route) = match (ctx.vhost, ctx.route) {
-        (Some(v), Some(r)) => {
-            let vh = ctx.snap.routes.vhost(v);
-            (vh.label.clone(), vh.routes()[r].prefix.clone())
-        }
-        _ => (String::new(), String::new()),
+    let (vhost, route) = match ctx.record.map(|r| &ctx.snap.records[r]) {
+        Some(rec) => (
+            ctx.snap.routes.vhost(rec.vhost).label.clone(),
+            rec.prefix.clone(),
+        ),
+        None => (String::new(), String::new()),
     };
     RequestInfo {
         source,

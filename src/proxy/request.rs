@@ -166,30 +166,21 @@ pub(super) async fn route(session: &mut Session, ctx: &mut RequestCtx) -> Result
             }
             answer(session, ctx, 404, "no route for this path", None).await
         }
-        Lookup::Route {
-            vhost,
-            route,
-            target,
-        } => {
+        Lookup::Route { vhost, target, .. } => {
             ctx.vhost = Some(vhost);
-            ctx.route = Some(route);
+            ctx.record = Some(target);
             if let Some(resp) = redirect(session, ctx, vhost) {
                 return resp.await;
             }
-            let route_cap = snap
-                .routes
-                .vhost(vhost)
-                .routes()
-                .get(route)
-                .and_then(|r| r.max_body_size);
-            ctx.body_cap = crate::limits::http::body_cap(route_cap, &snap.config.limits);
+            let record = &snap.records[target];
+            ctx.body_cap = crate::limits::http::body_cap(record.max_body_size, &snap.config.limits);
             if let Err(r) =
                 crate::limits::http::check_declared_body(session.req_header(), ctx.body_cap)
             {
                 session.set_keepalive(None);
                 return answer(session, ctx, r.status, r.reason, None).await;
             }
-            ctx.pool = snap.pools.get(target).cloned();
+            ctx.pool = snap.pools.get(record.pool).cloned();
             Ok(false)
         }
     }

@@ -172,9 +172,9 @@ pub(super) fn access_log(session: &Session, e: Option<&Error>, ctx: &RequestCtx)
         .vhost
         .map(|v| ctx.snap.routes.vhost(v).label.as_str())
         .unwrap_or("-");
-    let route = match (ctx.vhost, ctx.route) {
-        (Some(v), Some(r)) => ctx.snap.routes.vhost(v).routes()[r].prefix.as_str(),
-        _ => "-",
+    let route = match ctx.record {
+        Some(r) => ctx.snap.records[r].prefix.as_str(),
+        None => "-",
     };
     let backend = match (&ctx.pool, ctx.tried.last()) {
         (Some(p), Some(&i)) => p.backends[i].address.to_string(),

@@ -1,19 +1,18 @@
 //! Virtual-host and path routing. Owns: host normalisation, the vhost table (exact names,
 //! `*.` wildcards, one default) and longest-prefix path matching. Pure: no I/O, no clocks, no
-//! knowledge of pools beyond the index it is given; `state` builds it, `proxy` asks it.
+//! knowledge of what a route leads to beyond the index it is given; `state` builds it, `proxy` asks it.
 //! `path` normalises request paths before they are routed (and forwarded).
 
 pub mod path;
 
 use std::collections::HashMap;
 
-/// A route inside a vhost: a path prefix and the index of its target (a pool in the Snapshot).
+/// A route inside a vhost: a path prefix and the index of its target (the route's record in
+/// the Snapshot, which holds everything else about it).
 #[derive(Debug, Clone)]
 pub struct RouteEntry {
     pub prefix: String,
     pub target: usize,
-    /// The route's own request body cap, if it has one.
-    pub max_body_size: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -189,7 +188,6 @@ mod tests {
     fn table() -> RouteTable {
         let mut t = RouteTable::default();
         let r = |p: &str, t: usize| RouteEntry {
-            max_body_size: None,
             prefix: p.into(),
             target: t,
         };

@@ -31,8 +31,8 @@ pub struct Snapshot {
     pub pools: Vec<Arc<Pool>>,
     pub certs: CertStore,
     pub built_at_unix: u64,
-    /// Per vhost, per route (in the order `routes` reports them).
-    pub route_metrics: Vec<Vec<Arc<RouteMetrics>>>,
+    /// One record per route, indexed by the route table's targets (`Lookup::Route::target`).
+    pub records: Vec<Route>,
     /// Per vhost: requests no route matched.
     pub vhost_metrics: Vec<Arc<RouteMetrics>>,
     /// Requests no vhost matched.
@@ -45,10 +45,26 @@ pub struct Snapshot {
     pub route_conflicts: Vec<String>,
     /// The loaded proxy-wasm plugins, by name.
     pub plugins: BTreeMap<String, Arc<Plugin>>,
-    /// Per vhost, per route: the plugin chain (the vhost's plugins, then the route's).
-    pub route_plugins: Vec<Vec<Vec<Arc<Plugin>>>>,
     /// Every pool name (HTTP callouts may name any of them).
     pub pool_names: Arc<Vec<String>>,
+}
+
+/// One route as served: everything the request path needs once the route table has found
+/// it, in one place.
+#[derive(Debug)]
+pub struct Route {
+    /// Its vhost (an index into `Snapshot::vhosts` and the route table's vhosts).
+    pub vhost: usize,
+    pub prefix: String,
+    /// Its pool, an index into `Snapshot::pools`.
+    pub pool: usize,
+    /// The route's own request body cap, if it has one.
+    pub max_body_size: Option<u64>,
+    /// The plugin chain: the vhost's plugins, then the route's.
+    pub plugins: Vec<Arc<Plugin>>,
+    pub metrics: Arc<RouteMetrics>,
+    /// Where it came from (`file t.toml:12`, or the Consul tag and service).
+    pub source: String,
 }
 
 /// A vhost as served: from the file, or created for a route a Consul service declared.
@@ -76,10 +92,11 @@ pub struct RouteInfo {
 }
 
 impl Snapshot {
-    /// The metrics handle for a request that reached `vhost`/`route` (either may be unknown).
-    pub fn request_metrics(&self, vhost: Option<usize>, route: Option<usize>) -> &RouteMetrics {
-        match (vhost, route) {
-            (Some(v), Some(r)) => &self.route_metrics[v][r],
+    /// The metrics handle for a request that reached `vhost` and the route whose record is
+    /// `record` (either may be unknown).
+    pub fn request_metrics(&self, vhost: Option<usize>, record: Option<usize>) -> &RouteMetrics {
+        match (vhost, record) {
+            (_, Some(r)) => &self.records[r].metrics,
             (Some(v), None) => &self.vhost_metrics[v],
             _ => &self.unknown_metrics,
         }
@@ -147,59 +164,40 @@ impl Snapshot {
             };
             pools.push(Arc::new(pool));
         }
+        // One record per route, found by the index the route table gives for it.
+        let m = metrics();
+        let mut records = Vec::new();
         let mut routes = RouteTable::default();
-        for v in &vhosts {
-            let entries = v
-                .routes
-                .iter()
-                .map(|r| RouteEntry {
-                    max_body_size: r.max_body_size,
+        for (vi, v) in vhosts.iter().enumerate() {
+            let mut entries = Vec::with_capacity(v.routes.len());
+            for r in &v.routes {
+                entries.push(RouteEntry {
+                    prefix: r.path.clone(),
+                    target: records.len(),
+                });
+                // the chain: the vhost's plugins, then the route's own (each once)
+                let names = v
+                    .plugins
+                    .iter()
+                    .chain(r.plugins.iter().filter(|n| !v.plugins.contains(n)));
+                records.push(Route {
+                    vhost: vi,
                     prefix: r.path.clone(),
                     // validation (and the merge above) guarantee the pool exists
-                    target: index.get(r.pool.as_str()).copied().unwrap_or(0),
-                })
-                .collect();
+                    pool: index.get(r.pool.as_str()).copied().unwrap_or(0),
+                    max_body_size: r.max_body_size,
+                    plugins: names.filter_map(|n| plugins.get(n).cloned()).collect(),
+                    metrics: m.route(&v.label, &r.path),
+                    source: r.source.clone(),
+                });
+            }
             routes.add(
                 &v.names,
                 v.default,
                 VhostEntry::new(&v.label, v.redirect_https, entries),
             );
         }
-        // The chain of each route, in the order `routes` reports vhosts and routes.
-        // (`routes` holds the vhosts in the order of `vhosts`, each route sorted by prefix.)
-        let route_plugins = routes
-            .vhosts()
-            .iter()
-            .zip(&vhosts)
-            .map(|(v, info)| {
-                v.routes()
-                    .iter()
-                    .map(|r| {
-                        let mut names: Vec<&String> = info.plugins.iter().collect();
-                        if let Some(route) = info.routes.iter().find(|ri| ri.path == r.prefix) {
-                            names
-                                .extend(route.plugins.iter().filter(|n| !info.plugins.contains(n)));
-                        }
-                        names
-                            .iter()
-                            .filter_map(|n| plugins.get(*n).cloned())
-                            .collect()
-                    })
-                    .collect()
-            })
-            .collect();
         let pool_names = Arc::new(pool_specs.keys().cloned().collect());
-        let m = metrics();
-        let route_metrics = routes
-            .vhosts()
-            .iter()
-            .map(|v| {
-                v.routes()
-                    .iter()
-                    .map(|r| m.route(&v.label, &r.prefix))
-                    .collect()
-            })
-            .collect();
         let vhost_metrics = routes
             .vhosts()
             .iter()
@@ -211,7 +209,7 @@ impl Snapshot {
             routes,
             pools,
             certs,
-            route_metrics,
+            records,
             vhost_metrics,
             unknown_metrics: m.route("-", "-"),
             admin_token,
@@ -219,7 +217,6 @@ impl Snapshot {
             vhosts,
             route_conflicts,
             plugins,
-            route_plugins,
             pool_names,
         })
     }
@@ -559,6 +556,7 @@ impl crate::discovery::consul::Live for State {
 mod tests {
     use super::*;
     use crate::discovery::DiscoveredRoute;
+    use crate::routing::Lookup;
 
     fn config(extra: &str) -> Config {
         Config::parse(
@@ -587,6 +585,61 @@ mod tests {
         View {
             routes,
             ..View::default()
+        }
+    }
+
+    #[test]
+    fn every_route_has_one_record_that_the_route_table_finds() {
+        let cfg = Config::parse(
+            std::path::Path::new("t.toml"),
+            "[[listener]]\naddress = \"127.0.0.1:1\"\n             [[vhost]]\nnames = [\"a.test\"]\n             [[vhost.route]]\npath = \"/\"\npool = \"p\"\n             [[vhost.route]]\npath = \"/up\"\npool = \"q\"\nmax_body_size = \"1k\"\n             [[vhost]]\nnames = [\"b.test\"]\n             [[vhost.route]]\npath = \"/\"\npool = \"q\"\n             [pool.p]\nbackends = [\"127.0.0.1:2\"]\n[pool.q]\nbackends = [\"127.0.0.1:3\"]\n",
+        )
+        .unwrap();
+        let snap = Snapshot::build(
+            Arc::new(cfg),
+            &Registry::default(),
+            1,
+            &view(vec![declared("b.test", "/api", "api")]),
+        )
+        .unwrap();
+        assert_eq!(snap.records.len(), 4);
+        for (host, path, vhost, prefix, pool, cap, source) in [
+            ("a.test", "/x", 0, "/", "p", None, "file t.toml:"),
+            (
+                "a.test",
+                "/up/load",
+                0,
+                "/up",
+                "q",
+                Some(1024),
+                "file t.toml:",
+            ),
+            ("b.test", "/", 1, "/", "q", None, "file t.toml:"),
+            (
+                "b.test",
+                "/api/v1",
+                1,
+                "/api",
+                "consul:api",
+                None,
+                "consul tag",
+            ),
+        ] {
+            let Lookup::Route { target, .. } = snap.routes.lookup(host, path) else {
+                panic!("{host}{path} is not routed");
+            };
+            let r = &snap.records[target];
+            assert_eq!(r.vhost, vhost, "{host}{path}");
+            assert_eq!(r.prefix, prefix, "{host}{path}");
+            assert_eq!(snap.pools[r.pool].name, pool, "{host}{path}");
+            assert_eq!(r.max_body_size, cap, "{host}{path}");
+            assert!(r.source.starts_with(source), "{host}{path}: {}", r.source);
+            assert!(r.plugins.is_empty());
+            // the metrics handle is the route's, by its vhost label and prefix
+            let before = r.metrics.duration.count();
+            snap.request_metrics(Some(vhost), Some(target))
+                .record(200, std::time::Duration::ZERO);
+            assert_eq!(r.metrics.duration.count(), before + 1);
         }
     }
 
