@@ -6,6 +6,7 @@
 pub mod cidr;
 mod error;
 mod raw;
+pub mod secret;
 mod validate;
 
 pub use error::{ConfigError, ConfigErrors, Origin};

@@ -107,27 +107,9 @@ fn read_token(token: &Option<AdminToken>) -> Result<Option<String>, ConfigErrors
     match token {
         None => Ok(None),
         Some(AdminToken::Inline(t)) => Ok(Some(t.clone())),
-        Some(AdminToken::File { path, origin }) => {
-            let t = std::fs::read_to_string(path).map_err(|e| {
-                ConfigErrors::single(
-                    origin.clone(),
-                    "admin.token_file",
-                    format!("cannot read {}: {e}", path.display()),
-                )
-            })?;
-            let t = t.trim().to_string();
-            if t.len() < 16 {
-                return Err(ConfigErrors::single(
-                    origin.clone(),
-                    "admin.token_file",
-                    format!(
-                        "{} holds fewer than 16 characters: too short to be a secret",
-                        path.display()
-                    ),
-                ));
-            }
-            Ok(Some(t))
-        }
+        Some(AdminToken::File { path, origin }) => crate::config::secret::read(path, 16)
+            .map(Some)
+            .map_err(|m| ConfigErrors::single(origin.clone(), "admin.token_file", m)),
     }
 }
 

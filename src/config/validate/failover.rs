@@ -21,15 +21,20 @@ pub(super) fn failover(
         };
     let listen = addr(cx, &f.listen, "failover.listen");
     let peer = addr(cx, &f.peer, "failover.peer");
+    let mut reported = false;
     let secret = match (&f.secret, &f.secret_file) {
         (Some(s), None) => Some(s.get_ref().trim().as_bytes().to_vec()).filter(|s| s.len() >= 16),
-        (None, Some(p)) => std::fs::read_to_string(cx.path(p.get_ref()))
-            .ok()
-            .map(|s| s.trim().as_bytes().to_vec())
-            .filter(|s| s.len() >= 16),
+        (None, Some(p)) => match crate::config::secret::read(&cx.path(p.get_ref()), 16) {
+            Ok(s) => Some(s.into_bytes()),
+            Err(m) => {
+                cx.err(p.span(), "failover.secret_file", m);
+                reported = true;
+                None
+            }
+        },
         _ => None,
     };
-    if secret.is_none() {
+    if secret.is_none() && !reported {
         cx.err(
             sf.span(),
             "failover.secret",

@@ -599,6 +599,36 @@ backends = ["127.0.0.1:9000", { address = "127.0.0.1:9001", weight = 3 }]
     const FAILOVER: &str = "[failover]\nname = \"a\"\nlisten = \"10.0.0.1:7946\"\npeer = \"10.0.0.2:7946\"\nsecret = \"0123456789abcdef\"\n";
 
     #[test]
+    fn a_failover_secret_file_that_cannot_be_used_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let short = dir.path().join("short");
+        std::fs::write(&short, "abc\n").unwrap();
+        let ok = dir.path().join("ok");
+        std::fs::write(&ok, "0123456789abcdef\n").unwrap();
+        let with = |p: &Path| {
+            FAILOVER.replace(
+                "secret = \"0123456789abcdef\"",
+                &format!("secret_file = \"{}\"", p.display()),
+            )
+        };
+        let c = parse(
+            Path::new("/etc/tollgate/t.toml"),
+            &format!("{OK}{}", with(&ok)),
+        )
+        .unwrap();
+        assert_eq!(c.failover.unwrap().secret, b"0123456789abcdef".to_vec());
+        for (p, says) in [
+            (short.clone(), "holds fewer than 16 characters".to_string()),
+            (dir.path().join("none"), "cannot read ".to_string()),
+        ] {
+            let e = errs(&format!("{OK}{}", with(&p)));
+            assert_eq!(e.len(), 1, "one problem, said once: {e:?}");
+            assert_eq!(e[0].option, "failover.secret_file");
+            assert!(e[0].message.contains(&says), "{e:?}");
+        }
+    }
+
+    #[test]
     fn failover_claims_are_validated_per_type() {
         let ok = format!(
             "{OK}{FAILOVER}consul_lock = true\n\

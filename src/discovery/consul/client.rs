@@ -24,13 +24,27 @@ pub(crate) fn client(s: &ConsulSettings) -> Result<reqwest::Client, String> {
         .map_err(|e| format!("cannot build the Consul client: {e}"))
 }
 
+/// The ACL token to send: `consul.token`, else the content of `consul.token_file`, read at
+/// every query so a rotated token is used at once. A file that cannot be read is logged
+/// (once until it reads again) and the query goes without a token.
 pub(crate) fn token(s: &ConsulSettings) -> Option<String> {
-    s.token.clone().or_else(|| {
-        s.token_file
-            .as_ref()
-            .and_then(|f| std::fs::read_to_string(f).ok())
-            .map(|t| t.trim().to_string())
-    })
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if let Some(t) = &s.token {
+        return Some(t.clone());
+    }
+    match crate::config::secret::read(s.token_file.as_ref()?, 1) {
+        Ok(t) => {
+            WARNED.store(false, Relaxed);
+            Some(t)
+        }
+        Err(e) => {
+            if !WARNED.swap(true, Relaxed) {
+                tracing::warn!("consul.token_file: {e}; querying Consul without a token");
+            }
+            None
+        }
+    }
 }
 
 /// A reqwest error with its causes, and a timeout said as such.
