@@ -5,7 +5,6 @@
 
 use crate::admin::Admin;
 use crate::config::Config;
-use crate::limits::ConnTable;
 use crate::proxy::sni::SniResolver;
 use crate::proxy::{ActiveRequests, Tollgate};
 use crate::state::{watch::Reloader, State};
@@ -149,9 +148,11 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
     let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
     server.bootstrap();
 
-    // shared counters, handed to the services that show or use them
-    let active = ActiveRequests::default();
-    let conns = Arc::new(ConnTable::default());
+    // counters and tables that outlive Snapshots, handed to the services that keep or
+    // show them (the admin API shows them all)
+    let shown = crate::admin::Shown::default();
+    let active = shown.active.clone();
+    let conns = shown.conns.clone();
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
         Tollgate::new(state.handle(), cfg.log.access_log, active.clone()),
@@ -206,7 +207,7 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
     if cfg.admin.enabled {
         let mut admin = Service::new(
             "tollgate admin".to_string(),
-            HttpServer::new_app(Admin::new(state.clone(), active.clone(), conns.clone())),
+            HttpServer::new_app(Admin::new(state.clone(), shown.clone())),
         );
         admin.threads = Some(1);
         admin.add_tcp(&cfg.admin.address.to_string());
@@ -229,12 +230,12 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
             .copied();
         server.add_service(background_service(
             "tollgate failover",
-            crate::failover::peer::Peer::new(f, cfg.consul.clone(), first),
+            crate::failover::peer::Peer::new(f, cfg.consul.clone(), first, shown.failover.clone()),
         ));
     }
     server.add_service(background_service(
         "tollgate consul",
-        crate::discovery::consul::Manager::new(state.clone()),
+        crate::discovery::consul::Manager::new(state.clone(), shown.watches.clone()),
     ));
     tracing::info!(
         config = %cfg.source.display(),

@@ -1,8 +1,10 @@
 //! JSON views of the live state, `/explain`, and the `/metrics` text.
 
+use super::Shown;
 use super::{json, query_params};
 use crate::clock::now_ms;
 use crate::config::Balance;
+use crate::discovery::consul::WatchTable;
 use crate::metrics::{esc, family, metrics, single};
 use crate::routing::{normalize_host, Lookup};
 use crate::state::{Snapshot, State};
@@ -12,7 +14,7 @@ use serde_json::{json, Value};
 use std::fmt::Write;
 use std::sync::atomic::Ordering::Relaxed;
 
-pub(super) fn status(state: &State, snap: &Snapshot, active_requests: usize) -> Value {
+pub(super) fn status(state: &State, snap: &Snapshot, shown: &Shown) -> Value {
     let m = metrics();
     json!({
         "version": env!("CARGO_PKG_VERSION"),
@@ -28,26 +30,27 @@ pub(super) fn status(state: &State, snap: &Snapshot, active_requests: usize) -> 
             "reloads_failed": m.reloads_failed.load(Relaxed),
             "last_reload": state.last_reload(),
         },
-        "active_requests": active_requests,
+        "active_requests": shown.active.count(),
         "vhosts": snap.vhosts.len(),
         "pools": snap.pools.len(),
         // Sources and subsystems not built yet report themselves as such.
-        "consul": consul_status(snap),
-        "failover": match crate::failover::peer::status() {
+        "consul": consul_status(snap, &shown.watches),
+        "failover": match shown.failover.get() {
             Some(st) => json!({ "configured": true, "status": st }),
             None => json!({ "configured": snap.config.failover.is_some(), "state": "standalone" }),
         },
     })
 }
 
-fn consul_status(snap: &Snapshot) -> Value {
+fn consul_status(snap: &Snapshot, watches: &WatchTable) -> Value {
     let configured =
         snap.config.consul.tag_routes || snap.pools.iter().any(|p| p.spec.consul.is_some());
     if !configured {
         return json!({ "configured": false });
     }
-    let now = (crate::clock::unix_secs() as i64) as u64;
-    let watches: Vec<Value> = crate::discovery::consul::watch_health()
+    let now = crate::clock::unix_secs();
+    let watches: Vec<Value> = watches
+        .all()
         .into_iter()
         .map(|h| {
             json!({
@@ -116,11 +119,11 @@ fn balance(b: Balance) -> &'static str {
     }
 }
 
-fn pool_json(pool: &Pool) -> Value {
+fn pool_json(pool: &Pool, watches: &WatchTable) -> Value {
     json!({
         "name": pool.name,
         "source": match &pool.spec.consul {
-            Some(key) => match crate::discovery::consul::watch_index(key) {
+            Some(key) => match watches.index(key) {
                 Some(i) => format!("consul service {key} at index {i}"),
                 None => format!("consul service {key} (no answer yet)"),
             },
@@ -133,8 +136,8 @@ fn pool_json(pool: &Pool) -> Value {
     })
 }
 
-pub(super) fn pools(snap: &Snapshot) -> Value {
-    Value::Array(snap.pools.iter().map(|p| pool_json(p)).collect())
+pub(super) fn pools(snap: &Snapshot, watches: &WatchTable) -> Value {
+    Value::Array(snap.pools.iter().map(|p| pool_json(p, watches)).collect())
 }
 
 pub(super) fn plugins(snap: &Snapshot) -> Value {
@@ -269,7 +272,11 @@ pub(super) fn certs(snap: &Snapshot) -> Value {
 }
 
 /// Which vhost, route, pool and backends a request for `host` and `path` would get.
-pub(super) fn explain(snap: &Snapshot, query: Option<&str>) -> Response<Vec<u8>> {
+pub(super) fn explain(
+    snap: &Snapshot,
+    query: Option<&str>,
+    watches: &WatchTable,
+) -> Response<Vec<u8>> {
     let params = query_params(query);
     let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     let (Some(host), path) = (get("host"), get("path").unwrap_or_else(|| "/".into())) else {
@@ -310,7 +317,7 @@ pub(super) fn explain(snap: &Snapshot, query: Option<&str>) -> Response<Vec<u8>>
                     "path": record.prefix,
                     "source": record.source,
                 },
-                "pool": pool_json(pool),
+                "pool": pool_json(pool, watches),
                 "plugins": record.plugins
                     .iter()
                     .map(|p| p.spec.name.as_str())
@@ -321,12 +328,7 @@ pub(super) fn explain(snap: &Snapshot, query: Option<&str>) -> Response<Vec<u8>>
     json(StatusCode::OK, &body)
 }
 
-pub(super) fn metrics_text(
-    state: &State,
-    snap: &Snapshot,
-    active_requests: usize,
-    conns: &crate::limits::ConnTable,
-) -> String {
+pub(super) fn metrics_text(state: &State, snap: &Snapshot, shown: &Shown) -> String {
     let m = metrics();
     let mut out = String::with_capacity(16 * 1024);
     family(
@@ -382,7 +384,7 @@ pub(super) fn metrics_text(
         "tollgate_active_requests",
         "gauge",
         "Requests being handled now.",
-        active_requests,
+        shown.active.count(),
     );
 
     let now = now_ms();
@@ -447,7 +449,7 @@ pub(super) fn metrics_text(
         "Seconds since Consul last answered the watch successfully (how stale its pool may be).",
     );
     let now = (crate::clock::unix_secs() as i64) as u64;
-    for h in crate::discovery::consul::watch_health() {
+    for h in shown.watches.all() {
         if h.last_success_unix > 0 {
             let _ = writeln!(
                 out,
@@ -457,7 +459,7 @@ pub(super) fn metrics_text(
             );
         }
     }
-    if let Some(st) = crate::failover::peer::status() {
+    if let Some(st) = shown.failover.get() {
         family(
             &mut out,
             "tollgate_failover_state",
@@ -525,7 +527,7 @@ pub(super) fn metrics_text(
     }
     plugin_metrics(&mut out, snap);
     m.render_requests(&mut out);
-    connection_metrics(&mut out, conns);
+    connection_metrics(&mut out, &shown.conns);
     out
 }
 

@@ -8,6 +8,8 @@
 mod api;
 mod dashboard;
 
+use crate::discovery::consul::WatchTable;
+use crate::failover::peer::StatusCell;
 use crate::limits::ConnTable;
 use crate::proxy::ActiveRequests;
 use crate::state::State;
@@ -21,19 +23,26 @@ const COOKIE: &str = "tollgate_admin";
 
 pub struct Admin {
     state: Arc<State>,
-    active: ActiveRequests,
-    conns: Arc<ConnTable>,
+    shown: Shown,
+}
+
+/// What the admin API shows besides the Snapshot: counters and tables other services keep,
+/// made by `server` and handed to them and to the admin API.
+#[derive(Clone, Default)]
+pub struct Shown {
+    /// The proxy's requests in flight.
+    pub active: ActiveRequests,
+    /// The connection limits' table.
+    pub conns: Arc<ConnTable>,
+    /// How each Consul watch is doing.
+    pub watches: WatchTable,
+    /// The failover peer's status (empty without `[failover]`).
+    pub failover: StatusCell,
 }
 
 impl Admin {
-    /// The admin service over `state`, showing the proxy's requests in flight (`active`)
-    /// and its connection table (`conns`).
-    pub fn new(state: Arc<State>, active: ActiveRequests, conns: Arc<ConnTable>) -> Self {
-        Admin {
-            state,
-            active,
-            conns,
-        }
+    pub fn new(state: Arc<State>, shown: Shown) -> Self {
+        Admin { state, shown }
     }
 }
 
@@ -306,22 +315,23 @@ impl ServeHttp for Admin {
             (Method::GET, "/") => respond(
                 StatusCode::OK,
                 "text/html; charset=utf-8",
-                dashboard::page(&self.state, &snap, self.active.count()).into_bytes(),
+                dashboard::page(&self.state, &snap, self.shown.active.count()).into_bytes(),
             ),
             (Method::GET, "/status") => json(
                 StatusCode::OK,
-                &api::status(&self.state, &snap, self.active.count()),
+                &api::status(&self.state, &snap, &self.shown),
             ),
             (Method::GET, "/routes") => json(StatusCode::OK, &api::routes(&snap)),
-            (Method::GET, "/pools") => json(StatusCode::OK, &api::pools(&snap)),
+            (Method::GET, "/pools") => {
+                json(StatusCode::OK, &api::pools(&snap, &self.shown.watches))
+            }
             (Method::GET, "/plugins") => json(StatusCode::OK, &api::plugins(&snap)),
             (Method::GET, "/certs") => json(StatusCode::OK, &api::certs(&snap)),
-            (Method::GET, "/explain") => api::explain(&snap, uri.query()),
+            (Method::GET, "/explain") => api::explain(&snap, uri.query(), &self.shown.watches),
             (Method::GET, "/metrics") => respond(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
-                api::metrics_text(&self.state, &snap, self.active.count(), &self.conns)
-                    .into_bytes(),
+                api::metrics_text(&self.state, &snap, &self.shown).into_bytes(),
             ),
             (Method::POST, "/reload") => match self.state.reload() {
                 Ok(generation) => json(

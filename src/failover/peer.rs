@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::mpsc;
 
@@ -34,17 +34,20 @@ pub struct Status {
     pub consul_lock: Option<bool>,
 }
 
-fn status_cell() -> &'static Mutex<Option<Status>> {
-    static S: OnceLock<Mutex<Option<Status>>> = OnceLock::new();
-    S.get_or_init(Default::default)
-}
+/// Where the peer publishes its status and the admin API reads it: made by `server`,
+/// handed to both. `None` until `[failover]` runs.
+#[derive(Debug, Default, Clone)]
+pub struct StatusCell(Arc<Mutex<Option<Status>>>);
 
-/// The failover status, when `[failover]` is configured and running.
-pub fn status() -> Option<Status> {
-    status_cell()
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone()
+impl StatusCell {
+    /// The failover status, when `[failover]` is configured and running.
+    pub fn get(&self) -> Option<Status> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set(&self, st: Status) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(st);
+    }
 }
 
 pub fn state_name(r: Role) -> &'static str {
@@ -61,6 +64,7 @@ pub struct Peer {
     consul: ConsulSettings,
     /// Where the local health check connects (our first traffic listener).
     health: Option<SocketAddr>,
+    status: StatusCell,
 }
 
 impl Peer {
@@ -68,6 +72,7 @@ impl Peer {
         s: FailoverSettings,
         consul: ConsulSettings,
         first_listener: Option<SocketAddr>,
+        status: StatusCell,
     ) -> Peer {
         let health = first_listener.map(|mut a| {
             if a.ip().is_unspecified() {
@@ -79,7 +84,12 @@ impl Peer {
             }
             a
         });
-        Peer { s, consul, health }
+        Peer {
+            s,
+            consul,
+            health,
+            status,
+        }
     }
 }
 
@@ -192,7 +202,7 @@ impl BackgroundService for Peer {
                     if !waited {
                         waited = true;
                         tracing::warn!(address = %s.listen, "failover: failover.listen is in use (by the process this one upgrades?); waiting for it, out of the election");
-                        *status_cell().lock().unwrap_or_else(|e| e.into_inner()) = Some(Status {
+                        self.status.set(Status {
                             name: s.name.clone(),
                             state: "INIT".into(),
                             last_transition: format!(
@@ -391,13 +401,15 @@ impl BackgroundService for Peer {
                     last_action: last_action.clone(),
                     consul_lock: s.consul_lock.as_ref().map(|_| m.lock_held()),
                 };
-                let changed = status()
+                let changed = self
+                    .status
+                    .get()
                     .map(|o| o.state != st.state || o.term != st.term)
                     .unwrap_or(true);
                 if changed {
                     tracing::warn!(state = %st.state, term = st.term, reason = %st.last_transition, "failover transition");
                 }
-                *status_cell().lock().unwrap_or_else(|e| e.into_inner()) = Some(st);
+                self.status.set(st);
             }
         }
     }

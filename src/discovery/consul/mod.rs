@@ -22,7 +22,7 @@ mod watch;
 
 pub(crate) use client::{client, token};
 pub use rules::{backoff, guard_shrink, next_index, parse_health, TokenBucket};
-pub use watch::{watch_health, watch_index, WatchHealth};
+pub use watch::{WatchHealth, WatchTable};
 #[allow(clippy::wildcard_imports)]
 use {client::*, quiet::*, rules::*, watch::*};
 
@@ -72,15 +72,21 @@ pub trait Live: Send + Sync {
 /// Runs the watches the live configuration needs and applies what they see.
 pub struct Manager {
     state: Arc<dyn Live>,
+    health: WatchTable,
 }
 
 impl Manager {
-    pub fn new(state: Arc<dyn Live>) -> Self {
-        Manager { state }
+    /// The manager for `state`; its watches note how they are doing in `health`.
+    pub fn new(state: Arc<dyn Live>, health: WatchTable) -> Self {
+        Manager { state, health }
     }
 
     pub async fn run(&self, mut shutdown: pingora::server::ShutdownWatch) {
         let (tx, mut rx) = mpsc::channel::<Change>(1024);
+        let sink = Sink {
+            tx: tx.clone(),
+            health: self.health.clone(),
+        };
         let mut catalog: Option<tokio::task::JoinHandle<()>> = None;
         let mut watches: BTreeMap<ServiceKey, tokio::task::JoinHandle<()>> = BTreeMap::new();
         let mut settings_in_force: Option<ConsulSettings> = None;
@@ -115,7 +121,7 @@ impl Manager {
                     if let Some((_, h)) = fallback.take() {
                         h.abort();
                     }
-                    let h = tokio::spawn(watch_all(settings.clone(), keys.clone(), tx.clone()));
+                    let h = tokio::spawn(watch_all(settings.clone(), keys.clone(), sink.clone()));
                     fallback = Some((keys.clone(), h));
                 }
             } else {
@@ -136,16 +142,13 @@ impl Manager {
                     }
                     leaving.remove(k);
                     h.abort();
-                    health_table()
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(k);
+                    self.health.remove(k);
                     false
                 });
                 for k in keys {
                     watches
                         .entry(k.clone())
-                        .or_insert_with(|| tokio::spawn(watch(settings.clone(), k, tx.clone())));
+                        .or_insert_with(|| tokio::spawn(watch(settings.clone(), k, sink.clone())));
                 }
             }
 

@@ -15,38 +15,45 @@ pub struct WatchHealth {
     pub index: u64,
 }
 
-pub(super) fn health_table() -> &'static std::sync::Mutex<BTreeMap<ServiceKey, WatchHealth>> {
-    static T: std::sync::OnceLock<std::sync::Mutex<BTreeMap<ServiceKey, WatchHealth>>> =
-        std::sync::OnceLock::new();
-    T.get_or_init(Default::default)
+/// The health of every running watch: written by the watches, read by the admin API (one
+/// table, made by `server` and handed to both).
+#[derive(Debug, Default, Clone)]
+pub struct WatchTable(Arc<std::sync::Mutex<BTreeMap<ServiceKey, WatchHealth>>>);
+
+impl WatchTable {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<ServiceKey, WatchHealth>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The index of the last successful answer of the watch for `key`.
+    pub fn index(&self, key: &ServiceKey) -> Option<u64> {
+        self.lock().get(key).map(|h| h.index)
+    }
+
+    /// The health of every running watch.
+    pub fn all(&self) -> Vec<WatchHealth> {
+        self.lock().values().cloned().collect()
+    }
+
+    pub(super) fn note(&self, key: &ServiceKey, f: impl FnOnce(&mut WatchHealth)) {
+        let mut t = self.lock();
+        let h = t.entry(key.clone()).or_insert_with(|| WatchHealth {
+            service: key.to_string(),
+            ..Default::default()
+        });
+        f(h);
+    }
+
+    pub(super) fn remove(&self, key: &ServiceKey) {
+        self.lock().remove(key);
+    }
 }
 
-/// The index of the last successful answer of the watch for `key`.
-pub fn watch_index(key: &ServiceKey) -> Option<u64> {
-    health_table()
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(key)
-        .map(|h| h.index)
-}
-
-/// The health of every running watch.
-pub fn watch_health() -> Vec<WatchHealth> {
-    health_table()
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .values()
-        .cloned()
-        .collect()
-}
-
-pub(super) fn note_health(key: &ServiceKey, f: impl FnOnce(&mut WatchHealth)) {
-    let mut t = health_table().lock().unwrap_or_else(|e| e.into_inner());
-    let h = t.entry(key.clone()).or_insert_with(|| WatchHealth {
-        service: key.to_string(),
-        ..Default::default()
-    });
-    f(h);
+/// Where a watch sends what it sees: the manager's channel, and the health table.
+#[derive(Clone)]
+pub(super) struct Sink {
+    pub tx: mpsc::Sender<Change>,
+    pub health: WatchTable,
 }
 
 /// One blocking query on the health of `key`: the next index to send and its backends.
@@ -105,9 +112,9 @@ pub(super) async fn on_answer(
     index: u64,
     backends: Vec<BackendSpec>,
     last: &mut Option<Vec<BackendSpec>>,
-    tx: &mpsc::Sender<Change>,
+    sink: &Sink,
 ) -> Result<(), ()> {
-    note_health(key, |h| {
+    sink.health.note(key, |h| {
         h.last_success_unix = crate::clock::unix_secs();
         h.consecutive_failures = 0;
         h.last_error = None;
@@ -165,7 +172,7 @@ pub(super) async fn on_answer(
         },
         received: Instant::now(),
     };
-    tx.send(Change::Service(update)).await.map_err(|_| ())
+    sink.tx.send(Change::Service(update)).await.map_err(|_| ())
 }
 
 /// Count a watch's `failures`-th failed query in a row and return how long it backs off.
@@ -190,8 +197,8 @@ pub(super) async fn pace(bucket: &mut TokenBucket) {
 }
 
 /// Note a failed query; the last known backends keep serving. Returns how long to back off.
-pub(super) fn on_error(key: &ServiceKey, failures: u32, e: &str) -> Duration {
-    note_health(key, |h| {
+pub(super) fn on_error(health: &WatchTable, key: &ServiceKey, failures: u32, e: &str) -> Duration {
+    health.note(key, |h| {
         h.consecutive_failures = failures;
         h.last_error = Some(e.to_string());
     });
@@ -201,7 +208,7 @@ pub(super) fn on_error(key: &ServiceKey, failures: u32, e: &str) -> Duration {
 }
 
 /// Watch one service until the task is aborted; send every change.
-pub(super) async fn watch(settings: ConsulSettings, key: ServiceKey, tx: mpsc::Sender<Change>) {
+pub(super) async fn watch(settings: ConsulSettings, key: ServiceKey, sink: Sink) {
     let http = match client(&settings) {
         Ok(c) => c,
         Err(e) => {
@@ -224,7 +231,7 @@ pub(super) async fn watch(settings: ConsulSettings, key: ServiceKey, tx: mpsc::S
                 }
                 failures = 0;
                 index = next;
-                if on_answer(&http, &settings, &key, index, backends, &mut last, &tx)
+                if on_answer(&http, &settings, &key, index, backends, &mut last, &sink)
                     .await
                     .is_err()
                 {
@@ -235,7 +242,7 @@ pub(super) async fn watch(settings: ConsulSettings, key: ServiceKey, tx: mpsc::S
                 failures += 1;
                 // start over from a full read
                 index = 1;
-                tokio::time::sleep(on_error(&key, failures, &e)).await;
+                tokio::time::sleep(on_error(&sink.health, &key, failures, &e)).await;
             }
         }
     }
@@ -420,11 +427,7 @@ pub(super) async fn watch_catalog(settings: ConsulSettings, tx: mpsc::Sender<Cha
 /// The fallback beyond `max_blocking` services: two blocking watches in all, on
 /// `/v1/health/state/any` (any check changes) and `/v1/catalog/services` (any registration
 /// or tag change); when either moves, every watched service is read once (16 at a time).
-pub(super) async fn watch_all(
-    settings: ConsulSettings,
-    keys: Vec<ServiceKey>,
-    tx: mpsc::Sender<Change>,
-) {
+pub(super) async fn watch_all(settings: ConsulSettings, keys: Vec<ServiceKey>, sink: Sink) {
     let http = match client(&settings) {
         Ok(c) => c,
         Err(e) => {
@@ -470,7 +473,7 @@ pub(super) async fn watch_all(
                     Ok((index, backends)) => {
                         failures.remove(&k);
                         let slot = last.entry(k.clone()).or_default();
-                        if on_answer(&http, &settings, &k, index, backends, slot, &tx)
+                        if on_answer(&http, &settings, &k, index, backends, slot, &sink)
                             .await
                             .is_err()
                         {
@@ -480,7 +483,7 @@ pub(super) async fn watch_all(
                     Err(e) => {
                         let f = failures.entry(k.clone()).or_default();
                         *f += 1;
-                        on_error(&k, *f, &e);
+                        on_error(&sink.health, &k, *f, &e);
                     }
                 }
             }
