@@ -21,6 +21,43 @@ use pingora::services::listening::Service;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Raise the soft limit on open files to the hard limit, as nginx's `worker_rlimit_nofile`
+/// and Go's runtime do: every client connection, every pooled upstream connection and every
+/// watch holds a descriptor, and service managers start processes with a soft limit of 1024
+/// (systemd's default) that a proxy outgrows long before `limits.max_connections`. Says so
+/// when even the hard limit is below what the configuration can hold open.
+fn raise_fd_limit(cfg: &Config) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed to them.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    let before = lim.rlim_cur;
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            lim.rlim_cur = before;
+        }
+    }
+    let wanted = cfg.limits.max_connections as u64
+        + (cfg.server.upstream_keepalive_pool_size * cfg.server.threads.max(1)) as u64
+        + 256;
+    if lim.rlim_cur < wanted {
+        tracing::warn!(
+            open_files = lim.rlim_cur,
+            wanted,
+            "the open-file limit is below limits.max_connections plus the upstream keep-alive pools; \
+             raise it (systemd: LimitNOFILE=) or lower limits.max_connections"
+        );
+    } else if lim.rlim_cur != before {
+        tracing::info!(from = before, to = lim.rlim_cur, "open-file limit raised");
+    }
+}
+
 /// Start Consul pools from the last applied view (if saved), so a restart while Consul is
 /// down keeps serving; the watches replace it as soon as Consul answers.
 fn restore_consul_view(state: &State) {
@@ -118,6 +155,7 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
     if !upgrade {
         check_listeners(cfg)?;
     }
+    raise_fd_limit(cfg);
 
     let mut conf = ServerConf {
         threads: cfg.server.threads,

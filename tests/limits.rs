@@ -1104,3 +1104,70 @@ async fn client_caused_failures_are_logged_calmly_and_answers_do_not_name_pingor
         "client-caused events logged as errors: {errors:#?}"
     );
 }
+
+/// The soft and hard open-file limits of a running process, from /proc.
+fn open_file_limits(pid: u32) -> (u64, u64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .to_string();
+    let nums: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (nums[0], nums[1])
+}
+
+#[tokio::test]
+async fn the_open_file_limit_is_raised_to_the_hard_limit_or_the_shortfall_said() {
+    // started as a service manager would (systemd's default soft limit is 1024; 256 here)
+    let dir = tempfile::tempdir().unwrap();
+    let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let cfg = format!(
+        "[admin]\nenabled = false\n[[listener]]\naddress = \"{http}\"\n\
+         [[vhost]]\ndefault = true\n[[vhost.route]]\npath = \"/\"\npool = \"p\"\n\
+         [pool.p]\nbackends = [\"127.0.0.1:9\"]\n"
+    );
+    let path = dir.path().join("tollgate.toml");
+    write(&path, &cfg);
+    let (_, hard) = open_file_limits(std::process::id());
+    let wrapped = |limit: &str| {
+        let mut c = std::process::Command::new("sh");
+        c.args([
+            "-c",
+            &format!("ulimit {limit} && exec \"$0\" \"$@\""),
+            Tollgate::bin(),
+        ]);
+        c
+    };
+    let mut tg = Tollgate::start_cmd(wrapped("-Sn 256"), &path);
+    tg.ready(http).await;
+    assert_eq!(
+        open_file_limits(tg.child.id()),
+        (hard, hard),
+        "the soft limit is raised to the hard one"
+    );
+    if hard >= 10_000 + 1024 * 2 + 256 {
+        assert!(
+            tg.log_text().contains("open-file limit raised"),
+            "{}",
+            tg.log_text()
+        );
+    }
+    drop(tg);
+
+    // a hard limit below what the configuration can hold open: said at start
+    let path2 = dir.path().join("low.toml");
+    write(&path2, &cfg);
+    let mut tg = Tollgate::start_cmd(wrapped("-n 256"), &path2);
+    tg.ready(http).await;
+    assert_eq!(open_file_limits(tg.child.id()), (256, 256));
+    let log = tg.log_text();
+    assert!(
+        log.contains("the open-file limit is below limits.max_connections")
+            && log.contains("open_files=256"),
+        "{log}"
+    );
+}
