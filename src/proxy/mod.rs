@@ -34,6 +34,12 @@ impl ActiveRequests {
     pub fn count(&self) -> usize {
         self.0.load(Ordering::SeqCst)
     }
+
+    /// Count one request until the returned guard is dropped.
+    fn enter(&self) -> Counted {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Counted(self.0.clone())
+    }
 }
 
 /// One request counted in `ActiveRequests` for as long as its context lives.
@@ -120,9 +126,8 @@ impl ProxyHttp for Tollgate {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        self.active.0.fetch_add(1, Ordering::SeqCst);
         RequestCtx {
-            _counted: Counted(self.active.0.clone()),
+            _counted: self.active.enter(),
             snap: self.state.load_full(),
             start: Instant::now(),
             request_id: String::new(),

@@ -222,6 +222,20 @@ impl<T> TlsStream<T>
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
+    /// Gather `parts` (`total` bytes in all) if they fit beside what is gathered already.
+    fn gather<'a>(&mut self, total: usize, parts: impl IntoIterator<Item = &'a [u8]>) -> bool {
+        if self.wbuf.len() + total > GATHER_LIMIT {
+            return false;
+        }
+        if self.wbuf.capacity() == 0 {
+            self.wbuf.reserve_exact(GATHER_LIMIT);
+        }
+        for p in parts {
+            self.wbuf.extend_from_slice(p);
+        }
+        true
+    }
+
     /// Hand the gathered plaintext to rustls (records may still sit in the L4 buffer).
     fn poll_write_gathered(&mut self, cx: &mut Context) -> Poll<IoResult<()>> {
         while !self.wbuf.is_empty() {
@@ -241,11 +255,7 @@ where
 {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context, buf: &[u8]) -> Poll<IoResult<usize>> {
         let this = &mut *self;
-        if this.wbuf.len() + buf.len() <= GATHER_LIMIT {
-            if this.wbuf.capacity() == 0 {
-                this.wbuf.reserve_exact(GATHER_LIMIT);
-            }
-            this.wbuf.extend_from_slice(buf);
+        if this.gather(buf.len(), [buf]) {
             return Poll::Ready(Ok(buf.len()));
         }
         let stream = this.tls.stream.as_mut().unwrap();
@@ -283,13 +293,7 @@ where
     ) -> Poll<IoResult<usize>> {
         let this = &mut *self;
         let total: usize = bufs.iter().map(|b| b.len()).sum();
-        if this.wbuf.len() + total <= GATHER_LIMIT {
-            if this.wbuf.capacity() == 0 {
-                this.wbuf.reserve_exact(GATHER_LIMIT);
-            }
-            for b in bufs {
-                this.wbuf.extend_from_slice(b);
-            }
+        if this.gather(total, bufs.iter().map(|b| &**b)) {
             return Poll::Ready(Ok(total));
         }
         ready!(this.poll_write_gathered(cx))?;
