@@ -437,10 +437,23 @@ pub async fn tls_over<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
+    tls_over_pem(&ca.pem, tcp, sni, alpn).await
+}
+
+/// [`tls_over`] trusting the CA certificate in `ca_pem` (usable on another thread).
+pub async fn tls_over_pem<S>(
+    ca_pem: &str,
+    tcp: S,
+    sni: &str,
+    alpn: &[&str],
+) -> std::io::Result<tokio_rustls::client::TlsStream<S>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
     let mut roots = rustls::RootCertStore::empty();
     roots
-        .add(CertificateDer::from_pem_slice(ca.pem.as_bytes()).unwrap())
+        .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
         .unwrap();
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
