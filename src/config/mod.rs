@@ -4,6 +4,7 @@
 //! `tls`, sockets are opened by `proxy`), so `check` and reload share one pure path.
 
 pub mod cidr;
+pub mod defaults;
 mod error;
 mod raw;
 pub mod secret;
@@ -389,23 +390,10 @@ pub struct PoolSpec {
     pub health: HealthPolicy,
 }
 
-/// Pool defaults, shared by file pools and pools created for Consul-declared routes.
-pub mod pool_defaults {
-    use std::time::Duration;
-    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-    pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
-    pub const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
-    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-    pub const RETRIES: u32 = 2;
-    pub const MAX_FAILS: u32 = 3;
-    pub const EJECT_TIME: Duration = Duration::from_secs(10);
-    pub const EJECT_MAX_TIME: Duration = Duration::from_secs(300);
-}
-
 impl PoolSpec {
     /// A pool with every default, whose backends are the passing instances of `key`.
     pub fn for_consul(key: ServiceKey) -> PoolSpec {
-        use pool_defaults::*;
+        use defaults::pool::*;
         PoolSpec {
             backends: Vec::new(),
             consul: Some(key),

@@ -3,7 +3,7 @@
 use super::*;
 
 pub(super) fn admin(cx: &mut Ctx, raw: &crate::config::raw::RawAdmin) -> AdminSettings {
-    let default_addr = SocketAddr::from(([127, 0, 0, 1], 9901));
+    let default_addr = defaults::admin::ADDRESS;
     let address = match &raw.address {
         None => default_addr,
         Some(a) => match a.get_ref().parse::<SocketAddr>() {

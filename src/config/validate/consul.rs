@@ -9,7 +9,7 @@ pub(super) fn consul(cx: &mut Ctx, raw: &crate::config::raw::RawConsul) -> Consu
         .as_ref()
         .map(|a| (a.get_ref().clone(), a.span()))
         .or_else(|| env("CONSUL_HTTP_ADDR").map(|a| (a, 0..0)))
-        .unwrap_or_else(|| ("127.0.0.1:8500".to_string(), 0..0));
+        .unwrap_or_else(|| (defaults::consul::ADDRESS.to_string(), 0..0));
     let address = if addr_raw.0.starts_with("http://") || addr_raw.0.starts_with("https://") {
         addr_raw.0.trim_end_matches('/').to_string()
     } else {
@@ -47,25 +47,26 @@ pub(super) fn consul(cx: &mut Ctx, raw: &crate::config::raw::RawConsul) -> Consu
         .as_ref()
         .map(|c| cx.path(c.get_ref()))
         .or_else(|| env("CONSUL_CACERT").map(PathBuf::from));
+    use defaults::consul as def;
     let ms = Duration::from_millis;
     let wait = cx.duration_in(
         &raw.wait,
         "consul.wait",
-        Duration::from_secs(300),
+        def::WAIT,
         Duration::from_secs(1),
         Duration::from_secs(600),
     );
     let quiescence_min = cx.duration_in(
         &raw.quiescence_min,
         "consul.quiescence_min",
-        ms(2),
+        def::QUIESCENCE_MIN,
         ms(0),
         Duration::from_secs(60),
     );
     let quiescence_max = cx.duration_in(
         &raw.quiescence_max,
         "consul.quiescence_max",
-        ms(150),
+        def::QUIESCENCE_MAX,
         ms(0),
         Duration::from_secs(300),
     );
@@ -92,19 +93,25 @@ pub(super) fn consul(cx: &mut Ctx, raw: &crate::config::raw::RawConsul) -> Consu
         cached: raw.cached.unwrap_or(true),
         quiescence_min,
         quiescence_max,
-        max_blocking: cx.int(&raw.max_blocking, "consul.max_blocking", 128, 0, 190) as usize,
+        max_blocking: cx.int(
+            &raw.max_blocking,
+            "consul.max_blocking",
+            def::MAX_BLOCKING,
+            0,
+            190,
+        ) as usize,
         tag_routes: raw.tag_routes.unwrap_or(false),
         route_tag_prefix: raw
             .route_tag_prefix
             .clone()
-            .unwrap_or_else(|| "tollgate.route=".to_string()),
+            .unwrap_or_else(|| def::ROUTE_TAG_PREFIX.to_string()),
         fabio_tags: raw.fabio_tags.unwrap_or(true),
         route_meta_prefix: raw
             .route_meta_prefix
             .clone()
-            .unwrap_or_else(|| "tollgate-route".to_string()),
+            .unwrap_or_else(|| def::ROUTE_META_PREFIX.to_string()),
         min_fraction: match &raw.min_fraction {
-            None => 0.0,
+            None => def::MIN_FRACTION,
             Some(f) if (0.0..=1.0).contains(f.get_ref()) => *f.get_ref(),
             Some(f) => {
                 cx.err(
@@ -112,13 +119,13 @@ pub(super) fn consul(cx: &mut Ctx, raw: &crate::config::raw::RawConsul) -> Consu
                     "consul.min_fraction",
                     format!("must be between 0.0 and 1.0, got {}", f.get_ref()),
                 );
-                0.0
+                def::MIN_FRACTION
             }
         },
         watch_grace: cx.duration_in(
             &raw.watch_grace,
             "consul.watch_grace",
-            Duration::from_secs(30),
+            def::WATCH_GRACE,
             Duration::ZERO,
             Duration::from_secs(3600),
         ),

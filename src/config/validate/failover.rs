@@ -1,6 +1,7 @@
 //! `[failover]` and its claims (`vip`, `aws_eip`, `exec`).
 
 use super::*;
+use crate::config::defaults::failover as def;
 
 pub(super) fn failover(
     cx: &mut Ctx,
@@ -44,7 +45,7 @@ pub(super) fn failover(
     let interval = cx.duration_in(
         &f.interval,
         "failover.interval",
-        Duration::from_millis(200),
+        def::INTERVAL,
         Duration::from_millis(20),
         Duration::from_secs(10),
     );
@@ -55,7 +56,7 @@ pub(super) fn failover(
         interval * 2,
         Duration::from_secs(60),
     );
-    let priority = cx.int(&f.priority, "failover.priority", 100, 1, 255) as u8;
+    let priority = cx.int(&f.priority, "failover.priority", def::PRIORITY, 1, 255) as u8;
     let name = f.name.get_ref().trim().to_string();
     if name.is_empty() || name.len() > 64 {
         cx.err(f.name.span(), "failover.name", "must be 1 to 64 characters");
@@ -72,7 +73,7 @@ pub(super) fn failover(
                 .consul_lock_key
                 .as_ref()
                 .map(|k| k.get_ref().trim().trim_matches('/').to_string())
-                .unwrap_or_else(|| "tollgate/failover/leader".into());
+                .unwrap_or_else(|| def::CONSUL_LOCK_KEY.into());
             if key.is_empty() || key.contains(char::is_whitespace) {
                 let span = f.consul_lock_key.as_ref().map(|k| k.span()).unwrap_or(0..0);
                 cx.err(
@@ -84,7 +85,7 @@ pub(super) fn failover(
             let ttl = cx.duration_in(
                 &f.consul_lock_ttl,
                 "failover.consul_lock_ttl",
-                Duration::from_secs(10),
+                def::CONSUL_LOCK_TTL,
                 Duration::from_secs(10),
                 Duration::from_secs(3600),
             );
@@ -124,8 +125,8 @@ pub(super) fn failover(
 pub(super) fn claim(cx: &mut Ctx, c: &crate::config::raw::RawClaim, opt: &str) -> Option<Claim> {
     let kind = c.kind.get_ref().as_str();
     let timeout_default = match kind {
-        "vip" => Duration::from_secs(2),
-        _ => Duration::from_secs(5),
+        "vip" => def::VIP_TIMEOUT,
+        _ => def::CLAIM_TIMEOUT,
     };
     let timeout = cx.duration_in(
         &c.timeout,
@@ -134,7 +135,13 @@ pub(super) fn claim(cx: &mut Ctx, c: &crate::config::raw::RawClaim, opt: &str) -
         Duration::from_millis(10),
         Duration::from_secs(120),
     );
-    let retries = cx.int(&c.retries, &format!("{opt}.retries"), 2, 0, 10) as u32;
+    let retries = cx.int(
+        &c.retries,
+        &format!("{opt}.retries"),
+        def::CLAIM_RETRIES,
+        0,
+        10,
+    ) as u32;
     let strings = [
         ("address", &c.address, &["vip"][..]),
         ("interface", &c.interface, &["vip"]),
@@ -241,11 +248,17 @@ pub(super) fn claim(cx: &mut Ctx, c: &crate::config::raw::RawClaim, opt: &str) -
                 address: ip,
                 prefix,
                 interface,
-                garp_count: cx.int(&c.garp_count, &format!("{opt}.garp_count"), 3, 1, 100) as u32,
+                garp_count: cx.int(
+                    &c.garp_count,
+                    &format!("{opt}.garp_count"),
+                    def::GARP_COUNT,
+                    1,
+                    100,
+                ) as u32,
                 garp_repeat: cx.duration_in(
                     &c.garp_repeat,
                     &format!("{opt}.garp_repeat"),
-                    Duration::from_secs(2),
+                    def::GARP_REPEAT,
                     Duration::ZERO,
                     Duration::from_secs(60),
                 ),

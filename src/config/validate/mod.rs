@@ -317,23 +317,19 @@ pub(super) fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
     let shutdown_timeout = cx.duration(
         &s.shutdown_timeout,
         "server.shutdown_timeout",
-        Duration::from_secs(30),
+        defaults::server::SHUTDOWN_TIMEOUT,
     );
     let watch_interval = cx.duration_in(
         &s.watch_interval,
         "server.watch_interval",
-        Duration::from_secs(1),
+        defaults::server::WATCH_INTERVAL,
         Duration::from_millis(50),
         Duration::from_secs(3600),
     );
-    // Idle upstream connections kept per worker. It must cover the requests in flight: a
-    // connection released when the pool is full is closed, and the next request pays a new
-    // connect (at 128, HTTP/2 load with 256 streams in flight opened a connection for one
-    // request in three; benches/compare.py counts them). Idle connections cost a socket each.
     let pool_size = cx.int(
         &s.upstream_keepalive_pool_size,
         "server.upstream_keepalive_pool_size",
-        1024,
+        defaults::server::UPSTREAM_KEEPALIVE_POOL_SIZE,
         0,
         65536,
     ) as usize;
@@ -343,7 +339,7 @@ pub(super) fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
         .flat_map(|l| l.addresses.iter())
         .map(|a| a.port() as i64)
         .next()
-        .unwrap_or(443);
+        .unwrap_or(defaults::server::HTTPS_REDIRECT_PORT);
     let https_redirect_port = cx.int(
         &s.https_redirect_port,
         "server.https_redirect_port",
@@ -479,223 +475,4 @@ pub(super) fn addresses_overlap(a: SocketAddr, b: SocketAddr) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn errs(src: &str) -> Vec<ConfigError> {
-        parse(Path::new("/etc/tollgate/t.toml"), src).unwrap_err().0
-    }
-
-    const OK: &str = r#"
-[[listener]]
-address = "127.0.0.1:8080"
-
-[[vhost]]
-names = ["example.com", "*.example.com"]
-[[vhost.route]]
-path = "/"
-pool = "web"
-
-[pool.web]
-backends = ["127.0.0.1:9000", { address = "127.0.0.1:9001", weight = 3 }]
-"#;
-
-    #[test]
-    fn valid_config_fills_safe_defaults() {
-        let c = parse(Path::new("/etc/tollgate/t.toml"), OK).unwrap();
-        assert_eq!(c.vhosts[0].names, vec!["example.com", "*.example.com"]);
-        assert!(c.vhosts[0].redirect_https);
-        let web = &c.pools["web"];
-        assert_eq!(web.backends[1].weight, 3);
-        assert_eq!(web.retries, 2);
-        assert_eq!(web.health.max_fails, 3);
-        assert_eq!(c.server.forwarded_for, ForwardedFor::Replace);
-        assert!(!c.has_tls());
-    }
-
-    #[test]
-    fn syntax_error_names_line_and_option() {
-        let e = errs("[server]\nthreads = 2\nwork_stealing = [\n");
-        assert_eq!(e.len(), 1, "nothing more can be read: {e:?}");
-        assert_eq!(e[0].origin.line, 4);
-    }
-
-    #[test]
-    fn type_errors_have_a_hint_and_do_not_hide_other_problems() {
-        let src = OK
-            .replacen("[pool.web]\n", "[pool.web]\nconnect_timeout = 5\n", 1)
-            .replace("pool = \"web\"", "pool = \"nope\"");
-        let e = errs(&format!("[server]\nthreads = \"two\"\n{src}"));
-        let t = e.iter().find(|e| e.option == "server.threads").unwrap();
-        assert_eq!(t.origin.line, 2);
-        assert!(t.message.contains("without quotes"), "{}", t.message);
-        let c = e
-            .iter()
-            .find(|e| e.option == "pool.web.connect_timeout")
-            .unwrap_or_else(|| panic!("{e:?}"));
-        assert!(c.message.contains("write \"30s\""), "{}", c.message);
-        assert!(
-            e.iter().any(|e| e.message.contains("no pool named `nope`")),
-            "the semantic problem is reported with the schema ones: {e:?}"
-        );
-        let lines: Vec<usize> = e.iter().map(|e| e.origin.line).collect();
-        assert!(
-            lines.windows(2).all(|w| w[0] <= w[1]),
-            "in line order: {lines:?}"
-        );
-    }
-
-    #[test]
-    fn unknown_option_is_an_error() {
-        let e = errs("[server]\nthreadz = 2\nthreadx = 3\n");
-        let unknown: Vec<_> = e
-            .iter()
-            .filter(|e| e.option.starts_with("server."))
-            .collect();
-        assert_eq!(unknown.len(), 2, "both unknown options at once: {e:?}");
-        assert_eq!(unknown[0].origin.line, 2);
-        assert!(
-            unknown[0].message.contains("unknown field `threadz`"),
-            "{}",
-            unknown[0].message
-        );
-        assert!(unknown[1].message.contains("unknown field `threadx`"));
-    }
-
-    #[test]
-    fn every_semantic_problem_is_reported() {
-        let src = OK
-            .replace("pool = \"web\"", "pool = \"nope\"")
-            .replace("127.0.0.1:8080", "localhost:http")
-            .replace("*.example.com", "foo.*.com");
-        let e = errs(&src);
-        let opts: Vec<&str> = e.iter().map(|e| e.option.as_str()).collect();
-        assert!(opts.contains(&"listener[0].address"), "{opts:?}");
-        assert!(opts.contains(&"vhost[0].names"), "{opts:?}");
-        assert!(opts.contains(&"vhost[0].route[0].pool"), "{opts:?}");
-        let pool_err = e.iter().find(|e| e.option.ends_with(".pool")).unwrap();
-        assert_eq!(pool_err.origin.line, 9);
-        assert!(pool_err.message.contains("defined pools: web"));
-    }
-
-    #[test]
-    fn host_names() {
-        assert!(check_host_name("example.com").is_ok());
-        assert!(check_host_name("*.example.com").is_ok());
-        assert!(check_host_name("127.0.0.1").is_ok());
-        assert!(check_host_name("*").is_err());
-        assert!(check_host_name("a.*.com").is_err());
-        assert!(check_host_name("*foo.com").is_err());
-        assert!(check_host_name("-a.com").is_err());
-        assert!(check_host_name("a..com").is_err());
-    }
-
-    #[test]
-    fn option_at_finds_table_and_key() {
-        let src = "[pool.web]\nretries = x\n";
-        assert_eq!(option_at(src, src.find('x').unwrap()), "pool.web.retries");
-    }
-
-    const FAILOVER: &str = "[failover]\nname = \"a\"\nlisten = \"10.0.0.1:7946\"\npeer = \"10.0.0.2:7946\"\nsecret = \"0123456789abcdef\"\n";
-
-    #[test]
-    fn a_failover_secret_file_that_cannot_be_used_says_why() {
-        let dir = tempfile::tempdir().unwrap();
-        let short = dir.path().join("short");
-        std::fs::write(&short, "abc\n").unwrap();
-        let ok = dir.path().join("ok");
-        std::fs::write(&ok, "0123456789abcdef\n").unwrap();
-        let with = |p: &Path| {
-            FAILOVER.replace(
-                "secret = \"0123456789abcdef\"",
-                &format!("secret_file = \"{}\"", p.display()),
-            )
-        };
-        let c = parse(
-            Path::new("/etc/tollgate/t.toml"),
-            &format!("{OK}{}", with(&ok)),
-        )
-        .unwrap();
-        assert_eq!(c.failover.unwrap().secret, b"0123456789abcdef".to_vec());
-        for (p, says) in [
-            (short.clone(), "holds fewer than 16 characters".to_string()),
-            (dir.path().join("none"), "cannot read ".to_string()),
-        ] {
-            let e = errs(&format!("{OK}{}", with(&p)));
-            assert_eq!(e.len(), 1, "one problem, said once: {e:?}");
-            assert_eq!(e[0].option, "failover.secret_file");
-            assert!(e[0].message.contains(&says), "{e:?}");
-        }
-    }
-
-    #[test]
-    fn failover_claims_are_validated_per_type() {
-        let ok = format!(
-            "{OK}{FAILOVER}consul_lock = true\n\
-             [[failover.claim]]\ntype = \"vip\"\naddress = \"203.0.113.10/24\"\ninterface = \"eth0\"\n\
-             [[failover.claim]]\ntype = \"aws_eip\"\nallocation_id = \"eipalloc-1\"\nregion = \"eu-west-1\"\n\
-             [[failover.claim]]\ntype = \"exec\"\ncommand = [\"/bin/true\"]\n"
-        );
-        let c = parse(Path::new("/etc/tollgate/t.toml"), &ok).unwrap();
-        let f = c.failover.unwrap();
-        assert_eq!(
-            f.claims.iter().map(|c| c.action.kind()).collect::<Vec<_>>(),
-            ["vip", "aws_eip", "exec"]
-        );
-        assert_eq!(
-            f.consul_lock.as_ref().unwrap().key,
-            "tollgate/failover/leader"
-        );
-        assert_eq!(f.consul_lock.unwrap().ttl, Duration::from_secs(10));
-        match &f.claims[1].action {
-            ClaimAction::AwsEip(e) => {
-                assert_eq!(e.endpoint, "https://ec2.eu-west-1.amazonaws.com");
-                assert_eq!(e.imds_endpoint, "http://169.254.169.254");
-                assert_eq!(e.instance_id, None);
-            }
-            other => panic!("{other:?}"),
-        }
-
-        let bad = format!(
-            "{OK}{FAILOVER}consul_lock_ttl = \"5s\"\n\
-             [[failover.claim]]\ntype = \"vip\"\naddress = \"203.0.113.10\"\ninterface = \"eth0\"\n\
-             [[failover.claim]]\ntype = \"vip\"\ninterface = \"eth0\"\n\
-             [[failover.claim]]\ntype = \"vip\"\naddress = \"127.0.0.5/8\"\ninterface = \"eth0\"\n\
-             [[failover.claim]]\ntype = \"aws_eip\"\nallocation_id = \"eipalloc-1\"\nregion = \"x\"\nendpoint = \"ec2.example\"\n\
-             [[failover.claim]]\ntype = \"exec\"\ncommand = [\"/bin/true\"]\ninterface = \"eth0\"\n\
-             [[failover.claim]]\ntype = \"carrier-pigeon\"\n"
-        );
-        let e = errs(&bad);
-        let got: Vec<(String, String)> = e
-            .iter()
-            .map(|e| (e.option.clone(), e.message.clone()))
-            .collect();
-        let has = |opt: &str, msg: &str| {
-            assert!(
-                got.iter().any(|(o, m)| o == opt && m.contains(msg)),
-                "no `{opt}: …{msg}…` in {got:#?}"
-            )
-        };
-        has(
-            "failover.consul_lock_ttl",
-            "only applies with failover.consul_lock = true",
-        );
-        has("failover.claim[0].address", "is not ADDRESS/PREFIX");
-        has("failover.claim[1].address", "a vip claim needs address");
-        has("failover.claim[2].address", "cannot float between hosts");
-        has(
-            "failover.claim[3].endpoint",
-            "is not an http:// or https:// URL",
-        );
-        has(
-            "failover.claim[4].interface",
-            "does not apply to type = \"exec\"",
-        );
-        has(
-            "failover.claim[5].type",
-            "is not one of: exec, vip, aws_eip",
-        );
-        // each problem names its line
-        assert!(e.iter().all(|e| e.to_string().contains("t.toml:")), "{e:?}");
-    }
-}
+mod tests;

@@ -44,11 +44,15 @@ pub(super) fn plugins(
         let cpu_deadline = cx.duration_in(
             &p.cpu_deadline,
             &opt("cpu_deadline"),
-            Duration::from_millis(50),
+            defaults::plugin::CPU_DEADLINE,
             Duration::from_millis(1),
             Duration::from_secs(10),
         );
-        let max_memory = cx.size(&p.max_memory, &opt("max_memory"), 64 << 20);
+        let max_memory = cx.size(
+            &p.max_memory,
+            &opt("max_memory"),
+            defaults::plugin::MAX_MEMORY,
+        );
         if !(1 << 16..=4 << 30).contains(&max_memory) {
             let span = p.max_memory.as_ref().map(|m| m.span()).unwrap_or(0..0);
             cx.err(

@@ -97,56 +97,56 @@ pub(super) fn pools(
         let connect_timeout = cx.duration_in(
             &p.connect_timeout,
             &format!("{opt}.connect_timeout"),
-            pool_defaults::CONNECT_TIMEOUT,
+            defaults::pool::CONNECT_TIMEOUT,
             ms(1),
             hour,
         );
         let read_timeout = cx.duration_in(
             &p.read_timeout,
             &format!("{opt}.read_timeout"),
-            pool_defaults::READ_TIMEOUT,
+            defaults::pool::READ_TIMEOUT,
             ms(1),
             hour,
         );
         let write_timeout = cx.duration_in(
             &p.write_timeout,
             &format!("{opt}.write_timeout"),
-            pool_defaults::WRITE_TIMEOUT,
+            defaults::pool::WRITE_TIMEOUT,
             ms(1),
             hour,
         );
         let idle_timeout = cx.duration_in(
             &p.idle_timeout,
             &format!("{opt}.idle_timeout"),
-            pool_defaults::IDLE_TIMEOUT,
+            defaults::pool::IDLE_TIMEOUT,
             ms(1),
             hour,
         );
         let retries = cx.int(
             &p.retries,
             &format!("{opt}.retries"),
-            pool_defaults::RETRIES as i64,
+            defaults::pool::RETRIES as i64,
             0,
             10,
         ) as u32;
         let max_fails = cx.int(
             &p.max_fails,
             &format!("{opt}.max_fails"),
-            pool_defaults::MAX_FAILS as i64,
+            defaults::pool::MAX_FAILS as i64,
             1,
             1000,
         ) as u32;
         let eject_time = cx.duration_in(
             &p.eject_time,
             &format!("{opt}.eject_time"),
-            pool_defaults::EJECT_TIME,
+            defaults::pool::EJECT_TIME,
             ms(1),
             hour,
         );
         let eject_max_time = cx.duration_in(
             &p.eject_max_time,
             &format!("{opt}.eject_max_time"),
-            pool_defaults::EJECT_MAX_TIME,
+            defaults::pool::EJECT_MAX_TIME,
             ms(1),
             24 * hour,
         );
