@@ -104,7 +104,7 @@ fn bench(c: &mut Criterion) {
             &format!(r#"{{"jwt": {{"hs256_secret": "{HS_SECRET}", "claims_to_headers": {{"sub": "x-user"}}}}}}"#),
         ),
     );
-    let plugins = tollgate::wasm::host()
+    let plugins = tollgate::wasm::Host::new()
         .load(&specs, 1)
         .unwrap_or_else(|e| panic!("{e} (run plugins/build first)"));
     let token = hs256_token();

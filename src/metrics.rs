@@ -1,12 +1,12 @@
 //! Metrics without locks on the request path: counters and histograms are plain atomics,
-//! and the handles a request needs are looked up once, when a Snapshot is built, from a
-//! process-wide registry keyed by stable names (so they survive reloads). Rendering to the
+//! and the handles a request needs are looked up once, when a Snapshot is built, from the
+//! one `Metrics` registry (made by `server`), keyed by stable names (so they survive reloads). Rendering to the
 //! Prometheus text format happens only when `/metrics` is scraped.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Upper bounds of histogram buckets, in seconds.
@@ -83,7 +83,8 @@ pub struct PoolMetrics {
     pub connect_failures: AtomicU64,
 }
 
-/// Process-wide metric state.
+/// The metric counters of one tollgate: made once by `server` (or a test) and handed to
+/// what counts and what shows them; they outlive every Snapshot.
 #[derive(Debug, Default)]
 pub struct Metrics {
     routes: Mutex<BTreeMap<(String, String), Arc<RouteMetrics>>>,
@@ -96,11 +97,6 @@ pub struct Metrics {
     pub convergence: Histogram,
     pub reloads_failed: AtomicU64,
     pub last_reload_success_unix: AtomicU64,
-}
-
-pub fn metrics() -> &'static Metrics {
-    static M: OnceLock<Metrics> = OnceLock::new();
-    M.get_or_init(Metrics::default)
 }
 
 impl Metrics {

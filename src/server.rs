@@ -7,7 +7,7 @@ use crate::admin::Admin;
 use crate::config::Config;
 use crate::proxy::sni::SniResolver;
 use crate::proxy::{ActiveRequests, Tollgate};
-use crate::state::{watch::Reloader, State};
+use crate::state::{watch::Reloader, Lasting, State};
 use anyhow::{bail, Context};
 use async_trait::async_trait;
 use pingora::apps::http_app::HttpServer;
@@ -143,10 +143,12 @@ fn check_listeners(cfg: &Config) -> anyhow::Result<()> {
 /// With `upgrade`, the listening sockets are taken over from the running tollgate (which
 /// is then sent SIGQUIT) instead of being bound: see docs/operations.md.
 pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
-    let state = Arc::new(State::new(config).map_err(|e| anyhow::anyhow!("{e}"))?);
+    // backend state, counters and the plugin host: made here, once, and handed in
+    let lasting = Lasting::new();
+    let state = Arc::new(State::new(config, lasting.clone()).map_err(|e| anyhow::anyhow!("{e}"))?);
     // plugin callouts resolve pools through the live Snapshot
     let live = state.handle();
-    crate::wasm::host().attach(Box::new(move |name| {
+    lasting.plugins.attach(Box::new(move |name| {
         live.load().pools.iter().find(|p| p.name == name).cloned()
     }));
     restore_consul_view(&state);
@@ -273,7 +275,11 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
     }
     server.add_service(background_service(
         "tollgate consul",
-        crate::discovery::consul::Manager::new(state.clone(), shown.watches.clone()),
+        crate::discovery::consul::Manager::new(
+            state.clone(),
+            shown.watches.clone(),
+            lasting.metrics.clone(),
+        ),
     ));
     tracing::info!(
         config = %cfg.source.display(),

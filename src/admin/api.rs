@@ -5,7 +5,7 @@ use super::{json, query_params};
 use crate::clock::now_ms;
 use crate::config::Balance;
 use crate::discovery::consul::WatchTable;
-use crate::metrics::{esc, family, metrics, single};
+use crate::metrics::{esc, family, single, Metrics};
 use crate::routing::{normalize_host, Lookup};
 use crate::state::{Snapshot, State};
 use crate::upstream::Pool;
@@ -15,7 +15,7 @@ use std::fmt::Write;
 use std::sync::atomic::Ordering::Relaxed;
 
 pub(super) fn status(state: &State, snap: &Snapshot, shown: &Shown) -> Value {
-    let m = metrics();
+    let m = &state.lasting.metrics;
     json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": state.started.elapsed().as_secs(),
@@ -34,7 +34,7 @@ pub(super) fn status(state: &State, snap: &Snapshot, shown: &Shown) -> Value {
         "vhosts": snap.vhosts.len(),
         "pools": snap.pools.len(),
         // Sources and subsystems not built yet report themselves as such.
-        "consul": consul_status(snap, &shown.watches),
+        "consul": consul_status(snap, &shown.watches, m),
         "failover": match shown.failover.get() {
             Some(st) => json!({ "configured": true, "status": st }),
             None => json!({ "configured": snap.config.failover.is_some(), "state": "standalone" }),
@@ -42,7 +42,7 @@ pub(super) fn status(state: &State, snap: &Snapshot, shown: &Shown) -> Value {
     })
 }
 
-fn consul_status(snap: &Snapshot, watches: &WatchTable) -> Value {
+fn consul_status(snap: &Snapshot, watches: &WatchTable, m: &Metrics) -> Value {
     let configured =
         snap.config.consul.tag_routes || snap.pools.iter().any(|p| p.spec.consul.is_some());
     if !configured {
@@ -67,8 +67,8 @@ fn consul_status(snap: &Snapshot, watches: &WatchTable) -> Value {
     json!({
         "configured": true,
         "address": snap.config.consul.address,
-        "errors_total": metrics().consul_errors.load(Relaxed),
-        "guarded_total": metrics().consul_guarded.load(Relaxed),
+        "errors_total": m.consul_errors.load(Relaxed),
+        "guarded_total": m.consul_guarded.load(Relaxed),
         "tag_routes": snap.config.consul.tag_routes,
         "route_conflicts": snap.route_conflicts,
         "watches": watches,
@@ -79,14 +79,15 @@ pub(super) fn routes(snap: &Snapshot) -> Value {
     Value::Array(
         snap.vhosts
             .iter()
-            .map(|v| {
+            .enumerate()
+            .map(|(vi, v)| {
                 json!({
                     "vhost": v.label,
                     "names": v.names,
                     "default": v.default,
                     "redirect_https": v.redirect_https,
                     "source": v.source,
-                    "routes": v.routes,
+                    "routes": snap.routes_of(vi).collect::<Vec<_>>(),
                 })
             })
             .collect(),
@@ -148,9 +149,9 @@ pub(super) fn plugins(snap: &Snapshot) -> Value {
                 let used_by: Vec<String> = snap
                     .vhosts
                     .iter()
-                    .flat_map(|v| {
-                        v.routes
-                            .iter()
+                    .enumerate()
+                    .flat_map(|(vi, v)| {
+                        snap.routes_of(vi)
                             .filter(|r| {
                                 v.plugins.contains(&p.spec.name) || r.plugins.contains(&p.spec.name)
                             })
@@ -168,7 +169,7 @@ pub(super) fn plugins(snap: &Snapshot) -> Value {
 
 /// Plugin families: calls, faults by kind, instance starts, local answers, callouts, and
 /// the metrics plugins define themselves.
-fn plugin_metrics(out: &mut String, snap: &Snapshot) {
+fn plugin_metrics(out: &mut String, snap: &Snapshot, host: &crate::wasm::Host) {
     if snap.plugins.is_empty() {
         return;
     }
@@ -233,7 +234,7 @@ fn plugin_metrics(out: &mut String, snap: &Snapshot) {
             );
         }
     }
-    let defined = crate::wasm::host().metrics.all();
+    let defined = host.metrics.all();
     if !defined.is_empty() {
         family(
             out,
@@ -314,8 +315,8 @@ pub(super) fn explain(
                 "redirect_plain_http_to_https": snap.routes.vhost(vhost).redirect_https && snap.config.has_tls(),
                 "vhost": vhost_json(vhost),
                 "route": {
-                    "path": record.prefix,
-                    "source": record.source,
+                    "path": record.declared.path,
+                    "source": record.declared.source,
                 },
                 "pool": pool_json(pool, watches),
                 "plugins": record.plugins
@@ -329,7 +330,7 @@ pub(super) fn explain(
 }
 
 pub(super) fn metrics_text(state: &State, snap: &Snapshot, shown: &Shown) -> String {
-    let m = metrics();
+    let m = &state.lasting.metrics;
     let mut out = String::with_capacity(16 * 1024);
     family(
         &mut out,
@@ -525,7 +526,7 @@ pub(super) fn metrics_text(state: &State, snap: &Snapshot, shown: &Shown) -> Str
             let _ = writeln!(out, "tollgate_failover_consul_lock_held {}", u8::from(held));
         }
     }
-    plugin_metrics(&mut out, snap);
+    plugin_metrics(&mut out, snap, state.lasting.plugins);
     m.render_requests(&mut out);
     connection_metrics(&mut out, &shown.conns);
     out

@@ -53,13 +53,13 @@ pub(super) fn page(state: &State, snap: &Snapshot, active_requests: usize) -> St
     }
 
     h.push_str("<h2>Routes</h2><table id=routes><tr><th>vhost</th><th>names</th><th>path</th><th>pool</th><th>source</th></tr>");
-    for v in &snap.vhosts {
+    for (vi, v) in snap.vhosts.iter().enumerate() {
         let names = if v.default && v.names.is_empty() {
             "(default)".to_string()
         } else {
             v.names.join(", ") + if v.default { " (default)" } else { "" }
         };
-        for r in &v.routes {
+        for r in snap.routes_of(vi) {
             let _ = write!(
                 h,
                 "<tr><td>{}</td><td>{}</td><td><code>{}</code></td><td>{}</td><td>{}</td></tr>",

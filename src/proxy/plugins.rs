@@ -148,7 +148,7 @@ fn request_info(session: &Session, ctx: &RequestCtx) -> RequestInfo {
     let (vhost, route) = match ctx.record.map(|r| &ctx.snap.records[r]) {
         Some(rec) => (
             ctx.snap.routes.vhost(rec.vhost).label.clone(),
-            rec.prefix.clone(),
+            rec.declared.path.clone(),
         ),
         None => (String::new(), String::new()),
     };

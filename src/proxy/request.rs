@@ -173,7 +173,8 @@ pub(super) async fn route(session: &mut Session, ctx: &mut RequestCtx) -> Result
                 return resp.await;
             }
             let record = &snap.records[target];
-            ctx.body_cap = crate::limits::http::body_cap(record.max_body_size, &snap.config.limits);
+            ctx.body_cap =
+                crate::limits::http::body_cap(record.declared.max_body_size, &snap.config.limits);
             if let Err(r) =
                 crate::limits::http::check_declared_body(session.req_header(), ctx.body_cap)
             {

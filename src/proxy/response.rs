@@ -173,7 +173,7 @@ pub(super) fn access_log(session: &Session, e: Option<&Error>, ctx: &RequestCtx)
         .map(|v| ctx.snap.routes.vhost(v).label.as_str())
         .unwrap_or("-");
     let route = match ctx.record {
-        Some(r) => ctx.snap.records[r].prefix.as_str(),
+        Some(r) => ctx.snap.records[r].declared.path.as_str(),
         None => "-",
     };
     let backend = match (&ctx.pool, ctx.tried.last()) {

@@ -1,18 +1,19 @@
 //! The Snapshot and its publication. Owns: building an immutable `Snapshot` (routes, pools,
 //! certificates) from a validated `Config`, publishing it through `ArcSwap`, and reloading
 //! (SIGHUP or a changed config/certificate file). A bad change is rejected whole and the
-//! previous Snapshot keeps serving. Must not touch request handling; state that outlives a
-//! Snapshot (backend health, cursors) lives in `upstream::Registry`, beside it.
+//! previous Snapshot keeps serving. Must not touch request handling; what outlives a
+//! Snapshot (backend health and cursors, metric counters, the plugin host) is `Lasting`,
+//! handed in and kept beside it.
 
 pub mod watch;
 
 use crate::config::{AdminToken, Config, ConfigErrors, PoolSpec, ServiceKey};
 use crate::discovery::View;
-use crate::metrics::{metrics, RouteMetrics};
+use crate::metrics::{Metrics, RouteMetrics};
 use crate::routing::{RouteEntry, RouteTable, VhostEntry};
 use crate::tls::CertStore;
 use crate::upstream::{Pool, Registry};
-use crate::wasm::Plugin;
+use crate::wasm::{Host, Plugin};
 use arc_swap::ArcSwap;
 use std::collections::BTreeMap;
 use std::collections::HashMap;
@@ -50,21 +51,18 @@ pub struct Snapshot {
 }
 
 /// One route as served: everything the request path needs once the route table has found
-/// it, in one place.
+/// it, in one place: what was declared (prefix, pool name, body cap, source) and what it
+/// resolved to (the pool, the plugin chain, the metrics handle).
 #[derive(Debug)]
 pub struct Route {
     /// Its vhost (an index into `Snapshot::vhosts` and the route table's vhosts).
     pub vhost: usize,
-    pub prefix: String,
+    pub declared: RouteInfo,
     /// Its pool, an index into `Snapshot::pools`.
     pub pool: usize,
-    /// The route's own request body cap, if it has one.
-    pub max_body_size: Option<u64>,
     /// The plugin chain: the vhost's plugins, then the route's.
     pub plugins: Vec<Arc<Plugin>>,
     pub metrics: Arc<RouteMetrics>,
-    /// Where it came from (`file t.toml:12`, or the Consul tag and service).
-    pub source: String,
 }
 
 /// A vhost as served: from the file, or created for a route a Consul service declared.
@@ -77,9 +75,9 @@ pub struct VhostInfo {
     pub source: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub plugins: Vec<String>,
-    pub routes: Vec<RouteInfo>,
 }
 
+/// A route as declared (in the file or by a Consul service), by names.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RouteInfo {
     pub path: String,
@@ -92,6 +90,14 @@ pub struct RouteInfo {
 }
 
 impl Snapshot {
+    /// The routes of vhost `vhost`, in the order they were declared.
+    pub fn routes_of(&self, vhost: usize) -> impl Iterator<Item = &RouteInfo> {
+        self.records
+            .iter()
+            .filter(move |r| r.vhost == vhost)
+            .map(|r| &r.declared)
+    }
+
     /// The metrics handle for a request that reached `vhost` and the route whose record is
     /// `record` (either may be unknown).
     pub fn request_metrics(&self, vhost: Option<usize>, record: Option<usize>) -> &RouteMetrics {
@@ -113,11 +119,38 @@ fn read_token(token: &Option<AdminToken>) -> Result<Option<String>, ConfigErrors
     }
 }
 
+/// What outlives every Snapshot and each build draws on: the state of backends (health,
+/// cursors), the metric counters and the plugin host. Made once, by `server` or a test, and
+/// handed in.
+#[derive(Clone)]
+pub struct Lasting {
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+    pub plugins: &'static Host,
+}
+
+impl Lasting {
+    /// Fresh ones, with a plugin host of their own.
+    pub fn new() -> Lasting {
+        Lasting {
+            registry: Arc::default(),
+            metrics: Arc::default(),
+            plugins: Host::new(),
+        }
+    }
+}
+
+impl Default for Lasting {
+    fn default() -> Self {
+        Lasting::new()
+    }
+}
+
 impl Snapshot {
     /// Build a Snapshot; certificates are loaded here, so a missing or bad one fails the build.
     pub fn build(
         config: Arc<Config>,
-        registry: &Registry,
+        lasting: &Lasting,
         generation: u64,
         view: &View,
     ) -> Result<Snapshot, ConfigErrors> {
@@ -125,7 +158,8 @@ impl Snapshot {
             certs,
             admin_token,
             plugins,
-        } = gather(&config)?;
+        } = gather(&config, lasting.plugins)?;
+        let (registry, m) = (&lasting.registry, &lasting.metrics);
         let Merged {
             vhosts,
             pool_specs,
@@ -140,19 +174,26 @@ impl Snapshot {
                 Some(key) => {
                     let mut spec = spec.clone();
                     spec.backends = view.backends(key).map(<[_]>::to_vec).unwrap_or_default();
-                    registry.pool(name, &spec)
+                    registry.pool(name, &spec, m)
                 }
-                None => registry.pool(name, spec),
+                None => registry.pool(name, spec, m),
             };
             pools.push(Arc::new(pool));
         }
         // One record per route, found by the index the route table gives for it.
-        let m = metrics();
         let mut records = Vec::new();
         let mut routes = RouteTable::default();
-        for (vi, v) in vhosts.iter().enumerate() {
-            let mut entries = Vec::with_capacity(v.routes.len());
-            for r in &v.routes {
+        let mut served = Vec::with_capacity(vhosts.len());
+        for (
+            vi,
+            MergedVhost {
+                info: v,
+                routes: declared,
+            },
+        ) in vhosts.into_iter().enumerate()
+        {
+            let mut entries = Vec::with_capacity(declared.len());
+            for r in declared {
                 entries.push(RouteEntry {
                     prefix: r.path.clone(),
                     target: records.len(),
@@ -164,13 +205,11 @@ impl Snapshot {
                     .chain(r.plugins.iter().filter(|n| !v.plugins.contains(n)));
                 records.push(Route {
                     vhost: vi,
-                    prefix: r.path.clone(),
                     // validation (and the merge above) guarantee the pool exists
                     pool: index.get(r.pool.as_str()).copied().unwrap_or(0),
-                    max_body_size: r.max_body_size,
                     plugins: names.filter_map(|n| plugins.get(n).cloned()).collect(),
                     metrics: m.route(&v.label, &r.path),
-                    source: r.source.clone(),
+                    declared: r,
                 });
             }
             routes.add(
@@ -178,6 +217,7 @@ impl Snapshot {
                 v.default,
                 VhostEntry::new(&v.label, v.redirect_https, entries),
             );
+            served.push(v);
         }
         let pool_names = Arc::new(pool_specs.keys().cloned().collect());
         let vhost_metrics = routes
@@ -196,7 +236,7 @@ impl Snapshot {
             unknown_metrics: m.route("-", "-"),
             admin_token,
             built_at_unix: crate::clock::unix_secs(),
-            vhosts,
+            vhosts: served,
             route_conflicts,
             plugins,
             pool_names,
@@ -213,10 +253,10 @@ struct Gathered {
 }
 
 /// Read what the config names; every problem at once, in line order.
-fn gather(config: &Config) -> Result<Gathered, ConfigErrors> {
+fn gather(config: &Config, host: &'static Host) -> Result<Gathered, ConfigErrors> {
     let certs = CertStore::load(config);
     let admin_token = read_token(&config.admin.token);
-    let plugins = crate::wasm::host().load(&config.plugins, config.server.threads);
+    let plugins = host.load(&config.plugins, config.server.threads);
     match (certs, admin_token, plugins) {
         (Ok(certs), Ok(admin_token), Ok(plugins)) => Ok(Gathered {
             certs,
@@ -240,24 +280,39 @@ fn gather(config: &Config) -> Result<Gathered, ConfigErrors> {
 /// `route_conflicts`, never fatal. Pure: `covers` says whether a loaded certificate covers a
 /// host (for the warning about Consul-declared hosts without one).
 pub(crate) struct Merged {
-    pub vhosts: Vec<VhostInfo>,
+    pub vhosts: Vec<MergedVhost>,
     pub pool_specs: BTreeMap<String, PoolSpec>,
     pub route_conflicts: Vec<String>,
+}
+
+/// A vhost of the merge, with its routes.
+pub(crate) struct MergedVhost {
+    pub info: VhostInfo,
+    pub routes: Vec<RouteInfo>,
+}
+
+impl std::ops::Deref for MergedVhost {
+    type Target = VhostInfo;
+    fn deref(&self) -> &VhostInfo {
+        &self.info
+    }
 }
 
 pub(crate) fn merge_routes(config: &Config, view: &View, covers: impl Fn(&str) -> bool) -> Merged {
     // Vhosts and routes: the file's first, then the routes services declare in Consul.
     // The file wins every conflict; conflicts are reported, never fatal.
-    let mut vhosts: Vec<VhostInfo> = config
+    let mut vhosts: Vec<MergedVhost> = config
         .vhosts
         .iter()
-        .map(|v| VhostInfo {
-            label: v.label().to_string(),
-            names: v.names.clone(),
-            default: v.default,
-            redirect_https: v.redirect_https,
-            source: format!("file {}", v.origin),
-            plugins: v.plugins.clone(),
+        .map(|v| MergedVhost {
+            info: VhostInfo {
+                label: v.label().to_string(),
+                names: v.names.clone(),
+                default: v.default,
+                redirect_https: v.redirect_https,
+                source: format!("file {}", v.origin),
+                plugins: v.plugins.clone(),
+            },
             routes: v
                 .routes
                 .iter()
@@ -304,13 +359,15 @@ pub(crate) fn merge_routes(config: &Config, view: &View, covers: impl Fn(&str) -
                         dr.host
                     ));
                 }
-                vhosts.push(VhostInfo {
-                    label: dr.host.clone(),
-                    names: vec![dr.host.clone()],
-                    default: false,
-                    redirect_https: true,
-                    source: source.clone(),
-                    plugins: Vec::new(),
+                vhosts.push(MergedVhost {
+                    info: VhostInfo {
+                        label: dr.host.clone(),
+                        names: vec![dr.host.clone()],
+                        default: false,
+                        redirect_https: true,
+                        source: source.clone(),
+                        plugins: Vec::new(),
+                    },
                     routes: Vec::new(),
                 });
                 vhosts.len() - 1
@@ -350,7 +407,7 @@ pub(crate) fn merge_routes(config: &Config, view: &View, covers: impl Fn(&str) -
 /// The live Snapshot plus what survives rebuilds.
 pub struct State {
     current: Arc<ArcSwap<Snapshot>>,
-    pub registry: Registry,
+    pub lasting: Lasting,
     generation: AtomicU64,
     reload_lock: Mutex<()>,
     pub started: std::time::Instant,
@@ -369,13 +426,12 @@ pub struct ReloadOutcome {
 }
 
 impl State {
-    /// Build the first Snapshot from `config`.
-    pub fn new(config: Config) -> Result<State, ConfigErrors> {
-        let registry = Registry::default();
-        let snap = Snapshot::build(Arc::new(config), &registry, 1, &View::default())?;
+    /// Build the first Snapshot from `config`, drawing on `lasting`.
+    pub fn new(config: Config, lasting: Lasting) -> Result<State, ConfigErrors> {
+        let snap = Snapshot::build(Arc::new(config), &lasting, 1, &View::default())?;
         Ok(State {
             current: Arc::new(ArcSwap::from_pointee(snap)),
-            registry,
+            lasting,
             generation: AtomicU64::new(1),
             reload_lock: Mutex::new(()),
             started: std::time::Instant::now(),
@@ -399,7 +455,7 @@ impl State {
     pub fn reload(&self) -> Result<u64, ConfigErrors> {
         let _serial = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
         let result = self.rebuild();
-        let m = metrics();
+        let m = &self.lasting.metrics;
         let outcome = match &result {
             Ok(generation) => {
                 m.reloads_ok.fetch_add(1, Ordering::Relaxed);
@@ -436,8 +492,10 @@ impl State {
         let _serial = self.reload_lock.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.snapshot();
         let generation = self.generation.load(Ordering::SeqCst) + 1;
-        let snap = Snapshot::build(old.config.clone(), &self.registry, generation, &view)?;
-        self.registry.retain(snap.pools.iter().map(|p| p.as_ref()));
+        let snap = Snapshot::build(old.config.clone(), &self.lasting, generation, &view)?;
+        self.lasting
+            .registry
+            .retain(snap.pools.iter().map(|p| p.as_ref()));
         self.view.store(Arc::new(view));
         self.generation.store(generation, Ordering::SeqCst);
         self.current.store(Arc::new(snap));
@@ -460,8 +518,10 @@ impl State {
             );
         }
         let generation = self.generation.load(Ordering::SeqCst) + 1;
-        let snap = Snapshot::build(Arc::new(config), &self.registry, generation, &self.view())?;
-        self.registry.retain(snap.pools.iter().map(|p| p.as_ref()));
+        let snap = Snapshot::build(Arc::new(config), &self.lasting, generation, &self.view())?;
+        self.lasting
+            .registry
+            .retain(snap.pools.iter().map(|p| p.as_ref()));
         self.generation.store(generation, Ordering::SeqCst);
         self.current.store(Arc::new(snap));
         Ok(generation)
@@ -535,194 +595,4 @@ impl crate::discovery::consul::Live for State {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::discovery::DiscoveredRoute;
-    use crate::routing::Lookup;
-
-    fn config(extra: &str) -> Config {
-        Config::parse(
-            std::path::Path::new("t.toml"),
-            &format!(
-                "[[listener]]\naddress = \"127.0.0.1:1\"\n{extra}\n\
-                 [[vhost]]\nnames = [\"a.test\"]\n\
-                 [[vhost.route]]\npath = \"/\"\npool = \"p\"\n\
-                 [pool.p]\nbackends = [\"127.0.0.1:2\"]\n"
-            ),
-        )
-        .unwrap()
-    }
-
-    fn declared(host: &str, path: &str, service: &str) -> DiscoveredRoute {
-        DiscoveredRoute {
-            host: host.into(),
-            path: path.into(),
-            service: service.into(),
-            tag: format!("tollgate.route={host}{path}"),
-            index: 7,
-        }
-    }
-
-    fn view(routes: Vec<DiscoveredRoute>) -> View {
-        View {
-            routes,
-            ..View::default()
-        }
-    }
-
-    #[test]
-    fn every_route_has_one_record_that_the_route_table_finds() {
-        let cfg = Config::parse(
-            std::path::Path::new("t.toml"),
-            "[[listener]]\naddress = \"127.0.0.1:1\"\n             [[vhost]]\nnames = [\"a.test\"]\n             [[vhost.route]]\npath = \"/\"\npool = \"p\"\n             [[vhost.route]]\npath = \"/up\"\npool = \"q\"\nmax_body_size = \"1k\"\n             [[vhost]]\nnames = [\"b.test\"]\n             [[vhost.route]]\npath = \"/\"\npool = \"q\"\n             [pool.p]\nbackends = [\"127.0.0.1:2\"]\n[pool.q]\nbackends = [\"127.0.0.1:3\"]\n",
-        )
-        .unwrap();
-        let snap = Snapshot::build(
-            Arc::new(cfg),
-            &Registry::default(),
-            1,
-            &view(vec![declared("b.test", "/api", "api")]),
-        )
-        .unwrap();
-        assert_eq!(snap.records.len(), 4);
-        for (host, path, vhost, prefix, pool, cap, source) in [
-            ("a.test", "/x", 0, "/", "p", None, "file t.toml:"),
-            (
-                "a.test",
-                "/up/load",
-                0,
-                "/up",
-                "q",
-                Some(1024),
-                "file t.toml:",
-            ),
-            ("b.test", "/", 1, "/", "q", None, "file t.toml:"),
-            (
-                "b.test",
-                "/api/v1",
-                1,
-                "/api",
-                "consul:api",
-                None,
-                "consul tag",
-            ),
-        ] {
-            let Lookup::Route { target, .. } = snap.routes.lookup(host, path) else {
-                panic!("{host}{path} is not routed");
-            };
-            let r = &snap.records[target];
-            assert_eq!(r.vhost, vhost, "{host}{path}");
-            assert_eq!(r.prefix, prefix, "{host}{path}");
-            assert_eq!(snap.pools[r.pool].name, pool, "{host}{path}");
-            assert_eq!(r.max_body_size, cap, "{host}{path}");
-            assert!(r.source.starts_with(source), "{host}{path}: {}", r.source);
-            assert!(r.plugins.is_empty());
-            // the metrics handle is the route's, by its vhost label and prefix
-            let before = r.metrics.duration.count();
-            snap.request_metrics(Some(vhost), Some(target))
-                .record(200, std::time::Duration::ZERO);
-            assert_eq!(r.metrics.duration.count(), before + 1);
-        }
-    }
-
-    #[test]
-    fn the_file_wins_a_conflict_and_the_conflict_is_reported() {
-        let m = merge_routes(
-            &config(""),
-            &view(vec![declared("a.test", "/", "rogue")]),
-            |_| true,
-        );
-        assert_eq!(m.vhosts.len(), 1);
-        let routes = &m.vhosts[0].routes;
-        assert_eq!(routes.len(), 1);
-        assert_eq!(routes[0].pool, "p", "the file's route is kept");
-        assert!(
-            routes[0].source.starts_with("file t.toml:"),
-            "{}",
-            routes[0].source
-        );
-        assert_eq!(m.route_conflicts.len(), 1, "{:?}", m.route_conflicts);
-        assert!(
-            m.route_conflicts[0].contains("service rogue")
-                && m.route_conflicts[0].contains("a.test/ is already routed by file t.toml:"),
-            "{:?}",
-            m.route_conflicts
-        );
-        assert!(!m.pool_specs.contains_key("consul:rogue"));
-    }
-
-    #[test]
-    fn declared_routes_join_a_file_vhost_or_make_their_own() {
-        let m = merge_routes(
-            &config(""),
-            &view(vec![
-                declared("a.test", "/api", "api"),
-                declared("b.test", "/", "web"),
-            ]),
-            |_| true,
-        );
-        assert!(m.route_conflicts.is_empty(), "{:?}", m.route_conflicts);
-        let a = &m.vhosts[0];
-        assert_eq!(a.routes.len(), 2);
-        let api = a.routes.iter().find(|r| r.path == "/api").unwrap();
-        assert_eq!(api.pool, "consul:api");
-        assert!(
-            api.source.contains("service api at index 7"),
-            "{}",
-            api.source
-        );
-        let b = &m.vhosts[1];
-        assert_eq!(
-            (b.label.as_str(), b.names.clone()),
-            ("b.test", vec!["b.test".to_string()])
-        );
-        assert!(b.redirect_https && !b.default);
-        assert_eq!(b.routes[0].pool, "consul:web");
-        for (pool, service) in [("consul:api", "api"), ("consul:web", "web")] {
-            let key = m.pool_specs[pool].consul.as_ref().expect("a Consul pool");
-            assert_eq!(key.service, service);
-            assert!(key.passing && key.tags.is_empty() && key.datacenter.is_none());
-        }
-        assert!(m.pool_specs.contains_key("p"), "the file's pools stay");
-    }
-
-    #[test]
-    fn any_host_routes_need_a_default_vhost() {
-        let any = view(vec![declared("", "/x", "svc")]);
-        let m = merge_routes(&config(""), &any, |_| true);
-        assert_eq!(m.vhosts[0].routes.len(), 1);
-        assert!(
-            m.route_conflicts[0].contains("routes any host/x but there is no default vhost"),
-            "{:?}",
-            m.route_conflicts
-        );
-        let with_default = Config::parse(
-            std::path::Path::new("t.toml"),
-            "[[listener]]\naddress = \"127.0.0.1:1\"\n[[vhost]]\ndefault = true\n\
-             [[vhost.route]]\npath = \"/\"\npool = \"p\"\n[pool.p]\nbackends = [\"127.0.0.1:2\"]\n",
-        )
-        .unwrap();
-        let m = merge_routes(&with_default, &any, |_| true);
-        assert!(m.route_conflicts.is_empty(), "{:?}", m.route_conflicts);
-        assert_eq!(m.vhosts[0].routes.len(), 2);
-        assert_eq!(m.vhosts[0].routes[1].pool, "consul:svc");
-    }
-
-    #[test]
-    fn a_declared_host_without_a_certificate_is_reported_when_tls_is_on() {
-        let routes = view(vec![declared("c.test", "/", "web")]);
-        // plain listeners only: nothing to warn about
-        let m = merge_routes(&config(""), &routes, |_| false);
-        assert!(m.route_conflicts.is_empty(), "{:?}", m.route_conflicts);
-        let tls = config("tls = true\n[tls]\ncerts_dir = \"/nonexistent\"\n");
-        let m = merge_routes(&tls, &routes, |h| h != "c.test");
-        assert_eq!(m.vhosts.len(), 2, "the route is still served");
-        assert!(
-            m.route_conflicts[0].contains("no certificate covers c.test"),
-            "{:?}",
-            m.route_conflicts
-        );
-        let m = merge_routes(&tls, &routes, |_| true);
-        assert!(m.route_conflicts.is_empty(), "{:?}", m.route_conflicts);
-    }
-}
+mod tests;

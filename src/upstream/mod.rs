@@ -89,7 +89,7 @@ pub struct Registry {
 
 impl Registry {
     /// Build a pool, reusing the state of backends it already had.
-    pub fn pool(&self, name: &str, spec: &PoolSpec) -> Pool {
+    pub fn pool(&self, name: &str, spec: &PoolSpec, metrics: &crate::metrics::Metrics) -> Pool {
         let mut states = self.backends.lock().unwrap_or_else(|e| e.into_inner());
         let backends = spec
             .backends
@@ -114,7 +114,7 @@ impl Registry {
         let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
         Pool {
             name: name.to_string(),
-            metrics: crate::metrics::metrics().pool(name),
+            metrics: metrics.pool(name),
             schedule: selection::wrr_schedule(&weights),
             backends,
             spec: spec.clone(),

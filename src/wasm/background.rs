@@ -13,19 +13,20 @@ impl Host {
             let clock = std::thread::Builder::new()
                 .name("tollgate-wasm-epoch".into())
                 .spawn(move || loop {
-                    if IN_GUEST.load(SeqCst) == 0 {
-                        CLOCK_PARKED.store(true, SeqCst);
+                    let c = &self.clock;
+                    if c.in_guest.load(SeqCst) == 0 {
+                        c.parked.store(true, SeqCst);
                         // a call that starts after this check sees the flag and unparks us
-                        if IN_GUEST.load(SeqCst) == 0 {
+                        if c.in_guest.load(SeqCst) == 0 {
                             std::thread::park();
                         }
-                        CLOCK_PARKED.store(false, SeqCst);
+                        c.parked.store(false, SeqCst);
                     }
                     std::thread::sleep(EPOCH_TICK);
                     self.engine.increment_epoch();
                 });
             if let Ok(h) = clock {
-                let _ = CLOCK.set(h.thread().clone());
+                let _ = self.clock.thread.set(h.thread().clone());
             }
             let _ = std::thread::Builder::new()
                 .name("tollgate-wasm-timers".into())
@@ -118,16 +119,16 @@ impl Host {
                 p.fail(&mut slot, &f);
                 return;
             }
-            Plugin::update_tick(&mut slot);
+            p.update_tick(&mut slot);
             callouts.into_iter().map(|c| (gen, c)).collect::<Vec<_>>()
         };
         for (gen, c) in callouts {
             let p = p.clone();
             tokio::spawn(async move {
                 let token = c.token;
-                let resp = host().run_callout(&p, c).await;
+                let resp = self.run_callout(&p, c).await;
                 if p.lock(i).gen == gen {
-                    host().root_call(&p, i, RootCall::Response(token, resp));
+                    self.root_call(&p, i, RootCall::Response(token, resp));
                 }
             });
         }

@@ -5,7 +5,7 @@
 //! resumes when the plugin continues it or answers it itself.
 
 use super::vm::{Callout, LocalResponse, StreamData, Vm};
-use super::{deliver_response, host, Fault, Plugin};
+use super::{deliver_response, Fault, Plugin};
 use crate::config::OnError;
 use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -120,7 +120,7 @@ impl Chain {
         vm.unload(&mut self.data);
         match r {
             Ok(v) => {
-                super::Plugin::update_tick(&mut slot);
+                p.update_tick(&mut slot);
                 Ok((v, callouts))
             }
             Err(fault) => {
@@ -215,7 +215,7 @@ impl Chain {
                 let plugin = plugin.clone();
                 async move {
                     let token = c.token;
-                    (token, host().run_callout(&plugin, c).await)
+                    (token, plugin.host.run_callout(&plugin, c).await)
                 }
             });
             // callouts of one pause run together: their latencies do not add up

@@ -6,32 +6,37 @@ use super::*;
 /// How often the epoch advances: the resolution of CPU deadlines.
 pub(super) const EPOCH_TICK: Duration = Duration::from_millis(2);
 
-/// Guest calls running now, on any thread: the epoch clock only ticks while there are any,
-/// so an idle tollgate with plugins loaded does not wake 500 times a second.
-pub(super) static IN_GUEST: AtomicUsize = AtomicUsize::new(0);
-/// The epoch clock is parked (or about to park) and must be woken by the next call.
-pub(super) static CLOCK_PARKED: AtomicBool = AtomicBool::new(false);
-pub(super) static CLOCK: OnceLock<std::thread::Thread> = OnceLock::new();
+/// One host's epoch clock.
+#[derive(Default)]
+pub(super) struct Clock {
+    /// Guest calls running now, on any thread: the epoch clock only ticks while there are
+    /// any, so an idle tollgate with plugins loaded does not wake 500 times a second.
+    pub in_guest: AtomicUsize,
+    /// The epoch clock is parked (or about to park) and must be woken by the next call.
+    pub parked: AtomicBool,
+    pub thread: OnceLock<std::thread::Thread>,
+}
 
 /// Held while guest code runs (every call into a store of the host's engine): keeps the
 /// epoch clock, and with it the CPU deadline, ticking.
-pub(crate) struct Running(());
+pub(crate) struct Running(&'static Clock);
 
 impl Running {
-    pub(crate) fn enter() -> Running {
-        IN_GUEST.fetch_add(1, SeqCst);
-        if CLOCK_PARKED.load(SeqCst) {
-            if let Some(t) = CLOCK.get() {
+    pub(crate) fn enter(host: &'static Host) -> Running {
+        let c = &host.clock;
+        c.in_guest.fetch_add(1, SeqCst);
+        if c.parked.load(SeqCst) {
+            if let Some(t) = c.thread.get() {
                 t.unpark();
             }
         }
-        Running(())
+        Running(c)
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        IN_GUEST.fetch_sub(1, SeqCst);
+        self.0.in_guest.fetch_sub(1, SeqCst);
     }
 }
 

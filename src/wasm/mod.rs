@@ -81,6 +81,8 @@ pub(crate) struct Slot {
 /// A loaded plugin: its compiled module and one instance slot per worker thread.
 pub struct Plugin {
     pub spec: Arc<PluginSpec>,
+    /// The host that loaded it.
+    host: &'static Host,
     fingerprint: [u8; 32],
     /// The module's content hash (its key in the compiled-module cache).
     code_hash: [u8; 32],
@@ -148,7 +150,7 @@ impl Plugin {
                 )));
             }
         }
-        match Vm::start(host(), self.spec.clone(), &self.pre) {
+        match Vm::start(self.host, self.spec.clone(), &self.pre) {
             Ok(vm) => {
                 self.stats.instances_started.fetch_add(1, Relaxed);
                 slot.vm = Some(vm);
@@ -192,13 +194,13 @@ impl Plugin {
     }
 
     /// Schedule or cancel the root context's tick after a call changed the period.
-    fn update_tick(slot: &mut Slot) {
+    fn update_tick(&self, slot: &mut Slot) {
         let period = slot.vm.as_ref().and_then(|v| v.store.data().tick_period);
         match (period, slot.next_tick) {
             (Some(p), None) => {
                 slot.next_tick = Some(Instant::now() + p);
                 // the timers thread sleeps until the next tick it knows of
-                host().wake_timers.notify_one();
+                self.host.wake_timers.notify_one();
             }
             (None, Some(_)) => slot.next_tick = None,
             _ => {}
@@ -237,14 +239,17 @@ impl Plugin {
                 + st.faults_lost.load(Relaxed)
                 + st.faults_stuck.load(Relaxed),
             instances_started: st.instances_started.load(Relaxed),
-            shared_keys: host().shared.len(&self.spec.vm_id),
+            shared_keys: self.host.shared.len(&self.spec.vm_id),
         }
     }
 }
 
-/// The process-wide plugin host: engine, module cache, live plugins, shared state.
+/// The plugin host: engine, module cache, live plugins, shared state, and the epoch clock
+/// and timers threads (started with the first plugin). One per tollgate, made by `server`
+/// (tests make their own) and kept for the life of the process.
 pub struct Host {
     engine: Engine,
+    clock: Clock,
     modules: Mutex<HashMap<[u8; 32], Module>>,
     live: Mutex<BTreeMap<String, Arc<Plugin>>>,
     stats: Mutex<HashMap<String, Arc<PluginStats>>>,
@@ -262,14 +267,15 @@ pub struct Host {
 /// How callouts find a pool by name in the live configuration (handed in by the server).
 pub type PoolLookup = Box<dyn Fn(&str) -> Option<Arc<Pool>> + Send + Sync>;
 
-pub fn host() -> &'static Host {
-    static H: OnceLock<Host> = OnceLock::new();
-    H.get_or_init(|| {
+impl Host {
+    /// A new host, for the life of the process (its threads hold it).
+    pub fn new() -> &'static Host {
         let mut cfg = wasmtime::Config::new();
         cfg.epoch_interruption(true);
         let engine = Engine::new(&cfg).expect("wasmtime engine with default settings");
-        Host {
+        Box::leak(Box::new(Host {
             engine,
+            clock: Clock::default(),
             modules: Mutex::default(),
             live: Mutex::default(),
             stats: Mutex::default(),
@@ -285,8 +291,8 @@ pub fn host() -> &'static Host {
                 .unwrap_or_default(),
             pools: OnceLock::new(),
             background: OnceLock::new(),
-        }
-    })
+        }))
+    }
 }
 
 fn sha256(parts: &[&[u8]]) -> [u8; 32] {
@@ -470,6 +476,7 @@ impl Host {
             .clone();
         let plugin = Plugin {
             spec: Arc::new(spec.clone()),
+            host: self,
             fingerprint,
             code_hash,
             stamp,
@@ -500,7 +507,7 @@ impl Host {
             let mut s = plugin.lock(0);
             s.vm = Some(vm);
             s.started = Some(Instant::now());
-            Plugin::update_tick(&mut s);
+            plugin.update_tick(&mut s);
         }
         Ok(plugin)
     }

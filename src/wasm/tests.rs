@@ -2,11 +2,17 @@
 //! one hostcall with exactly the pointers and lengths it wants and reads guest memory back.
 
 use super::vm::{RequestInfo, StreamData, Vm};
-use super::{host, hostcalls};
+use super::{hostcalls, Host};
 use crate::config::{OnError, Origin, PluginSpec};
 use std::sync::Arc;
 use std::time::Duration;
 use wasmtime::{Linker, Module, Val};
+
+/// One plugin host for these tests (each host holds threads for the life of the process).
+fn test_host() -> &'static Host {
+    static H: std::sync::OnceLock<&'static Host> = std::sync::OnceLock::new();
+    H.get_or_init(Host::new)
+}
 
 const WAT: &str = r#"(module
   (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
@@ -104,11 +110,11 @@ impl T {
     /// An instance with a request loaded (context CTX), vm_id unique to the test.
     fn new(vm_id: &str) -> T {
         let spec = spec("t", vm_id, br#"{"plugin":"config"}"#);
-        let module = Module::new(host().engine(), WAT).unwrap();
-        let mut linker = Linker::new(host().engine());
+        let module = Module::new(test_host().engine(), WAT).unwrap();
+        let mut linker = Linker::new(test_host().engine());
         hostcalls::link(&mut linker, &module, "t").unwrap();
         let pre = linker.instantiate_pre(&module).unwrap();
-        let mut vm = Vm::start(host(), spec, &pre).unwrap();
+        let mut vm = Vm::start(test_host(), spec, &pre).unwrap();
         let mut req = pingora::http::RequestHeader::build("GET", b"/a/b?x=1", None).unwrap();
         req.insert_header("host", "example.test").unwrap();
         req.insert_header("x-one", "1").unwrap();
@@ -435,12 +441,12 @@ fn a_module_without_wasi_and_with_a_malloc_allocator_starts() {
         (global.set $h (i32.add (global.get $h) (local.get 0))) (local.get $p))
       (func (export "proxy_on_context_create") (param i32 i32))
       (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) (i32.const 0)))"#;
-    let module = Module::new(host().engine(), wat).unwrap();
+    let module = Module::new(test_host().engine(), wat).unwrap();
     assert_eq!(module.imports().count(), 0);
-    let mut linker = Linker::new(host().engine());
+    let mut linker = Linker::new(test_host().engine());
     hostcalls::link(&mut linker, &module, "plain").unwrap();
     let pre = linker.instantiate_pre(&module).unwrap();
-    let mut vm = Vm::start(host(), spec("plain", "plain", b""), &pre).unwrap();
+    let mut vm = Vm::start(test_host(), spec("plain", "plain", b""), &pre).unwrap();
     let ctx = vm.new_context().unwrap();
     let r = vm.call_export(|e| e.on_request_headers.as_ref(), (ctx as i32, 0, 1));
     assert_eq!(r.unwrap(), Some(0));

@@ -268,7 +268,7 @@ fn guarded<R>(
     f: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<R>,
 ) -> Result<R, Fault> {
     store.set_epoch_deadline(ticks);
-    let _running = super::Running::enter();
+    let _running = super::Running::enter(store.data().host);
     f(store).map_err(classify)
 }
 
@@ -353,7 +353,7 @@ impl Vm {
         store.set_epoch_deadline(deadline_ticks.saturating_mul(10));
         let instance = {
             // a start function is guest code too
-            let _running = super::Running::enter();
+            let _running = super::Running::enter(host);
             pre.instantiate(&mut store)
         }
         .map_err(|e| format!("cannot instantiate: {}", classify(e)))?;

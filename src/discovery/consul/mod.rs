@@ -73,12 +73,22 @@ pub trait Live: Send + Sync {
 pub struct Manager {
     state: Arc<dyn Live>,
     health: WatchTable,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Manager {
-    /// The manager for `state`; its watches note how they are doing in `health`.
-    pub fn new(state: Arc<dyn Live>, health: WatchTable) -> Self {
-        Manager { state, health }
+    /// The manager for `state`; its watches note how they are doing in `health` and count
+    /// errors, guarded answers and convergence in `metrics`.
+    pub fn new(
+        state: Arc<dyn Live>,
+        health: WatchTable,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Self {
+        Manager {
+            state,
+            health,
+            metrics,
+        }
     }
 
     pub async fn run(&self, mut shutdown: pingora::server::ShutdownWatch) {
@@ -86,6 +96,7 @@ impl Manager {
         let sink = Sink {
             tx: tx.clone(),
             health: self.health.clone(),
+            metrics: self.metrics.clone(),
         };
         let mut catalog: Option<tokio::task::JoinHandle<()>> = None;
         let mut watches: BTreeMap<ServiceKey, tokio::task::JoinHandle<()>> = BTreeMap::new();
@@ -110,7 +121,7 @@ impl Manager {
                 settings_in_force = Some(settings.clone());
             }
             if settings.tag_routes && catalog.is_none() {
-                catalog = Some(tokio::spawn(watch_catalog(settings.clone(), tx.clone())));
+                catalog = Some(tokio::spawn(watch_catalog(settings.clone(), sink.clone())));
             }
             if keys.len() > settings.max_blocking {
                 // the fallback: one task for all services (restarted when the set changes)
@@ -202,7 +213,7 @@ impl Manager {
                     }
                 }
                 let took = oldest.elapsed();
-                crate::metrics::metrics().convergence.observe(took);
+                self.metrics.convergence.observe(took);
                 tracing::info!(
                     generation,
                     changes = batch.len(),

@@ -1,8 +1,11 @@
-//! The watch loops: one blocking watch per service, the catalog watch for routes declared in
-//! tags and meta, and the fallback beyond `max_blocking` services (two change watches, then
-//! a read of every watched service); the per-watch health that `/status` shows.
+//! The watch loops, each turning on one `Blocking` step (pace, query at the index, carry
+//! the index on or start over, back off): one blocking watch per service, the catalog watch
+//! for routes declared in tags and meta, and the fallback beyond `max_blocking` services (two
+//! change watches, then a read of every watched service); the per-watch health that
+//! `/status` shows.
 
 use super::*;
+use std::sync::atomic::Ordering::Relaxed;
 
 /// How one watch is doing, for `/status` and `/metrics`.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -49,11 +52,12 @@ impl WatchTable {
     }
 }
 
-/// Where a watch sends what it sees: the manager's channel, and the health table.
+/// Where a watch sends what it sees: the manager's channel, the health table, the counters.
 #[derive(Clone)]
 pub(super) struct Sink {
     pub tx: mpsc::Sender<Change>,
     pub health: WatchTable,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// One blocking query on the health of `key`: the next index to send and its backends.
@@ -134,9 +138,7 @@ pub(super) async fn on_answer(
                 kept = had,
                 "GUARD: Consul answered with no instance at all; keeping the last known backends rather than emptying the pool"
             );
-            crate::metrics::metrics()
-                .consul_guarded
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            sink.metrics.consul_guarded.fetch_add(1, Relaxed);
             return Ok(());
         }
     }
@@ -151,9 +153,7 @@ pub(super) async fn on_answer(
                     min_fraction = settings.min_fraction,
                     "GUARD: the pool would shrink below consul.min_fraction in one answer; keeping some of the previous backends"
                 );
-                crate::metrics::metrics()
-                    .consul_guarded
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                sink.metrics.consul_guarded.fetch_add(1, Relaxed);
             }
             kept
         }
@@ -176,10 +176,8 @@ pub(super) async fn on_answer(
 }
 
 /// Count a watch's `failures`-th failed query in a row and return how long it backs off.
-pub(super) fn failure_backoff(failures: u32) -> Duration {
-    crate::metrics::metrics()
-        .consul_errors
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+pub(super) fn failure_backoff(sink: &Sink, failures: u32) -> Duration {
+    sink.metrics.consul_errors.fetch_add(1, Relaxed);
     backoff(
         failures,
         Duration::from_millis(200),
@@ -196,13 +194,67 @@ pub(super) async fn pace(bucket: &mut TokenBucket) {
     }
 }
 
+/// Where one blocking watch stands: the index to send next, its failures in a row, and its
+/// pace. Every watch loop turns on [`Blocking::next`].
+pub(super) struct Blocking {
+    pub index: u64,
+    failures: u32,
+    bucket: Option<TokenBucket>,
+}
+
+impl Blocking {
+    /// A watch from `index` (1: a full read first), paced by a token bucket of `rate` queries
+    /// a second and `burst`, or not paced.
+    pub fn new(index: u64, pace: Option<(f64, f64)>) -> Blocking {
+        Blocking {
+            index,
+            failures: 0,
+            bucket: pace.map(|(rate, burst)| TokenBucket::new(rate, burst, Instant::now())),
+        }
+    }
+
+    /// Run `query` once at the current index, when the pace allows. An answer moves the index
+    /// on and is returned. An error starts the watch over from a full read (index 1), tells
+    /// `failed` how many failures in a row this makes, waits as long as it says, and returns
+    /// `None`. Cancel-safe: nothing changes until the query has finished.
+    pub async fn next<T, Fut>(
+        &mut self,
+        what: &(dyn std::fmt::Display + Sync),
+        query: impl FnOnce(u64) -> Fut,
+        failed: impl FnOnce(u32, &str) -> Duration,
+    ) -> Option<T>
+    where
+        Fut: std::future::Future<Output = Result<(u64, T), String>>,
+    {
+        if let Some(b) = &mut self.bucket {
+            pace(b).await;
+        }
+        match query(self.index).await {
+            Ok((next, answer)) => {
+                if self.failures > 0 {
+                    tracing::info!(watch = %what, "Consul answers again");
+                }
+                self.failures = 0;
+                self.index = next;
+                Some(answer)
+            }
+            Err(e) => {
+                self.failures += 1;
+                self.index = 1;
+                tokio::time::sleep(failed(self.failures, &e)).await;
+                None
+            }
+        }
+    }
+}
+
 /// Note a failed query; the last known backends keep serving. Returns how long to back off.
-pub(super) fn on_error(health: &WatchTable, key: &ServiceKey, failures: u32, e: &str) -> Duration {
-    health.note(key, |h| {
+pub(super) fn on_error(sink: &Sink, key: &ServiceKey, failures: u32, e: &str) -> Duration {
+    sink.health.note(key, |h| {
         h.consecutive_failures = failures;
         h.last_error = Some(e.to_string());
     });
-    let wait = failure_backoff(failures);
+    let wait = failure_backoff(sink, failures);
     tracing::warn!(service = %key, error = %e, retry_in_ms = wait.as_millis() as u64, "Consul watch failed; serving the last known backends");
     wait
 }
@@ -218,31 +270,20 @@ pub(super) async fn watch(settings: ConsulSettings, key: ServiceKey, sink: Sink)
     };
     // spread the first queries so watches do not wake together
     tokio::time::sleep(Duration::from_millis(fastrand::u64(0..100))).await;
-    let mut bucket = TokenBucket::new(WATCH_RATE, WATCH_BURST, Instant::now());
-    let mut index = 1u64;
+    let mut w = Blocking::new(1, Some((WATCH_RATE, WATCH_BURST)));
     let mut last: Option<Vec<BackendSpec>> = None;
-    let mut failures = 0u32;
     loop {
-        pace(&mut bucket).await;
-        match query(&http, &settings, &key, index).await {
-            Ok((next, backends)) => {
-                if failures > 0 {
-                    tracing::info!(service = %key, "Consul answers again");
-                }
-                failures = 0;
-                index = next;
-                if on_answer(&http, &settings, &key, index, backends, &mut last, &sink)
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-            Err(e) => {
-                failures += 1;
-                // start over from a full read
-                index = 1;
-                tokio::time::sleep(on_error(&sink.health, &key, failures, &e)).await;
+        let answer = w
+            .next(
+                &key,
+                |i| query(&http, &settings, &key, i),
+                |f, e| on_error(&sink, &key, f, e),
+            )
+            .await;
+        if let Some(backends) = answer {
+            let sent = on_answer(&http, &settings, &key, w.index, backends, &mut last, &sink);
+            if sent.await.is_err() {
+                return;
             }
         }
     }
@@ -360,7 +401,7 @@ pub(super) async fn meta_routes(
 }
 
 /// Watch the catalog for route tags; send the route set whenever it changes.
-pub(super) async fn watch_catalog(settings: ConsulSettings, tx: mpsc::Sender<Change>) {
+pub(super) async fn watch_catalog(settings: ConsulSettings, sink: Sink) {
     let http = match client(&settings) {
         Ok(c) => c,
         Err(e) => {
@@ -368,8 +409,7 @@ pub(super) async fn watch_catalog(settings: ConsulSettings, tx: mpsc::Sender<Cha
             return;
         }
     };
-    let mut bucket = TokenBucket::new(WATCH_RATE, WATCH_BURST, Instant::now());
-    let (mut index, mut failures) = (1u64, 0u32);
+    let mut w = Blocking::new(1, Some((WATCH_RATE, WATCH_BURST)));
     // compared without the index: a registration elsewhere moves it without changing routes
     let strip = |r: &[DiscoveredRoute]| -> Vec<(String, String, String, String)> {
         r.iter()
@@ -384,42 +424,40 @@ pub(super) async fn watch_catalog(settings: ConsulSettings, tx: mpsc::Sender<Cha
             .collect()
     };
     let mut last: Option<Vec<(String, String, String, String)>> = None;
+    let failed = |failures, e: &str| {
+        let wait = failure_backoff(&sink, failures);
+        tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "Consul catalog watch failed; keeping the routes it had");
+        wait
+    };
     loop {
-        pace(&mut bucket).await;
-        match catalog_routes(&http, &settings, index).await {
-            Ok((next, routes)) => {
-                failures = 0;
-                index = next;
-                let now = strip(&routes);
-                if last.as_ref() == Some(&now) {
-                    continue;
-                }
-                if routes.is_empty() && last.as_ref().is_some_and(|l| !l.is_empty()) {
-                    tracing::error!("GUARD: the Consul catalog has no route tags any more; keeping the routes it had");
-                    crate::metrics::metrics()
-                        .consul_guarded
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    continue;
-                }
-                last = Some(now);
-                if tx
-                    .send(Change::Routes {
-                        routes,
-                        received: Instant::now(),
-                    })
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-            Err(e) => {
-                failures += 1;
-                index = 1;
-                let wait = failure_backoff(failures);
-                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "Consul catalog watch failed; keeping the routes it had");
-                tokio::time::sleep(wait).await;
-            }
+        let answer = w
+            .next(
+                &"the catalog",
+                |i| catalog_routes(&http, &settings, i),
+                failed,
+            )
+            .await;
+        let Some(routes) = answer else { continue };
+        let now = strip(&routes);
+        if last.as_ref() == Some(&now) {
+            continue;
+        }
+        if routes.is_empty() && last.as_ref().is_some_and(|l| !l.is_empty()) {
+            tracing::error!(
+                "GUARD: the Consul catalog has no route tags any more; keeping the routes it had"
+            );
+            sink.metrics.consul_guarded.fetch_add(1, Relaxed);
+            continue;
+        }
+        last = Some(now);
+        let received = Instant::now();
+        if sink
+            .tx
+            .send(Change::Routes { routes, received })
+            .await
+            .is_err()
+        {
+            return;
         }
     }
 }
@@ -450,7 +488,8 @@ pub(super) async fn watch_all(settings: ConsulSettings, keys: Vec<ServiceKey>, s
         block_on(&http, &settings, "/v1/health/state/any", 0),
         block_on(&http, &settings, "/v1/catalog/services", 0),
     );
-    let (mut health_index, mut catalog_index) = (health.unwrap_or(1), catalog.unwrap_or(1));
+    let mut health = Blocking::new(health.unwrap_or(1), None);
+    let mut catalog = Blocking::new(catalog.unwrap_or(1), None);
     let mut bucket = TokenBucket::new(10.0, 20.0, Instant::now());
     let limit = Arc::new(tokio::sync::Semaphore::new(16));
     let mut read = true;
@@ -483,7 +522,7 @@ pub(super) async fn watch_all(settings: ConsulSettings, keys: Vec<ServiceKey>, s
                     Err(e) => {
                         let f = failures.entry(k.clone()).or_default();
                         *f += 1;
-                        on_error(&sink.health, &k, *f, &e);
+                        on_error(&sink, &k, *f, &e);
                     }
                 }
             }
@@ -491,27 +530,33 @@ pub(super) async fn watch_all(settings: ConsulSettings, keys: Vec<ServiceKey>, s
         // then wait for the next change anywhere; a blocking query that ran out its `wait`
         // answers with the index it was given: nothing changed, nothing to read
         read = !failures.is_empty();
-        tokio::select! {
-            r = block_on(&http, &settings, "/v1/health/state/any", health_index) => match r {
-                Ok(i) => { read |= i != health_index; health_index = i; }
-                Err(e) => { health_index = 1; read = true; change_watch_failed(&e).await; }
-            },
-            r = block_on(&http, &settings, "/v1/catalog/services", catalog_index) => match r {
-                Ok(i) => { read |= i != catalog_index; catalog_index = i; }
-                Err(e) => { catalog_index = 1; read = true; change_watch_failed(&e).await; }
-            },
-        }
+        let (h, c) = (health.index, catalog.index);
+        let moved = tokio::select! {
+            r = change_watch(&http, &settings, "/v1/health/state/any", &mut health) => r.map(|i| i != h),
+            r = change_watch(&http, &settings, "/v1/catalog/services", &mut catalog) => r.map(|i| i != c),
+        };
+        // a failed change watch may have missed a change: read everything
+        read |= moved.unwrap_or(true);
     }
 }
 
-/// A change watch of the fallback mode failed: back off, then say so.
-pub(super) async fn change_watch_failed(e: &str) {
-    tokio::time::sleep(backoff(
-        1,
-        Duration::from_millis(500),
-        Duration::from_secs(30),
-        fastrand::f64(),
-    ))
-    .await;
-    tracing::warn!(error = %e, "Consul change watch failed");
+/// The next answer of one change watch of the fallback mode (its index), or `None` when it
+/// failed (after backing off).
+async fn change_watch(
+    http: &reqwest::Client,
+    settings: &ConsulSettings,
+    path: &'static str,
+    w: &mut Blocking,
+) -> Option<u64> {
+    let failed = |failures, e: &str| {
+        tracing::warn!(watch = path, error = %e, "Consul change watch failed");
+        backoff(
+            failures,
+            Duration::from_millis(500),
+            Duration::from_secs(30),
+            fastrand::f64(),
+        )
+    };
+    let query = |i| async move { block_on(http, settings, path, i).await.map(|n| (n, n)) };
+    w.next(&path, query, failed).await
 }

@@ -1,0 +1,193 @@
+use super::*;
+use crate::discovery::DiscoveredRoute;
+use crate::routing::Lookup;
+
+fn config(extra: &str) -> Config {
+    Config::parse(
+        std::path::Path::new("t.toml"),
+        &format!(
+            "[[listener]]\naddress = \"127.0.0.1:1\"\n{extra}\n\
+             [[vhost]]\nnames = [\"a.test\"]\n\
+             [[vhost.route]]\npath = \"/\"\npool = \"p\"\n\
+             [pool.p]\nbackends = [\"127.0.0.1:2\"]\n"
+        ),
+    )
+    .unwrap()
+}
+
+fn declared(host: &str, path: &str, service: &str) -> DiscoveredRoute {
+    DiscoveredRoute {
+        host: host.into(),
+        path: path.into(),
+        service: service.into(),
+        tag: format!("tollgate.route={host}{path}"),
+        index: 7,
+    }
+}
+
+fn view(routes: Vec<DiscoveredRoute>) -> View {
+    View {
+        routes,
+        ..View::default()
+    }
+}
+
+#[test]
+fn every_route_has_one_record_that_the_route_table_finds() {
+    let cfg = Config::parse(
+        std::path::Path::new("t.toml"),
+        "[[listener]]\naddress = \"127.0.0.1:1\"\n             [[vhost]]\nnames = [\"a.test\"]\n             [[vhost.route]]\npath = \"/\"\npool = \"p\"\n             [[vhost.route]]\npath = \"/up\"\npool = \"q\"\nmax_body_size = \"1k\"\n             [[vhost]]\nnames = [\"b.test\"]\n             [[vhost.route]]\npath = \"/\"\npool = \"q\"\n             [pool.p]\nbackends = [\"127.0.0.1:2\"]\n[pool.q]\nbackends = [\"127.0.0.1:3\"]\n",
+    )
+    .unwrap();
+    let snap = Snapshot::build(
+        Arc::new(cfg),
+        &Lasting::new(),
+        1,
+        &view(vec![declared("b.test", "/api", "api")]),
+    )
+    .unwrap();
+    assert_eq!(snap.records.len(), 4);
+    for (host, path, vhost, prefix, pool, cap, source) in [
+        ("a.test", "/x", 0, "/", "p", None, "file t.toml:"),
+        (
+            "a.test",
+            "/up/load",
+            0,
+            "/up",
+            "q",
+            Some(1024),
+            "file t.toml:",
+        ),
+        ("b.test", "/", 1, "/", "q", None, "file t.toml:"),
+        (
+            "b.test",
+            "/api/v1",
+            1,
+            "/api",
+            "consul:api",
+            None,
+            "consul tag",
+        ),
+    ] {
+        let Lookup::Route { target, .. } = snap.routes.lookup(host, path) else {
+            panic!("{host}{path} is not routed");
+        };
+        let r = &snap.records[target];
+        assert_eq!(r.vhost, vhost, "{host}{path}");
+        assert_eq!(r.declared.path, prefix, "{host}{path}");
+        assert_eq!(snap.pools[r.pool].name, pool, "{host}{path}");
+        assert_eq!(r.declared.max_body_size, cap, "{host}{path}");
+        assert!(
+            r.declared.source.starts_with(source),
+            "{host}{path}: {}",
+            r.declared.source
+        );
+        assert!(r.plugins.is_empty());
+        // the metrics handle is the route's, by its vhost label and prefix
+        let before = r.metrics.duration.count();
+        snap.request_metrics(Some(vhost), Some(target))
+            .record(200, std::time::Duration::ZERO);
+        assert_eq!(r.metrics.duration.count(), before + 1);
+    }
+}
+
+#[test]
+fn the_file_wins_a_conflict_and_the_conflict_is_reported() {
+    let m = merge_routes(
+        &config(""),
+        &view(vec![declared("a.test", "/", "rogue")]),
+        |_| true,
+    );
+    assert_eq!(m.vhosts.len(), 1);
+    let routes = &m.vhosts[0].routes;
+    assert_eq!(routes.len(), 1);
+    assert_eq!(routes[0].pool, "p", "the file's route is kept");
+    assert!(
+        routes[0].source.starts_with("file t.toml:"),
+        "{}",
+        routes[0].source
+    );
+    assert_eq!(m.route_conflicts.len(), 1, "{:?}", m.route_conflicts);
+    assert!(
+        m.route_conflicts[0].contains("service rogue")
+            && m.route_conflicts[0].contains("a.test/ is already routed by file t.toml:"),
+        "{:?}",
+        m.route_conflicts
+    );
+    assert!(!m.pool_specs.contains_key("consul:rogue"));
+}
+
+#[test]
+fn declared_routes_join_a_file_vhost_or_make_their_own() {
+    let m = merge_routes(
+        &config(""),
+        &view(vec![
+            declared("a.test", "/api", "api"),
+            declared("b.test", "/", "web"),
+        ]),
+        |_| true,
+    );
+    assert!(m.route_conflicts.is_empty(), "{:?}", m.route_conflicts);
+    let a = &m.vhosts[0];
+    assert_eq!(a.routes.len(), 2);
+    let api = a.routes.iter().find(|r| r.path == "/api").unwrap();
+    assert_eq!(api.pool, "consul:api");
+    assert!(
+        api.source.contains("service api at index 7"),
+        "{}",
+        api.source
+    );
+    let b = &m.vhosts[1];
+    assert_eq!(
+        (b.label.as_str(), b.names.clone()),
+        ("b.test", vec!["b.test".to_string()])
+    );
+    assert!(b.redirect_https && !b.default);
+    assert_eq!(b.routes[0].pool, "consul:web");
+    for (pool, service) in [("consul:api", "api"), ("consul:web", "web")] {
+        let key = m.pool_specs[pool].consul.as_ref().expect("a Consul pool");
+        assert_eq!(key.service, service);
+        assert!(key.passing && key.tags.is_empty() && key.datacenter.is_none());
+    }
+    assert!(m.pool_specs.contains_key("p"), "the file's pools stay");
+}
+
+#[test]
+fn any_host_routes_need_a_default_vhost() {
+    let any = view(vec![declared("", "/x", "svc")]);
+    let m = merge_routes(&config(""), &any, |_| true);
+    assert_eq!(m.vhosts[0].routes.len(), 1);
+    assert!(
+        m.route_conflicts[0].contains("routes any host/x but there is no default vhost"),
+        "{:?}",
+        m.route_conflicts
+    );
+    let with_default = Config::parse(
+        std::path::Path::new("t.toml"),
+        "[[listener]]\naddress = \"127.0.0.1:1\"\n[[vhost]]\ndefault = true\n\
+         [[vhost.route]]\npath = \"/\"\npool = \"p\"\n[pool.p]\nbackends = [\"127.0.0.1:2\"]\n",
+    )
+    .unwrap();
+    let m = merge_routes(&with_default, &any, |_| true);
+    assert!(m.route_conflicts.is_empty(), "{:?}", m.route_conflicts);
+    assert_eq!(m.vhosts[0].routes.len(), 2);
+    assert_eq!(m.vhosts[0].routes[1].pool, "consul:svc");
+}
+
+#[test]
+fn a_declared_host_without_a_certificate_is_reported_when_tls_is_on() {
+    let routes = view(vec![declared("c.test", "/", "web")]);
+    // plain listeners only: nothing to warn about
+    let m = merge_routes(&config(""), &routes, |_| false);
+    assert!(m.route_conflicts.is_empty(), "{:?}", m.route_conflicts);
+    let tls = config("tls = true\n[tls]\ncerts_dir = \"/nonexistent\"\n");
+    let m = merge_routes(&tls, &routes, |h| h != "c.test");
+    assert_eq!(m.vhosts.len(), 2, "the route is still served");
+    assert!(
+        m.route_conflicts[0].contains("no certificate covers c.test"),
+        "{:?}",
+        m.route_conflicts
+    );
+    let m = merge_routes(&tls, &routes, |_| true);
+    assert!(m.route_conflicts.is_empty(), "{:?}", m.route_conflicts);
+}
