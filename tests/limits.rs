@@ -294,16 +294,13 @@ async fn p99_paired(
     (pa, pb)
 }
 
-fn best(v: &[f64]) -> f64 {
-    v.iter().cloned().fold(f64::INFINITY, f64::min)
-}
-
 fn ms(v: &[f64]) -> Vec<String> {
     v.iter().map(|x| format!("{:.2}", x * 1e3)).collect()
 }
 
 /// Slowloris against one tollgate while a normal client alternates its requests between it
-/// and an identical twin nobody attacks: the attacked one's p99 stays within 2x of the twin's.
+/// and an identical twin nobody attacks: the attacked one's p99 stays within 2x of the twin's
+/// in most rounds.
 #[tokio::test]
 async fn slowloris_does_not_slow_a_normal_client() {
     const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -419,11 +416,17 @@ async fn slowloris_does_not_slow_a_normal_client() {
         latest < HEADER_TIMEOUT + Duration::from_secs(4),
         "cut near the header deadline, not later: {latest:?}"
     );
-    // within 2x of the unattacked twin's p99 (a 1 ms floor for timer noise on loopback)
-    let (attacked, unattacked) = (best(&loaded), best(&loaded_twin));
+    // within 2x of the unattacked twin's p99 (a 1 ms floor for timer noise on loopback), round
+    // by round: a slowdown tollgate causes shows in most rounds, a stall of the VM in one
+    let within = loaded
+        .iter()
+        .zip(&loaded_twin)
+        .filter(|(a, t)| **a <= (2.0 * **t).max(**t + 0.001))
+        .count();
     assert!(
-        attacked <= (2.0 * unattacked).max(unattacked + 0.001),
-        "p99 {attacked} under slowloris vs {unattacked} for the twin"
+        within * 2 > loaded.len(),
+        "p99 within 2x of the twin's in {within} of {} rounds",
+        loaded.len()
     );
 }
 
