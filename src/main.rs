@@ -35,6 +35,10 @@ enum Command {
         /// The configuration file (TOML) to validate.
         #[arg(long, short)]
         config: PathBuf,
+        /// Also read the routes services declare in Consul now and say which the file's
+        /// policy applies and which it refuses (exit 2 on any conflict).
+        #[arg(long)]
+        consul: bool,
     },
     /// Certificate helpers.
     Cert {
@@ -59,7 +63,7 @@ enum CertCommand {
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Run { config, upgrade } => run(config, upgrade),
-        Command::Check { config } => check(config),
+        Command::Check { config, consul } => check(config, consul),
         Command::Cert {
             command: CertCommand::Dev { hosts, dir },
         } => match tollgate::tls::write_dev_cert(&hosts, &dir) {
@@ -91,20 +95,70 @@ fn run(path: PathBuf, upgrade: bool) -> ExitCode {
     }
 }
 
-fn check(path: PathBuf) -> ExitCode {
-    let result = Config::load(&path).and_then(|c| {
-        tollgate::state::Snapshot::build(c.into(), &Default::default(), 0, &Default::default())
-            .map(|_| ())
-    });
-    match result {
-        Ok(()) => {
-            println!("{}: configuration is valid", path.display());
-            ExitCode::SUCCESS
-        }
+fn check(path: PathBuf, consul: bool) -> ExitCode {
+    let config = match Config::load(&path) {
+        Ok(c) => c,
         Err(e) => {
             eprint!("{e}");
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
         }
+    };
+    let lasting = tollgate::state::Lasting::new();
+    let mut view = tollgate::discovery::View::default();
+    if consul {
+        let settings = config.consul.clone();
+        let read = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+            .and_then(|rt| rt.block_on(tollgate::discovery::consul::declared_routes(&settings)));
+        match read {
+            Ok(routes) => view.routes = routes,
+            Err(e) => {
+                eprintln!(
+                    "tollgate: cannot read the Consul catalog at {}: {e}",
+                    settings.address
+                );
+                return ExitCode::FAILURE;
+            }
+        }
+        if !settings.tag_routes {
+            eprintln!("note: consul.tag_routes is off: tollgate would apply none of these routes");
+        }
+    }
+    let declared = view.routes.len();
+    let snap = match tollgate::state::Snapshot::build(config.into(), &lasting, 0, &view) {
+        Ok(s) => s,
+        Err(e) => {
+            eprint!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("{}: configuration is valid", path.display());
+    if !consul {
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "Consul at {}: {declared} routes declared",
+        snap.config.consul.address
+    );
+    for (vi, v) in snap.vhosts.iter().enumerate() {
+        for r in snap.routes_of(vi) {
+            if let Some(by) = &r.allowed_by {
+                println!(
+                    "applied  {}{} -> {}: {}; allowed by {by}",
+                    v.label, r.path, r.pool, r.source
+                );
+            }
+        }
+    }
+    for c in &snap.route_conflicts {
+        println!("conflict {c}");
+    }
+    if snap.route_conflicts.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
     }
 }
 

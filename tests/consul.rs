@@ -668,7 +668,7 @@ async fn services_declare_routes_in_tags_and_the_file_wins_conflicts() {
         &path,
         &format!(
             "[admin]\naddress = \"127.0.0.1:{admin}\"\n\n[consul]\naddress = \"http://{}\"\nwait = \"30s\"\ntag_routes = true\n\n\
-             [[listener]]\naddress = \"{http}\"\n\n[[vhost]]\nnames = [\"a.test\"]\n[[vhost.route]]\npath = \"/\"\npool = \"static\"\n\n\
+             [[listener]]\naddress = \"{http}\"\n\n[[vhost]]\nnames = [\"a.test\"]\nconsul_routes = true\n[[vhost.route]]\npath = \"/\"\npool = \"static\"\n\n\
              [pool.static]\nbackends = [\"{}\"]\n",
             consul.http, file_up.addr
         ),
@@ -817,4 +817,206 @@ async fn consul_over_https_is_trusted_through_its_ca_file_only() {
         err.starts_with("503"),
         "never an instance it could not verify: {err}"
     );
+}
+
+/// Who may claim what: a rogue service cannot take a path under a file vhost that did not
+/// opt in, nor a host no rule gives it; allowed claims say what allowed them; `check
+/// --consul` predicts the same from the live catalog before tollgate runs it.
+#[tokio::test]
+async fn route_claims_follow_the_policy_and_check_consul_predicts_them() {
+    let file_up = Upstream::start("file").await;
+    let shop = Upstream::start("shop").await;
+    let blog = Upstream::start("blog").await;
+    let rogue = Upstream::start("rogue").await;
+    let dir = tempfile::tempdir().unwrap();
+    let consul = ConsulAgent::start(dir.path()).await;
+    let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let admin = free_port();
+    let path = dir.path().join("tollgate.toml");
+    write(
+        &path,
+        &format!(
+            "[admin]\naddress = \"127.0.0.1:{admin}\"\n\n[consul]\naddress = \"http://{}\"\nwait = \"30s\"\ntag_routes = true\nstate_file = \"\"\n\n\
+             [[consul.allow]]\nhosts = [\"*.apps.test\", \"b.test\"]\nservices = [\"web-*\"]\ntags = [\"team=web\"]\n\n\
+             [[listener]]\naddress = \"{http}\"\n\n\
+             [[vhost]]\nnames = [\"a.test\"]\n[[vhost.route]]\npath = \"/\"\npool = \"static\"\n\n\
+             [[vhost]]\nnames = [\"b.test\"]\nconsul_routes = [\"web-blog\"]\n[[vhost.route]]\npath = \"/\"\npool = \"static\"\n\n\
+             [pool.static]\nbackends = [\"{}\"]\n",
+            consul.http, file_up.addr
+        ),
+    );
+    // the catalog before tollgate runs
+    consul
+        .register(
+            "shop-1",
+            "web-shop",
+            shop.addr,
+            &["tollgate.route=shop.apps.test/", "team=web"],
+        )
+        .await;
+    consul
+        .register(
+            "blog-1",
+            "web-blog",
+            blog.addr,
+            &["tollgate.route=b.test/blog", "team=web"],
+        )
+        .await;
+    for (id, tag) in [
+        ("rogue-1", "tollgate.route=a.test/admin"), // a.test did not opt in
+        ("rogue-2", "tollgate.route=pay.apps.test/"), // no rule for service rogue
+        ("rogue-3", "tollgate.route=b.test/admin"), // not in b.test's consul_routes
+    ] {
+        consul
+            .register(id, "rogue", rogue.addr, &[tag, "team=web"])
+            .await;
+    }
+    // a web-* service without the team tag matches no rule
+    consul
+        .register(
+            "notag-1",
+            "web-notag",
+            rogue.addr,
+            &["tollgate.route=notag.apps.test/"],
+        )
+        .await;
+
+    let expect_refused = [
+        ("tollgate.route=a.test/admin", "vhost a.test"),
+        (
+            "tollgate.route=pay.apps.test/",
+            "no consul.allow rule lets service rogue claim pay.apps.test/",
+        ),
+        (
+            "tollgate.route=b.test/admin",
+            "service rogue is not in the consul_routes of vhost b.test",
+        ),
+        (
+            "tollgate.route=notag.apps.test/",
+            "no consul.allow rule lets service web-notag",
+        ),
+    ];
+    // check --consul says it before anything runs: exit 2, the applied and refused claims
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["check", "--consul", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("routes declared"), "{text}");
+    assert!(
+        text.lines().any(
+            |l| l.starts_with("applied  shop.apps.test/ -> consul:web-shop")
+                && l.contains("allowed by consul.allow[0]")
+        ),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("applied  b.test/blog -> consul:web-blog")
+                && l.contains("allowed by the consul_routes of vhost b.test")
+                && l.contains("and consul.allow[0]")),
+        "{text}"
+    );
+    for (tag, why) in expect_refused {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("conflict ") && l.contains(tag) && l.contains(why)),
+            "{tag}: {why} in\n{text}"
+        );
+    }
+
+    let mut tg = Tollgate::start(&path);
+    tg.ready(http).await;
+    let c = plain();
+    let get = |host: &'static str, p: &'static str| {
+        let c = c.clone();
+        async move {
+            let r = c
+                .get(format!("http://{http}{p}"))
+                .header("host", host)
+                .send()
+                .await
+                .ok()?;
+            if r.status() != 200 {
+                return Some(format!("{}", r.status().as_u16()));
+            }
+            r.json::<Value>()
+                .await
+                .ok()
+                .map(|j| j["upstream"].as_str().unwrap_or_default().to_string())
+        }
+    };
+    wait_for(
+        "the allowed claims to route",
+        Duration::from_secs(15),
+        || async {
+            get("shop.apps.test", "/").await.as_deref() == Some("shop")
+                && get("b.test", "/blog/post").await.as_deref() == Some("blog")
+        },
+    )
+    .await;
+    // refused: the file keeps its paths, unclaimed hosts stay unknown
+    assert_eq!(get("a.test", "/admin").await.as_deref(), Some("file"));
+    assert_eq!(get("b.test", "/admin").await.as_deref(), Some("file"));
+    assert_eq!(get("pay.apps.test", "/").await.as_deref(), Some("421"));
+    assert_eq!(get("notag.apps.test", "/").await.as_deref(), Some("421"));
+
+    let status = admin_json(&c, admin, "/status").await;
+    let conflicts: Vec<String> = status["consul"]["route_conflicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(conflicts.len(), 4, "{conflicts:#?}");
+    for (tag, why) in expect_refused {
+        assert!(
+            conflicts
+                .iter()
+                .any(|c| c.contains(tag) && c.contains(why) && c.contains("refused")),
+            "{tag}: {why} in {conflicts:#?}"
+        );
+    }
+    let metrics = c
+        .get(format!("http://127.0.0.1:{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "tollgate_consul_route_conflicts 4"),
+        "{metrics}"
+    );
+    assert!(tg
+        .log_text()
+        .contains("route conflict: consul tag `tollgate.route=a.test/admin` of service rogue"));
+    let explain = admin_json(&c, admin, "/explain?host=shop.apps.test&path=/").await;
+    assert!(
+        explain["route"]["allowed_by"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("consul.allow[0] ("),
+        "{explain}"
+    );
+    let explain = admin_json(&c, admin, "/explain?host=a.test&path=/admin").await;
+    assert!(
+        explain["route"]["allowed_by"].is_null(),
+        "a file route: {explain}"
+    );
+    assert!(explain["route"]["source"]
+        .as_str()
+        .unwrap()
+        .starts_with("file "));
+    let _ = tg.child.kill();
 }

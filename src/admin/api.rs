@@ -317,6 +317,7 @@ pub(super) fn explain(
                 "route": {
                     "path": record.declared.path,
                     "source": record.declared.source,
+                    "allowed_by": record.declared.allowed_by,
                 },
                 "pool": pool_json(pool, watches),
                 "plugins": record.plugins
@@ -443,6 +444,13 @@ pub(super) fn metrics_text(state: &State, snap: &Snapshot, shown: &Shown) -> Str
             c.not_after
         );
     }
+    single(
+        &mut out,
+        "tollgate_consul_route_conflicts",
+        "gauge",
+        "Routes Consul services declare that the live configuration does not apply (refused by the claim policy, or taken): /status lists them.",
+        snap.route_conflicts.len(),
+    );
     family(
         &mut out,
         "tollgate_consul_watch_staleness_seconds",

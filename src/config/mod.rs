@@ -33,6 +33,8 @@ pub struct Config {
     pub certs_dir_origin: Origin,
     pub admin: AdminSettings,
     pub consul: ConsulSettings,
+    /// `[[consul.allow]]`: who may claim which host and path through Consul tags.
+    pub consul_allow: Vec<ClaimRule>,
     pub failover: Option<FailoverSettings>,
     pub limits: Limits,
     pub vhosts: Vec<Vhost>,
@@ -332,6 +334,35 @@ pub struct Vhost {
     /// Plugins every route of this vhost runs first, in order.
     pub plugins: Vec<String>,
     pub routes: Vec<Route>,
+    /// Whether Consul-declared routes may be added under this vhost.
+    pub consul_routes: ConsulRoutes,
+    pub origin: Origin,
+}
+
+/// Whether a file vhost takes routes Consul services declare (`consul_routes`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConsulRoutes {
+    /// The default: the file's routes only.
+    Refused,
+    /// From any service the `[[consul.allow]]` rules (if any) allow.
+    Any,
+    /// Only from services whose names match one of these patterns (`*` matches any run).
+    Services(Vec<String>),
+}
+
+/// One `[[consul.allow]]` rule: services matching `services` (and carrying one of `tags`,
+/// when given) may claim hosts matching `hosts` at paths under `paths`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClaimRule {
+    /// Lower-case: `*` (any host, and routes without a host), `*.example.com` (any depth of
+    /// subdomain), or an exact name.
+    pub hosts: Vec<String>,
+    /// Path prefixes, matched at segment boundaries (`/` allows every path).
+    pub paths: Vec<String>,
+    /// Service-name patterns (`*` matches any run of characters).
+    pub services: Vec<String>,
+    /// The service must carry one of these tags (none: no condition).
+    pub tags: Vec<String>,
     pub origin: Origin,
 }
 

@@ -139,6 +139,31 @@ pub struct RawConsul {
     pub route_meta_prefix: Option<String>,
     pub min_fraction: Option<S<f64>>,
     pub watch_grace: Option<S<String>>,
+    #[serde(default)]
+    pub allow: Vec<S<RawAllow>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAllow {
+    #[serde(default)]
+    pub hosts: Vec<S<String>>,
+    pub paths: Option<Vec<S<String>>>,
+    #[serde(default)]
+    pub services: Vec<S<String>>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+/// `consul_routes = true` or `consul_routes = ["web-*", "shop"]`.
+#[derive(Debug, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "true, false, or a list of service name patterns such as [\"web-*\"]"
+)]
+pub enum RawConsulRoutes {
+    On(bool),
+    Services(Vec<String>),
 }
 
 #[derive(Debug, Deserialize)]
@@ -236,6 +261,7 @@ pub struct RawVhost {
     pub plugins: Vec<S<String>>,
     #[serde(default)]
     pub route: Vec<S<RawRoute>>,
+    pub consul_routes: Option<S<RawConsulRoutes>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -66,6 +66,9 @@ pub struct DiscoveredRoute {
     pub tag: String,
     /// `X-Consul-Index` of the catalog answer.
     pub index: u64,
+    /// Every tag the service carries (the `[[consul.allow]]` rules may require one).
+    #[serde(default)]
+    pub service_tags: Vec<String>,
 }
 
 /// The backends every discovered service has, and the routes services declare, as last applied.

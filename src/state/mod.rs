@@ -5,6 +5,7 @@
 //! Snapshot (backend health and cursors, metric counters, the plugin host) is `Lasting`,
 //! handed in and kept beside it.
 
+mod policy;
 pub mod watch;
 
 use crate::config::{AdminToken, Config, ConfigErrors, PoolSpec, ServiceKey};
@@ -87,6 +88,9 @@ pub struct RouteInfo {
     pub max_body_size: Option<u64>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub plugins: Vec<String>,
+    /// For a route a Consul service declared: what let it claim the host and path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed_by: Option<String>,
 }
 
 impl Snapshot {
@@ -189,6 +193,7 @@ impl Snapshot {
             MergedVhost {
                 info: v,
                 routes: declared,
+                ..
             },
         ) in vhosts.into_iter().enumerate()
         {
@@ -289,6 +294,9 @@ pub(crate) struct Merged {
 pub(crate) struct MergedVhost {
     pub info: VhostInfo,
     pub routes: Vec<RouteInfo>,
+    /// For a vhost made for a host a file vhost's wildcard covers: that file vhost (its
+    /// `consul_routes` judges every claim on the host).
+    pub under: Option<usize>,
 }
 
 impl std::ops::Deref for MergedVhost {
@@ -313,6 +321,7 @@ pub(crate) fn merge_routes(config: &Config, view: &View, covers: impl Fn(&str) -
                 source: format!("file {}", v.origin),
                 plugins: v.plugins.clone(),
             },
+            under: None,
             routes: v
                 .routes
                 .iter()
@@ -322,6 +331,7 @@ pub(crate) fn merge_routes(config: &Config, view: &View, covers: impl Fn(&str) -
                     source: format!("file {}", r.origin),
                     max_body_size: r.max_body_size,
                     plugins: r.plugins.clone(),
+                    allowed_by: None,
                 })
                 .collect(),
         })
@@ -343,16 +353,55 @@ pub(crate) fn merge_routes(config: &Config, view: &View, covers: impl Fn(&str) -
         } else {
             vhosts.iter().position(|v| v.names.contains(&dr.host))
         };
-        let vi = match target {
-            Some(i) => i,
-            None if dr.host.is_empty() => {
-                route_conflicts.push(format!(
-                    "{source}: routes {shown_host}{} but there is no default vhost",
-                    dr.path
-                ));
+        // the file vhost that serves the claimed host: by name, as the default, or by a
+        // wildcard (then the host gets a vhost of its own with that vhost's routes)
+        let wildcard = || {
+            config.vhosts.iter().position(|v| {
+                v.names
+                    .iter()
+                    .any(|n| n.starts_with("*.") && policy::host_matches(n, &dr.host))
+            })
+        };
+        let (file_vhost, wild) = match target {
+            Some(i) if i < config.vhosts.len() => (Some(&config.vhosts[i]), None),
+            Some(i) => (vhosts[i].under.map(|w| &config.vhosts[w]), None),
+            None if dr.host.is_empty() => (None, None),
+            None => match wildcard() {
+                Some(w) => (Some(&config.vhosts[w]), Some(w)),
+                None => (None, None),
+            },
+        };
+        if target.is_none() && dr.host.is_empty() {
+            route_conflicts.push(format!(
+                "{source}: routes {shown_host}{} but there is no default vhost",
+                dr.path
+            ));
+            continue;
+        }
+        let allowed_by = match policy::judge(&config.consul_allow, dr, file_vhost) {
+            Ok(by) => by,
+            Err(why) => {
+                route_conflicts.push(format!("{source}: {shown_host}{} refused: {why}", dr.path));
                 continue;
             }
-            None => {
+        };
+        let vi = match (target, wild) {
+            (Some(i), _) => i,
+            (None, Some(w)) => {
+                // the wildcard vhost's routes and plugins keep serving this host
+                let mut info = vhosts[w].info.clone();
+                info.label = dr.host.clone();
+                info.names = vec![dr.host.clone()];
+                info.source = format!("{source} (under vhost {})", vhosts[w].label);
+                let routes = vhosts[w].routes.clone();
+                vhosts.push(MergedVhost {
+                    info,
+                    routes,
+                    under: Some(w),
+                });
+                vhosts.len() - 1
+            }
+            (None, None) => {
                 if config.has_tls() && !covers(&dr.host) {
                     route_conflicts.push(format!(
                         "{source}: no certificate covers {}; HTTPS clients get the default certificate",
@@ -369,6 +418,7 @@ pub(crate) fn merge_routes(config: &Config, view: &View, covers: impl Fn(&str) -
                         plugins: Vec::new(),
                     },
                     routes: Vec::new(),
+                    under: None,
                 });
                 vhosts.len() - 1
             }
@@ -395,6 +445,7 @@ pub(crate) fn merge_routes(config: &Config, view: &View, covers: impl Fn(&str) -
             source,
             max_body_size: None,
             plugins: Vec::new(),
+            allowed_by: Some(allowed_by),
         });
     }
     Merged {

@@ -6,8 +6,8 @@ fn config(extra: &str) -> Config {
     Config::parse(
         std::path::Path::new("t.toml"),
         &format!(
-            "[[listener]]\naddress = \"127.0.0.1:1\"\n{extra}\n\
-             [[vhost]]\nnames = [\"a.test\"]\n\
+            "[consul]\ntag_routes = true\n[[listener]]\naddress = \"127.0.0.1:1\"\n{extra}\n\
+             [[vhost]]\nnames = [\"a.test\"]\nconsul_routes = true\n\
              [[vhost.route]]\npath = \"/\"\npool = \"p\"\n\
              [pool.p]\nbackends = [\"127.0.0.1:2\"]\n"
         ),
@@ -22,6 +22,7 @@ fn declared(host: &str, path: &str, service: &str) -> DiscoveredRoute {
         service: service.into(),
         tag: format!("tollgate.route={host}{path}"),
         index: 7,
+        service_tags: Vec::new(),
     }
 }
 
@@ -36,7 +37,7 @@ fn view(routes: Vec<DiscoveredRoute>) -> View {
 fn every_route_has_one_record_that_the_route_table_finds() {
     let cfg = Config::parse(
         std::path::Path::new("t.toml"),
-        "[[listener]]\naddress = \"127.0.0.1:1\"\n             [[vhost]]\nnames = [\"a.test\"]\n             [[vhost.route]]\npath = \"/\"\npool = \"p\"\n             [[vhost.route]]\npath = \"/up\"\npool = \"q\"\nmax_body_size = \"1k\"\n             [[vhost]]\nnames = [\"b.test\"]\n             [[vhost.route]]\npath = \"/\"\npool = \"q\"\n             [pool.p]\nbackends = [\"127.0.0.1:2\"]\n[pool.q]\nbackends = [\"127.0.0.1:3\"]\n",
+        "[consul]\ntag_routes = true\n[[listener]]\naddress = \"127.0.0.1:1\"\n             [[vhost]]\nnames = [\"a.test\"]\n             [[vhost.route]]\npath = \"/\"\npool = \"p\"\n             [[vhost.route]]\npath = \"/up\"\npool = \"q\"\nmax_body_size = \"1k\"\n             [[vhost]]\nnames = [\"b.test\"]\nconsul_routes = true\n             [[vhost.route]]\npath = \"/\"\npool = \"q\"\n             [pool.p]\nbackends = [\"127.0.0.1:2\"]\n[pool.q]\nbackends = [\"127.0.0.1:3\"]\n",
     )
     .unwrap();
     let snap = Snapshot::build(
@@ -164,7 +165,7 @@ fn any_host_routes_need_a_default_vhost() {
     );
     let with_default = Config::parse(
         std::path::Path::new("t.toml"),
-        "[[listener]]\naddress = \"127.0.0.1:1\"\n[[vhost]]\ndefault = true\n\
+        "[consul]\ntag_routes = true\n[[listener]]\naddress = \"127.0.0.1:1\"\n[[vhost]]\ndefault = true\nconsul_routes = true\n\
          [[vhost.route]]\npath = \"/\"\npool = \"p\"\n[pool.p]\nbackends = [\"127.0.0.1:2\"]\n",
     )
     .unwrap();
@@ -190,4 +191,88 @@ fn a_declared_host_without_a_certificate_is_reported_when_tls_is_on() {
     );
     let m = merge_routes(&tls, &routes, |_| true);
     assert!(m.route_conflicts.is_empty(), "{:?}", m.route_conflicts);
+}
+
+fn parse(text: &str) -> Config {
+    Config::parse(std::path::Path::new("t.toml"), text).unwrap()
+}
+
+#[test]
+fn claims_under_a_file_vhost_need_its_consent() {
+    // a.test does not take Consul routes: a rogue service cannot take /admin from its `/`
+    let cfg = parse(
+        "[consul]\ntag_routes = true\n[[listener]]\naddress = \"127.0.0.1:1\"\n\
+         [[vhost]]\nnames = [\"a.test\"]\n[[vhost.route]]\npath = \"/\"\npool = \"p\"\n\
+         [pool.p]\nbackends = [\"127.0.0.1:2\"]\n",
+    );
+    let m = merge_routes(
+        &cfg,
+        &view(vec![
+            declared("a.test", "/admin", "rogue"),
+            declared("new.test", "/", "web"),
+        ]),
+        |_| true,
+    );
+    assert_eq!(
+        m.vhosts[0].routes.len(),
+        1,
+        "a.test keeps the file's route only"
+    );
+    assert!(!m.pool_specs.contains_key("consul:rogue"));
+    assert_eq!(m.route_conflicts.len(), 1, "{:?}", m.route_conflicts);
+    assert!(
+        m.route_conflicts[0].contains("service rogue")
+            && m.route_conflicts[0].contains(
+                "a.test/admin refused: vhost a.test (t.toml:5) does not take Consul routes"
+            ),
+        "{:?}",
+        m.route_conflicts
+    );
+    // a host no file vhost serves is open without rules, and says so
+    assert_eq!(m.vhosts[1].label, "new.test");
+    assert_eq!(
+        m.vhosts[1].routes[0].allowed_by.as_deref(),
+        Some("a host no file vhost serves (no consul.allow rules)")
+    );
+}
+
+#[test]
+fn a_host_under_a_wildcard_vhost_keeps_its_routes_and_its_consent() {
+    let cfg = parse(
+        "[consul]\ntag_routes = true\n[[listener]]\naddress = \"127.0.0.1:1\"\n\
+         [plugin.auth]\nfile = \"/nonexistent.wasm\"\n\
+         [[vhost]]\nnames = [\"*.apps.test\"]\nplugins = [\"auth\"]\nconsul_routes = [\"web-*\"]\n\
+         [[vhost.route]]\npath = \"/\"\npool = \"p\"\n\
+         [pool.p]\nbackends = [\"127.0.0.1:2\"]\n",
+    );
+    let m = merge_routes(
+        &cfg,
+        &view(vec![
+            declared("shop.apps.test", "/cart", "web-shop"),
+            declared("shop.apps.test", "/admin", "rogue"),
+            declared("pay.apps.test", "/", "rogue"),
+        ]),
+        |_| true,
+    );
+    assert_eq!(m.vhosts.len(), 2, "{:?}", m.route_conflicts);
+    let shop = &m.vhosts[1];
+    assert_eq!(shop.names, vec!["shop.apps.test".to_string()]);
+    assert_eq!(
+        shop.plugins,
+        vec!["auth".to_string()],
+        "the vhost's plugins still run"
+    );
+    let paths: Vec<&str> = shop.routes.iter().map(|r| r.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        ["/", "/cart"],
+        "the wildcard vhost's routes still serve the host"
+    );
+    assert_eq!(m.route_conflicts.len(), 2, "{:?}", m.route_conflicts);
+    for c in &m.route_conflicts {
+        assert!(
+            c.contains("service rogue is not in the consul_routes of vhost *.apps.test"),
+            "{c}"
+        );
+    }
 }

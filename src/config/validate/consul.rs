@@ -136,3 +136,106 @@ pub(super) fn consul(cx: &mut Ctx, raw: &crate::config::raw::RawConsul) -> Consu
         },
     }
 }
+
+/// A service-name pattern: Consul's name characters, with `*` for any run of them.
+fn check_service_pattern(p: &str) -> Result<(), String> {
+    if p.is_empty()
+        || !p
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'*'))
+    {
+        return Err(format!(
+            "`{p}` is not a service name pattern: use letters, digits, `-`, `_`, `.` and `*`"
+        ));
+    }
+    Ok(())
+}
+
+/// Service-name patterns given in `opt`; every bad one is an error (at `span`, or at each
+/// pattern's own place when it has one).
+pub(super) fn service_patterns<'a>(
+    cx: &mut Ctx,
+    raw: impl IntoIterator<Item = (&'a str, Range<usize>)>,
+    opt: &str,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for (s, span) in raw {
+        match check_service_pattern(s) {
+            Ok(()) => out.push(s.to_string()),
+            Err(m) => cx.err(span, opt, m),
+        }
+    }
+    out
+}
+
+/// `[[consul.allow]]`: who may claim which host and path through Consul tags.
+pub(super) fn claim_rules(cx: &mut Ctx, raw: &crate::config::raw::RawConsul) -> Vec<ClaimRule> {
+    let mut rules = Vec::new();
+    for (i, r) in raw.allow.iter().enumerate() {
+        let opt = format!("consul.allow[{i}]");
+        if !raw.tag_routes.unwrap_or(false) {
+            cx.err(r.span(), &opt, "only applies with consul.tag_routes = true");
+        }
+        let a = r.get_ref();
+        if a.hosts.is_empty() {
+            cx.err(
+                r.span(),
+                format!("{opt}.hosts"),
+                "name the hosts this rule lets services claim: `[\"*.apps.example.com\"]`, or `[\"*\"]` for any",
+            );
+        }
+        let mut hosts = Vec::new();
+        for h in &a.hosts {
+            let name = h.get_ref().trim().to_ascii_lowercase();
+            if name == "*" {
+                hosts.push(name);
+                continue;
+            }
+            match vhosts::check_host_name(&name) {
+                Ok(()) => hosts.push(name),
+                Err(m) => cx.err(h.span(), format!("{opt}.hosts"), m),
+            }
+        }
+        let paths = match &a.paths {
+            None => vec!["/".to_string()],
+            Some(ps) => {
+                let mut out = Vec::new();
+                for p in ps {
+                    let v = p.get_ref();
+                    match vhosts::route_path_not_normal(v) {
+                        None if v.starts_with('/') => out.push(v.clone()),
+                        hint => cx.err(
+                            p.span(),
+                            format!("{opt}.paths"),
+                            format!(
+                                "`{v}` is not a path prefix in normal form{}",
+                                hint.unwrap_or_default()
+                            ),
+                        ),
+                    }
+                }
+                out
+            }
+        };
+        if a.services.is_empty() {
+            cx.err(
+                r.span(),
+                format!("{opt}.services"),
+                "name the services this rule allows: `[\"web-*\"]`, or `[\"*\"]` for any",
+            );
+        }
+        let services = service_patterns(
+            cx,
+            a.services.iter().map(|s| (s.get_ref().as_str(), s.span())),
+            &format!("{opt}.services"),
+        );
+        rules.push(ClaimRule {
+            hosts,
+            paths,
+            services,
+            tags: a.tags.clone(),
+            origin: cx.origin(r.span()),
+        });
+    }
+    rules
+}

@@ -3,7 +3,7 @@
 //! (`listeners`, `vhosts`, `pools`, `limits`, `consul`, `admin`, `failover`, `plugins`); this
 //! one reads the schema and assembles the `Config`.
 
-use super::raw::{RawBackend, RawConfig, RawLimits, RawPool, RawSize, RawVhost};
+use super::raw::{RawBackend, RawConfig, RawConsulRoutes, RawLimits, RawPool, RawSize, RawVhost};
 use super::*;
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
@@ -383,6 +383,18 @@ pub(super) fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
     };
     let admin = admin(cx, &raw.admin);
     let consul = consul(cx, &raw.consul);
+    let consul_allow = claim_rules(cx, &raw.consul);
+    if !consul.tag_routes {
+        for (i, v) in raw.vhosts.iter().enumerate() {
+            if let Some(c) = &v.get_ref().consul_routes {
+                cx.err(
+                    c.span(),
+                    format!("vhost[{i}].consul_routes"),
+                    "only applies with consul.tag_routes = true",
+                );
+            }
+        }
+    }
     let failover = raw.failover.as_ref().and_then(|f| failover(cx, f));
     let limits = limits(cx, &raw.limits);
     if limits.trusted_proxies.is_empty() {
@@ -454,6 +466,7 @@ pub(super) fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
         certs_dir_origin,
         admin,
         consul,
+        consul_allow,
         failover,
         limits,
         vhosts,

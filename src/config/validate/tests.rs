@@ -216,3 +216,81 @@ fn failover_claims_are_validated_per_type() {
     // each problem names its line
     assert!(e.iter().all(|e| e.to_string().contains("t.toml:")), "{e:?}");
 }
+
+#[test]
+fn consul_claim_rules_and_vhost_consent_are_validated() {
+    let good = format!(
+        "{OK}\n[consul]\ntag_routes = true\n\
+         [[consul.allow]]\nhosts = [\"*.Apps.example.com\", \"*\"]\npaths = [\"/api\"]\nservices = [\"web-*\"]\ntags = [\"team=web\"]\n"
+    )
+    .replace(
+        "[[vhost.route]]\npath = \"/\"",
+        "consul_routes = [\"web-*\", \"shop\"]\n[[vhost.route]]\npath = \"/\"",
+    );
+    let c = parse(Path::new("/etc/tollgate/t.toml"), &good).unwrap();
+    let r = &c.consul_allow[0];
+    assert_eq!(r.hosts, ["*.apps.example.com", "*"]);
+    assert_eq!(
+        (r.paths.clone(), r.services.clone()),
+        (vec!["/api".to_string()], vec!["web-*".to_string()])
+    );
+    assert_eq!(r.tags, ["team=web"]);
+    assert_eq!(
+        c.vhosts[0].consul_routes,
+        ConsulRoutes::Services(vec!["web-*".into(), "shop".into()])
+    );
+    // the default: no consent, no rules
+    let plain = parse(Path::new("/etc/tollgate/t.toml"), OK).unwrap();
+    assert_eq!(plain.vhosts[0].consul_routes, ConsulRoutes::Refused);
+    assert!(plain.consul_allow.is_empty());
+
+    let bad = format!(
+        "{OK}\n[consul]\ntag_routes = true\n\
+         [[consul.allow]]\nhosts = [\"a..b\"]\npaths = [\"api\"]\nservices = [\"web shop\"]\n\
+         [[consul.allow]]\nhosts = []\n"
+    )
+    .replace(
+        "[[vhost.route]]\npath = \"/\"",
+        "consul_routes = []\n[[vhost.route]]\npath = \"/\"",
+    );
+    let e = errs(&bad);
+    let said = |opt: &str, words: &str| {
+        assert!(
+            e.iter()
+                .any(|e| e.option == opt && e.message.contains(words)),
+            "{opt}: {words} in {e:#?}"
+        )
+    };
+    said("consul.allow[0].hosts", "is not a host name");
+    said("consul.allow[0].paths", "`api` is not a path prefix");
+    said(
+        "consul.allow[0].services",
+        "`web shop` is not a service name pattern",
+    );
+    said("consul.allow[1].hosts", "name the hosts");
+    said("consul.allow[1].services", "name the services");
+    said("vhost[0].consul_routes", "an empty list allows no service");
+    let e = errs(&OK.replace(
+        "[[vhost.route]]\npath = \"/\"",
+        "consul_routes = \"yes\"\n[[vhost.route]]\npath = \"/\"",
+    ));
+    assert!(
+        e[0].message
+            .contains("true, false, or a list of service name patterns"),
+        "{e:?}"
+    );
+    // both need tag_routes
+    let off = format!("{OK}\n[[consul.allow]]\nhosts = [\"*\"]\nservices = [\"*\"]\n").replace(
+        "[[vhost.route]]\npath = \"/\"",
+        "consul_routes = true\n[[vhost.route]]\npath = \"/\"",
+    );
+    let e = errs(&off);
+    for opt in ["consul.allow[0]", "vhost[0].consul_routes"] {
+        assert!(
+            e.iter()
+                .any(|e| e.option == opt
+                    && e.message == "only applies with consul.tag_routes = true"),
+            "{opt}: {e:#?}"
+        );
+    }
+}

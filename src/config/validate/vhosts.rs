@@ -193,6 +193,22 @@ pub(super) fn vhosts(
             });
         }
         let vhost_plugins = plugin_refs(cx, &v.plugins, &format!("vhost[{i}].plugins"), plugins);
+        let consul_routes = match v.consul_routes.as_ref().map(|c| (c.get_ref(), c.span())) {
+            None | Some((RawConsulRoutes::On(false), _)) => ConsulRoutes::Refused,
+            Some((RawConsulRoutes::On(true), _)) => ConsulRoutes::Any,
+            Some((RawConsulRoutes::Services(list), span)) => {
+                let opt = format!("vhost[{i}].consul_routes");
+                if list.is_empty() {
+                    cx.err(
+                        span.clone(),
+                        &opt,
+                        "an empty list allows no service: write false, or name services",
+                    );
+                }
+                let each = list.iter().map(|s| (s.as_str(), span.clone()));
+                ConsulRoutes::Services(consul::service_patterns(cx, each, &opt))
+            }
+        };
         out.push(Vhost {
             names,
             default: v.default,
@@ -200,6 +216,7 @@ pub(super) fn vhosts(
             redirect_https: v.redirect_https.unwrap_or(true),
             plugins: vhost_plugins,
             routes,
+            consul_routes,
             origin,
         });
     }

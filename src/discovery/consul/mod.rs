@@ -26,6 +26,19 @@ pub use watch::{WatchHealth, WatchTable};
 #[allow(clippy::wildcard_imports)]
 use {client::*, quiet::*, rules::*, watch::*};
 
+/// The routes the services in Consul's catalog declare now, in tags and meta (one plain read,
+/// not a watch): what `tollgate check --consul` judges against the file's policy.
+pub async fn declared_routes(settings: &ConsulSettings) -> Result<Vec<DiscoveredRoute>, String> {
+    let http = client(settings)?;
+    let quick = ConsulSettings {
+        wait: Duration::from_secs(1),
+        ..settings.clone()
+    };
+    catalog_routes(&http, &quick, 0)
+        .await
+        .map(|(_, routes)| routes)
+}
+
 /// A change seen by a watch.
 #[derive(Debug)]
 enum Change {

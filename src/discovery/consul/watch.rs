@@ -301,16 +301,20 @@ pub(super) async fn catalog_routes(
     let mut routes = Vec::new();
     if !s.route_meta_prefix.is_empty() {
         routes.extend(meta_routes(http, s, services.keys().cloned().collect(), next).await);
+        for r in &mut routes {
+            r.service_tags = services.get(&r.service).cloned().unwrap_or_default();
+        }
     }
-    for (service, tags) in services {
+    for (service, tags) in &services {
         for tag in tags {
-            match parse_route_tag(&tag, &s.route_tag_prefix, s.fabio_tags) {
+            match parse_route_tag(tag, &s.route_tag_prefix, s.fabio_tags) {
                 Some(Ok((host, path))) => routes.push(DiscoveredRoute {
                     host,
                     path,
                     service: service.clone(),
-                    tag,
+                    tag: tag.clone(),
                     index: next,
+                    service_tags: tags.clone(),
                 }),
                 Some(Err(e)) => tracing::warn!(service = %service, "ignoring a route tag: {e}"),
                 None => {}
@@ -388,6 +392,7 @@ pub(super) async fn meta_routes(
                         service: service.clone(),
                         tag: format!("meta {k}={v}"),
                         index,
+                        service_tags: Vec::new(),
                     }),
                     Some(Err(e)) => {
                         tracing::warn!(service = %service, "ignoring route meta {k}: {e}")
@@ -411,19 +416,15 @@ pub(super) async fn watch_catalog(settings: ConsulSettings, sink: Sink) {
     };
     let mut w = Blocking::new(1, Some((WATCH_RATE, WATCH_BURST)));
     // compared without the index: a registration elsewhere moves it without changing routes
-    let strip = |r: &[DiscoveredRoute]| -> Vec<(String, String, String, String)> {
+    let strip = |r: &[DiscoveredRoute]| -> Vec<DiscoveredRoute> {
         r.iter()
-            .map(|r| {
-                (
-                    r.host.clone(),
-                    r.path.clone(),
-                    r.service.clone(),
-                    r.tag.clone(),
-                )
+            .map(|r| DiscoveredRoute {
+                index: 0,
+                ..r.clone()
             })
             .collect()
     };
-    let mut last: Option<Vec<(String, String, String, String)>> = None;
+    let mut last: Option<Vec<DiscoveredRoute>> = None;
     let failed = |failures, e: &str| {
         let wait = failure_backoff(&sink, failures);
         tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "Consul catalog watch failed; keeping the routes it had");
