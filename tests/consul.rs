@@ -830,20 +830,13 @@ async fn route_claims_follow_the_policy_and_check_consul_predicts_them() {
     let rogue = Upstream::start("rogue").await;
     let dir = tempfile::tempdir().unwrap();
     let consul = ConsulAgent::start(dir.path()).await;
-    let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let admin = free_port();
-    let path = dir.path().join("tollgate.toml");
-    write(
-        &path,
-        &format!(
-            "[admin]\naddress = \"127.0.0.1:{admin}\"\n\n[consul]\naddress = \"http://{}\"\nwait = \"30s\"\ntag_routes = true\nstate_file = \"\"\n\n\
-             [[consul.allow]]\nhosts = [\"*.apps.test\", \"b.test\"]\nservices = [\"web-*\"]\ntags = [\"team=web\"]\n\n\
-             [[listener]]\naddress = \"{http}\"\n\n\
-             [[vhost]]\nnames = [\"a.test\"]\n[[vhost.route]]\npath = \"/\"\npool = \"static\"\n\n\
-             [[vhost]]\nnames = [\"b.test\"]\nconsul_routes = [\"web-blog\"]\n[[vhost.route]]\npath = \"/\"\npool = \"static\"\n\n\
-             [pool.static]\nbackends = [\"{}\"]\n",
-            consul.http, file_up.addr
-        ),
+    let (path, http, admin) = tag_routing(
+        dir.path(),
+        &consul,
+        "[[consul.allow]]\nhosts = [\"*.apps.test\", \"b.test\"]\nservices = [\"web-*\"]\ntags = [\"team=web\"]\n",
+        "[[vhost]]\nnames = [\"a.test\"]\n[[vhost.route]]\npath = \"/\"\npool = \"static\"\n\n\
+         [[vhost]]\nnames = [\"b.test\"]\nconsul_routes = [\"web-blog\"]\n[[vhost.route]]\npath = \"/\"\npool = \"static\"\n",
+        file_up.addr,
     );
     // the catalog before tollgate runs
     consul
@@ -935,24 +928,7 @@ async fn route_claims_follow_the_policy_and_check_consul_predicts_them() {
     let mut tg = Tollgate::start(&path);
     tg.ready(http).await;
     let c = plain();
-    let get = |host: &'static str, p: &'static str| {
-        let c = c.clone();
-        async move {
-            let r = c
-                .get(format!("http://{http}{p}"))
-                .header("host", host)
-                .send()
-                .await
-                .ok()?;
-            if r.status() != 200 {
-                return Some(format!("{}", r.status().as_u16()));
-            }
-            r.json::<Value>()
-                .await
-                .ok()
-                .map(|j| j["upstream"].as_str().unwrap_or_default().to_string())
-        }
-    };
+    let get = |host: &'static str, p: &'static str| answered_by(&c, http, host, p);
     wait_for(
         "the allowed claims to route",
         Duration::from_secs(15),
@@ -1019,4 +995,190 @@ async fn route_claims_follow_the_policy_and_check_consul_predicts_them() {
         .unwrap()
         .starts_with("file "));
     let _ = tg.child.kill();
+}
+
+/// Fabio's `urlprefix-` options: the ones with an HTTP meaning are honoured (strip,
+/// prepend, host, redirect, allow/deny); any other makes the route a conflict naming the
+/// option instead of a route served without what its owner asked for.
+#[tokio::test]
+async fn fabio_options_are_honoured_and_unsupported_ones_reported() {
+    let up = Upstream::start("svc").await;
+    let dir = tempfile::tempdir().unwrap();
+    let consul = ConsulAgent::start(dir.path()).await;
+    let (path, http, admin) = tag_routing(
+        dir.path(),
+        &consul,
+        "",
+        "[[vhost]]\nnames = [\"file.test\"]\n[[vhost.route]]\npath = \"/\"\npool = \"static\"\n",
+        up.addr,
+    );
+    let mut tg = Tollgate::start(&path);
+    tg.ready(http).await;
+    for (id, tag) in [
+        (
+            "s",
+            "urlprefix-s.test/cart strip=/cart prepend=/v2 host=dst",
+        ),
+        ("h", "urlprefix-h.test/ host=api.internal"),
+        (
+            "old",
+            "urlprefix-old.test/ redirect=301,https://new.test$path",
+        ),
+        ("acl", "urlprefix-acl.test/ allow=ip:127.0.0.2"),
+        ("deny", "urlprefix-deny.test/ deny=ip:127.0.0.3/32"),
+        ("tls", "urlprefix-tls.test/ proto=https tlsskipverify=true"),
+        ("reg", "urlprefix-reg.test/ register=web"),
+    ] {
+        consul.register(id, id, up.addr, &[tag]).await;
+    }
+    let from = |ip: [u8; 4]| {
+        reqwest::Client::builder()
+            .local_address(std::net::IpAddr::from(ip))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap()
+    };
+    let c = from([127, 0, 0, 1]);
+    let get = |c: reqwest::Client, host: &'static str, p: &'static str| async move {
+        c.get(format!("http://{http}{p}"))
+            .header("host", host)
+            .send()
+            .await
+            .unwrap()
+    };
+    wait_for("every tag to be seen", Duration::from_secs(15), || async {
+        let status = admin_json(&c, admin, "/status").await;
+        let conflicts = status["consul"]["route_conflicts"]
+            .as_array()
+            .map_or(0, |a| a.len());
+        let mut seen = conflicts == 2;
+        // the routes, and their pools' first answers (a new pool is empty until then)
+        for (from_ip, host, p, want) in [
+            ([127, 0, 0, 1], "s.test", "/cart/x", 200),
+            ([127, 0, 0, 1], "h.test", "/", 200),
+            ([127, 0, 0, 1], "old.test", "/", 301),
+            ([127, 0, 0, 2], "acl.test", "/", 200),
+            ([127, 0, 0, 1], "deny.test", "/", 200),
+        ] {
+            seen &= get(from(from_ip), host, p).await.status() == want;
+        }
+        seen
+    })
+    .await;
+
+    // strip, then prepend; Host is the backend's address; the stripped prefix is said
+    let j: Value = get(c.clone(), "s.test", "/cart/x?q=1")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(j["path"], "/v2/x");
+    assert_eq!(j["query"], "q=1");
+    assert_eq!(j["headers"]["host"], up.addr.to_string());
+    assert_eq!(j["headers"]["x-forwarded-prefix"], "/cart");
+    assert_eq!(j["headers"]["x-forwarded-host"], "s.test");
+    let j: Value = get(c.clone(), "s.test", "/cart")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(j["path"], "/v2/");
+    let j: Value = get(c.clone(), "h.test", "/a").await.json().await.unwrap();
+    assert_eq!(
+        (j["path"].as_str(), j["headers"]["host"].as_str()),
+        (Some("/a"), Some("api.internal"))
+    );
+
+    // redirect: answered by tollgate, $path is the request's path and query
+    let r = get(c.clone(), "old.test", "/a/b?x=1").await;
+    assert_eq!(r.status(), 301);
+    assert_eq!(r.headers()["location"], "https://new.test/a/b?x=1");
+
+    // allow / deny by the client's address
+    assert_eq!(get(c.clone(), "acl.test", "/").await.status(), 403);
+    assert_eq!(
+        get(from([127, 0, 0, 2]), "acl.test", "/").await.status(),
+        200
+    );
+    assert_eq!(get(c.clone(), "deny.test", "/").await.status(), 200);
+    assert_eq!(
+        get(from([127, 0, 0, 3]), "deny.test", "/").await.status(),
+        403
+    );
+
+    // unsupported options: not routed, reported naming the option
+    assert_eq!(get(c.clone(), "tls.test", "/").await.status(), 421);
+    assert_eq!(get(c.clone(), "reg.test", "/").await.status(), 421);
+    let status = admin_json(&c, admin, "/status").await;
+    let conflicts: Vec<String> = status["consul"]["route_conflicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(conflicts.len(), 2, "{conflicts:#?}");
+    for (service, option) in [
+        ("tls", "`proto=https` is not supported yet"),
+        ("reg", "`register=web` is not supported"),
+    ] {
+        assert!(
+            conflicts
+                .iter()
+                .any(|c| c.contains(&format!("of service {service} "))
+                    && c.contains("not applied")
+                    && c.contains(option)),
+            "{service}: {option} in {conflicts:#?}"
+        );
+    }
+    // /routes shows a route's options
+    let routes = admin_json(&c, admin, "/routes").await;
+    let s = routes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["vhost"] == "s.test")
+        .unwrap();
+    assert_eq!(s["routes"][0]["options"]["strip"], "/cart");
+    let _ = tg.child.kill();
+}
+
+/// A config with tag routes on, an admin API and a plain listener: `policy` goes under
+/// `[consul]`, then `vhosts`, whose routes may use pool `static` (at `file_up`). Returns the
+/// file, the listener and the admin port.
+fn tag_routing(
+    dir: &std::path::Path,
+    consul: &ConsulAgent,
+    policy: &str,
+    vhosts: &str,
+    file_up: SocketAddr,
+) -> (std::path::PathBuf, SocketAddr, u16) {
+    let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let admin = free_port();
+    let path = dir.join("tollgate.toml");
+    write(
+        &path,
+        &format!(
+            "[admin]\naddress = \"127.0.0.1:{admin}\"\n\n[consul]\naddress = \"http://{}\"\nwait = \"30s\"\ntag_routes = true\nstate_file = \"\"\n{policy}\n\
+             [[listener]]\naddress = \"{http}\"\n\n{vhosts}\n[pool.static]\nbackends = [\"{file_up}\"]\n",
+            consul.http
+        ),
+    );
+    (path, http, admin)
+}
+
+/// GET `p` on `host` through `http`: the upstream that answered, or the status when not 200.
+async fn answered_by(c: &reqwest::Client, http: SocketAddr, host: &str, p: &str) -> Option<String> {
+    let r = c
+        .get(format!("http://{http}{p}"))
+        .header("host", host)
+        .send()
+        .await
+        .ok()?;
+    if r.status() != 200 {
+        return Some(format!("{}", r.status().as_u16()));
+    }
+    r.json::<Value>()
+        .await
+        .ok()
+        .map(|j| j["upstream"].as_str().unwrap_or_default().to_string())
 }

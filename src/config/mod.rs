@@ -339,6 +339,39 @@ pub struct Vhost {
     pub origin: Origin,
 }
 
+/// What a route does besides choosing its pool: the options of Fabio's `urlprefix-` tags.
+#[derive(
+    Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(default)]
+pub struct RouteOptions {
+    /// Forward the path without this prefix (`/cart/x` → `/x`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub strip: Option<String>,
+    /// Then forward it under this prefix (`/x` → `/v2/x`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prepend: Option<String>,
+    /// The Host sent upstream: a name, or `dst` for the backend's address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Answer with this status and Location instead of proxying (`$path` in it is the
+    /// request's path and query).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<(u16, String)>,
+    /// Only these client networks may use the route (Fabio's `allow=`)...
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+    /// ...or these may not (`deny=`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
+}
+
+impl RouteOptions {
+    pub fn is_empty(&self) -> bool {
+        *self == RouteOptions::default()
+    }
+}
+
 /// Whether a file vhost takes routes Consul services declare (`consul_routes`).
 #[derive(Debug, Clone, PartialEq)]
 pub enum ConsulRoutes {

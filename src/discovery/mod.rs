@@ -5,7 +5,7 @@
 
 pub mod consul;
 
-use crate::config::{BackendSpec, ServiceKey};
+use crate::config::{BackendSpec, RouteOptions, ServiceKey};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -15,7 +15,9 @@ mod tests {
 
     #[test]
     fn route_tags() {
-        let p = |t: &str| parse_route_tag(t, "tollgate.route=", true);
+        let p = |t: &str| {
+            parse_route_tag(t, "tollgate.route=", true).map(|r| r.map(|r| (r.host, r.path)))
+        };
         assert_eq!(
             p("tollgate.route=Example.com/api"),
             Some(Ok(("example.com".into(), "/api".into())))
@@ -44,6 +46,75 @@ mod tests {
             None
         );
     }
+
+    #[test]
+    fn fabio_options_are_honoured_or_refused_by_name() {
+        let o = |t: &str| parse_route_tag(t, "tollgate.route=", true).unwrap();
+        let r = o("urlprefix-a.test/cart strip=/cart prepend=/v2/ host=dst proto=http").unwrap();
+        assert_eq!(
+            (
+                r.options.strip.as_deref(),
+                r.options.prepend.as_deref(),
+                r.options.host.as_deref()
+            ),
+            (Some("/cart"), Some("/v2"), Some("dst"))
+        );
+        let r = o("urlprefix-old.test/ redirect=301,https://new.test$path").unwrap();
+        assert_eq!(
+            r.options.redirect,
+            Some((301, "https://new.test$path".into()))
+        );
+        let r = o("urlprefix-a.test/ allow=ip:10.0.0.0/8,ip:fe80::/10,192.0.2.7").unwrap();
+        assert_eq!(r.options.allow, ["10.0.0.0/8", "fe80::/10", "192.0.2.7"]);
+        let r = o("urlprefix-a.test/ host=Api.Example.com:8443").unwrap();
+        assert_eq!(r.options.host.as_deref(), Some("api.example.com:8443"));
+        for (tag, why) in [
+            (
+                "urlprefix-a.test/ proto=https tlsskipverify=true",
+                "`proto=https` is not supported yet",
+            ),
+            (
+                "urlprefix-a.test/ proto=tcp",
+                "`proto=tcp` is not supported",
+            ),
+            (
+                "urlprefix-a.test/ tlsskipverify=true",
+                "`tlsskipverify=true` is not supported",
+            ),
+            (
+                "urlprefix-a.test/ register=web",
+                "`register=web` is not supported",
+            ),
+            (
+                "urlprefix-a.test/ pxyproto=true",
+                "`pxyproto=true` is not supported",
+            ),
+            (
+                "urlprefix-a.test/ auth=basic",
+                "`auth=basic` is not supported",
+            ),
+            ("urlprefix-a.test/ strip=api", "option `strip=api`"),
+            ("urlprefix-a.test/ strip=/a/../b", "option `strip=/a/../b`"),
+            (
+                "urlprefix-a.test/ redirect=200,https://x.test",
+                "option `redirect=200",
+            ),
+            ("urlprefix-a.test/ redirect=301", "option `redirect=301`"),
+            (
+                "urlprefix-a.test/ redirect=301,javascript:alert(1)",
+                "option `redirect=",
+            ),
+            ("urlprefix-a.test/ allow=ip:10.0.0.0/33", "option `allow`"),
+            (
+                "urlprefix-a.test/ allow=ip:10.0.0.0/8 deny=ip:10.1.0.0/16",
+                "cannot be used together",
+            ),
+            ("urlprefix-a.test/ host=bad/host", "option `host=bad/host`"),
+        ] {
+            let e = o(tag).unwrap_err();
+            assert!(e.contains(why), "{tag}: {e}");
+        }
+    }
 }
 
 /// What Consul last said about one service.
@@ -69,6 +140,12 @@ pub struct DiscoveredRoute {
     /// Every tag the service carries (the `[[consul.allow]]` rules may require one).
     #[serde(default)]
     pub service_tags: Vec<String>,
+    /// What the route does besides choosing its pool (Fabio's options).
+    #[serde(default)]
+    pub options: RouteOptions,
+    /// Why a route tag cannot be honoured (then it is reported, never routed).
+    #[serde(default)]
+    pub refused: Option<String>,
 }
 
 /// The backends every discovered service has, and the routes services declare, as last applied.
@@ -78,28 +155,38 @@ pub struct View {
     pub routes: Vec<DiscoveredRoute>,
 }
 
-/// A route from a service tag: `<prefix>host/path` (tollgate) or `urlprefix-host/path`
-/// (Fabio; options after a space are ignored). `None` when the tag is not a route tag.
-pub fn parse_route_tag(
-    tag: &str,
-    prefix: &str,
-    fabio: bool,
-) -> Option<Result<(String, String), String>> {
-    let spec = match tag.strip_prefix(prefix) {
+/// A route a tag declares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagRoute {
+    /// Lower-case host, or empty for "any host".
+    pub host: String,
+    pub path: String,
+    pub options: RouteOptions,
+}
+
+/// A route from a service tag: `<prefix>host/path` (tollgate) or `urlprefix-host/path
+/// [options]` (Fabio). `None` when the tag is not a route tag; `Err` (with why) when it is one
+/// tollgate cannot honour, so it is reported instead of routed wrongly.
+pub fn parse_route_tag(tag: &str, prefix: &str, fabio: bool) -> Option<Result<TagRoute, String>> {
+    let (spec, options) = match tag.strip_prefix(prefix) {
         Some(rest) if rest.contains(char::is_whitespace) => {
             return Some(Err(format!("`{tag}`: a route tag cannot hold spaces")))
         }
-        Some(rest) => rest,
-        // Fabio puts options after a space (`strip=/x`); they are not supported and ignored
-        None if fabio => tag
-            .strip_prefix("urlprefix-")?
-            .split_whitespace()
-            .next()
-            .unwrap_or(""),
+        Some(rest) => (rest, RouteOptions::default()),
+        None if fabio => {
+            let rest = tag.strip_prefix("urlprefix-")?;
+            let (spec, opts) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+            match fabio_options(opts) {
+                Ok(o) => (spec, o),
+                Err(e) => return Some(Err(format!("`{tag}`: {e}"))),
+            }
+        }
         None => return None,
     };
     if spec.starts_with(':') {
-        return Some(Err(format!("`{tag}`: TCP routes are not supported")));
+        return Some(Err(format!(
+            "`{tag}`: TCP routes are not supported (they come with service ports)"
+        )));
     }
     let (host, path) = match spec.find('/') {
         Some(i) => (&spec[..i], &spec[i..]),
@@ -114,7 +201,109 @@ pub fn parse_route_tag(
     if path.contains(['?', '#']) {
         return Some(Err(format!("`{tag}`: a route path cannot hold ? or #")));
     }
-    Some(Ok((host, path.to_string())))
+    Some(Ok(TagRoute {
+        host,
+        path: path.to_string(),
+        options,
+    }))
+}
+
+/// A path prefix option (`strip=`, `prepend=`): absolute, in normal form, no query.
+fn prefix_option(name: &str, v: &str) -> Result<String, String> {
+    let normal = matches!(
+        crate::routing::path::normalize_path(v, crate::routing::path::EncodedSlashes::Reject),
+        Ok(std::borrow::Cow::Borrowed(_))
+    );
+    if !v.starts_with('/') || !normal || v.contains(['?', '#', ';']) {
+        return Err(format!(
+            "option `{name}={v}`: a path prefix such as /api (absolute, in normal form)"
+        ));
+    }
+    Ok(v.trim_end_matches('/').to_string())
+}
+
+/// Fabio's route options: the ones with an HTTP meaning tollgate honours, and a refusal
+/// naming any other (so a route is never served without what its owner asked for).
+fn fabio_options(opts: &str) -> Result<RouteOptions, String> {
+    let mut o = RouteOptions::default();
+    for kv in opts.split_whitespace() {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        match k {
+            "strip" => o.strip = Some(prefix_option(k, v)?),
+            "prepend" => o.prepend = Some(prefix_option(k, v)?),
+            "host" => {
+                let name =
+                    v.rsplit_once(':').map_or(
+                        v,
+                        |(h, port)| {
+                            if port.parse::<u16>().is_ok() {
+                                h
+                            } else {
+                                v
+                            }
+                        },
+                    );
+                if v != "dst" && crate::config::check_host_name(name).is_err() {
+                    return Err(format!(
+                        "option `host={v}`: a host name (with an optional port) or `dst`"
+                    ));
+                }
+                o.host = Some(v.to_ascii_lowercase());
+            }
+            "redirect" => {
+                let (code, url) = v.split_once(',').unwrap_or((v, ""));
+                let code = code.parse::<u16>().ok().filter(|c| (300..400).contains(c));
+                let url_ok = (url.starts_with("https://") || url.starts_with("http://"))
+                    && url.len() > "https://".len()
+                    && url.parse::<http::Uri>().is_ok()
+                    || (url.starts_with('/') && url.parse::<http::Uri>().is_ok());
+                match code {
+                    Some(c) if url_ok => o.redirect = Some((c, url.to_string())),
+                    _ => {
+                        return Err(format!(
+                            "option `redirect={v}`: a 3xx status and a URL, e.g. redirect=301,https://example.com$path"
+                        ))
+                    }
+                }
+            }
+            "allow" | "deny" => {
+                let mut nets = Vec::new();
+                for n in v.split(',').filter(|n| !n.is_empty()) {
+                    let n = n.strip_prefix("ip:").unwrap_or(n);
+                    n.parse::<crate::config::cidr::Cidr>()
+                        .map_err(|e| format!("option `{k}`: {e}"))?;
+                    nets.push(n.to_string());
+                }
+                if nets.is_empty() {
+                    return Err(format!(
+                        "option `{k}=`: name networks, e.g. {k}=ip:10.0.0.0/8"
+                    ));
+                }
+                if k == "allow" {
+                    o.allow = nets;
+                } else {
+                    o.deny = nets;
+                }
+            }
+            "proto" if v == "http" => {}
+            "proto" if v == "https" || v == "grpc" || v == "grpcs" => {
+                return Err(format!(
+                "option `proto={v}` is not supported yet (TLS and HTTP/2 to backends are planned)"
+            ))
+            }
+            "proto" if v == "tcp" => {
+                return Err(
+                    "option `proto=tcp` is not supported (TCP routes come with service ports)"
+                        .into(),
+                )
+            }
+            _ => return Err(format!("option `{kv}` is not supported")),
+        }
+    }
+    if !o.allow.is_empty() && !o.deny.is_empty() {
+        return Err("options `allow` and `deny` cannot be used together".into());
+    }
+    Ok(o)
 }
 
 impl View {

@@ -18,6 +18,7 @@ pub(super) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id"
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
 
 /// The checks before routing: sizes, framing and Host (`limits::http`). Also sets the
 /// connection's keep-alive and body read timeouts and works out the client's address.
@@ -173,6 +174,24 @@ pub(super) async fn route(session: &mut Session, ctx: &mut RequestCtx) -> Result
                 return resp.await;
             }
             let record = &snap.records[target];
+            if let Some(access) = &record.access {
+                if !access.admits(ctx.client_ip) {
+                    let why = "the route does not admit this client address";
+                    return answer(session, ctx, 403, why, None).await;
+                }
+            }
+            if let Some((status, to)) = &record.declared.options.redirect {
+                let pq = session.req_header().uri.path_and_query();
+                let location = to.replace("$path", pq.map(|p| p.as_str()).unwrap_or("/"));
+                return answer(
+                    session,
+                    ctx,
+                    *status,
+                    "redirected by the route",
+                    Some(location),
+                )
+                .await;
+            }
             ctx.body_cap =
                 crate::limits::http::body_cap(record.declared.max_body_size, &snap.config.limits);
             if let Err(r) =
@@ -357,6 +376,54 @@ pub(super) fn proxy_headers(req: &mut RequestHeader, ctx: &RequestCtx) -> Result
         req.insert_header(X_FORWARDED_HOST, h)?;
     }
     req.insert_header(REQUEST_ID, ctx.request_id_value())?;
+    if let Some(r) = ctx.record {
+        let o = &ctx.snap.records[r].declared.options;
+        if o.strip.is_some() || o.prepend.is_some() || o.host.is_some() {
+            route_rewrites(req, ctx, o)?;
+        }
+    }
+    Ok(())
+}
+
+/// A route's path and Host options, applied to the request sent upstream.
+fn route_rewrites(
+    req: &mut RequestHeader,
+    ctx: &RequestCtx,
+    o: &crate::config::RouteOptions,
+) -> Result<()> {
+    let path = req.uri.path();
+    if let Some(new) = crate::routing::path::rewrite(path, o.strip.as_deref(), o.prepend.as_deref())
+    {
+        if let Some(s) = o
+            .strip
+            .as_deref()
+            .filter(|s| crate::routing::path::strips(path, s))
+        {
+            req.insert_header(X_FORWARDED_PREFIX, s)?;
+        }
+        let pq = match req.uri.query() {
+            Some(q) => format!("{new}?{q}"),
+            None => new,
+        };
+        let uri = pq
+            .parse::<http::Uri>()
+            .or_err(InvalidHTTPHeader, "route rewrite made an invalid path")?;
+        req.set_uri(uri);
+    }
+    match o.host.as_deref() {
+        Some("dst") => {
+            let backend = ctx
+                .pool
+                .as_ref()
+                .zip(ctx.backend)
+                .and_then(|(p, i)| p.backends.get(i));
+            if let Some(b) = backend {
+                req.insert_header(http::header::HOST, b.address.to_string())?;
+            }
+        }
+        Some(name) => req.insert_header(http::header::HOST, name)?,
+        None => {}
+    }
     Ok(())
 }
 

@@ -195,9 +195,54 @@ pub fn strip_params(path: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// Is `path` at or under `prefix` (a prefix without a trailing `/`), so `strip` removes it?
+pub fn strips(path: &str, prefix: &str) -> bool {
+    !prefix.is_empty()
+        && path
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+/// The path a route forwards: without the `strip` prefix (only at a segment boundary:
+/// `/cart` strips `/cart` and `/cart/x`, not `/cartoon`), then under `prepend`. Both are
+/// prefixes without a trailing `/` (`""` for the root). `None` when nothing changes.
+pub fn rewrite(path: &str, strip: Option<&str>, prepend: Option<&str>) -> Option<String> {
+    let stripped = match strip {
+        Some(s) if strips(path, s) && path.len() == s.len() => "/",
+        Some(s) if strips(path, s) => &path[s.len()..],
+        _ => path,
+    };
+    match prepend {
+        Some(p) if !p.is_empty() => Some(format!("{p}{stripped}")),
+        _ if stripped.len() != path.len() => Some(stripped.to_string()),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn route_rewrites_strip_at_segments_then_prepend() {
+        for (path, strip, prepend, want) in [
+            ("/cart/x", Some("/cart"), None, Some("/x")),
+            ("/cart", Some("/cart"), None, Some("/")),
+            ("/cart/", Some("/cart"), None, Some("/")),
+            ("/cartoon", Some("/cart"), None, None),
+            ("/other", Some("/cart"), None, None),
+            ("/x", None, Some("/v2"), Some("/v2/x")),
+            ("/cart/x", Some("/cart"), Some("/v2"), Some("/v2/x")),
+            ("/", None, Some("/v2"), Some("/v2/")),
+            ("/x", Some(""), Some(""), None),
+        ] {
+            assert_eq!(
+                rewrite(path, strip, prepend).as_deref(),
+                want,
+                "{path} {strip:?} {prepend:?}"
+            );
+        }
+    }
 
     fn norm(p: &str) -> Result<String, PathError> {
         normalize_path(p, EncodedSlashes::Reject).map(Cow::into_owned)

@@ -8,7 +8,8 @@
 mod policy;
 pub mod watch;
 
-use crate::config::{AdminToken, Config, ConfigErrors, PoolSpec, ServiceKey};
+use crate::config::cidr::Cidr;
+use crate::config::{AdminToken, Config, ConfigErrors, PoolSpec, RouteOptions, ServiceKey};
 use crate::discovery::View;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::routing::{RouteEntry, RouteTable, VhostEntry};
@@ -64,6 +65,36 @@ pub struct Route {
     /// The plugin chain: the vhost's plugins, then the route's.
     pub plugins: Vec<Arc<Plugin>>,
     pub metrics: Arc<RouteMetrics>,
+    /// The client networks the route's `allow` / `deny` option names, parsed.
+    pub access: Option<Access>,
+}
+
+/// Who may use a route, by client address.
+#[derive(Debug)]
+pub enum Access {
+    Allow(Vec<Cidr>),
+    Deny(Vec<Cidr>),
+}
+
+impl Access {
+    fn of(o: &RouteOptions) -> Option<Access> {
+        // validated when the tag was read
+        let nets = |v: &[String]| v.iter().filter_map(|n| n.parse().ok()).collect();
+        match (o.allow.is_empty(), o.deny.is_empty()) {
+            (false, _) => Some(Access::Allow(nets(&o.allow))),
+            (true, false) => Some(Access::Deny(nets(&o.deny))),
+            (true, true) => None,
+        }
+    }
+
+    /// May a client at `ip` (unknown: no) use the route?
+    pub fn admits(&self, ip: Option<std::net::IpAddr>) -> bool {
+        match (self, ip) {
+            (Access::Allow(nets), Some(ip)) => crate::config::cidr::any_contains(nets, ip),
+            (Access::Deny(nets), Some(ip)) => !crate::config::cidr::any_contains(nets, ip),
+            (_, None) => false,
+        }
+    }
 }
 
 /// A vhost as served: from the file, or created for a route a Consul service declared.
@@ -91,6 +122,9 @@ pub struct RouteInfo {
     /// For a route a Consul service declared: what let it claim the host and path.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allowed_by: Option<String>,
+    /// What it does besides choosing its pool (path rewrites, Host, redirect, allow/deny).
+    #[serde(skip_serializing_if = "RouteOptions::is_empty")]
+    pub options: RouteOptions,
 }
 
 impl Snapshot {
@@ -214,6 +248,7 @@ impl Snapshot {
                     pool: index.get(r.pool.as_str()).copied().unwrap_or(0),
                     plugins: names.filter_map(|n| plugins.get(n).cloned()).collect(),
                     metrics: m.route(&v.label, &r.path),
+                    access: Access::of(&r.options),
                     declared: r,
                 });
             }
@@ -332,6 +367,7 @@ pub(crate) fn merge_routes(config: &Config, view: &View, covers: impl Fn(&str) -
                     max_body_size: r.max_body_size,
                     plugins: r.plugins.clone(),
                     allowed_by: None,
+                    options: RouteOptions::default(),
                 })
                 .collect(),
         })
@@ -343,6 +379,10 @@ pub(crate) fn merge_routes(config: &Config, view: &View, covers: impl Fn(&str) -
             "consul tag `{}` of service {} at index {}",
             dr.tag, dr.service, dr.index
         );
+        if let Some(why) = &dr.refused {
+            route_conflicts.push(format!("{source}: not applied: {why}"));
+            continue;
+        }
         let shown_host = if dr.host.is_empty() {
             "any host"
         } else {
@@ -446,6 +486,7 @@ pub(crate) fn merge_routes(config: &Config, view: &View, covers: impl Fn(&str) -
             max_body_size: None,
             plugins: Vec::new(),
             allowed_by: Some(allowed_by),
+            options: dr.options.clone(),
         });
     }
     Merged {

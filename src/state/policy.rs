@@ -167,6 +167,8 @@ mod tests {
             tag: format!("tollgate.route={host}{path}"),
             index: 1,
             service_tags: tags.iter().map(|t| t.to_string()).collect(),
+            options: Default::default(),
+            refused: None,
         }
     }
 

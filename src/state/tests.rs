@@ -23,6 +23,8 @@ fn declared(host: &str, path: &str, service: &str) -> DiscoveredRoute {
         tag: format!("tollgate.route={host}{path}"),
         index: 7,
         service_tags: Vec::new(),
+        options: Default::default(),
+        refused: None,
     }
 }
 

@@ -307,23 +307,45 @@ pub(super) async fn catalog_routes(
     }
     for (service, tags) in &services {
         for tag in tags {
-            match parse_route_tag(tag, &s.route_tag_prefix, s.fabio_tags) {
-                Some(Ok((host, path))) => routes.push(DiscoveredRoute {
-                    host,
-                    path,
-                    service: service.clone(),
-                    tag: tag.clone(),
-                    index: next,
-                    service_tags: tags.clone(),
-                }),
-                Some(Err(e)) => tracing::warn!(service = %service, "ignoring a route tag: {e}"),
-                None => {}
+            if let Some(parsed) = parse_route_tag(tag, &s.route_tag_prefix, s.fabio_tags) {
+                let mut r = declared(service, tag.clone(), next, parsed);
+                r.service_tags = tags.clone();
+                routes.push(r);
             }
         }
     }
     routes.sort();
-    routes.dedup_by(|a, b| a.host == b.host && a.path == b.path && a.service == b.service);
+    routes.dedup_by(|a, b| {
+        a.host == b.host && a.path == b.path && a.service == b.service && a.refused == b.refused
+    });
     Ok((next, routes))
+}
+
+/// The route `tag` of `service` declares, or the tag refused with why (it is reported as a
+/// route conflict, never routed).
+fn declared(
+    service: &str,
+    tag: String,
+    index: u64,
+    parsed: Result<TagRoute, String>,
+) -> DiscoveredRoute {
+    let (host, path, options, refused) = match parsed {
+        Ok(r) => (r.host, r.path, r.options, None),
+        Err(e) => {
+            tracing::warn!(service = %service, "route tag not applied: {e}");
+            (String::new(), String::new(), Default::default(), Some(e))
+        }
+    };
+    DiscoveredRoute {
+        host,
+        path,
+        service: service.to_string(),
+        tag,
+        index,
+        service_tags: Vec::new(),
+        options,
+        refused,
+    }
 }
 
 /// Routes declared in service meta (`tollgate-route`, `tollgate-route-2`, … = `host/path`):
@@ -385,19 +407,8 @@ pub(super) async fn meta_routes(
                 if !is_route {
                     continue;
                 }
-                match parse_route_tag(&v, "", false) {
-                    Some(Ok((host, path))) => routes.push(DiscoveredRoute {
-                        host,
-                        path,
-                        service: service.clone(),
-                        tag: format!("meta {k}={v}"),
-                        index,
-                        service_tags: Vec::new(),
-                    }),
-                    Some(Err(e)) => {
-                        tracing::warn!(service = %service, "ignoring route meta {k}: {e}")
-                    }
-                    None => {}
+                if let Some(parsed) = parse_route_tag(&v, "", false) {
+                    routes.push(declared(&service, format!("meta {k}={v}"), index, parsed));
                 }
             }
         }
