@@ -362,14 +362,7 @@ async fn an_acl_agent_serves_with_the_right_token_and_a_wrong_token_is_a_clear_e
     let pools = admin_json(&c, admin, "/pools").await;
     let src = pools[0]["source"].as_str().unwrap();
     assert!(src.starts_with("consul service api at index "), "{src}");
-    let metrics = c
-        .get(format!("http://127.0.0.1:{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = admin_text(&c, admin, "/metrics").await;
     assert!(metrics.contains("tollgate_consul_watch_staleness_seconds{service=\"api\"}"));
     drop(good);
 
@@ -960,14 +953,7 @@ async fn route_claims_follow_the_policy_and_check_consul_predicts_them() {
             "{tag}: {why} in {conflicts:#?}"
         );
     }
-    let metrics = c
-        .get(format!("http://127.0.0.1:{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = admin_text(&c, admin, "/metrics").await;
     assert!(
         metrics
             .lines()
@@ -1181,4 +1167,131 @@ async fn answered_by(c: &reqwest::Client, http: SocketAddr, host: &str, p: &str)
         .await
         .ok()
         .map(|j| j["upstream"].as_str().unwrap_or_default().to_string())
+}
+
+/// A pool with a failover datacenter: two real Consul datacenters federated over the WAN on
+/// loopback. When dc1's instances fail their checks, traffic moves to dc2; when they pass
+/// again, it comes back after `failback_after`; a client looping throughout sees no failure.
+#[tokio::test]
+async fn a_pool_fails_over_to_another_datacenter_and_back() {
+    let dc1_up = Upstream::start("dc1").await;
+    let dc2_up = Upstream::start("dc2").await;
+    let dir = tempfile::tempdir().unwrap();
+    let dc1 = ConsulAgent::start_in(dir.path(), "dc1").await;
+    let dc2 = ConsulAgent::start_in(dir.path(), "dc2").await;
+    dc1.join_wan(&dc2).await;
+    dc1.register("api-1", "api", dc1_up.addr, &[]).await;
+    dc2.register("api-2", "api", dc2_up.addr, &[]).await;
+    let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let admin = free_port();
+    let path = dir.path().join("tollgate.toml");
+    write(
+        &path,
+        &format!(
+            "[admin]\naddress = \"127.0.0.1:{admin}\"\n\n[consul]\naddress = \"http://{}\"\nwait = \"30s\"\nfailback_after = \"2s\"\nstate_file = \"\"\n\n\
+             [[listener]]\naddress = \"{http}\"\n\n\
+             [[vhost]]\nnames = [\"a.test\"]\n[[vhost.route]]\npath = \"/\"\npool = \"api\"\n\n\
+             [pool.api]\nconsul = {{ service = \"api\", failover = [\"dc2\"] }}\n",
+            dc1.http
+        ),
+    );
+    let mut tg = Tollgate::start(&path);
+    tg.ready(http).await;
+    let c = plain();
+    wait_for("dc1 to serve", Duration::from_secs(20), || async {
+        answered_by(&c, http, "a.test", "/").await.as_deref() == Some("dc1")
+    })
+    .await;
+    // the dc2 watch has answered too (a datacenter not heard from is never failed over to)
+    wait_for(
+        "the dc2 watch to answer",
+        Duration::from_secs(20),
+        || async {
+            let status = admin_json(&c, admin, "/status").await;
+            status["consul"]["watches"].as_array().is_some_and(|w| {
+                w.iter()
+                    .any(|w| w["service"] == "api@dc2" && w["healthy"] == true)
+            })
+        },
+    )
+    .await;
+
+    // a client loop for the whole test: bounded in count and time
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answers = Arc::new(std::sync::Mutex::new(Vec::<(Instant, String)>::new()));
+    let client = {
+        let (c, stop, answers) = (c.clone(), stop.clone(), answers.clone());
+        tokio::spawn(async move {
+            let end = Instant::now() + Duration::from_secs(90);
+            for _ in 0..20_000 {
+                if stop.load(std::sync::atomic::Ordering::SeqCst) || Instant::now() > end {
+                    break;
+                }
+                let a = answered_by(&c, http, "a.test", "/")
+                    .await
+                    .unwrap_or_else(|| "connection failed".into());
+                answers.lock().unwrap().push((Instant::now(), a));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let last = |answers: &Arc<std::sync::Mutex<Vec<(Instant, String)>>>| {
+        answers.lock().unwrap().last().map(|(_, a)| a.clone())
+    };
+
+    dc1.set_check("api-1", false).await;
+    wait_for("dc2 to serve", Duration::from_secs(20), || async {
+        last(&answers).as_deref() == Some("dc2")
+    })
+    .await;
+    let pools = admin_json(&c, admin, "/pools").await;
+    let dc = &pools.as_array().unwrap()[0]["datacenter"];
+    assert_eq!(dc["serving"], "dc2", "{pools}");
+    assert!(
+        dc["reason"]
+            .as_str()
+            .unwrap()
+            .contains("has no passing instance; dc2 is the first failover datacenter"),
+        "{dc}"
+    );
+    let metrics = admin_text(&c, admin, "/metrics").await;
+    assert!(
+        metrics.contains("tollgate_pool_datacenter{pool=\"api\",datacenter=\"dc2\"} 1"),
+        "{metrics}"
+    );
+
+    // dc1 passes again: it serves again, but only after failback_after
+    let healed = Instant::now();
+    dc1.set_check("api-1", true).await;
+    wait_for("dc1 to serve again", Duration::from_secs(20), || async {
+        last(&answers).as_deref() == Some("dc1")
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    client.await.unwrap();
+    let answers = answers.lock().unwrap().clone();
+    let back = answers
+        .iter()
+        .find(|(t, a)| *t > healed && a == "dc1")
+        .map(|(t, _)| t.duration_since(healed))
+        .unwrap();
+    assert!(
+        back >= Duration::from_millis(1900),
+        "back to dc1 after {back:?}, not the 2 s hold"
+    );
+    let failed: Vec<&String> = answers
+        .iter()
+        .map(|(_, a)| a)
+        .filter(|a| *a != "dc1" && *a != "dc2")
+        .collect();
+    assert!(answers.len() > 100, "too little traffic: {}", answers.len());
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {failed:?}",
+        failed.len(),
+        answers.len()
+    );
+    let log = tg.log_text();
+    assert!(log.contains("pool failover"), "the switch is logged");
+    let _ = tg.child.kill();
 }

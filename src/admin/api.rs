@@ -130,11 +130,31 @@ fn pool_json(pool: &Pool, watches: &WatchTable) -> Value {
             },
             None => "file".to_string(),
         },
+        "datacenter": datacenter_json(pool),
         "balance": balance(pool.spec.balance),
         "retries": pool.spec.retries,
         "max_fails": pool.spec.health.max_fails,
         "backends": backends(pool),
     })
+}
+
+/// Which datacenter serves a Consul pool with failover datacenters, and why (else null).
+fn datacenter_json(pool: &Pool) -> Value {
+    if pool.spec.failover.is_empty() {
+        return Value::Null;
+    }
+    let own = pool
+        .spec
+        .consul
+        .as_ref()
+        .and_then(|k| k.datacenter.clone())
+        .unwrap_or_else(|| "local".to_string());
+    match &pool.spec.serving {
+        Some((dc, why)) => {
+            json!({ "serving": dc, "own": own, "failover": pool.spec.failover, "reason": why })
+        }
+        None => json!({ "serving": own, "own": own, "failover": pool.spec.failover }),
+    }
 }
 
 pub(super) fn pools(snap: &Snapshot, watches: &WatchTable) -> Value {
@@ -442,6 +462,21 @@ pub(super) fn metrics_text(state: &State, snap: &Snapshot, shown: &Shown) -> Str
             esc(&c.names.join(",")),
             esc(&c.source.display().to_string()),
             c.not_after
+        );
+    }
+    family(
+        &mut out,
+        "tollgate_pool_datacenter",
+        "gauge",
+        "1 for the datacenter serving each Consul pool that has failover datacenters.",
+    );
+    for p in snap.pools.iter().filter(|p| !p.spec.failover.is_empty()) {
+        let serving = datacenter_json(p);
+        let _ = writeln!(
+            out,
+            "tollgate_pool_datacenter{{pool=\"{}\",datacenter=\"{}\"}} 1",
+            esc(&p.name),
+            esc(serving["serving"].as_str().unwrap_or_default())
         );
     }
     single(

@@ -91,6 +91,7 @@ pub mod consul {
     /// 0: the shrink guard is off.
     pub const MIN_FRACTION: f64 = 0.0;
     pub const WATCH_GRACE: Duration = secs(30);
+    pub const FAILBACK_AFTER: Duration = secs(30);
 }
 
 /// `[failover]` and its claims (`dead_after` defaults to 3.5 intervals).
@@ -179,6 +180,7 @@ mod tests {
             ),
             ("consul", "min_fraction", consul::MIN_FRACTION.to_string()),
             ("consul", "watch_grace", dur(consul::WATCH_GRACE)),
+            ("consul", "failback_after", dur(consul::FAILBACK_AFTER)),
             ("failover", "priority", failover::PRIORITY.to_string()),
             ("failover", "interval", dur(failover::INTERVAL)),
             (

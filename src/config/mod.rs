@@ -143,6 +143,9 @@ pub struct ConsulSettings {
     pub min_fraction: f64,
     /// How long a watch outlives the last pool that needs it (route flaps do not restart it).
     pub watch_grace: Duration,
+    /// A pool served by a failover datacenter goes back to its own once that has had passing
+    /// instances this long.
+    pub failback_after: Duration,
 }
 
 /// A pool's backends from Consul: the passing instances of a service.
@@ -444,6 +447,10 @@ pub struct PoolSpec {
     pub backends: Vec<BackendSpec>,
     /// `Some` when the backends come from Consul.
     pub consul: Option<ServiceKey>,
+    /// Datacenters that serve, in order, when the pool's own has no passing instance.
+    pub failover: Vec<String>,
+    /// For a Consul pool: the datacenter serving now and why (`None`: its own).
+    pub serving: Option<(String, String)>,
     pub balance: Balance,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
@@ -455,12 +462,28 @@ pub struct PoolSpec {
 }
 
 impl PoolSpec {
+    /// The watches a Consul pool needs: its own service key, then one per failover
+    /// datacenter, in order (empty for a static pool).
+    pub fn consul_keys(&self) -> Vec<ServiceKey> {
+        let Some(k) = &self.consul else {
+            return Vec::new();
+        };
+        let mut keys = vec![k.clone()];
+        keys.extend(self.failover.iter().map(|dc| ServiceKey {
+            datacenter: Some(dc.clone()),
+            ..k.clone()
+        }));
+        keys
+    }
+
     /// A pool with every default, whose backends are the passing instances of `key`.
     pub fn for_consul(key: ServiceKey) -> PoolSpec {
         use defaults::pool::*;
         PoolSpec {
             backends: Vec::new(),
             consul: Some(key),
+            failover: Vec::new(),
+            serving: None,
             balance: Balance::RoundRobin,
             connect_timeout: CONNECT_TIMEOUT,
             read_timeout: READ_TIMEOUT,

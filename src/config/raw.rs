@@ -139,6 +139,7 @@ pub struct RawConsul {
     pub route_meta_prefix: Option<String>,
     pub min_fraction: Option<S<f64>>,
     pub watch_grace: Option<S<String>>,
+    pub failback_after: Option<S<String>>,
     #[serde(default)]
     pub allow: Vec<S<RawAllow>>,
 }
@@ -216,6 +217,8 @@ pub struct RawConsulPool {
     pub tags: Vec<String>,
     pub datacenter: Option<String>,
     pub passing: Option<bool>,
+    #[serde(default)]
+    pub failover: Vec<S<String>>,
 }
 
 #[derive(Debug, Deserialize, Clone)]

@@ -153,6 +153,16 @@ pub struct DiscoveredRoute {
 pub struct View {
     pub services: BTreeMap<ServiceKey, ServiceView>,
     pub routes: Vec<DiscoveredRoute>,
+    /// For pools with failover datacenters: the watch that serves each pool's own service
+    /// key now, and why (absent: its own).
+    pub serving: BTreeMap<ServiceKey, Serving>,
+}
+
+/// Which datacenter's instances serve a pool, and why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Serving {
+    pub key: ServiceKey,
+    pub reason: String,
 }
 
 /// A route a tag declares.
@@ -323,6 +333,11 @@ impl View {
                 })
                 .collect(),
             routes: self.routes.clone(),
+            serving: self
+                .serving
+                .iter()
+                .map(|(k, s)| (k.clone(), s.clone()))
+                .collect(),
         };
         let text = serde_json::to_vec_pretty(&saved).map_err(std::io::Error::other)?;
         let tmp = path.with_extension("tmp");
@@ -341,6 +356,7 @@ impl View {
                 .map(|s| (s.key, s.view))
                 .collect(),
             routes: saved.routes,
+            serving: saved.serving.into_iter().collect(),
         })
     }
 }
@@ -350,6 +366,8 @@ struct Saved {
     services: Vec<SavedService>,
     #[serde(default)]
     routes: Vec<DiscoveredRoute>,
+    #[serde(default)]
+    serving: Vec<(ServiceKey, Serving)>,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]

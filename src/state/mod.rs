@@ -208,10 +208,17 @@ impl Snapshot {
         for (name, spec) in &pool_specs {
             index.insert(name, pools.len());
             let pool = match &spec.consul {
-                // Consul pools take the backends of the last successful answer (none yet: empty)
+                // Consul pools take the backends of the last successful answer (none yet:
+                // empty), from the datacenter that serves the pool now
                 Some(key) => {
                     let mut spec = spec.clone();
-                    spec.backends = view.backends(key).map(<[_]>::to_vec).unwrap_or_default();
+                    let serving = view.serving.get(key);
+                    let from = serving.map(|s| &s.key).unwrap_or(key);
+                    spec.backends = view.backends(from).map(<[_]>::to_vec).unwrap_or_default();
+                    spec.serving = serving.map(|s| {
+                        let dc = s.key.datacenter.clone().unwrap_or_default();
+                        (dc, s.reason.clone())
+                    });
                     registry.pool(name, &spec, m)
                 }
                 None => registry.pool(name, spec, m),
@@ -659,14 +666,28 @@ impl crate::discovery::consul::Live for State {
     fn wanted(&self) -> (crate::config::ConsulSettings, Vec<ServiceKey>) {
         let snap = self.snapshot();
         // pools of the live Snapshot: the file's and those created for tag-declared routes
+        // (with a watch per failover datacenter)
         let mut keys: Vec<ServiceKey> = snap
             .pools
             .iter()
-            .filter_map(|p| p.spec.consul.clone())
+            .flat_map(|p| p.spec.consul_keys())
             .collect();
         keys.sort();
         keys.dedup();
         (snap.config.consul.clone(), keys)
+    }
+
+    fn failover_groups(&self) -> Vec<Vec<ServiceKey>> {
+        let snap = self.snapshot();
+        let mut groups: Vec<Vec<ServiceKey>> = snap
+            .pools
+            .iter()
+            .filter(|p| !p.spec.failover.is_empty())
+            .map(|p| p.spec.consul_keys())
+            .collect();
+        groups.sort();
+        groups.dedup();
+        groups
     }
 
     fn view(&self) -> Arc<View> {

@@ -48,6 +48,17 @@ pub fn run_check(path: &Path) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
+/// GET an admin API path (no token) as text.
+pub async fn admin_text(c: &reqwest::Client, admin: u16, path: &str) -> String {
+    c.get(format!("http://127.0.0.1:{admin}{path}"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// GET an admin API path (no token) as JSON.
 pub async fn admin_json(c: &reqwest::Client, admin: u16, path: &str) -> serde_json::Value {
     c.get(format!("http://127.0.0.1:{admin}{path}"))
@@ -508,6 +519,35 @@ impl ConsulAgent {
         Self::start_fresh(dir, None, None).await
     }
 
+    /// An agent that is the server of datacenter `dc` (join others with `join_wan`).
+    pub async fn start_in(dir: &Path, dc: &str) -> ConsulAgent {
+        Self::start_fresh(dir, None, Some(format!("datacenter = \"{dc}\""))).await
+    }
+
+    /// Federate with `other` over the WAN (two datacenters), and wait until this agent
+    /// knows both.
+    pub async fn join_wan(&self, other: &ConsulAgent) {
+        self.put(
+            &format!("/v1/agent/join/127.0.0.1:{}?wan=1", other.ports[1]),
+            None,
+        )
+        .await;
+        let c = reqwest::Client::new();
+        let url = format!("http://{}/v1/catalog/datacenters", self.http);
+        let end = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < end {
+            if let Ok(r) = c.get(&url).send().await {
+                if let Ok(dcs) = r.json::<Vec<String>>().await {
+                    if dcs.len() >= 2 {
+                        return;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the agents did not federate over the WAN in 30 s");
+    }
+
     /// An agent that also serves its API over HTTPS, with a certificate for 127.0.0.1
     /// issued by `ca`.
     pub async fn start_tls(dir: &Path, ca: &TestCa) -> ConsulAgent {
@@ -534,16 +574,18 @@ impl ConsulAgent {
     async fn start_fresh(
         dir: &Path,
         master_token: Option<String>,
-        tls: Option<String>,
+        settings: Option<String>,
     ) -> ConsulAgent {
         let mut last = String::new();
         for _ in 0..3 {
             let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
             let ports = [free_port(), free_port(), free_port()];
-            // an HTTPS listener on a fresh port, with the certificate settings given
-            let extra = tls
-                .as_ref()
-                .map(|t| format!("ports {{ https = {} }}\n{t}", free_port()));
+            // an HTTPS listener on a fresh port, with the certificate settings given; other
+            // settings (no `cert_file`) as they are
+            let extra = settings.as_ref().map(|t| match t.contains("cert_file") {
+                true => format!("ports {{ https = {} }}\n{t}", free_port()),
+                false => t.clone(),
+            });
             match Self::try_spawn(dir, http, ports, master_token.clone(), extra).await {
                 Ok(a) => return a,
                 Err(e) => last = e,

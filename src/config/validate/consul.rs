@@ -122,6 +122,13 @@ pub(super) fn consul(cx: &mut Ctx, raw: &crate::config::raw::RawConsul) -> Consu
                 def::MIN_FRACTION
             }
         },
+        failback_after: cx.duration_in(
+            &raw.failback_after,
+            "consul.failback_after",
+            def::FAILBACK_AFTER,
+            Duration::ZERO,
+            Duration::from_secs(3600),
+        ),
         watch_grace: cx.duration_in(
             &raw.watch_grace,
             "consul.watch_grace",

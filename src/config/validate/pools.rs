@@ -43,6 +43,31 @@ pub(super) fn pools(
                 passing: c_ref.passing.unwrap_or(true),
             }
         });
+        // other datacenters, in order: names Consul accepts, each once, not the pool's own
+        let mut failover: Vec<String> = Vec::new();
+        if let Some(c) = &p.consul {
+            let own = c.get_ref().datacenter.as_deref();
+            for dc in &c.get_ref().failover {
+                let name = dc.get_ref().trim();
+                let ok = !name.is_empty()
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                let why = if !ok {
+                    Some(format!("`{name}` is not a datacenter name"))
+                } else if failover.iter().any(|d| d == name) {
+                    Some(format!("`{name}` is listed twice"))
+                } else if own == Some(name) {
+                    Some(format!("`{name}` is the pool's own datacenter"))
+                } else {
+                    None
+                };
+                match why {
+                    Some(m) => cx.err(dc.span(), format!("{opt}.consul.failover"), m),
+                    None => failover.push(name.to_string()),
+                }
+            }
+        }
         if p.backends.is_empty() && consul.is_none() {
             cx.err(
                 sp.span(),
@@ -162,6 +187,8 @@ pub(super) fn pools(
             PoolSpec {
                 backends,
                 consul,
+                failover,
+                serving: None,
                 balance,
                 connect_timeout,
                 read_timeout,

@@ -294,3 +294,42 @@ fn consul_claim_rules_and_vhost_consent_are_validated() {
         );
     }
 }
+
+#[test]
+fn consul_pool_failover_datacenters_are_validated() {
+    let pool = |failover: &str| {
+        OK.replace(
+            "[pool.web]\nbackends = [\"127.0.0.1:9000\", { address = \"127.0.0.1:9001\", weight = 3 }]",
+            &format!("[pool.web]\nconsul = {{ service = \"web\", datacenter = \"dc1\", failover = {failover} }}"),
+        )
+    };
+    let c = parse(
+        Path::new("/etc/tollgate/t.toml"),
+        &pool("[\"dc2\", \"dc3\"]"),
+    )
+    .unwrap();
+    let web = &c.pools["web"];
+    assert_eq!(web.failover, ["dc2", "dc3"]);
+    let dcs: Vec<Option<String>> = web
+        .consul_keys()
+        .into_iter()
+        .map(|k| k.datacenter)
+        .collect();
+    assert_eq!(
+        dcs,
+        [Some("dc1".into()), Some("dc2".into()), Some("dc3".into())]
+    );
+    assert_eq!(c.consul.failback_after, Duration::from_secs(30));
+    let e = errs(&pool("[\"dc2\", \"dc2\", \"dc1\", \"d c\"]"));
+    for words in [
+        "`dc2` is listed twice",
+        "`dc1` is the pool's own datacenter",
+        "`d c` is not a datacenter name",
+    ] {
+        assert!(
+            e.iter()
+                .any(|e| e.option == "pool.web.consul.failover" && e.message == words),
+            "{words}: {e:#?}"
+        );
+    }
+}

@@ -6,7 +6,7 @@
 //! (`rules`); `client` is the HTTP side, `watch` the loops, `quiet` the window's clock, and
 //! this module the manager that starts and stops watches and applies what they see.
 
-use super::{parse_route_tag, DiscoveredRoute, ServiceView, TagRoute, View};
+use super::{parse_route_tag, DiscoveredRoute, ServiceView, Serving, TagRoute, View};
 use crate::config::{BackendSpec, ConsulSettings, ServiceKey};
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
@@ -21,7 +21,9 @@ mod rules;
 mod watch;
 
 pub(crate) use client::{client, token};
-pub use rules::{backoff, guard_shrink, next_index, parse_health, TokenBucket};
+pub use rules::{
+    backoff, choose_datacenter, guard_shrink, next_index, parse_health, Failover, TokenBucket,
+};
 pub use watch::{WatchHealth, WatchTable};
 #[allow(clippy::wildcard_imports)]
 use {client::*, quiet::*, rules::*, watch::*};
@@ -72,6 +74,8 @@ pub trait Live: Send + Sync {
     /// The Consul settings in force and the services the live pools watch (the file's and
     /// those created for tag-declared routes), sorted, without repeats.
     fn wanted(&self) -> (ConsulSettings, Vec<ServiceKey>);
+    /// The pools with failover datacenters: each one's watches, its own first.
+    fn failover_groups(&self) -> Vec<Vec<ServiceKey>>;
     /// The Consul view the live configuration was built from.
     fn view(&self) -> Arc<View>;
     /// Build the configuration with `view` and put it live: its generation, or why not.
@@ -117,6 +121,8 @@ impl Manager {
         let mut fallback: Option<(Vec<ServiceKey>, tokio::task::JoinHandle<()>)> = None;
         let mut leaving: BTreeMap<ServiceKey, Instant> = BTreeMap::new();
         let quiet = Quiet::new();
+        // which datacenter serves each pool with failover ones (by its own service key)
+        let mut failovers: BTreeMap<ServiceKey, Failover> = BTreeMap::new();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             // start and stop watches as pools come and go (checked every second)
@@ -178,11 +184,18 @@ impl Manager {
 
             tokio::select! {
                 _ = shutdown.changed() => break,
-                _ = tick.tick() => {}
+                _ = tick.tick() => {
+                    // a failover datacenter hands back once the own one has been well for
+                    // `failback_after`: checked every second, rebuilt only on a switch
+                    let mut view: View = (*self.state.view()).clone();
+                    if self.choose_datacenters(&mut view, &mut failovers, settings.failback_after) {
+                        self.publish(view, 0, Instant::now());
+                    }
+                }
                 Some(first) = rx.recv() => {
                     let batch =
                         burst(first, &mut rx, settings.quiescence_min, settings.quiescence_max, |d| quiet.wait(d)).await;
-                    self.apply(batch);
+                    self.apply(batch, &mut failovers, settings.failback_after);
                 }
             }
         }
@@ -197,7 +210,60 @@ impl Manager {
         }
     }
 
-    fn apply(&self, batch: Vec<Change>) {
+    /// For every pool with failover datacenters, choose the one that serves it now
+    /// (`choose_datacenter`) and note it in `view.serving`. True when any pool switched.
+    fn choose_datacenters(
+        &self,
+        view: &mut View,
+        failovers: &mut BTreeMap<ServiceKey, Failover>,
+        hold: Duration,
+    ) -> bool {
+        let groups = self.state.failover_groups();
+        failovers.retain(|k, _| groups.iter().any(|g| &g[0] == k));
+        view.serving
+            .retain(|k, _| groups.iter().any(|g| &g[0] == k));
+        let now = Instant::now();
+        let mut switched = false;
+        for keys in groups {
+            let counts: Vec<Option<usize>> = keys
+                .iter()
+                .map(|k| view.services.get(k).map(|s| s.backends.len()))
+                .collect();
+            let names: Vec<String> = keys
+                .iter()
+                .map(|k| match &k.datacenter {
+                    Some(dc) => dc.clone(),
+                    None => "the local datacenter".to_string(),
+                })
+                .collect();
+            let st = failovers.entry(keys[0].clone()).or_default();
+            let before = st.serving;
+            if let Some((i, reason)) = choose_datacenter(&counts, &names, st, now, hold) {
+                tracing::warn!(
+                    service = %keys[0],
+                    from = %names[before],
+                    to = %names[i],
+                    "pool failover: {reason}"
+                );
+                switched = true;
+                if i == 0 {
+                    view.serving.remove(&keys[0]);
+                } else {
+                    let key = keys[i].clone();
+                    view.serving
+                        .insert(keys[0].clone(), Serving { key, reason });
+                }
+            }
+        }
+        switched
+    }
+
+    fn apply(
+        &self,
+        batch: Vec<Change>,
+        failovers: &mut BTreeMap<ServiceKey, Failover>,
+        hold: Duration,
+    ) {
         let oldest = batch
             .iter()
             .map(Change::received)
@@ -216,6 +282,13 @@ impl Manager {
                 }
             }
         }
+        self.choose_datacenters(&mut view, failovers, hold);
+        self.publish(view, batch.len(), oldest);
+    }
+
+    /// Put `view` live (it carries `changes` Consul changes, the oldest received at
+    /// `oldest`), save it, and say what changed.
+    fn publish(&self, view: View, changes: usize, oldest: Instant) {
         let before = self.state.route_conflicts();
         let file = self.state.state_file();
         match self.state.apply_view(view) {
@@ -226,10 +299,12 @@ impl Manager {
                     }
                 }
                 let took = oldest.elapsed();
-                self.metrics.convergence.observe(took);
+                if changes > 0 {
+                    self.metrics.convergence.observe(took);
+                }
                 tracing::info!(
                     generation,
-                    changes = batch.len(),
+                    changes,
                     convergence_ms = took.as_secs_f64() * 1000.0,
                     "pools rebuilt from Consul"
                 );
@@ -257,6 +332,82 @@ impl pingora::services::background::BackgroundService for Manager {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn datacenter_failover_moves_on_empty_and_comes_back_after_the_hold() {
+        use std::time::{Duration, Instant};
+        let names: Vec<String> = ["dc1", "dc2", "dc3"].map(String::from).to_vec();
+        let hold = Duration::from_secs(30);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut st = Failover::default();
+        // the own datacenter not heard from yet: nothing moves, even when another answered
+        assert_eq!(
+            choose_datacenter(&[None, Some(2), None], &names, &mut st, at(0), hold),
+            None
+        );
+        assert_eq!(
+            choose_datacenter(&[Some(3), Some(2), Some(1)], &names, &mut st, at(1), hold),
+            None
+        );
+        // dc1 empties: the first failover datacenter that has instances serves
+        let (i, why) =
+            choose_datacenter(&[Some(0), Some(0), Some(1)], &names, &mut st, at(2), hold).unwrap();
+        assert_eq!(i, 2);
+        assert!(
+            why.contains("dc1 has no passing instance; dc3 is the first"),
+            "{why}"
+        );
+        // dc2 comes back: no bounce to it (dc3 still serves)
+        assert_eq!(
+            choose_datacenter(&[Some(0), Some(2), Some(1)], &names, &mut st, at(3), hold),
+            None
+        );
+        // dc1 flaps: back, gone, back; it serves again only after the hold, counted from
+        // the last time it came back
+        assert_eq!(
+            choose_datacenter(&[Some(1), Some(2), Some(1)], &names, &mut st, at(4), hold),
+            None
+        );
+        assert_eq!(
+            choose_datacenter(&[Some(0), Some(2), Some(1)], &names, &mut st, at(10), hold),
+            None
+        );
+        assert_eq!(
+            choose_datacenter(&[Some(1), Some(2), Some(1)], &names, &mut st, at(11), hold),
+            None
+        );
+        assert_eq!(
+            choose_datacenter(&[Some(1), Some(2), Some(1)], &names, &mut st, at(40), hold),
+            None
+        );
+        let (i, why) =
+            choose_datacenter(&[Some(1), Some(2), Some(1)], &names, &mut st, at(41), hold).unwrap();
+        assert_eq!(i, 0);
+        assert!(
+            why.contains("dc1 has had passing instances for 30s"),
+            "{why}"
+        );
+        // the serving failover datacenter empties while dc1 is still held off: dc1 at once
+        let mut st = Failover {
+            serving: 1,
+            own_ok_since: Some(at(50)),
+        };
+        let (i, _) =
+            choose_datacenter(&[Some(1), Some(0), Some(1)], &names, &mut st, at(51), hold).unwrap();
+        assert_eq!(i, 0);
+        // nothing anywhere: the own datacenter (its pool answers 503, saying so)
+        let mut st = Failover {
+            serving: 2,
+            own_ok_since: None,
+        };
+        let (i, why) =
+            choose_datacenter(&[Some(0), Some(0), Some(0)], &names, &mut st, at(60), hold).unwrap();
+        assert_eq!(
+            (i, why.as_str()),
+            (0, "no datacenter has a passing instance")
+        );
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_burst_becomes_one_batch_and_a_quiet_gap_ends_it() {

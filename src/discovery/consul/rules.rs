@@ -187,3 +187,68 @@ pub(super) async fn burst<T, F: std::future::Future<Output = ()>>(
     }
     batch
 }
+
+/// Where a pool with failover datacenters is served from, and what keeps it from bouncing.
+#[derive(Debug, Clone, Default)]
+pub struct Failover {
+    /// An index into the pool's watches: 0 its own datacenter, then its failover ones.
+    pub serving: usize,
+    /// Since when its own datacenter has had passing instances, without a break.
+    pub own_ok_since: Option<Instant>,
+}
+
+/// Choose the datacenter that serves a pool. `counts` holds each watch's passing instances
+/// (the pool's own datacenter first, then its failover ones in order; `None`: no answer yet)
+/// and `names` their names. The own datacenter serves while it has passing instances; when
+/// it has none, the first other one that has serves; the own one takes over again once it
+/// has had passing instances for `hold`, so a flapping check does not bounce traffic. A
+/// datacenter not heard from yet is never judged empty. Returns the new index and why, when
+/// it changes.
+pub fn choose_datacenter(
+    counts: &[Option<usize>],
+    names: &[String],
+    st: &mut Failover,
+    now: Instant,
+    hold: Duration,
+) -> Option<(usize, String)> {
+    let has = |i: usize| counts.get(i).copied().flatten().is_some_and(|n| n > 0);
+    let empty = |i: usize| counts.get(i).copied().flatten() == Some(0);
+    if has(0) {
+        st.own_ok_since.get_or_insert(now);
+    } else {
+        st.own_ok_since = None;
+    }
+    let first_other = || (1..counts.len()).find(|&i| has(i));
+    let cur = st.serving.min(counts.len().saturating_sub(1));
+    let (next, why) = if cur == 0 {
+        match first_other() {
+            Some(i) if empty(0) => (
+                i,
+                format!(
+                    "{} has no passing instance; {} is the first failover datacenter that has",
+                    names[0], names[i]
+                ),
+            ),
+            _ => (0, String::new()),
+        }
+    } else if st
+        .own_ok_since
+        .is_some_and(|t| now.saturating_duration_since(t) >= hold)
+    {
+        (
+            0,
+            format!("{} has had passing instances for {hold:?}", names[0]),
+        )
+    } else if has(cur) || !empty(cur) {
+        (cur, String::new())
+    } else if has(0) {
+        (0, format!("{} has no passing instance either", names[cur]))
+    } else {
+        match first_other() {
+            Some(i) => (i, format!("{} has no passing instance either", names[cur])),
+            None => (0, "no datacenter has a passing instance".to_string()),
+        }
+    };
+    st.serving = next;
+    (next != cur).then_some((next, why))
+}
