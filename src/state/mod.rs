@@ -5,11 +5,12 @@
 //! Snapshot (backend health and cursors, metric counters, the plugin host) is `Lasting`,
 //! handed in and kept beside it.
 
+mod merge;
 mod policy;
 pub mod watch;
 
 use crate::config::cidr::Cidr;
-use crate::config::{AdminToken, Config, ConfigErrors, PoolSpec, RouteOptions, ServiceKey};
+use crate::config::{AdminToken, Config, ConfigErrors, RouteOptions, ServiceKey};
 use crate::discovery::View;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::routing::{RouteEntry, RouteTable, VhostEntry};
@@ -17,6 +18,7 @@ use crate::tls::CertStore;
 use crate::upstream::{Pool, Registry};
 use crate::wasm::{Host, Plugin};
 use arc_swap::ArcSwap;
+pub(crate) use merge::{merge_routes, Merged, MergedVhost};
 use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -319,187 +321,6 @@ fn gather(config: &Config, host: &'static Host) -> Result<Gathered, ConfigErrors
             all.sort_by_key(|e| e.origin.line);
             Err(ConfigErrors(all))
         }
-    }
-}
-
-/// The vhosts and pools a Snapshot serves: the file's, then the routes services declare in
-/// Consul (`view.routes`), merged. The file wins every conflict; a conflict is reported in
-/// `route_conflicts`, never fatal. Pure: `covers` says whether a loaded certificate covers a
-/// host (for the warning about Consul-declared hosts without one).
-pub(crate) struct Merged {
-    pub vhosts: Vec<MergedVhost>,
-    pub pool_specs: BTreeMap<String, PoolSpec>,
-    pub route_conflicts: Vec<String>,
-}
-
-/// A vhost of the merge, with its routes.
-pub(crate) struct MergedVhost {
-    pub info: VhostInfo,
-    pub routes: Vec<RouteInfo>,
-    /// For a vhost made for a host a file vhost's wildcard covers: that file vhost (its
-    /// `consul_routes` judges every claim on the host).
-    pub under: Option<usize>,
-}
-
-impl std::ops::Deref for MergedVhost {
-    type Target = VhostInfo;
-    fn deref(&self) -> &VhostInfo {
-        &self.info
-    }
-}
-
-pub(crate) fn merge_routes(config: &Config, view: &View, covers: impl Fn(&str) -> bool) -> Merged {
-    // Vhosts and routes: the file's first, then the routes services declare in Consul.
-    // The file wins every conflict; conflicts are reported, never fatal.
-    let mut vhosts: Vec<MergedVhost> = config
-        .vhosts
-        .iter()
-        .map(|v| MergedVhost {
-            info: VhostInfo {
-                label: v.label().to_string(),
-                names: v.names.clone(),
-                default: v.default,
-                redirect_https: v.redirect_https,
-                source: format!("file {}", v.origin),
-                plugins: v.plugins.clone(),
-            },
-            under: None,
-            routes: v
-                .routes
-                .iter()
-                .map(|r| RouteInfo {
-                    path: r.path.clone(),
-                    pool: r.pool.clone(),
-                    source: format!("file {}", r.origin),
-                    max_body_size: r.max_body_size,
-                    plugins: r.plugins.clone(),
-                    allowed_by: None,
-                    options: RouteOptions::default(),
-                })
-                .collect(),
-        })
-        .collect();
-    let mut pool_specs: BTreeMap<String, PoolSpec> = config.pools.clone();
-    let mut route_conflicts = Vec::new();
-    for dr in &view.routes {
-        let source = format!(
-            "consul tag `{}` of service {} at index {}",
-            dr.tag, dr.service, dr.index
-        );
-        if let Some(why) = &dr.refused {
-            route_conflicts.push(format!("{source}: not applied: {why}"));
-            continue;
-        }
-        let shown_host = if dr.host.is_empty() {
-            "any host"
-        } else {
-            dr.host.as_str()
-        };
-        let target = if dr.host.is_empty() {
-            vhosts.iter().position(|v| v.default)
-        } else {
-            vhosts.iter().position(|v| v.names.contains(&dr.host))
-        };
-        // the file vhost that serves the claimed host: by name, as the default, or by a
-        // wildcard (then the host gets a vhost of its own with that vhost's routes)
-        let wildcard = || {
-            config.vhosts.iter().position(|v| {
-                v.names
-                    .iter()
-                    .any(|n| n.starts_with("*.") && policy::host_matches(n, &dr.host))
-            })
-        };
-        let (file_vhost, wild) = match target {
-            Some(i) if i < config.vhosts.len() => (Some(&config.vhosts[i]), None),
-            Some(i) => (vhosts[i].under.map(|w| &config.vhosts[w]), None),
-            None if dr.host.is_empty() => (None, None),
-            None => match wildcard() {
-                Some(w) => (Some(&config.vhosts[w]), Some(w)),
-                None => (None, None),
-            },
-        };
-        if target.is_none() && dr.host.is_empty() {
-            route_conflicts.push(format!(
-                "{source}: routes {shown_host}{} but there is no default vhost",
-                dr.path
-            ));
-            continue;
-        }
-        let allowed_by = match policy::judge(&config.consul_allow, dr, file_vhost) {
-            Ok(by) => by,
-            Err(why) => {
-                route_conflicts.push(format!("{source}: {shown_host}{} refused: {why}", dr.path));
-                continue;
-            }
-        };
-        let vi = match (target, wild) {
-            (Some(i), _) => i,
-            (None, Some(w)) => {
-                // the wildcard vhost's routes and plugins keep serving this host
-                let mut info = vhosts[w].info.clone();
-                info.label = dr.host.clone();
-                info.names = vec![dr.host.clone()];
-                info.source = format!("{source} (under vhost {})", vhosts[w].label);
-                let routes = vhosts[w].routes.clone();
-                vhosts.push(MergedVhost {
-                    info,
-                    routes,
-                    under: Some(w),
-                });
-                vhosts.len() - 1
-            }
-            (None, None) => {
-                if config.has_tls() && !covers(&dr.host) {
-                    route_conflicts.push(format!(
-                        "{source}: no certificate covers {}; HTTPS clients get the default certificate",
-                        dr.host
-                    ));
-                }
-                vhosts.push(MergedVhost {
-                    info: VhostInfo {
-                        label: dr.host.clone(),
-                        names: vec![dr.host.clone()],
-                        default: false,
-                        redirect_https: true,
-                        source: source.clone(),
-                        plugins: Vec::new(),
-                    },
-                    routes: Vec::new(),
-                    under: None,
-                });
-                vhosts.len() - 1
-            }
-        };
-        if let Some(existing) = vhosts[vi].routes.iter().find(|r| r.path == dr.path) {
-            route_conflicts.push(format!(
-                "{source}: {shown_host}{} is already routed by {} (kept)",
-                dr.path, existing.source
-            ));
-            continue;
-        }
-        let pool = format!("consul:{}", dr.service);
-        pool_specs.entry(pool.clone()).or_insert_with(|| {
-            PoolSpec::for_consul(ServiceKey {
-                service: dr.service.clone(),
-                tags: Vec::new(),
-                datacenter: None,
-                passing: true,
-            })
-        });
-        vhosts[vi].routes.push(RouteInfo {
-            path: dr.path.clone(),
-            pool,
-            source,
-            max_body_size: None,
-            plugins: Vec::new(),
-            allowed_by: Some(allowed_by),
-            options: dr.options.clone(),
-        });
-    }
-    Merged {
-        vhosts,
-        pool_specs,
-        route_conflicts,
     }
 }
 
