@@ -93,6 +93,8 @@ pub struct Metrics {
     pub consul_errors: AtomicU64,
     /// Answers the guard refused to apply (a pool would have emptied).
     pub consul_guarded: AtomicU64,
+    /// Services read in the fallback mode (beyond `consul.max_blocking`).
+    pub consul_fallback_reads: AtomicU64,
     /// From a Consul answer to the Snapshot that uses it being live.
     pub convergence: Histogram,
     pub reloads_failed: AtomicU64,
@@ -167,6 +169,13 @@ impl Metrics {
             "counter",
             "Failed Consul queries (the last known pools keep serving).",
             self.consul_errors.load(Relaxed),
+        );
+        single(
+            out,
+            "tollgate_consul_fallback_reads_total",
+            "counter",
+            "Services read in the fallback mode beyond consul.max_blocking (re-read when their checks change, all when the catalog moves).",
+            self.consul_fallback_reads.load(Relaxed),
         );
         single(
             out,

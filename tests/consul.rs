@@ -1295,3 +1295,105 @@ async fn a_pool_fails_over_to_another_datacenter_and_back() {
     assert!(log.contains("pool failover"), "the switch is logged");
     let _ = tg.child.kill();
 }
+
+/// Beyond `max_blocking`, a check change re-reads the services whose checks changed, not
+/// every watched one (the fallback mode's cost at thousands of services).
+#[tokio::test]
+async fn past_max_blocking_a_check_change_reads_only_its_service() {
+    let ups = [Upstream::start("i0").await, Upstream::start("i1").await];
+    let dir = tempfile::tempdir().unwrap();
+    let consul = ConsulAgent::start(dir.path()).await;
+    const SERVICES: usize = 12;
+    for s in 0..SERVICES {
+        for (i, up) in ups.iter().enumerate() {
+            let tag = format!("tollgate.route=s{s}.test/");
+            consul
+                .register(&format!("s{s}-{i}"), &format!("s{s}"), up.addr, &[&tag])
+                .await;
+        }
+    }
+    let (path, http, admin) = tag_routing(
+        dir.path(),
+        &consul,
+        "max_blocking = 4\n",
+        "[[vhost]]\nnames = [\"file.test\"]\n[[vhost.route]]\npath = \"/\"\npool = \"static\"\n",
+        ups[0].addr,
+    );
+    let mut tg = Tollgate::start(&path);
+    tg.ready(http).await;
+    let c = plain();
+    let reads = || async {
+        let m = admin_text(&c, admin, "/metrics").await;
+        m.lines()
+            .find_map(|l| l.strip_prefix("tollgate_consul_fallback_reads_total "))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // every service routed with both instances, and the reads settled
+    let both = |s: usize| {
+        let c = c.clone();
+        async move {
+            let host = format!("s{s}.test");
+            let mut seen = BTreeSet::new();
+            for _ in 0..6 {
+                if let Some(a) = answered_by(&c, http, &host, "/").await {
+                    seen.insert(a);
+                }
+            }
+            seen.len() == 2 && seen.iter().all(|a| a.starts_with('i'))
+        }
+    };
+    wait_for(
+        "every service routed to both instances",
+        Duration::from_secs(30),
+        || async {
+            for s in 0..SERVICES {
+                if !both(s).await {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+    assert!(tg
+        .log_text()
+        .contains("more Consul services than blocking queries allowed"));
+    // the reads settle (no read in a second), bounded
+    let mut before = reads().await;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = reads().await;
+        if now == before {
+            break;
+        }
+        before = now;
+    }
+
+    // one instance of s5 fails its check: s5 loses it, and only s5 is read again
+    consul.set_check("s5-1", false).await;
+    wait_for(
+        "s5 to lose its failing instance",
+        Duration::from_secs(15),
+        || async {
+            let mut seen = BTreeSet::new();
+            for _ in 0..6 {
+                if let Some(a) = answered_by(&c, http, "s5.test", "/").await {
+                    seen.insert(a);
+                }
+            }
+            seen.len() == 1 && seen.contains("i0")
+        },
+    )
+    .await;
+    let read = reads().await - before;
+    assert!(
+        (1..=2).contains(&read),
+        "a check change read {read} services of {SERVICES} (want the one it names)"
+    );
+    assert!(
+        both(4).await && both(6).await,
+        "the others keep both instances"
+    );
+    let _ = tg.child.kill();
+}

@@ -22,7 +22,8 @@ mod watch;
 
 pub(crate) use client::{client, token};
 pub use rules::{
-    backoff, choose_datacenter, guard_shrink, next_index, parse_health, Failover, TokenBucket,
+    backoff, changed_services, choose_datacenter, guard_shrink, next_index, parse_checks,
+    parse_health, Checks, Failover, TokenBucket,
 };
 pub use watch::{WatchHealth, WatchTable};
 #[allow(clippy::wildcard_imports)]
@@ -332,6 +333,48 @@ impl pingora::services::background::BackgroundService for Manager {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn changed_checks_name_their_services_and_node_checks_name_none() {
+        let body = |checks: &[(&str, &str, &str, u64)]| {
+            let v: Vec<serde_json::Value> = checks
+                .iter()
+                .map(|(node, id, service, modify)| {
+                    serde_json::json!({"Node": node, "CheckID": id, "ServiceName": service,
+                        "ModifyIndex": modify, "Status": "passing"})
+                })
+                .collect();
+            parse_checks(serde_json::to_vec(&v).unwrap().as_slice()).unwrap()
+        };
+        let before = body(&[
+            ("n1", "serfHealth", "", 5),
+            ("n1", "service:a-1", "a", 10),
+            ("n1", "service:b-1", "b", 11),
+            ("n1", "service:c-1", "c", 12),
+        ]);
+        // b's check modified, c's gone, d's new: exactly those services
+        let now = body(&[
+            ("n1", "serfHealth", "", 5),
+            ("n1", "service:a-1", "a", 10),
+            ("n1", "service:b-1", "b", 20),
+            ("n1", "service:d-1", "d", 21),
+        ]);
+        let named: Vec<String> = changed_services(&before, &now)
+            .unwrap()
+            .into_iter()
+            .collect();
+        assert_eq!(named, ["b", "c", "d"]);
+        assert_eq!(changed_services(&before, &before).unwrap().len(), 0);
+        // the node's own check changed: every service on it may have
+        let node = body(&[
+            ("n1", "serfHealth", "", 30),
+            ("n1", "service:a-1", "a", 10),
+            ("n1", "service:b-1", "b", 11),
+            ("n1", "service:c-1", "c", 12),
+        ]);
+        assert_eq!(changed_services(&before, &node), None);
+        assert!(parse_checks(b"{}").is_err());
+    }
 
     #[test]
     fn datacenter_failover_moves_on_empty_and_comes_back_after_the_hold() {

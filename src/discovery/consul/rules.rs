@@ -252,3 +252,46 @@ pub fn choose_datacenter(
     st.serving = next;
     (next != cur).then_some((next, why))
 }
+
+/// The checks of one `/v1/health/state/any` answer: (node, check id) → (service name, or
+/// empty for a node's own check; its modify index).
+pub type Checks = HashMap<(String, String), (String, u64)>;
+
+pub fn parse_checks(body: &[u8]) -> Result<Checks, String> {
+    #[derive(Deserialize)]
+    struct Check {
+        #[serde(rename = "Node", default)]
+        node: String,
+        #[serde(rename = "CheckID", default)]
+        check_id: String,
+        #[serde(rename = "ServiceName", default)]
+        service: String,
+        #[serde(rename = "ModifyIndex", default)]
+        modify: u64,
+    }
+    let checks: Vec<Check> = serde_json::from_slice(body)
+        .map_err(|e| format!("not a /v1/health/state/any answer: {e}"))?;
+    Ok(checks
+        .into_iter()
+        .map(|c| ((c.node, c.check_id), (c.service, c.modify)))
+        .collect())
+}
+
+/// The services whose checks changed between two answers (a check added, removed or
+/// modified), or `None` when the answers cannot say which: a node's own check changed, so
+/// every service on that node may have.
+pub fn changed_services(
+    before: &Checks,
+    now: &Checks,
+) -> Option<std::collections::BTreeSet<String>> {
+    let mut out = std::collections::BTreeSet::new();
+    let gone = before.iter().filter(|(k, _)| !now.contains_key(*k));
+    let new = now.iter().filter(|(k, v)| before.get(*k) != Some(*v));
+    for (_, (service, _)) in gone.chain(new) {
+        if service.is_empty() {
+            return None;
+        }
+        out.insert(service.clone());
+    }
+    Some(out)
+}

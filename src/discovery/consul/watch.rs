@@ -476,7 +476,10 @@ pub(super) async fn watch_catalog(settings: ConsulSettings, sink: Sink) {
 
 /// The fallback beyond `max_blocking` services: two blocking watches in all, on
 /// `/v1/health/state/any` (any check changes) and `/v1/catalog/services` (any registration
-/// or tag change); when either moves, every watched service is read once (16 at a time).
+/// or tag change). When checks change, the services they name are read again (16 at a
+/// time); when the catalog moves, a node's own check changes or a watch failed, every
+/// watched service is, since the answers cannot say which changed. Services watched in
+/// another datacenter are read on every change (the change watches see the default one).
 pub(super) async fn watch_all(settings: ConsulSettings, keys: Vec<ServiceKey>, sink: Sink) {
     let http = match client(&settings) {
         Ok(c) => c,
@@ -497,20 +500,38 @@ pub(super) async fn watch_all(settings: ConsulSettings, keys: Vec<ServiceKey>, s
     // this point moves an index and causes another read, so none is missed; and the first
     // blocking queries wait instead of answering at once and causing two redundant reads.
     let (health, catalog) = tokio::join!(
-        block_on(&http, &settings, "/v1/health/state/any", 0),
+        blocking_get(&http, &settings, "/v1/health/state/any", 0),
         block_on(&http, &settings, "/v1/catalog/services", 0),
     );
-    let mut health = Blocking::new(health.unwrap_or(1), None);
+    let mut checks: Option<Checks> = None;
+    let health_index = match health {
+        Ok((index, body)) => {
+            checks = parse_checks(&body).ok();
+            index
+        }
+        Err(_) => 1,
+    };
+    let mut health = Blocking::new(health_index, None);
     let mut catalog = Blocking::new(catalog.unwrap_or(1), None);
     let mut bucket = TokenBucket::new(10.0, 20.0, Instant::now());
     let limit = Arc::new(tokio::sync::Semaphore::new(16));
-    let mut read = true;
+    // which services to read: all (None), or those named
+    let mut read: Option<Option<std::collections::BTreeSet<String>>> = Some(None);
+    let default_dc = settings.datacenter.clone();
     loop {
-        if read {
+        if let Some(named) = read.take() {
             pace(&mut bucket).await;
-            // read every service once
+            let wanted = |k: &ServiceKey| match &named {
+                None => true,
+                Some(names) => {
+                    names.contains(&k.service)
+                        || failures.contains_key(k)
+                        || (k.datacenter.is_some() && k.datacenter != default_dc)
+                }
+            };
             let mut reads = tokio::task::JoinSet::new();
-            for k in &keys {
+            for k in keys.iter().filter(|k| wanted(k)) {
+                sink.metrics.consul_fallback_reads.fetch_add(1, Relaxed);
                 let (http, s, k, limit) =
                     (http.clone(), settings.clone(), k.clone(), limit.clone());
                 reads.spawn(async move {
@@ -541,25 +562,46 @@ pub(super) async fn watch_all(settings: ConsulSettings, keys: Vec<ServiceKey>, s
         }
         // then wait for the next change anywhere; a blocking query that ran out its `wait`
         // answers with the index it was given: nothing changed, nothing to read
-        read = !failures.is_empty();
+        if !failures.is_empty() {
+            read = Some(Some(Default::default()));
+        }
         let (h, c) = (health.index, catalog.index);
-        let moved = tokio::select! {
-            r = change_watch(&http, &settings, "/v1/health/state/any", &mut health) => r.map(|i| i != h),
-            r = change_watch(&http, &settings, "/v1/catalog/services", &mut catalog) => r.map(|i| i != c),
-        };
-        // a failed change watch may have missed a change: read everything
-        read |= moved.unwrap_or(true);
+        let all = Some(None);
+        tokio::select! {
+            r = change_watch(&http, &settings, "/v1/health/state/any", &mut health) => match r {
+                Some((i, _)) if i == h => {}
+                Some((_, body)) => {
+                    let now = parse_checks(&body).ok();
+                    let named = match (&checks, &now) {
+                        (Some(before), Some(now)) => changed_services(before, now),
+                        _ => None,
+                    };
+                    checks = now;
+                    read = match (read.take(), named) {
+                        (Some(Some(mut a)), Some(b)) => { a.extend(b); Some(Some(a)) }
+                        (None, Some(b)) => Some(Some(b)),
+                        _ => all,
+                    };
+                }
+                // a failed change watch may have missed a change: read everything
+                None => { checks = None; read = all; }
+            },
+            r = change_watch(&http, &settings, "/v1/catalog/services", &mut catalog) => match r {
+                Some((i, _)) if i == c => {}
+                _ => read = all,
+            },
+        }
     }
 }
 
-/// The next answer of one change watch of the fallback mode (its index), or `None` when it
-/// failed (after backing off).
+/// The next answer of one change watch of the fallback mode (its index and body), or `None`
+/// when it failed (after backing off).
 async fn change_watch(
     http: &reqwest::Client,
     settings: &ConsulSettings,
     path: &'static str,
     w: &mut Blocking,
-) -> Option<u64> {
+) -> Option<(u64, bytes::Bytes)> {
     let failed = |failures, e: &str| {
         tracing::warn!(watch = path, error = %e, "Consul change watch failed");
         backoff(
@@ -569,6 +611,10 @@ async fn change_watch(
             fastrand::f64(),
         )
     };
-    let query = |i| async move { block_on(http, settings, path, i).await.map(|n| (n, n)) };
+    let query = |i| async move {
+        blocking_get(http, settings, path, i)
+            .await
+            .map(|(n, body)| (n, (n, body)))
+    };
     w.next(&path, query, failed).await
 }
