@@ -611,6 +611,7 @@ async fn proxy_headers_request_id_and_hop_by_hop_stripping() {
     let r = c
         .get(format!("https://a.test:{port}/h"))
         .header("x-forwarded-for", "6.6.6.6")
+        .header("x-forwarded-prefix", "//evil.test/")
         .send()
         .await
         .unwrap();
@@ -620,6 +621,10 @@ async fn proxy_headers_request_id_and_hop_by_hop_stripping() {
     assert_eq!(
         h["x-forwarded-for"], "127.0.0.1",
         "a client's own XFF is replaced"
+    );
+    assert!(
+        h.get("x-forwarded-prefix").is_none(),
+        "a client's X-Forwarded-Prefix is dropped (tollgate sends its own when it strips): {h}"
     );
     assert_eq!(h["x-forwarded-proto"], "https");
     assert_eq!(h["x-forwarded-host"], format!("a.test:{port}"));

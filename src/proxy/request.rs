@@ -376,6 +376,10 @@ pub(super) fn proxy_headers(req: &mut RequestHeader, ctx: &RequestCtx) -> Result
         req.insert_header(X_FORWARDED_HOST, h)?;
     }
     req.insert_header(REQUEST_ID, ctx.request_id_value())?;
+    // apps build URLs from it: only tollgate says it (when a route strips a prefix)
+    if req.headers.contains_key(&X_FORWARDED_PREFIX) {
+        req.remove_header(&X_FORWARDED_PREFIX);
+    }
     if let Some(r) = ctx.record {
         let o = &ctx.snap.records[r].declared.options;
         if o.strip.is_some() || o.prepend.is_some() || o.host.is_some() {
