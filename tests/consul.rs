@@ -1174,6 +1174,17 @@ async fn answered_by(c: &reqwest::Client, http: SocketAddr, host: &str, p: &str)
 /// again, it comes back after `failback_after`; a client looping throughout sees no failure.
 #[tokio::test]
 async fn a_pool_fails_over_to_another_datacenter_and_back() {
+    datacenter_failover("failover = [\"dc2\"]").await;
+}
+
+/// The same with `nearest = 1`: the failover datacenter is the nearest other one, from
+/// Consul's own list.
+#[tokio::test]
+async fn a_pool_fails_over_to_the_nearest_datacenter() {
+    datacenter_failover("nearest = 1").await;
+}
+
+async fn datacenter_failover(choice: &str) {
     let dc1_up = Upstream::start("dc1").await;
     let dc2_up = Upstream::start("dc2").await;
     let dir = tempfile::tempdir().unwrap();
@@ -1191,7 +1202,7 @@ async fn a_pool_fails_over_to_another_datacenter_and_back() {
             "[admin]\naddress = \"127.0.0.1:{admin}\"\n\n[consul]\naddress = \"http://{}\"\nwait = \"30s\"\nfailback_after = \"2s\"\nstate_file = \"\"\n\n\
              [[listener]]\naddress = \"{http}\"\n\n\
              [[vhost]]\nnames = [\"a.test\"]\n[[vhost.route]]\npath = \"/\"\npool = \"api\"\n\n\
-             [pool.api]\nconsul = {{ service = \"api\", failover = [\"dc2\"] }}\n",
+             [pool.api]\nconsul = {{ service = \"api\", {choice} }}\n",
             dc1.http
         ),
     );

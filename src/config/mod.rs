@@ -449,6 +449,9 @@ pub struct PoolSpec {
     pub consul: Option<ServiceKey>,
     /// Datacenters that serve, in order, when the pool's own has no passing instance.
     pub failover: Vec<String>,
+    /// Instead of a list: the failover datacenters are this many of the nearest (Consul's
+    /// order by network round-trip time), filled in from the discovery view (0: off).
+    pub nearest: usize,
     /// For a Consul pool: the datacenter serving now and why (`None`: its own).
     pub serving: Option<(String, String)>,
     pub balance: Balance,
@@ -483,6 +486,7 @@ impl PoolSpec {
             backends: Vec::new(),
             consul: Some(key),
             failover: Vec::new(),
+            nearest: 0,
             serving: None,
             balance: Balance::RoundRobin,
             connect_timeout: CONNECT_TIMEOUT,

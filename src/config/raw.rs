@@ -219,6 +219,7 @@ pub struct RawConsulPool {
     pub passing: Option<bool>,
     #[serde(default)]
     pub failover: Vec<S<String>>,
+    pub nearest: Option<S<i64>>,
 }
 
 #[derive(Debug, Deserialize, Clone)]

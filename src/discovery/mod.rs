@@ -156,6 +156,9 @@ pub struct View {
     /// For pools with failover datacenters: the watch that serves each pool's own service
     /// key now, and why (absent: its own).
     pub serving: BTreeMap<ServiceKey, Serving>,
+    /// The other datacenters, nearest first (Consul's order by round-trip time; the agent's
+    /// own left out): where `nearest = N` pools fail over to. Read only when a pool wants it.
+    pub datacenters: Vec<String>,
 }
 
 /// Which datacenter's instances serve a pool, and why.
@@ -338,6 +341,7 @@ impl View {
                 .iter()
                 .map(|(k, s)| (k.clone(), s.clone()))
                 .collect(),
+            datacenters: self.datacenters.clone(),
         };
         let text = serde_json::to_vec_pretty(&saved).map_err(std::io::Error::other)?;
         let tmp = path.with_extension("tmp");
@@ -357,6 +361,7 @@ impl View {
                 .collect(),
             routes: saved.routes,
             serving: saved.serving.into_iter().collect(),
+            datacenters: saved.datacenters,
         })
     }
 }
@@ -368,6 +373,8 @@ struct Saved {
     routes: Vec<DiscoveredRoute>,
     #[serde(default)]
     serving: Vec<(ServiceKey, Serving)>,
+    #[serde(default)]
+    datacenters: Vec<String>,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]

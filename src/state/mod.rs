@@ -214,6 +214,15 @@ impl Snapshot {
                 // empty), from the datacenter that serves the pool now
                 Some(key) => {
                     let mut spec = spec.clone();
+                    if spec.nearest > 0 {
+                        spec.failover = view
+                            .datacenters
+                            .iter()
+                            .filter(|dc| key.datacenter.as_ref() != Some(*dc))
+                            .take(spec.nearest)
+                            .cloned()
+                            .collect();
+                    }
                     let serving = view.serving.get(key);
                     let from = serving.map(|s| &s.key).unwrap_or(key);
                     spec.backends = view.backends(from).map(<[_]>::to_vec).unwrap_or_default();
@@ -496,6 +505,10 @@ impl crate::discovery::consul::Live for State {
         keys.sort();
         keys.dedup();
         (snap.config.consul.clone(), keys)
+    }
+
+    fn nearest_wanted(&self) -> bool {
+        self.snapshot().pools.iter().any(|p| p.spec.nearest > 0)
     }
 
     fn failover_groups(&self) -> Vec<Vec<ServiceKey>> {

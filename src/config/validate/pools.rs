@@ -68,6 +68,24 @@ pub(super) fn pools(
                 }
             }
         }
+        let nearest = match p.consul.as_ref().and_then(|c| c.get_ref().nearest.as_ref()) {
+            None => 0,
+            Some(n) if !failover.is_empty() => {
+                cx.err(
+                    n.span(),
+                    format!("{opt}.consul.nearest"),
+                    "set failover (a list) or nearest (how many of the nearest), not both",
+                );
+                0
+            }
+            Some(_) => cx.int(
+                &p.consul.as_ref().and_then(|c| c.get_ref().nearest.clone()),
+                &format!("{opt}.consul.nearest"),
+                0,
+                1,
+                16,
+            ) as usize,
+        };
         if p.backends.is_empty() && consul.is_none() {
             cx.err(
                 sp.span(),
@@ -188,6 +206,7 @@ pub(super) fn pools(
                 backends,
                 consul,
                 failover,
+                nearest,
                 serving: None,
                 balance,
                 connect_timeout,

@@ -320,6 +320,22 @@ fn consul_pool_failover_datacenters_are_validated() {
         [Some("dc1".into()), Some("dc2".into()), Some("dc3".into())]
     );
     assert_eq!(c.consul.failback_after, Duration::from_secs(30));
+    let near = OK.replace(
+        "[pool.web]\nbackends = [\"127.0.0.1:9000\", { address = \"127.0.0.1:9001\", weight = 3 }]",
+        "[pool.web]\nconsul = { service = \"web\", nearest = 2 }",
+    );
+    let c = parse(Path::new("/etc/tollgate/t.toml"), &near).unwrap();
+    assert_eq!(
+        (c.pools["web"].nearest, c.pools["web"].failover.len()),
+        (2, 0)
+    );
+    let both = near.replace("nearest = 2", "nearest = 2, failover = [\"dc2\"]");
+    assert!(errs(&both)
+        .iter()
+        .any(|e| e.option == "pool.web.consul.nearest" && e.message.contains("not both")));
+    assert!(errs(&near.replace("nearest = 2", "nearest = 17"))
+        .iter()
+        .any(|e| e.option == "pool.web.consul.nearest"));
     let e = errs(&pool("[\"dc2\", \"dc2\", \"dc1\", \"d c\"]"));
     for words in [
         "`dc2` is listed twice",

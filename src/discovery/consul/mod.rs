@@ -29,6 +29,45 @@ pub use watch::{WatchHealth, WatchTable};
 #[allow(clippy::wildcard_imports)]
 use {client::*, quiet::*, rules::*, watch::*};
 
+/// The other datacenters, nearest first: `/v1/catalog/datacenters` (Consul sorts it by the
+/// estimated round-trip time from its servers) without the agent's own.
+async fn nearest_datacenters(settings: &ConsulSettings) -> Result<Vec<String>, String> {
+    let http = client(settings)?;
+    let quick = ConsulSettings {
+        wait: Duration::from_secs(1),
+        ..settings.clone()
+    };
+    let (_, own) = consul_get(&http, &quick, "/v1/agent/self", "the agent", None, &[], 0).await?;
+    #[derive(Deserialize)]
+    struct Agent {
+        #[serde(rename = "Config")]
+        config: AgentConfig,
+    }
+    #[derive(Deserialize)]
+    struct AgentConfig {
+        #[serde(rename = "Datacenter")]
+        datacenter: String,
+    }
+    let own: Agent =
+        serde_json::from_slice(&own).map_err(|e| format!("not a /v1/agent/self answer: {e}"))?;
+    let (_, list) = consul_get(
+        &http,
+        &quick,
+        "/v1/catalog/datacenters",
+        "the datacenters",
+        None,
+        &[],
+        0,
+    )
+    .await?;
+    let list: Vec<String> = serde_json::from_slice(&list)
+        .map_err(|e| format!("not a /v1/catalog/datacenters answer: {e}"))?;
+    Ok(list
+        .into_iter()
+        .filter(|dc| *dc != own.config.datacenter)
+        .collect())
+}
+
 /// The routes the services in Consul's catalog declare now, in tags and meta (one plain read,
 /// not a watch): what `tollgate check --consul` judges against the file's policy.
 pub async fn declared_routes(settings: &ConsulSettings) -> Result<Vec<DiscoveredRoute>, String> {
@@ -77,6 +116,8 @@ pub trait Live: Send + Sync {
     fn wanted(&self) -> (ConsulSettings, Vec<ServiceKey>);
     /// The pools with failover datacenters: each one's watches, its own first.
     fn failover_groups(&self) -> Vec<Vec<ServiceKey>>;
+    /// Does a pool fail over to the nearest datacenters (`View::datacenters` needed)?
+    fn nearest_wanted(&self) -> bool;
     /// The Consul view the live configuration was built from.
     fn view(&self) -> Arc<View>;
     /// Build the configuration with `view` and put it live: its generation, or why not.
@@ -124,6 +165,7 @@ impl Manager {
         let quiet = Quiet::new();
         // which datacenter serves each pool with failover ones (by its own service key)
         let mut failovers: BTreeMap<ServiceKey, Failover> = BTreeMap::new();
+        let mut datacenters_read: Option<Instant> = None;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             // start and stop watches as pools come and go (checked every second)
@@ -187,9 +229,25 @@ impl Manager {
                 _ = shutdown.changed() => break,
                 _ = tick.tick() => {
                     // a failover datacenter hands back once the own one has been well for
-                    // `failback_after`: checked every second, rebuilt only on a switch
+                    // `failback_after`: checked every second, rebuilt only on a switch; the
+                    // nearest datacenters are read again every 30 s while a pool wants them
                     let mut view: View = (*self.state.view()).clone();
-                    if self.choose_datacenters(&mut view, &mut failovers, settings.failback_after) {
+                    let mut changed = false;
+                    if self.state.nearest_wanted()
+                        && datacenters_read.is_none_or(|t| t.elapsed() >= Duration::from_secs(30))
+                    {
+                        datacenters_read = Some(Instant::now());
+                        match nearest_datacenters(&settings).await {
+                            Ok(dcs) if dcs != view.datacenters => {
+                                tracing::info!(datacenters = ?dcs, "other datacenters, nearest first");
+                                view.datacenters = dcs;
+                                changed = true;
+                            }
+                            Ok(_) => {}
+                            Err(e) => tracing::warn!(error = %e, "cannot read Consul's datacenters"),
+                        }
+                    }
+                    if self.choose_datacenters(&mut view, &mut failovers, settings.failback_after) || changed {
                         self.publish(view, 0, Instant::now());
                     }
                 }
