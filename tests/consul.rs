@@ -1184,14 +1184,35 @@ async fn a_pool_fails_over_to_the_nearest_datacenter() {
     datacenter_failover("nearest = 1").await;
 }
 
+/// With `min_fraction`: one of dc1's two instances failing leaves it under the fraction; the
+/// guard would keep the failing one, so the pool moves to dc2 instead.
+#[tokio::test]
+async fn a_pool_fails_over_when_its_datacenter_is_under_min_fraction() {
+    datacenter_failover_with("failover = [\"dc2\"]", "min_fraction = 0.6\n", 2).await;
+}
+
 async fn datacenter_failover(choice: &str) {
+    datacenter_failover_with(choice, "", 1).await;
+}
+
+/// dc1 holds `dc1_instances` instances (the first one fails and heals), dc2 one.
+async fn datacenter_failover_with(choice: &str, consul_extra: &str, dc1_instances: usize) {
     let dc1_up = Upstream::start("dc1").await;
     let dc2_up = Upstream::start("dc2").await;
     let dir = tempfile::tempdir().unwrap();
     let dc1 = ConsulAgent::start_in(dir.path(), "dc1").await;
     let dc2 = ConsulAgent::start_in(dir.path(), "dc2").await;
     dc1.join_wan(&dc2).await;
+    // more dc1 instances answer as dc1 too
+    let mut spare = Vec::new();
+    for _ in 1..dc1_instances {
+        spare.push(Upstream::start("dc1").await);
+    }
     dc1.register("api-1", "api", dc1_up.addr, &[]).await;
+    for (i, up) in spare.iter().enumerate() {
+        dc1.register(&format!("api-1{i}"), "api", up.addr, &[])
+            .await;
+    }
     dc2.register("api-2", "api", dc2_up.addr, &[]).await;
     let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let admin = free_port();
@@ -1199,7 +1220,7 @@ async fn datacenter_failover(choice: &str) {
     write(
         &path,
         &format!(
-            "[admin]\naddress = \"127.0.0.1:{admin}\"\n\n[consul]\naddress = \"http://{}\"\nwait = \"30s\"\nfailback_after = \"2s\"\nstate_file = \"\"\n\n\
+            "[admin]\naddress = \"127.0.0.1:{admin}\"\n\n[consul]\naddress = \"http://{}\"\nwait = \"30s\"\nfailback_after = \"2s\"\nstate_file = \"\"\n{consul_extra}\n\
              [[listener]]\naddress = \"{http}\"\n\n\
              [[vhost]]\nnames = [\"a.test\"]\n[[vhost.route]]\npath = \"/\"\npool = \"api\"\n\n\
              [pool.api]\nconsul = {{ service = \"api\", {choice} }}\n",
@@ -1262,7 +1283,11 @@ async fn datacenter_failover(choice: &str) {
         dc["reason"]
             .as_str()
             .unwrap()
-            .contains("has no passing instance; dc2 is the first failover datacenter"),
+            .contains(if consul_extra.contains("min_fraction") {
+                "that Consul reports failing (consul.min_fraction); dc2 has passing instances"
+            } else {
+                "has no passing instance; dc2 is the first failover datacenter"
+            }),
         "{dc}"
     );
     let metrics = admin_text(&c, admin, "/metrics").await;

@@ -124,6 +124,10 @@ pub struct ServiceView {
     /// `X-Consul-Index` of the answer.
     pub index: u64,
     pub updated_unix: u64,
+    /// The shrink guard (`consul.min_fraction`) is keeping backends Consul reports failing:
+    /// a pool with failover datacenters moves to one that is well instead.
+    #[serde(default)]
+    pub guarded: bool,
 }
 
 /// A route declared in Consul (a service tag), to merge with the file's routes.

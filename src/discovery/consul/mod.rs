@@ -284,9 +284,14 @@ impl Manager {
         let now = Instant::now();
         let mut switched = false;
         for keys in groups {
+            // a datacenter whose backends the shrink guard is holding counts as having none
             let counts: Vec<Option<usize>> = keys
                 .iter()
-                .map(|k| view.services.get(k).map(|s| s.backends.len()))
+                .map(|k| {
+                    view.services
+                        .get(k)
+                        .map(|s| if s.guarded { 0 } else { s.backends.len() })
+                })
                 .collect();
             let names: Vec<String> = keys
                 .iter()
@@ -297,7 +302,14 @@ impl Manager {
                 .collect();
             let st = failovers.entry(keys[0].clone()).or_default();
             let before = st.serving;
-            if let Some((i, reason)) = choose_datacenter(&counts, &names, st, now, hold) {
+            if let Some((i, mut reason)) = choose_datacenter(&counts, &names, st, now, hold) {
+                let own_guarded = view.services.get(&keys[0]).is_some_and(|s| s.guarded);
+                if i > 0 && before == 0 && own_guarded {
+                    reason = format!(
+                        "the guard holds backends of {} that Consul reports failing (consul.min_fraction); {} has passing instances",
+                        names[0], names[i]
+                    );
+                }
                 tracing::warn!(
                     service = %keys[0],
                     from = %names[before],

@@ -115,7 +115,7 @@ pub(super) async fn on_answer(
     key: &ServiceKey,
     index: u64,
     backends: Vec<BackendSpec>,
-    last: &mut Option<Vec<BackendSpec>>,
+    last: &mut Option<(Vec<BackendSpec>, bool)>,
     sink: &Sink,
 ) -> Result<(), ()> {
     sink.health.note(key, |h| {
@@ -126,7 +126,9 @@ pub(super) async fn on_answer(
     });
     // The guard: a pool never goes from N > 0 to empty unless Consul confirms the service
     // exists and every instance is critical.
-    let had = last.as_ref().map(Vec::len).unwrap_or(0);
+    let had = last.as_ref().map(|(b, _)| b.len()).unwrap_or(0);
+    let mut guarded = false;
+    let mut backends = backends;
     if backends.is_empty() && had > 0 {
         let critical =
             key.passing && matches!(instances_exist(http, settings, key).await, Ok(true));
@@ -139,12 +141,14 @@ pub(super) async fn on_answer(
                 "GUARD: Consul answered with no instance at all; keeping the last known backends rather than emptying the pool"
             );
             sink.metrics.consul_guarded.fetch_add(1, Relaxed);
-            return Ok(());
+            guarded = true;
+            backends = last.as_ref().map(|(b, _)| b.clone()).unwrap_or_default();
         }
     }
-    let backends = match (last.as_ref(), settings.min_fraction > 0.0) {
-        (Some(old), true) => {
-            let (kept, guarded) = guard_shrink(old, backends, settings.min_fraction);
+    let backends = match (last.as_ref(), settings.min_fraction > 0.0, guarded) {
+        (Some((old, _)), true, false) => {
+            let (kept, shrink_guarded) = guard_shrink(old, backends, settings.min_fraction);
+            guarded = shrink_guarded;
             if guarded {
                 tracing::error!(
                     service = %key,
@@ -159,16 +163,20 @@ pub(super) async fn on_answer(
         }
         _ => backends,
     };
-    if last.as_ref() == Some(&backends) {
+    // sent when the backends change, or whether the guard holds them does
+    let applied = (backends, guarded);
+    if last.as_ref() == Some(&applied) {
         return Ok(());
     }
-    *last = Some(backends.clone());
+    *last = Some(applied.clone());
+    let (backends, guarded) = applied;
     let update = Update {
         key: key.clone(),
         view: ServiceView {
             backends,
             index,
             updated_unix: crate::clock::unix_secs(),
+            guarded,
         },
         received: Instant::now(),
     };
@@ -271,7 +279,7 @@ pub(super) async fn watch(settings: ConsulSettings, key: ServiceKey, sink: Sink)
     // spread the first queries so watches do not wake together
     tokio::time::sleep(Duration::from_millis(fastrand::u64(0..100))).await;
     let mut w = Blocking::new(1, Some((WATCH_RATE, WATCH_BURST)));
-    let mut last: Option<Vec<BackendSpec>> = None;
+    let mut last: Option<(Vec<BackendSpec>, bool)> = None;
     loop {
         let answer = w
             .next(
@@ -493,7 +501,7 @@ pub(super) async fn watch_all(settings: ConsulSettings, keys: Vec<ServiceKey>, s
         max_blocking = settings.max_blocking,
         "more Consul services than blocking queries allowed: watching changes through /v1/health/state/any and /v1/catalog/services"
     );
-    let mut last: BTreeMap<ServiceKey, Option<Vec<BackendSpec>>> =
+    let mut last: BTreeMap<ServiceKey, Option<(Vec<BackendSpec>, bool)>> =
         keys.iter().map(|k| (k.clone(), None)).collect();
     let mut failures: BTreeMap<ServiceKey, u32> = BTreeMap::new();
     // Where both change watches stand now, taken before the first full read: a change after
