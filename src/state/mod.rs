@@ -337,6 +337,9 @@ fn gather(config: &Config, host: &'static Host) -> Result<Gathered, ConfigErrors
 pub struct State {
     current: Arc<ArcSwap<Snapshot>>,
     pub lasting: Lasting,
+    /// The watched files' stamps when the first configuration was built: the reload watcher
+    /// starts from these, so a change made before it runs is not taken as seen.
+    pub first_seen: Fingerprint,
     generation: AtomicU64,
     reload_lock: Mutex<()>,
     pub started: std::time::Instant,
@@ -357,10 +360,12 @@ pub struct ReloadOutcome {
 impl State {
     /// Build the first Snapshot from `config`, drawing on `lasting`.
     pub fn new(config: Config, lasting: Lasting) -> Result<State, ConfigErrors> {
+        let first_seen = fingerprint(&config);
         let snap = Snapshot::build(Arc::new(config), &lasting, 1, &View::default())?;
         Ok(State {
             current: Arc::new(ArcSwap::from_pointee(snap)),
             lasting,
+            first_seen,
             generation: AtomicU64::new(1),
             reload_lock: Mutex::new(()),
             started: std::time::Instant::now(),

@@ -50,7 +50,9 @@ impl BackgroundService for Reloader {
             }
         };
         let cfg = self.state.snapshot().config.clone();
-        let mut last = fingerprint(&cfg);
+        // from the stamps of the first build, not of now: the service may start after a
+        // file changed
+        let mut last = self.state.first_seen.clone();
         let mut tick = tokio::time::interval(cfg.server.watch_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
