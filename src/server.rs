@@ -261,6 +261,10 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
         "tollgate reloader",
         Reloader::new(state.clone()),
     ));
+    server.add_service(background_service(
+        "tollgate health checks",
+        crate::probe::Prober::new(state.handle()),
+    ));
     if let Some(f) = cfg.failover.clone() {
         let first = cfg
             .listeners

@@ -4,9 +4,11 @@
 mod common;
 use common::*;
 use serde_json::Value;
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 struct Site {
     // fields drop in order: stop tollgate (and print its log) before the directory goes
@@ -14,6 +16,7 @@ struct Site {
     _dir: tempfile::TempDir,
     https: SocketAddr,
     http: SocketAddr,
+    admin: u16,
     ca: TestCa,
 }
 
@@ -43,6 +46,7 @@ async fn site(body: &str, prepare: impl FnOnce(&TestCa, &Path)) -> Site {
         tg,
         https,
         http,
+        admin: admin_port,
         ca,
     }
 }
@@ -937,4 +941,102 @@ backends = [\"{ws_addr}\"]
         }
         ws.close(None).await.unwrap();
     }
+}
+
+/// Active health checks: a backend whose health endpoint starts failing is taken out within
+/// about interval × unhealthy, no request reaches it meanwhile, and it is put back after
+/// `healthy` passing probes.
+#[tokio::test]
+async fn a_backend_failing_its_health_check_is_taken_out_and_put_back() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let body = single_pool(
+        "redirect_https = false",
+        &format!(
+            "backends = [\"{}\", \"{}\"]\nhealth_check = {{ path = \"/healthz\", interval = \"200ms\", timeout = \"100ms\", healthy = 2, unhealthy = 2 }}",
+            a.addr, b.addr
+        ),
+    );
+    let s = site(&body, issue_a).await;
+    let c = reqwest::Client::builder().no_proxy().build().unwrap();
+    let url = format!("http://{}/", s.http);
+    let ask = || {
+        let (c, url) = (c.clone(), url.clone());
+        async move {
+            let r = c.get(&url).header("host", "a.test").send().await.ok()?;
+            let j: Value = r.json().await.ok()?;
+            j["upstream"].as_str().map(str::to_string)
+        }
+    };
+    let check_of = |addr: SocketAddr| {
+        let c = c.clone();
+        let admin = s.admin;
+        async move {
+            let pools = admin_json(&c, admin, "/pools").await;
+            pools[0]["backends"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|x| x["address"] == addr.to_string())
+                .unwrap()["check"]
+                .clone()
+        }
+    };
+    wait_for(
+        "both backends probed and serving",
+        Duration::from_secs(10),
+        || async {
+            let mut seen = BTreeSet::new();
+            for _ in 0..6 {
+                seen.extend(ask().await);
+            }
+            seen.len() == 2
+                && a.probes.load(Ordering::SeqCst) > 0
+                && b.probes.load(Ordering::SeqCst) > 0
+        },
+    )
+    .await;
+    assert_eq!(check_of(a.addr).await["up"], true);
+
+    a.health.store(503, Ordering::SeqCst);
+    let failed = Instant::now();
+    wait_for("a to be taken out", Duration::from_secs(5), || async {
+        check_of(a.addr).await["up"] == false
+    })
+    .await;
+    // two failing probes 200 ms apart, the first up to one interval after the flip
+    assert!(
+        failed.elapsed() < Duration::from_millis(1500),
+        "took {:?}",
+        failed.elapsed()
+    );
+    let check = check_of(a.addr).await;
+    assert_eq!(check["last"], "503", "{check}");
+    let metrics = admin_text(&c, s.admin, "/metrics").await;
+    assert!(
+        metrics.contains(&format!(
+            "tollgate_backend_check_up{{pool=\"p\",backend=\"{}\"}} 0",
+            a.addr
+        )),
+        "{metrics}"
+    );
+    let hits = a.hits();
+    for _ in 0..20 {
+        assert_eq!(ask().await.as_deref(), Some("b"));
+    }
+    assert_eq!(a.hits(), hits, "no request reaches a backend taken out");
+
+    a.health.store(200, Ordering::SeqCst);
+    wait_for("a to be put back", Duration::from_secs(5), || async {
+        check_of(a.addr).await["up"] == true
+    })
+    .await;
+    wait_for("a to serve again", Duration::from_secs(5), || async {
+        let mut seen = BTreeSet::new();
+        for _ in 0..6 {
+            seen.extend(ask().await);
+        }
+        seen.contains("a")
+    })
+    .await;
 }

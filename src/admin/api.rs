@@ -100,7 +100,21 @@ fn backends(pool: &Pool) -> Vec<Value> {
         .iter()
         .map(|b| {
             let until = b.state.ejected_until_ms();
+            let check = pool.spec.check.as_ref().map(|_| {
+                let last = b
+                    .state
+                    .last_probe
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                json!({
+                    "up": b.state.check_up(),
+                    "last": last.as_ref().map(|(_, found)| found.clone()),
+                    "last_at_unix_ms": last.map(|(at, _)| at),
+                })
+            });
             json!({
+                "check": check,
                 "address": b.address.to_string(),
                 "weight": b.weight,
                 "available": b.state.is_available(now),
@@ -432,8 +446,15 @@ pub(super) fn metrics_text(state: &State, snap: &Snapshot, shown: &Shown) -> Str
         &mut out,
         "tollgate_backend_up",
         "gauge",
-        "1 when the backend may get traffic, 0 while ejected.",
+        "1 when the backend may get traffic, 0 while ejected or taken out by its health check.",
         &|b| u64::from(b.state.is_available(now)),
+    );
+    per_backend(
+        &mut out,
+        "tollgate_backend_check_up",
+        "gauge",
+        "1 when the backend's active health check lets it serve (pools with health_check; 1 for the others).",
+        &|b| u64::from(b.state.check_up()),
     );
     per_backend(
         &mut out,

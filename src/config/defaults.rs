@@ -68,6 +68,11 @@ pub mod pool {
     pub const MAX_FAILS: u32 = 3;
     pub const EJECT_TIME: Duration = secs(10);
     pub const EJECT_MAX_TIME: Duration = secs(300);
+    pub const CHECK_INTERVAL: Duration = secs(5);
+    pub const CHECK_TIMEOUT: Duration = secs(2);
+    pub const CHECK_HEALTHY: i64 = 2;
+    pub const CHECK_UNHEALTHY: i64 = 3;
+    pub const CHECK_STATUS: (u16, u16) = (200, 399);
 }
 
 /// `[plugin.NAME]`.

@@ -432,6 +432,21 @@ pub struct BackendSpec {
     pub weight: u32,
 }
 
+/// Active health checks of a pool's backends (`health_check`): an HTTP GET of `path` on each
+/// backend every `interval`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActiveCheck {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Passing probes in a row that put a failing backend back.
+    pub healthy: u32,
+    /// Failing probes in a row that take a backend out.
+    pub unhealthy: u32,
+    /// The statuses that pass (inclusive).
+    pub status: (u16, u16),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthPolicy {
     /// Consecutive failures that eject a backend.
@@ -462,6 +477,8 @@ pub struct PoolSpec {
     /// Extra attempts on another backend after a connect failure (idempotent requests).
     pub retries: u32,
     pub health: HealthPolicy,
+    /// Active health checks (off: `None`).
+    pub check: Option<ActiveCheck>,
 }
 
 impl PoolSpec {
@@ -494,6 +511,7 @@ impl PoolSpec {
             write_timeout: WRITE_TIMEOUT,
             idle_timeout: IDLE_TIMEOUT,
             retries: RETRIES,
+            check: None,
             health: HealthPolicy {
                 max_fails: MAX_FAILS,
                 eject_time: EJECT_TIME,

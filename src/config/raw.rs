@@ -293,6 +293,18 @@ pub struct RawPool {
     pub max_fails: Option<S<i64>>,
     pub eject_time: Option<S<String>>,
     pub eject_max_time: Option<S<String>>,
+    pub health_check: Option<S<RawHealthCheck>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealthCheck {
+    pub path: S<String>,
+    pub interval: Option<S<String>>,
+    pub timeout: Option<S<String>>,
+    pub healthy: Option<S<i64>>,
+    pub unhealthy: Option<S<i64>>,
+    pub status: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

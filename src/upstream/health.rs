@@ -1,8 +1,11 @@
-//! Passive health of one backend: consecutive transport failures eject it for a backoff that
-//! doubles with each ejection in a row. Times are milliseconds on a clock the caller passes.
+//! Health of one backend: passive (consecutive transport failures eject it for a backoff that
+//! doubles with each ejection in a row) and active (the results of `health_check` probes,
+//! with thresholds; a backend is used only when both allow it). Times are milliseconds on a
+//! clock the caller passes.
 
 use crate::config::HealthPolicy;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
 
 /// Health and load of one backend, kept across Snapshot rebuilds (see `Registry`).
 #[derive(Debug, Default)]
@@ -13,11 +16,44 @@ pub struct BackendState {
     streak: AtomicU32,
     ejected_until_ms: AtomicU64,
     pub ejections_total: AtomicU64,
+    /// Taken out by its active health check.
+    check_down: AtomicBool,
+    /// Probes in a row with the same outcome (passing when up, failing when down count
+    /// toward a change).
+    check_streak: AtomicU32,
+    /// When the next probe is due (0: not scheduled yet).
+    pub next_probe_ms: AtomicU64,
+    /// The last probe: when (Unix ms) and what it found.
+    pub last_probe: Mutex<Option<(u64, String)>>,
 }
 
 impl BackendState {
     pub fn is_available(&self, now_ms: u64) -> bool {
-        self.ejected_until_ms.load(Relaxed) <= now_ms
+        self.ejected_until_ms.load(Relaxed) <= now_ms && !self.check_down.load(Relaxed)
+    }
+
+    /// Whether the active health check lets the backend serve.
+    pub fn check_up(&self) -> bool {
+        !self.check_down.load(Relaxed)
+    }
+
+    /// Count one probe; `Some(up)` when it changed whether the check lets the backend serve:
+    /// `unhealthy` failing probes in a row take it out, `healthy` passing ones put it back.
+    pub fn record_probe(&self, passed: bool, healthy: u32, unhealthy: u32) -> Option<bool> {
+        let down = self.check_down.load(Relaxed);
+        // a probe that agrees with the current state resets the count toward a change
+        if passed != down {
+            self.check_streak.store(0, Relaxed);
+            return None;
+        }
+        let n = self.check_streak.fetch_add(1, Relaxed) + 1;
+        let needed = if down { healthy } else { unhealthy };
+        if n < needed {
+            return None;
+        }
+        self.check_streak.store(0, Relaxed);
+        self.check_down.store(!down, Relaxed);
+        Some(down)
     }
 
     pub fn ejected_until_ms(&self) -> u64 {
@@ -54,6 +90,26 @@ impl BackendState {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn active_checks_need_their_thresholds_in_a_row() {
+        let s = BackendState::default();
+        assert!(s.check_up() && s.is_available(0));
+        // unhealthy = 3: two failures and a pass change nothing
+        assert_eq!(s.record_probe(false, 2, 3), None);
+        assert_eq!(s.record_probe(false, 2, 3), None);
+        assert_eq!(s.record_probe(true, 2, 3), None);
+        assert_eq!(s.record_probe(false, 2, 3), None);
+        assert_eq!(s.record_probe(false, 2, 3), None);
+        assert_eq!(s.record_probe(false, 2, 3), Some(false));
+        assert!(!s.check_up() && !s.is_available(0));
+        // healthy = 2
+        assert_eq!(s.record_probe(true, 2, 3), None);
+        assert_eq!(s.record_probe(false, 2, 3), None);
+        assert_eq!(s.record_probe(true, 2, 3), None);
+        assert_eq!(s.record_probe(true, 2, 3), Some(true));
+        assert!(s.check_up() && s.is_available(0));
+    }
 
     fn policy() -> HealthPolicy {
         HealthPolicy {

@@ -110,6 +110,10 @@ pub struct Upstream {
     pub hits: Arc<AtomicUsize>,
     /// TCP connections accepted (keep-alive reuse keeps this small).
     pub conns: Arc<AtomicUsize>,
+    /// The status `GET /healthz` answers (200 unless a test changes it); health probes are
+    /// counted in `probes`, not in `hits`.
+    pub health: Arc<std::sync::atomic::AtomicU16>,
+    pub probes: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
     connections: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
 }
@@ -131,6 +135,9 @@ impl Upstream {
         let cn = conns.clone();
         let connections: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
         let conn_list = connections.clone();
+        let health = Arc::new(std::sync::atomic::AtomicU16::new(200));
+        let probes = Arc::new(AtomicUsize::new(0));
+        let (hh, pp) = (health.clone(), probes.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, peer)) = listener.accept().await else {
@@ -139,11 +146,23 @@ impl Upstream {
                 cn.fetch_add(1, Ordering::SeqCst);
                 let name = name_s.clone();
                 let hits = h.clone();
+                let (health, probes) = (hh.clone(), pp.clone());
                 let conn_task = tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
                         let name = name.clone();
                         let hits = hits.clone();
-                        async move { Ok::<_, hyper::Error>(answer(&name, peer, req, &hits).await) }
+                        let (health, probes) = (health.clone(), probes.clone());
+                        async move {
+                            if req.uri().path() == "/healthz" {
+                                probes.fetch_add(1, Ordering::SeqCst);
+                                let mut r = Response::new(Full::new(Bytes::from_static(b"ok")));
+                                *r.status_mut() =
+                                    hyper::StatusCode::from_u16(health.load(Ordering::SeqCst))
+                                        .unwrap();
+                                return Ok::<_, hyper::Error>(r);
+                            }
+                            Ok::<_, hyper::Error>(answer(&name, peer, req, &hits).await)
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
@@ -157,6 +176,8 @@ impl Upstream {
             name: name.to_string(),
             hits,
             conns,
+            health,
+            probes,
             task,
             connections,
         }

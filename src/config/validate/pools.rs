@@ -193,6 +193,82 @@ pub(super) fn pools(
             ms(1),
             24 * hour,
         );
+        let check = p.health_check.as_ref().map(|hc| {
+            let h = hc.get_ref();
+            let copt = format!("{opt}.health_check");
+            let path = h.path.get_ref().clone();
+            if !path.starts_with('/') || path.contains(char::is_whitespace) {
+                cx.err(
+                    h.path.span(),
+                    format!("{copt}.path"),
+                    format!("`{path}` is not a request path such as /healthz"),
+                );
+            }
+            let interval = cx.duration_in(
+                &h.interval,
+                &format!("{copt}.interval"),
+                defaults::pool::CHECK_INTERVAL,
+                ms(100),
+                hour,
+            );
+            let timeout = cx.duration_in(
+                &h.timeout,
+                &format!("{copt}.timeout"),
+                defaults::pool::CHECK_TIMEOUT.min(interval),
+                ms(10),
+                hour,
+            );
+            if timeout > interval {
+                let span = h.timeout.as_ref().map(|t| t.span()).unwrap_or(hc.span());
+                cx.err(
+                    span,
+                    format!("{copt}.timeout"),
+                    format!("must not be longer than the interval ({interval:?})"),
+                );
+            }
+            let healthy = cx.int(
+                &h.healthy,
+                &format!("{copt}.healthy"),
+                defaults::pool::CHECK_HEALTHY,
+                1,
+                100,
+            ) as u32;
+            let unhealthy = cx.int(
+                &h.unhealthy,
+                &format!("{copt}.unhealthy"),
+                defaults::pool::CHECK_UNHEALTHY,
+                1,
+                100,
+            ) as u32;
+            let status = match &h.status {
+                None => defaults::pool::CHECK_STATUS,
+                Some(s) => {
+                    let v = s.get_ref();
+                    let (lo, hi) = v.split_once('-').unwrap_or((v, v));
+                    match (lo.trim().parse::<u16>(), hi.trim().parse::<u16>()) {
+                        (Ok(lo), Ok(hi)) if (100..=599).contains(&lo) && lo <= hi && hi <= 599 => {
+                            (lo, hi)
+                        }
+                        _ => {
+                            cx.err(
+                                s.span(),
+                                format!("{copt}.status"),
+                                format!("`{v}` is not a status range such as 200-399"),
+                            );
+                            defaults::pool::CHECK_STATUS
+                        }
+                    }
+                }
+            };
+            ActiveCheck {
+                path,
+                interval,
+                timeout,
+                healthy,
+                unhealthy,
+                status,
+            }
+        });
         if eject_max_time < eject_time {
             cx.err(
                 sp.span(),
@@ -208,6 +284,7 @@ pub(super) fn pools(
                 failover,
                 nearest,
                 serving: None,
+                check,
                 balance,
                 connect_timeout,
                 read_timeout,

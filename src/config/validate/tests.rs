@@ -349,3 +349,52 @@ fn consul_pool_failover_datacenters_are_validated() {
         );
     }
 }
+
+#[test]
+fn pool_health_checks_are_validated() {
+    let with = |hc: &str| {
+        OK.replace(
+            "weight = 3 }]",
+            &format!("weight = 3 }}]\nhealth_check = {{ {hc} }}"),
+        )
+    };
+    let c = parse(
+        Path::new("/etc/tollgate/t.toml"),
+        &with("path = \"/healthz\""),
+    )
+    .unwrap();
+    let hc = c.pools["web"].check.clone().unwrap();
+    assert_eq!(
+        (hc.interval, hc.timeout, hc.healthy, hc.unhealthy, hc.status),
+        (
+            Duration::from_secs(5),
+            Duration::from_secs(2),
+            2,
+            3,
+            (200, 399)
+        )
+    );
+    assert!(
+        parse(Path::new("/etc/tollgate/t.toml"), OK).unwrap().pools["web"]
+            .check
+            .is_none()
+    );
+    let e = errs(&with(
+        "path = \"healthz\", interval = \"1s\", timeout = \"2s\", healthy = 0, status = \"500-200\"",
+    ));
+    for (opt, words) in [
+        ("pool.web.health_check.path", "not a request path"),
+        (
+            "pool.web.health_check.timeout",
+            "must not be longer than the interval",
+        ),
+        ("pool.web.health_check.healthy", ""),
+        ("pool.web.health_check.status", "not a status range"),
+    ] {
+        assert!(
+            e.iter()
+                .any(|e| e.option == opt && e.message.contains(words)),
+            "{opt}: {words} in {e:#?}"
+        );
+    }
+}
