@@ -1,4 +1,5 @@
-//! Active health checks: an HTTP GET of each backend's `health_check.path` every interval
+//! Active health checks: an HTTP GET of each backend's `health_check.path` (or a TCP
+//! connect) every interval
 //! (the first one at a random point of it, so probes spread), for the pools of the live
 //! Snapshot only. Results go to the backend's state (`upstream::BackendState::record_probe`),
 //! which survives reloads for backends that stay; a backend is used only when both its
@@ -29,7 +30,16 @@ impl Prober {
 
 /// One probe: passed or not, and what it found (`200`, `503`, `timed out after 1s`, …).
 async fn probe(http: &reqwest::Client, addr: SocketAddr, check: &ActiveCheck) -> (bool, String) {
-    let url = format!("http://{addr}{}", check.path);
+    let Some(path) = &check.path else {
+        // a TCP check: the connection is the answer
+        return match tokio::time::timeout(check.timeout, tokio::net::TcpStream::connect(addr)).await
+        {
+            Ok(Ok(_)) => (true, "connected".into()),
+            Ok(Err(e)) => (false, format!("connect: {e}")),
+            Err(_) => (false, format!("timed out after {:?}", check.timeout)),
+        };
+    };
+    let url = format!("http://{addr}{path}");
     match http.get(&url).timeout(check.timeout).send().await {
         Ok(r) => {
             let status = r.status().as_u16();

@@ -286,11 +286,12 @@ async fn weights_are_honoured_over_many_requests() {
     assert_eq!((heavy.hits(), light.hits()), (300, 100));
     // sequential requests reuse the upstream keep-alive connections. pingora returns an
     // upstream connection to its pool just after the response has gone to the client, so
-    // the client's next request occasionally finds it not back yet and opens another: a few
-    // extra connections, not one per request.
+    // the client's next request occasionally finds it not back yet and opens another: some
+    // extra connections, not one per request. How many depends on how busy the machine is
+    // (28 were seen with this file's other tests running beside it): a tenth at most.
     let conns = heavy.conns.load(std::sync::atomic::Ordering::SeqCst)
         + light.conns.load(std::sync::atomic::Ordering::SeqCst);
-    assert!(conns <= 12, "{conns} upstream connections for 400 requests");
+    assert!(conns <= 40, "{conns} upstream connections for 400 requests");
 }
 
 #[tokio::test]
@@ -968,20 +969,7 @@ async fn a_backend_failing_its_health_check_is_taken_out_and_put_back() {
             j["upstream"].as_str().map(str::to_string)
         }
     };
-    let check_of = |addr: SocketAddr| {
-        let c = c.clone();
-        let admin = s.admin;
-        async move {
-            let pools = admin_json(&c, admin, "/pools").await;
-            pools[0]["backends"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|x| x["address"] == addr.to_string())
-                .unwrap()["check"]
-                .clone()
-        }
-    };
+    let check_of = |addr: SocketAddr| backend_check(&c, s.admin, addr);
     wait_for(
         "both backends probed and serving",
         Duration::from_secs(10),
@@ -1039,4 +1027,59 @@ async fn a_backend_failing_its_health_check_is_taken_out_and_put_back() {
         seen.contains("a")
     })
     .await;
+}
+
+/// A TCP health check: a backend that stops listening is taken out by its connect probe.
+#[tokio::test]
+async fn a_backend_that_stops_listening_fails_its_tcp_check() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let body = single_pool(
+        "redirect_https = false",
+        &format!(
+            "backends = [\"{}\", \"{}\"]\nhealth_check = {{ tcp = true, interval = \"200ms\", timeout = \"100ms\", unhealthy = 2 }}",
+            a.addr, b.addr
+        ),
+    );
+    let s = site(&body, issue_a).await;
+    let c = reqwest::Client::builder().no_proxy().build().unwrap();
+    let check_of = |addr: SocketAddr| backend_check(&c, s.admin, addr);
+    wait_for(
+        "a's connect probe to pass",
+        Duration::from_secs(10),
+        || async { check_of(a.addr).await["last"] == "connected" },
+    )
+    .await;
+    a.kill();
+    wait_for("a to be taken out", Duration::from_secs(5), || async {
+        check_of(a.addr).await["up"] == false
+    })
+    .await;
+    let check = check_of(a.addr).await;
+    assert!(
+        check["last"].as_str().unwrap().starts_with("connect: "),
+        "{check}"
+    );
+    assert_eq!(check_of(b.addr).await["up"], true);
+    for _ in 0..10 {
+        let r = c
+            .get(format!("http://{}/", s.http))
+            .header("host", "a.test")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(json(r).await["upstream"], "b");
+    }
+}
+
+/// The `check` of backend `addr` of the first pool, from /pools.
+async fn backend_check(c: &reqwest::Client, admin: u16, addr: SocketAddr) -> Value {
+    let pools = admin_json(c, admin, "/pools").await;
+    pools[0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["address"] == addr.to_string())
+        .unwrap()["check"]
+        .clone()
 }

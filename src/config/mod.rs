@@ -433,10 +433,11 @@ pub struct BackendSpec {
 }
 
 /// Active health checks of a pool's backends (`health_check`): an HTTP GET of `path` on each
-/// backend every `interval`.
+/// backend every `interval`, or a TCP connect.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ActiveCheck {
-    pub path: String,
+    /// `None`: a TCP connect is the check.
+    pub path: Option<String>,
     pub interval: Duration,
     pub timeout: Duration,
     /// Passing probes in a row that put a failing backend back.

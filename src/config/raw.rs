@@ -299,7 +299,8 @@ pub struct RawPool {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawHealthCheck {
-    pub path: S<String>,
+    pub path: Option<S<String>>,
+    pub tcp: Option<bool>,
     pub interval: Option<S<String>>,
     pub timeout: Option<S<String>>,
     pub healthy: Option<S<i64>>,

@@ -196,14 +196,36 @@ pub(super) fn pools(
         let check = p.health_check.as_ref().map(|hc| {
             let h = hc.get_ref();
             let copt = format!("{opt}.health_check");
-            let path = h.path.get_ref().clone();
-            if !path.starts_with('/') || path.contains(char::is_whitespace) {
-                cx.err(
-                    h.path.span(),
-                    format!("{copt}.path"),
-                    format!("`{path}` is not a request path such as /healthz"),
-                );
-            }
+            let path = match (&h.path, h.tcp.unwrap_or(false)) {
+                (Some(p), false) => {
+                    let v = p.get_ref().clone();
+                    if !v.starts_with('/') || v.contains(char::is_whitespace) {
+                        cx.err(
+                            p.span(),
+                            format!("{copt}.path"),
+                            format!("`{v}` is not a request path such as /healthz"),
+                        );
+                    }
+                    Some(v)
+                }
+                (None, true) => None,
+                (Some(_), true) => {
+                    cx.err(
+                        hc.span(),
+                        &copt,
+                        "set path (an HTTP check) or tcp = true (a connect), not both",
+                    );
+                    None
+                }
+                (None, false) => {
+                    cx.err(
+                        hc.span(),
+                        format!("{copt}.path"),
+                        "name the path to GET (path = \"/healthz\"), or set tcp = true",
+                    );
+                    None
+                }
+            };
             let interval = cx.duration_in(
                 &h.interval,
                 &format!("{copt}.interval"),

@@ -379,6 +379,17 @@ fn pool_health_checks_are_validated() {
             .check
             .is_none()
     );
+    let tcp = parse(Path::new("/etc/tollgate/t.toml"), &with("tcp = true")).unwrap();
+    assert_eq!(tcp.pools["web"].check.as_ref().unwrap().path, None);
+    for (hc, words) in [
+        ("tcp = true, path = \"/h\"", "not both"),
+        ("interval = \"1s\"", "or set tcp = true"),
+    ] {
+        assert!(
+            errs(&with(hc)).iter().any(|e| e.message.contains(words)),
+            "{hc}"
+        );
+    }
     let e = errs(&with(
         "path = \"healthz\", interval = \"1s\", timeout = \"2s\", healthy = 0, status = \"500-200\"",
     ));
