@@ -1014,6 +1014,28 @@ async fn a_backend_failing_its_health_check_is_taken_out_and_put_back() {
     }
     assert_eq!(a.hits(), hits, "no request reaches a backend taken out");
 
+    // a reload keeps what the checks found for backends that stay
+    let cfg = s._dir.path().join("tollgate.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    write(&cfg, &format!("{text}\n# reloaded\n"));
+    wait_for("the reload", Duration::from_secs(10), || async {
+        s.tg.log_text().contains("configuration reloaded")
+    })
+    .await;
+    assert_eq!(
+        check_of(a.addr).await["up"],
+        false,
+        "still out after the reload"
+    );
+    for _ in 0..10 {
+        assert_eq!(ask().await.as_deref(), Some("b"));
+    }
+    assert_eq!(
+        a.hits(),
+        hits,
+        "no request reaches it after the reload either"
+    );
+
     a.health.store(200, Ordering::SeqCst);
     wait_for("a to be put back", Duration::from_secs(5), || async {
         check_of(a.addr).await["up"] == true
@@ -1027,6 +1049,27 @@ async fn a_backend_failing_its_health_check_is_taken_out_and_put_back() {
         seen.contains("a")
     })
     .await;
+
+    // checks run only for what the live configuration asks: without health_check, none
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let without: String = text
+        .lines()
+        .filter(|l| !l.starts_with("health_check"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    write(&cfg, &without);
+    wait_for("the second reload", Duration::from_secs(10), || async {
+        s.tg.log_text().matches("configuration reloaded").count() >= 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // a probe already under way ends
+    let probes = a.probes.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(800)).await; // four intervals
+    assert_eq!(
+        a.probes.load(Ordering::SeqCst),
+        probes,
+        "no probe once health_check is gone"
+    );
 }
 
 /// A TCP health check: a backend that stops listening is taken out by its connect probe.
