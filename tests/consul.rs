@@ -654,20 +654,16 @@ async fn services_declare_routes_in_tags_and_the_file_wins_conflicts() {
     let docs = Upstream::start("docs").await;
     let dir = tempfile::tempdir().unwrap();
     let consul = ConsulAgent::start(dir.path()).await;
-    let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let admin = free_port();
-    let path = dir.path().join("tollgate.toml");
-    write(
-        &path,
-        &format!(
-            "[admin]\naddress = \"127.0.0.1:{admin}\"\n\n[consul]\naddress = \"http://{}\"\nwait = \"30s\"\ntag_routes = true\n\n\
-             [[listener]]\naddress = \"{http}\"\n\n[[vhost]]\nnames = [\"a.test\"]\nconsul_routes = true\n[[vhost.route]]\npath = \"/\"\npool = \"static\"\n\n\
-             [pool.static]\nbackends = [\"{}\"]\n",
-            consul.http, file_up.addr
-        ),
+    let (path, http, admin) = tag_routing(
+        dir.path(),
+        &consul,
+        "",
+        "[[vhost]]\nnames = [\"a.test\"]\nconsul_routes = true\n[[vhost.route]]\npath = \"/\"\npool = \"static\"\n",
+        file_up.addr,
     );
     let mut tg = Tollgate::start(&path);
     tg.ready(http).await;
+    tg.ready(SocketAddr::from(([127, 0, 0, 1], admin))).await;
     consul
         .register(
             "shop-1",
@@ -690,24 +686,7 @@ async fn services_declare_routes_in_tags_and_the_file_wins_conflicts() {
         .await;
 
     let c = plain();
-    let get = |host: &'static str, p: &'static str| {
-        let c = c.clone();
-        async move {
-            let r = c
-                .get(format!("http://{http}{p}"))
-                .header("host", host)
-                .send()
-                .await
-                .ok()?;
-            if r.status() != 200 {
-                return Some(format!("{}", r.status().as_u16()));
-            }
-            r.json::<Value>()
-                .await
-                .ok()
-                .map(|j| j["upstream"].as_str().unwrap_or_default().to_string())
-        }
-    };
+    let get = |host: &'static str, p: &'static str| answered_by(&c, http, host, p);
     wait_for(
         "the tag and meta routes to appear",
         Duration::from_secs(15),
@@ -920,6 +899,7 @@ async fn route_claims_follow_the_policy_and_check_consul_predicts_them() {
 
     let mut tg = Tollgate::start(&path);
     tg.ready(http).await;
+    tg.ready(SocketAddr::from(([127, 0, 0, 1], admin))).await;
     let c = plain();
     let get = |host: &'static str, p: &'static str| answered_by(&c, http, host, p);
     wait_for(
@@ -1000,6 +980,7 @@ async fn fabio_options_are_honoured_and_unsupported_ones_reported() {
     );
     let mut tg = Tollgate::start(&path);
     tg.ready(http).await;
+    tg.ready(SocketAddr::from(([127, 0, 0, 1], admin))).await;
     for (id, tag) in [
         (
             "s",
@@ -1229,6 +1210,7 @@ async fn datacenter_failover_with(choice: &str, consul_extra: &str, dc1_instance
     );
     let mut tg = Tollgate::start(&path);
     tg.ready(http).await;
+    tg.ready(SocketAddr::from(([127, 0, 0, 1], admin))).await;
     let c = plain();
     wait_for("dc1 to serve", Duration::from_secs(20), || async {
         answered_by(&c, http, "a.test", "/").await.as_deref() == Some("dc1")
@@ -1357,6 +1339,7 @@ async fn past_max_blocking_a_check_change_reads_only_its_service() {
     );
     let mut tg = Tollgate::start(&path);
     tg.ready(http).await;
+    tg.ready(SocketAddr::from(([127, 0, 0, 1], admin))).await;
     let c = plain();
     let reads = || async {
         let m = admin_text(&c, admin, "/metrics").await;
