@@ -29,20 +29,13 @@ import tempfile
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import compare  # noqa: E402
+from consul_convergence import wait_port  # noqa: E402
+
+ROOT = compare.ROOT
 HTTP, LAN, WAN, SERVER, RELAY, ADMIN, LISTEN = 18860, 18861, 18862, 18863, 18864, 18865, 18866
 INSTANCE_PORTS = [18867, 18868, 18869]  # nothing listens: only the pools are measured
-
-
-def wait_port(port, timeout=60):
-    end = time.time() + timeout
-    while time.time() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    sys.exit(f"nothing listens on {port}")
 
 
 class Relay:
@@ -162,7 +155,7 @@ def main():
              "-http-port", str(HTTP), "-serf-lan-port", str(LAN), "-serf-wan-port", str(WAN),
              "-server-port", str(SERVER), "-dns-port", "-1", "-grpc-port", "-1", "-log-level=warn"],
             stdout=open(os.path.join(work, "consul.log"), "w"), stderr=subprocess.STDOUT))
-        wait_port(HTTP)
+        wait_port(HTTP, 60)
         while len(agent("GET", "/v1/status/leader")) <= 4:
             time.sleep(0.2)
         t = time.time()
@@ -196,7 +189,7 @@ backends = ["127.0.0.1:{INSTANCE_PORTS[0]}"]
         procs.append(subprocess.Popen([tollgate, "run", "--config", cfg],
                                       stdout=open(os.path.join(work, "tollgate.log"), "w"),
                                       stderr=subprocess.STDOUT))
-        wait_port(ADMIN)
+        wait_port(ADMIN, 60)
         end = time.time() + 300
         while True:
             ok, full = pools_ready(args.services)
@@ -254,7 +247,8 @@ backends = ["127.0.0.1:{INSTANCE_PORTS[0]}"]
         took = time.time() - start
         after = relay.snapshot()
         print(f"\n{n} check flips in {took:.1f} s ({n / took:.1f}/s) over {args.services} services "
-              f"x 3 instances (fallback mode: max_blocking 128)\n")
+              f"x 3 instances ({'fallback mode' if args.services > 128 else 'one watch each'}: "
+              f"max_blocking 128)\n")
         print("| tollgate -> agent | requests | per second |")
         print("|---|---:|---:|")
         for k in sorted(set(before) | set(after)):
@@ -268,13 +262,7 @@ backends = ["127.0.0.1:{INSTANCE_PORTS[0]}"]
               f"p99 {pct(ok, 0.99) * 1000:.0f} ms, max {max(ok) * 1000:.0f} ms; "
               f"{len(results) - len(ok)} of {len(results)} not seen within 10 s")
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        compare.stop(procs)
         shutil.rmtree(work, ignore_errors=True)
 
 
