@@ -231,9 +231,15 @@ impl Manager {
                     // a failover datacenter hands back once the own one has been well for
                     // `failback_after`: checked every second, rebuilt only on a switch; the
                     // nearest datacenters are read again every 30 s while a pool wants them
+                    let groups = self.state.failover_groups();
+                    let nearest = self.state.nearest_wanted();
+                    if groups.is_empty() && !nearest && failovers.is_empty() {
+                        // no pool fails over: nothing to copy the view for
+                        continue;
+                    }
                     let mut view: View = (*self.state.view()).clone();
                     let mut changed = false;
-                    if self.state.nearest_wanted()
+                    if nearest
                         && datacenters_read.is_none_or(|t| t.elapsed() >= Duration::from_secs(30))
                     {
                         datacenters_read = Some(Instant::now());
@@ -247,7 +253,7 @@ impl Manager {
                             Err(e) => tracing::warn!(error = %e, "cannot read Consul's datacenters"),
                         }
                     }
-                    if self.choose_datacenters(&mut view, &mut failovers, settings.failback_after) || changed {
+                    if self.choose_datacenters(groups, &mut view, &mut failovers, settings.failback_after) || changed {
                         self.publish(view, 0, Instant::now());
                     }
                 }
@@ -273,11 +279,11 @@ impl Manager {
     /// (`choose_datacenter`) and note it in `view.serving`. True when any pool switched.
     fn choose_datacenters(
         &self,
+        groups: Vec<Vec<ServiceKey>>,
         view: &mut View,
         failovers: &mut BTreeMap<ServiceKey, Failover>,
         hold: Duration,
     ) -> bool {
-        let groups = self.state.failover_groups();
         failovers.retain(|k, _| groups.iter().any(|g| &g[0] == k));
         view.serving
             .retain(|k, _| groups.iter().any(|g| &g[0] == k));
@@ -353,7 +359,7 @@ impl Manager {
                 }
             }
         }
-        self.choose_datacenters(&mut view, failovers, hold);
+        self.choose_datacenters(self.state.failover_groups(), &mut view, failovers, hold);
         self.publish(view, batch.len(), oldest);
     }
 
