@@ -56,10 +56,28 @@ impl VhostEntry {
     }
 }
 
-fn prefix_matches(prefix: &str, path: &str) -> bool {
+/// Is `path` at or under route prefix `prefix`, at a segment boundary (`/api` covers `/api`
+/// and `/api/x`, not `/apix`; a prefix ending in `/` covers everything after it)?
+pub fn prefix_matches(prefix: &str, path: &str) -> bool {
     match path.strip_prefix(prefix) {
         Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
         None => false,
+    }
+}
+
+/// Does wildcard suffix `suffix` (`.example.com`, from `*.example.com`) cover `host`: one
+/// label or more before it?
+fn under_suffix(host: &str, suffix: &str) -> bool {
+    host.len() > suffix.len() && host.ends_with(suffix)
+}
+
+/// Does vhost name `pattern` cover `host`: the same name, or a `*.` wildcard with at least
+/// one label before its suffix (`*` alone: any host, even none)?
+pub fn name_covers(pattern: &str, host: &str) -> bool {
+    match pattern.strip_prefix('*') {
+        Some("") => true,
+        Some(suffix) if suffix.starts_with('.') => under_suffix(host, suffix),
+        _ => !host.is_empty() && pattern == host,
     }
 }
 
@@ -121,7 +139,7 @@ impl RouteTable {
         }
         self.wildcards
             .iter()
-            .find(|(suffix, _)| host.len() > suffix.len() && host.ends_with(suffix.as_str()))
+            .find(|(suffix, _)| under_suffix(host, suffix))
             .map(|(_, i)| *i)
             .or(self.default)
     }

@@ -197,10 +197,7 @@ pub fn strip_params(path: &str) -> Cow<'_, str> {
 
 /// Is `path` at or under `prefix` (a prefix without a trailing `/`), so `strip` removes it?
 pub fn strips(path: &str, prefix: &str) -> bool {
-    !prefix.is_empty()
-        && path
-            .strip_prefix(prefix)
-            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    !prefix.is_empty() && super::prefix_matches(prefix, path)
 }
 
 /// The path a route forwards: without the `strip` prefix (only at a segment boundary:

@@ -8,6 +8,7 @@
 
 use crate::config::{ClaimRule, ConsulRoutes, Vhost};
 use crate::discovery::DiscoveredRoute;
+use crate::routing::prefix_matches;
 
 /// Does `pattern` (`*` matches any run of characters, even none) match all of `s`?
 pub(crate) fn glob(pattern: &str, s: &str) -> bool {
@@ -34,29 +35,11 @@ pub(crate) fn glob(pattern: &str, s: &str) -> bool {
     p[pi..].iter().all(|&b| b == b'*')
 }
 
-/// Does host pattern `pattern` (`*`, `*.example.com` for any depth of subdomain, or an exact
-/// name) cover `host`? A route without a host (`""`) is covered by `*` only.
-pub(crate) fn host_matches(pattern: &str, host: &str) -> bool {
-    match pattern.strip_prefix('*') {
-        Some("") => true,
-        Some(suffix) if suffix.starts_with('.') => {
-            host.len() > suffix.len() && host.ends_with(suffix)
-        }
-        _ => !host.is_empty() && pattern == host,
-    }
-}
-
-/// Is `path` at or under `prefix`, at a segment boundary?
-fn path_under(prefix: &str, path: &str) -> bool {
-    prefix == "/"
-        || path == prefix
-        || (path.starts_with(prefix)
-            && (prefix.ends_with('/') || path.as_bytes().get(prefix.len()) == Some(&b'/')))
-}
+pub(crate) use crate::routing::name_covers as host_matches;
 
 fn rule_allows(r: &ClaimRule, c: &DiscoveredRoute) -> bool {
     r.hosts.iter().any(|h| host_matches(h, &c.host))
-        && r.paths.iter().any(|p| path_under(p, &c.path))
+        && r.paths.iter().any(|p| prefix_matches(p, &c.path))
         && r.services.iter().any(|s| glob(s, &c.service))
         && (r.tags.is_empty() || r.tags.iter().any(|t| c.service_tags.contains(t)))
 }
