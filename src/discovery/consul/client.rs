@@ -143,6 +143,14 @@ pub(super) async fn consul_get(
     Ok((next_index(index, answered), body))
 }
 
+/// `s` for plain reads: a `wait` of 1 s, so an index that has not moved answers soon.
+pub(super) fn quick(s: &ConsulSettings) -> ConsulSettings {
+    ConsulSettings {
+        wait: Duration::from_secs(1),
+        ..s.clone()
+    }
+}
+
 /// One blocking GET on a catalog-wide endpoint (`path`).
 pub(super) async fn blocking_get(
     http: &reqwest::Client,

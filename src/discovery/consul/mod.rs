@@ -33,10 +33,7 @@ use {client::*, quiet::*, rules::*, watch::*};
 /// estimated round-trip time from its servers) without the agent's own.
 async fn nearest_datacenters(settings: &ConsulSettings) -> Result<Vec<String>, String> {
     let http = client(settings)?;
-    let quick = ConsulSettings {
-        wait: Duration::from_secs(1),
-        ..settings.clone()
-    };
+    let quick = quick(settings);
     let (_, own) = consul_get(&http, &quick, "/v1/agent/self", "the agent", None, &[], 0).await?;
     #[derive(Deserialize)]
     struct Agent {
@@ -72,11 +69,7 @@ async fn nearest_datacenters(settings: &ConsulSettings) -> Result<Vec<String>, S
 /// not a watch): what `tollgate check --consul` judges against the file's policy.
 pub async fn declared_routes(settings: &ConsulSettings) -> Result<Vec<DiscoveredRoute>, String> {
     let http = client(settings)?;
-    let quick = ConsulSettings {
-        wait: Duration::from_secs(1),
-        ..settings.clone()
-    };
-    catalog_routes(&http, &quick, 0)
+    catalog_routes(&http, &quick(settings), 0)
         .await
         .map(|(_, routes)| routes)
 }

@@ -98,12 +98,8 @@ pub(super) async fn instances_exist(
         passing: false,
         ..key.clone()
     };
-    let quick = ConsulSettings {
-        wait: Duration::from_secs(1),
-        ..s.clone()
-    };
     // index 1 answers at once whenever the service's index is past 1
-    let (_, all) = query(http, &quick, &probe, 1).await?;
+    let (_, all) = query(http, &quick(s), &probe, 1).await?;
     Ok(!all.is_empty())
 }
 
