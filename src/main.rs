@@ -135,6 +135,9 @@ fn check(path: PathBuf, consul: bool) -> ExitCode {
         }
     };
     println!("{}: configuration is valid", path.display());
+    for w in snap.config.warnings() {
+        eprintln!("WARNING: {w}");
+    }
     if !consul {
         return ExitCode::SUCCESS;
     }

@@ -257,6 +257,9 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
         tracing::info!(address = %cfg.admin.address, "admin listening");
         server.add_service(admin);
     }
+    for w in cfg.warnings() {
+        tracing::warn!("{w}");
+    }
     server.add_service(background_service(
         "tollgate reloader",
         Reloader::new(state.clone()),

@@ -177,3 +177,39 @@ fn a_plugin_that_refuses_its_configuration_says_why() {
         "no build hint when built: {out}"
     );
 }
+
+/// Backend TLS: `verify = false` passes with a loud warning; a CA file that is missing or not
+/// a certificate fails the check with the file named, at the pool's `tls` line.
+#[test]
+fn backend_tls_files_are_checked_and_verify_false_warns() {
+    let (code, out) = check(&VALID.replace(
+        "backends = [\"127.0.0.1:9000\"]\n",
+        "backends = [\"127.0.0.1:9000\"]\nprotocol = \"https\"\ntls = { verify = false }\n",
+    ));
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("WARNING: pool.web.tls.verify = false: any certificate is accepted"),
+        "{out}"
+    );
+    let (code, out) = check(VALID);
+    assert!(code == 0 && !out.contains("WARNING"), "{out}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.pem");
+    std::fs::write(&junk, "not a certificate\n").unwrap();
+    for (ca, words) in [
+        (dir.path().join("missing.pem"), "cannot read the CA bundle"),
+        (junk, "holds no certificate"),
+    ] {
+        let (code, out) = check(&VALID.replace(
+            "backends = [\"127.0.0.1:9000\"]\n",
+            &format!(
+                "backends = [\"127.0.0.1:9000\"]\nprotocol = \"h2\"\ntls = {{ ca = \"{}\" }}\n",
+                ca.display()
+            ),
+        ));
+        assert_eq!(code, 1, "{out}");
+        assert!(out.contains("t.toml:13: pool.web.tls"), "{out}");
+        assert!(out.contains(words), "{words}: {out}");
+    }
+}

@@ -2,54 +2,13 @@
 //! passive health, error answers, proxy headers, HTTP/2 and WebSocket.
 
 mod common;
+use common::site::*;
 use common::*;
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-
-struct Site {
-    // fields drop in order: stop tollgate (and print its log) before the directory goes
-    tg: Tollgate,
-    _dir: tempfile::TempDir,
-    https: SocketAddr,
-    http: SocketAddr,
-    admin: u16,
-    ca: TestCa,
-}
-
-/// Start tollgate with `body` (vhosts and pools) plus an HTTPS and a plain listener.
-/// `{dir}` in the body is replaced by the temp dir; `prepare` writes certificates first.
-async fn site(body: &str, prepare: impl FnOnce(&TestCa, &Path)) -> Site {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = TestCa::new();
-    prepare(&ca, dir.path());
-    let https = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let admin_port = free_port();
-    let cfg = format!(
-        "[server]\nthreads = 2\nshutdown_timeout = \"5s\"\n\n\
-         [admin]\naddress = \"127.0.0.1:{admin_port}\"\n\n\
-         [[listener]]\naddress = \"{https}\"\ntls = true\n\n\
-         [[listener]]\naddress = \"{http}\"\n\n{}",
-        body.replace("{dir}", &dir.path().display().to_string())
-    );
-    let path = dir.path().join("tollgate.toml");
-    write(&path, &cfg);
-    let mut tg = Tollgate::start(&path);
-    tg.ready(https).await;
-    tg.ready(http).await;
-    Site {
-        _dir: dir,
-        tg,
-        https,
-        http,
-        admin: admin_port,
-        ca,
-    }
-}
 
 async fn json(resp: reqwest::Response) -> Value {
     assert_eq!(resp.status(), 200, "unexpected status");
@@ -192,24 +151,6 @@ backends = ["{}"]
         peer_cert_cn(&s.ca, s.https, "q.w.test", &[]).await.0,
         "wild"
     );
-}
-
-const ONE_VHOST: &str = r#"
-[[vhost]]
-names = ["a.test"]
-cert = "{dir}/a.crt"
-key = "{dir}/a.key"
-"#;
-
-/// `ONE_VHOST` plus `vhost_options`, one route `/` to pool `p`, and `pool_options` under `[pool.p]`.
-fn single_pool(vhost_options: &str, pool_options: &str) -> String {
-    format!(
-        "{ONE_VHOST}{vhost_options}\n[[vhost.route]]\npath = \"/\"\npool = \"p\"\n[pool.p]\n{pool_options}\n"
-    )
-}
-
-fn issue_a(ca: &TestCa, dir: &Path) {
-    ca.issue(dir, "a", &["a.test"], "a");
 }
 
 #[tokio::test]
@@ -1113,16 +1054,4 @@ async fn a_backend_that_stops_listening_fails_its_tcp_check() {
             .unwrap();
         assert_eq!(json(r).await["upstream"], "b");
     }
-}
-
-/// The `check` of backend `addr` of the first pool, from /pools.
-async fn backend_check(c: &reqwest::Client, admin: u16, addr: SocketAddr) -> Value {
-    let pools = admin_json(c, admin, "/pools").await;
-    pools[0]["backends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|x| x["address"] == addr.to_string())
-        .unwrap()["check"]
-        .clone()
 }

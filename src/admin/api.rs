@@ -146,9 +146,27 @@ fn pool_json(pool: &Pool, watches: &WatchTable) -> Value {
         },
         "datacenter": datacenter_json(pool),
         "balance": balance(pool.spec.balance),
+        "protocol": pool.spec.protocol.name(),
+        "tls": tls_json(pool),
+        "max_connections": pool.spec.max_connections,
+        "max_streams": pool.spec.protocol.h2().then_some(pool.spec.max_streams),
         "retries": pool.spec.retries,
         "max_fails": pool.spec.health.max_fails,
         "backends": backends(pool),
+    })
+}
+
+/// How a TLS pool verifies its backends and which client certificate it shows (else null).
+fn tls_json(pool: &Pool) -> Value {
+    let (Some(t), Some(m)) = (&pool.spec.tls, &pool.tls) else {
+        return Value::Null;
+    };
+    json!({
+        "server_name": t.server_name.clone().or_else(|| pool.spec.consul.as_ref().map(|k| k.service.clone())),
+        "ca": t.ca.as_ref().map_or("system roots".to_string(), |p| p.display().to_string()),
+        "verify": t.verify,
+        "client_cert": t.client_cert.as_ref().map(|(c, _)| c.display().to_string()),
+        "client_cert_not_after_unix": m.client_not_after,
     })
 }
 

@@ -73,6 +73,8 @@ pub mod pool {
     pub const CHECK_HEALTHY: i64 = 2;
     pub const CHECK_UNHEALTHY: i64 = 3;
     pub const CHECK_STATUS: (u16, u16) = (200, 399);
+    /// HTTP/2 streams per upstream connection.
+    pub const MAX_STREAMS: u32 = 100;
 }
 
 /// `[plugin.NAME]`.
@@ -285,6 +287,7 @@ mod tests {
             ("pool.NAME", "max_fails", pool::MAX_FAILS.to_string()),
             ("pool.NAME", "eject_time", dur(pool::EJECT_TIME)),
             ("pool.NAME", "eject_max_time", dur(pool::EJECT_MAX_TIME)),
+            ("pool.NAME", "max_streams", pool::MAX_STREAMS.to_string()),
         ];
         let wrong: Vec<String> = rows
             .iter()

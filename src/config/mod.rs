@@ -432,12 +432,84 @@ pub struct BackendSpec {
     pub weight: u32,
 }
 
+/// How tollgate speaks to a pool's backends (`protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP/1.1 in the clear.
+    #[default]
+    Http1,
+    /// HTTP/1.1 over TLS.
+    Https,
+    /// HTTP/2 over TLS (ALPN `h2`).
+    H2,
+    /// HTTP/2 in the clear, with prior knowledge.
+    H2c,
+}
+
+impl Protocol {
+    pub const NAMES: [(&'static str, Protocol); 4] = [
+        ("http1", Protocol::Http1),
+        ("https", Protocol::Https),
+        ("h2", Protocol::H2),
+        ("h2c", Protocol::H2c),
+    ];
+
+    pub fn parse(s: &str) -> Option<Protocol> {
+        Self::NAMES.iter().find(|(n, _)| *n == s).map(|(_, p)| *p)
+    }
+
+    pub fn name(self) -> &'static str {
+        Self::NAMES
+            .iter()
+            .find(|(_, p)| *p == self)
+            .map_or("http1", |(n, _)| n)
+    }
+
+    /// Whether connections to the backends are TLS.
+    pub fn tls(self) -> bool {
+        matches!(self, Protocol::Https | Protocol::H2)
+    }
+
+    /// Whether requests travel as HTTP/2 streams.
+    pub fn h2(self) -> bool {
+        matches!(self, Protocol::H2 | Protocol::H2c)
+    }
+}
+
+/// TLS to a pool's backends (`tls`, for `https` and `h2` pools).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendTls {
+    /// PEM bundle of the CAs that sign the backends' certificates (`None`: the system roots).
+    pub ca: Option<PathBuf>,
+    /// SNI and the name the certificate must carry (`None`: the Consul service's name, or
+    /// the backend's IP address for a static pool).
+    pub server_name: Option<String>,
+    /// A client certificate and key for mTLS (PEM), reloaded when the files change.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// `false`: any certificate is accepted (`check` warns).
+    pub verify: bool,
+    /// Where the pool's `tls` is declared (errors about its files point here).
+    pub origin: Origin,
+}
+
+/// What an active health check asks a backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckKind {
+    /// An HTTP GET of this path; the status must be in the pool's range.
+    Http(String),
+    /// A TCP connect.
+    Tcp,
+    /// The gRPC health-checking protocol (`grpc.health.v1.Health/Check`) for this service
+    /// name (empty: the server as a whole); the answer must be SERVING.
+    Grpc(String),
+}
+
 /// Active health checks of a pool's backends (`health_check`): an HTTP GET of `path` on each
-/// backend every `interval`, or a TCP connect.
+/// backend every `interval`, a TCP connect, or a gRPC health check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ActiveCheck {
-    /// `None`: a TCP connect is the check.
-    pub path: Option<String>,
+    pub kind: CheckKind,
     pub interval: Duration,
     pub timeout: Duration,
     /// Passing probes in a row that put a failing backend back.
@@ -480,6 +552,15 @@ pub struct PoolSpec {
     pub health: HealthPolicy,
     /// Active health checks (off: `None`).
     pub check: Option<ActiveCheck>,
+    /// How tollgate speaks to the backends.
+    pub protocol: Protocol,
+    /// TLS settings (`Some` exactly when `protocol.tls()`).
+    pub tls: Option<BackendTls>,
+    /// HTTP/2: streams one upstream connection carries at most.
+    pub max_streams: u32,
+    /// Connections (HTTP/2: connections' worth of streams) in use to one backend at most;
+    /// a backend at its cap is skipped, as if busy (0: no cap).
+    pub max_connections: u32,
 }
 
 impl PoolSpec {
@@ -513,6 +594,10 @@ impl PoolSpec {
             idle_timeout: IDLE_TIMEOUT,
             retries: RETRIES,
             check: None,
+            protocol: Protocol::Http1,
+            tls: None,
+            max_streams: MAX_STREAMS,
+            max_connections: 0,
             health: HealthPolicy {
                 max_fails: MAX_FAILS,
                 eject_time: EJECT_TIME,
@@ -552,6 +637,21 @@ impl Config {
     /// Validate `src` as if read from `path` (relative paths resolve against its directory).
     pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigErrors> {
         validate::parse(path, src)
+    }
+
+    /// What is valid but unsafe, for `check` to print and the server to log at start and
+    /// at each reload.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (name, p) in &self.pools {
+            if p.tls.as_ref().is_some_and(|t| !t.verify) {
+                out.push(format!(
+                    "pool.{name}.tls.verify = false: any certificate is accepted, so anyone \
+                     who can intercept the connection reads and changes this pool's traffic"
+                ));
+            }
+        }
+        out
     }
 
     /// Whether any listener terminates TLS.

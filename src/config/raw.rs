@@ -294,6 +294,20 @@ pub struct RawPool {
     pub eject_time: Option<S<String>>,
     pub eject_max_time: Option<S<String>>,
     pub health_check: Option<S<RawHealthCheck>>,
+    pub protocol: Option<S<String>>,
+    pub tls: Option<S<RawBackendTls>>,
+    pub max_streams: Option<S<i64>>,
+    pub max_connections: Option<S<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackendTls {
+    pub ca: Option<S<String>>,
+    pub server_name: Option<S<String>>,
+    pub client_cert: Option<S<String>>,
+    pub client_key: Option<S<String>>,
+    pub verify: Option<S<bool>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -301,11 +315,20 @@ pub struct RawPool {
 pub struct RawHealthCheck {
     pub path: Option<S<String>>,
     pub tcp: Option<bool>,
+    pub grpc: Option<S<RawGrpcCheck>>,
     pub interval: Option<S<String>>,
     pub timeout: Option<S<String>>,
     pub healthy: Option<S<i64>>,
     pub unhealthy: Option<S<i64>>,
     pub status: Option<S<String>>,
+}
+
+/// `grpc = true` (the server as a whole) or `grpc = "service.Name"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawGrpcCheck {
+    Whole(bool),
+    Service(String),
 }
 
 #[derive(Debug, Deserialize)]

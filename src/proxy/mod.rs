@@ -2,10 +2,12 @@
 //! chart, one file per phase group: `request` (routing, redirects, local answers, proxy
 //! headers), `upstream` (peer selection, retries, passive health), `response` (response
 //! headers, error answers, access log), plus what the listeners run before a request:
-//! `admission` (connection limits, PROXY protocol) and `sni` (the certificate resolver). Reads the
+//! `admission` (connection limits, PROXY protocol) and `sni` (the certificate resolver); `grpc`
+//! turns tollgate's own answers to gRPC clients into gRPC statuses. Reads the
 //! Snapshot once per request and never takes a lock to do so; must not build Snapshots.
 
 pub mod admission;
+mod grpc;
 mod plugins;
 mod request;
 mod response;

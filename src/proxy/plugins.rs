@@ -185,6 +185,7 @@ fn verdict_response(v: &Verdict, ctx: &mut RequestCtx) -> LocalResponse {
         details: msg.to_string(),
         headers: vec![("content-type".into(), b"text/plain; charset=utf-8".to_vec())],
         body: Bytes::from(format!("{status} {msg}\n")),
+        grpc_status: None,
     };
     let (resp, reason): (LocalResponse, Cow<'static, str>) = match v {
         Verdict::Respond(l) => {
@@ -244,7 +245,11 @@ pub(super) async fn write_local(
 
 /// The status and headers of a plugin's local response (framing headers are tollgate's).
 fn local_header(local: &LocalResponse) -> Result<ResponseHeader> {
-    let mut resp = ResponseHeader::build(local.status, Some(local.headers.len() + 2))?;
+    let mut resp = ResponseHeader::build(local.status, Some(local.headers.len() + 3))?;
+    if let Some(code) = local.grpc_status {
+        // what proxy_send_local_response's grpc_status asks a gRPC client to see
+        resp.insert_header("grpc-status", code.to_string())?;
+    }
     for (k, v) in &local.headers {
         if !skip_header(k) {
             resp.append_header(k.clone(), v.as_slice())?;

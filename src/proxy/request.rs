@@ -270,6 +270,16 @@ pub(super) async fn send(
     mut resp: ResponseHeader,
     body: Bytes,
 ) -> Result<()> {
+    if super::grpc::is_grpc(session.req_header()) {
+        let text = String::from_utf8_lossy(&body);
+        let mut g = super::grpc::trailers_only(&resp, &text)?;
+        g.insert_header(REQUEST_ID, request_id)?;
+        g.insert_header(http::header::CONTENT_LENGTH, 0)?;
+        if has_body(session.req_header()) {
+            session.set_keepalive(None);
+        }
+        return super::grpc::write(session, g).await;
+    }
     resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
     resp.insert_header(REQUEST_ID, request_id)?;
     if has_body(session.req_header()) {

@@ -95,10 +95,32 @@ fn status_for(e: &Error, ctx: &RequestCtx) -> u16 {
     }
 }
 
+/// The words rustls used for a failed handshake, out of pingora's error chain (which
+/// carries them as a context string, followed by the local address).
+fn tls_cause(e: &Error) -> String {
+    let text = e.to_string();
+    text.split(" cause: ")
+        .flat_map(|part| part.split(" context: "))
+        .map(|part| part.trim().trim_end_matches(','))
+        .filter(|part| !part.is_empty() && !part.starts_with("local address"))
+        .last()
+        .unwrap_or("handshake failed")
+        .to_string()
+}
+
 fn reason_for(code: u16, e: &Error) -> String {
     match code {
         408 => "the client did not send the request body within limits.body_idle_timeout".into(),
         504 => format!("upstream timed out ({})", e.etype().as_str()),
+        502 if matches!(
+            e.etype(),
+            TLSHandshakeFailure | InvalidCert | HandshakeError
+        ) =>
+        {
+            // what rustls found wrong (an unknown issuer, a name the certificate lacks, no
+            // client certificate), not just "handshake failed"
+            format!("TLS with the backend failed: {}", tls_cause(e))
+        }
         502 => format!("upstream failed ({})", e.etype().as_str()),
         503 => "no live backend".to_string(),
         _ => e.etype().as_str().to_string(),
@@ -127,6 +149,8 @@ pub(super) async fn error_answer(
     }
     if code > 0 {
         let text = match code {
+            // the pool's own words (empty, at its cap); a TLS failure's details stay in the
+            // log: they describe the backend's certificates to whoever asks
             503 if ctx
                 .reason
                 .as_deref()
@@ -143,6 +167,23 @@ pub(super) async fn error_answer(
             _ => "internal error",
         };
         let body = Bytes::from(format!("{code} {text}\n"));
+        if super::grpc::is_grpc(session.req_header()) && session.response_written().is_none() {
+            let resp = pingora::protocols::http::ServerSession::generate_error(code);
+            let sent = async {
+                let mut g = super::grpc::trailers_only(&resp, &format!("{code} {text}"))?;
+                g.insert_header(super::request::REQUEST_ID, ctx.request_id_value())?;
+                g.insert_header(http::header::CONTENT_LENGTH, 0)?;
+                session.set_keepalive(None);
+                super::grpc::write(session, g).await
+            };
+            if let Err(err) = sent.await {
+                tracing::debug!(error = %err, "could not send the error answer to the client");
+            }
+            return FailToProxy {
+                error_code: code,
+                can_reuse_downstream: false,
+            };
+        }
         let mut resp = pingora::protocols::http::ServerSession::generate_error(code);
         let _ = resp.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8");
         let _ = resp.set_content_length(body.len());

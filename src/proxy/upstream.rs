@@ -13,12 +13,22 @@ pub(super) fn select_peer(ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
     let Some(pool) = ctx.pool.clone() else {
         return Error::e_explain(InternalError, "no pool chosen for the request");
     };
-    let Some(i) = pool.select(now_ms(), &ctx.tried) else {
+    let now = now_ms();
+    let Some(i) = pool.select(now, &ctx.tried) else {
         let reason = match &pool.spec.consul {
             Some(key) if pool.backends.is_empty() => format!(
                 "pool {} is empty: Consul reports no passing instance of {key}",
                 pool.name
             ),
+            _ if pool.inflight_cap() > 0
+                && pool.backends.iter().any(|b| b.state.is_available(now)) =>
+            {
+                format!(
+                    "pool {}: every live backend is at its max_connections ({} requests)",
+                    pool.name,
+                    pool.inflight_cap()
+                )
+            }
             _ => format!("no live backend in pool {}", pool.name),
         };
         ctx.reason = Some(reason.clone().into());
@@ -29,14 +39,7 @@ pub(super) fn select_peer(ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
     ctx.backend = Some(i);
     ctx.inflight = Some(InflightGuard::new(b.state.clone()));
     ctx.upstream_start = Some(std::time::Instant::now());
-    let mut peer = HttpPeer::new(b.address, false, String::new());
-    let s = &pool.spec;
-    peer.options.connection_timeout = Some(s.connect_timeout);
-    peer.options.total_connection_timeout = Some(s.connect_timeout);
-    peer.options.read_timeout = Some(s.read_timeout);
-    peer.options.write_timeout = Some(s.write_timeout);
-    peer.options.idle_timeout = Some(s.idle_timeout);
-    Ok(Box::new(peer))
+    Ok(Box::new(crate::upstream::peer::http_peer(&pool, i)))
 }
 
 /// A connect failure counts against the backend; the request moves to another backend when

@@ -207,9 +207,10 @@ impl Snapshot {
         } = merge_routes(&config, view, |host| certs.covers(host));
         let mut pools = Vec::new();
         let mut index: HashMap<&str, usize> = HashMap::new();
+        let mut tls_errors = Vec::new();
         for (name, spec) in &pool_specs {
             index.insert(name, pools.len());
-            let pool = match &spec.consul {
+            let mut pool = match &spec.consul {
                 // Consul pools take the backends of the last successful answer (none yet:
                 // empty), from the datacenter that serves the pool now
                 Some(key) => {
@@ -234,7 +235,20 @@ impl Snapshot {
                 }
                 None => registry.pool(name, spec, m),
             };
+            if let Some(t) = &spec.tls {
+                match crate::tls::backend::load_backend(t) {
+                    Ok(material) => pool.tls = Some(Arc::new(material)),
+                    Err(e) => tls_errors.push(crate::config::ConfigError {
+                        origin: t.origin.clone(),
+                        option: format!("pool.{name}.tls"),
+                        message: e,
+                    }),
+                }
+            }
             pools.push(Arc::new(pool));
+        }
+        if !tls_errors.is_empty() {
+            return Err(ConfigErrors(tls_errors));
         }
         // One record per route, found by the index the route table gives for it.
         let mut records = Vec::new();
@@ -468,6 +482,14 @@ pub fn watched_files(cfg: &Config) -> Vec<PathBuf> {
     let mut files = vec![cfg.source.clone()];
     // a rebuilt plugin is picked up like a changed certificate
     files.extend(cfg.plugins.values().map(|p| p.file.clone()));
+    // a renewed client certificate or CA bundle of a TLS pool, likewise
+    for t in cfg.pools.values().filter_map(|p| p.tls.as_ref()) {
+        files.extend(t.ca.clone());
+        if let Some((c, k)) = &t.client_cert {
+            files.push(c.clone());
+            files.push(k.clone());
+        }
+    }
     for v in &cfg.vhosts {
         if let Some(c) = &v.cert {
             files.push(c.cert.clone());

@@ -29,7 +29,12 @@ impl Reloader {
 
     fn apply(&self, why: &str) {
         match self.state.reload() {
-            Ok(generation) => tracing::info!(trigger = why, generation, "configuration reloaded"),
+            Ok(generation) => {
+                tracing::info!(trigger = why, generation, "configuration reloaded");
+                for w in self.state.snapshot().config.warnings() {
+                    tracing::warn!("{w}");
+                }
+            }
             Err(e) => tracing::error!(
                 trigger = why,
                 "reload rejected, the previous configuration keeps serving: {}",

@@ -2,7 +2,9 @@
 //! (from vhost `cert`/`key` and from `tls.certs_dir`), the per-SNI certificate store that each
 //! Snapshot carries, and `cert dev`. Must not touch routing or sockets; reload is driven by
 //! `state`, and the listeners' certificate resolver (`proxy::sni`) reads the live Snapshot's
-//! store.
+//! store. `backend`: the CA bundles and client certificates of TLS pools (to backends).
+
+pub mod backend;
 
 use crate::config::{Config, ConfigError, ConfigErrors, Origin};
 use rustls::pki_types::pem::PemObject;

@@ -1,9 +1,11 @@
-//! Upstream pools: backends, selection (`selection`, pure) and passive health (`health`).
+//! Upstream pools: backends, selection (`selection`, pure), passive health (`health`) and the
+//! description of a connection to a backend (`peer`).
 //! Owns: choosing a backend for a request and remembering how backends behave. Must not touch
 //! sockets (the proxy connects) or config files. Per-backend state lives in the `Registry`,
 //! keyed by (pool, address), so it survives Snapshot rebuilds.
 
 pub mod health;
+pub mod peer;
 pub mod selection;
 
 pub use health::BackendState;
@@ -27,6 +29,8 @@ pub struct Pool {
     pub metrics: Arc<crate::metrics::PoolMetrics>,
     pub backends: Vec<Backend>,
     pub spec: PoolSpec,
+    /// For a TLS pool: the CA bundle and client certificate its connections use.
+    pub tls: Option<Arc<crate::tls::backend::BackendMaterial>>,
     schedule: Vec<usize>,
     cursor: Arc<AtomicUsize>,
 }
@@ -51,8 +55,7 @@ impl Drop for InflightGuard {
 impl Pool {
     /// Choose a backend that is not ejected and not in `exclude` (already tried).
     pub fn select(&self, now_ms: u64, exclude: &[usize]) -> Option<usize> {
-        let available =
-            |i: usize| !exclude.contains(&i) && self.backends[i].state.is_available(now_ms);
+        let available = |i: usize| !exclude.contains(&i) && self.usable(i, now_ms);
         match self.spec.balance {
             Balance::RoundRobin => {
                 let c = self.cursor.fetch_add(1, Relaxed);
@@ -76,7 +79,25 @@ impl Pool {
         self.backends
             .iter()
             .enumerate()
-            .any(|(i, b)| !exclude.contains(&i) && b.state.is_available(now_ms))
+            .any(|(i, _)| !exclude.contains(&i) && self.usable(i, now_ms))
+    }
+
+    /// Requests one backend may carry at once (`max_connections`, times `max_streams` for
+    /// HTTP/2; 0: no cap).
+    pub fn inflight_cap(&self) -> u64 {
+        let per_conn = if self.spec.protocol.h2() {
+            u64::from(self.spec.max_streams)
+        } else {
+            1
+        };
+        u64::from(self.spec.max_connections) * per_conn
+    }
+
+    /// Healthy (passively and actively) and below its in-flight cap.
+    fn usable(&self, i: usize, now_ms: u64) -> bool {
+        let st = &self.backends[i].state;
+        let cap = self.inflight_cap();
+        st.is_available(now_ms) && (cap == 0 || st.inflight.load(Relaxed) < cap)
     }
 }
 
@@ -118,6 +139,7 @@ impl Registry {
             schedule: selection::wrr_schedule(&weights),
             backends,
             spec: spec.clone(),
+            tls: None,
             cursor,
         }
     }

@@ -38,6 +38,9 @@ pub struct LocalResponse {
     pub details: String,
     pub headers: Vec<(String, Vec<u8>)>,
     pub body: Bytes,
+    /// The gRPC status a gRPC client sees (`proxy_send_local_response`'s `grpc_status`;
+    /// `None`: mapped from `status`).
+    pub grpc_status: Option<u32>,
 }
 
 /// Everything about one request that plugins can see or change. It moves into the Store of

@@ -3,6 +3,7 @@
 
 pub mod aws;
 pub mod netns;
+pub mod site;
 pub mod takeover;
 
 use bytes::Bytes;
@@ -124,8 +125,62 @@ impl Drop for Upstream {
     }
 }
 
+/// How a test upstream speaks: HTTP/1.1 only (the default), or HTTP/1.1 and HTTP/2 (h2c with
+/// prior knowledge in the clear; ALPN `h2`/`http/1.1` over TLS), optionally over TLS with a
+/// certificate and, for mTLS, the CA client certificates must chain to.
+#[derive(Default, Clone)]
+pub struct UpstreamMode {
+    pub h2: bool,
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub client_ca: Option<String>,
+}
+
+fn tls_acceptor(mode: &UpstreamMode) -> Option<tokio_rustls::TlsAcceptor> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let (cert, key) = mode.tls.as_ref()?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(key).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let builder = match &mode.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(pem) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                roots.add(c.unwrap()).unwrap();
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut cfg = builder.with_single_cert(chain, key).unwrap();
+    cfg.alpn_protocols = if mode.h2 {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
+    Some(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
+}
+
 impl Upstream {
     pub async fn start(name: &str) -> Upstream {
+        Self::start_with(name, UpstreamMode::default()).await
+    }
+
+    pub async fn start_with(name: &str, mode: UpstreamMode) -> Upstream {
+        let acceptor = tls_acceptor(&mode);
+        let h2 = mode.h2;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
@@ -147,6 +202,7 @@ impl Upstream {
                 let name = name_s.clone();
                 let hits = h.clone();
                 let (health, probes) = (hh.clone(), pp.clone());
+                let acceptor = acceptor.clone();
                 let conn_task = tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
                         let name = name.clone();
@@ -164,9 +220,27 @@ impl Upstream {
                             Ok::<_, hyper::Error>(answer(&name, peer, req, &hits).await)
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
+                    if let Some(acceptor) = acceptor {
+                        // a failed handshake (wrong CA, no client certificate) just closes
+                        let Ok(tls) = acceptor.accept(stream).await else {
+                            return;
+                        };
+                        let _ = hyper_util::server::conn::auto::Builder::new(
+                            hyper_util::rt::TokioExecutor::new(),
+                        )
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .await;
+                    } else if h2 {
+                        let _ = hyper_util::server::conn::auto::Builder::new(
+                            hyper_util::rt::TokioExecutor::new(),
+                        )
                         .serve_connection(TokioIo::new(stream), svc)
                         .await;
+                    } else {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), svc)
+                            .await;
+                    }
                 });
                 conn_list.lock().unwrap().push(conn_task.abort_handle());
             }

@@ -1,6 +1,7 @@
 //! `[pool.*]`: backends or a Consul service, balancing, health, timeouts.
 
 use super::*;
+use crate::config::raw::RawGrpcCheck;
 
 pub(super) fn pools(
     cx: &mut Ctx,
@@ -193,37 +194,100 @@ pub(super) fn pools(
             ms(1),
             24 * hour,
         );
+        let protocol = match &p.protocol {
+            None => Protocol::Http1,
+            Some(v) => Protocol::parse(v.get_ref().trim()).unwrap_or_else(|| {
+                cx.err(
+                    v.span(),
+                    format!("{opt}.protocol"),
+                    format!(
+                        "`{}` is not a backend protocol: use http1, https, h2 or h2c",
+                        v.get_ref()
+                    ),
+                );
+                Protocol::Http1
+            }),
+        };
+        let tls = backend_tls(cx, &opt, p, protocol);
+        let max_streams = match &p.max_streams {
+            Some(v) if !protocol.h2() => {
+                cx.err(
+                    v.span(),
+                    format!("{opt}.max_streams"),
+                    "streams per connection are an HTTP/2 setting: set protocol = \"h2\" or \"h2c\"",
+                );
+                defaults::pool::MAX_STREAMS
+            }
+            _ => cx.int(
+                &p.max_streams,
+                &format!("{opt}.max_streams"),
+                defaults::pool::MAX_STREAMS as i64,
+                1,
+                10_000,
+            ) as u32,
+        };
+        let max_connections = cx.int(
+            &p.max_connections,
+            &format!("{opt}.max_connections"),
+            0,
+            0,
+            1_000_000,
+        ) as u32;
         let check = p.health_check.as_ref().map(|hc| {
             let h = hc.get_ref();
             let copt = format!("{opt}.health_check");
-            let path = match (&h.path, h.tcp.unwrap_or(false)) {
-                (Some(p), false) => {
+            let grpc = h.grpc.as_ref().and_then(|g| match g.get_ref() {
+                RawGrpcCheck::Whole(false) => None,
+                RawGrpcCheck::Whole(true) => Some((String::new(), g.span())),
+                RawGrpcCheck::Service(n) => Some((n.trim().to_string(), g.span())),
+            });
+            let tcp = h.tcp.unwrap_or(false);
+            let chosen = usize::from(h.path.is_some()) + usize::from(tcp) + usize::from(grpc.is_some());
+            let kind = match (&h.path, grpc) {
+                _ if chosen > 1 => {
+                    cx.err(
+                        hc.span(),
+                        &copt,
+                        "set one of path (an HTTP check), tcp = true (a connect) or grpc (the gRPC health protocol)",
+                    );
+                    CheckKind::Tcp
+                }
+                (Some(p), None) => {
                     let v = p.get_ref().clone();
-                    if !v.starts_with('/') || v.contains(char::is_whitespace) {
+                    if !v.starts_with('/') || v.contains(|c: char| c.is_whitespace() || c.is_control()) {
                         cx.err(
                             p.span(),
                             format!("{copt}.path"),
                             format!("`{v}` is not a request path such as /healthz"),
                         );
                     }
-                    Some(v)
+                    CheckKind::Http(v)
                 }
-                (None, true) => None,
-                (Some(_), true) => {
-                    cx.err(
-                        hc.span(),
-                        &copt,
-                        "set path (an HTTP check) or tcp = true (a connect), not both",
-                    );
-                    None
+                (None, Some((name, span))) => {
+                    if !protocol.h2() {
+                        cx.err(
+                            span.clone(),
+                            format!("{copt}.grpc"),
+                            "gRPC health checks need an HTTP/2 pool: set protocol = \"h2\" or \"h2c\"",
+                        );
+                    }
+                    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b)) {
+                        cx.err(
+                            span,
+                            format!("{copt}.grpc"),
+                            format!("`{name}` is not a gRPC service name such as pkg.Service"),
+                        );
+                    }
+                    CheckKind::Grpc(name)
                 }
-                (None, false) => {
+                _ if tcp => CheckKind::Tcp,
+                _ => {
                     cx.err(
                         hc.span(),
                         format!("{copt}.path"),
-                        "name the path to GET (path = \"/healthz\"), or set tcp = true",
+                        "name the path to GET (path = \"/healthz\"), or set tcp = true or grpc = true",
                     );
-                    None
+                    CheckKind::Tcp
                 }
             };
             let interval = cx.duration_in(
@@ -283,7 +347,7 @@ pub(super) fn pools(
                 }
             };
             ActiveCheck {
-                path,
+                kind,
                 interval,
                 timeout,
                 healthy,
@@ -307,6 +371,10 @@ pub(super) fn pools(
                 nearest,
                 serving: None,
                 check,
+                protocol,
+                tls,
+                max_streams,
+                max_connections,
                 balance,
                 connect_timeout,
                 read_timeout,
@@ -322,4 +390,71 @@ pub(super) fn pools(
         );
     }
     out
+}
+
+/// A pool's `tls`: only for TLS protocols; the client certificate and key come together.
+fn backend_tls(cx: &mut Ctx, opt: &str, p: &RawPool, protocol: Protocol) -> Option<BackendTls> {
+    let Some(t) = &p.tls else {
+        return protocol.tls().then(|| BackendTls {
+            ca: None,
+            server_name: None,
+            client_cert: None,
+            verify: true,
+            origin: cx.origin(p.protocol.as_ref().map_or(0..0, |v| v.span())),
+        });
+    };
+    let topt = format!("{opt}.tls");
+    if !protocol.tls() {
+        cx.err(
+            t.span(),
+            &topt,
+            format!(
+                "protocol {} does not use TLS: set protocol = \"https\" or \"h2\"",
+                protocol.name()
+            ),
+        );
+        return None;
+    }
+    let r = t.get_ref();
+    let server_name = r.server_name.as_ref().map(|n| {
+        let v = n.get_ref().trim().to_ascii_lowercase();
+        let ok = !v.is_empty()
+            && (v.parse::<std::net::IpAddr>().is_ok()
+                || rustls::pki_types::ServerName::try_from(v.as_str()).is_ok());
+        if !ok {
+            cx.err(
+                n.span(),
+                format!("{topt}.server_name"),
+                format!("`{}` is not a DNS name or IP address", n.get_ref()),
+            );
+        }
+        v
+    });
+    let client_cert = match (&r.client_cert, &r.client_key) {
+        (Some(c), Some(k)) => Some((cx.path(c.get_ref()), cx.path(k.get_ref()))),
+        (None, None) => None,
+        (Some(c), None) => {
+            cx.err(
+                c.span(),
+                format!("{topt}.client_key"),
+                "client_cert is set but client_key is not: set both",
+            );
+            None
+        }
+        (None, Some(k)) => {
+            cx.err(
+                k.span(),
+                format!("{topt}.client_cert"),
+                "client_key is set but client_cert is not: set both",
+            );
+            None
+        }
+    };
+    Some(BackendTls {
+        ca: r.ca.as_ref().map(|c| cx.path(c.get_ref())),
+        server_name,
+        client_cert,
+        verify: r.verify.as_ref().is_none_or(|v| *v.get_ref()),
+        origin: cx.origin(t.span()),
+    })
 }

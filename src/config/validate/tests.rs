@@ -380,10 +380,15 @@ fn pool_health_checks_are_validated() {
             .is_none()
     );
     let tcp = parse(Path::new("/etc/tollgate/t.toml"), &with("tcp = true")).unwrap();
-    assert_eq!(tcp.pools["web"].check.as_ref().unwrap().path, None);
+    assert_eq!(
+        tcp.pools["web"].check.as_ref().unwrap().kind,
+        CheckKind::Tcp
+    );
     for (hc, words) in [
-        ("tcp = true, path = \"/h\"", "not both"),
+        ("tcp = true, path = \"/h\"", "set one of path"),
+        ("grpc = true, path = \"/h\"", "set one of path"),
         ("interval = \"1s\"", "or set tcp = true"),
+        ("grpc = true", "need an HTTP/2 pool"),
     ] {
         assert!(
             errs(&with(hc)).iter().any(|e| e.message.contains(words)),
@@ -406,6 +411,96 @@ fn pool_health_checks_are_validated() {
             e.iter()
                 .any(|e| e.option == opt && e.message.contains(words)),
             "{opt}: {words} in {e:#?}"
+        );
+    }
+}
+
+#[test]
+fn backend_protocols_and_tls_are_validated() {
+    let with = |opts: &str| OK.replace("weight = 3 }]", &format!("weight = 3 }}]\n{opts}"));
+    let path = Path::new("/etc/tollgate/t.toml");
+    let web = |opts: &str| parse(path, &with(opts)).unwrap().pools["web"].clone();
+    // the default: HTTP/1.1 in the clear, no TLS
+    let p = web("");
+    assert_eq!(
+        (p.protocol, p.tls.is_none(), p.max_connections),
+        (Protocol::Http1, true, 0)
+    );
+    // a TLS protocol without `tls`: verified against the system roots
+    let p = web("protocol = \"https\"");
+    let t = p.tls.unwrap();
+    assert_eq!(
+        (t.ca.is_none(), t.verify, t.client_cert.is_none()),
+        (true, true, true)
+    );
+    let p = web(
+        "protocol = \"h2\"\nmax_streams = 50\nmax_connections = 2\n\
+         tls = { ca = \"ca.pem\", server_name = \"API.internal\", client_cert = \"c.pem\", client_key = \"/k/c.key\" }\n\
+         health_check = { grpc = \"pkg.Svc\" }",
+    );
+    let t = p.tls.unwrap();
+    assert_eq!(t.ca.as_deref(), Some(Path::new("/etc/tollgate/ca.pem")));
+    assert_eq!(t.server_name.as_deref(), Some("api.internal"));
+    assert_eq!(
+        t.client_cert,
+        Some(("/etc/tollgate/c.pem".into(), "/k/c.key".into()))
+    );
+    assert_eq!((p.max_streams, p.max_connections), (50, 2));
+    assert_eq!(
+        p.check.unwrap().kind,
+        CheckKind::Grpc("pkg.Svc".to_string())
+    );
+    assert_eq!(web("protocol = \"h2c\"").max_streams, 100);
+    assert!(
+        !web("protocol = \"https\"\ntls = { verify = false }")
+            .tls
+            .unwrap()
+            .verify
+    );
+    for (opts, opt, words) in [
+        (
+            "protocol = \"http3\"",
+            "pool.web.protocol",
+            "not a backend protocol",
+        ),
+        (
+            "tls = { ca = \"ca.pem\" }",
+            "pool.web.tls",
+            "does not use TLS",
+        ),
+        (
+            "protocol = \"h2c\"\ntls = { verify = false }",
+            "pool.web.tls",
+            "does not use TLS",
+        ),
+        ("max_streams = 10", "pool.web.max_streams", "HTTP/2 setting"),
+        (
+            "protocol = \"h2\"\nmax_streams = 0",
+            "pool.web.max_streams",
+            "",
+        ),
+        (
+            "protocol = \"https\"\ntls = { client_cert = \"c.pem\" }",
+            "pool.web.tls.client_key",
+            "set both",
+        ),
+        (
+            "protocol = \"https\"\ntls = { server_name = \"bad name!\" }",
+            "pool.web.tls.server_name",
+            "not a DNS name",
+        ),
+        (
+            "protocol = \"https\"\ntls = { cert = \"x\" }",
+            "",
+            "unknown field",
+        ),
+    ] {
+        assert!(
+            errs(&with(opts))
+                .iter()
+                .any(|e| e.option.starts_with(opt) && e.message.contains(words)),
+            "{opts}: {:#?}",
+            errs(&with(opts))
         );
     }
 }

@@ -350,7 +350,7 @@ pub(super) fn proxy_send_local_response(
     bn: i32,
     hp: i32,
     hn: i32,
-    _grpc: i32,
+    grpc: i32,
 ) -> R<i32> {
     let details = read_str(&mut c, dp, dn)?;
     let body = read(&mut c, bp, bn)?;
@@ -373,6 +373,8 @@ pub(super) fn proxy_send_local_response(
             .map(|(k, v)| (String::from_utf8_lossy(&k).to_ascii_lowercase(), v))
             .collect(),
         body: body.into(),
+        // the SDKs pass -1 for "none"
+        grpc_status: u32::try_from(grpc).ok().filter(|c| *c <= 16),
     });
     Ok(st(Status::Ok))
 }

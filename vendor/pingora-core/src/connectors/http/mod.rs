@@ -36,6 +36,8 @@ where
     h1: v1::Connector,
     h2: v2::Connector,
     custom: C,
+    // tollgate patch: one new HTTP/2 connection per peer at a time (see `h2_gate`)
+    h2_connecting: std::sync::Mutex<std::collections::HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Connector<()> {
@@ -44,6 +46,7 @@ impl Connector<()> {
             h1: v1::Connector::new(options.clone()),
             h2: v2::Connector::new(options.clone()),
             custom: Default::default(),
+            h2_connecting: Default::default(),
         }
     }
 }
@@ -57,6 +60,7 @@ where
             h1: v1::Connector::new(options.clone()),
             h2: v2::Connector::new(options.clone()),
             custom,
+            h2_connecting: Default::default(),
         }
     }
 
@@ -128,10 +132,30 @@ where
                     return Ok((HttpSession::H1(h1), true));
                 }
             }
+            // tollgate patch: requests that find no free stream while a connection to this
+            // peer is being made wait for it (up to the connect timeout) and share it, as
+            // Envoy does, instead of each opening its own: a cold burst of N requests would
+            // otherwise open N connections of one stream each.
+            let gate = self.h2_gate(peer.reuse_hash());
+            let wait = peer.connection_timeout().unwrap_or(Duration::from_secs(10));
+            let _held = pingora_timeout::timeout(wait, gate.lock()).await.ok();
+            if let Some(h2) = self.h2.reused_http_session(peer).await? {
+                return Ok((HttpSession::H2(h2), true));
+            }
             // tollgate patch: boxed, a cold path kept out of every request's future
             let session = Box::pin(self.h2.new_http_session(peer)).await?;
             Ok((session, false))
         }
+    }
+
+    /// tollgate patch: the lock held while a new HTTP/2 connection to a peer is made.
+    fn h2_gate(&self, key: u64) -> Arc<tokio::sync::Mutex<()>> {
+        let mut gates = self.h2_connecting.lock().unwrap_or_else(|e| e.into_inner());
+        if gates.len() > 1024 {
+            // forget the gates nobody holds or waits on
+            gates.retain(|_, g| Arc::strong_count(g) > 1);
+        }
+        gates.entry(key).or_default().clone()
     }
 
     pub async fn release_http_session<P: Peer + Send + Sync + 'static>(
