@@ -1085,7 +1085,7 @@ async fn fabio_options_are_honoured_and_unsupported_ones_reported() {
         .collect();
     assert_eq!(conflicts.len(), 2, "{conflicts:#?}");
     for (service, option) in [
-        ("tls", "`proto=https` is not supported yet"),
+        ("tls", "`tlsskipverify=true` is not honoured from Consul"),
         ("reg", "`register=web` is not supported"),
     ] {
         assert!(
@@ -1415,4 +1415,133 @@ async fn past_max_blocking_a_check_change_reads_only_its_service() {
         "the others keep both instances"
     );
     let _ = tg.child.kill();
+}
+
+/// A service says how to reach it: Fabio's `proto=https` (verified against
+/// `consul.backend_tls`'s CA and the service's name) or the meta `tollgate-protocol = h2c`;
+/// a tag that turns verification off, an unknown protocol, or a tag and meta that disagree
+/// are refused and reported, never routed.
+#[tokio::test]
+async fn services_declare_their_protocol_in_tags_and_meta() {
+    let file_up = Upstream::start("file").await;
+    let dir = tempfile::tempdir().unwrap();
+    let bca = TestCa::new();
+    let (cert, key) = bca.issue(dir.path(), "secure", &["secure"], "secure");
+    std::fs::write(dir.path().join("backend-ca.pem"), &bca.pem).unwrap();
+    let secure = Upstream::start_with(
+        "secure",
+        UpstreamMode {
+            tls: Some((cert, key)),
+            ..Default::default()
+        },
+    )
+    .await;
+    let fast = Upstream::start_with(
+        "fast",
+        UpstreamMode {
+            h2: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let consul = ConsulAgent::start(dir.path()).await;
+    let (path, http, admin) = tag_routing(
+        dir.path(),
+        &consul,
+        &format!(
+            "backend_tls = {{ ca = \"{}/backend-ca.pem\" }}\n",
+            dir.path().display()
+        ),
+        "[[vhost]]\nnames = [\"a.test\"]\nconsul_routes = true\n[[vhost.route]]\npath = \"/\"\npool = \"static\"\n",
+        file_up.addr,
+    );
+    let mut tg = Tollgate::start(&path);
+    tg.ready(http).await;
+    tg.ready(SocketAddr::from(([127, 0, 0, 1], admin))).await;
+    consul
+        .register(
+            "secure-1",
+            "secure",
+            secure.addr,
+            &["urlprefix-a.test/s proto=https"],
+        )
+        .await;
+    let meta = serde_json::json!({"tollgate-route": "a.test/f", "tollgate-protocol": "h2c"});
+    consul
+        .register_with_meta("fast-1", "fast", fast.addr, meta)
+        .await;
+    consul
+        .register(
+            "lax-1",
+            "lax",
+            secure.addr,
+            &["urlprefix-a.test/lax proto=https tlsskipverify=true"],
+        )
+        .await;
+    let meta = serde_json::json!({"tollgate-route": "a.test/odd", "tollgate-protocol": "spdy"});
+    consul
+        .register_with_meta("odd-1", "odd", fast.addr, meta)
+        .await;
+
+    let c = plain();
+    wait_for(
+        "the declared protocols",
+        Duration::from_secs(15),
+        || async {
+            answered_by(&c, http, "a.test", "/s").await.as_deref() == Some("secure")
+                && answered_by(&c, http, "a.test", "/f").await.as_deref() == Some("fast")
+        },
+    )
+    .await;
+    let j: Value = c
+        .get(format!("http://{http}/f/x"))
+        .header("host", "a.test")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(j["version"], "HTTP/2.0", "{j}");
+    let pools = admin_json(&c, admin, "/pools").await;
+    let pool = |name: &str| {
+        pools
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(pool("consul:secure")["protocol"], "https");
+    assert_eq!(pool("consul:secure")["tls"]["server_name"], "secure");
+    assert_eq!(pool("consul:secure")["tls"]["verify"], true);
+    assert_eq!(pool("consul:fast")["protocol"], "h2c");
+    // refused routes fall through to the file's "/" (the static pool), and are reported
+    assert_eq!(
+        answered_by(&c, http, "a.test", "/lax").await.as_deref(),
+        Some("file")
+    );
+    assert_eq!(
+        answered_by(&c, http, "a.test", "/odd").await.as_deref(),
+        Some("file")
+    );
+    let status = admin_json(&c, admin, "/status").await;
+    let conflicts: Vec<String> = status["consul"]["route_conflicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_string())
+        .collect();
+    for (service, why) in [
+        ("lax", "only the file may turn certificate verification off"),
+        ("odd", "tollgate-protocol=spdy is not a backend protocol"),
+    ] {
+        assert!(
+            conflicts
+                .iter()
+                .any(|c| c.contains(&format!("service {service}")) && c.contains(why)),
+            "{service}: {conflicts:?}"
+        );
+    }
 }

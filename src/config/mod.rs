@@ -146,6 +146,10 @@ pub struct ConsulSettings {
     /// A pool served by a failover datacenter goes back to its own once that has had passing
     /// instances this long.
     pub failback_after: Duration,
+    /// The CA and client certificate of pools made for Consul-declared routes whose service
+    /// asks for TLS (`None`: the system roots, no client certificate). Always verified,
+    /// against the service's name.
+    pub backend_tls: Option<BackendTls>,
 }
 
 /// A pool's backends from Consul: the passing instances of a service.
@@ -367,6 +371,10 @@ pub struct RouteOptions {
     /// ...or these may not (`deny=`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub deny: Vec<String>,
+    /// How to reach the service's instances (Fabio's `proto=`, or the service's
+    /// `tollgate-protocol` meta); `None`: HTTP/1.1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<Protocol>,
 }
 
 impl RouteOptions {
@@ -433,7 +441,18 @@ pub struct BackendSpec {
 }
 
 /// How tollgate speaks to a pool's backends (`protocol`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// HTTP/1.1 in the clear.
@@ -576,6 +595,25 @@ impl PoolSpec {
             ..k.clone()
         }));
         keys
+    }
+
+    /// Speak `protocol` to the backends; a TLS protocol verifies them against the Consul
+    /// service's name and `tls`' CA (`consul.backend_tls`), else the system roots. What a
+    /// Consul-declared protocol gets: only the file can turn verification off.
+    pub fn set_protocol(&mut self, protocol: Protocol, tls: Option<&BackendTls>) {
+        self.protocol = protocol;
+        self.tls = protocol.tls().then(|| {
+            tls.cloned().unwrap_or_else(|| BackendTls {
+                ca: None,
+                server_name: None,
+                client_cert: None,
+                verify: true,
+                origin: Origin {
+                    file: Arc::from("consul"),
+                    line: 0,
+                },
+            })
+        });
     }
 
     /// A pool with every default, whose backends are the passing instances of `key`.

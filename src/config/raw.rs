@@ -140,6 +140,7 @@ pub struct RawConsul {
     pub min_fraction: Option<S<f64>>,
     pub watch_grace: Option<S<String>>,
     pub failback_after: Option<S<String>>,
+    pub backend_tls: Option<S<RawBackendTls>>,
     #[serde(default)]
     pub allow: Vec<S<RawAllow>>,
 }

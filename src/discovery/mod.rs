@@ -5,13 +5,13 @@
 
 pub mod consul;
 
-use crate::config::{BackendSpec, RouteOptions, ServiceKey};
+use crate::config::{BackendSpec, Protocol, RouteOptions, ServiceKey};
 use std::collections::BTreeMap;
 use std::path::Path;
 
 #[cfg(test)]
 mod tests {
-    use super::parse_route_tag;
+    use super::*;
 
     #[test]
     fn route_tags() {
@@ -48,6 +48,43 @@ mod tests {
     }
 
     #[test]
+    fn a_services_protocol_meta_applies_to_its_routes_or_refuses_them() {
+        let route = |tag: &str| {
+            let parsed = parse_route_tag(tag, "tollgate.route=", true).unwrap();
+            DiscoveredRoute {
+                host: String::new(),
+                path: String::new(),
+                service: "api".into(),
+                tag: tag.into(),
+                index: 1,
+                service_tags: Vec::new(),
+                options: parsed.map(|p| p.options).unwrap_or_default(),
+                refused: None,
+            }
+        };
+        let mut r = route("tollgate.route=a.test/");
+        apply_protocol_meta(&mut r, &Ok("h2c".into()));
+        assert_eq!((r.options.protocol, r.refused), (Some(Protocol::H2c), None));
+        // http1 is the default: no protocol recorded
+        let mut r = route("tollgate.route=a.test/");
+        apply_protocol_meta(&mut r, &Ok("http1".into()));
+        assert_eq!((r.options.protocol, r.refused), (None, None));
+        // the tag and the meta agree, or the route is refused
+        let mut r = route("urlprefix-a.test/ proto=grpc");
+        apply_protocol_meta(&mut r, &Ok("h2c".into()));
+        assert_eq!(r.refused, None);
+        let mut r = route("urlprefix-a.test/ proto=https");
+        apply_protocol_meta(&mut r, &Ok("h2c".into()));
+        assert!(r.refused.unwrap().contains("they must agree"));
+        let mut r = route("tollgate.route=a.test/");
+        apply_protocol_meta(&mut r, &Ok("spdy".into()));
+        assert!(r.refused.unwrap().contains("not a backend protocol"));
+        let mut r = route("tollgate.route=a.test/");
+        apply_protocol_meta(&mut r, &Err("its instances disagree".into()));
+        assert_eq!(r.refused.as_deref(), Some("its instances disagree"));
+    }
+
+    #[test]
     fn fabio_options_are_honoured_or_refused_by_name() {
         let o = |t: &str| parse_route_tag(t, "tollgate.route=", true).unwrap();
         let r = o("urlprefix-a.test/cart strip=/cart prepend=/v2/ host=dst proto=http").unwrap();
@@ -66,12 +103,27 @@ mod tests {
         );
         let r = o("urlprefix-a.test/ allow=ip:10.0.0.0/8,ip:fe80::/10,192.0.2.7").unwrap();
         assert_eq!(r.options.allow, ["10.0.0.0/8", "fe80::/10", "192.0.2.7"]);
+        for (proto, want) in [
+            ("https", Protocol::Https),
+            ("grpc", Protocol::H2c),
+            ("grpcs", Protocol::H2),
+        ] {
+            let r = o(&format!(
+                "urlprefix-a.test/ proto={proto} tlsskipverify=false"
+            ))
+            .unwrap();
+            assert_eq!(r.options.protocol, Some(want), "{proto}");
+        }
+        assert_eq!(
+            o("urlprefix-a.test/ proto=http").unwrap().options.protocol,
+            None
+        );
         let r = o("urlprefix-a.test/ host=Api.Example.com:8443").unwrap();
         assert_eq!(r.options.host.as_deref(), Some("api.example.com:8443"));
         for (tag, why) in [
             (
                 "urlprefix-a.test/ proto=https tlsskipverify=true",
-                "`proto=https` is not supported yet",
+                "only the file may turn certificate verification off",
             ),
             (
                 "urlprefix-a.test/ proto=tcp",
@@ -79,8 +131,9 @@ mod tests {
             ),
             (
                 "urlprefix-a.test/ tlsskipverify=true",
-                "`tlsskipverify=true` is not supported",
+                "`tlsskipverify=true` is not honoured from Consul",
             ),
+            ("urlprefix-a.test/ proto=h3", "`proto=h3` is not supported"),
             (
                 "urlprefix-a.test/ register=web",
                 "`register=web` is not supported",
@@ -303,10 +356,16 @@ fn fabio_options(opts: &str) -> Result<RouteOptions, String> {
                 }
             }
             "proto" if v == "http" => {}
-            "proto" if v == "https" || v == "grpc" || v == "grpcs" => {
+            // Fabio's names: https is HTTP/1.1 over TLS, grpc is h2c, grpcs is h2 over TLS;
+            // the certificate is verified against the system roots and the service's name
+            "proto" if v == "https" => o.protocol = Some(Protocol::Https),
+            "proto" if v == "grpc" => o.protocol = Some(Protocol::H2c),
+            "proto" if v == "grpcs" => o.protocol = Some(Protocol::H2),
+            "tlsskipverify" if v == "false" => {}
+            "tlsskipverify" => {
                 return Err(format!(
-                "option `proto={v}` is not supported yet (TLS and HTTP/2 to backends are planned)"
-            ))
+                    "option `{kv}` is not honoured from Consul: only the file may turn certificate verification off (a pool's tls.verify)"
+                ))
             }
             "proto" if v == "tcp" => {
                 return Err(
@@ -321,6 +380,35 @@ fn fabio_options(opts: &str) -> Result<RouteOptions, String> {
         return Err("options `allow` and `deny` cannot be used together".into());
     }
     Ok(o)
+}
+
+/// Apply what a service's `tollgate-protocol` meta says (`declared`: the value its
+/// instances agree on, or why they do not) to one of its routes: the route's own `proto=`
+/// must agree, and an unknown protocol refuses the route (reported, never routed wrongly).
+pub fn apply_protocol_meta(r: &mut DiscoveredRoute, declared: &Result<String, String>) {
+    if r.refused.is_some() {
+        return;
+    }
+    let why = match declared {
+        Err(why) => Some(why.clone()),
+        Ok(v) => match Protocol::parse(v) {
+            None => Some(format!(
+                "meta tollgate-protocol={v} is not a backend protocol: use http1, https, h2 or h2c"
+            )),
+            Some(p) if r.options.protocol.is_some_and(|q| q != p) => Some(format!(
+                "the tag asks for {} but meta tollgate-protocol={v}: they must agree",
+                r.options.protocol.map_or("http1", Protocol::name)
+            )),
+            Some(p) => {
+                r.options.protocol = (p != Protocol::Http1).then_some(p);
+                None
+            }
+        },
+    };
+    if let Some(why) = why {
+        tracing::warn!(service = %r.service, "route not applied: {why}");
+        r.refused = Some(why);
+    }
 }
 
 impl View {

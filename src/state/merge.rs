@@ -163,14 +163,28 @@ pub(crate) fn merge_routes(config: &Config, view: &View, covers: impl Fn(&str) -
             continue;
         }
         let pool = format!("consul:{}", dr.service);
-        pool_specs.entry(pool.clone()).or_insert_with(|| {
-            PoolSpec::for_consul(ServiceKey {
+        let protocol = dr.options.protocol.unwrap_or_default();
+        let spec = pool_specs.entry(pool.clone()).or_insert_with(|| {
+            let mut spec = PoolSpec::for_consul(ServiceKey {
                 service: dr.service.clone(),
                 tags: Vec::new(),
                 datacenter: None,
                 passing: true,
-            })
+            });
+            spec.set_protocol(protocol, config.consul.backend_tls.as_ref());
+            spec
         });
+        if spec.protocol != protocol {
+            // one pool per service: its routes must agree on how to reach it
+            route_conflicts.push(format!(
+                "{source}: {shown_host}{} asks for protocol {} but another route of {} set {} (not applied)",
+                dr.path,
+                protocol.name(),
+                dr.service,
+                spec.protocol.name()
+            ));
+            continue;
+        }
         vhosts[vi].routes.push(RouteInfo {
             path: dr.path.clone(),
             pool,

@@ -208,6 +208,20 @@ impl Snapshot {
         let mut pools = Vec::new();
         let mut index: HashMap<&str, usize> = HashMap::new();
         let mut tls_errors = Vec::new();
+        // the CA and client certificate of Consul-declared TLS pools: read even when no
+        // pool uses them yet, so `check` and a reload report a bad file at once
+        let consul_tls = config.consul.backend_tls.as_ref().and_then(|t| {
+            crate::tls::backend::load_backend(t)
+                .map_err(|e| {
+                    tls_errors.push(crate::config::ConfigError {
+                        origin: t.origin.clone(),
+                        option: "consul.backend_tls".into(),
+                        message: e,
+                    })
+                })
+                .ok()
+                .map(Arc::new)
+        });
         for (name, spec) in &pool_specs {
             index.insert(name, pools.len());
             let mut pool = match &spec.consul {
@@ -236,6 +250,12 @@ impl Snapshot {
                 None => registry.pool(name, spec, m),
             };
             if let Some(t) = &spec.tls {
+                if spec.consul.is_some() && Some(t) == config.consul.backend_tls.as_ref() {
+                    // read once per build, below, for every pool it serves
+                    pool.tls = consul_tls.clone();
+                    pools.push(Arc::new(pool));
+                    continue;
+                }
                 match crate::tls::backend::load_backend(t) {
                     Ok(material) => pool.tls = Some(Arc::new(material)),
                     Err(e) => tls_errors.push(crate::config::ConfigError {
@@ -483,7 +503,8 @@ pub fn watched_files(cfg: &Config) -> Vec<PathBuf> {
     // a rebuilt plugin is picked up like a changed certificate
     files.extend(cfg.plugins.values().map(|p| p.file.clone()));
     // a renewed client certificate or CA bundle of a TLS pool, likewise
-    for t in cfg.pools.values().filter_map(|p| p.tls.as_ref()) {
+    let tls = cfg.pools.values().filter_map(|p| p.tls.as_ref());
+    for t in tls.chain(cfg.consul.backend_tls.as_ref()) {
         files.extend(t.ca.clone());
         if let Some((c, k)) = &t.client_cert {
             files.push(c.clone());

@@ -1,4 +1,5 @@
 use super::*;
+use crate::config::Protocol;
 use crate::discovery::DiscoveredRoute;
 use crate::routing::Lookup;
 
@@ -277,4 +278,41 @@ fn a_host_under_a_wildcard_vhost_keeps_its_routes_and_its_consent() {
             "{c}"
         );
     }
+}
+
+/// A Consul-declared protocol makes the service's pool speak it (TLS: `consul.backend_tls`,
+/// verified, against the service's name); routes of one service that ask for two protocols
+/// keep the first and report the other.
+#[test]
+fn a_declared_protocol_shapes_the_services_pool() {
+    let with = |r: &str, p: Option<Protocol>| {
+        let mut d = declared("a.test", r, "api");
+        d.options.protocol = p;
+        d
+    };
+    let cfg = config("[consul.backend_tls]\nca = \"/etc/ca.pem\"\n");
+    let m = merge_routes(
+        &cfg,
+        &view(vec![
+            with("/a", Some(Protocol::H2)),
+            with("/b", Some(Protocol::H2)),
+            with("/c", None),
+        ]),
+        |_| true,
+    );
+    let spec = &m.pool_specs["consul:api"];
+    assert_eq!(spec.protocol, Protocol::H2);
+    let tls = spec.tls.as_ref().unwrap();
+    assert_eq!(
+        (tls.ca.as_deref(), tls.server_name.as_deref(), tls.verify),
+        (Some(std::path::Path::new("/etc/ca.pem")), None, true)
+    );
+    assert_eq!(m.vhosts[0].routes.len(), 3, "/, /a and /b");
+    assert_eq!(m.route_conflicts.len(), 1, "{:?}", m.route_conflicts);
+    assert!(
+        m.route_conflicts[0].contains("asks for protocol http1 but another route of api set h2")
+    );
+    // h2c: no TLS
+    let m = merge_routes(&cfg, &view(vec![with("/a", Some(Protocol::H2c))]), |_| true);
+    assert!(m.pool_specs["consul:api"].tls.is_none());
 }

@@ -122,6 +122,24 @@ pub(super) fn consul(cx: &mut Ctx, raw: &crate::config::raw::RawConsul) -> Consu
                 def::MIN_FRACTION
             }
         },
+        backend_tls: raw.backend_tls.as_ref().map(|t| {
+            let r = t.get_ref();
+            if let Some(n) = &r.server_name {
+                cx.err(
+                    n.span(),
+                    "consul.backend_tls.server_name",
+                    "a Consul-declared pool's certificate must name its service: there is no other name to set",
+                );
+            }
+            if let Some(v) = r.verify.as_ref().filter(|v| !*v.get_ref()) {
+                cx.err(
+                    v.span(),
+                    "consul.backend_tls.verify",
+                    "verification of Consul-declared pools cannot be turned off: declare the pool in the file",
+                );
+            }
+            super::pools::tls_settings(cx, "consul.backend_tls", t)
+        }),
         failback_after: cx.duration_in(
             &raw.failback_after,
             "consul.failback_after",

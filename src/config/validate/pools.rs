@@ -1,7 +1,7 @@
 //! `[pool.*]`: backends or a Consul service, balancing, health, timeouts.
 
 use super::*;
-use crate::config::raw::RawGrpcCheck;
+use crate::config::raw::{RawBackendTls, RawGrpcCheck};
 
 pub(super) fn pools(
     cx: &mut Ctx,
@@ -415,6 +415,11 @@ fn backend_tls(cx: &mut Ctx, opt: &str, p: &RawPool, protocol: Protocol) -> Opti
         );
         return None;
     }
+    Some(tls_settings(cx, &topt, t))
+}
+
+/// A `tls` table (a pool's, or `consul.backend_tls`) into the model.
+pub(super) fn tls_settings(cx: &mut Ctx, topt: &str, t: &Spanned<RawBackendTls>) -> BackendTls {
     let r = t.get_ref();
     let server_name = r.server_name.as_ref().map(|n| {
         let v = n.get_ref().trim().to_ascii_lowercase();
@@ -450,11 +455,11 @@ fn backend_tls(cx: &mut Ctx, opt: &str, p: &RawPool, protocol: Protocol) -> Opti
             None
         }
     };
-    Some(BackendTls {
+    BackendTls {
         ca: r.ca.as_ref().map(|c| cx.path(c.get_ref())),
         server_name,
         client_cert,
         verify: r.verify.as_ref().is_none_or(|v| *v.get_ref()),
         origin: cx.origin(t.span()),
-    })
+    }
 }

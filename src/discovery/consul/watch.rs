@@ -303,8 +303,11 @@ pub(super) async fn catalog_routes(
     let services: BTreeMap<String, Vec<String>> = serde_json::from_slice(&body)
         .map_err(|e| format!("not a /v1/catalog/services answer: {e}"))?;
     let mut routes = Vec::new();
+    let mut protocols = BTreeMap::new();
     if !s.route_meta_prefix.is_empty() {
-        routes.extend(meta_routes(http, s, services.keys().cloned().collect(), next).await);
+        let (meta, said) = meta_routes(http, s, services.keys().cloned().collect(), next).await;
+        routes.extend(meta);
+        protocols = said;
         for r in &mut routes {
             r.service_tags = services.get(&r.service).cloned().unwrap_or_default();
         }
@@ -316,6 +319,11 @@ pub(super) async fn catalog_routes(
                 r.service_tags = tags.clone();
                 routes.push(r);
             }
+        }
+    }
+    for r in &mut routes {
+        if let Some(p) = protocols.get(&r.service) {
+            crate::discovery::apply_protocol_meta(r, p);
         }
     }
     routes.sort();
@@ -352,15 +360,20 @@ fn declared(
     }
 }
 
-/// Routes declared in service meta (`tollgate-route`, `tollgate-route-2`, … = `host/path`):
-/// every service's instances are read once (16 at a time) per catalog change. A service that
-/// cannot be read keeps no meta routes this round (and the error is logged).
+/// Routes declared in service meta (`tollgate-route`, `tollgate-route-2`, … = `host/path`),
+/// and the protocol a service declares (`tollgate-protocol`: the value its instances agree
+/// on, or why they do not): every service's instances are read once (16 at a time) per
+/// catalog change. A service that cannot be read keeps no meta routes this round (and the
+/// error is logged).
 pub(super) async fn meta_routes(
     http: &reqwest::Client,
     s: &ConsulSettings,
     services: Vec<String>,
     index: u64,
-) -> Vec<DiscoveredRoute> {
+) -> (
+    Vec<DiscoveredRoute>,
+    BTreeMap<String, Result<String, String>>,
+) {
     #[derive(Deserialize)]
     struct Instance {
         #[serde(rename = "ServiceMeta", default)]
@@ -395,6 +408,7 @@ pub(super) async fn meta_routes(
         });
     }
     let mut routes = Vec::new();
+    let mut protocols = BTreeMap::new();
     while let Some(Ok((service, r))) = reads.join_next().await {
         let instances = match r {
             Ok(i) => i,
@@ -403,6 +417,26 @@ pub(super) async fn meta_routes(
                 continue;
             }
         };
+        let said: std::collections::BTreeSet<String> = instances
+            .iter()
+            .filter_map(|i| i.meta.as_ref()?.get(PROTOCOL_META))
+            .map(|v| v.trim().to_ascii_lowercase())
+            .collect();
+        let mut said = said.into_iter();
+        match (said.next(), said.next()) {
+            (None, _) => {}
+            (Some(one), None) => {
+                protocols.insert(service.clone(), Ok(one));
+            }
+            (Some(a), Some(b)) => {
+                protocols.insert(
+                    service.clone(),
+                    Err(format!(
+                        "its instances disagree on meta {PROTOCOL_META} ({a}, {b}): routes wait until they agree"
+                    )),
+                );
+            }
+        }
         for meta in instances.into_iter().filter_map(|i| i.meta) {
             for (k, v) in meta {
                 let is_route = k == s.route_meta_prefix
@@ -417,8 +451,11 @@ pub(super) async fn meta_routes(
             }
         }
     }
-    routes
+    (routes, protocols)
 }
+
+/// The service meta key that says how to reach a service's instances.
+pub const PROTOCOL_META: &str = "tollgate-protocol";
 
 /// Watch the catalog for route tags; send the route set whenever it changes.
 pub(super) async fn watch_catalog(settings: ConsulSettings, sink: Sink) {
