@@ -917,13 +917,7 @@ async fn route_claims_follow_the_policy_and_check_consul_predicts_them() {
     assert_eq!(get("pay.apps.test", "/").await.as_deref(), Some("421"));
     assert_eq!(get("notag.apps.test", "/").await.as_deref(), Some("421"));
 
-    let status = admin_json(&c, admin, "/status").await;
-    let conflicts: Vec<String> = status["consul"]["route_conflicts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c.as_str().unwrap().to_string())
-        .collect();
+    let conflicts = route_conflicts(&c, admin).await;
     assert_eq!(conflicts.len(), 4, "{conflicts:#?}");
     for (tag, why) in expect_refused {
         assert!(
@@ -1076,13 +1070,7 @@ async fn fabio_options_are_honoured_and_unsupported_ones_reported() {
     // unsupported options: not routed, reported naming the option
     assert_eq!(get(c.clone(), "tls.test", "/").await.status(), 421);
     assert_eq!(get(c.clone(), "reg.test", "/").await.status(), 421);
-    let status = admin_json(&c, admin, "/status").await;
-    let conflicts: Vec<String> = status["consul"]["route_conflicts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c.as_str().unwrap().to_string())
-        .collect();
+    let conflicts = route_conflicts(&c, admin).await;
     assert_eq!(conflicts.len(), 2, "{conflicts:#?}");
     for (service, option) in [
         ("tls", "`tlsskipverify=true` is not honoured from Consul"),
@@ -1131,6 +1119,17 @@ fn tag_routing(
         ),
     );
     (path, http, admin)
+}
+
+/// The route conflicts `/status` reports.
+async fn route_conflicts(c: &reqwest::Client, admin: u16) -> Vec<String> {
+    let status = admin_json(c, admin, "/status").await;
+    status["consul"]["route_conflicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_string())
+        .collect()
 }
 
 /// GET `p` on `host` through `http`: the upstream that answered, or the status when not 200.
@@ -1526,13 +1525,7 @@ async fn services_declare_their_protocol_in_tags_and_meta() {
         answered_by(&c, http, "a.test", "/odd").await.as_deref(),
         Some("file")
     );
-    let status = admin_json(&c, admin, "/status").await;
-    let conflicts: Vec<String> = status["consul"]["route_conflicts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c.as_str().unwrap().to_string())
-        .collect();
+    let conflicts = route_conflicts(&c, admin).await;
     for (service, why) in [
         ("lax", "only the file may turn certificate verification off"),
         ("odd", "tollgate-protocol=spdy is not a backend protocol"),
