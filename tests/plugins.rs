@@ -1086,3 +1086,29 @@ backends = ["{}"]
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["headers"]["x-as-sdk"], "from-assemblyscript", "{v}");
 }
+
+/// A plugin's refusal reaches a gRPC client as a gRPC status (trailers-only), not a text
+/// body: the auth plugin's 401 is UNAUTHENTICATED.
+#[tokio::test]
+async fn a_plugin_refusal_is_a_grpc_status_for_a_grpc_client() {
+    let up = Upstream::start("up").await;
+    let hash = format!("sha256:pepper:{}", sha256_hex(b"peppers3cret"));
+    let mode = format!(r#"{{ basic = {{ realm = "ops", users = {{ alice = "{hash}" }} }} }}"#);
+    let p = proxy(&auth_cfg(&up, &mode, ""), &[]).await;
+    let r = plain()
+        .post(p.url("/pkg.Svc/Method"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(vec![0u8, 0, 0, 0, 0])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/grpc");
+    assert_eq!(r.headers()["grpc-status"], "16", "UNAUTHENTICATED");
+    assert!(r.headers().contains_key("grpc-message"));
+    // the plugin's own headers still reach the client
+    assert!(r.headers().contains_key("www-authenticate"));
+    assert!(r.bytes().await.unwrap().is_empty());
+    assert_eq!(up.hits(), 0);
+}
