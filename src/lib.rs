@@ -10,6 +10,7 @@ pub mod discovery;
 pub mod failover;
 pub mod limits;
 pub mod metrics;
+pub mod ports;
 pub mod probe;
 pub mod proxy;
 pub mod routing;

@@ -83,12 +83,29 @@ pub struct PoolMetrics {
     pub connect_failures: AtomicU64,
 }
 
+/// One service port's counters.
+#[derive(Debug, Default)]
+pub struct PortMetrics {
+    /// TCP connections (or UDP flows) open now.
+    pub open: AtomicU64,
+    /// TCP connections accepted (or UDP flows started).
+    pub total: AtomicU64,
+    /// Bytes from clients to backends, and back.
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    /// Connects to a backend that failed (each retry counts).
+    pub connect_failures: AtomicU64,
+    /// Connections or datagrams turned away: no backend, over a cap, an unknown SNI name.
+    pub refused: AtomicU64,
+}
+
 /// The metric counters of one tollgate: made once by `server` (or a test) and handed to
 /// what counts and what shows them; they outlive every Snapshot.
 #[derive(Debug, Default)]
 pub struct Metrics {
     routes: Mutex<BTreeMap<(String, String), Arc<RouteMetrics>>>,
     pools: Mutex<BTreeMap<String, Arc<PoolMetrics>>>,
+    ports: Mutex<BTreeMap<String, Arc<PortMetrics>>>,
     pub reloads_ok: AtomicU64,
     pub consul_errors: AtomicU64,
     /// Answers the guard refused to apply (a pool would have emptied).
@@ -119,6 +136,68 @@ impl Metrics {
             .entry(name.to_string())
             .or_default()
             .clone()
+    }
+
+    pub fn port(&self, name: &str) -> Arc<PortMetrics> {
+        self.ports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Render the service ports' counters.
+    pub fn render_ports(&self, out: &mut String) {
+        let ports = self.ports.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if ports.is_empty() {
+            return;
+        }
+        type Pick = fn(&PortMetrics) -> &AtomicU64;
+        let families: [(&str, &str, &str, Pick); 6] = [
+            (
+                "tollgate_port_open",
+                "gauge",
+                "TCP connections (UDP flows) open now.",
+                |m| &m.open,
+            ),
+            (
+                "tollgate_port_connections_total",
+                "counter",
+                "TCP connections accepted (UDP flows started).",
+                |m| &m.total,
+            ),
+            (
+                "tollgate_port_received_bytes_total",
+                "counter",
+                "Bytes from clients to backends.",
+                |m| &m.bytes_in,
+            ),
+            (
+                "tollgate_port_sent_bytes_total",
+                "counter",
+                "Bytes from backends to clients.",
+                |m| &m.bytes_out,
+            ),
+            (
+                "tollgate_port_connect_failures_total",
+                "counter",
+                "Connects to a backend that failed.",
+                |m| &m.connect_failures,
+            ),
+            (
+                "tollgate_port_refused_total",
+                "counter",
+                "Connections or datagrams turned away (no backend, a cap, an unknown SNI name).",
+                |m| &m.refused,
+            ),
+        ];
+        for (name, kind, help, pick) in families {
+            family(out, name, kind, help);
+            for (port, m) in &ports {
+                let _ = writeln!(out, "{name}{{port=\"{port}\"}} {}", pick(m).load(Relaxed));
+            }
+        }
     }
 
     /// Render the request metrics (the rest is rendered by the admin API from the Snapshot).

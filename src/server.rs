@@ -264,6 +264,23 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
         "tollgate reloader",
         Reloader::new(state.clone()),
     ));
+    // service ports: `tls` ones terminate with the same certificates, chosen by SNI
+    let port_tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS for service ports")?
+    .with_no_client_auth()
+    .with_cert_resolver(Arc::new(SniResolver::new(state.handle())));
+    server.add_service(background_service(
+        "tollgate ports",
+        crate::ports::Ports::new(
+            state.handle(),
+            conns.clone(),
+            active.clone(),
+            Arc::new(port_tls),
+        ),
+    ));
     server.add_service(background_service(
         "tollgate health checks",
         crate::probe::Prober::new(state.handle()),

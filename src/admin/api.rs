@@ -610,6 +610,7 @@ pub(super) fn metrics_text(state: &State, snap: &Snapshot, shown: &Shown) -> Str
     }
     plugin_metrics(&mut out, snap, state.lasting.plugins);
     m.render_requests(&mut out);
+    m.render_ports(&mut out);
     connection_metrics(&mut out, &shown.conns);
     out
 }

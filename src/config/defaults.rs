@@ -77,6 +77,16 @@ pub mod pool {
     pub const MAX_STREAMS: u32 = 100;
 }
 
+/// `[[port]]`.
+pub mod port {
+    use super::*;
+    /// TCP (and TLS, SNI) connections: nginx stream's `proxy_timeout` default.
+    pub const IDLE_TIMEOUT_TCP: Duration = secs(600);
+    /// UDP flows.
+    pub const IDLE_TIMEOUT_UDP: Duration = secs(30);
+    pub const MAX_FLOWS: i64 = 10_000;
+}
+
 /// `[plugin.NAME]`.
 pub mod plugin {
     use super::*;

@@ -41,6 +41,74 @@ pub struct Config {
     pub pools: BTreeMap<String, PoolSpec>,
     /// `[plugin.NAME]`, by name.
     pub plugins: BTreeMap<String, PluginSpec>,
+    /// `[[port]]`: service ports.
+    pub ports: Vec<PortSpec>,
+}
+
+/// What a service port carries.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum PortProtocol {
+    /// TCP, copied both ways.
+    Tcp,
+    /// UDP datagrams, one flow per client address.
+    Udp,
+    /// TLS terminated with tollgate's certificates, the plain stream forwarded over TCP.
+    Tls,
+    /// TLS passed through unopened, routed by the ClientHello's SNI.
+    Sni,
+}
+
+impl PortProtocol {
+    pub const NAMES: [(&'static str, PortProtocol); 4] = [
+        ("tcp", PortProtocol::Tcp),
+        ("udp", PortProtocol::Udp),
+        ("tls", PortProtocol::Tls),
+        ("sni", PortProtocol::Sni),
+    ];
+
+    pub fn name(self) -> &'static str {
+        Self::NAMES
+            .iter()
+            .find(|(_, p)| *p == self)
+            .map_or("tcp", |(n, _)| n)
+    }
+}
+
+/// Which PROXY protocol header a port sends to its backends, so they see the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SendProxy {
+    #[default]
+    None,
+    V1,
+    V2,
+}
+
+/// A service port: a listen address, what it carries, and where it goes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PortSpec {
+    /// Unique; labels metrics and `/status` (default: the protocol and the port number).
+    pub name: String,
+    pub address: SocketAddr,
+    pub protocol: PortProtocol,
+    /// The pool (for `sni`: where names no `sni` route lists go; `None`: refused).
+    pub pool: Option<String>,
+    /// `sni`: (names, pool); a name is exact or `*.suffix` (one label).
+    pub sni: Vec<(Vec<String>, String)>,
+    /// Connecting to a backend (default: the pool's `connect_timeout`).
+    pub connect_timeout: Option<Duration>,
+    /// A connection (or UDP flow) with no data either way this long is closed.
+    pub idle_timeout: Duration,
+    pub send_proxy: SendProxy,
+    /// Clients arrive through balancers that send a PROXY header (`limits.trusted_proxies`).
+    pub proxy_protocol: bool,
+    /// UDP: flows (client addresses) at once; a new client beyond it is dropped.
+    pub max_flows: usize,
+    /// Where it came from: `file t.toml:12`, or the Consul tag that declared it.
+    pub source: String,
 }
 
 /// A proxy-wasm plugin: the module, what it is given, and its sandbox.
@@ -692,9 +760,10 @@ impl Config {
         out
     }
 
-    /// Whether any listener terminates TLS.
+    /// Whether any listener (or service port) terminates TLS.
     pub fn has_tls(&self) -> bool {
         self.listeners.iter().any(|l| l.tls)
+            || self.ports.iter().any(|p| p.protocol == PortProtocol::Tls)
     }
 }
 

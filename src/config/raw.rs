@@ -26,6 +26,33 @@ pub struct RawConfig {
     pub pools: BTreeMap<String, S<RawPool>>,
     #[serde(rename = "plugin")]
     pub plugins: BTreeMap<String, S<RawPlugin>>,
+    #[serde(rename = "port")]
+    pub ports: Vec<S<RawPort>>,
+}
+
+/// `[[port]]`: a service port (TCP, UDP, TLS-terminated TCP, or TLS passthrough by SNI).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPort {
+    pub name: Option<S<String>>,
+    pub address: S<String>,
+    pub protocol: Option<S<String>>,
+    pub pool: Option<S<String>>,
+    pub connect_timeout: Option<S<String>>,
+    pub idle_timeout: Option<S<String>>,
+    pub send_proxy: Option<S<String>>,
+    pub proxy_protocol: Option<bool>,
+    pub max_flows: Option<S<i64>>,
+    #[serde(default)]
+    pub sni: Vec<S<RawSniRoute>>,
+}
+
+/// `[[port.sni]]`: TLS passthrough of the names listed to a pool.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSniRoute {
+    pub names: Vec<S<String>>,
+    pub pool: S<String>,
 }
 
 /// `[plugin.NAME]`: a proxy-wasm module and its configuration.

@@ -187,7 +187,23 @@ pub async fn read(stream: &mut L4Stream, deadline: Duration) -> Result<Option<So
         .map_err(|_| format!("no whole PROXY header within {deadline:?}"))?
 }
 
-/// A v2 header for `src` → `dst` (tests and tools).
+/// A v1 (text) header for `src` → `dst`.
+pub fn v1_header(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    let (s, d) = match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => (IpAddr::V4(s), IpAddr::V4(d)),
+        (s, d) => {
+            let v6 = |a: IpAddr| match a {
+                IpAddr::V4(v4) => IpAddr::V6(v4.to_ipv6_mapped()),
+                v6 => v6,
+            };
+            (v6(s), v6(d))
+        }
+    };
+    let fam = if s.is_ipv4() { "TCP4" } else { "TCP6" };
+    format!("PROXY {fam} {s} {d} {} {}\r\n", src.port(), dst.port()).into_bytes()
+}
+
+/// A v2 header for `src` → `dst` (service ports' `send_proxy`, tests and tools).
 pub fn v2_header(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
     let mut h = V2_SIG.to_vec();
     h.push(0x21);
@@ -225,6 +241,25 @@ mod tests {
             len,
             source: Some(src.parse().unwrap()),
         }
+    }
+
+    #[test]
+    fn headers_we_write_parse_back() {
+        for (src, dst) in [
+            ("192.0.2.10:56324", "198.51.100.1:3306"),
+            ("[2001:db8::1]:4000", "[2001:db8::2]:443"),
+        ] {
+            let (src, dst): (SocketAddr, SocketAddr) = (src.parse().unwrap(), dst.parse().unwrap());
+            for h in [v1_header(src, dst), v2_header(src, dst)] {
+                assert_eq!(parse(&h).unwrap(), done(h.len(), &src.to_string()));
+            }
+        }
+        // mixed families: written as IPv6, the IPv4 client mapped
+        let h = v1_header(
+            "192.0.2.1:1".parse().unwrap(),
+            "[2001:db8::2]:2".parse().unwrap(),
+        );
+        assert!(h.starts_with(b"PROXY TCP6 ::ffff:192.0.2.1 2001:db8::2 1 2"));
     }
 
     #[test]

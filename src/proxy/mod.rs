@@ -37,15 +37,15 @@ impl ActiveRequests {
         self.0.load(Ordering::SeqCst)
     }
 
-    /// Count one request until the returned guard is dropped.
-    fn enter(&self) -> Counted {
+    /// Count one request (or service-port connection) until the returned guard is dropped.
+    pub fn enter(&self) -> Counted {
         self.0.fetch_add(1, Ordering::SeqCst);
         Counted(self.0.clone())
     }
 }
 
 /// One request counted in `ActiveRequests` for as long as its context lives.
-struct Counted(Arc<AtomicUsize>);
+pub struct Counted(Arc<AtomicUsize>);
 
 impl Drop for Counted {
     fn drop(&mut self) {

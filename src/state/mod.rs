@@ -52,6 +52,42 @@ pub struct Snapshot {
     pub plugins: BTreeMap<String, Arc<Plugin>>,
     /// Every pool name (HTTP callouts may name any of them).
     pub pool_names: Arc<Vec<String>>,
+    /// The service ports: the file's, then those Consul services declare.
+    pub ports: Vec<Port>,
+}
+
+/// A service port as served: what was declared, and the pools it resolved to.
+#[derive(Debug)]
+pub struct Port {
+    pub spec: crate::config::PortSpec,
+    /// An index into `Snapshot::pools` (for `sni`: where unlisted names go).
+    pub pool: Option<usize>,
+    /// `sni` routes: (names, pool index).
+    pub sni: Vec<(Vec<String>, usize)>,
+    pub metrics: Arc<crate::metrics::PortMetrics>,
+}
+
+impl Port {
+    /// The pool for a ClientHello's server name (`None`: no SNI); `None`: refused.
+    pub fn pool_for_sni(&self, name: Option<&str>) -> Option<usize> {
+        let hit = name.and_then(|n| {
+            let n = n.trim_end_matches('.').to_ascii_lowercase();
+            let covers = |pat: &String| match pat.strip_prefix("*.") {
+                Some(suffix) => n
+                    .strip_suffix(suffix)
+                    .and_then(|head| head.strip_suffix('.'))
+                    .is_some_and(|label| !label.is_empty() && !label.contains('.')),
+                None => *pat == n,
+            };
+            // an exact name wins over a wildcard
+            self.sni
+                .iter()
+                .find(|(names, _)| names.iter().any(|p| !p.starts_with("*.") && covers(p)))
+                .or_else(|| self.sni.iter().find(|(names, _)| names.iter().any(covers)))
+                .map(|(_, pool)| *pool)
+        });
+        hit.or(self.pool)
+    }
 }
 
 /// One route as served: everything the request path needs once the route table has found
@@ -311,6 +347,21 @@ impl Snapshot {
             );
             served.push(v);
         }
+        let pool_at = |name: &String| index.get(name.as_str()).copied();
+        let ports = config
+            .ports
+            .iter()
+            .map(|spec| Port {
+                pool: spec.pool.as_ref().and_then(pool_at),
+                sni: spec
+                    .sni
+                    .iter()
+                    .filter_map(|(names, pool)| Some((names.clone(), pool_at(pool)?)))
+                    .collect(),
+                metrics: m.port(&spec.name),
+                spec: spec.clone(),
+            })
+            .collect();
         let pool_names = Arc::new(pool_specs.keys().cloned().collect());
         let vhost_metrics = routes
             .vhosts()
@@ -332,6 +383,7 @@ impl Snapshot {
             route_conflicts,
             plugins,
             pool_names,
+            ports,
         })
     }
 }

@@ -3,11 +3,11 @@
 use super::*;
 
 pub(super) fn listeners(cx: &mut Ctx, raw: &RawConfig) -> Vec<Listener> {
-    if raw.listeners.is_empty() {
+    if raw.listeners.is_empty() && raw.ports.is_empty() {
         cx.err(
             0..0,
             "listener",
-            "no listeners: add [[listener]] with address = \"0.0.0.0:443\" and tls = true",
+            "no listeners: add [[listener]] with address = \"0.0.0.0:443\" and tls = true (or a [[port]])",
         );
     }
     let mut seen: Vec<(SocketAddr, usize)> = Vec::new();

@@ -16,10 +16,14 @@ mod limits;
 mod listeners;
 mod plugins;
 mod pools;
+mod ports;
 mod vhosts;
 
 pub use vhosts::check_host_name;
-use {admin::*, consul::*, failover::*, limits::*, listeners::*, plugins::*, pools::*, vhosts::*};
+use {
+    admin::*, consul::*, failover::*, limits::*, listeners::*, plugins::*, pools::*, ports::*,
+    vhosts::*,
+};
 
 pub(super) struct Ctx<'a> {
     file: Arc<str>,
@@ -307,7 +311,9 @@ pub(super) fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
     let pools = pools(cx, &raw.pools);
     let plugins = plugins(cx, &raw.plugins);
     let vhosts = vhosts(cx, &raw.vhosts, &pools, &plugins);
-    let has_tls = listeners.iter().any(|l| l.tls);
+    let ports = ports(cx, &raw.ports, &pools, &listeners);
+    let has_tls =
+        listeners.iter().any(|l| l.tls) || ports.iter().any(|p| p.protocol == PortProtocol::Tls);
 
     let s = &raw.server;
     let cores = std::thread::available_parallelism()
@@ -438,6 +444,7 @@ pub(super) fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
     }
 
     Config {
+        ports,
         source: path.to_path_buf(),
         server: ServerSettings {
             threads,
