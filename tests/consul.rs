@@ -1538,3 +1538,105 @@ async fn services_declare_their_protocol_in_tags_and_meta() {
         );
     }
 }
+
+/// A TCP server answering every connection with `name` and closing.
+async fn name_server(name: &'static str) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            use tokio::io::AsyncWriteExt;
+            let _ = s.write_all(name.as_bytes()).await;
+        }
+    });
+    a
+}
+
+/// What a connection to `port` is answered with ("" when refused or closed at once).
+async fn port_answer(port: u16) -> String {
+    use tokio::io::AsyncReadExt;
+    let Ok(mut c) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return String::new();
+    };
+    let mut s = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), c.read_to_string(&mut s)).await;
+    s
+}
+
+/// Services declare service ports in tags and meta (`tollgate.port=tcp/N`, Fabio's
+/// `urlprefix-:N proto=tcp`): a port opens when a service declares it within
+/// `consul.ports`, follows the service's instances, and closes when the service goes; a
+/// port outside the range, or on a socket the file uses, is refused and reported.
+#[tokio::test]
+async fn services_declare_service_ports() {
+    let file_up = Upstream::start("file").await;
+    let (a, b) = (name_server("a").await, name_server("b").await);
+    let dir = tempfile::tempdir().unwrap();
+    let consul = ConsulAgent::start(dir.path()).await;
+    let (p1, p2, p3) = (free_port(), free_port(), free_port());
+    let (lo, hi) = (p1.min(p2), p1.max(p2));
+    let outside = if p3 < lo || p3 > hi { p3 } else { 1 };
+    let (path, http, admin) = tag_routing(
+        dir.path(),
+        &consul,
+        &format!("ports = [\"{lo}-{hi}\"]\nport_address = \"127.0.0.1\"\n"),
+        "[[vhost]]\nnames = [\"a.test\"]\n[[vhost.route]]\npath = \"/\"\npool = \"static\"\n",
+        file_up.addr,
+    );
+    let mut tg = Tollgate::start(&path);
+    tg.ready(http).await;
+    tg.ready(SocketAddr::from(([127, 0, 0, 1], admin))).await;
+    consul
+        .register("svc-a", "svc", a, &[&format!("tollgate.port=tcp/{p1}")])
+        .await;
+    let meta = serde_json::json!({ "tollgate-port": format!("tcp/{p2}") });
+    consul.register_with_meta("other-b", "other", b, meta).await;
+    consul
+        .register(
+            "far-1",
+            "far",
+            b,
+            &[&format!("urlprefix-:{outside} proto=tcp")],
+        )
+        .await;
+    wait_for(
+        "the declared ports to open",
+        Duration::from_secs(15),
+        || async { port_answer(p1).await == "a" && port_answer(p2).await == "b" },
+    )
+    .await;
+    // a second instance joins the pool behind the port
+    consul
+        .register("svc-b", "svc", b, &[&format!("tollgate.port=tcp/{p1}")])
+        .await;
+    wait_for(
+        "both instances behind the port",
+        Duration::from_secs(15),
+        || async {
+            let mut seen = BTreeSet::new();
+            for _ in 0..4 {
+                seen.insert(port_answer(p1).await);
+            }
+            seen.contains("a") && seen.contains("b")
+        },
+    )
+    .await;
+    let conflicts = route_conflicts(&plain(), admin).await;
+    assert!(
+        conflicts
+            .iter()
+            .any(|c| c.contains("service far") && c.contains("consul.ports does not allow")),
+        "{conflicts:?}"
+    );
+    // the service goes: its port closes
+    consul.deregister("svc-a").await;
+    consul.deregister("svc-b").await;
+    wait_for("the port to close", Duration::from_secs(15), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", p1))
+            .await
+            .is_err()
+    })
+    .await;
+    assert_eq!(port_answer(p2).await, "b", "the other service's port stays");
+    assert!(tg.log_text().contains("service port closed"));
+}

@@ -109,6 +109,10 @@ pub mod consul {
     pub const MIN_FRACTION: f64 = 0.0;
     pub const WATCH_GRACE: Duration = secs(30);
     pub const FAILBACK_AFTER: Duration = secs(30);
+    /// Service-port tags: `tollgate.port=tcp/3306`; and meta keys `tollgate-port`, `-2`, ….
+    pub const PORT_TAG_PREFIX: &str = "tollgate.port=";
+    pub const PORT_META_PREFIX: &str = "tollgate-port";
+    pub const PORT_ADDRESS: &str = "0.0.0.0";
 }
 
 /// `[failover]` and its claims (`dead_after` defaults to 3.5 intervals).

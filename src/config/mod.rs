@@ -11,7 +11,7 @@ pub mod secret;
 mod validate;
 
 pub use error::{ConfigError, ConfigErrors, Origin};
-pub use validate::check_host_name;
+pub use validate::{addresses_overlap, check_host_name};
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -214,6 +214,11 @@ pub struct ConsulSettings {
     /// A pool served by a failover datacenter goes back to its own once that has had passing
     /// instances this long.
     pub failback_after: Duration,
+    /// The port numbers services may declare service ports on (`ports`: ranges); empty:
+    /// none (declared ports are reported, never opened).
+    pub ports: Vec<(u16, u16)>,
+    /// The address declared service ports listen on.
+    pub port_address: std::net::IpAddr,
     /// The CA and client certificate of pools made for Consul-declared routes whose service
     /// asks for TLS (`None`: the system roots, no client certificate). Always verified,
     /// against the service's name.
@@ -443,6 +448,11 @@ pub struct RouteOptions {
     /// `tollgate-protocol` meta); `None`: HTTP/1.1.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub protocol: Option<Protocol>,
+    /// Not an HTTP route but a service port the tag declares (`tollgate.port=tcp/3306`,
+    /// Fabio's `urlprefix-:3306 proto=tcp`): its protocol and port number; for `sni`, the
+    /// route's host is the server name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<(PortProtocol, u16)>,
 }
 
 impl RouteOptions {

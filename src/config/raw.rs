@@ -169,6 +169,9 @@ pub struct RawConsul {
     pub failback_after: Option<S<String>>,
     pub backend_tls: Option<S<RawBackendTls>>,
     #[serde(default)]
+    pub ports: Vec<S<String>>,
+    pub port_address: Option<S<String>>,
+    #[serde(default)]
     pub allow: Vec<S<RawAllow>>,
 }
 

@@ -5,7 +5,7 @@
 
 pub mod consul;
 
-use crate::config::{BackendSpec, Protocol, RouteOptions, ServiceKey};
+use crate::config::{BackendSpec, PortProtocol, Protocol, RouteOptions, ServiceKey};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -45,6 +45,50 @@ mod tests {
             parse_route_tag("urlprefix-a.test/", "tollgate.route=", false),
             None
         );
+    }
+
+    #[test]
+    fn service_ports_from_tags() {
+        let port = |t: &str| {
+            let r = parse_route_tag(t, "tollgate.route=", true)
+                .or_else(|| parse_port_tag(t, "tollgate.port="))
+                .unwrap()
+                .unwrap();
+            (r.options.port.unwrap(), r.host)
+        };
+        assert_eq!(
+            port("tollgate.port=tcp/3306"),
+            ((PortProtocol::Tcp, 3306), "".into())
+        );
+        assert_eq!(
+            port("tollgate.port=udp/53"),
+            ((PortProtocol::Udp, 53), "".into())
+        );
+        assert_eq!(
+            port("tollgate.port=sni/443/DB.example.com"),
+            ((PortProtocol::Sni, 443), "db.example.com".into())
+        );
+        assert_eq!(
+            port("urlprefix-:3306 proto=tcp"),
+            ((PortProtocol::Tcp, 3306), "".into())
+        );
+        assert_eq!(
+            port("urlprefix-db.test:443 proto=tcp+sni"),
+            ((PortProtocol::Sni, 443), "db.test".into())
+        );
+        assert_eq!(parse_port_tag("tollgate.route=a/", "tollgate.port="), None);
+        for (tag, why) in [
+            ("tollgate.port=sctp/1", "not a port protocol"),
+            ("tollgate.port=tcp", "name the port"),
+            ("tollgate.port=tcp/0", "port 0"),
+            ("tollgate.port=tcp/70000", "name the port"),
+            ("tollgate.port=sni/443", "needs the server name"),
+            ("tollgate.port=sni/443/bad name", ""),
+            ("tollgate.port=tcp/1/x/y", "one port per tag"),
+        ] {
+            let e = parse_port_tag(tag, "tollgate.port=").unwrap().unwrap_err();
+            assert!(e.contains(why), "{tag}: {e}");
+        }
     }
 
     #[test]
@@ -127,7 +171,14 @@ mod tests {
             ),
             (
                 "urlprefix-a.test/ proto=tcp",
-                "`proto=tcp` is not supported",
+                "a TCP route is :port or host:port",
+            ),
+            ("urlprefix-:3306", "a TCP route needs proto=tcp"),
+            ("urlprefix-:99999 proto=tcp", "a TCP route is :port"),
+            ("urlprefix-:443 proto=tcp+sni", "needs the server name"),
+            (
+                "urlprefix-db.test:3306 proto=tcp",
+                "only sni ports take a server name",
             ),
             (
                 "urlprefix-a.test/ tlsskipverify=true",
@@ -253,9 +304,17 @@ pub fn parse_route_tag(tag: &str, prefix: &str, fabio: bool) -> Option<Result<Ta
         }
         None => return None,
     };
+    if let Some((proto, _)) = options.port {
+        // Fabio's TCP routes: `urlprefix-:3306 proto=tcp`, `urlprefix-db.test:443 proto=tcp+sni`
+        let (host, port) = spec.rsplit_once(':').unwrap_or((spec, ""));
+        let Ok(port) = port.parse::<u16>() else {
+            return Some(Err(format!("`{tag}`: a TCP route is :port or host:port")));
+        };
+        return Some(port_route(tag, proto, port, host));
+    }
     if spec.starts_with(':') {
         return Some(Err(format!(
-            "`{tag}`: TCP routes are not supported (they come with service ports)"
+            "`{tag}`: a TCP route needs proto=tcp (or proto=tcp+sni with a host)"
         )));
     }
     let (host, path) = match spec.find('/') {
@@ -276,6 +335,62 @@ pub fn parse_route_tag(tag: &str, prefix: &str, fabio: bool) -> Option<Result<Ta
         path: path.to_string(),
         options,
     }))
+}
+
+/// A service port a tag or meta value declares: `tcp/3306`, `udp/53`, `tls/8443` (TLS
+/// terminated, plain TCP to the service) or `sni/443/db.example.com` (TLS passed through
+/// for that name). `None` when `tag` does not start with `prefix`.
+pub fn parse_port_tag(tag: &str, prefix: &str) -> Option<Result<TagRoute, String>> {
+    let spec = tag.strip_prefix(prefix)?;
+    let mut parts = spec.split('/');
+    let proto = match parts.next().unwrap_or_default() {
+        "tcp" => PortProtocol::Tcp,
+        "udp" => PortProtocol::Udp,
+        "tls" => PortProtocol::Tls,
+        "sni" => PortProtocol::Sni,
+        other => {
+            return Some(Err(format!(
+                "`{tag}`: `{other}` is not a port protocol (tcp, udp, tls or sni)"
+            )))
+        }
+    };
+    let Some(port) = parts.next().and_then(|p| p.parse::<u16>().ok()) else {
+        return Some(Err(format!("`{tag}`: name the port, e.g. tcp/3306")));
+    };
+    let host = parts.next().unwrap_or_default();
+    if parts.next().is_some() {
+        return Some(Err(format!("`{tag}`: one port per tag, e.g. tcp/3306")));
+    }
+    Some(port_route(tag, proto, port, host))
+}
+
+/// A declared service port as a route: the host is the SNI name (passthrough only).
+fn port_route(tag: &str, proto: PortProtocol, port: u16, host: &str) -> Result<TagRoute, String> {
+    if port == 0 {
+        return Err(format!("`{tag}`: port 0 cannot be listened on"));
+    }
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    match (proto, host.is_empty()) {
+        (PortProtocol::Sni, true) => {
+            return Err(format!(
+                "`{tag}`: TLS passthrough needs the server name, e.g. sni/443/db.example.com"
+            ))
+        }
+        (PortProtocol::Sni, false) => {
+            let bare = host.strip_prefix("*.").unwrap_or(&host);
+            crate::config::check_host_name(bare).map_err(|e| format!("`{tag}`: {e}"))?;
+        }
+        (_, false) => return Err(format!("`{tag}`: only sni ports take a server name")),
+        (_, true) => {}
+    }
+    Ok(TagRoute {
+        host,
+        path: String::new(),
+        options: RouteOptions {
+            port: Some((proto, port)),
+            ..RouteOptions::default()
+        },
+    })
 }
 
 /// A path prefix option (`strip=`, `prepend=`): absolute, in normal form, no query.
@@ -367,12 +482,8 @@ fn fabio_options(opts: &str) -> Result<RouteOptions, String> {
                     "option `{kv}` is not honoured from Consul: only the file may turn certificate verification off (a pool's tls.verify)"
                 ))
             }
-            "proto" if v == "tcp" => {
-                return Err(
-                    "option `proto=tcp` is not supported (TCP routes come with service ports)"
-                        .into(),
-                )
-            }
+            "proto" if v == "tcp" => o.port = Some((PortProtocol::Tcp, 0)),
+            "proto" if v == "tcp+sni" => o.port = Some((PortProtocol::Sni, 0)),
             _ => return Err(format!("option `{kv}` is not supported")),
         }
     }

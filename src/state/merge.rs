@@ -3,7 +3,7 @@
 //! fatal. Pure (unit-tested in `state::tests`).
 
 use super::{policy, RouteInfo, VhostInfo};
-use crate::config::{Config, PoolSpec, RouteOptions, ServiceKey};
+use crate::config::{Config, PoolSpec, PortProtocol, PortSpec, RouteOptions, ServiceKey};
 use crate::discovery::View;
 use std::collections::BTreeMap;
 
@@ -15,6 +15,8 @@ pub(crate) struct Merged {
     pub vhosts: Vec<MergedVhost>,
     pub pool_specs: BTreeMap<String, PoolSpec>,
     pub route_conflicts: Vec<String>,
+    /// The file's service ports, then those services declare (where `consul.ports` allows).
+    pub ports: Vec<PortSpec>,
 }
 
 /// A vhost of the merge, with its routes.
@@ -66,6 +68,7 @@ pub(crate) fn merge_routes(config: &Config, view: &View, covers: impl Fn(&str) -
         .collect();
     let mut pool_specs: BTreeMap<String, PoolSpec> = config.pools.clone();
     let mut route_conflicts = Vec::new();
+    let mut declared_ports = Vec::new();
     for dr in &view.routes {
         let source = format!(
             "consul tag `{}` of service {} at index {}",
@@ -73,6 +76,10 @@ pub(crate) fn merge_routes(config: &Config, view: &View, covers: impl Fn(&str) -
         );
         if let Some(why) = &dr.refused {
             route_conflicts.push(format!("{source}: not applied: {why}"));
+            continue;
+        }
+        if dr.options.port.is_some() {
+            declared_ports.push((dr, source));
             continue;
         }
         let shown_host = if dr.host.is_empty() {
@@ -195,9 +202,115 @@ pub(crate) fn merge_routes(config: &Config, view: &View, covers: impl Fn(&str) -
             options: dr.options.clone(),
         });
     }
+    let ports = merge_ports(
+        config,
+        declared_ports,
+        &mut pool_specs,
+        &mut route_conflicts,
+    );
     Merged {
         vhosts,
         pool_specs,
         route_conflicts,
+        ports,
     }
+}
+
+/// The file's ports, then the ports services declare: only numbers `consul.ports` allows,
+/// never on a socket the file uses (listener or port), one service per socket except that
+/// `sni` ports gather every service's server names; every refusal is reported.
+fn merge_ports(
+    config: &Config,
+    declared: Vec<(&crate::discovery::DiscoveredRoute, String)>,
+    pool_specs: &mut BTreeMap<String, PoolSpec>,
+    conflicts: &mut Vec<String>,
+) -> Vec<PortSpec> {
+    use crate::config::addresses_overlap;
+    let mut ports = config.ports.clone();
+    for (dr, source) in declared {
+        let Some((proto, number)) = dr.options.port else {
+            continue;
+        };
+        let what = match proto {
+            PortProtocol::Sni => format!("{} port {number} for {}", proto.name(), dr.host),
+            _ => format!("{} port {number}", proto.name()),
+        };
+        if !config
+            .consul
+            .ports
+            .iter()
+            .any(|(lo, hi)| (*lo..=*hi).contains(&number))
+        {
+            conflicts.push(format!(
+                "{source}: {what} refused: consul.ports does not allow {number}"
+            ));
+            continue;
+        }
+        let address = std::net::SocketAddr::new(config.consul.port_address, number);
+        let udp = proto == PortProtocol::Udp;
+        let on_listener = !udp
+            && config
+                .listeners
+                .iter()
+                .flat_map(|l| &l.addresses)
+                .any(|a| addresses_overlap(*a, address));
+        if on_listener {
+            conflicts.push(format!(
+                "{source}: {what} refused: a listener of the file has {address}"
+            ));
+            continue;
+        }
+        let pool = format!("consul:{}", dr.service);
+        let same = ports.iter().position(|p| {
+            (p.protocol == PortProtocol::Udp) == udp && addresses_overlap(p.address, address)
+        });
+        match same {
+            Some(i) => {
+                let p = &mut ports[i];
+                let routed = p.sni.iter().any(|(names, _)| names.contains(&dr.host));
+                if proto == PortProtocol::Sni
+                    && p.protocol == PortProtocol::Sni
+                    && !p.source.starts_with("file")
+                    && !routed
+                {
+                    p.sni.push((vec![dr.host.clone()], pool.clone()));
+                } else {
+                    conflicts.push(format!(
+                        "{source}: {what} refused: {address} is taken by {} (kept)",
+                        p.source
+                    ));
+                    continue;
+                }
+            }
+            None => ports.push(PortSpec {
+                name: format!("consul-{}-{number}", proto.name()),
+                address,
+                protocol: proto,
+                pool: (proto != PortProtocol::Sni).then(|| pool.clone()),
+                sni: match proto {
+                    PortProtocol::Sni => vec![(vec![dr.host.clone()], pool.clone())],
+                    _ => Vec::new(),
+                },
+                connect_timeout: None,
+                idle_timeout: if udp {
+                    crate::config::defaults::port::IDLE_TIMEOUT_UDP
+                } else {
+                    crate::config::defaults::port::IDLE_TIMEOUT_TCP
+                },
+                send_proxy: Default::default(),
+                proxy_protocol: false,
+                max_flows: crate::config::defaults::port::MAX_FLOWS as usize,
+                source,
+            }),
+        }
+        pool_specs.entry(pool).or_insert_with(|| {
+            PoolSpec::for_consul(ServiceKey {
+                service: dr.service.clone(),
+                tags: Vec::new(),
+                datacenter: None,
+                passing: true,
+            })
+        });
+    }
+    ports
 }

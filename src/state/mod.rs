@@ -240,6 +240,7 @@ impl Snapshot {
             vhosts,
             pool_specs,
             route_conflicts,
+            ports: port_specs,
         } = merge_routes(&config, view, |host| certs.covers(host));
         let mut pools = Vec::new();
         let mut index: HashMap<&str, usize> = HashMap::new();
@@ -348,8 +349,7 @@ impl Snapshot {
             served.push(v);
         }
         let pool_at = |name: &String| index.get(name.as_str()).copied();
-        let ports = config
-            .ports
+        let ports = port_specs
             .iter()
             .map(|spec| Port {
                 pool: spec.pool.as_ref().and_then(pool_at),

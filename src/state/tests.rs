@@ -316,3 +316,79 @@ fn a_declared_protocol_shapes_the_services_pool() {
     let m = merge_routes(&cfg, &view(vec![with("/a", Some(Protocol::H2c))]), |_| true);
     assert!(m.pool_specs["consul:api"].tls.is_none());
 }
+
+/// Declared service ports: opened only within `consul.ports`, never on a socket the file
+/// uses; `sni` ports gather every service's names; one service per other socket.
+#[test]
+fn declared_ports_are_judged_and_merged() {
+    let port = |service: &str, proto: crate::config::PortProtocol, n: u16, host: &str| {
+        let mut d = declared(host, "", service);
+        d.tag = format!("tollgate.port={}/{n}", proto.name());
+        d.options.port = Some((proto, n));
+        d
+    };
+    use crate::config::PortProtocol::*;
+    let cfg = Config::parse(
+        std::path::Path::new("t.toml"),
+        "[consul]\ntag_routes = true\nports = [\"4000-4010\", \"5353\"]\n\
+         [[listener]]\naddress = \"0.0.0.0:4001\"\n\
+         [[port]]\naddress = \"0.0.0.0:4000\"\npool = \"p\"\n\
+         [[vhost]]\nnames = [\"a.test\"]\n[[vhost.route]]\npath = \"/\"\npool = \"p\"\n\
+         [pool.p]\nbackends = [\"127.0.0.1:2\"]\n",
+    )
+    .unwrap();
+    let m = merge_routes(
+        &cfg,
+        &view(vec![
+            port("db", Tcp, 4002, ""),
+            port("db2", Tcp, 4002, ""),
+            port("dns", Udp, 5353, ""),
+            port("pg", Sni, 4003, "pg.test"),
+            port("my", Sni, 4003, "my.test"),
+            port("x", Tcp, 4000, ""),
+            port("y", Tcp, 4001, ""),
+            port("z", Tcp, 6000, ""),
+            port("u", Udp, 4000, ""),
+        ]),
+        |_| true,
+    );
+    let names: Vec<(&str, crate::config::PortProtocol)> = m
+        .ports
+        .iter()
+        .map(|p| (p.name.as_str(), p.protocol))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("tcp-4000", Tcp),
+            ("consul-tcp-4002", Tcp),
+            ("consul-udp-5353", Udp),
+            ("consul-sni-4003", Sni),
+            ("consul-udp-4000", Udp),
+        ]
+    );
+    let sni = &m.ports[3];
+    assert_eq!(
+        sni.sni,
+        [
+            (vec!["pg.test".to_string()], "consul:pg".to_string()),
+            (vec!["my.test".to_string()], "consul:my".to_string())
+        ]
+    );
+    assert_eq!(m.ports[1].pool.as_deref(), Some("consul:db"));
+    assert!(m.pool_specs.contains_key("consul:dns"));
+    for (service, why) in [
+        ("db2", "is taken by consul tag"),
+        ("x", "is taken by file"),
+        ("y", "a listener of the file has"),
+        ("z", "consul.ports does not allow 6000"),
+    ] {
+        assert!(
+            m.route_conflicts
+                .iter()
+                .any(|c| c.contains(&format!("service {service} ")) && c.contains(why)),
+            "{service}: {:?}",
+            m.route_conflicts
+        );
+    }
+}

@@ -122,6 +122,36 @@ pub(super) fn consul(cx: &mut Ctx, raw: &crate::config::raw::RawConsul) -> Consu
                 def::MIN_FRACTION
             }
         },
+        ports: raw
+            .ports
+            .iter()
+            .filter_map(|r| {
+                let v = r.get_ref().trim();
+                let (lo, hi) = v.split_once('-').unwrap_or((v, v));
+                match (lo.trim().parse::<u16>(), hi.trim().parse::<u16>()) {
+                    (Ok(lo), Ok(hi)) if lo >= 1 && lo <= hi => Some((lo, hi)),
+                    _ => {
+                        cx.err(
+                            r.span(),
+                            "consul.ports",
+                            format!("`{v}` is not a port or range such as 3306 or 3000-3999"),
+                        );
+                        None
+                    }
+                }
+            })
+            .collect(),
+        port_address: match &raw.port_address {
+            None => def::PORT_ADDRESS.parse().unwrap_or(std::net::IpAddr::from([0, 0, 0, 0])),
+            Some(a) => a.get_ref().trim().parse().unwrap_or_else(|_| {
+                cx.err(
+                    a.span(),
+                    "consul.port_address",
+                    format!("`{}` is not an IP address such as 0.0.0.0", a.get_ref()),
+                );
+                std::net::IpAddr::from([0, 0, 0, 0])
+            }),
+        },
         backend_tls: raw.backend_tls.as_ref().map(|t| {
             let r = t.get_ref();
             if let Some(n) = &r.server_name {

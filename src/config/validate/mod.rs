@@ -488,7 +488,7 @@ pub(super) fn env(name: &str) -> Option<String> {
 
 /// Whether two listening addresses would take the same connections: the same address, or the
 /// same port where one is the wildcard (`0.0.0.0`, `[::]`) of the other's family.
-pub(super) fn addresses_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+pub fn addresses_overlap(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() == b.port()
         && a.is_ipv4() == b.is_ipv4()
         && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())

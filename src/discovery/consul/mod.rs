@@ -6,7 +6,9 @@
 //! (`rules`); `client` is the HTTP side, `watch` the loops, `quiet` the window's clock, and
 //! this module the manager that starts and stops watches and applies what they see.
 
-use super::{parse_route_tag, DiscoveredRoute, ServiceView, Serving, TagRoute, View};
+use super::{
+    parse_port_tag, parse_route_tag, DiscoveredRoute, ServiceView, Serving, TagRoute, View,
+};
 use crate::config::{BackendSpec, ConsulSettings, ServiceKey};
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};

@@ -314,7 +314,9 @@ pub(super) async fn catalog_routes(
     }
     for (service, tags) in &services {
         for tag in tags {
-            if let Some(parsed) = parse_route_tag(tag, &s.route_tag_prefix, s.fabio_tags) {
+            let parsed = parse_route_tag(tag, &s.route_tag_prefix, s.fabio_tags)
+                .or_else(|| parse_port_tag(tag, crate::config::defaults::consul::PORT_TAG_PREFIX));
+            if let Some(parsed) = parsed {
                 let mut r = declared(service, tag.clone(), next, parsed);
                 r.service_tags = tags.clone();
                 routes.push(r);
@@ -437,15 +439,21 @@ pub(super) async fn meta_routes(
                 );
             }
         }
+        let keyed = |k: &str, prefix: &str| {
+            k == prefix
+                || k.strip_prefix(prefix)
+                    .is_some_and(|rest| rest.starts_with('-'))
+        };
         for meta in instances.into_iter().filter_map(|i| i.meta) {
             for (k, v) in meta {
-                let is_route = k == s.route_meta_prefix
-                    || k.strip_prefix(&s.route_meta_prefix)
-                        .is_some_and(|rest| rest.starts_with('-'));
-                if !is_route {
+                let parsed = if keyed(&k, &s.route_meta_prefix) {
+                    parse_route_tag(&v, "", false)
+                } else if keyed(&k, crate::config::defaults::consul::PORT_META_PREFIX) {
+                    parse_port_tag(&v, "")
+                } else {
                     continue;
-                }
-                if let Some(parsed) = parse_route_tag(&v, "", false) {
+                };
+                if let Some(parsed) = parsed {
                     routes.push(declared(&service, format!("meta {k}={v}"), index, parsed));
                 }
             }
