@@ -275,16 +275,24 @@ async fn backends_see_the_client_in_a_proxy_header_and_half_close_works() {
 async fn a_slow_reader_holds_back_a_fast_backend() {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let backend = l.local_addr().unwrap();
-    let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let w = written.clone();
+    // every connection gets the flood; `written` counts the latest one's (the readiness
+    // probe's connection comes first and ends at once)
+    type Counter = std::sync::Arc<std::sync::atomic::AtomicUsize>;
+    let current: std::sync::Arc<std::sync::Mutex<Counter>> = Default::default();
+    let cur = current.clone();
     tokio::spawn(async move {
-        let (mut s, _) = l.accept().await.unwrap();
-        let chunk = vec![b'x'; 64 * 1024];
-        for _ in 0..4096 {
-            if s.write_all(&chunk).await.is_err() {
-                return;
-            }
-            w.fetch_add(chunk.len(), std::sync::atomic::Ordering::SeqCst);
+        while let Ok((mut s, _)) = l.accept().await {
+            let w = Counter::default();
+            *cur.lock().unwrap() = w.clone();
+            tokio::spawn(async move {
+                let chunk = vec![b'x'; 64 * 1024];
+                for _ in 0..4096 {
+                    if s.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                    w.fetch_add(chunk.len(), std::sync::atomic::Ordering::SeqCst);
+                }
+            });
         }
     });
     let port = addr();
@@ -312,7 +320,11 @@ async fn a_slow_reader_holds_back_a_fast_backend() {
         read += c.read(&mut buf).await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let ahead = written.load(std::sync::atomic::Ordering::SeqCst) - read;
+    let written = current
+        .lock()
+        .unwrap()
+        .load(std::sync::atomic::Ordering::SeqCst);
+    let ahead = written.saturating_sub(read);
     assert!(read > 0);
     // socket buffers on both sides plus tollgate's 16 KiB per direction
     assert!(
@@ -493,6 +505,177 @@ async fn tls_ports_terminate_or_pass_through_by_sni() {
     let m = admin_text(&plain(), s.admin, "/metrics").await;
     assert!(
         metric(&m, "tollgate_port_refused_total{port=\"pass\"}") >= 1.0,
+        "{m}"
+    );
+}
+
+/// An echo server that prefixes each answer with its name.
+async fn named_echo(name: &'static str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    let mut out = format!("{name}:").into_bytes();
+                    out.extend_from_slice(&buf[..n]);
+                    if s.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    a
+}
+
+async fn say(c: &mut TcpStream, what: &str) -> String {
+    c.write_all(what.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n]).to_string()
+}
+
+/// A reload that moves the port's pool: the established connection keeps its backend, new
+/// ones go to the new pool; `/status` and the dashboard list the port; on SIGTERM the
+/// listener closes at once and the established connection may finish (drain), after which
+/// tollgate exits.
+#[tokio::test]
+async fn established_connections_outlive_reloads_and_drain_on_sigterm() {
+    let (a, b) = (named_echo("a").await, named_echo("b").await);
+    let port = addr();
+    let body = |up: SocketAddr| {
+        format!("[[port]]\nname = \"echo\"\naddress = \"{port}\"\npool = \"e\"\n[pool.e]\nbackends = [\"{up}\"]\n")
+    };
+    let mut s = site(&body(a), &[port]).await;
+    let mut c1 = TcpStream::connect(port).await.unwrap();
+    assert_eq!(say(&mut c1, "x").await, "a:x");
+    let cfg = s.tg.config.clone();
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(&a.to_string(), &b.to_string());
+    write(&cfg, &text);
+    wait_for("the reload", Duration::from_secs(10), || async {
+        s.tg.log_text().contains("configuration reloaded")
+    })
+    .await;
+    assert_eq!(
+        say(&mut c1, "y").await,
+        "a:y",
+        "an established connection keeps its backend"
+    );
+    let mut c2 = TcpStream::connect(port).await.unwrap();
+    assert_eq!(say(&mut c2, "z").await, "b:z", "a new one follows the pool");
+    drop(c2);
+    let status = admin_json(&plain(), s.admin, "/status").await;
+    let p = &status["ports"][0];
+    assert_eq!(
+        (
+            p["name"].as_str(),
+            p["protocol"].as_str(),
+            p["pool"].as_str()
+        ),
+        (Some("echo"), Some("tcp"), Some("e"))
+    );
+    assert!(p["total"].as_u64().unwrap() >= 2, "{p}");
+    let dash = admin_text(&plain(), s.admin, "/").await;
+    assert!(
+        dash.contains("Service ports") && dash.contains(&port.to_string()),
+        "{dash}"
+    );
+
+    s.tg.signal("TERM");
+    wait_for("the listener to close", Duration::from_secs(5), || async {
+        TcpStream::connect(port).await.is_err()
+    })
+    .await;
+    assert_eq!(
+        say(&mut c1, "w").await,
+        "a:w",
+        "the established connection drains"
+    );
+    drop(c1);
+    // shutdown_timeout is 5 s: exiting well before it means the drain saw the last one go
+    let drained = Instant::now();
+    let mut exited = false;
+    while drained.elapsed() < Duration::from_secs(4) && !exited {
+        exited = matches!(s.tg.child.try_wait(), Ok(Some(_)));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        exited,
+        "tollgate still running 4 s after its last connection ended"
+    );
+}
+
+/// The connection limits hold on service ports: a client over its per-IP cap is closed at
+/// once and counted; a PROXY header is taken only from trusted balancers.
+#[tokio::test]
+async fn connection_limits_apply_to_service_ports() {
+    let a = named_echo("a").await;
+    let (port, behind_lb) = (addr(), addr());
+    let s = site(
+        &format!(
+            "[limits]\nmax_connections_per_ip = 2\ntrusted_proxies = [\"127.0.0.2/32\"]\n\
+             [[port]]\nname = \"capped\"\naddress = \"{port}\"\npool = \"e\"\n\
+             [[port]]\nname = \"lb\"\naddress = \"{behind_lb}\"\npool = \"e\"\nproxy_protocol = true\n\
+             [pool.e]\nbackends = [\"{a}\"]\n"
+        ),
+        &[port, behind_lb],
+    )
+    .await;
+    // the readiness probes' connections have ended (they count against the cap too)
+    wait_for("no connection open", Duration::from_secs(5), || async {
+        let m = admin_text(&plain(), s.admin, "/metrics").await;
+        metric(&m, "tollgate_port_open{port=\"capped\"}") == 0.0
+            && metric(&m, "tollgate_port_open{port=\"lb\"}") == 0.0
+    })
+    .await;
+    let mut c1 = TcpStream::connect(port).await.unwrap();
+    let mut c2 = TcpStream::connect(port).await.unwrap();
+    assert_eq!(say(&mut c1, "1").await, "a:1");
+    assert_eq!(say(&mut c2, "2").await, "a:2");
+    let mut c3 = TcpStream::connect(port).await.unwrap();
+    c3.write_all(b"3").await.ok();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), c3.read(&mut buf))
+        .await
+        .unwrap();
+    assert!(
+        matches!(n, Ok(0) | Err(_)),
+        "the third connection from one IP is closed"
+    );
+    // from an untrusted address, a PROXY header is refused outright
+    let mut c = TcpStream::connect(behind_lb).await.unwrap();
+    let hdr =
+        tollgate::limits::proxy_protocol::v1_header("192.0.2.9:1".parse().unwrap(), behind_lb);
+    c.write_all(&hdr).await.unwrap();
+    c.write_all(b"x").await.ok();
+    let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+        .await
+        .unwrap();
+    assert!(
+        matches!(n, Ok(0) | Err(_)),
+        "an untrusted PROXY header is refused"
+    );
+    // from the trusted balancer, the header names the client (its own cap counts it)
+    let mut c = connect_from([127, 0, 0, 2], behind_lb).await.unwrap();
+    c.write_all(&hdr).await.unwrap();
+    assert_eq!(say(&mut c, "y").await, "a:y");
+    let m = admin_text(&plain(), s.admin, "/metrics").await;
+    assert!(
+        metric(&m, "tollgate_port_refused_total{port=\"capped\"}") >= 1.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "tollgate_port_refused_total{port=\"lb\"}") >= 1.0,
         "{m}"
     );
 }

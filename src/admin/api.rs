@@ -33,12 +33,32 @@ pub(super) fn status(state: &State, snap: &Snapshot, shown: &Shown) -> Value {
         "active_requests": shown.active.count(),
         "vhosts": snap.vhosts.len(),
         "pools": snap.pools.len(),
+        "ports": snap.ports.iter().map(port_json).collect::<Vec<_>>(),
         // Sources and subsystems not built yet report themselves as such.
         "consul": consul_status(snap, &shown.watches, m),
         "failover": match shown.failover.get() {
             Some(st) => json!({ "configured": true, "status": st }),
             None => json!({ "configured": snap.config.failover.is_some(), "state": "standalone" }),
         },
+    })
+}
+
+/// A service port: where it listens, what it carries, its pools and counters.
+fn port_json(p: &crate::state::Port) -> Value {
+    let m = &p.metrics;
+    json!({
+        "name": p.spec.name,
+        "address": p.spec.address.to_string(),
+        "protocol": p.spec.protocol.name(),
+        "pool": p.spec.pool,
+        "sni": p.spec.sni.iter().map(|(names, pool)| json!({ "names": names, "pool": pool })).collect::<Vec<_>>(),
+        "source": p.spec.source,
+        "open": m.open.load(Relaxed),
+        "total": m.total.load(Relaxed),
+        "received_bytes": m.bytes_in.load(Relaxed),
+        "sent_bytes": m.bytes_out.load(Relaxed),
+        "connect_failures": m.connect_failures.load(Relaxed),
+        "refused": m.refused.load(Relaxed),
     })
 }
 

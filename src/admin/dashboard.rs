@@ -93,6 +93,31 @@ pub(super) fn page(state: &State, snap: &Snapshot, active_requests: usize) -> St
     }
     h.push_str("</table>");
 
+    if !snap.ports.is_empty() {
+        h.push_str("<h2>Service ports</h2><table id=ports><tr><th>port</th><th>address</th><th>protocol</th><th>pool</th><th>open</th><th>total</th><th>source</th></tr>");
+        for p in &snap.ports {
+            let pools: Vec<String> = p
+                .spec
+                .sni
+                .iter()
+                .map(|(names, pool)| format!("{} → {pool}", names.join(", ")))
+                .chain(p.spec.pool.iter().cloned())
+                .collect();
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                esc(&p.spec.name),
+                p.spec.address,
+                p.spec.protocol.name(),
+                esc(&pools.join("; ")),
+                p.metrics.open.load(Relaxed),
+                p.metrics.total.load(Relaxed),
+                esc(p.spec.source.strip_prefix("file ").unwrap_or(&p.spec.source))
+            );
+        }
+        h.push_str("</table>");
+    }
+
     h.push_str("<h2>Certificates</h2><table id=certs><tr><th>names</th><th>expires in</th><th>file</th></tr>");
     let now_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
