@@ -679,3 +679,61 @@ async fn connection_limits_apply_to_service_ports() {
         "{m}"
     );
 }
+
+/// Passthrough beside terminated vhosts on one public address: the `sni` port passes
+/// db.test through, and hands every other name to tollgate's own TLS listener on loopback
+/// (PROXY v2, so the HTTP side still sees the real client), which terminates it.
+#[tokio::test]
+async fn passthrough_and_terminated_vhosts_share_one_address() {
+    let bdir = tempfile::tempdir().unwrap();
+    let bca = TestCa::new();
+    let (c, k) = bca.issue(bdir.path(), "db", &["db.test"], "db");
+    let db = Upstream::start_with(
+        "db",
+        UpstreamMode {
+            tls: Some((c, k)),
+            ..Default::default()
+        },
+    )
+    .await;
+    let web = Upstream::start("web").await;
+    let ca = TestCa::new();
+    let cdir = tempfile::tempdir().unwrap();
+    ca.issue(cdir.path(), "a", &["a.test"], "a");
+    let (public, inner) = (addr(), addr());
+    let _s = site(
+        &format!(
+            "[limits]\ntrusted_proxies = [\"127.0.0.1/32\"]\n\
+             [tls]\ncerts_dir = \"{}\"\n\
+             [[listener]]\naddress = \"{inner}\"\ntls = true\nproxy_protocol = true\n\
+             [[vhost]]\nnames = [\"a.test\"]\n[[vhost.route]]\npath = \"/\"\npool = \"web\"\n\
+             [[port]]\nname = \"public\"\naddress = \"{public}\"\nprotocol = \"sni\"\npool = \"self\"\nsend_proxy = \"v2\"\n\
+             [[port.sni]]\nnames = [\"db.test\"]\npool = \"db\"\n\
+             [pool.self]\nbackends = [\"{inner}\"]\n[pool.web]\nbackends = [\"{}\"]\n[pool.db]\nbackends = [\"{}\"]\n",
+            cdir.path().display(),
+            web.addr,
+            db.addr
+        ),
+        &[public],
+    )
+    .await;
+    let get = |host: &str| format!("GET /x HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    // a.test: terminated by tollgate, the client's own address in X-Forwarded-For
+    let tcp = connect_from([127, 0, 0, 7], public).await.unwrap();
+    let mut t = tls_over(&ca, tcp, "a.test", &[]).await.unwrap();
+    t.write_all(get("a.test").as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    t.read_to_string(&mut answer).await.ok();
+    assert!(answer.contains("\"upstream\":\"web\""), "{answer}");
+    assert!(
+        answer.contains("\"x-forwarded-for\":\"127.0.0.7\""),
+        "{answer}"
+    );
+    // db.test: passed through to the backend, which the client verifies
+    let tcp = TcpStream::connect(public).await.unwrap();
+    let mut t = tls_over(&bca, tcp, "db.test", &[]).await.unwrap();
+    t.write_all(get("db.test").as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    t.read_to_string(&mut answer).await.ok();
+    assert!(answer.contains("\"upstream\":\"db\""), "{answer}");
+}

@@ -51,7 +51,7 @@ fn port_json(p: &crate::state::Port) -> Value {
         "address": p.spec.address.to_string(),
         "protocol": p.spec.protocol.name(),
         "pool": p.spec.pool,
-        "sni": p.spec.sni.iter().map(|(names, pool)| json!({ "names": names, "pool": pool })).collect::<Vec<_>>(),
+        "sni": p.spec.sni.iter().map(|r| json!({ "names": r.names, "pool": r.pool })).collect::<Vec<_>>(),
         "source": p.spec.source,
         "open": m.open.load(Relaxed),
         "total": m.total.load(Relaxed),

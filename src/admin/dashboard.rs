@@ -100,7 +100,7 @@ pub(super) fn page(state: &State, snap: &Snapshot, active_requests: usize) -> St
                 .spec
                 .sni
                 .iter()
-                .map(|(names, pool)| format!("{} → {pool}", names.join(", ")))
+                .map(|r| format!("{} → {}", r.names.join(", "), r.pool))
                 .chain(p.spec.pool.iter().cloned())
                 .collect();
             let _ = write!(

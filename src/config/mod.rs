@@ -87,6 +87,17 @@ pub enum SendProxy {
     V2,
 }
 
+/// TLS passthrough of some server names to a pool (`[[port.sni]]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SniRoute {
+    /// Exact names, or `*.suffix` (one label).
+    pub names: Vec<String>,
+    pub pool: String,
+    /// The PROXY header these connections' backends get (the port's `send_proxy` is for
+    /// its `pool`).
+    pub send_proxy: SendProxy,
+}
+
 /// A service port: a listen address, what it carries, and where it goes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PortSpec {
@@ -96,8 +107,8 @@ pub struct PortSpec {
     pub protocol: PortProtocol,
     /// The pool (for `sni`: where names no `sni` route lists go; `None`: refused).
     pub pool: Option<String>,
-    /// `sni`: (names, pool); a name is exact or `*.suffix` (one label).
-    pub sni: Vec<(Vec<String>, String)>,
+    /// `sni`: the names passed through to each pool.
+    pub sni: Vec<SniRoute>,
     /// Connecting to a backend (default: the pool's `connect_timeout`).
     pub connect_timeout: Option<Duration>,
     /// A connection (or UDP flow) with no data either way this long is closed.

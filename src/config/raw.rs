@@ -53,6 +53,7 @@ pub struct RawPort {
 pub struct RawSniRoute {
     pub names: Vec<S<String>>,
     pub pool: S<String>,
+    pub send_proxy: Option<S<String>>,
 }
 
 /// `[plugin.NAME]`: a proxy-wasm module and its configuration.

@@ -87,7 +87,7 @@ async fn connection(shared: Shared, k: Key, mut client: TcpStream, peer: SocketA
             let Some(pool) = port.pool.map(|i| snap.pools[i].clone()) else {
                 return;
             };
-            forward(tls, &pool, port, source, local).await;
+            forward(tls, &pool, port, port.spec.send_proxy, source, local).await;
         }
         PortProtocol::Sni => {
             let name = match peek_hello(&client, limits.handshake_timeout).await {
@@ -98,19 +98,19 @@ async fn connection(shared: Shared, k: Key, mut client: TcpStream, peer: SocketA
                     return;
                 }
             };
-            let Some(i) = port.pool_for_sni(name.as_deref()) else {
+            let Some((i, send_proxy)) = port.pool_for_sni(name.as_deref()) else {
                 m.refused.fetch_add(1, Relaxed);
                 tracing::debug!(peer = %source, sni = ?name, port = %port.spec.name, "no route for this server name");
                 return;
             };
             let pool = snap.pools[i].clone();
-            forward(client, &pool, port, source, local).await;
+            forward(client, &pool, port, send_proxy, source, local).await;
         }
         _ => {
             let Some(pool) = port.pool.map(|i| snap.pools[i].clone()) else {
                 return;
             };
-            forward(client, &pool, port, source, local).await;
+            forward(client, &pool, port, port.spec.send_proxy, source, local).await;
         }
     }
 }
@@ -192,6 +192,7 @@ async fn forward<C>(
     client: C,
     pool: &Arc<Pool>,
     port: &crate::state::Port,
+    send_proxy: SendProxy,
     source: SocketAddr,
     local: SocketAddr,
 ) where
@@ -236,7 +237,7 @@ async fn forward<C>(
     b.state.record_success();
     let _inflight = InflightGuard::new(b.state.clone());
     let _ = upstream.set_nodelay(true);
-    let header = match port.spec.send_proxy {
+    let header = match send_proxy {
         SendProxy::None => None,
         SendProxy::V1 => Some(proxy_protocol::v1_header(source, local)),
         SendProxy::V2 => Some(proxy_protocol::v2_header(source, local)),

@@ -3,7 +3,7 @@
 //! fatal. Pure (unit-tested in `state::tests`).
 
 use super::{policy, RouteInfo, VhostInfo};
-use crate::config::{Config, PoolSpec, PortProtocol, PortSpec, RouteOptions, ServiceKey};
+use crate::config::{Config, PoolSpec, PortProtocol, PortSpec, RouteOptions, ServiceKey, SniRoute};
 use crate::discovery::View;
 use std::collections::BTreeMap;
 
@@ -267,13 +267,17 @@ fn merge_ports(
         match same {
             Some(i) => {
                 let p = &mut ports[i];
-                let routed = p.sni.iter().any(|(names, _)| names.contains(&dr.host));
+                let routed = p.sni.iter().any(|r| r.names.contains(&dr.host));
                 if proto == PortProtocol::Sni
                     && p.protocol == PortProtocol::Sni
                     && !p.source.starts_with("file")
                     && !routed
                 {
-                    p.sni.push((vec![dr.host.clone()], pool.clone()));
+                    p.sni.push(SniRoute {
+                        names: vec![dr.host.clone()],
+                        pool: pool.clone(),
+                        send_proxy: Default::default(),
+                    });
                 } else {
                     conflicts.push(format!(
                         "{source}: {what} refused: {address} is taken by {} (kept)",
@@ -288,7 +292,11 @@ fn merge_ports(
                 protocol: proto,
                 pool: (proto != PortProtocol::Sni).then(|| pool.clone()),
                 sni: match proto {
-                    PortProtocol::Sni => vec![(vec![dr.host.clone()], pool.clone())],
+                    PortProtocol::Sni => vec![SniRoute {
+                        names: vec![dr.host.clone()],
+                        pool: pool.clone(),
+                        send_proxy: Default::default(),
+                    }],
                     _ => Vec::new(),
                 },
                 connect_timeout: None,

@@ -62,14 +62,15 @@ pub struct Port {
     pub spec: crate::config::PortSpec,
     /// An index into `Snapshot::pools` (for `sni`: where unlisted names go).
     pub pool: Option<usize>,
-    /// `sni` routes: (names, pool index).
-    pub sni: Vec<(Vec<String>, usize)>,
+    /// `sni` routes: (names, pool index, the PROXY header their backends get).
+    pub sni: Vec<(Vec<String>, usize, crate::config::SendProxy)>,
     pub metrics: Arc<crate::metrics::PortMetrics>,
 }
 
 impl Port {
-    /// The pool for a ClientHello's server name (`None`: no SNI); `None`: refused.
-    pub fn pool_for_sni(&self, name: Option<&str>) -> Option<usize> {
+    /// The pool for a ClientHello's server name (`None`: no SNI), and the PROXY header its
+    /// backends get; `None`: refused.
+    pub fn pool_for_sni(&self, name: Option<&str>) -> Option<(usize, crate::config::SendProxy)> {
         let hit = name.and_then(|n| {
             let n = n.trim_end_matches('.').to_ascii_lowercase();
             let covers = |pat: &String| match pat.strip_prefix("*.") {
@@ -82,11 +83,15 @@ impl Port {
             // an exact name wins over a wildcard
             self.sni
                 .iter()
-                .find(|(names, _)| names.iter().any(|p| !p.starts_with("*.") && covers(p)))
-                .or_else(|| self.sni.iter().find(|(names, _)| names.iter().any(covers)))
-                .map(|(_, pool)| *pool)
+                .find(|(names, _, _)| names.iter().any(|p| !p.starts_with("*.") && covers(p)))
+                .or_else(|| {
+                    self.sni
+                        .iter()
+                        .find(|(names, _, _)| names.iter().any(covers))
+                })
+                .map(|(_, pool, proxy)| (*pool, *proxy))
         });
-        hit.or(self.pool)
+        hit.or(self.pool.map(|p| (p, self.spec.send_proxy)))
     }
 }
 
@@ -356,7 +361,7 @@ impl Snapshot {
                 sni: spec
                     .sni
                     .iter()
-                    .filter_map(|(names, pool)| Some((names.clone(), pool_at(pool)?)))
+                    .filter_map(|r| Some((r.names.clone(), pool_at(&r.pool)?, r.send_proxy)))
                     .collect(),
                 metrics: m.port(&spec.name),
                 spec: spec.clone(),

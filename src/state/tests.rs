@@ -368,11 +368,16 @@ fn declared_ports_are_judged_and_merged() {
         ]
     );
     let sni = &m.ports[3];
+    let routes: Vec<(Vec<String>, &str)> = sni
+        .sni
+        .iter()
+        .map(|r| (r.names.clone(), r.pool.as_str()))
+        .collect();
     assert_eq!(
-        sni.sni,
+        routes,
         [
-            (vec!["pg.test".to_string()], "consul:pg".to_string()),
-            (vec!["my.test".to_string()], "consul:my".to_string())
+            (vec!["pg.test".to_string()], "consul:pg"),
+            (vec!["my.test".to_string()], "consul:my")
         ]
     );
     assert_eq!(m.ports[1].pool.as_deref(), Some("consul:db"));

@@ -114,10 +114,7 @@ pub(super) fn ports(
                 let bare = v.strip_prefix("*.").unwrap_or(&v);
                 if let Err(e) = check_host_name(bare) {
                     cx.err(n.span(), format!("{ropt}.names"), e);
-                } else if sni
-                    .iter()
-                    .any(|(ns, _): &(Vec<String>, String)| ns.contains(&v))
-                    || names.contains(&v)
+                } else if sni.iter().any(|r: &SniRoute| r.names.contains(&v)) || names.contains(&v)
                 {
                     cx.err(
                         n.span(),
@@ -136,7 +133,20 @@ pub(super) fn ports(
                 );
             }
             let pool = pool_of(cx, &rr.pool, format!("{ropt}.pool"));
-            sni.push((names, pool));
+            let send_proxy = cx.choice(
+                &rr.send_proxy,
+                &format!("{ropt}.send_proxy"),
+                &[
+                    ("none", SendProxy::None),
+                    ("v1", SendProxy::V1),
+                    ("v2", SendProxy::V2),
+                ],
+            );
+            sni.push(SniRoute {
+                names,
+                pool,
+                send_proxy,
+            });
         }
         match protocol {
             PortProtocol::Sni if sni.is_empty() && pool.is_none() => cx.err(
@@ -157,7 +167,7 @@ pub(super) fn ports(
             ),
             _ => {}
         }
-        for n in pool.iter().chain(sni.iter().map(|(_, p)| p)) {
+        for n in pool.iter().chain(sni.iter().map(|r| &r.pool)) {
             if let Some(proto) = pools.get(n).map(|p| p.protocol) {
                 if proto != Protocol::Http1 {
                     cx.err(
