@@ -2,6 +2,7 @@
 //! config → state (Snapshot via ArcSwap) → proxy, with routing, upstream and tls as the pure
 //! or near-pure pieces the request path consults.
 
+pub mod acme;
 pub mod admin;
 pub mod alloc;
 pub mod clock;

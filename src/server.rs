@@ -193,9 +193,16 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
     let shown = crate::admin::Shown::default();
     let active = shown.active.clone();
     let conns = shown.conns.clone();
+    // HTTP-01 answers: the issuer sets them, the proxy serves them
+    let challenges = crate::acme::Challenges::default();
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
-        Tollgate::new(state.handle(), cfg.log.access_log, active.clone()),
+        Tollgate::new(
+            state.handle(),
+            cfg.log.access_log,
+            active.clone(),
+            challenges.clone(),
+        ),
         "tollgate proxy",
     );
     let limits = &cfg.limits;
@@ -280,6 +287,10 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
             active.clone(),
             Arc::new(port_tls),
         ),
+    ));
+    server.add_service(background_service(
+        "tollgate acme",
+        crate::acme::Issuer::new(state.clone(), challenges),
     ));
     server.add_service(background_service(
         "tollgate health checks",

@@ -43,6 +43,29 @@ pub struct Config {
     pub plugins: BTreeMap<String, PluginSpec>,
     /// `[[port]]`: service ports.
     pub ports: Vec<PortSpec>,
+    /// `[acme]`: certificates issued for `acme = true` vhosts.
+    pub acme: Option<AcmeSettings>,
+}
+
+/// Where ACME certificates come from and where they are kept.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AcmeSettings {
+    /// The CA's directory URL (https).
+    pub directory: String,
+    /// The account's contact (`mailto:`); none: an account without contact.
+    pub email: Option<String>,
+    /// The account (`account.json`) and the issued certificates (`certs/`).
+    pub storage: PathBuf,
+    /// Roots for the CA's own HTTPS (a private or test CA); none: the system roots.
+    pub ca_bundle: Option<PathBuf>,
+    pub origin: Origin,
+}
+
+impl AcmeSettings {
+    /// Where issued certificates are written (and read from, like `tls.certs_dir`).
+    pub fn certs_dir(&self) -> PathBuf {
+        self.storage.join("certs")
+    }
 }
 
 /// What a service port carries.
@@ -427,6 +450,8 @@ pub struct Vhost {
     pub routes: Vec<Route>,
     /// Whether Consul-declared routes may be added under this vhost.
     pub consul_routes: ConsulRoutes,
+    /// Its certificate is issued and renewed by ACME (`[acme]`).
+    pub acme: bool,
     pub origin: Origin,
 }
 

@@ -28,6 +28,18 @@ pub struct RawConfig {
     pub plugins: BTreeMap<String, S<RawPlugin>>,
     #[serde(rename = "port")]
     pub ports: Vec<S<RawPort>>,
+    pub acme: Option<S<RawAcme>>,
+}
+
+/// `[acme]`: where certificates for `acme = true` vhosts come from.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAcme {
+    pub directory: S<String>,
+    pub email: Option<S<String>>,
+    pub storage: Option<S<String>>,
+    pub ca_bundle: Option<S<String>>,
+    pub challenge: Option<S<String>>,
 }
 
 /// `[[port]]`: a service port (TCP, UDP, TLS-terminated TCP, or TLS passthrough by SNI).
@@ -293,6 +305,7 @@ pub struct RawVhost {
     pub cert: Option<S<String>>,
     pub key: Option<S<String>>,
     pub redirect_https: Option<bool>,
+    pub acme: Option<S<bool>>,
     #[serde(default)]
     pub plugins: Vec<S<String>>,
     #[serde(default)]

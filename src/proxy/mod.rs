@@ -57,14 +57,21 @@ pub struct Tollgate {
     state: Arc<ArcSwap<Snapshot>>,
     access_log: bool,
     active: ActiveRequests,
+    challenges: crate::acme::Challenges,
 }
 
 impl Tollgate {
-    pub fn new(state: Arc<ArcSwap<Snapshot>>, access_log: bool, active: ActiveRequests) -> Self {
+    pub fn new(
+        state: Arc<ArcSwap<Snapshot>>,
+        access_log: bool,
+        active: ActiveRequests,
+        challenges: crate::acme::Challenges,
+    ) -> Self {
         Tollgate {
             state,
             access_log,
             active,
+            challenges,
         }
     }
 }
@@ -161,6 +168,9 @@ impl ProxyHttp for Tollgate {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         if request::check(session, ctx).await? {
+            return Ok(true);
+        }
+        if request::acme_challenge(session, ctx, &self.challenges).await? {
             return Ok(true);
         }
         if request::route(session, ctx).await? {

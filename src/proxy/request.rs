@@ -243,6 +243,27 @@ fn redirect<'a>(
     ))
 }
 
+/// An ACME HTTP-01 challenge tollgate is answering now (on any listener and host, before
+/// routing and the HTTPS redirect, as the CA asks over plain HTTP): the key authorization.
+pub(super) async fn acme_challenge(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    challenges: &crate::acme::Challenges,
+) -> Result<bool> {
+    let path = session.req_header().uri.path();
+    let Some(token) = path.strip_prefix(crate::acme::CHALLENGE_PATH) else {
+        return Ok(false);
+    };
+    let Some(key_auth) = challenges.answer(token) else {
+        return Ok(false);
+    };
+    ctx.reason = Some("ACME http-01 challenge".into());
+    let mut resp = ResponseHeader::build(200, Some(3))?;
+    resp.insert_header(http::header::CONTENT_TYPE, "application/octet-stream")?;
+    send(session, &ctx.request_id, resp, Bytes::from(key_auth)).await?;
+    Ok(true)
+}
+
 /// Answer the request from tollgate itself with a short text body.
 pub(super) async fn answer(
     session: &mut Session,

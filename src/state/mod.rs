@@ -574,7 +574,13 @@ pub fn watched_files(cfg: &Config) -> Vec<PathBuf> {
             files.push(c.key.clone());
         }
     }
-    if let Some(dir) = &cfg.certs_dir {
+    for dir in cfg
+        .certs_dir
+        .iter()
+        .cloned()
+        .chain(cfg.acme.as_ref().map(|a| a.certs_dir()))
+    {
+        let dir = &dir;
         files.push(dir.clone());
         if let Ok(rd) = std::fs::read_dir(dir) {
             let mut inner: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();

@@ -171,6 +171,7 @@ mod tests {
 
     fn vhost(name: &str, consul_routes: ConsulRoutes) -> Vhost {
         Vhost {
+            acme: false,
             names: vec![name.into()],
             default: false,
             cert: None,

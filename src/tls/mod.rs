@@ -20,6 +20,8 @@ pub struct CertInfo {
     pub names: Vec<String>,
     /// Expiry as seconds since the Unix epoch.
     pub not_after: i64,
+    /// Start of validity, seconds since the Unix epoch.
+    pub not_before: i64,
     pub source: PathBuf,
 }
 
@@ -78,9 +80,21 @@ impl CertStore {
         if !cfg.has_tls() {
             return Ok(store);
         }
-        if let Some(dir) = &cfg.certs_dir {
-            let at = &cfg.certs_dir_origin;
-            for (cert, key) in scan_dir(dir, at, &mut errors) {
+        // the ACME storage's certificates load like tls.certs_dir's (a missing directory is
+        // just nothing issued yet)
+        let acme_dir = cfg
+            .acme
+            .as_ref()
+            .map(|a| (a.certs_dir(), a.origin.clone()))
+            .filter(|(d, _)| d.is_dir());
+        let dirs = cfg
+            .certs_dir
+            .iter()
+            .map(|d| (d.clone(), cfg.certs_dir_origin.clone()))
+            .chain(acme_dir);
+        for (dir, at) in dirs {
+            let at = &at;
+            for (cert, key) in scan_dir(&dir, at, &mut errors) {
                 match load_pair(&cert, &key) {
                     Ok((ck, info)) => {
                         store.insert(&info.names, &ck);
@@ -113,7 +127,8 @@ impl CertStore {
             }
         }
         if errors.is_empty() {
-            for v in &cfg.vhosts {
+            // an ACME vhost without its certificate yet is not an error: it is being issued
+            for v in cfg.vhosts.iter().filter(|v| !v.acme) {
                 for n in &v.names {
                     if !store.covers(n) {
                         errors.push(ConfigError {
@@ -130,7 +145,7 @@ impl CertStore {
                     }
                 }
             }
-            if store.is_empty() {
+            if store.is_empty() && !cfg.vhosts.iter().any(|v| v.acme) {
                 errors.push(ConfigError {
                     origin: cfg.certs_dir_origin.clone(),
                     option: "tls.certs_dir".into(),
@@ -232,6 +247,7 @@ fn cert_info(der: &CertificateDer<'_>, source: &Path) -> Result<CertInfo, String
     Ok(CertInfo {
         names,
         not_after: x509.validity().not_after.timestamp(),
+        not_before: x509.validity().not_before.timestamp(),
         source: source.to_path_buf(),
     })
 }

@@ -429,7 +429,7 @@ pub(super) fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
             format!("{} {why}: the admin API needs its own port", admin.address),
         );
     }
-    if has_tls && certs_dir.is_none() && vhosts.iter().all(|v| v.cert.is_none()) {
+    if has_tls && certs_dir.is_none() && vhosts.iter().all(|v| v.cert.is_none() && !v.acme) {
         let span = raw
             .listeners
             .iter()
@@ -443,7 +443,54 @@ pub(super) fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
         );
     }
 
+    let acme = raw.acme.as_ref().map(|a| {
+        let r = a.get_ref();
+        let dir = r.directory.get_ref().trim().to_string();
+        if !dir.starts_with("https://") || dir.parse::<http::Uri>().is_err() {
+            cx.err(
+                r.directory.span(),
+                "acme.directory",
+                format!("`{dir}` is not an https:// directory URL (Let's Encrypt staging: https://acme-staging-v02.api.letsencrypt.org/directory)"),
+            );
+        }
+        let email = r.email.as_ref().map(|e| {
+            let v = e.get_ref().trim().to_string();
+            let ok = v.split_once('@').is_some_and(|(u, d)| !u.is_empty() && d.contains('.'))
+                && !v.contains(|c: char| c.is_whitespace() || c == ',' || c.is_control());
+            if !ok {
+                cx.err(e.span(), "acme.email", format!("`{v}` is not an email address"));
+            }
+            v
+        });
+        if let Some(c) = &r.challenge {
+            if c.get_ref() != "http-01" {
+                cx.err(
+                    c.span(),
+                    "acme.challenge",
+                    format!("`{}`: only http-01 is supported (a plain listener on port 80 answers it)", c.get_ref()),
+                );
+            }
+        }
+        AcmeSettings {
+            directory: dir,
+            email,
+            storage: cx.path(r.storage.as_ref().map_or("acme", |s| s.get_ref().as_str())),
+            ca_bundle: r.ca_bundle.as_ref().map(|c| cx.path(c.get_ref())),
+            origin: cx.origin(a.span()),
+        }
+    });
+    if acme.is_none() {
+        if let Some((i, _)) = vhosts.iter().enumerate().find(|(_, v)| v.acme) {
+            let span = raw.vhosts[i].span();
+            cx.err(
+                span,
+                format!("vhost[{i}].acme"),
+                "acme = true needs an [acme] section (directory, email)",
+            );
+        }
+    }
     Config {
+        acme,
         ports,
         source: path.to_path_buf(),
         server: ServerSettings {

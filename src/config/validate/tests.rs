@@ -504,3 +504,56 @@ fn backend_protocols_and_tls_are_validated() {
         );
     }
 }
+
+#[test]
+fn acme_settings_and_vhosts_are_validated() {
+    let path = Path::new("/etc/tollgate/t.toml");
+    let base = "[[listener]]\naddress = \"0.0.0.0:443\"\ntls = true\n\
+                [[vhost]]\nnames = [\"a.test\"]\nacme = true\n[[vhost.route]]\npath = \"/\"\npool = \"p\"\n\
+                [pool.p]\nbackends = [\"127.0.0.1:1\"]\n";
+    let ok =
+        format!("[acme]\ndirectory = \"https://ca.test/dir\"\nemail = \"ops@example.org\"\n{base}");
+    let c = parse(path, &ok).unwrap();
+    let a = c.acme.unwrap();
+    assert_eq!(a.storage, Path::new("/etc/tollgate/acme"));
+    assert_eq!(a.certs_dir(), Path::new("/etc/tollgate/acme/certs"));
+    assert!(c.vhosts[0].acme);
+    for (text, opt, words) in [
+        (base.to_string(), "vhost[0].acme", "needs an [acme] section"),
+        (
+            ok.replace("https://ca.test/dir", "http://ca.test/dir"),
+            "acme.directory",
+            "not an https://",
+        ),
+        (
+            ok.replace("ops@example.org", "not an email"),
+            "acme.email",
+            "not an email address",
+        ),
+        (
+            ok.replace("a.test\"]\nacme", "*.a.test\"]\nacme"),
+            "vhost[0].acme",
+            "cannot prove a wildcard",
+        ),
+        (
+            ok.replace(
+                "acme = true",
+                "acme = true\ncert = \"a.crt\"\nkey = \"a.key\"",
+            ),
+            "vhost[0].acme",
+            "not both",
+        ),
+        (
+            ok.replace("email = ", "challenge = \"dns-01\"\nemail = "),
+            "acme.challenge",
+            "only http-01",
+        ),
+    ] {
+        let e = errs(&text);
+        assert!(
+            e.iter()
+                .any(|e| e.option == opt && e.message.contains(words)),
+            "{opt}: {words} in {e:#?}"
+        );
+    }
+}

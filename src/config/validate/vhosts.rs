@@ -125,6 +125,26 @@ pub(super) fn vhosts(
                 None
             }
         };
+        let acme = v.acme.as_ref().is_some_and(|a| *a.get_ref());
+        if let Some(a) = v.acme.as_ref().filter(|a| *a.get_ref()) {
+            let why = if cert.is_some() {
+                Some(
+                    "a vhost takes its certificate from cert/key or from ACME, not both"
+                        .to_string(),
+                )
+            } else if let Some(w) = names.iter().find(|n| n.starts_with("*.")) {
+                Some(format!(
+                    "`{w}`: HTTP-01 cannot prove a wildcard name; list the names"
+                ))
+            } else if names.is_empty() {
+                Some("an ACME vhost needs names to order a certificate for".to_string())
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                cx.err(a.span(), format!("vhost[{i}].acme"), why);
+            }
+        }
         if v.route.is_empty() {
             cx.err(
                 sv.span(),
@@ -217,6 +237,7 @@ pub(super) fn vhosts(
             plugins: vhost_plugins,
             routes,
             consul_routes,
+            acme,
             origin,
         });
     }
