@@ -362,7 +362,7 @@ async fn a_udp_port_carries_dns_and_keeps_flows() {
         let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         echoes.push(s.local_addr().unwrap());
         tokio::spawn(async move {
-            let mut buf = [0u8; 1500];
+            let mut buf = vec![0u8; 65536];
             while let Ok((n, from)) = s.recv_from(&mut buf).await {
                 let mut answer = name.as_bytes().to_vec();
                 answer.extend_from_slice(&buf[..n]);
@@ -437,6 +437,20 @@ async fn a_udp_port_carries_dns_and_keeps_flows() {
     // flows idle out after 1 s; then the third client gets one
     tokio::time::sleep(Duration::from_millis(1800)).await;
     assert!(ask(c3.clone()).await.is_some());
+    // a reply over 16 KiB is dropped (and counted), never cut short
+    let before = metric(
+        &admin_text(&plain(), s.admin, "/metrics").await,
+        "tollgate_port_refused_total{port=\"echo\"}",
+    );
+    c3.send_to(&vec![b'z'; 20_000], echo_port).await.unwrap();
+    let mut big = vec![0u8; 32_768];
+    let got = tokio::time::timeout(Duration::from_millis(500), c3.recv_from(&mut big)).await;
+    assert!(got.is_err(), "no truncated reply");
+    let m = admin_text(&plain(), s.admin, "/metrics").await;
+    assert_eq!(
+        metric(&m, "tollgate_port_refused_total{port=\"echo\"}"),
+        before + 1.0
+    );
     let _ = dnsmasq.kill();
     let _ = dnsmasq.wait();
 }

@@ -111,6 +111,11 @@ pub(super) async fn serve(shared: Shared, k: Key, socket: UdpSocket) {
     }
 }
 
+/// The largest reply a flow passes back. Each flow holds a buffer this size, so `max_flows`
+/// flows hold at most `max_flows` × 16 KiB (160 MiB at the default 10,000); a larger reply
+/// is dropped and counted, never truncated.
+const MAX_REPLY: usize = 16 * 1024;
+
 /// A flow's replies, sent back to its client from the port's socket.
 async fn replies(
     upstream: Arc<UdpSocket>,
@@ -119,7 +124,7 @@ async fn replies(
     last: Arc<AtomicU64>,
     m: Arc<crate::metrics::PortMetrics>,
 ) {
-    let mut buf = vec![0u8; 65536];
+    let mut buf = vec![0u8; MAX_REPLY + 1];
     loop {
         let n = match upstream.recv(&mut buf).await {
             Ok(n) => n,
@@ -130,6 +135,10 @@ async fn replies(
             }
         };
         last.store(now_ms(), Relaxed);
+        if n > MAX_REPLY {
+            m.refused.fetch_add(1, Relaxed);
+            continue;
+        }
         if socket.send_to(&buf[..n], client).await.is_ok() {
             m.bytes_out.fetch_add(n as u64, Relaxed);
         }
