@@ -98,8 +98,9 @@ impl Drop for Pebble {
 }
 
 /// A vhost with `acme = true` gets its certificate from the CA over HTTP-01 (answered by
-/// tollgate's own plain listener) with no restart, serves it, and a restart reuses the saved
-/// account and certificate instead of ordering again.
+/// tollgate's own plain listener) with no restart, serves it; an order the CA refuses is
+/// logged and leaves that certificate serving; a restart reuses the saved account and
+/// certificate instead of ordering again.
 #[tokio::test]
 async fn an_acme_vhost_gets_its_certificate_and_keeps_it_across_restarts() {
     let up = Upstream::start("up").await;
@@ -190,6 +191,35 @@ async fn an_acme_vhost_gets_its_certificate_and_keeps_it_across_restarts() {
         .await
         .unwrap();
     assert_eq!(r.status(), 308, "no answer: the usual redirect to HTTPS");
+
+    // the CA refuses the next order (a name it cannot validate: b.invalid does not
+    // resolve): a clear log line, and the certificate there is keeps serving
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"www.a.test\"]", "\"www.a.test\", \"b.invalid\"]");
+    write(&cfg, &text);
+    wait_for(
+        "the refused order to be logged",
+        Duration::from_secs(60),
+        || async { tg.log_text().contains("ACME order failed") },
+    )
+    .await;
+    let log = tg.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("ACME order failed"))
+        .unwrap();
+    assert!(
+        line.contains("b.invalid") && line.contains("retry_in=60s"),
+        "{line}"
+    );
+    let r = c
+        .get(format!("https://a.test:{}/", https.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "the issued certificate keeps serving");
+    write(&cfg, &text.replace(", \"b.invalid\"]", "]"));
 
     // a restart: the saved account and certificate, no new order
     drop(tg);
