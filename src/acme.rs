@@ -95,6 +95,15 @@ pub fn renew_at(c: &crate::tls::CertInfo) -> i64 {
 impl BackgroundService for Issuer {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut account: Option<(String, Account)> = None;
+        // shared through Consul: the KV store, the follower task and the issuer lock, for
+        // the settings they were made with
+        type Shared = (
+            AcmeSettings,
+            Arc<Kv>,
+            tokio::task::JoinHandle<()>,
+            crate::failover::lock::Lock,
+        );
+        let mut shared: Option<Shared> = None;
         // per name set: failures in a row, and when to try again
         let mut backoff: HashMap<Vec<String>, (u32, Instant)> = HashMap::new();
         let mut tick = tokio::time::interval(Duration::from_secs(2));
@@ -109,6 +118,52 @@ impl BackgroundService for Issuer {
                 continue;
             };
             let now = crate::clock::unix_secs() as i64;
+            if shared.as_ref().map(|s| &s.0) != Some(&cfg) {
+                if let Some((_, _, task, mut lock)) = shared.take() {
+                    task.abort();
+                    lock.destroy().await;
+                }
+                if let Some((prefix, key_file)) = &cfg.consul {
+                    let made = Kv::new(&snap.config.consul, prefix, key_file).and_then(|kv| {
+                        let lock = crate::failover::lock::Lock::new(
+                            &snap.config.consul,
+                            &crate::config::ConsulLock {
+                                key: format!("{prefix}/lock"),
+                                ttl: Duration::from_secs(15),
+                            },
+                            &format!("acme-{}", std::process::id()),
+                        )?;
+                        Ok((Arc::new(kv), lock))
+                    });
+                    match made {
+                        Ok((kv, lock)) => {
+                            let task = tokio::spawn(follow(
+                                self.state.clone(),
+                                cfg.clone(),
+                                kv.clone(),
+                                self.challenges.clone(),
+                            ));
+                            shared = Some((cfg.clone(), kv, task, lock));
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "ACME sharing through Consul cannot start");
+                            continue;
+                        }
+                    }
+                }
+            }
+            let kv = shared.as_ref().map(|s| s.1.clone());
+            if let Some((_, _, _, lock)) = shared.as_mut() {
+                // one issuer at a time: the others load what it stores
+                match lock.acquire().await {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the ACME issuer lock is unavailable");
+                        continue;
+                    }
+                }
+            }
             for v in snap.config.vhosts.iter().filter(|v| v.acme) {
                 let names = v.names.clone();
                 if !renewal_due(&snap.certs, &cfg.certs_dir(), &names, now) {
@@ -123,7 +178,7 @@ impl BackgroundService for Issuer {
                 }
                 let acct = match &account {
                     Some((dir, a)) if *dir == cfg.directory => a.clone(),
-                    _ => match load_or_create_account(&cfg).await {
+                    _ => match load_or_create_account(&cfg, kv.as_deref()).await {
                         Ok(a) => {
                             account = Some((cfg.directory.clone(), a.clone()));
                             a
@@ -136,7 +191,7 @@ impl BackgroundService for Issuer {
                     },
                 };
                 tracing::info!(names = ?names, "ordering an ACME certificate");
-                match issue(&acct, &cfg, &names, &self.challenges).await {
+                match issue(&acct, &cfg, &names, &self.challenges, kv.as_deref()).await {
                     Ok(path) => {
                         backoff.remove(&names);
                         tracing::info!(names = ?names, file = %path.display(), "ACME certificate issued");
@@ -179,15 +234,25 @@ fn builder(cfg: &AcmeSettings) -> Result<instant_acme::AccountBuilder, String> {
     }
 }
 
-/// The account in `storage/account.json` for this directory, or a new one (saved, 0600).
-async fn load_or_create_account(cfg: &AcmeSettings) -> Result<Account, String> {
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Saved {
+    directory: String,
+    credentials: AccountCredentials,
+}
+
+/// The account in `storage/account.json` (or, shared, in Consul KV) for this directory, or a
+/// new one (saved, 0600, and in KV).
+async fn load_or_create_account(cfg: &AcmeSettings, kv: Option<&Kv>) -> Result<Account, String> {
     let path = cfg.storage.join("account.json");
-    #[derive(serde::Serialize, serde::Deserialize)]
-    struct Saved {
-        directory: String,
-        credentials: AccountCredentials,
-    }
-    if let Ok(text) = std::fs::read_to_string(&path) {
+    let shared = match kv {
+        Some(kv) => kv.get_sealed("account").await?,
+        None => None,
+    };
+    let text = match shared {
+        Some(bytes) => Some(String::from_utf8_lossy(&bytes).into_owned()),
+        None => std::fs::read_to_string(&path).ok(),
+    };
+    if let Some(text) = text {
         match serde_json::from_str::<Saved>(&text) {
             Ok(saved) if saved.directory == cfg.directory => {
                 return builder(cfg)?
@@ -221,7 +286,10 @@ async fn load_or_create_account(cfg: &AcmeSettings) -> Result<Account, String> {
     })
     .map_err(|e| e.to_string())?;
     write_private(&path, &saved).map_err(|e| format!("cannot save {}: {e}", path.display()))?;
-    tracing::info!(file = %path.display(), "ACME account created and saved");
+    if let Some(kv) = kv {
+        kv.put_sealed("account", &saved).await?;
+    }
+    tracing::info!(file = %path.display(), shared = kv.is_some(), "ACME account created and saved");
     Ok(account)
 }
 
@@ -251,6 +319,7 @@ async fn issue(
     cfg: &AcmeSettings,
     names: &[String],
     challenges: &Challenges,
+    kv: Option<&Kv>,
 ) -> Result<std::path::PathBuf, String> {
     let ids: Vec<Identifier> = names.iter().map(|n| Identifier::Dns(n.clone())).collect();
     let mut order = account
@@ -273,6 +342,16 @@ async fn issue(
             let key_auth = ch.key_authorization();
             challenges.set(&ch.token, key_auth.as_str());
             tokens.push(ch.token.clone());
+            if let Some(kv) = kv {
+                // every instance answers it: the CA may ask any of them
+                kv.put(
+                    &format!("challenges/{}", ch.token),
+                    key_auth.as_str().as_bytes().to_vec(),
+                )
+                .await?;
+                // give the others' watches a moment to see it
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
             ch.set_ready()
                 .await
                 .map_err(|e| format!("challenge: {e}"))?;
@@ -304,10 +383,28 @@ async fn issue(
     .await;
     for t in &tokens {
         challenges.remove(t);
+        if let Some(kv) = kv {
+            kv.delete(&format!("challenges/{t}")).await;
+        }
     }
     let (key, chain) = result?;
-    let dir = cfg.certs_dir();
     let stem = names[0].replace(['/', '\\'], "_");
+    if let Some(kv) = kv {
+        let pair = serde_json::json!({ "cert": chain, "key": key }).to_string();
+        kv.put_sealed(&format!("certs/{stem}"), pair.as_bytes())
+            .await?;
+    }
+    store_pair(cfg, &stem, &chain, &key)
+}
+
+/// Write a certificate and its key where the certificate store reads them (the key first).
+fn store_pair(
+    cfg: &AcmeSettings,
+    stem: &str,
+    chain: &str,
+    key: &str,
+) -> Result<std::path::PathBuf, String> {
+    let dir = cfg.certs_dir();
     let (crt, keyf) = (
         dir.join(format!("{stem}.crt")),
         dir.join(format!("{stem}.key")),
@@ -317,6 +414,245 @@ async fn issue(
     write_private(&crt, chain.as_bytes())
         .map_err(|e| format!("cannot write {}: {e}", crt.display()))?;
     Ok(crt)
+}
+
+/// Every instance: follow the shared prefix (a blocking query), keep the local certificate
+/// files equal to what the issuer stored (reloading when they change) and answer the
+/// challenges the issuer has pending.
+async fn follow(state: Arc<State>, cfg: AcmeSettings, kv: Arc<Kv>, challenges: Challenges) {
+    let mut index = 0;
+    let mut mirrored: std::collections::HashSet<String> = Default::default();
+    loop {
+        let (next, entries) = match kv.list(index, Duration::from_secs(60)).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the shared ACME state; retrying");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                continue;
+            }
+        };
+        index = if next < index { 0 } else { next };
+        let mut seen = std::collections::HashSet::new();
+        let mut changed = false;
+        for (key, value) in entries {
+            if let Some(token) = key.strip_prefix("challenges/") {
+                challenges.set(token, &String::from_utf8_lossy(&value));
+                seen.insert(token.to_string());
+            } else if let Some(stem) = key.strip_prefix("certs/") {
+                let pair = kv.open(&value).and_then(|p| {
+                    serde_json::from_slice::<serde_json::Value>(&p).map_err(|e| e.to_string())
+                });
+                let (Some(cert), Some(pkey)) = (
+                    pair.as_ref().ok().and_then(|p| p["cert"].as_str()),
+                    pair.as_ref().ok().and_then(|p| p["key"].as_str()),
+                ) else {
+                    tracing::warn!(key = %key, "a shared certificate that cannot be read (another encryption_key_file?)");
+                    continue;
+                };
+                let local = cfg.certs_dir().join(format!("{stem}.crt"));
+                if std::fs::read_to_string(&local).ok().as_deref() != Some(cert) {
+                    match store_pair(&cfg, stem, cert, pkey) {
+                        Ok(_) => changed = true,
+                        Err(e) => tracing::error!(error = %e, "cannot store a shared certificate"),
+                    }
+                }
+            }
+        }
+        for gone in mirrored.difference(&seen) {
+            challenges.remove(gone);
+        }
+        mirrored = seen;
+        if changed {
+            tracing::info!("certificates from the shared ACME state");
+            if let Err(e) = state.reload() {
+                tracing::error!("a shared certificate could not be loaded: {e}");
+            }
+        }
+    }
+}
+
+/// The fleet's shared ACME state in Consul KV (`[acme] consul = true`): the account,
+/// certificates and keys encrypted (AES-256-GCM, key from `encryption_key_file`), the
+/// pending HTTP-01 answers in the clear (the CA publishes them anyway), and the issuer lock.
+pub struct Kv {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+    prefix: String,
+    key: ring::aead::LessSafeKey,
+}
+
+impl Kv {
+    pub fn new(
+        consul: &crate::config::ConsulSettings,
+        prefix: &str,
+        key_file: &Path,
+    ) -> Result<Kv, String> {
+        let secret = crate::config::secret::read(key_file, 16)?;
+        let digest = ring::digest::digest(&ring::digest::SHA256, secret.as_bytes());
+        let unbound = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, digest.as_ref())
+            .map_err(|_| "cannot make an AES key".to_string())?;
+        Ok(Kv {
+            http: crate::discovery::consul::client(consul)?,
+            base: consul.address.trim_end_matches('/').to_string(),
+            token: crate::discovery::consul::token(consul),
+            prefix: prefix.to_string(),
+            key: ring::aead::LessSafeKey::new(unbound),
+        })
+    }
+
+    fn req(&self, method: reqwest::Method, key: &str) -> reqwest::RequestBuilder {
+        let mut r = self
+            .http
+            .request(method, format!("{}/v1/kv/{}/{key}", self.base, self.prefix));
+        if let Some(t) = &self.token {
+            r = r.header("X-Consul-Token", t);
+        }
+        r
+    }
+
+    fn seal(&self, plain: &[u8]) -> Result<Vec<u8>, String> {
+        use ring::rand::SecureRandom;
+        let mut nonce = [0u8; 12];
+        ring::rand::SystemRandom::new()
+            .fill(&mut nonce)
+            .map_err(|_| "no randomness".to_string())?;
+        let mut data = plain.to_vec();
+        self.key
+            .seal_in_place_append_tag(
+                ring::aead::Nonce::assume_unique_for_key(nonce),
+                ring::aead::Aad::from(self.prefix.as_bytes()),
+                &mut data,
+            )
+            .map_err(|_| "encryption failed".to_string())?;
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&data);
+        Ok(out)
+    }
+
+    fn open(&self, sealed: &[u8]) -> Result<Vec<u8>, String> {
+        if sealed.len() < 12 + 16 {
+            return Err("too short to be sealed".into());
+        }
+        let (nonce, rest) = sealed.split_at(12);
+        let mut data = rest.to_vec();
+        let nonce = ring::aead::Nonce::try_assume_unique_for_key(nonce).map_err(|_| "bad nonce")?;
+        let plain = self
+            .key
+            .open_in_place(
+                nonce,
+                ring::aead::Aad::from(self.prefix.as_bytes()),
+                &mut data,
+            )
+            .map_err(|_| "cannot decrypt: another encryption_key_file?".to_string())?;
+        Ok(plain.to_vec())
+    }
+
+    async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), String> {
+        let r = self
+            .req(reqwest::Method::PUT, key)
+            .body(value)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .map_err(|e| format!("Consul KV put {key}: {e}"))?;
+        if !r.status().is_success() {
+            return Err(format!("Consul KV put {key}: HTTP {}", r.status()));
+        }
+        Ok(())
+    }
+
+    pub async fn put_sealed(&self, key: &str, plain: &[u8]) -> Result<(), String> {
+        self.put(key, self.seal(plain)?).await
+    }
+
+    /// One sealed value, opened (`None`: not there).
+    pub async fn get_sealed(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
+        let r = self
+            .req(reqwest::Method::GET, key)
+            .query(&[("raw", "true")])
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .map_err(|e| format!("Consul KV get {key}: {e}"))?;
+        if r.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !r.status().is_success() {
+            return Err(format!("Consul KV get {key}: HTTP {}", r.status()));
+        }
+        let sealed = r
+            .bytes()
+            .await
+            .map_err(|e| format!("Consul KV get {key}: {e}"))?;
+        self.open(&sealed).map(Some)
+    }
+
+    async fn delete(&self, key: &str) {
+        let _ = self
+            .req(reqwest::Method::DELETE, key)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await;
+    }
+
+    /// Everything under the prefix, after `index` changes (a blocking query of up to
+    /// `wait`): (new index, key below the prefix → raw value).
+    pub async fn list(
+        &self,
+        index: u64,
+        wait: Duration,
+    ) -> Result<(u64, Vec<(String, Vec<u8>)>), String> {
+        #[derive(serde::Deserialize)]
+        struct Entry {
+            #[serde(rename = "Key")]
+            key: String,
+            #[serde(rename = "Value")]
+            value: Option<String>,
+        }
+        let mut r = self
+            .http
+            .get(format!("{}/v1/kv/{}/", self.base, self.prefix))
+            .query(&[
+                ("recurse", "true"),
+                ("index", &index.to_string()),
+                ("wait", &format!("{}s", wait.as_secs())),
+            ])
+            .timeout(wait + Duration::from_secs(10));
+        if let Some(t) = &self.token {
+            r = r.header("X-Consul-Token", t);
+        }
+        let resp = r.send().await.map_err(|e| format!("Consul KV list: {e}"))?;
+        let next = resp
+            .headers()
+            .get("X-Consul-Index")
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .unwrap_or(0);
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok((next, Vec::new()));
+        }
+        if !resp.status().is_success() {
+            return Err(format!("Consul KV list: HTTP {}", resp.status()));
+        }
+        let entries: Vec<Entry> = resp
+            .json()
+            .await
+            .map_err(|e| format!("Consul KV list: {e}"))?;
+        let skip = self.prefix.len() + 1;
+        Ok((
+            next,
+            entries
+                .into_iter()
+                .filter_map(|e| {
+                    use base64::Engine;
+                    let v = base64::engine::general_purpose::STANDARD
+                        .decode(e.value.unwrap_or_default())
+                        .ok()?;
+                    Some((e.key.get(skip..)?.to_string(), v))
+                })
+                .collect(),
+        ))
+    }
 }
 
 #[cfg(test)]

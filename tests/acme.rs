@@ -288,3 +288,207 @@ async fn an_unreachable_ca_is_logged_and_retried_with_backoff() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+/// Consul's HTTP API, for what the test itself does there (holding the lock, reading KV).
+async fn consul_call(
+    consul: &ConsulAgent,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> String {
+    let c = reqwest::Client::builder().no_proxy().build().unwrap();
+    let mut r = c.request(method, format!("http://{}{path}", consul.http));
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    r.send().await.unwrap().text().await.unwrap()
+}
+
+/// The tollgate config of one fleet member sharing ACME through Consul.
+fn fleet_member(
+    dir: &Path,
+    name: &str,
+    consul: &ConsulAgent,
+    pebble: &Pebble,
+    http: SocketAddr,
+    https: SocketAddr,
+    up: SocketAddr,
+) -> std::path::PathBuf {
+    let d = dir.display();
+    let cfg = dir.join(format!("{name}.toml"));
+    write(
+        &cfg,
+        &format!(
+            "[admin]\naddress = \"127.0.0.1:{}\"\n[consul]\naddress = \"http://{}\"\nstate_file = \"\"\n\
+             [acme]\ndirectory = \"{}\"\nstorage = \"{d}/acme-{name}\"\nca_bundle = \"{d}/pebble-https-ca.pem\"\n\
+             consul = true\nencryption_key_file = \"{d}/acme.key\"\n\
+             [[listener]]\naddress = \"{http}\"\n[[listener]]\naddress = \"{https}\"\ntls = true\n\
+             [[vhost]]\nnames = [\"a.test\"]\nacme = true\n[[vhost.route]]\npath = \"/\"\npool = \"up\"\n\
+             [pool.up]\nbackends = [\"{up}\"]\n",
+            free_port(),
+            consul.http,
+            pebble.directory,
+        ),
+    );
+    cfg
+}
+
+/// The certificate a TLS server presents for `sni`, verified against `root` (DER).
+async fn served_cert(root: &str, addr: SocketAddr, sni: &str) -> Option<Vec<u8>> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(root.as_bytes()) {
+        roots.add(c.ok()?).ok()?;
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .ok()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).ok()?;
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .ok()?;
+    Some(
+        tls.get_ref()
+            .1
+            .peer_certificates()?
+            .first()?
+            .as_ref()
+            .to_vec(),
+    )
+}
+
+/// Two tollgates on one Consul agent: A takes the issuer lock and orders, while the CA's
+/// HTTP-01 request goes to B (Pebble validates at B's port only), which answers from the
+/// shared state; then both serve the same certificate, and Consul KV holds it encrypted.
+#[tokio::test]
+async fn two_tollgates_share_issuance_through_consul() {
+    let up = Upstream::start("up").await;
+    let dir = tempfile::tempdir().unwrap();
+    let consul = ConsulAgent::start(dir.path()).await;
+    std::fs::write(
+        dir.path().join("acme.key"),
+        "6f1c0b3e9a2d47c58e0f7a19b2c4d6e8\n",
+    )
+    .unwrap();
+    let addr = || SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (http_a, https_a, http_b, https_b) = (addr(), addr(), addr(), addr());
+    let pebble = Pebble::start(dir.path(), http_b.port());
+    std::fs::write(dir.path().join("pebble-https-ca.pem"), &pebble.https_ca.pem).unwrap();
+    wait_for("pebble to listen", Duration::from_secs(15), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", pebble.management))
+            .await
+            .is_ok()
+    })
+    .await;
+    // the test holds the issuer lock until A can take it and B cannot
+    let session: serde_json::Value = serde_json::from_str(
+        &consul_call(
+            &consul,
+            reqwest::Method::PUT,
+            "/v1/session/create",
+            Some(serde_json::json!({"TTL": "60s", "LockDelay": "0s", "Behavior": "release"})),
+        )
+        .await,
+    )
+    .unwrap();
+    let sid = session["ID"].as_str().unwrap().to_string();
+    let held = consul_call(
+        &consul,
+        reqwest::Method::PUT,
+        &format!("/v1/kv/tollgate/acme/lock?acquire={sid}"),
+        None,
+    )
+    .await;
+    assert_eq!(held.trim(), "true");
+    let cfg_a = fleet_member(dir.path(), "a", &consul, &pebble, http_a, https_a, up.addr);
+    let cfg_b = fleet_member(dir.path(), "b", &consul, &pebble, http_b, https_b, up.addr);
+    let mut a = Tollgate::start(&cfg_a);
+    let mut b = Tollgate::start(&cfg_b);
+    a.ready(http_a).await;
+    b.ready(http_b).await;
+    // B pauses; the lock is let go; A takes it; B goes on (its listener answers again)
+    b.signal("STOP");
+    consul_call(
+        &consul,
+        reqwest::Method::PUT,
+        &format!("/v1/kv/tollgate/acme/lock?release={sid}"),
+        None,
+    )
+    .await;
+    let a_node = format!("acme-{}", a.child.id());
+    wait_for(
+        "A to hold the issuer lock",
+        Duration::from_secs(10),
+        || async {
+            consul_call(
+                &consul,
+                reqwest::Method::GET,
+                "/v1/kv/tollgate/acme/lock?raw=true",
+                None,
+            )
+            .await
+                == a_node
+        },
+    )
+    .await;
+    b.signal("CONT");
+    let root = {
+        let c = reqwest::Client::builder()
+            .add_root_certificate(pebble.https_ca.reqwest_cert())
+            .no_proxy()
+            .build()
+            .unwrap();
+        c.get(format!("https://127.0.0.1:{}/roots/0", pebble.management))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    wait_for(
+        "both to serve the issued certificate",
+        Duration::from_secs(60),
+        || async {
+            served_cert(&root, https_a, "a.test").await.is_some()
+                && served_cert(&root, https_b, "a.test").await.is_some()
+        },
+    )
+    .await;
+    assert_eq!(
+        served_cert(&root, https_a, "a.test").await,
+        served_cert(&root, https_b, "a.test").await,
+        "one certificate for the fleet"
+    );
+    assert!(a.log_text().contains("ACME certificate issued"), "A issued");
+    assert!(
+        !b.log_text().contains("ordering an ACME certificate"),
+        "B never ordered"
+    );
+    assert!(b
+        .log_text()
+        .contains("certificates from the shared ACME state"));
+    // what Consul holds is sealed
+    let kv = consul_call(
+        &consul,
+        reqwest::Method::GET,
+        "/v1/kv/tollgate/acme/certs/a.test?raw=true",
+        None,
+    )
+    .await;
+    assert!(!kv.is_empty() && !kv.contains("PRIVATE KEY") && !kv.contains("CERTIFICATE"));
+    let account = consul_call(
+        &consul,
+        reqwest::Method::GET,
+        "/v1/kv/tollgate/acme/account?raw=true",
+        None,
+    )
+    .await;
+    assert!(!account.is_empty() && !account.contains("private"));
+}

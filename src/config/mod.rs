@@ -58,6 +58,9 @@ pub struct AcmeSettings {
     pub storage: PathBuf,
     /// Roots for the CA's own HTTPS (a private or test CA); none: the system roots.
     pub ca_bundle: Option<PathBuf>,
+    /// Shared through Consul KV (`consul = true`): the KV prefix, and the file holding the
+    /// secret the account, certificates and keys are encrypted with there.
+    pub consul: Option<(String, PathBuf)>,
     pub origin: Origin,
 }
 

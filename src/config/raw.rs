@@ -40,6 +40,9 @@ pub struct RawAcme {
     pub storage: Option<S<String>>,
     pub ca_bundle: Option<S<String>>,
     pub challenge: Option<S<String>>,
+    pub consul: Option<bool>,
+    pub consul_prefix: Option<S<String>>,
+    pub encryption_key_file: Option<S<String>>,
 }
 
 /// `[[port]]`: a service port (TCP, UDP, TLS-terminated TCP, or TLS passthrough by SNI).

@@ -471,7 +471,32 @@ pub(super) fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
                 );
             }
         }
+        let consul = match (r.consul.unwrap_or(false), &r.encryption_key_file) {
+            (false, _) => None,
+            (true, None) => {
+                cx.err(
+                    a.span(),
+                    "acme.encryption_key_file",
+                    "sharing through Consul needs encryption_key_file: a file with a random secret (e.g. openssl rand -hex 32), the same on every instance",
+                );
+                None
+            }
+            (true, Some(f)) => {
+                let prefix = r
+                    .consul_prefix
+                    .as_ref()
+                    .map_or("tollgate/acme", |p| p.get_ref().as_str())
+                    .trim_matches('/')
+                    .to_string();
+                if prefix.is_empty() || prefix.contains(|c: char| c.is_whitespace() || c == '?' || c == '#') {
+                    let span = r.consul_prefix.as_ref().map_or(0..0, |p| p.span());
+                    cx.err(span, "acme.consul_prefix", format!("`{prefix}` is not a KV prefix"));
+                }
+                Some((prefix, cx.path(f.get_ref())))
+            }
+        };
         AcmeSettings {
+            consul,
             directory: dir,
             email,
             storage: cx.path(r.storage.as_ref().map_or("acme", |s| s.get_ref().as_str())),
