@@ -104,6 +104,7 @@ impl BackgroundService for Issuer {
             crate::failover::lock::Lock,
         );
         let mut shared: Option<Shared> = None;
+        let mut issuing = false;
         // per name set: failures in a row, and when to try again
         let mut backoff: HashMap<Vec<String>, (u32, Instant)> = HashMap::new();
         let mut tick = tokio::time::interval(Duration::from_secs(2));
@@ -156,9 +157,21 @@ impl BackgroundService for Issuer {
             if let Some((_, _, _, lock)) = shared.as_mut() {
                 // one issuer at a time: the others load what it stores
                 match lock.acquire().await {
+                    Ok(true) if !issuing => {
+                        // a new issuer: what an earlier one left pending is stale
+                        issuing = true;
+                        tracing::info!("this instance issues ACME certificates for the fleet");
+                        if let Some(kv) = &kv {
+                            kv.delete_tree("challenges").await;
+                        }
+                    }
                     Ok(true) => {}
-                    Ok(false) => continue,
+                    Ok(false) => {
+                        issuing = false;
+                        continue;
+                    }
                     Err(e) => {
+                        issuing = false;
                         tracing::warn!(error = %e, "the ACME issuer lock is unavailable");
                         continue;
                     }
@@ -591,6 +604,16 @@ impl Kv {
     async fn delete(&self, key: &str) {
         let _ = self
             .req(reqwest::Method::DELETE, key)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await;
+    }
+
+    /// Everything below `key/` (the challenges a dead issuer left pending).
+    async fn delete_tree(&self, key: &str) {
+        let _ = self
+            .req(reqwest::Method::DELETE, &format!("{key}/"))
+            .query(&[("recurse", "true")])
             .timeout(Duration::from_secs(10))
             .send()
             .await;

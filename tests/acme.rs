@@ -387,25 +387,7 @@ async fn two_tollgates_share_issuance_through_consul() {
     })
     .await;
     // the test holds the issuer lock until A can take it and B cannot
-    let session: serde_json::Value = serde_json::from_str(
-        &consul_call(
-            &consul,
-            reqwest::Method::PUT,
-            "/v1/session/create",
-            Some(serde_json::json!({"TTL": "60s", "LockDelay": "0s", "Behavior": "release"})),
-        )
-        .await,
-    )
-    .unwrap();
-    let sid = session["ID"].as_str().unwrap().to_string();
-    let held = consul_call(
-        &consul,
-        reqwest::Method::PUT,
-        &format!("/v1/kv/tollgate/acme/lock?acquire={sid}"),
-        None,
-    )
-    .await;
-    assert_eq!(held.trim(), "true");
+    let sid = hold_lock(&consul).await;
     let cfg_a = fleet_member(dir.path(), "a", &consul, &pebble, http_a, https_a, up.addr);
     let cfg_b = fleet_member(dir.path(), "b", &consul, &pebble, http_b, https_b, up.addr);
     let mut a = Tollgate::start(&cfg_a);
@@ -466,14 +448,21 @@ async fn two_tollgates_share_issuance_through_consul() {
         served_cert(&root, https_b, "a.test").await,
         "one certificate for the fleet"
     );
-    assert!(a.log_text().contains("ACME certificate issued"), "A issued");
+    // (log lines are written asynchronously: wait for them rather than race them)
+    wait_for(
+        "the logs to say who issued",
+        Duration::from_secs(5),
+        || async {
+            a.log_text().contains("ACME certificate issued")
+                && b.log_text()
+                    .contains("certificates from the shared ACME state")
+        },
+    )
+    .await;
     assert!(
         !b.log_text().contains("ordering an ACME certificate"),
         "B never ordered"
     );
-    assert!(b
-        .log_text()
-        .contains("certificates from the shared ACME state"));
     // what Consul holds is sealed
     let kv = consul_call(
         &consul,
@@ -491,4 +480,133 @@ async fn two_tollgates_share_issuance_through_consul() {
     )
     .await;
     assert!(!account.is_empty() && !account.contains("private"));
+}
+
+/// Hold the fleet's issuer lock from the test (a session of its own); returns the session.
+async fn hold_lock(consul: &ConsulAgent) -> String {
+    let session: serde_json::Value = serde_json::from_str(
+        &consul_call(
+            consul,
+            reqwest::Method::PUT,
+            "/v1/session/create",
+            Some(serde_json::json!({"TTL": "60s", "LockDelay": "0s", "Behavior": "release"})),
+        )
+        .await,
+    )
+    .unwrap();
+    let sid = session["ID"].as_str().unwrap().to_string();
+    let held = consul_call(
+        consul,
+        reqwest::Method::PUT,
+        &format!("/v1/kv/tollgate/acme/lock?acquire={sid}"),
+        None,
+    )
+    .await;
+    assert_eq!(held.trim(), "true");
+    sid
+}
+
+/// The issuer dies in the middle of an order (its challenge pending; the CA can reach only
+/// B, which is paused, so the order cannot finish): its lock frees when its Consul session
+/// expires, B takes it, orders again, completes, and serves the certificate.
+#[tokio::test]
+async fn when_the_issuer_dies_mid_order_another_completes() {
+    let up = Upstream::start("up").await;
+    let dir = tempfile::tempdir().unwrap();
+    let consul = ConsulAgent::start(dir.path()).await;
+    std::fs::write(
+        dir.path().join("acme.key"),
+        "0a9b8c7d6e5f4a3b2c1d0e9f8a7b6c5d\n",
+    )
+    .unwrap();
+    let addr = || SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (http_a, https_a, http_b, https_b) = (addr(), addr(), addr(), addr());
+    let pebble = Pebble::start(dir.path(), http_b.port());
+    std::fs::write(dir.path().join("pebble-https-ca.pem"), &pebble.https_ca.pem).unwrap();
+    wait_for("pebble to listen", Duration::from_secs(15), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", pebble.management))
+            .await
+            .is_ok()
+    })
+    .await;
+    let sid = hold_lock(&consul).await;
+    let cfg_a = fleet_member(dir.path(), "a", &consul, &pebble, http_a, https_a, up.addr);
+    let cfg_b = fleet_member(dir.path(), "b", &consul, &pebble, http_b, https_b, up.addr);
+    let mut a = Tollgate::start(&cfg_a);
+    let mut b = Tollgate::start(&cfg_b);
+    a.ready(http_a).await;
+    b.ready(http_b).await;
+    b.signal("STOP");
+    consul_call(
+        &consul,
+        reqwest::Method::PUT,
+        &format!("/v1/kv/tollgate/acme/lock?release={sid}"),
+        None,
+    )
+    .await;
+    wait_for(
+        "A's challenge to be pending",
+        Duration::from_secs(20),
+        || async {
+            consul_call(
+                &consul,
+                reqwest::Method::GET,
+                "/v1/kv/tollgate/acme/challenges/?keys=true",
+                None,
+            )
+            .await
+            .contains("challenges/")
+        },
+    )
+    .await;
+    let _ = a.child.kill();
+    let _ = a.child.wait();
+    assert!(
+        !a.log_text().contains("ACME certificate issued"),
+        "A died mid-order"
+    );
+    b.signal("CONT");
+    let root = {
+        let c = reqwest::Client::builder()
+            .add_root_certificate(pebble.https_ca.reqwest_cert())
+            .no_proxy()
+            .build()
+            .unwrap();
+        c.get(format!("https://127.0.0.1:{}/roots/0", pebble.management))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    // A's session expires (15 s TTL; Consul may take up to twice that), then B's order
+    wait_for(
+        "B to take over and serve the certificate",
+        Duration::from_secs(90),
+        || async { served_cert(&root, https_b, "a.test").await.is_some() },
+    )
+    .await;
+    // (log lines are written asynchronously: wait for them rather than race them)
+    wait_for(
+        "B's log to say it issued",
+        Duration::from_secs(5),
+        || async {
+            let log = b.log_text();
+            log.contains("ACME certificate issued")
+                && log.contains("this instance issues ACME certificates for the fleet")
+        },
+    )
+    .await;
+    let pending = consul_call(
+        &consul,
+        reqwest::Method::GET,
+        "/v1/kv/tollgate/acme/challenges/?keys=true",
+        None,
+    )
+    .await;
+    assert!(
+        !pending.contains("challenges/"),
+        "A's stale challenge was cleared: {pending}"
+    );
 }
