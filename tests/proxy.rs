@@ -229,10 +229,11 @@ async fn weights_are_honoured_over_many_requests() {
     // upstream connection to its pool just after the response has gone to the client, so
     // the client's next request occasionally finds it not back yet and opens another: some
     // extra connections, not one per request. How many depends on how busy the machine is
-    // (28 were seen with this file's other tests running beside it): a tenth at most.
+    // (28 were seen with this file's other tests running beside it, 60 with a build running
+    // beside the suite): a quarter at most still shows reuse, which would make 400.
     let conns = heavy.conns.load(std::sync::atomic::Ordering::SeqCst)
         + light.conns.load(std::sync::atomic::Ordering::SeqCst);
-    assert!(conns <= 40, "{conns} upstream connections for 400 requests");
+    assert!(conns <= 100, "{conns} upstream connections for 400 requests");
 }
 
 #[tokio::test]
