@@ -233,7 +233,10 @@ async fn weights_are_honoured_over_many_requests() {
     // beside the suite): a quarter at most still shows reuse, which would make 400.
     let conns = heavy.conns.load(std::sync::atomic::Ordering::SeqCst)
         + light.conns.load(std::sync::atomic::Ordering::SeqCst);
-    assert!(conns <= 100, "{conns} upstream connections for 400 requests");
+    assert!(
+        conns <= 100,
+        "{conns} upstream connections for 400 requests"
+    );
 }
 
 #[tokio::test]
