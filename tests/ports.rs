@@ -650,6 +650,7 @@ async fn connection_limits_apply_to_service_ports() {
         let m = admin_text(&plain(), s.admin, "/metrics").await;
         metric(&m, "tollgate_port_open{port=\"capped\"}") == 0.0
             && metric(&m, "tollgate_port_open{port=\"lb\"}") == 0.0
+            && metric(&m, "tollgate_connections_open") == 0.0
     })
     .await;
     let mut c1 = TcpStream::connect(port).await.unwrap();

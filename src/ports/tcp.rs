@@ -62,7 +62,7 @@ async fn connection(shared: Shared, k: Key, mut client: TcpStream, peer: SocketA
             }
         }
     }
-    let _slot = match shared.conns.admit(source.ip(), limits, Instant::now()) {
+    let slot = match shared.conns.admit(source.ip(), limits, Instant::now()) {
         Ok(g) => g,
         Err(_) => {
             m.refused.fetch_add(1, Relaxed);
@@ -71,7 +71,9 @@ async fn connection(shared: Shared, k: Key, mut client: TcpStream, peer: SocketA
     };
     m.total.fetch_add(1, Relaxed);
     m.open.fetch_add(1, Relaxed);
-    let _open = Decrement(&m.open);
+    // the slot goes back before the gauge drops: a reader who sees no connection open may
+    // take the slot again at once
+    let _held = (slot, Decrement(&m.open));
     match port.spec.protocol {
         PortProtocol::Tls => {
             let acceptor = tokio_rustls::TlsAcceptor::from(shared.tls.clone());
