@@ -729,7 +729,8 @@ async fn passthrough_and_terminated_vhosts_share_one_address() {
             web.addr,
             db.addr
         ),
-        &[public],
+        // the inner TLS listener too: the port forwards to it from the first connection
+        &[public, inner],
     )
     .await;
     let get = |host: &str| format!("GET /x HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
