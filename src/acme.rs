@@ -9,6 +9,7 @@
 
 use crate::config::AcmeSettings;
 use crate::state::State;
+use crate::tls::write_private;
 use async_trait::async_trait;
 use instant_acme::{
     Account, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, NewAccount,
@@ -304,25 +305,6 @@ async fn load_or_create_account(cfg: &AcmeSettings, kv: Option<&Kv>) -> Result<A
     }
     tracing::info!(file = %path.display(), shared = kv.is_some(), "ACME account created and saved");
     Ok(account)
-}
-
-fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    // written beside, then renamed: a reader never sees half a file
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(tmp, path)
 }
 
 /// One order for `names`, HTTP-01 for each; the certificate and its key written to

@@ -14,6 +14,7 @@ use async_trait::async_trait;
 use pingora::http::RequestHeader;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
+use pingora::upstreams::peer::HttpPeer;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -71,15 +72,9 @@ fn describe(e: &pingora::Error) -> String {
 }
 
 /// The request head a probe sends: the Host is the name TLS verifies, else the address.
-fn probe_request(
-    pool: &Pool,
-    i: usize,
-    method: &str,
-    path: &str,
-) -> pingora::Result<RequestHeader> {
-    let peer = http_peer(pool, i);
+fn probe_request(peer: &HttpPeer, method: &str, path: &str) -> pingora::Result<RequestHeader> {
     let host = if peer.sni.is_empty() {
-        pool.backends[i].address.to_string()
+        peer._address.to_string()
     } else {
         peer.sni.clone()
     };
@@ -99,7 +94,7 @@ async fn http_probe(
     let peer = http_peer(pool, i);
     let (mut session, _) = conn.get_http_session(&peer).await?;
     session
-        .write_request_header(Box::new(probe_request(pool, i, "GET", path)?))
+        .write_request_header(Box::new(probe_request(&peer, "GET", path)?))
         .await?;
     session.finish_request_body().await?;
     session.read_response_header().await?;
@@ -129,7 +124,7 @@ async fn grpc_probe(
 ) -> pingora::Result<(bool, String)> {
     let peer = http_peer(pool, i);
     let (mut session, _) = conn.get_http_session(&peer).await?;
-    let mut req = probe_request(pool, i, "POST", "/grpc.health.v1.Health/Check")?;
+    let mut req = probe_request(&peer, "POST", "/grpc.health.v1.Health/Check")?;
     req.insert_header(http::header::CONTENT_TYPE, "application/grpc")?;
     req.insert_header(http::header::TE, "trailers")?;
     session.write_request_header(Box::new(req)).await?;

@@ -301,16 +301,24 @@ fn civil_from_unix(secs: i64) -> (i32, u8, u8) {
     (y, m, d)
 }
 
-fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+/// Write a secret (a key, an account) readable by its owner only: written beside, synced,
+/// then renamed over `path`, so a reader (the certificate watcher) never sees half a file.
+pub fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(path)?;
-    f.write_all(data)
+        .open(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(tmp, path)
 }
 
 #[cfg(test)]

@@ -133,15 +133,7 @@ pub(super) fn ports(
                 );
             }
             let pool = pool_of(cx, &rr.pool, format!("{ropt}.pool"));
-            let send_proxy = cx.choice(
-                &rr.send_proxy,
-                &format!("{ropt}.send_proxy"),
-                &[
-                    ("none", SendProxy::None),
-                    ("v1", SendProxy::V1),
-                    ("v2", SendProxy::V2),
-                ],
-            );
+            let send_proxy = cx.choice(&rr.send_proxy, &format!("{ropt}.send_proxy"), SEND_PROXY);
             sni.push(SniRoute {
                 names,
                 pool,
@@ -199,15 +191,7 @@ pub(super) fn ports(
                 hour,
             )
         });
-        let send_proxy = cx.choice(
-            &p.send_proxy,
-            &format!("{opt}.send_proxy"),
-            &[
-                ("none", SendProxy::None),
-                ("v1", SendProxy::V1),
-                ("v2", SendProxy::V2),
-            ],
-        );
+        let send_proxy = cx.choice(&p.send_proxy, &format!("{opt}.send_proxy"), SEND_PROXY);
         if udp && send_proxy != SendProxy::None {
             cx.err(
                 p.send_proxy.as_ref().map_or(0..0, |s| s.span()),
@@ -245,3 +229,10 @@ pub(super) fn ports(
     }
     out
 }
+
+/// The values `send_proxy` takes (a port's and an SNI route's).
+const SEND_PROXY: &[(&str, SendProxy)] = &[
+    ("none", SendProxy::None),
+    ("v1", SendProxy::V1),
+    ("v2", SendProxy::V2),
+];
