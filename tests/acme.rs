@@ -69,22 +69,38 @@ impl Pebble {
         }
     }
 
-    /// The root Pebble issues under (it makes a new one each start).
-    async fn issuing_root(&self) -> reqwest::Certificate {
+    /// The root Pebble issues under (it makes a new one each start), as PEM.
+    async fn issuing_root_pem(&self) -> String {
         let c = reqwest::Client::builder()
             .add_root_certificate(self.https_ca.reqwest_cert())
             .no_proxy()
             .build()
             .unwrap();
-        let pem = c
-            .get(format!("https://127.0.0.1:{}/roots/0", self.management))
+        c.get(format!("https://127.0.0.1:{}/roots/0", self.management))
             .send()
             .await
             .unwrap()
             .text()
             .await
-            .unwrap();
-        reqwest::Certificate::from_pem(pem.as_bytes()).unwrap()
+            .unwrap()
+    }
+
+    async fn issuing_root(&self) -> reqwest::Certificate {
+        reqwest::Certificate::from_pem(self.issuing_root_pem().await.as_bytes()).unwrap()
+    }
+
+    /// Start Pebble (validating at `http_port`), write the CA of its own HTTPS where the
+    /// configs' `ca_bundle` names it, and wait until it listens.
+    async fn ready(dir: &Path, http_port: u16) -> Pebble {
+        let pebble = Pebble::start(dir, http_port);
+        std::fs::write(dir.join("pebble-https-ca.pem"), &pebble.https_ca.pem).unwrap();
+        wait_for("pebble to listen", Duration::from_secs(15), || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", pebble.management))
+                .await
+                .is_ok()
+        })
+        .await;
+        pebble
     }
 }
 
@@ -109,14 +125,7 @@ async fn an_acme_vhost_gets_its_certificate_and_keeps_it_across_restarts() {
         SocketAddr::from(([127, 0, 0, 1], free_port())),
         SocketAddr::from(([127, 0, 0, 1], free_port())),
     );
-    let pebble = Pebble::start(dir.path(), http.port());
-    std::fs::write(dir.path().join("pebble-https-ca.pem"), &pebble.https_ca.pem).unwrap();
-    wait_for("pebble to listen", Duration::from_secs(15), || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", pebble.management))
-            .await
-            .is_ok()
-    })
-    .await;
+    let pebble = Pebble::ready(dir.path(), http.port()).await;
     let cfg = dir.path().join("tollgate.toml");
     write(
         &cfg,
@@ -363,53 +372,74 @@ async fn served_cert(root: &str, addr: SocketAddr, sni: &str) -> Option<Vec<u8>>
     )
 }
 
+/// Two fleet members, A and B, on one Consul agent, with Pebble validating only at B's
+/// port; B is paused (SIGSTOP) and the test has just let the issuer lock go, so A takes it.
+struct Fleet {
+    // tollgates stop (printing their logs) before Consul, Pebble and the directory go
+    a: Tollgate,
+    b: Tollgate,
+    consul: ConsulAgent,
+    pebble: Pebble,
+    https_a: SocketAddr,
+    https_b: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Fleet {
+    async fn paused(up: &Upstream) -> Fleet {
+        let dir = tempfile::tempdir().unwrap();
+        let consul = ConsulAgent::start(dir.path()).await;
+        std::fs::write(
+            dir.path().join("acme.key"),
+            "6f1c0b3e9a2d47c58e0f7a19b2c4d6e8\n",
+        )
+        .unwrap();
+        let addr = || SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let (http_a, https_a, http_b, https_b) = (addr(), addr(), addr(), addr());
+        let pebble = Pebble::ready(dir.path(), http_b.port()).await;
+        // the test holds the issuer lock until A can take it and B cannot
+        let sid = hold_lock(&consul).await;
+        let cfg_a = fleet_member(dir.path(), "a", &consul, &pebble, http_a, https_a, up.addr);
+        let cfg_b = fleet_member(dir.path(), "b", &consul, &pebble, http_b, https_b, up.addr);
+        let mut a = Tollgate::start(&cfg_a);
+        let mut b = Tollgate::start(&cfg_b);
+        a.ready(http_a).await;
+        b.ready(http_b).await;
+        // B pauses; the lock is let go: A takes it (B goes on when the test says)
+        b.signal("STOP");
+        consul_call(
+            &consul,
+            reqwest::Method::PUT,
+            &format!("/v1/kv/tollgate/acme/lock?release={sid}"),
+            None,
+        )
+        .await;
+        Fleet {
+            a,
+            b,
+            consul,
+            pebble,
+            https_a,
+            https_b,
+            _dir: dir,
+        }
+    }
+}
+
 /// Two tollgates on one Consul agent: A takes the issuer lock and orders, while the CA's
 /// HTTP-01 request goes to B (Pebble validates at B's port only), which answers from the
 /// shared state; then both serve the same certificate, and Consul KV holds it encrypted.
 #[tokio::test]
 async fn two_tollgates_share_issuance_through_consul() {
     let up = Upstream::start("up").await;
-    let dir = tempfile::tempdir().unwrap();
-    let consul = ConsulAgent::start(dir.path()).await;
-    std::fs::write(
-        dir.path().join("acme.key"),
-        "6f1c0b3e9a2d47c58e0f7a19b2c4d6e8\n",
-    )
-    .unwrap();
-    let addr = || SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let (http_a, https_a, http_b, https_b) = (addr(), addr(), addr(), addr());
-    let pebble = Pebble::start(dir.path(), http_b.port());
-    std::fs::write(dir.path().join("pebble-https-ca.pem"), &pebble.https_ca.pem).unwrap();
-    wait_for("pebble to listen", Duration::from_secs(15), || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", pebble.management))
-            .await
-            .is_ok()
-    })
-    .await;
-    // the test holds the issuer lock until A can take it and B cannot
-    let sid = hold_lock(&consul).await;
-    let cfg_a = fleet_member(dir.path(), "a", &consul, &pebble, http_a, https_a, up.addr);
-    let cfg_b = fleet_member(dir.path(), "b", &consul, &pebble, http_b, https_b, up.addr);
-    let mut a = Tollgate::start(&cfg_a);
-    let mut b = Tollgate::start(&cfg_b);
-    a.ready(http_a).await;
-    b.ready(http_b).await;
-    // B pauses; the lock is let go; A takes it; B goes on (its listener answers again)
-    b.signal("STOP");
-    consul_call(
-        &consul,
-        reqwest::Method::PUT,
-        &format!("/v1/kv/tollgate/acme/lock?release={sid}"),
-        None,
-    )
-    .await;
-    let a_node = format!("acme-{}", a.child.id());
+    let f = Fleet::paused(&up).await;
+    let a_node = format!("acme-{}", f.a.child.id());
     wait_for(
         "A to hold the issuer lock",
         Duration::from_secs(10),
         || async {
             consul_call(
-                &consul,
+                &f.consul,
                 reqwest::Method::GET,
                 "/v1/kv/tollgate/acme/lock?raw=true",
                 None,
@@ -419,33 +449,20 @@ async fn two_tollgates_share_issuance_through_consul() {
         },
     )
     .await;
-    b.signal("CONT");
-    let root = {
-        let c = reqwest::Client::builder()
-            .add_root_certificate(pebble.https_ca.reqwest_cert())
-            .no_proxy()
-            .build()
-            .unwrap();
-        c.get(format!("https://127.0.0.1:{}/roots/0", pebble.management))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
+    f.b.signal("CONT");
+    let root = f.pebble.issuing_root_pem().await;
     wait_for(
         "both to serve the issued certificate",
         Duration::from_secs(60),
         || async {
-            served_cert(&root, https_a, "a.test").await.is_some()
-                && served_cert(&root, https_b, "a.test").await.is_some()
+            served_cert(&root, f.https_a, "a.test").await.is_some()
+                && served_cert(&root, f.https_b, "a.test").await.is_some()
         },
     )
     .await;
     assert_eq!(
-        served_cert(&root, https_a, "a.test").await,
-        served_cert(&root, https_b, "a.test").await,
+        served_cert(&root, f.https_a, "a.test").await,
+        served_cert(&root, f.https_b, "a.test").await,
         "one certificate for the fleet"
     );
     // (log lines are written asynchronously: wait for them rather than race them)
@@ -453,19 +470,20 @@ async fn two_tollgates_share_issuance_through_consul() {
         "the logs to say who issued",
         Duration::from_secs(5),
         || async {
-            a.log_text().contains("ACME certificate issued")
-                && b.log_text()
+            f.a.log_text().contains("ACME certificate issued")
+                && f.b
+                    .log_text()
                     .contains("certificates from the shared ACME state")
         },
     )
     .await;
     assert!(
-        !b.log_text().contains("ordering an ACME certificate"),
+        !f.b.log_text().contains("ordering an ACME certificate"),
         "B never ordered"
     );
     // what Consul holds is sealed
     let kv = consul_call(
-        &consul,
+        &f.consul,
         reqwest::Method::GET,
         "/v1/kv/tollgate/acme/certs/a.test?raw=true",
         None,
@@ -473,7 +491,7 @@ async fn two_tollgates_share_issuance_through_consul() {
     .await;
     assert!(!kv.is_empty() && !kv.contains("PRIVATE KEY") && !kv.contains("CERTIFICATE"));
     let account = consul_call(
-        &consul,
+        &f.consul,
         reqwest::Method::GET,
         "/v1/kv/tollgate/acme/account?raw=true",
         None,
@@ -512,44 +530,13 @@ async fn hold_lock(consul: &ConsulAgent) -> String {
 #[tokio::test]
 async fn when_the_issuer_dies_mid_order_another_completes() {
     let up = Upstream::start("up").await;
-    let dir = tempfile::tempdir().unwrap();
-    let consul = ConsulAgent::start(dir.path()).await;
-    std::fs::write(
-        dir.path().join("acme.key"),
-        "0a9b8c7d6e5f4a3b2c1d0e9f8a7b6c5d\n",
-    )
-    .unwrap();
-    let addr = || SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let (http_a, https_a, http_b, https_b) = (addr(), addr(), addr(), addr());
-    let pebble = Pebble::start(dir.path(), http_b.port());
-    std::fs::write(dir.path().join("pebble-https-ca.pem"), &pebble.https_ca.pem).unwrap();
-    wait_for("pebble to listen", Duration::from_secs(15), || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", pebble.management))
-            .await
-            .is_ok()
-    })
-    .await;
-    let sid = hold_lock(&consul).await;
-    let cfg_a = fleet_member(dir.path(), "a", &consul, &pebble, http_a, https_a, up.addr);
-    let cfg_b = fleet_member(dir.path(), "b", &consul, &pebble, http_b, https_b, up.addr);
-    let mut a = Tollgate::start(&cfg_a);
-    let mut b = Tollgate::start(&cfg_b);
-    a.ready(http_a).await;
-    b.ready(http_b).await;
-    b.signal("STOP");
-    consul_call(
-        &consul,
-        reqwest::Method::PUT,
-        &format!("/v1/kv/tollgate/acme/lock?release={sid}"),
-        None,
-    )
-    .await;
+    let mut f = Fleet::paused(&up).await;
     wait_for(
         "A's challenge to be pending",
         Duration::from_secs(20),
         || async {
             consul_call(
-                &consul,
+                &f.consul,
                 reqwest::Method::GET,
                 "/v1/kv/tollgate/acme/challenges/?keys=true",
                 None,
@@ -559,32 +546,19 @@ async fn when_the_issuer_dies_mid_order_another_completes() {
         },
     )
     .await;
-    let _ = a.child.kill();
-    let _ = a.child.wait();
+    let _ = f.a.child.kill();
+    let _ = f.a.child.wait();
     assert!(
-        !a.log_text().contains("ACME certificate issued"),
+        !f.a.log_text().contains("ACME certificate issued"),
         "A died mid-order"
     );
-    b.signal("CONT");
-    let root = {
-        let c = reqwest::Client::builder()
-            .add_root_certificate(pebble.https_ca.reqwest_cert())
-            .no_proxy()
-            .build()
-            .unwrap();
-        c.get(format!("https://127.0.0.1:{}/roots/0", pebble.management))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
+    f.b.signal("CONT");
+    let root = f.pebble.issuing_root_pem().await;
     // A's session expires (15 s TTL; Consul may take up to twice that), then B's order
     wait_for(
         "B to take over and serve the certificate",
         Duration::from_secs(90),
-        || async { served_cert(&root, https_b, "a.test").await.is_some() },
+        || async { served_cert(&root, f.https_b, "a.test").await.is_some() },
     )
     .await;
     // (log lines are written asynchronously: wait for them rather than race them)
@@ -592,14 +566,14 @@ async fn when_the_issuer_dies_mid_order_another_completes() {
         "B's log to say it issued",
         Duration::from_secs(5),
         || async {
-            let log = b.log_text();
+            let log = f.b.log_text();
             log.contains("ACME certificate issued")
                 && log.contains("this instance issues ACME certificates for the fleet")
         },
     )
     .await;
     let pending = consul_call(
-        &consul,
+        &f.consul,
         reqwest::Method::GET,
         "/v1/kv/tollgate/acme/challenges/?keys=true",
         None,
