@@ -7,10 +7,11 @@
 //! retried with backoff (1 min doubling to 6 h), so a refusing CA never sees a retry storm.
 //! Must not touch requests beyond the challenge answers it hands the proxy.
 
-use crate::config::AcmeSettings;
+use crate::config::{AcmeChallenge, AcmeSettings};
 use crate::state::State;
 use crate::tls::write_private;
 use async_trait::async_trait;
+use base64::Engine;
 use instant_acme::{
     Account, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, NewAccount,
     NewOrder, OrderStatus, RetryPolicy,
@@ -22,36 +23,84 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// The HTTP-01 answers pending now: token → key authorization.
+/// The challenge answers pending now: HTTP-01 (token → key authorization) and TLS-ALPN-01
+/// (name → the self-signed certificate carrying the key authorization's digest).
 #[derive(Debug, Clone, Default)]
-pub struct Challenges(Arc<Mutex<HashMap<String, String>>>);
+pub struct Challenges(Arc<Mutex<Answers>>);
+
+#[derive(Debug, Default)]
+struct Answers {
+    http: HashMap<String, String>,
+    alpn: HashMap<String, Arc<rustls::sign::CertifiedKey>>,
+}
 
 /// Where HTTP-01 looks for the answer.
 pub const CHALLENGE_PATH: &str = "/.well-known/acme-challenge/";
 
+/// The ALPN protocol of a TLS-ALPN-01 validation (RFC 8737).
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
 impl Challenges {
+    fn pending(&self) -> std::sync::MutexGuard<'_, Answers> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The key authorization for `token`, while its order is under way.
     pub fn answer(&self, token: &str) -> Option<String> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(token)
-            .cloned()
+        self.pending().http.get(token).cloned()
+    }
+
+    /// The TLS-ALPN-01 certificate for `name`, while its order is under way.
+    pub fn alpn_cert(&self, name: &str) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.pending().alpn.get(&name.to_ascii_lowercase()).cloned()
     }
 
     fn set(&self, token: &str, key_auth: &str) {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        self.pending()
+            .http
             .insert(token.to_string(), key_auth.to_string());
     }
 
     fn remove(&self, token: &str) {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(token);
+        self.pending().http.remove(token);
     }
+
+    /// Answer TLS-ALPN-01 for `name` with a certificate carrying `digest` (the SHA-256 of the
+    /// key authorization).
+    fn set_alpn(&self, name: &str, digest: &[u8]) -> Result<(), String> {
+        let cert = alpn_certificate(name, digest)?;
+        self.pending()
+            .alpn
+            .insert(name.to_ascii_lowercase(), Arc::new(cert));
+        Ok(())
+    }
+
+    fn remove_alpn(&self, name: &str) {
+        self.pending().alpn.remove(&name.to_ascii_lowercase());
+    }
+}
+
+/// RFC 8737 §3: a self-signed certificate for `name` alone with the critical acmeIdentifier
+/// extension holding `digest`. Any key does; a new one each time.
+fn alpn_certificate(name: &str, digest: &[u8]) -> Result<rustls::sign::CertifiedKey, String> {
+    if digest.len() != 32 {
+        return Err(format!(
+            "a key authorization digest of {} bytes",
+            digest.len()
+        ));
+    }
+    let mut params =
+        rcgen::CertificateParams::new(vec![name.to_string()]).map_err(|e| e.to_string())?;
+    params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
+    let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
+    let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
+    let der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der())
+        .map_err(|e| e.to_string())?;
+    let signer = rustls::crypto::ring::sign::any_supported_type(&der).map_err(|e| e.to_string())?;
+    Ok(rustls::sign::CertifiedKey::new(
+        vec![cert.der().clone()],
+        signer,
+    ))
 }
 
 /// Orders and renews the live configuration's ACME certificates.
@@ -164,6 +213,7 @@ impl BackgroundService for Issuer {
                         tracing::info!("this instance issues ACME certificates for the fleet");
                         if let Some(kv) = &kv {
                             kv.delete_tree("challenges").await;
+                            kv.delete_tree("alpn").await;
                         }
                     }
                     Ok(true) => {}
@@ -331,22 +381,35 @@ async fn issue(
                 AuthorizationStatus::Valid => continue,
                 s => return Err(format!("authorization is {s:?}")),
             }
+            let tls_alpn = cfg.challenge == AcmeChallenge::TlsAlpn01;
+            let kind = if tls_alpn {
+                ChallengeType::TlsAlpn01
+            } else {
+                ChallengeType::Http01
+            };
             let mut ch = a
-                .challenge(ChallengeType::Http01)
-                .ok_or("the CA offers no http-01 challenge")?;
+                .challenge(kind.clone())
+                .ok_or_else(|| format!("the CA offers no {} challenge", cfg.challenge.name()))?;
             let key_auth = ch.key_authorization();
-            challenges.set(&ch.token, key_auth.as_str());
-            tokens.push(ch.token.clone());
+            let pending = if tls_alpn {
+                let Identifier::Dns(name) = ch.identifier().identifier.clone() else {
+                    return Err("tls-alpn-01 for an identifier that is not a DNS name".into());
+                };
+                let digest = key_auth.digest();
+                challenges.set_alpn(&name, digest.as_ref())?;
+                Pending::Alpn(name, b64().encode(digest.as_ref()))
+            } else {
+                challenges.set(&ch.token, key_auth.as_str());
+                Pending::Http(ch.token.clone(), key_auth.as_str().to_string())
+            };
             if let Some(kv) = kv {
                 // every instance answers it: the CA may ask any of them
-                kv.put(
-                    &format!("challenges/{}", ch.token),
-                    key_auth.as_str().as_bytes().to_vec(),
-                )
-                .await?;
+                let (key, value) = pending.kv_entry();
+                kv.put(&key, value.into_bytes()).await?;
                 // give the others' watches a moment to see it
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
+            tokens.push(pending);
             ch.set_ready()
                 .await
                 .map_err(|e| format!("challenge: {e}"))?;
@@ -377,9 +440,12 @@ async fn issue(
     }
     .await;
     for t in &tokens {
-        challenges.remove(t);
+        match t {
+            Pending::Http(token, _) => challenges.remove(token),
+            Pending::Alpn(name, _) => challenges.remove_alpn(name),
+        }
         if let Some(kv) = kv {
-            kv.delete(&format!("challenges/{t}")).await;
+            kv.delete(&t.kv_entry().0).await;
         }
     }
     let (key, chain) = result?;
@@ -390,6 +456,28 @@ async fn issue(
             .await?;
     }
     store_pair(cfg, &stem, &chain, &key)
+}
+
+/// A challenge this instance set up for an order, and how it is shared in KV:
+/// `challenges/<token>` (the key authorization) for HTTP-01, `alpn/<name>` (the base64 SHA-256
+/// of the key authorization, from which every instance makes its own certificate) for
+/// TLS-ALPN-01.
+enum Pending {
+    Http(String, String),
+    Alpn(String, String),
+}
+
+impl Pending {
+    fn kv_entry(&self) -> (String, String) {
+        match self {
+            Pending::Http(token, key_auth) => (format!("challenges/{token}"), key_auth.clone()),
+            Pending::Alpn(name, digest) => (format!("alpn/{name}"), digest.clone()),
+        }
+    }
+}
+
+fn b64() -> base64::engine::GeneralPurpose {
+    base64::engine::general_purpose::STANDARD
 }
 
 /// Write a certificate and its key where the certificate store reads them (the key first).
@@ -416,9 +504,10 @@ fn store_pair(
 /// challenges the issuer has pending.
 async fn follow(state: Arc<State>, cfg: AcmeSettings, kv: Arc<Kv>, challenges: Challenges) {
     let mut index = 0;
-    let mut mirrored: std::collections::HashSet<String> = Default::default();
+    // the shared challenges this instance answers: KV key → value
+    let mut mirrored: HashMap<String, String> = HashMap::new();
     loop {
-        let (next, entries) = match kv.list(index, Duration::from_secs(60)).await {
+        let (next, entries) = match kv.list(index).await {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the shared ACME state; retrying");
@@ -427,12 +516,26 @@ async fn follow(state: Arc<State>, cfg: AcmeSettings, kv: Arc<Kv>, challenges: C
             }
         };
         index = if next < index { 0 } else { next };
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = HashMap::new();
         let mut changed = false;
         for (key, value) in entries {
-            if let Some(token) = key.strip_prefix("challenges/") {
-                challenges.set(token, &String::from_utf8_lossy(&value));
-                seen.insert(token.to_string());
+            if key.starts_with("challenges/") || key.starts_with("alpn/") {
+                let value = String::from_utf8_lossy(&value).into_owned();
+                if mirrored.get(&key) != Some(&value) {
+                    if let Some(token) = key.strip_prefix("challenges/") {
+                        challenges.set(token, &value);
+                    } else if let Some(name) = key.strip_prefix("alpn/") {
+                        let made = b64()
+                            .decode(value.trim())
+                            .map_err(|e| e.to_string())
+                            .and_then(|d| challenges.set_alpn(name, &d));
+                        if let Err(e) = made {
+                            tracing::warn!(key = %key, error = %e, "a shared tls-alpn-01 challenge that cannot be answered");
+                            continue;
+                        }
+                    }
+                }
+                seen.insert(key, value);
             } else if let Some(stem) = key.strip_prefix("certs/") {
                 let pair = kv.open(&value).and_then(|p| {
                     serde_json::from_slice::<serde_json::Value>(&p).map_err(|e| e.to_string())
@@ -453,8 +556,12 @@ async fn follow(state: Arc<State>, cfg: AcmeSettings, kv: Arc<Kv>, challenges: C
                 }
             }
         }
-        for gone in mirrored.difference(&seen) {
-            challenges.remove(gone);
+        for gone in mirrored.keys().filter(|k| !seen.contains_key(*k)) {
+            if let Some(token) = gone.strip_prefix("challenges/") {
+                challenges.remove(token);
+            } else if let Some(name) = gone.strip_prefix("alpn/") {
+                challenges.remove_alpn(name);
+            }
         }
         mirrored = seen;
         if changed {
@@ -468,9 +575,12 @@ async fn follow(state: Arc<State>, cfg: AcmeSettings, kv: Arc<Kv>, challenges: C
 
 /// The fleet's shared ACME state in Consul KV (`[acme] consul = true`): the account,
 /// certificates and keys encrypted (AES-256-GCM, key from `encryption_key_file`), the
-/// pending HTTP-01 answers in the clear (the CA publishes them anyway), and the issuer lock.
+/// pending challenge answers in the clear (HTTP-01 key authorizations and TLS-ALPN-01
+/// digests: the CA publishes them anyway), and the issuer lock.
 pub struct Kv {
     http: reqwest::Client,
+    /// `[consul]`, with the 60 s wait the follower's blocking reads use.
+    settings: crate::config::ConsulSettings,
     base: String,
     token: Option<String>,
     prefix: String,
@@ -489,6 +599,10 @@ impl Kv {
             .map_err(|_| "cannot make an AES key".to_string())?;
         Ok(Kv {
             http: crate::discovery::consul::client(consul)?,
+            settings: crate::config::ConsulSettings {
+                wait: Duration::from_secs(60),
+                ..consul.clone()
+            },
             base: consul.address.trim_end_matches('/').to_string(),
             token: crate::discovery::consul::token(consul),
             prefix: prefix.to_string(),
@@ -603,60 +717,10 @@ impl Kv {
 
     /// Everything under the prefix, after `index` changes (a blocking query of up to
     /// `wait`): (new index, key below the prefix → raw value).
-    pub async fn list(
-        &self,
-        index: u64,
-        wait: Duration,
-    ) -> Result<(u64, Vec<(String, Vec<u8>)>), String> {
-        #[derive(serde::Deserialize)]
-        struct Entry {
-            #[serde(rename = "Key")]
-            key: String,
-            #[serde(rename = "Value")]
-            value: Option<String>,
-        }
-        let mut r = self
-            .http
-            .get(format!("{}/v1/kv/{}/", self.base, self.prefix))
-            .query(&[
-                ("recurse", "true"),
-                ("index", &index.to_string()),
-                ("wait", &format!("{}s", wait.as_secs())),
-            ])
-            .timeout(wait + Duration::from_secs(10));
-        if let Some(t) = &self.token {
-            r = r.header("X-Consul-Token", t);
-        }
-        let resp = r.send().await.map_err(|e| format!("Consul KV list: {e}"))?;
-        let next = resp
-            .headers()
-            .get("X-Consul-Index")
-            .and_then(|v| v.to_str().ok()?.parse().ok())
-            .unwrap_or(0);
-        if resp.status() == reqwest::StatusCode::NOT_FOUND {
-            return Ok((next, Vec::new()));
-        }
-        if !resp.status().is_success() {
-            return Err(format!("Consul KV list: HTTP {}", resp.status()));
-        }
-        let entries: Vec<Entry> = resp
-            .json()
-            .await
-            .map_err(|e| format!("Consul KV list: {e}"))?;
-        let skip = self.prefix.len() + 1;
-        Ok((
-            next,
-            entries
-                .into_iter()
-                .filter_map(|e| {
-                    use base64::Engine;
-                    let v = base64::engine::general_purpose::STANDARD
-                        .decode(e.value.unwrap_or_default())
-                        .ok()?;
-                    Some((e.key.get(skip..)?.to_string(), v))
-                })
-                .collect(),
-        ))
+    /// Everything under the prefix (keys relative to it), from one blocking read at `index`
+    /// (discovery's KV read: Consul's index rules, token, TLS and error wording).
+    pub async fn list(&self, index: u64) -> Result<(u64, Vec<(String, Vec<u8>)>), String> {
+        crate::discovery::consul::kv_entries(&self.http, &self.settings, &self.prefix, index).await
     }
 }
 

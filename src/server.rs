@@ -13,7 +13,6 @@ use async_trait::async_trait;
 use pingora::apps::http_app::HttpServer;
 use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::TlsAccept;
-use pingora::protocols::ALPN;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{Server, ShutdownSignal, ShutdownSignalWatch, UnixShutdownSignalWatch};
 use pingora::services::background::background_service;
@@ -241,8 +240,17 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
             if l.tls {
                 let mut tls = TlsSettings::with_callbacks(Box::new(NoTlsCallbacks))
                     .context("cannot set up TLS")?;
-                tls.set_cert_resolver(Arc::new(SniResolver::new(state.handle())));
-                tls.set_alpn(if l.http2 { ALPN::H2H1 } else { ALPN::H1 });
+                tls.set_cert_resolver(Arc::new(SniResolver::new(
+                    state.handle(),
+                    Some(challenges.clone()),
+                )));
+                // HTTP first; `acme-tls/1` last, answered only for a CA's TLS-ALPN-01
+                // validation of a pending order (pingora patch 15)
+                let mut alpn = vec![b"http/1.1".to_vec(), crate::acme::ACME_TLS_ALPN.to_vec()];
+                if l.http2 {
+                    alpn.insert(0, b"h2".to_vec());
+                }
+                tls.set_alpn_protocols(alpn);
                 proxy.add_tls_with_settings(&addr, None, tls);
             } else {
                 proxy.add_tcp(&addr);
@@ -278,7 +286,7 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
     .with_safe_default_protocol_versions()
     .context("TLS for service ports")?
     .with_no_client_auth()
-    .with_cert_resolver(Arc::new(SniResolver::new(state.handle())));
+    .with_cert_resolver(Arc::new(SniResolver::new(state.handle(), None)));
     server.add_service(background_service(
         "tollgate ports",
         crate::ports::Ports::new(

@@ -1,6 +1,7 @@
-//! ACME against a real ACME server: Pebble (Debian's `pebble`), started on loopback, with a
-//! real DNS server (dnsmasq) pointing the test names at 127.0.0.1, so Pebble's HTTP-01
-//! validation reaches tollgate's own plain listener.
+//! Certificates for a fleet. ACME against a real ACME server: Pebble (Debian's `pebble`),
+//! started on loopback, with a real DNS server (dnsmasq) pointing the test names at
+//! 127.0.0.1, so Pebble's HTTP-01 and TLS-ALPN-01 validations reach tollgate's own
+//! listeners; sharing through a real Consul agent; and certificates read from Consul KV.
 
 mod common;
 use common::*;
@@ -19,7 +20,9 @@ struct Pebble {
 }
 
 impl Pebble {
-    fn start(dir: &Path, http_port: u16) -> Pebble {
+    /// Pebble validating HTTP-01 at `http_port` and TLS-ALPN-01 at `tls_port`, issuing
+    /// certificates valid for `validity` seconds (Pebble's default, 5 years, when none).
+    fn start(dir: &Path, http_port: u16, tls_port: u16, validity: Option<u64>) -> Pebble {
         let dns = free_port();
         let dnsmasq = Command::new("dnsmasq")
             .args([
@@ -44,8 +47,9 @@ impl Pebble {
                 "listenAddress": format!("127.0.0.1:{port}"),
                 "managementListenAddress": format!("127.0.0.1:{management}"),
                 "certificate": cert, "privateKey": key,
-                "httpPort": http_port, "tlsPort": free_port(),
+                "httpPort": http_port, "tlsPort": tls_port,
                 "ocspResponderURL": "", "externalAccountBindingRequired": false,
+                "certificateValidityPeriod": validity.unwrap_or(5 * 365 * 86_400),
             }})
             .to_string(),
         )
@@ -92,7 +96,17 @@ impl Pebble {
     /// Start Pebble (validating at `http_port`), write the CA of its own HTTPS where the
     /// configs' `ca_bundle` names it, and wait until it listens.
     async fn ready(dir: &Path, http_port: u16) -> Pebble {
-        let pebble = Pebble::start(dir, http_port);
+        Pebble::ready_with(dir, http_port, free_port(), None).await
+    }
+
+    /// [`Pebble::ready`] with a TLS-ALPN-01 port and a certificate lifetime.
+    async fn ready_with(
+        dir: &Path,
+        http_port: u16,
+        tls_port: u16,
+        validity: Option<u64>,
+    ) -> Pebble {
+        let pebble = Pebble::start(dir, http_port, tls_port, validity);
         std::fs::write(dir.join("pebble-https-ca.pem"), &pebble.https_ca.pem).unwrap();
         wait_for("pebble to listen", Duration::from_secs(15), || async {
             tokio::net::TcpStream::connect(("127.0.0.1", pebble.management))
@@ -244,6 +258,105 @@ async fn an_acme_vhost_gets_its_certificate_and_keeps_it_across_restarts() {
     let log = tg.log_text();
     assert!(!log.contains("ordering an ACME certificate"), "{log}");
     assert!(!log.contains("ACME account created"), "{log}");
+}
+
+/// TLS-ALPN-01 (RFC 8737) answered on the TLS listener itself (no plain listener at all), and
+/// a short-lived certificate (45 s) renewed at 2/3 of its lifetime with no restart: the
+/// listener serves the new one. A handshake that offers only `acme-tls/1` while no order is
+/// pending gets no certificate at all, and ordinary clients never see a challenge one.
+#[tokio::test]
+async fn tls_alpn_01_is_answered_on_the_tls_listener_and_short_certificates_renew() {
+    let up = Upstream::start("up").await;
+    let dir = tempfile::tempdir().unwrap();
+    let https = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let admin = free_port();
+    // Pebble's HTTP-01 port is one nothing listens on: only TLS-ALPN-01 can succeed
+    let pebble = Pebble::ready_with(dir.path(), free_port(), https.port(), Some(45)).await;
+    let cfg = dir.path().join("tollgate.toml");
+    write(
+        &cfg,
+        &format!(
+            "[admin]\naddress = \"127.0.0.1:{admin}\"\n\
+             [acme]\ndirectory = \"{}\"\nchallenge = \"tls-alpn-01\"\nstorage = \"{d}/acme\"\nca_bundle = \"{d}/pebble-https-ca.pem\"\n\
+             [[listener]]\naddress = \"{https}\"\ntls = true\n\
+             [[vhost]]\nnames = [\"c.test\"]\nacme = true\n\
+             [[vhost.route]]\npath = \"/\"\npool = \"up\"\n[pool.up]\nbackends = [\"{}\"]\n",
+            pebble.directory,
+            up.addr,
+            d = dir.path().display(),
+        ),
+    );
+    let mut tg = Tollgate::start(&cfg);
+    tg.ready(https).await;
+    let root = pebble.issuing_root_pem().await;
+    wait_for(
+        "the TLS-ALPN-01 certificate to serve",
+        Duration::from_secs(60),
+        || async { served_cert(&root, https, "c.test").await.is_some() },
+    )
+    .await;
+    let first = served_cert(&root, https, "c.test").await.unwrap();
+    let log = tg.log_text();
+    assert!(log.contains("ACME certificate issued"), "{log}");
+    let c = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(root.as_bytes()).unwrap())
+        .resolve("c.test", https)
+        .no_proxy()
+        .build()
+        .unwrap();
+    let r = c
+        .get(format!("https://c.test:{}/x", https.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // /certs: the source and the next renewal (2/3 of 45 s after the start of validity)
+    let certs = admin_json(&reqwest::Client::new(), admin, "/certs").await;
+    let entry = certs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["names"][0] == "c.test")
+        .cloned()
+        .unwrap_or_else(|| panic!("{certs}"));
+    let (nb, na) = (
+        entry["not_before_unix"].as_i64().unwrap(),
+        entry["not_after_unix"].as_i64().unwrap(),
+    );
+    assert_eq!(entry["issuer"], "acme");
+    assert_eq!(
+        entry["renew_at_unix"].as_i64().unwrap(),
+        nb + (na - nb) * 2 / 3
+    );
+
+    // no order pending: a handshake that offers only acme-tls/1 gets no certificate
+    let tcp = tokio::net::TcpStream::connect(https).await.unwrap();
+    let refused = common::tls_over_pem(&root, tcp, "c.test", &["acme-tls/1"]).await;
+    assert!(
+        refused.is_err(),
+        "acme-tls/1 without a pending order is refused"
+    );
+    // an ordinary client offering acme-tls/1 last still gets HTTP and the real certificate
+    let tcp = tokio::net::TcpStream::connect(https).await.unwrap();
+    let tls = common::tls_over_pem(&root, tcp, "c.test", &["http/1.1", "acme-tls/1"])
+        .await
+        .expect("verified against the CA's root: the issued certificate");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+
+    // renewal: a new certificate serves once 2/3 of the lifetime has passed
+    wait_for(
+        "the renewed certificate to serve",
+        Duration::from_secs(75),
+        || async {
+            served_cert(&root, https, "c.test")
+                .await
+                .is_some_and(|der| der != first)
+        },
+    )
+    .await;
+    let log = tg.log_text();
+    assert!(log.matches("ACME certificate issued").count() >= 2, "{log}");
+    assert!(!log.contains("ACME order failed"), "{log}");
 }
 
 /// A CA that cannot be reached (or refuses): a clear log line, no retry storm, and tollgate
@@ -582,5 +695,155 @@ async fn when_the_issuer_dies_mid_order_another_completes() {
     assert!(
         !pending.contains("challenges/"),
         "A's stale challenge was cleared: {pending}"
+    );
+}
+
+/// The common name of the certificate served for `sni`, verified against `ca`; none when the
+/// handshake fails.
+async fn served_cn(ca: &TestCa, addr: SocketAddr, sni: &str) -> Option<String> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let tls = common::tls_over_pem(&ca.pem, tcp, sni, &[]).await.ok()?;
+    let der = tls.get_ref().1.peer_certificates()?.first()?.clone();
+    let (_, x) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    let cn = x.subject().iter_common_name().next()?.as_str().ok()?;
+    Some(cn.to_string())
+}
+
+/// `tls.consul_kv_prefix`: certificates issued elsewhere, read from Consul KV in Fabio's
+/// layout (`NAME-cert.pem` + `NAME-key.pem`, or `NAME.pem` holding both), served with no
+/// certificate file at all, and replaced live when KV changes. What an attacker or a
+/// mistake puts there (a key that does not belong, text that is no PEM, the prefix
+/// emptied) is said in the log and leaves the certificates that were serving.
+#[tokio::test]
+async fn certificates_come_from_consul_kv_and_follow_it() {
+    let up = Upstream::start("up").await;
+    let dir = tempfile::tempdir().unwrap();
+    let consul = ConsulAgent::start(dir.path()).await;
+    let ca = TestCa::new();
+    let https = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let admin = free_port();
+    let kv_put = |key: &str, value: String| {
+        let (consul, key) = (&consul, key.to_string());
+        async move {
+            let c = reqwest::Client::builder().no_proxy().build().unwrap();
+            let r = c
+                .put(format!("http://{}/v1/kv/{key}", consul.http))
+                .body(value)
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_success(), "{key}: {}", r.status());
+        }
+    };
+    let read = |p: std::path::PathBuf| std::fs::read_to_string(p).unwrap();
+    let (c, first_key) = ca.issue(dir.path(), "a1", &["a.test"], "a-1");
+    kv_put("edge/certs/a.test-cert.pem", read(c)).await;
+    kv_put("edge/certs/a.test-key.pem", read(first_key.clone())).await;
+    let (c, k) = ca.issue(dir.path(), "b1", &["b.test"], "b-1");
+    kv_put("edge/certs/b.test.pem", read(c) + &read(k)).await;
+    let state = dir.path().join("consul-view.json");
+    let cfg = dir.path().join("tollgate.toml");
+    write(
+        &cfg,
+        &format!(
+            "[admin]\naddress = \"127.0.0.1:{admin}\"\n\
+             [consul]\naddress = \"http://{}\"\nwait = \"30s\"\nstate_file = \"{}\"\n\
+             [tls]\nconsul_kv_prefix = \"edge/certs\"\n\
+             [[listener]]\naddress = \"{https}\"\ntls = true\n\
+             [[vhost]]\nnames = [\"a.test\", \"b.test\"]\n\
+             [[vhost.route]]\npath = \"/\"\npool = \"up\"\n[pool.up]\nbackends = [\"{}\"]\n",
+            consul.http,
+            state.display(),
+            up.addr
+        ),
+    );
+    let mut tg = Tollgate::start(&cfg);
+    tg.ready(https).await;
+    wait_for(
+        "both KV certificates to serve",
+        Duration::from_secs(15),
+        || async {
+            served_cn(&ca, https, "a.test").await.as_deref() == Some("a-1")
+                && served_cn(&ca, https, "b.test").await.as_deref() == Some("b-1")
+        },
+    )
+    .await;
+    let r = client(&ca, https, &["a.test"])
+        .get(format!("https://a.test:{}/x", https.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let certs = admin_json(&reqwest::Client::new(), admin, "/certs").await;
+    let a = certs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["names"][0] == "a.test")
+        .cloned()
+        .unwrap_or_else(|| panic!("{certs}"));
+    assert_eq!(a["issuer"], "consul");
+    assert_eq!(a["source"], "consul:edge/certs/a.test-cert.pem");
+    // the saved view holds keys now: private to its owner
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&state).unwrap().permissions());
+    assert_eq!(mode & 0o077, 0, "the state file is private: {mode:o}");
+
+    // a renewed certificate put in KV serves at once, no restart, no reload
+    let (c2, k2) = ca.issue(dir.path(), "a2", &["a.test"], "a-2");
+    kv_put("edge/certs/a.test-key.pem", read(k2)).await;
+    kv_put("edge/certs/a.test-cert.pem", read(c2)).await;
+    wait_for(
+        "the renewed KV certificate",
+        Duration::from_secs(15),
+        || async { served_cn(&ca, https, "a.test").await.as_deref() == Some("a-2") },
+    )
+    .await;
+
+    // a key that does not belong, and a value that is no PEM: said, and not served
+    kv_put("edge/certs/a.test-key.pem", read(first_key)).await;
+    kv_put(
+        "edge/certs/evil.pem",
+        "<script>not a certificate</script>".into(),
+    )
+    .await;
+    wait_for(
+        "the refusals to be logged",
+        Duration::from_secs(15),
+        || async {
+            let log = tg.log_text();
+            log.contains("does not belong") && log.contains("evil.pem")
+        },
+    )
+    .await;
+    let log = tg.log_text();
+    let line = log.lines().find(|l| l.contains("does not belong")).unwrap();
+    assert!(line.contains("keeps serving"), "{line}");
+    assert_eq!(
+        served_cn(&ca, https, "a.test").await.as_deref(),
+        Some("a-2")
+    );
+    assert_eq!(
+        served_cn(&ca, https, "b.test").await.as_deref(),
+        Some("b-1")
+    );
+
+    // the prefix emptied at once: the guard keeps what was serving
+    let c = reqwest::Client::builder().no_proxy().build().unwrap();
+    c.delete(format!(
+        "http://{}/v1/kv/edge/certs?recurse=true",
+        consul.http
+    ))
+    .send()
+    .await
+    .unwrap();
+    wait_for("the guard", Duration::from_secs(15), || async {
+        tg.log_text()
+            .contains("GUARD: the KV prefix holds no usable certificate")
+    })
+    .await;
+    assert_eq!(
+        served_cn(&ca, https, "a.test").await.as_deref(),
+        Some("a-2")
     );
 }

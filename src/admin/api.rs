@@ -340,10 +340,17 @@ pub(super) fn certs(snap: &Snapshot) -> Value {
                     .is_some_and(|a| c.source.starts_with(a.certs_dir()));
                 json!({
                     "names": c.names,
+                    "not_before_unix": c.not_before,
                     "not_after_unix": c.not_after,
                     "days_left": (c.not_after - now).div_euclid(86_400),
                     "source": c.source.display().to_string(),
-                    "issuer": if acme { "acme" } else { "file" },
+                    "issuer": if acme {
+                        "acme"
+                    } else if c.source.to_string_lossy().starts_with("consul:") {
+                        "consul"
+                    } else {
+                        "file"
+                    },
                     // ACME renews at 2/3 of the lifetime
                     "renew_at_unix": acme.then(|| crate::acme::renew_at(c)),
                 })

@@ -61,7 +61,29 @@ pub struct AcmeSettings {
     /// Shared through Consul KV (`consul = true`): the KV prefix, and the file holding the
     /// secret the account, certificates and keys are encrypted with there.
     pub consul: Option<(String, PathBuf)>,
+    /// How the CA checks that tollgate serves a name.
+    pub challenge: AcmeChallenge,
     pub origin: Origin,
+}
+
+/// The ACME challenge tollgate answers (RFC 8555 §8.3, RFC 8737).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AcmeChallenge {
+    /// A token over plain HTTP on port 80 (`/.well-known/acme-challenge/`).
+    #[default]
+    Http01,
+    /// A self-signed certificate in a TLS handshake on port 443 that negotiates
+    /// `acme-tls/1`: for fleets with no plain listener.
+    TlsAlpn01,
+}
+
+impl AcmeChallenge {
+    pub fn name(self) -> &'static str {
+        match self {
+            AcmeChallenge::Http01 => "http-01",
+            AcmeChallenge::TlsAlpn01 => "tls-alpn-01",
+        }
+    }
 }
 
 impl AcmeSettings {
@@ -260,6 +282,9 @@ pub struct ConsulSettings {
     /// asks for TLS (`None`: the system roots, no client certificate). Always verified,
     /// against the service's name.
     pub backend_tls: Option<BackendTls>,
+    /// `tls.consul_kv_prefix`: the KV prefix certificates and keys are read from (watched
+    /// with a blocking query), for operators who issue them elsewhere.
+    pub cert_prefix: Option<String>,
 }
 
 /// A pool's backends from Consul: the passing instances of a service.

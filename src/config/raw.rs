@@ -150,6 +150,7 @@ pub struct RawLog {
 #[serde(deny_unknown_fields, default)]
 pub struct RawTls {
     pub certs_dir: Option<S<String>>,
+    pub consul_kv_prefix: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -14,6 +14,46 @@ mod tests {
     use super::*;
 
     #[test]
+    fn kv_certificates_pair_in_fabios_layout_and_ours() {
+        let e = |k: &str, v: &str| (k.to_string(), v.as_bytes().to_vec());
+        let (pairs, problems) = pair_kv_certs(&[
+            e("a.test-cert.pem", "A-CERT"),
+            e("a.test-key.pem", "A-KEY"),
+            e("b.test.pem", "B-BOTH"),
+            e("sub/c.crt", "C-CERT"),
+            e("sub/c.key", "C-KEY"),
+            e("sub/", ""),
+            e("README", "notes"),
+            e("lonely-cert.pem", "X"),
+            e("orphan-key.pem", "Y"),
+            ("binary.pem".to_string(), vec![0xff, 0xfe]),
+            ("huge.pem".to_string(), vec![b'a'; KV_CERT_MAX + 1]),
+        ]);
+        let got: Vec<(&str, &str, &str)> = pairs
+            .iter()
+            .map(|(k, p)| (k.as_str(), p.cert.as_str(), p.key.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("a.test-cert.pem", "A-CERT", "A-KEY"),
+                ("b.test.pem", "B-BOTH", "B-BOTH"),
+                ("sub/c.crt", "C-CERT", "C-KEY"),
+            ]
+        );
+        let said = problems.join("\n");
+        for words in [
+            "lonely-cert.pem: no key beside it (lonely-key.pem)",
+            "orphan-key.pem: a key with no certificate",
+            "binary.pem: not PEM text",
+            "huge.pem: 262145 bytes",
+        ] {
+            assert!(said.contains(words), "{words} in {said}");
+        }
+        assert_eq!(problems.len(), 4, "{said}");
+    }
+
+    #[test]
     fn route_tags() {
         let p = |t: &str| {
             parse_route_tag(t, "tollgate.route=", true).map(|r| r.map(|r| (r.host, r.path)))
@@ -267,6 +307,78 @@ pub struct View {
     /// The other datacenters, nearest first (Consul's order by round-trip time; the agent's
     /// own left out): where `nearest = N` pools fail over to. Read only when a pool wants it.
     pub datacenters: Vec<String>,
+    /// Certificates from Consul KV (`tls.consul_kv_prefix`), each checked against its key
+    /// when read, by the KV key of the certificate (relative to the prefix).
+    pub certs: BTreeMap<String, KvCert>,
+}
+
+/// A certificate chain and its private key from Consul KV, PEM.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KvCert {
+    pub cert: String,
+    pub key: String,
+}
+
+/// The largest KV value read as a certificate or key (Consul's own cap is 512 KiB).
+const KV_CERT_MAX: usize = 256 * 1024;
+
+/// Pair the entries under `tls.consul_kv_prefix` (key relative to the prefix, value) as
+/// Fabio's Consul certificate source does: `NAME-cert.pem` with `NAME-key.pem`, or `NAME.pem`
+/// holding both; and as `tls.certs_dir` does: `NAME.crt` with `NAME.key`. Other keys
+/// (folders, notes) are ignored. Returns the pairs by the certificate's key, and what could
+/// not be paired (a certificate without its key, a key without its certificate, a value
+/// too large or not text), each said.
+pub fn pair_kv_certs(entries: &[(String, Vec<u8>)]) -> (BTreeMap<String, KvCert>, Vec<String>) {
+    let mut problems = Vec::new();
+    let mut text: BTreeMap<&str, &str> = BTreeMap::new();
+    for (k, v) in entries {
+        if k.ends_with('/') || v.is_empty() {
+            continue; // a folder
+        }
+        if v.len() > KV_CERT_MAX {
+            problems.push(format!("{k}: {} bytes, more than {KV_CERT_MAX}", v.len()));
+            continue;
+        }
+        match std::str::from_utf8(v) {
+            Ok(t) => {
+                text.insert(k, t);
+            }
+            Err(_) => problems.push(format!("{k}: not PEM text")),
+        }
+    }
+    let mut pairs = BTreeMap::new();
+    let mut used = std::collections::BTreeSet::new();
+    for (&k, &v) in &text {
+        let key_of = if let Some(stem) = k.strip_suffix("-cert.pem") {
+            format!("{stem}-key.pem")
+        } else if let Some(stem) = k.strip_suffix(".crt") {
+            format!("{stem}.key")
+        } else if k.ends_with("-key.pem") || k.ends_with(".key") || !k.ends_with(".pem") {
+            continue;
+        } else {
+            k.to_string() // NAME.pem: certificate and key in one value
+        };
+        match text.get(key_of.as_str()) {
+            Some(&key) => {
+                used.insert(key_of.clone());
+                used.insert(k.to_string());
+                pairs.insert(
+                    k.to_string(),
+                    KvCert {
+                        cert: v.to_string(),
+                        key: key.to_string(),
+                    },
+                );
+            }
+            None => problems.push(format!("{k}: no key beside it ({key_of})")),
+        }
+    }
+    for &k in text.keys() {
+        if (k.ends_with("-key.pem") || k.ends_with(".key")) && !used.contains(k) {
+            problems.push(format!("{k}: a key with no certificate beside it"));
+        }
+    }
+    (pairs, problems)
 }
 
 /// Which datacenter's instances serve a pool, and why.
@@ -527,7 +639,8 @@ impl View {
         self.services.get(key).map(|s| s.backends.as_slice())
     }
 
-    /// Write the view to `path` atomically (temporary file, then rename).
+    /// Write the view to `path` atomically (temporary file, then rename), readable by its
+    /// owner only.
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
         let saved = Saved {
             services: self
@@ -545,11 +658,11 @@ impl View {
                 .map(|(k, s)| (k.clone(), s.clone()))
                 .collect(),
             datacenters: self.datacenters.clone(),
+            certs: self.certs.clone(),
         };
         let text = serde_json::to_vec_pretty(&saved).map_err(std::io::Error::other)?;
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(&tmp, path)
+        // private to its owner: it may hold the keys of `tls.consul_kv_prefix`
+        crate::tls::write_private(path, &text)
     }
 
     pub fn load(path: &Path) -> Result<View, String> {
@@ -565,6 +678,7 @@ impl View {
             routes: saved.routes,
             serving: saved.serving.into_iter().collect(),
             datacenters: saved.datacenters,
+            certs: saved.certs,
         })
     }
 }
@@ -578,6 +692,8 @@ struct Saved {
     serving: Vec<(ServiceKey, Serving)>,
     #[serde(default)]
     datacenters: Vec<String>,
+    #[serde(default)]
+    certs: BTreeMap<String, KvCert>,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]

@@ -1,6 +1,8 @@
 //! The listeners' certificate resolver: rustls asks it on every handshake, and it answers
-//! from the live Snapshot's certificate store (`tls::CertStore`).
+//! from the live Snapshot's certificate store (`tls::CertStore`), or, for a CA's TLS-ALPN-01
+//! validation (ALPN `acme-tls/1` only), with the challenge certificate of a pending order.
 
+use crate::acme::{Challenges, ACME_TLS_ALPN};
 use crate::state::Snapshot;
 use arc_swap::ArcSwap;
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -12,16 +14,34 @@ use std::sync::Arc;
 #[derive(Debug)]
 pub struct SniResolver {
     state: Arc<ArcSwap<Snapshot>>,
+    /// The pending ACME challenges (the HTTP listeners'; none for service ports).
+    acme: Option<Challenges>,
 }
 
 impl SniResolver {
-    pub fn new(state: Arc<ArcSwap<Snapshot>>) -> Self {
-        SniResolver { state }
+    pub fn new(state: Arc<ArcSwap<Snapshot>>, acme: Option<Challenges>) -> Self {
+        SniResolver { state, acme }
     }
 }
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.state.load().certs.resolve(hello.server_name())
+        let snap = self.state.load();
+        // RFC 8737 §3: a validation offers `acme-tls/1` and nothing else
+        let acme_tls = hello
+            .alpn()
+            .is_some_and(|mut p| p.next() == Some(ACME_TLS_ALPN) && p.next().is_none());
+        if acme_tls {
+            // the challenge certificate or nothing, and only for a name an `acme = true`
+            // vhost serves (what a KV writer shares cannot widen that)
+            let name = hello.server_name()?;
+            let ours = snap
+                .config
+                .vhosts
+                .iter()
+                .any(|v| v.acme && v.names.iter().any(|n| n.eq_ignore_ascii_case(name)));
+            return self.acme.as_ref().filter(|_| ours)?.alpn_cert(name);
+        }
+        snap.certs.resolve(hello.server_name())
     }
 }

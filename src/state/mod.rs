@@ -239,7 +239,7 @@ impl Snapshot {
             certs,
             admin_token,
             plugins,
-        } = gather(&config, lasting.plugins)?;
+        } = gather(&config, view, lasting.plugins)?;
         let (registry, m) = (&lasting.registry, &lasting.metrics);
         let Merged {
             vhosts,
@@ -393,7 +393,8 @@ impl Snapshot {
     }
 }
 
-/// What a Snapshot build reads besides the config: certificates, the admin token (a token
+/// What a Snapshot build reads besides the config: certificates (files, and Consul KV's from
+/// the view), the admin token (a token
 /// file is read at every build) and the plugins (compiled, or reused when unchanged).
 struct Gathered {
     certs: CertStore,
@@ -402,8 +403,20 @@ struct Gathered {
 }
 
 /// Read what the config names; every problem at once, in line order.
-fn gather(config: &Config, host: &'static Host) -> Result<Gathered, ConfigErrors> {
-    let certs = CertStore::load(config);
+fn gather(config: &Config, view: &View, host: &'static Host) -> Result<Gathered, ConfigErrors> {
+    // Consul KV's certificates, only while `tls.consul_kv_prefix` is set
+    let kv: Vec<_> = match &config.consul.cert_prefix {
+        Some(prefix) => view
+            .certs
+            .iter()
+            .map(|(k, c)| {
+                let source = std::path::PathBuf::from(format!("consul:{prefix}/{k}"));
+                (source, c.cert.as_str(), c.key.as_str())
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    let certs = CertStore::load(config, &kv);
     let admin_token = read_token(&config.admin.token);
     let plugins = host.load(&config.plugins, config.server.threads);
     match (certs, admin_token, plugins) {

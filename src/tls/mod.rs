@@ -72,13 +72,27 @@ impl CertStore {
         self.fallback.is_none()
     }
 
-    /// Load every certificate the configuration names and check that each vhost name served
-    /// over TLS has one. Vhost `cert`/`key` take precedence over `certs_dir`.
-    pub fn load(cfg: &Config) -> Result<CertStore, ConfigErrors> {
+    /// Load every certificate the configuration names, and `kv` (those read from Consul KV:
+    /// source, certificate PEM, key PEM), and check that each vhost name served over TLS has
+    /// one. Vhost `cert`/`key` take precedence over `certs_dir` and the ACME storage, which
+    /// take precedence over Consul KV's.
+    pub fn load(cfg: &Config, kv: &[(PathBuf, &str, &str)]) -> Result<CertStore, ConfigErrors> {
         let mut store = CertStore::default();
         let mut errors = Vec::new();
         if !cfg.has_tls() {
             return Ok(store);
+        }
+        for (source, cert, key) in kv {
+            let name = source.display().to_string();
+            match pair_from_pem(cert.as_bytes(), key.as_bytes(), source, &name, &name) {
+                Ok((ck, info)) => {
+                    store.insert(&info.names, &ck);
+                    store.fallback.get_or_insert(ck);
+                    store.infos.push(info);
+                }
+                // checked when read from Consul (and refused there, said once)
+                Err(e) => tracing::debug!("{e}"),
+            }
         }
         // the ACME storage's certificates load like tls.certs_dir's (a missing directory is
         // just nothing issued yet)
@@ -127,8 +141,10 @@ impl CertStore {
             }
         }
         if errors.is_empty() {
-            // an ACME vhost without its certificate yet is not an error: it is being issued
-            for v in cfg.vhosts.iter().filter(|v| !v.acme) {
+            // an ACME vhost without its certificate yet is not an error: it is being issued;
+            // nor, with `tls.consul_kv_prefix`, one KV does not hold yet: it may come there
+            let kv_source = cfg.consul.cert_prefix.is_some();
+            for v in cfg.vhosts.iter().filter(|v| !v.acme && !kv_source) {
                 for n in &v.names {
                     if !store.covers(n) {
                         errors.push(ConfigError {
@@ -145,7 +161,7 @@ impl CertStore {
                     }
                 }
             }
-            if store.is_empty() && !cfg.vhosts.iter().any(|v| v.acme) {
+            if store.is_empty() && !kv_source && !cfg.vhosts.iter().any(|v| v.acme) {
                 errors.push(ConfigError {
                     origin: cfg.certs_dir_origin.clone(),
                     option: "tls.certs_dir".into(),
@@ -188,25 +204,42 @@ fn scan_dir(dir: &Path, at: &Origin, errors: &mut Vec<ConfigError>) -> Vec<(Path
 
 /// Load a PEM certificate chain and private key and check that they belong together.
 pub fn load_pair(cert: &Path, key: &Path) -> Result<(Arc<CertifiedKey>, CertInfo), String> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| format!("cannot read certificate {}: {e}", cert.display()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("{} is not a PEM certificate: {e}", cert.display()))?;
-    if chain.is_empty() {
-        return Err(format!("{} holds no certificate", cert.display()));
-    }
-    let der = PrivateKeyDer::from_pem_file(key)
+    let chain_pem = std::fs::read(cert)
+        .map_err(|e| format!("cannot read certificate {}: {e}", cert.display()))?;
+    let key_pem = std::fs::read(key)
         .map_err(|e| format!("cannot read a private key from {}: {e}", key.display()))?;
+    pair_from_pem(
+        &chain_pem,
+        &key_pem,
+        cert,
+        &cert.display().to_string(),
+        &key.display().to_string(),
+    )
+}
+
+/// A certificate chain and its private key from PEM text (`cert_name`, `key_name`: what
+/// errors call them; `source`: what `CertInfo` says it came from).
+pub fn pair_from_pem(
+    chain_pem: &[u8],
+    key_pem: &[u8],
+    source: &Path,
+    cert_name: &str,
+    key_name: &str,
+) -> Result<(Arc<CertifiedKey>, CertInfo), String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{cert_name} is not a PEM certificate: {e}"))?;
+    if chain.is_empty() {
+        return Err(format!("{cert_name} holds no certificate"));
+    }
+    let der = PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|e| format!("cannot read a private key from {key_name}: {e}"))?;
     let signer = rustls::crypto::ring::sign::any_supported_type(&der)
-        .map_err(|e| format!("unsupported private key in {}: {e}", key.display()))?;
-    let info = cert_info(&chain[0], cert)?;
+        .map_err(|e| format!("unsupported private key in {key_name}: {e}"))?;
+    let info = cert_info(&chain[0], source)?;
     let ck = CertifiedKey::new(chain, signer);
     ck.keys_match().map_err(|e| {
-        format!(
-            "the key {} does not belong to the certificate {}: {e}",
-            key.display(),
-            cert.display()
-        )
+        format!("the key {key_name} does not belong to the certificate {cert_name}: {e}")
     })?;
     Ok((Arc::new(ck), info))
 }

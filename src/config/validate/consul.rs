@@ -152,6 +152,7 @@ pub(super) fn consul(cx: &mut Ctx, raw: &crate::config::raw::RawConsul) -> Consu
                 std::net::IpAddr::from([0, 0, 0, 0])
             }),
         },
+        cert_prefix: None,
         backend_tls: raw.backend_tls.as_ref().map(|t| {
             let r = t.get_ref();
             if let Some(n) = &r.server_name {

@@ -388,7 +388,23 @@ pub(super) fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
         None => cx.origin(0..0),
     };
     let admin = admin(cx, &raw.admin);
-    let consul = consul(cx, &raw.consul);
+    let mut consul = consul(cx, &raw.consul);
+    consul.cert_prefix = raw.tls.consul_kv_prefix.as_ref().map(|p| {
+        let prefix = p.get_ref().trim().trim_matches('/').to_string();
+        let ok = !prefix.is_empty()
+            && prefix.split('/').all(|seg| !seg.is_empty() && seg != "." && seg != "..")
+            && prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+        if !ok {
+            cx.err(
+                p.span(),
+                "tls.consul_kv_prefix",
+                format!("`{prefix}` is not a KV prefix: letters, digits, `-_./`, e.g. \"tollgate/certs\""),
+            );
+        }
+        prefix
+    });
     let consul_allow = claim_rules(cx, &raw.consul);
     if !consul.tag_routes {
         for (i, v) in raw.vhosts.iter().enumerate() {
@@ -429,7 +445,11 @@ pub(super) fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
             format!("{} {why}: the admin API needs its own port", admin.address),
         );
     }
-    if has_tls && certs_dir.is_none() && vhosts.iter().all(|v| v.cert.is_none() && !v.acme) {
+    if has_tls
+        && certs_dir.is_none()
+        && consul.cert_prefix.is_none()
+        && vhosts.iter().all(|v| v.cert.is_none() && !v.acme)
+    {
         let span = raw
             .listeners
             .iter()
@@ -439,7 +459,7 @@ pub(super) fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
         cx.err(
             span,
             "listener.tls",
-            "a TLS listener needs certificates: set tls.certs_dir or cert/key on a vhost",
+            "a TLS listener needs certificates: set tls.certs_dir, tls.consul_kv_prefix, or cert/key or acme on a vhost",
         );
     }
 
@@ -462,14 +482,29 @@ pub(super) fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
             }
             v
         });
-        if let Some(c) = &r.challenge {
-            if c.get_ref() != "http-01" {
+        let challenge = match r.challenge.as_ref().map(|c| (c, c.get_ref().trim())) {
+            None | Some((_, "http-01")) => AcmeChallenge::Http01,
+            Some((_, "tls-alpn-01")) => AcmeChallenge::TlsAlpn01,
+            Some((c, other)) => {
                 cx.err(
                     c.span(),
                     "acme.challenge",
-                    format!("`{}`: only http-01 is supported (a plain listener on port 80 answers it)", c.get_ref()),
+                    format!("`{other}` is not a challenge tollgate answers: use http-01 (a plain listener on port 80) or tls-alpn-01 (a TLS listener on port 443)"),
                 );
+                AcmeChallenge::Http01
             }
+        };
+        let needs_tls = challenge == AcmeChallenge::TlsAlpn01;
+        if vhosts.iter().any(|v| v.acme) && !listeners.iter().any(|l| l.tls == needs_tls) {
+            cx.err(
+                r.challenge.as_ref().map_or(a.span(), |c| c.span()),
+                "acme.challenge",
+                format!(
+                    "{} is answered on a {} listener and there is none",
+                    challenge.name(),
+                    if needs_tls { "TLS (port 443)" } else { "plain (port 80)" }
+                ),
+            );
         }
         let consul = match (r.consul.unwrap_or(false), &r.encryption_key_file) {
             (false, _) => None,
@@ -497,6 +532,7 @@ pub(super) fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
         };
         AcmeSettings {
             consul,
+            challenge,
             directory: dir,
             email,
             storage: cx.path(r.storage.as_ref().map_or("acme", |s| s.get_ref().as_str())),

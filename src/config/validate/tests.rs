@@ -508,7 +508,8 @@ fn backend_protocols_and_tls_are_validated() {
 #[test]
 fn acme_settings_and_vhosts_are_validated() {
     let path = Path::new("/etc/tollgate/t.toml");
-    let base = "[[listener]]\naddress = \"0.0.0.0:443\"\ntls = true\n\
+    let base = "[[listener]]\naddress = \"0.0.0.0:80\"\n\
+                [[listener]]\naddress = \"0.0.0.0:443\"\ntls = true\n\
                 [[vhost]]\nnames = [\"a.test\"]\nacme = true\n[[vhost.route]]\npath = \"/\"\npool = \"p\"\n\
                 [pool.p]\nbackends = [\"127.0.0.1:1\"]\n";
     let ok =
@@ -518,6 +519,11 @@ fn acme_settings_and_vhosts_are_validated() {
     assert_eq!(a.storage, Path::new("/etc/tollgate/acme"));
     assert_eq!(a.certs_dir(), Path::new("/etc/tollgate/acme/certs"));
     assert!(c.vhosts[0].acme);
+    assert_eq!(a.challenge, AcmeChallenge::Http01);
+    let alpn = ok.replace("email = ", "challenge = \"tls-alpn-01\"\nemail = ");
+    let tls_only = |t: &str| t.replace("[[listener]]\naddress = \"0.0.0.0:80\"\n", "");
+    let c = parse(path, &tls_only(&alpn)).unwrap();
+    assert_eq!(c.acme.unwrap().challenge, AcmeChallenge::TlsAlpn01);
     for (text, opt, words) in [
         (base.to_string(), "vhost[0].acme", "needs an [acme] section"),
         (
@@ -546,7 +552,17 @@ fn acme_settings_and_vhosts_are_validated() {
         (
             ok.replace("email = ", "challenge = \"dns-01\"\nemail = "),
             "acme.challenge",
-            "only http-01",
+            "use http-01 (a plain listener on port 80) or tls-alpn-01",
+        ),
+        (
+            tls_only(&ok),
+            "acme.challenge",
+            "http-01 is answered on a plain (port 80) listener and there is none",
+        ),
+        (
+            alpn.replace("tls = true\n", ""),
+            "acme.challenge",
+            "tls-alpn-01 is answered on a TLS (port 443) listener",
         ),
     ] {
         let e = errs(&text);

@@ -134,6 +134,13 @@ pub(super) async fn consul_get(
             String::from_utf8_lossy(&body).trim()
         ));
     }
+    if status == reqwest::StatusCode::NOT_FOUND && path.starts_with("/v1/kv/") {
+        // a KV prefix with no keys (yet): Consul says 404, with the index to block on
+        return Ok((
+            next_index(index, answered),
+            bytes::Bytes::from_static(b"[]"),
+        ));
+    }
     if !status.is_success() {
         return Err(format!(
             "{path}: {status}: {}",

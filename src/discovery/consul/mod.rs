@@ -27,6 +27,7 @@ pub use rules::{
     backoff, changed_services, choose_datacenter, guard_shrink, next_index, parse_checks,
     parse_health, Checks, Failover, TokenBucket,
 };
+pub(crate) use watch::kv_entries;
 pub use watch::{WatchHealth, WatchTable};
 #[allow(clippy::wildcard_imports)]
 use {client::*, quiet::*, rules::*, watch::*};
@@ -84,13 +85,18 @@ enum Change {
         routes: Vec<DiscoveredRoute>,
         received: Instant,
     },
+    /// What `tls.consul_kv_prefix` holds now (checked pairs).
+    Certs {
+        certs: BTreeMap<String, super::KvCert>,
+        received: Instant,
+    },
 }
 
 impl Change {
     fn received(&self) -> Instant {
         match self {
             Change::Service(u) => u.received,
-            Change::Routes { received, .. } => *received,
+            Change::Routes { received, .. } | Change::Certs { received, .. } => *received,
         }
     }
 }
@@ -153,6 +159,7 @@ impl Manager {
             metrics: self.metrics.clone(),
         };
         let mut catalog: Option<tokio::task::JoinHandle<()>> = None;
+        let mut certs: Option<tokio::task::JoinHandle<()>> = None;
         let mut watches: BTreeMap<ServiceKey, tokio::task::JoinHandle<()>> = BTreeMap::new();
         let mut settings_in_force: Option<ConsulSettings> = None;
         let mut fallback: Option<(Vec<ServiceKey>, tokio::task::JoinHandle<()>)> = None;
@@ -175,10 +182,20 @@ impl Manager {
                 if let Some(h) = catalog.take() {
                     h.abort();
                 }
+                if let Some(h) = certs.take() {
+                    h.abort();
+                }
                 settings_in_force = Some(settings.clone());
             }
             if settings.tag_routes && catalog.is_none() {
                 catalog = Some(tokio::spawn(watch_catalog(settings.clone(), sink.clone())));
+            }
+            if let (Some(prefix), None) = (&settings.cert_prefix, &certs) {
+                certs = Some(tokio::spawn(watch_certs(
+                    settings.clone(),
+                    prefix.clone(),
+                    sink.clone(),
+                )));
             }
             if keys.len() > settings.max_blocking {
                 // the fallback: one task for all services (restarted when the set changes)
@@ -268,6 +285,9 @@ impl Manager {
         if let Some(h) = catalog {
             h.abort();
         }
+        if let Some(h) = certs {
+            h.abort();
+        }
     }
 
     /// For every pool with failover datacenters, choose the one that serves it now
@@ -351,6 +371,13 @@ impl Manager {
                 Change::Routes { routes, .. } => {
                     tracing::info!(routes = routes.len(), "Consul route tags changed");
                     view.routes = routes.clone();
+                }
+                Change::Certs { certs, .. } => {
+                    tracing::info!(
+                        certificates = certs.len(),
+                        "certificates from Consul KV changed"
+                    );
+                    view.certs = certs.clone();
                 }
             }
         }

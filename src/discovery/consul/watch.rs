@@ -1,8 +1,8 @@
 //! The watch loops, each turning on one `Blocking` step (pace, query at the index, carry
 //! the index on or start over, back off): one blocking watch per service, the catalog watch
 //! for routes declared in tags and meta, and the fallback beyond `max_blocking` services (two
-//! change watches, then a read of every watched service); the per-watch health that
-//! `/status` shows.
+//! change watches, then a read of every watched service); the certificates under
+//! `tls.consul_kv_prefix`; the per-watch health that `/status` shows.
 
 use super::*;
 use std::sync::atomic::Ordering::Relaxed;
@@ -515,6 +515,126 @@ pub(super) async fn watch_catalog(settings: ConsulSettings, sink: Sink) {
         if sink
             .tx
             .send(Change::Routes { routes, received })
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// The entries under KV `prefix` (keys relative to it, values decoded), from one blocking
+/// recursive read.
+pub(crate) async fn kv_entries(
+    http: &reqwest::Client,
+    s: &ConsulSettings,
+    prefix: &str,
+    index: u64,
+) -> Result<(u64, Vec<(String, Vec<u8>)>), String> {
+    #[derive(Deserialize)]
+    struct Entry {
+        #[serde(rename = "Key")]
+        key: String,
+        #[serde(rename = "Value")]
+        value: Option<String>,
+    }
+    let path = format!("/v1/kv/{prefix}/");
+    let what = format!("the KV prefix {prefix}/");
+    let params = [("recurse", String::new())];
+    let (next, body) = consul_get(http, s, &path, &what, None, &params, index).await?;
+    let entries: Vec<Entry> =
+        serde_json::from_slice(&body).map_err(|e| format!("{path}: not a KV answer: {e}"))?;
+    let skip = prefix.len() + 1;
+    let mut out = Vec::with_capacity(entries.len());
+    for e in entries {
+        use base64::Engine;
+        let value = base64::engine::general_purpose::STANDARD
+            .decode(e.value.unwrap_or_default())
+            .map_err(|err| format!("{}: not base64: {err}", e.key))?;
+        if let Some(k) = e.key.get(skip..).filter(|k| !k.is_empty()) {
+            out.push((k.to_string(), value));
+        }
+    }
+    Ok((next, out))
+}
+
+/// Watch `tls.consul_kv_prefix` until the task is aborted: pair what it holds, check every
+/// pair (the key belongs to the certificate), and send a change when the checked set moves.
+/// A pair that fails its check is said once per change; the version read before it keeps
+/// serving. A prefix that empties at once is the guard's case, as for the catalog: the
+/// certificates it had keep serving until one is there again.
+pub(super) async fn watch_certs(settings: ConsulSettings, prefix: String, sink: Sink) {
+    let http = match client(&settings) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("{e}");
+            return;
+        }
+    };
+    let mut w = Blocking::new(1, Some((WATCH_RATE, WATCH_BURST)));
+    let mut last: Option<BTreeMap<String, crate::discovery::KvCert>> = None;
+    let mut said: Vec<String> = Vec::new();
+    let failed = |failures, e: &str| {
+        let wait = failure_backoff(&sink, failures);
+        tracing::warn!(prefix = %prefix, error = %e, retry_in_ms = wait.as_millis() as u64, "Consul KV certificate watch failed; keeping the certificates it had");
+        wait
+    };
+    loop {
+        let what = format!("KV {prefix}/");
+        let answer = w
+            .next(&what, |i| kv_entries(&http, &settings, &prefix, i), failed)
+            .await;
+        let Some(entries) = answer else { continue };
+        let (pairs, mut problems) = crate::discovery::pair_kv_certs(&entries);
+        let mut certs = BTreeMap::new();
+        for (k, pair) in pairs {
+            let source = std::path::PathBuf::from(format!("consul:{prefix}/{k}"));
+            let name = source.display().to_string();
+            match crate::tls::pair_from_pem(
+                pair.cert.as_bytes(),
+                pair.key.as_bytes(),
+                &source,
+                &name,
+                &name,
+            ) {
+                Ok(_) => {
+                    certs.insert(k, pair);
+                }
+                Err(e) => {
+                    let before = last.as_ref().and_then(|l| l.get(&k));
+                    problems.push(format!(
+                        "{e}{}",
+                        if before.is_some() {
+                            "; the version read before keeps serving"
+                        } else {
+                            ""
+                        }
+                    ));
+                    if let Some(b) = before {
+                        certs.insert(k, b.clone());
+                    }
+                }
+            }
+        }
+        if problems != said {
+            for p in &problems {
+                tracing::error!(prefix = %prefix, "certificate in Consul KV not used: {p}");
+            }
+            said = problems;
+        }
+        if last.as_ref() == Some(&certs) {
+            continue;
+        }
+        if certs.is_empty() && last.as_ref().is_some_and(|l| !l.is_empty()) {
+            tracing::error!(prefix = %prefix, "GUARD: the KV prefix holds no usable certificate any more; keeping the ones it had");
+            sink.metrics.consul_guarded.fetch_add(1, Relaxed);
+            continue;
+        }
+        last = Some(certs.clone());
+        let received = Instant::now();
+        if sink
+            .tx
+            .send(Change::Certs { certs, received })
             .await
             .is_err()
         {
