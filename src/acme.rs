@@ -115,6 +115,46 @@ impl Issuer {
     }
 }
 
+/// The name sets ACME orders for (one certificate each): every `acme = true` vhost's names,
+/// and, of every other vhost without `cert`/`key`, the names no certificate from elsewhere
+/// (files, Consul KV) covers, wildcards aside (HTTP-01 and TLS-ALPN-01 cannot prove them).
+/// None without a TLS listener. Consul-declared hosts are not ordered: a service tag must
+/// not be able to spend the CA's rate limit.
+pub fn ordered_names(
+    config: &crate::config::Config,
+    certs: &crate::tls::CertStore,
+    acme_dir: &Path,
+) -> Vec<Vec<String>> {
+    if !config.has_tls() {
+        return Vec::new();
+    }
+    let elsewhere = |n: &str| {
+        certs
+            .infos
+            .iter()
+            .any(|i| !i.source.starts_with(acme_dir) && i.covers(n))
+    };
+    config
+        .vhosts
+        .iter()
+        .filter_map(|v| {
+            if v.acme {
+                return Some(v.names.clone());
+            }
+            if v.cert.is_some() {
+                return None;
+            }
+            let names: Vec<String> = v
+                .names
+                .iter()
+                .filter(|n| !n.starts_with('*') && !elsewhere(n))
+                .cloned()
+                .collect();
+            (!names.is_empty()).then_some(names)
+        })
+        .collect()
+}
+
 /// Whether `names` need a new certificate at `now_unix`: none issued that covers them all, or
 /// the one there is past 2/3 of its lifetime.
 pub fn renewal_due(
@@ -228,8 +268,7 @@ impl BackgroundService for Issuer {
                     }
                 }
             }
-            for v in snap.config.vhosts.iter().filter(|v| v.acme) {
-                let names = v.names.clone();
+            for names in ordered_names(&snap.config, &snap.certs, &cfg.certs_dir()) {
                 if !renewal_due(&snap.certs, &cfg.certs_dir(), &names, now) {
                     backoff.remove(&names);
                     continue;
@@ -754,5 +793,37 @@ mod tests {
         // nor one from a file elsewhere (the operator's, not ACME's)
         store.infos[0].source = "/etc/certs/a.test.crt".into();
         assert!(renewal_due(&store, dir, &names, 0));
+    }
+
+    #[test]
+    fn names_no_certificate_covers_are_ordered_wildcards_and_own_certificates_aside() {
+        let text = "[acme]\ndirectory = \"https://ca.test/dir\"\n\
+            [[listener]]\naddress = \"127.0.0.1:80\"\n\
+            [[listener]]\naddress = \"127.0.0.1:443\"\ntls = true\n\
+            [[vhost]]\nnames = [\"opt.test\"]\nacme = true\n[[vhost.route]]\npath = \"/\"\npool = \"p\"\n\
+            [[vhost]]\nnames = [\"auto.test\", \"filed.test\", \"x.wild.test\"]\n[[vhost.route]]\npath = \"/\"\npool = \"p\"\n\
+            [[vhost]]\nnames = [\"own.test\"]\ncert = \"o.crt\"\nkey = \"o.key\"\n[[vhost.route]]\npath = \"/\"\npool = \"p\"\n\
+            [[vhost]]\nnames = [\"*.star.test\"]\n[[vhost.route]]\npath = \"/\"\npool = \"p\"\n\
+            [pool.p]\nbackends = [\"127.0.0.1:1\"]\n";
+        let cfg = crate::config::Config::parse(Path::new("/etc/tollgate/t.toml"), text).unwrap();
+        let dir = cfg.acme.as_ref().unwrap().certs_dir();
+        let mut store = CertStore::default();
+        store.infos.push(CertInfo {
+            names: vec!["filed.test".into(), "*.wild.test".into()],
+            not_before: 0,
+            not_after: 1,
+            source: "/etc/certs/filed.crt".into(),
+        });
+        // an ACME certificate for auto.test does not take it off the list (it is renewed)
+        store.infos.push(CertInfo {
+            names: vec!["auto.test".into()],
+            not_before: 0,
+            not_after: 1,
+            source: dir.join("auto.test.crt"),
+        });
+        assert_eq!(
+            ordered_names(&cfg, &store, &dir),
+            vec![vec!["opt.test".to_string()], vec!["auto.test".to_string()]]
+        );
     }
 }

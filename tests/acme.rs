@@ -128,7 +128,8 @@ impl Drop for Pebble {
 }
 
 /// A vhost with `acme = true` gets its certificate from the CA over HTTP-01 (answered by
-/// tollgate's own plain listener) with no restart, serves it; an order the CA refuses is
+/// tollgate's own plain listener) with no restart, serves it (so does a vhost that no
+/// certificate covers, without asking); an order the CA refuses is
 /// logged and leaves that certificate serving; a restart reuses the saved account and
 /// certificate instead of ordering again.
 #[tokio::test]
@@ -148,6 +149,8 @@ async fn an_acme_vhost_gets_its_certificate_and_keeps_it_across_restarts() {
              [acme]\ndirectory = \"{}\"\nemail = \"ops@example.org\"\nstorage = \"{}/acme\"\nca_bundle = \"{}/pebble-https-ca.pem\"\n\
              [[listener]]\naddress = \"{http}\"\n[[listener]]\naddress = \"{https}\"\ntls = true\n\
              [[vhost]]\nnames = [\"a.test\", \"www.a.test\"]\nacme = true\n\
+             [[vhost.route]]\npath = \"/\"\npool = \"up\"\n\
+             [[vhost]]\nnames = [\"auto.test\"]\n\
              [[vhost.route]]\npath = \"/\"\npool = \"up\"\n[pool.up]\nbackends = [\"{}\"]\n",
             free_port(),
             pebble.directory,
@@ -190,6 +193,14 @@ async fn an_acme_vhost_gets_its_certificate_and_keeps_it_across_restarts() {
         let j: serde_json::Value = r.json().await.unwrap();
         assert_eq!(j["upstream"], "up");
     }
+    // a vhost with no certificate and no `acme = true`: [acme] orders one for it too
+    let root_pem = pebble.issuing_root_pem().await;
+    wait_for(
+        "the certificate of the vhost no file covers",
+        Duration::from_secs(60),
+        || async { served_cert(&root_pem, https, "auto.test").await.is_some() },
+    )
+    .await;
     let log = tg.log_text();
     assert!(log.contains("ACME account created and saved"), "{log}");
     assert!(log.contains("ACME certificate issued"), "{log}");

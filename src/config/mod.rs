@@ -43,7 +43,8 @@ pub struct Config {
     pub plugins: BTreeMap<String, PluginSpec>,
     /// `[[port]]`: service ports.
     pub ports: Vec<PortSpec>,
-    /// `[acme]`: certificates issued for `acme = true` vhosts.
+    /// `[acme]`: certificates issued for `acme = true` vhosts and for vhost names no
+    /// other certificate covers.
     pub acme: Option<AcmeSettings>,
 }
 

@@ -32,14 +32,14 @@ impl ResolvesServerCert for SniResolver {
             .alpn()
             .is_some_and(|mut p| p.next() == Some(ACME_TLS_ALPN) && p.next().is_none());
         if acme_tls {
-            // the challenge certificate or nothing, and only for a name an `acme = true`
-            // vhost serves (what a KV writer shares cannot widen that)
+            // the challenge certificate or nothing, and only for a name a vhost of the file
+            // may order for (what a KV writer shares cannot widen that)
             let name = hello.server_name()?;
-            let ours = snap
-                .config
-                .vhosts
-                .iter()
-                .any(|v| v.acme && v.names.iter().any(|n| n.eq_ignore_ascii_case(name)));
+            let ours = snap.config.acme.is_some()
+                && snap.config.vhosts.iter().any(|v| {
+                    (v.acme || v.cert.is_none())
+                        && v.names.iter().any(|n| n.eq_ignore_ascii_case(name))
+                });
             return self.acme.as_ref().filter(|_| ours)?.alpn_cert(name);
         }
         snap.certs.resolve(hello.server_name())

@@ -25,6 +25,19 @@ pub struct CertInfo {
     pub source: PathBuf,
 }
 
+impl CertInfo {
+    /// Does this certificate serve `name` (exactly, or by a wildcard of one label)?
+    pub fn covers(&self, name: &str) -> bool {
+        self.names.iter().any(|c| {
+            c.eq_ignore_ascii_case(name)
+                || c.strip_prefix("*.").is_some_and(|suffix| {
+                    name.split_once('.')
+                        .is_some_and(|(_, parent)| parent.eq_ignore_ascii_case(suffix))
+                })
+        })
+    }
+}
+
 /// Certificates by the name they serve. Wildcards cover exactly one label (RFC 6125).
 #[derive(Debug, Default, Clone)]
 pub struct CertStore {
@@ -141,12 +154,14 @@ impl CertStore {
             }
         }
         if errors.is_empty() {
-            // an ACME vhost without its certificate yet is not an error: it is being issued;
-            // nor, with `tls.consul_kv_prefix`, one KV does not hold yet: it may come there
+            // an ACME vhost without its certificate yet is not an error: it is being issued
+            // (with `[acme]`, so is every name no certificate covers, wildcards aside); nor,
+            // with `tls.consul_kv_prefix`, one KV does not hold yet: it may come there
             let kv_source = cfg.consul.cert_prefix.is_some();
+            let ordered = |n: &str| cfg.acme.is_some() && !n.starts_with('*');
             for v in cfg.vhosts.iter().filter(|v| !v.acme && !kv_source) {
                 for n in &v.names {
-                    if !store.covers(n) {
+                    if !store.covers(n) && !ordered(n) {
                         errors.push(ConfigError {
                             origin: v.origin.clone(),
                             option: "vhost.cert".into(),
@@ -161,7 +176,7 @@ impl CertStore {
                     }
                 }
             }
-            if store.is_empty() && !kv_source && !cfg.vhosts.iter().any(|v| v.acme) {
+            if store.is_empty() && !kv_source && cfg.acme.is_none() {
                 errors.push(ConfigError {
                     origin: cfg.certs_dir_origin.clone(),
                     option: "tls.certs_dir".into(),

@@ -448,6 +448,7 @@ pub(super) fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
     if has_tls
         && certs_dir.is_none()
         && consul.cert_prefix.is_none()
+        && raw.acme.is_none()
         && vhosts.iter().all(|v| v.cert.is_none() && !v.acme)
     {
         let span = raw
@@ -459,7 +460,7 @@ pub(super) fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
         cx.err(
             span,
             "listener.tls",
-            "a TLS listener needs certificates: set tls.certs_dir, tls.consul_kv_prefix, or cert/key or acme on a vhost",
+            "a TLS listener needs certificates: set tls.certs_dir, tls.consul_kv_prefix, [acme], or cert/key on a vhost",
         );
     }
 
@@ -495,7 +496,8 @@ pub(super) fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
             }
         };
         let needs_tls = challenge == AcmeChallenge::TlsAlpn01;
-        if vhosts.iter().any(|v| v.acme) && !listeners.iter().any(|l| l.tls == needs_tls) {
+        let wanted = has_tls || vhosts.iter().any(|v| v.acme);
+        if wanted && !listeners.iter().any(|l| l.tls == needs_tls) {
             cx.err(
                 r.challenge.as_ref().map_or(a.span(), |c| c.span()),
                 "acme.challenge",
