@@ -5,6 +5,7 @@ One tollgate (one worker pinned to CPU 0, HTTPS, access log off) with four route
 same upstream (an nginx answering a fixed 1 KiB body, CPU 1):
 
     /none       no plugin
+    /noop       a no-op plugin in WAT (only `proxy_on_request_headers`): the host's own cost
     /rl         ratelimit (a budget so large nothing is refused: the cost of the check)
     /rl-hs256   ratelimit + auth (JWT, HS256)
     /rl-rs256   ratelimit + auth (JWT, RS256, 2048-bit key)
@@ -41,7 +42,17 @@ import compare  # noqa: E402  (the upstream, process helpers)
 
 ROOT = compare.ROOT
 TG = 18460
-ROUTES = ["/none", "/rl", "/rl-hs256", "/rl-rs256"]
+ROUTES = ["/none", "/noop", "/rl", "/rl-hs256", "/rl-rs256"]
+NOOP = """(module
+  (memory (export "memory") 1)
+  (global $h (mut i32) (i32.const 1024))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32)
+    (local $p i32) (local.set $p (global.get $h))
+    (global.set $h (i32.add (global.get $h) (local.get 0))) (local.get $p))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) (i32.const 0)))
+"""
 HS_SECRET = "bench secret for hs256, at least 32 bytes long"
 
 
@@ -63,10 +74,11 @@ def token(alg, key_file=None):
 
 def tollgate_conf(d, cert, key, rs_pub):
     rl = f'"{ROOT}/plugins/dist/ratelimit.wasm"'
+    noop = compare.write(f"{d}/noop.wat", NOOP)
     auth = f'"{ROOT}/plugins/dist/auth.wasm"'
     pem = json.dumps(open(rs_pub).read())
     routes = "".join(f'[[vhost.route]]\npath = "{p}"\npool = "up"\nplugins = {plugins}\n'
-                     for p, plugins in [("/none", "[]"), ("/rl", '["rl"]'),
+                     for p, plugins in [("/none", "[]"), ("/noop", '["noop"]'), ("/rl", '["rl"]'),
                                         ("/rl-hs256", '["rl", "jwt-hs"]'),
                                         ("/rl-rs256", '["rl", "jwt-rs"]')])
     return compare.write(f"{d}/plugins.toml", f"""
@@ -82,6 +94,8 @@ level = "warn"
 [[listener]]
 address = "127.0.0.1:{TG}"
 tls = true
+[plugin.noop]
+file = "{noop}"
 [plugin.rl]
 file = {rl}
 config = {{ rate = 1000000000, burst = 1000000000 }}
@@ -113,7 +127,7 @@ def run_wrk(path, secs, conns, bearer):
     return {"rps": rps, "p50": lat["50"], "p99": lat["99"], "errors": int(errors.group(1)) if errors else 0}
 
 
-def callgrind_counts(tollgate, conf, tokens, d, n):
+def callgrind_counts(tollgate, conf, tokens, d, n, keep=None):
     """Instructions per request per route, tollgate under callgrind."""
     log = open(f"{d}/callgrind.log", "w")
     proc = subprocess.Popen(["valgrind", "--tool=callgrind", "--smc-check=all-non-file",
@@ -122,14 +136,19 @@ def callgrind_counts(tollgate, conf, tokens, d, n):
     try:
         compare.wait_port(TG, proc, "tollgate under callgrind", timeout=120)
         counts = {}
+
+        def curl(path, spec):
+            subprocess.run(["curl", "-sk", "--http1.1", "-o", "/dev/null", "-H",
+                            f"Authorization: Bearer {tokens[path]}",
+                            f"https://127.0.0.1:{TG}{path}?{spec}"], check=True)
+        # warm-up of every route before any is measured (instances, caches, and the
+        # process's own first-use costs, which would otherwise land on the first route)
         for path in ROUTES:
-            def curl(spec):
-                subprocess.run(["curl", "-sk", "--http1.1", "-o", "/dev/null", "-H",
-                                f"Authorization: Bearer {tokens[path]}",
-                                f"https://127.0.0.1:{TG}{path}?{spec}"], check=True)
-            curl("w=[1-30]")  # warm-up: connection, instances, caches
+            curl(path, "w=[1-30]")
+        for path in ROUTES:
+            curl(path, "w=[1-5]")
             subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
-            curl(f"i=[1-{n}]")
+            curl(path, f"i=[1-{n}]")
             before = set(os.listdir(d))
             subprocess.run(["callgrind_control", "--dump=x", str(proc.pid)], check=True, capture_output=True)
             end = time.time() + 30
@@ -141,6 +160,9 @@ def callgrind_counts(tollgate, conf, tokens, d, n):
             time.sleep(0.5)  # let the dump finish writing
             totals = [line for line in open(f"{d}/{dump}") if line.startswith("totals:")]
             counts[path] = int(totals[0].split()[1]) / n
+            if keep:
+                os.makedirs(keep, exist_ok=True)
+                shutil.copy(f"{d}/{dump}", f"{keep}/cg{path.replace('/', '.')}.out")
             print(f"callgrind: {path} done", file=sys.stderr)
         return counts
     finally:
@@ -156,6 +178,7 @@ def main():
     ap.add_argument("--callgrind", action="store_true", help="also count instructions per request")
     ap.add_argument("--requests", type=int, default=500, help="requests per route under callgrind")
     ap.add_argument("--skip-wrk", action="store_true", help="only the callgrind counts")
+    ap.add_argument("--keep", help="copy each route's callgrind dump here (cg.<route>.out), for callgrind_annotate")
     args = ap.parse_args()
     for tool in ("nginx", "wrk", "taskset", "openssl"):
         if not shutil.which(tool):
@@ -171,7 +194,7 @@ def main():
     up_conf = compare.configs(d, cert, key)[0]
     fixtures = f"{ROOT}/tests/fixtures"
     conf = tollgate_conf(d, cert, key, f"{fixtures}/jwt-rs256-test-only.pub")
-    tokens = {"/none": token("HS256"), "/rl": token("HS256"), "/rl-hs256": token("HS256"),
+    tokens = {"/none": token("HS256"), "/noop": token("HS256"), "/rl": token("HS256"), "/rl-hs256": token("HS256"),
               "/rl-rs256": token("RS256", f"{fixtures}/jwt-rs256-test-only.key")}
     log = open(f"{d}/servers.log", "w")
     procs = [compare.start(["nginx", "-p", d, "-e", f"{d}/upstream.err", "-c", up_conf], 1,
@@ -185,7 +208,7 @@ def main():
             if not shutil.which(tool):
                 sys.exit(f"{tool} is missing (apt-get install valgrind curl)")
         try:
-            counts = callgrind_counts(args.tollgate, conf, tokens, d, args.requests)
+            counts = callgrind_counts(args.tollgate, conf, tokens, d, args.requests, args.keep)
         except BaseException:
             compare.stop(procs)
             raise
@@ -212,7 +235,7 @@ def main():
           f"CPU 1); {args.rounds} rounds x {args.seconds}s; 1 KiB responses\n")
     print("| route | plugins | req/s | p50 ms | p99 ms | non-2xx | req/s vs none | p50 added µs |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
-    names = {"/none": "none", "/rl": "ratelimit", "/rl-hs256": "ratelimit + auth JWT HS256",
+    names = {"/none": "none", "/noop": "no-op (WAT)", "/rl": "ratelimit", "/rl-hs256": "ratelimit + auth JWT HS256",
              "/rl-rs256": "ratelimit + auth JWT RS256"}
     for path in ROUTES:
         fails = sum(x["errors"] for x in results[path])

@@ -131,8 +131,11 @@ pub(super) fn response_body(
 /// End every context: on_done, on_log, on_delete (the ABI's order).
 pub(super) fn log(session: &mut Session, ctx: &mut RequestCtx) {
     if let Some(chain) = ctx.plugins.as_mut() {
-        // on_log may read the response headers: the only copy made of them
-        chain.data_mut().resp = session.response_written().cloned();
+        // on_log may read the response headers: the only copy made of them, and only for
+        // a chain with a plugin that exports on_log
+        if chain.listens_to_log() {
+            chain.data_mut().resp = session.response_written().cloned();
+        }
         chain.finish(Some(session.req_header_mut()));
     }
 }

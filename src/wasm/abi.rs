@@ -160,12 +160,9 @@ pub fn deserialize_map(buf: &[u8]) -> Result<Pairs, &'static str> {
 }
 
 /// A property path as sent by the SDKs: segments joined (and possibly ended) by NUL.
-pub fn split_path(buf: &[u8]) -> Vec<String> {
-    let trimmed = buf.strip_suffix(&[0]).unwrap_or(buf);
-    trimmed
-        .split(|b| *b == 0)
-        .map(|s| String::from_utf8_lossy(s).into_owned())
-        .collect()
+pub fn split_path(buf: &str) -> Vec<&str> {
+    let trimmed = buf.strip_suffix('\0').unwrap_or(buf);
+    trimmed.split('\0').collect()
 }
 
 /// Integer properties are 8-byte little-endian, as Envoy encodes them.
@@ -215,9 +212,9 @@ mod tests {
 
     #[test]
     fn property_paths_split_on_nul() {
-        assert_eq!(split_path(b"request\0path"), vec!["request", "path"]);
-        assert_eq!(split_path(b"plugin_name\0"), vec!["plugin_name"]);
-        assert_eq!(split_path(b"source\0port"), vec!["source", "port"]);
+        assert_eq!(split_path("request\0path"), vec!["request", "path"]);
+        assert_eq!(split_path("plugin_name\0"), vec!["plugin_name"]);
+        assert_eq!(split_path("source\0port"), vec!["source", "port"]);
         assert_eq!(int_property(443), vec![0xbb, 1, 0, 0, 0, 0, 0, 0]);
     }
 }

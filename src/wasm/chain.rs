@@ -56,6 +56,8 @@ enum Phase {
 pub struct Chain {
     streams: Vec<Stream>,
     plugins: Vec<Arc<Plugin>>,
+    /// What any plugin of the chain listens to (phases nobody listens to are skipped).
+    listens: super::Listens,
     data: Option<Box<StreamData>>,
     pools: Arc<Vec<String>>,
     finished: bool,
@@ -67,9 +69,17 @@ pub struct Chain {
 
 impl Chain {
     pub fn new(plugins: Vec<Arc<Plugin>>, data: StreamData, pools: Arc<Vec<String>>) -> Chain {
+        let listens = plugins
+            .iter()
+            .fold(super::Listens::default(), |a, p| super::Listens {
+                response_headers: a.response_headers || p.listens.response_headers,
+                response_body: a.response_body || p.listens.response_body,
+                log: a.log || p.listens.log,
+            });
         Chain {
             streams: Vec::with_capacity(plugins.len()),
             plugins,
+            listens,
             data: Some(Box::new(data)),
             pools,
             finished: false,
@@ -89,6 +99,12 @@ impl Chain {
         self.data
             .as_deref()
             .expect("stream data is always returned after a call")
+    }
+
+    /// Does a plugin of the chain export `proxy_on_log` (and so may read the response
+    /// headers there)?
+    pub fn listens_to_log(&self) -> bool {
+        self.listens.log
     }
 
     pub fn data_mut(&mut self) -> &mut StreamData {
@@ -423,6 +439,9 @@ impl Chain {
         end_of_stream: bool,
     ) -> Verdict {
         self.resp_ended = end_of_stream;
+        if !self.listens.response_headers {
+            return Verdict::Continue;
+        }
         // the upstream's header is lent like the request's: swapped in, then back
         let placeholder = ResponseHeader::build_no_case(200, Some(0)).ok();
         let Some(placeholder) = placeholder else {
@@ -469,7 +488,7 @@ impl Chain {
         chunk: &mut Option<Bytes>,
         end_of_stream: bool,
     ) -> Verdict {
-        if self.resp_ended || (chunk.is_none() && !end_of_stream) {
+        if self.resp_ended || !self.listens.response_body || (chunk.is_none() && !end_of_stream) {
             return Verdict::Continue;
         }
         self.swap_req(req);

@@ -92,6 +92,17 @@ pub struct Plugin {
     slots: Vec<Mutex<Slot>>,
     pub stats: Arc<PluginStats>,
     pub loaded_unix: u64,
+    /// The response-side callbacks the module exports: a chain skips a phase (and what it
+    /// would prepare for it) when none of its plugins listens, as Envoy skips filters.
+    pub listens: Listens,
+}
+
+/// Which response-side callbacks a module exports.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Listens {
+    pub response_headers: bool,
+    pub response_body: bool,
+    pub log: bool,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -461,6 +472,11 @@ impl Host {
                 },
             );
         }
+        let listens = Listens {
+            response_headers: exports.contains(&"proxy_on_response_headers"),
+            response_body: exports.contains(&"proxy_on_response_body"),
+            log: exports.contains(&"proxy_on_log"),
+        };
         let mut linker: Linker<HostState> = Linker::new(&self.engine);
         hostcalls::link(&mut linker, &module, &spec.name)
             .map_err(|e| format!("{file}: cannot link: {e:#}"))?;
@@ -495,6 +511,7 @@ impl Host {
                 })
                 .collect(),
             stats,
+            listens,
             loaded_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())

@@ -2,12 +2,11 @@
 //! raw bytes, integers 8-byte little-endian, header maps in the ABI's map encoding.
 
 use super::abi::{int_property, serialize_map};
-use super::vm::{request_pseudo, HostState};
+use super::vm::{request_pseudo_value, HostState};
 
-pub fn get(d: &HostState, path: &[String]) -> Option<Vec<u8>> {
-    let p: Vec<&str> = path.iter().map(String::as_str).collect();
+pub fn get(d: &HostState, p: &[&str]) -> Option<Vec<u8>> {
     // Plugin-level properties work from any context.
-    match p.as_slice() {
+    match p {
         ["plugin_name"] => return Some(d.spec.name.as_bytes().to_vec()),
         ["plugin_root_id"] => return Some(d.spec.root_id.as_bytes().to_vec()),
         ["plugin_vm_id"] => return Some(d.spec.vm_id.as_bytes().to_vec()),
@@ -15,19 +14,16 @@ pub fn get(d: &HostState, path: &[String]) -> Option<Vec<u8>> {
         _ => {}
     }
     let s = d.stream()?;
-    let joined = p.join(".");
-    if let Some(v) = s.props.get(&joined) {
-        return Some(v.clone());
+    // (joined only when some plugin set a property: most requests have none)
+    if !s.props.is_empty() {
+        if let Some(v) = s.props.get(&p.join(".")) {
+            return Some(v.clone());
+        }
     }
-    let pseudo = |name: &str| {
-        request_pseudo(&s.req, &s.info)
-            .into_iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v)
-    };
+    let pseudo = |name: &str| request_pseudo_value(&s.req, &s.info, name).map(<[u8]>::to_vec);
     let header = |name: &str| s.req.headers.get(name).map(|v| v.as_bytes().to_vec());
     let info = &s.info;
-    Some(match p.as_slice() {
+    Some(match p {
         ["request", "path"] => pseudo(":path")?,
         ["request", "url_path"] => s.req.uri.path().as_bytes().to_vec(),
         ["request", "query"] => s.req.uri.query().unwrap_or("").as_bytes().to_vec(),

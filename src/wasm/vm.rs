@@ -174,6 +174,40 @@ impl HostState {
     /// Header pairs of a map, pseudo-headers first. Values that are not UTF-8 are given with
     /// the invalid bytes replaced: the SDKs' string getters panic on them otherwise, and a
     /// panic would poison the instance for every other client.
+    /// One value of a header map by (lower-case) name, as `map_pairs` would show it (the
+    /// first of repeated headers; bytes that are not UTF-8 replaced), without building the
+    /// map: `None` when the map or the name is not there.
+    pub fn map_value(&self, t: MapType, name: &str) -> Option<std::borrow::Cow<'_, [u8]>> {
+        use std::borrow::Cow;
+        fn lossy(v: &[u8]) -> Cow<'_, [u8]> {
+            match String::from_utf8_lossy(v) {
+                Cow::Borrowed(b) => Cow::Borrowed(b.as_bytes()),
+                Cow::Owned(o) => Cow::Owned(o.into_bytes()),
+            }
+        }
+        match t {
+            MapType::RequestHeaders => {
+                let s = self.stream()?;
+                if name.starts_with(':') {
+                    return request_pseudo_value(&s.req, &s.info, name).map(Cow::Borrowed);
+                }
+                s.req.headers.get(name).map(|v| lossy(v.as_bytes()))
+            }
+            MapType::ResponseHeaders => {
+                let r = self.stream()?.resp.as_ref()?;
+                if name == ":status" {
+                    return Some(Cow::Borrowed(r.status.as_str().as_bytes()));
+                }
+                r.headers.get(name).map(|v| lossy(v.as_bytes()))
+            }
+            _ => self
+                .map_pairs(t)?
+                .into_iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| Cow::Owned(v)),
+        }
+    }
+
     pub fn map_pairs(&self, t: MapType) -> Option<Vec<(String, Vec<u8>)>> {
         let lossy = |v: &[u8]| String::from_utf8_lossy(v).into_owned().into_bytes();
         match t {
@@ -211,32 +245,38 @@ impl HostState {
 
 /// The pseudo-headers of a request, as Envoy shows them.
 pub fn request_pseudo(req: &RequestHeader, info: &RequestInfo) -> Vec<(String, Vec<u8>)> {
-    let path = req
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/")
-        .as_bytes()
-        .to_vec();
-    let authority = req
-        .uri
-        .authority()
-        .map(|a| a.as_str().as_bytes().to_vec())
-        .or_else(|| req.headers.get("host").map(|h| h.as_bytes().to_vec()))
-        .unwrap_or_default();
-    vec![
-        (":method".into(), req.method.as_str().as_bytes().to_vec()),
-        (":path".into(), path),
-        (":authority".into(), authority),
-        (
-            ":scheme".into(),
-            if info.tls {
-                b"https".to_vec()
-            } else {
-                b"http".to_vec()
-            },
-        ),
-    ]
+    [":method", ":path", ":authority", ":scheme"]
+        .into_iter()
+        .map(|n| {
+            let v = request_pseudo_value(req, info, n).unwrap_or_default();
+            (n.to_string(), v.to_vec())
+        })
+        .collect()
+}
+
+/// One pseudo-header of a request (`request_pseudo`'s), without building the others.
+pub fn request_pseudo_value<'a>(
+    req: &'a RequestHeader,
+    info: &RequestInfo,
+    name: &str,
+) -> Option<&'a [u8]> {
+    Some(match name {
+        ":method" => req.method.as_str().as_bytes(),
+        ":path" => req
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .as_bytes(),
+        ":authority" => req
+            .uri
+            .authority()
+            .map(|a| a.as_str().as_bytes())
+            .or_else(|| req.headers.get("host").map(|h| h.as_bytes()))
+            .unwrap_or_default(),
+        ":scheme" if info.tls => b"https",
+        ":scheme" => b"http",
+        _ => return None,
+    })
 }
 
 /// Why a call into a plugin failed. Every fault discards the instance.

@@ -56,7 +56,7 @@ pub struct Cache {
 }
 
 struct Verified {
-    claims: Claims,
+    claims: std::rc::Rc<Claims>,
     exp: Option<f64>,
     nbf: Option<f64>,
 }
@@ -118,12 +118,18 @@ impl JwtConfig {
     /// Verify `token` at `now` (Unix seconds); the claims, or why not. A token this
     /// instance verified before skips the signature and the static claims (an exact match
     /// in `cache`); its times are checked again on every request.
-    pub fn verify(&self, token: &str, now: u64, cache: &mut Cache) -> Result<Claims, &'static str> {
+    /// The token's claims, shared with the cache (a hit copies nothing).
+    pub fn verify(
+        &self,
+        token: &str,
+        now: u64,
+        cache: &mut Cache,
+    ) -> Result<std::rc::Rc<Claims>, &'static str> {
         if let Some(v) = cache.map.get(token) {
             self.check_time(v.exp, v.nbf, now)?;
             return Ok(v.claims.clone());
         }
-        let claims = self.verify_uncached(token)?;
+        let claims = std::rc::Rc::new(self.verify_uncached(token)?);
         let num = |k: &str| claims.get(k).and_then(|v| v.as_f64());
         let (exp, nbf) = (num("exp"), num("nbf"));
         self.check_time(exp, nbf, now)?;

@@ -98,6 +98,12 @@ fn default_forward() -> Vec<String> {
     vec!["authorization".into(), "cookie".into()]
 }
 
+/// A configuration as checked, with what every request needs of it computed once.
+struct Checked {
+    mode: Mode,
+    identity: Vec<String>,
+}
+
 enum Mode {
     Basic(BasicConfig),
     ApiKey(ApiKeyConfig),
@@ -142,6 +148,7 @@ impl Mode {
     }
 
     /// Headers that carry identity to the upstream: never taken from the client.
+    /// The headers this mode sets from what it verified (lower-case), computed once.
     fn identity_headers(&self) -> Vec<String> {
         match self {
             Mode::Basic(b) => vec![b.user_header.to_ascii_lowercase()],
@@ -187,7 +194,7 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 struct Root {
-    cfg: Option<Rc<Mode>>,
+    cfg: Option<Rc<Checked>>,
     /// Verified JWTs, shared by this instance's requests.
     jwt_cache: Rc<RefCell<jwt::Cache>>,
 }
@@ -199,7 +206,10 @@ impl RootContext for Root {
         let bytes = self.get_plugin_configuration().unwrap_or_default();
         match Mode::parse(&bytes) {
             Ok(m) => {
-                self.cfg = Some(Rc::new(m));
+                self.cfg = Some(Rc::new(Checked {
+                    identity: m.identity_headers(),
+                    mode: m,
+                }));
                 true
             }
             Err(e) => {
@@ -222,13 +232,13 @@ impl RootContext for Root {
 }
 
 struct Auth {
-    cfg: Rc<Mode>,
+    cfg: Rc<Checked>,
     jwt_cache: Rc<RefCell<jwt::Cache>>,
 }
 
 impl Context for Auth {
     fn on_http_call_response(&mut self, _token: u32, _nh: usize, body_size: usize, _nt: usize) {
-        let Mode::External(e) = &*self.cfg.clone() else {
+        let Mode::External(e) = &self.cfg.clone().mode else {
             return;
         };
         let status = self
@@ -359,32 +369,37 @@ impl Auth {
     }
 
     fn jwt(&self, j: &jwt::JwtConfig) -> Action {
-        let www = format!("Bearer realm=\"{}\"", j.realm);
-        let token = self.get_http_request_header(&j.header).and_then(|h| {
+        let www = || format!("Bearer realm=\"{}\"", j.realm);
+        let header = self.get_http_request_header(&j.header);
+        let token = header.as_deref().and_then(|h| {
             let h = h.trim();
             h.strip_prefix("Bearer ")
                 .or_else(|| h.strip_prefix("bearer "))
-                .map(|t| t.trim().to_string())
+                .map(str::trim)
         });
         let Some(token) = token else {
-            self.deny(401, "bearer token required", Some(www));
+            self.deny(401, "bearer token required", Some(www()));
             return Action::Pause;
         };
-        let verdict = j.verify(&token, self.now(), &mut self.jwt_cache.borrow_mut());
+        let verdict = j.verify(token, self.now(), &mut self.jwt_cache.borrow_mut());
         match verdict {
             Ok(claims) => {
+                // (the client's identity headers are gone already)
                 for (claim, header) in &j.claims_to_headers {
-                    if let Some(v) = claims.get(claim) {
-                        let s = match v {
-                            serde_json::Value::String(s) => s.clone(),
-                            other => other.to_string(),
-                        };
-                        self.set_http_request_header(header, Some(&s));
+                    match claims.get(claim) {
+                        Some(serde_json::Value::String(s)) => {
+                            self.set_http_request_header(header, Some(s))
+                        }
+                        Some(other) => {
+                            self.set_http_request_header(header, Some(&other.to_string()))
+                        }
+                        None => {}
                     }
                 }
                 Action::Continue
             }
             Err(why) => {
+                let www = www();
                 let www = format!("{www}, error=\"invalid_token\", error_description=\"{why}\"");
                 self.deny(401, &format!("invalid token: {why}"), Some(www));
                 Action::Pause
@@ -436,10 +451,12 @@ impl Auth {
 impl HttpContext for Auth {
     fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
         let cfg = self.cfg.clone();
-        for h in cfg.identity_headers() {
-            self.set_http_request_header(&h, None);
+        // the identity headers a client may not send: removed before anything can fail, so
+        // even a plugin fault under fail_open never forwards a forged one
+        for h in &cfg.identity {
+            self.set_http_request_header(h, None);
         }
-        match &*cfg {
+        match &cfg.mode {
             Mode::Basic(b) => self.basic(b),
             Mode::ApiKey(k) => self.api_key(k),
             Mode::Jwt(j) => self.jwt(j),

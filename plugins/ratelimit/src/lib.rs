@@ -52,6 +52,8 @@ struct Config {
     policy: String,
     /// The RateLimit-Policy value (the same on every answer).
     policy_header: String,
+    /// `"POLICY";r=`: the start of every `RateLimit` header.
+    state_prefix: String,
     headers_on_success: bool,
 }
 
@@ -131,6 +133,7 @@ impl Config {
             key,
             allow,
             policy_header: format!("\"{policy}\";q={};w={window}", raw.burst),
+            state_prefix: format!("\"{policy}\";r="),
             policy,
             headers_on_success: raw.headers_on_success.unwrap_or(true),
         })
@@ -211,17 +214,17 @@ impl Limiter {
                 Some(IpAddr::V6(v6)) => {
                     // One bucket per /64: an IPv6 client usually holds the whole prefix.
                     let s = v6.segments();
-                    format!("ip:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+                    format!("rl:ip:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
                 }
-                Some(ip) => format!("ip:{ip}"),
-                None => "ip:unknown".into(),
+                Some(ip) => format!("rl:ip:{ip}"),
+                None => "rl:ip:unknown".into(),
             },
             Key::Route => {
                 let r = self.get_property(vec!["route_name"]).unwrap_or_default();
-                format!("route:{}", String::from_utf8_lossy(&r))
+                format!("rl:route:{}", String::from_utf8_lossy(&r))
             }
             Key::Header(h) => format!(
-                "hdr:{h}:{}",
+                "rl:hdr:{h}:{}",
                 self.get_http_request_header(h).unwrap_or_default()
             ),
         }
@@ -270,7 +273,7 @@ impl HttpContext for Limiter {
                 }
             }
         }
-        let key = format!("rl:{}", self.key());
+        let key = self.key();
         match self.take(&key) {
             Ok(left) => {
                 let full_in = ((self.cfg.burst - left) / self.cfg.rate).ceil() as u64;
@@ -301,7 +304,7 @@ impl HttpContext for Limiter {
         if let (true, Some((left, t))) = (self.cfg.headers_on_success, self.remaining) {
             let cfg = self.cfg.clone();
             self.set_http_response_header("ratelimit-policy", Some(&cfg.policy_header));
-            let state = format!("\"{}\";r={left};t={t}", self.cfg.policy);
+            let state = format!("{}{left};t={t}", cfg.state_prefix);
             self.set_http_response_header("ratelimit", Some(&state));
         }
         Action::Continue

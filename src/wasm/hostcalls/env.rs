@@ -165,16 +165,12 @@ pub(super) fn proxy_get_header_map_value(
         return Ok(st(Status::BadArgument));
     };
     let key = read_str(&mut c, kp, kn)?.to_ascii_lowercase();
-    let Some(pairs) = c.data().map_pairs(t) else {
+    // the one value, looked up by name: not the whole map built to search it
+    let Some(v) = c.data().map_value(t, &key).map(|v| v.into_owned()) else {
         return Ok(st(Status::NotFound));
     };
-    match pairs.into_iter().find(|(k, _)| *k == key) {
-        Some((_, v)) => {
-            give(&mut c, &v, rp, rl)?;
-            Ok(st(Status::Ok))
-        }
-        None => Ok(st(Status::NotFound)),
-    }
+    give(&mut c, &v, rp, rl)?;
+    Ok(st(Status::Ok))
 }
 
 pub(super) fn proxy_add_header_map_value(
@@ -204,8 +200,9 @@ pub(super) fn proxy_remove_header_map_value(mut c: C, t: i32, kp: i32, kn: i32) 
 }
 
 pub(super) fn proxy_get_property(mut c: C, p: i32, n: i32, rp: i32, rl: i32) -> R<i32> {
-    let path = abi::split_path(&read(&mut c, p, n)?);
-    match super::super::properties::get(c.data(), &path) {
+    let raw = read(&mut c, p, n)?;
+    let text = String::from_utf8_lossy(&raw);
+    match super::super::properties::get(c.data(), &abi::split_path(&text)) {
         Some(v) => {
             give(&mut c, &v, rp, rl)?;
             Ok(st(Status::Ok))
@@ -215,7 +212,8 @@ pub(super) fn proxy_get_property(mut c: C, p: i32, n: i32, rp: i32, rl: i32) -> 
 }
 
 pub(super) fn proxy_set_property(mut c: C, p: i32, n: i32, vp: i32, vn: i32) -> R<i32> {
-    let path = abi::split_path(&read(&mut c, p, n)?).join(".");
+    let raw = read(&mut c, p, n)?;
+    let path = abi::split_path(&String::from_utf8_lossy(&raw)).join(".");
     let v = read(&mut c, vp, vn)?;
     match c.data_mut().stream_mut() {
         Some(s) => {
