@@ -43,16 +43,7 @@ import compare  # noqa: E402  (the upstream, process helpers)
 ROOT = compare.ROOT
 TG = 18460
 ROUTES = ["/none", "/noop", "/rl", "/rl-hs256", "/rl-rs256"]
-NOOP = """(module
-  (memory (export "memory") 1)
-  (global $h (mut i32) (i32.const 1024))
-  (func (export "proxy_abi_version_0_2_1"))
-  (func (export "proxy_on_memory_allocate") (param i32) (result i32)
-    (local $p i32) (local.set $p (global.get $h))
-    (global.set $h (i32.add (global.get $h) (local.get 0))) (local.get $p))
-  (func (export "proxy_on_context_create") (param i32 i32))
-  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) (i32.const 0)))
-"""
+NOOP_WAT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "noop.wat")
 HS_SECRET = "bench secret for hs256, at least 32 bytes long"
 
 
@@ -74,7 +65,7 @@ def token(alg, key_file=None):
 
 def tollgate_conf(d, cert, key, rs_pub):
     rl = f'"{ROOT}/plugins/dist/ratelimit.wasm"'
-    noop = compare.write(f"{d}/noop.wat", NOOP)
+    noop = NOOP_WAT
     auth = f'"{ROOT}/plugins/dist/auth.wasm"'
     pem = json.dumps(open(rs_pub).read())
     routes = "".join(f'[[vhost.route]]\npath = "{p}"\npool = "up"\nplugins = {plugins}\n'

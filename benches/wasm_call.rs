@@ -13,16 +13,6 @@ use std::time::Duration;
 use tollgate::config::{OnError, Origin, PluginSpec};
 use tollgate::wasm::{Chain, RequestInfo, StreamData, Verdict};
 
-const NOOP: &str = r#"(module
-  (memory (export "memory") 1)
-  (global $h (mut i32) (i32.const 1024))
-  (func (export "proxy_abi_version_0_2_1"))
-  (func (export "proxy_on_memory_allocate") (param i32) (result i32)
-    (local $p i32) (local.set $p (global.get $h))
-    (global.set $h (i32.add (global.get $h) (local.get 0))) (local.get $p))
-  (func (export "proxy_on_context_create") (param i32 i32))
-  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) (i32.const 0)))"#;
-
 const HS_SECRET: &str = "bench secret for hs256, at least 32 bytes long";
 
 fn spec(name: &str, file: PathBuf, config: &str) -> PluginSpec {
@@ -81,10 +71,8 @@ fn ready<F: std::future::Future>(f: F) -> F::Output {
 
 fn bench(c: &mut Criterion) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let dir = std::env::temp_dir().join(format!("tollgate-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let noop = dir.join("noop.wat");
-    std::fs::write(&noop, NOOP).unwrap();
+    // the no-op plugin (the host's own cost), shared with benches/plugins.py
+    let noop = root.join("benches/noop.wat");
     let dist = root.join("plugins/dist");
     let mut specs = BTreeMap::new();
     specs.insert("noop".to_string(), spec("noop", noop, ""));
@@ -148,7 +136,6 @@ fn bench(c: &mut Criterion) {
         });
     }
     g.finish();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 criterion_group!(benches, bench);

@@ -322,14 +322,7 @@ async fn tls_alpn_01_is_answered_on_the_tls_listener_and_short_certificates_rene
         .unwrap();
     assert_eq!(r.status(), 200);
     // /certs: the source and the next renewal (2/3 of 45 s after the start of validity)
-    let certs = admin_json(&reqwest::Client::new(), admin, "/certs").await;
-    let entry = certs
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["names"][0] == "c.test")
-        .cloned()
-        .unwrap_or_else(|| panic!("{certs}"));
+    let entry = cert_entry(admin, "c.test").await;
     let (nb, na) = (
         entry["not_before_unix"].as_i64().unwrap(),
         entry["not_after_unix"].as_i64().unwrap(),
@@ -709,6 +702,18 @@ async fn when_the_issuer_dies_mid_order_another_completes() {
     );
 }
 
+/// The `/certs` entry of the certificate whose first name is `name`.
+async fn cert_entry(admin: u16, name: &str) -> serde_json::Value {
+    let certs = admin_json(&reqwest::Client::new(), admin, "/certs").await;
+    certs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["names"][0] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no /certs entry for {name}: {certs}"))
+}
+
 /// The common name of the certificate served for `sni`, verified against `ca`; none when the
 /// handshake fails.
 async fn served_cn(ca: &TestCa, addr: SocketAddr, sni: &str) -> Option<String> {
@@ -785,14 +790,7 @@ async fn certificates_come_from_consul_kv_and_follow_it() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let certs = admin_json(&reqwest::Client::new(), admin, "/certs").await;
-    let a = certs
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["names"][0] == "a.test")
-        .cloned()
-        .unwrap_or_else(|| panic!("{certs}"));
+    let a = cert_entry(admin, "a.test").await;
     assert_eq!(a["issuer"], "consul");
     assert_eq!(a["source"], "consul:edge/certs/a.test-cert.pem");
     // the saved view holds keys now: private to its owner
