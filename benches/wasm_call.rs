@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tollgate::config::{OnError, Origin, PluginSpec};
-use tollgate::wasm::{Chain, RequestInfo, StreamData, Verdict};
+use tollgate::wasm::{Chain, RequestInfo, Verdict};
 
 const HS_SECRET: &str = "bench secret for hs256, at least 32 bytes long";
 
@@ -110,7 +110,7 @@ fn bench(c: &mut Criterion) {
     let info = RequestInfo {
         source: Some("192.0.2.7:51234".parse().unwrap()),
         request_id: "0123456789abcdef".into(),
-        protocol: "HTTP/1.1".into(),
+        protocol: "HTTP/1.1",
         ..Default::default()
     };
     let pools = Arc::new(vec!["up".to_string()]);
@@ -121,17 +121,16 @@ fn bench(c: &mut Criterion) {
         vec!["jwt"],
         vec!["ratelimit", "jwt"],
     ] {
-        let list: Vec<_> = chain.iter().map(|n| plugins[*n].clone()).collect();
+        let list: Arc<[_]> = chain.iter().map(|n| plugins[*n].clone()).collect();
         g.bench_function(chain.join("+"), |b| {
             b.iter(|| {
-                // as the proxy does: the chain holds a placeholder, the request is lent
-                let placeholder =
-                    pingora::http::RequestHeader::build_no_case("GET", b"/", Some(0)).unwrap();
-                let data = StreamData::new(info.clone(), placeholder);
-                let mut ch = Chain::new(list.clone(), data, pools.clone());
+                // as the proxy does: a (recycled) chain, the request lent to it
+                let mut ch = Chain::lent(&list, &pools);
+                ch.data_mut().info.clone_from(&info);
                 let v = ready(ch.request_headers(&mut req, true));
                 assert!(matches!(v, Verdict::Continue), "{v:?}");
                 ch.finish(Some(&mut req));
+                ch.recycle();
             })
         });
     }

@@ -173,6 +173,26 @@ async fn raw_abi_plugin_reads_headers_answers_and_adds_headers() {
     assert_eq!(s, 200);
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["path"], "/rewritten", "{v}");
+    // on_log reads the response's status (lent to it, not copied); its edit there is
+    // dropped: the client and the access log see the status that was sent
+    let (s, _) = with_do(&c, &p.url("/logged"), "g").await;
+    assert_eq!(s, 200);
+    let logged = |t: &str| t.lines().any(|l| l.contains("on_log status=200"));
+    let mut text = p.tg.log_text();
+    for _ in 0..50 {
+        if logged(&text) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        text = p.tg.log_text();
+    }
+    assert!(logged(&text), "{text}");
+    let access = text
+        .lines()
+        .find(|l| l.contains(" access: ") && l.contains("/logged"))
+        .unwrap_or_else(|| panic!("no access line for /logged: {text}"));
+    assert!(access.contains("status=200"), "{access}");
+    assert!(!text.contains("status=599"), "{text}");
     // no x-do: the plugin lets the request through untouched
     let r = c.get(p.url("/x")).send().await.unwrap();
     assert_eq!(r.status(), 200);

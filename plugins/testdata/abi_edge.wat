@@ -11,6 +11,8 @@
 ;;   r  hostcall whose return pointer is out of range
 ;;   n  return 1 (pause) with nothing pending
 ;;   w  rewrite :path to /rewritten, continue
+;;   g  in on_log: log "on_log status=" and the response's :status, then try to set
+;;      :status to 599 (the request is over: the edit must be dropped)
 ;; Every instance counts its ticks in the metric `ticks` (20 ms period).
 (module
   (import "env" "proxy_get_header_map_value" (func $get (param i32 i32 i32 i32 i32) (result i32)))
@@ -33,6 +35,9 @@
   (data (i32.const 80) "ticks")
   (data (i32.const 96) "abi_edge started\n")
   (data (i32.const 176) "/rewritten")
+  (data (i32.const 240) ":status")
+  (data (i32.const 256) "599")
+  (data (i32.const 272) "on_log status=")
   ;; iovec for fd_write at 128: {ptr 96, len 17}
   (data (i32.const 128) "\60\00\00\00\11\00\00\00")
 
@@ -105,4 +110,18 @@
     (if (i32.eq (local.get $c) (i32.const 97)) (then
       (drop (call $add (i32.const 0) (i32.const 48) (i32.const 5) (i32.const 64) (i32.const 2)))))
     (i32.const 0))
-)
+
+  (func (export "proxy_on_log") (param i32)
+    (local $ptr i32) (local $len i32)
+    (if (call $get (i32.const 0) (i32.const 16) (i32.const 4) (i32.const 0) (i32.const 4))
+      (then (return)))
+    (if (i32.eqz (i32.load (i32.const 4))) (then (return)))
+    (if (i32.ne (i32.load8_u (i32.load (i32.const 0))) (i32.const 103)) (then (return)))
+    (if (call $get (i32.const 2) (i32.const 240) (i32.const 7) (i32.const 8) (i32.const 12))
+      (then (return)))
+    (local.set $ptr (i32.load (i32.const 8)))
+    (local.set $len (i32.load (i32.const 12)))
+    (if (i32.gt_u (local.get $len) (i32.const 16)) (then (return)))
+    (memory.copy (i32.const 286) (local.get $ptr) (local.get $len))
+    (drop (call $log (i32.const 2) (i32.const 272) (i32.add (i32.const 14) (local.get $len))))
+    (drop (call $replace (i32.const 2) (i32.const 240) (i32.const 7) (i32.const 256) (i32.const 3)))))

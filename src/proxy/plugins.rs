@@ -3,7 +3,7 @@
 //! what they decided (a local response, a 500 under `fail_closed`, a reset).
 
 use super::RequestCtx;
-use crate::wasm::{Chain, LocalResponse, RequestInfo, StreamData, Verdict};
+use crate::wasm::{Chain, LocalResponse, RequestInfo, Verdict};
 use bytes::Bytes;
 use pingora::prelude::*;
 use pingora::proxy::Session;
@@ -14,14 +14,13 @@ pub(super) async fn request_headers(session: &mut Session, ctx: &mut RequestCtx)
     let Some(r) = ctx.record else {
         return Ok(false);
     };
-    let chain = &ctx.snap.records[r].plugins;
-    if chain.is_empty() {
+    let rec = &ctx.snap.records[r];
+    if rec.plugins.is_empty() {
         return Ok(false);
     }
-    let info = request_info(session, ctx);
     // the chain holds a placeholder; the session lends it the real header in each phase
-    let data = StreamData::new(info, RequestHeader::build_no_case("GET", b"/", Some(0))?);
-    let mut chain = Box::new(Chain::new(chain.clone(), data, ctx.snap.pool_names.clone()));
+    let mut chain = Chain::lent(&rec.plugins, &ctx.snap.pool_names);
+    fill_info(&mut chain.data_mut().info, session, ctx, &rec.names);
     let eos = session.as_downstream_mut().is_body_empty();
     let verdict = chain.request_headers(session.req_header_mut(), eos).await;
     ctx.plugins = Some(chain);
@@ -131,54 +130,67 @@ pub(super) fn response_body(
 /// End every context: on_done, on_log, on_delete (the ABI's order).
 pub(super) fn log(session: &mut Session, ctx: &mut RequestCtx) {
     if let Some(chain) = ctx.plugins.as_mut() {
-        // on_log may read the response headers: the only copy made of them, and only for
-        // a chain with a plugin that exports on_log
+        // on_log may read the response headers (only a chain with a plugin that exports
+        // on_log): they are lent, swapped out of the session and back, not copied
+        let mut lent = false;
         if chain.listens_to_log() {
-            chain.data_mut().resp = session.response_written().cloned();
+            match session.as_downstream_mut().response_written_mut() {
+                Some(resp) => {
+                    chain.data_mut().lend_resp(resp);
+                    lent = true;
+                }
+                // (a custom session does not lend it)
+                None => chain.data_mut().resp = session.response_written().cloned(),
+            }
         }
         chain.finish(Some(session.req_header_mut()));
+        if lent {
+            if let Some(resp) = session.as_downstream_mut().response_written_mut() {
+                chain.data_mut().return_resp(resp);
+            }
+        }
+    }
+    // kept for this worker's next request with plugins (nothing of this one is kept)
+    if let Some(chain) = ctx.plugins.take() {
+        chain.recycle();
     }
 }
 
-fn request_info(session: &Session, ctx: &RequestCtx) -> RequestInfo {
-    let digest = session.digest();
-    let ssl = digest.and_then(|d| d.ssl_digest.as_ref());
+/// What plugins read of the request as properties, written into the chain's (reused)
+/// request info: no allocation once the strings have grown to size.
+fn fill_info(
+    info: &mut RequestInfo,
+    session: &Session,
+    ctx: &RequestCtx,
+    names: &std::sync::Arc<crate::wasm::RouteNames>,
+) {
+    let ssl = session.digest().and_then(|d| d.ssl_digest.as_ref());
     let source = session.client_addr().and_then(|a| a.as_inet()).copied();
-    let source = match (source, ctx.client_ip) {
+    info.source = match (source, ctx.client_ip) {
         (Some(s), Some(ip)) if s.ip() != ip => Some(std::net::SocketAddr::new(ip, 0)),
         (s, _) => s,
     };
-    let (vhost, route) = match ctx.record.map(|r| &ctx.snap.records[r]) {
-        Some(rec) => (
-            ctx.snap.routes.vhost(rec.vhost).label.clone(),
-            rec.declared.path.clone(),
-        ),
-        None => (String::new(), String::new()),
-    };
-    RequestInfo {
-        source,
-        destination: session.server_addr().and_then(|a| a.as_inet()).copied(),
-        tls_version: ssl.map(|s| s.version.to_string()),
-        sni: ssl.is_some().then(|| ctx.host.clone()),
-        tls: ctx.tls,
-        request_id: ctx.request_id.clone(),
-        route_name: format!("{vhost}{route}"),
-        vhost,
-        pool: ctx
-            .pool
-            .as_ref()
-            .map(|p| p.name.clone())
-            .unwrap_or_default(),
-        protocol: if session.is_http2() {
-            "HTTP/2".into()
-        } else {
-            "HTTP/1.1".into()
-        },
-        start_unix_ns: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0),
+    info.destination = session.server_addr().and_then(|a| a.as_inet()).copied();
+    info.tls_version = ssl.map(|s| s.version.clone());
+    info.sni.clear();
+    if ssl.is_some() {
+        info.sni.push_str(&ctx.host);
     }
+    info.tls = ctx.tls;
+    info.request_id.clear();
+    info.request_id.push_str(&ctx.request_id);
+    if !std::sync::Arc::ptr_eq(&info.route, names) {
+        info.route = names.clone();
+    }
+    info.protocol = if session.is_http2() {
+        "HTTP/2"
+    } else {
+        "HTTP/1.1"
+    };
+    info.start_unix_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
 }
 
 /// The response a verdict stands for, and the reason logged with it.

@@ -106,7 +106,9 @@ pub struct Route {
     /// Its pool, an index into `Snapshot::pools`.
     pub pool: usize,
     /// The plugin chain: the vhost's plugins, then the route's.
-    pub plugins: Vec<Arc<Plugin>>,
+    pub plugins: crate::wasm::Plugins,
+    /// The names plugins read as properties (`route_name`, `vhost`, `cluster_name`).
+    pub names: Arc<crate::wasm::RouteNames>,
     pub metrics: Arc<RouteMetrics>,
     /// The client networks the route's `allow` / `deny` option names, parsed.
     pub access: Option<Access>,
@@ -332,15 +334,22 @@ impl Snapshot {
                     target: records.len(),
                 });
                 // the chain: the vhost's plugins, then the route's own (each once)
-                let names = v
+                let chain: crate::wasm::Plugins = v
                     .plugins
                     .iter()
-                    .chain(r.plugins.iter().filter(|n| !v.plugins.contains(n)));
+                    .chain(r.plugins.iter().filter(|n| !v.plugins.contains(n)))
+                    .filter_map(|n| plugins.get(n).cloned())
+                    .collect();
                 records.push(Route {
+                    names: Arc::new(crate::wasm::RouteNames {
+                        route_name: format!("{}{}", v.label, r.path),
+                        vhost: v.label.clone(),
+                        pool: r.pool.clone(),
+                    }),
                     vhost: vi,
                     // validation (and the merge above) guarantee the pool exists
                     pool: index.get(r.pool.as_str()).copied().unwrap_or(0),
-                    plugins: names.filter_map(|n| plugins.get(n).cloned()).collect(),
+                    plugins: chain,
                     metrics: m.route(&v.label, &r.path),
                     access: Access::of(&r.options),
                     declared: r,

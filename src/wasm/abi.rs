@@ -165,9 +165,20 @@ pub fn split_path(buf: &str) -> Vec<&str> {
     trimmed.split('\0').collect()
 }
 
-/// Integer properties are 8-byte little-endian, as Envoy encodes them.
-pub fn int_property(v: i64) -> Vec<u8> {
-    v.to_le_bytes().to_vec()
+/// Call `f` with the segments of a property path (`split_path`'s), without allocating for
+/// the paths properties have (up to 8 segments).
+pub fn with_path<R>(buf: &str, f: impl FnOnce(&[&str]) -> R) -> R {
+    let trimmed = buf.strip_suffix('\0').unwrap_or(buf);
+    let mut segs = [""; 8];
+    let mut n = 0;
+    for s in trimmed.split('\0') {
+        if n == segs.len() {
+            return f(&split_path(buf));
+        }
+        segs[n] = s;
+        n += 1;
+    }
+    f(&segs[..n])
 }
 
 #[cfg(test)]
@@ -215,6 +226,11 @@ mod tests {
         assert_eq!(split_path("request\0path"), vec!["request", "path"]);
         assert_eq!(split_path("plugin_name\0"), vec!["plugin_name"]);
         assert_eq!(split_path("source\0port"), vec!["source", "port"]);
-        assert_eq!(int_property(443), vec![0xbb, 1, 0, 0, 0, 0, 0, 0]);
+        let nine = "a\0b\0c\0d\0e\0f\0g\0h\0i";
+        for p in ["request\0path", "plugin_name\0", "source\0port", nine, ""] {
+            with_path(p, |segs| {
+                assert_eq!(segs, split_path(p).as_slice(), "{p:?}")
+            });
+        }
     }
 }

@@ -5,12 +5,13 @@
 //! resumes when the plugin continues it or answers it itself.
 
 use super::vm::{Callout, LocalResponse, StreamData, Vm};
-use super::{deliver_response, Fault, Plugin};
+use super::{deliver_response, Fault, Plugin, Plugins};
 use crate::config::OnError;
 use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
+use std::cell::RefCell;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 /// The most body a chain buffers while a plugin pauses body processing.
 pub const MAX_BUFFER: usize = 8 << 20;
@@ -36,8 +37,8 @@ pub enum Verdict {
     },
 }
 
+/// Plugin `i`'s HTTP context (the plugin is `Chain::plugins[i]`).
 struct Stream {
-    plugin: Arc<Plugin>,
     slot: usize,
     gen: u64,
     ctx: u32,
@@ -55,7 +56,7 @@ enum Phase {
 
 pub struct Chain {
     streams: Vec<Stream>,
-    plugins: Vec<Arc<Plugin>>,
+    plugins: Plugins,
     /// What any plugin of the chain listens to (phases nobody listens to are skipped).
     listens: super::Listens,
     data: Option<Box<StreamData>>,
@@ -65,27 +66,100 @@ pub struct Chain {
     /// (Envoy calls no body callback then either).
     req_ended: bool,
     resp_ended: bool,
+    /// Made by `lent` (its stream data holds a placeholder between phases): may be kept
+    /// for another request by `recycle`.
+    spare: bool,
+}
+
+/// Chains kept per worker thread for the next requests (`Chain::lent`, `Chain::recycle`).
+const SPARES: usize = 64;
+
+thread_local! {
+    // boxed: the box itself is what is reused (a request's chain lives in one)
+    #[allow(clippy::vec_box)]
+    static SPARE: RefCell<Vec<Box<Chain>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// What a spare holds instead of its last request's plugins and pools (so that a plugin a
+/// reload removed is not kept alive by an idle worker's spare).
+static NONE: LazyLock<(Plugins, Arc<Vec<String>>)> =
+    LazyLock::new(|| (Arc::from(Vec::new()), Arc::new(Vec::new())));
+
+fn listens(plugins: &[Arc<Plugin>]) -> super::Listens {
+    plugins
+        .iter()
+        .fold(super::Listens::default(), |a, p| super::Listens {
+            response_headers: a.response_headers || p.listens.response_headers,
+            response_body: a.response_body || p.listens.response_body,
+            log: a.log || p.listens.log,
+        })
 }
 
 impl Chain {
-    pub fn new(plugins: Vec<Arc<Plugin>>, data: StreamData, pools: Arc<Vec<String>>) -> Chain {
-        let listens = plugins
-            .iter()
-            .fold(super::Listens::default(), |a, p| super::Listens {
-                response_headers: a.response_headers || p.listens.response_headers,
-                response_body: a.response_body || p.listens.response_body,
-                log: a.log || p.listens.log,
-            });
+    /// A chain over `data` (which holds the request header itself, or a placeholder the
+    /// session's header is swapped with in each phase).
+    pub fn new(
+        plugins: impl Into<Plugins>,
+        data: impl Into<Box<StreamData>>,
+        pools: Arc<Vec<String>>,
+    ) -> Chain {
+        let plugins = plugins.into();
         Chain {
             streams: Vec::with_capacity(plugins.len()),
+            listens: listens(&plugins),
             plugins,
-            listens,
-            data: Some(Box::new(data)),
+            data: Some(data.into()),
             pools,
             finished: false,
             req_ended: false,
             resp_ended: false,
+            spare: false,
         }
+    }
+
+    /// A chain for a request whose header the session lends in each phase: one this worker
+    /// thread kept from an earlier request (`recycle`), or a new one. Its request info is
+    /// the caller's to fill (the strings keep their allocations from request to request).
+    pub fn lent(plugins: &Plugins, pools: &Arc<Vec<String>>) -> Box<Chain> {
+        if let Some(mut c) = SPARE.with(|s| s.borrow_mut().pop()) {
+            c.listens = listens(plugins);
+            c.plugins = plugins.clone();
+            c.pools = pools.clone();
+            return c;
+        }
+        let placeholder =
+            RequestHeader::build_no_case("GET", b"/", Some(0)).expect("a constant request line");
+        let mut c = Box::new(Chain::new(
+            plugins.clone(),
+            StreamData::new(Default::default(), placeholder),
+            pools.clone(),
+        ));
+        c.spare = true;
+        c
+    }
+
+    /// End the request (if `finish` has not) and keep the chain for this thread's next
+    /// request: its allocations (the chain, the stream data, the request info's strings,
+    /// small body buffers) are reused; anything of this request a plugin could read is
+    /// cleared, and the plugins and pools are let go.
+    pub fn recycle(mut self: Box<Self>) {
+        self.finish(None);
+        if !self.spare || self.data.is_none() {
+            return;
+        }
+        self.streams.clear();
+        self.finished = false;
+        self.req_ended = false;
+        self.resp_ended = false;
+        (self.plugins, self.pools) = (NONE.0.clone(), NONE.1.clone());
+        let d = self.data_mut();
+        d.reset();
+        SPARE.with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < SPARES {
+                s.push(self);
+            }
+        });
     }
 
     /// Swap the live request header (`req`, the session's) with the chain's placeholder:
@@ -121,7 +195,7 @@ impl Chain {
         f: impl FnOnce(&mut Vm, u32) -> Result<i32, Fault>,
     ) -> Result<(i32, Vec<Callout>), Fault> {
         let s = &self.streams[i];
-        let p = s.plugin.clone();
+        let p = &self.plugins[i];
         p.stats.calls.fetch_add(1, Relaxed);
         let mut slot = p.lock(s.slot);
         if slot.gen != s.gen || slot.vm.is_none() {
@@ -148,7 +222,7 @@ impl Chain {
 
     /// Create the HTTP context of every plugin (lazily, on the first phase).
     fn open(&mut self, i: usize) -> Result<(), Fault> {
-        let p = self.plugins[i].clone();
+        let p = &self.plugins[i];
         let slot_i = p.my_slot();
         let mut slot = p.lock(slot_i);
         if let Err(f) = p.ensure(&mut slot) {
@@ -160,7 +234,6 @@ impl Chain {
             Ok(ctx) => {
                 let gen = slot.gen;
                 self.streams.push(Stream {
-                    plugin: p.clone(),
                     slot: slot_i,
                     gen,
                     ctx,
@@ -226,7 +299,7 @@ impl Chain {
                 }
                 return Ok(None);
             }
-            let plugin = self.streams[i].plugin.clone();
+            let plugin = self.plugins[i].clone();
             let runs = callouts.drain(..).map(|c| {
                 let plugin = plugin.clone();
                 async move {
@@ -276,7 +349,6 @@ impl Chain {
             if let Err(f) = self.open(i) {
                 // No context: the plugin cannot see this request at all.
                 self.streams.push(Stream {
-                    plugin: self.plugins[i].clone(),
                     slot: 0,
                     gen: u64::MAX,
                     ctx: 0,
@@ -358,12 +430,10 @@ impl Chain {
                 buf.extend_from_slice(&c);
             }
         }
-        let order: Vec<usize> = if request {
-            (0..self.streams.len()).collect()
-        } else {
-            (0..self.streams.len()).rev().collect()
-        };
-        for i in order {
+        let n = self.streams.len();
+        for k in 0..n {
+            // requests in chain order, responses in reverse
+            let i = if request { k } else { n - 1 - k };
             if !self.streams[i].active {
                 continue;
             }
@@ -443,17 +513,11 @@ impl Chain {
             return Verdict::Continue;
         }
         // the upstream's header is lent like the request's: swapped in, then back
-        let placeholder = ResponseHeader::build_no_case(200, Some(0)).ok();
-        let Some(placeholder) = placeholder else {
-            return Verdict::Continue;
-        };
-        self.data_mut().resp = Some(std::mem::replace(resp, placeholder));
+        self.data_mut().lend_resp(resp);
         self.swap_req(req);
         let v = self.response_headers_inner().await;
         self.swap_req(req);
-        if let Some(r) = self.data_mut().resp.take() {
-            *resp = r;
-        }
+        self.data_mut().return_resp(resp);
         v
     }
 
@@ -516,6 +580,9 @@ impl Chain {
             return;
         }
         self.finished = true;
+        if let Some(d) = self.data.as_deref_mut() {
+            d.done = true;
+        }
         for i in 0..self.streams.len() {
             if self.streams[i].ctx == 0 {
                 continue;

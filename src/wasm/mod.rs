@@ -20,7 +20,10 @@ mod tests;
 mod vm;
 
 pub use chain::{Chain, Verdict};
-pub use vm::{Fault, LocalResponse, RequestInfo, StreamData};
+pub use vm::{Fault, LocalResponse, RequestInfo, RouteNames, StreamData};
+
+/// A route's plugin chain, in order (shared by the route and its requests' chains).
+pub type Plugins = Arc<[Arc<Plugin>]>;
 
 use background::*;
 pub use clock::deadline_ticks;

@@ -26,8 +26,17 @@ pub enum SetResult {
 
 impl SharedData {
     pub fn get(&self, vm_id: &str, key: &str) -> Option<(Vec<u8>, u32)> {
+        let mut v = Vec::new();
+        let cas = self.get_into(vm_id, key, &mut v)?;
+        Some((v, cas))
+    }
+
+    /// Append the value of `key` to `out` (a buffer the caller reuses); its CAS.
+    pub fn get_into(&self, vm_id: &str, key: &str, out: &mut Vec<u8>) -> Option<u32> {
         let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        g.map.get(vm_id)?.get(key).cloned()
+        let (v, cas) = g.map.get(vm_id)?.get(key)?;
+        out.extend_from_slice(v);
+        Some(*cas)
     }
 
     pub fn set(&self, vm_id: &str, key: &str, value: &[u8], cas: u32) -> SetResult {

@@ -122,7 +122,10 @@ impl T {
         let info = RequestInfo {
             source: Some("192.0.2.9:40443".parse().unwrap()),
             request_id: "rid".into(),
-            route_name: "example.test/a".into(),
+            route: Arc::new(super::vm::RouteNames {
+                route_name: "example.test/a".into(),
+                ..Default::default()
+            }),
             ..Default::default()
         };
         let mut data = Some(Box::new(StreamData::new(info, req)));
@@ -450,4 +453,46 @@ fn a_module_without_wasi_and_with_a_malloc_allocator_starts() {
     let ctx = vm.new_context().unwrap();
     let r = vm.call_export(|e| e.on_request_headers.as_ref(), (ctx as i32, 0, 1));
     assert_eq!(r.unwrap(), Some(0));
+}
+
+#[test]
+fn a_recycled_chain_keeps_nothing_of_its_last_request() {
+    use super::{Chain, LocalResponse, Plugin};
+    let pools = Arc::new(vec!["p".to_string()]);
+    let none: Arc<[Arc<Plugin>]> = Arc::from(Vec::new());
+    let mut c = Chain::lent(&none, &pools);
+    assert_eq!(Arc::strong_count(&pools), 2, "the chain holds the pools");
+    let d = c.data_mut();
+    d.info.request_id.push_str("first-request");
+    d.info.sni.push_str("first.example");
+    d.props.insert("filter.user".into(), b"alice".to_vec());
+    d.req_body.extend_from_slice(b"secret body");
+    d.resp_body.extend(vec![7u8; 100 << 10]);
+    d.reset = true;
+    d.continue_request = true;
+    d.local = Some(LocalResponse {
+        status: 403,
+        details: String::new(),
+        headers: Vec::new(),
+        body: bytes::Bytes::from_static(b"no"),
+        grpc_status: None,
+    });
+    let first: *const Chain = &*c;
+    c.recycle();
+    assert_eq!(Arc::strong_count(&pools), 1, "a spare lets the pools go");
+
+    let c = Chain::lent(&none, &pools);
+    assert_eq!(&*c as *const Chain, first, "this thread's spare is reused");
+    let d = c.data();
+    assert!(d.info.request_id.is_empty() && d.info.sni.is_empty());
+    assert!(d.props.is_empty() && d.req_body.is_empty() && d.resp_body.is_empty());
+    assert_eq!(d.resp_body.capacity(), 0, "a large buffer is not kept");
+    assert!(d.local.is_none() && d.resp.is_none());
+    assert!(!d.reset && !d.continue_request && !d.continue_response);
+    assert_eq!(
+        d.req.uri.path(),
+        "/",
+        "between phases the header is the placeholder"
+    );
+    c.recycle();
 }

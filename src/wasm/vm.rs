@@ -6,6 +6,7 @@ use super::abi::{self, MapType};
 use super::{Host, PluginSpec};
 use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,20 +16,29 @@ use wasmtime::{InstancePre, Memory, Store, StoreLimits, StoreLimitsBuilder, Trap
 /// The root context of every instance. One plugin per instance, so one root.
 pub const ROOT_ID: u32 = 1;
 
-/// What a request exposes to plugins as properties.
+/// What a request exposes to plugins as properties. Kept with its chain between requests
+/// (`Chain::lent`): the strings are refilled in place, without allocating.
 #[derive(Debug, Clone, Default)]
 pub struct RequestInfo {
     pub source: Option<SocketAddr>,
     pub destination: Option<SocketAddr>,
-    pub tls_version: Option<String>,
-    pub sni: Option<String>,
+    pub tls_version: Option<Cow<'static, str>>,
+    /// The server name the client asked for (empty: none, or not TLS).
+    pub sni: String,
     pub tls: bool,
     pub request_id: String,
+    /// The route's names, made once per route when the Snapshot is built.
+    pub route: Arc<RouteNames>,
+    pub protocol: &'static str,
+    pub start_unix_ns: u64,
+}
+
+/// The names of a route plugins can read (`route_name`, `vhost`, `cluster_name`).
+#[derive(Debug, Clone, Default)]
+pub struct RouteNames {
     pub route_name: String,
     pub vhost: String,
     pub pool: String,
-    pub protocol: String,
-    pub start_unix_ns: u64,
 }
 
 /// A response a plugin asked tollgate to send instead of proxying.
@@ -61,6 +71,12 @@ pub struct StreamData {
     pub reset: bool,
     /// Properties plugins set (filter-state style), visible to later plugins.
     pub props: HashMap<String, Vec<u8>>,
+    /// What the session holds while its response header is lent (`lend_resp`), kept from
+    /// request to request.
+    spare_resp: Option<ResponseHeader>,
+    /// on_done / on_log run: the request is over, header edits are accepted and dropped
+    /// (nothing is sent any more, and the access log must show what was sent).
+    pub done: bool,
 }
 
 impl StreamData {
@@ -79,7 +95,53 @@ impl StreamData {
             continue_response: false,
             reset: false,
             props: HashMap::new(),
+            spare_resp: None,
+            done: false,
         }
+    }
+
+    /// Lend plugins the session's response header: it moves here (`resp`), and a
+    /// placeholder kept from earlier requests takes its place until `return_resp`. No copy.
+    pub fn lend_resp(&mut self, resp: &mut ResponseHeader) {
+        let placeholder = match self.spare_resp.take() {
+            Some(p) => p,
+            None => ResponseHeader::build_no_case(200, Some(0)).expect("a constant status"),
+        };
+        self.resp = Some(std::mem::replace(resp, placeholder));
+    }
+
+    /// Give the lent response header back (with what plugins changed).
+    pub fn return_resp(&mut self, resp: &mut ResponseHeader) {
+        if let Some(r) = self.resp.take() {
+            self.spare_resp = Some(std::mem::replace(resp, r));
+        }
+    }
+
+    /// Clear what the last request left (keeping small buffers' allocations) for the next
+    /// one: the info is refilled by the caller, the request header is the placeholder.
+    pub(crate) fn reset(&mut self) {
+        /// Body buffers larger than this are let go rather than kept.
+        const KEEP: usize = 64 << 10;
+        for b in [&mut self.req_body, &mut self.resp_body] {
+            if b.capacity() > KEEP {
+                *b = Vec::new();
+            } else {
+                b.clear();
+            }
+        }
+        if self.props.capacity() > 64 {
+            self.props = HashMap::new();
+        } else {
+            self.props.clear();
+        }
+        self.info.request_id.clear();
+        self.info.sni.clear();
+        self.resp = None;
+        self.done = false;
+        self.local = None;
+        self.continue_request = false;
+        self.continue_response = false;
+        self.reset = false;
     }
 }
 
@@ -125,6 +187,9 @@ pub struct HostState {
     pub pools: Arc<Vec<String>>,
     /// Bytes written to stdout/stderr not yet ending in a newline.
     pub stdout: Vec<u8>,
+    /// A value on its way to the guest (a header, a property, shared data), kept between
+    /// calls so that handing one over allocates nothing on the host.
+    pub scratch: Vec<u8>,
     /// While the instance starts: what the plugin logged (info and above), so that a
     /// refused start can say why (`tollgate check` shows no log).
     pub startup_log: Option<Vec<String>>,
@@ -388,6 +453,7 @@ impl Vm {
                 tick_period: None,
                 pools: Arc::new(Vec::new()),
                 stdout: Vec::new(),
+                scratch: Vec::new(),
                 startup_log: Some(Vec::new()),
             },
         );
@@ -559,6 +625,9 @@ pub fn set_header(
     let Some(s) = data.stream_mut() else {
         return Status::NotFound;
     };
+    if s.done {
+        return Status::Ok;
+    }
     match t {
         MapType::RequestHeaders => match set_on_request(&mut s.req, name, value, mode) {
             Ok(()) => Status::Ok,
@@ -680,6 +749,9 @@ pub fn set_all_headers(
         let Some(s) = data.stream_mut() else {
             return Status::NotFound;
         };
+        if s.done {
+            return Status::Ok;
+        }
         match t {
             MapType::RequestHeaders => {
                 let names: Vec<String> = s.req.headers.keys().map(|k| k.to_string()).collect();

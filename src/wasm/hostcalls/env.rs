@@ -8,13 +8,15 @@ pub(super) fn edit(c: &mut C, t: i32, kp: i32, kn: i32, vp: i32, vn: i32, mode: 
     let Some(t) = map_type(t) else {
         return Ok(st(Status::BadArgument));
     };
-    let key = read_str(c, kp, kn)?;
+    // read in place: no copy of the name or the value before the header map's own
+    let (mem, state) = split(c)?;
+    let key = String::from_utf8_lossy(at(mem, kp, kn)?);
     let value = if mode == Mode::Remove {
-        Vec::new()
+        &[][..]
     } else {
-        read(c, vp, vn)?
+        at(mem, vp, vn)?
     };
-    Ok(st(set_header(c.data_mut(), t, &key, &value, mode)))
+    Ok(st(set_header(state, t, &key, value, mode)))
 }
 
 pub(super) fn proxy_log(mut c: C, level: i32, p: i32, n: i32) -> R<i32> {
@@ -164,13 +166,25 @@ pub(super) fn proxy_get_header_map_value(
     let Some(t) = map_type(t) else {
         return Ok(st(Status::BadArgument));
     };
-    let key = read_str(&mut c, kp, kn)?.to_ascii_lowercase();
     // the one value, looked up by name: not the whole map built to search it
-    let Some(v) = c.data().map_value(t, &key).map(|v| v.into_owned()) else {
-        return Ok(st(Status::NotFound));
-    };
-    give(&mut c, &v, rp, rl)?;
-    Ok(st(Status::Ok))
+    let found = give_filled(&mut c, rp, rl, |mem, state, out| {
+        let key = String::from_utf8_lossy(at(mem, kp, kn)?);
+        let lower;
+        let key = if key.bytes().any(|b| b.is_ascii_uppercase()) {
+            lower = key.to_ascii_lowercase();
+            lower.as_str()
+        } else {
+            &key
+        };
+        Ok(match state.map_value(t, key) {
+            Some(v) => {
+                out.extend_from_slice(&v);
+                true
+            }
+            None => false,
+        })
+    })?;
+    Ok(st(if found { Status::Ok } else { Status::NotFound }))
 }
 
 pub(super) fn proxy_add_header_map_value(
@@ -200,15 +214,13 @@ pub(super) fn proxy_remove_header_map_value(mut c: C, t: i32, kp: i32, kn: i32) 
 }
 
 pub(super) fn proxy_get_property(mut c: C, p: i32, n: i32, rp: i32, rl: i32) -> R<i32> {
-    let raw = read(&mut c, p, n)?;
-    let text = String::from_utf8_lossy(&raw);
-    match super::super::properties::get(c.data(), &abi::split_path(&text)) {
-        Some(v) => {
-            give(&mut c, &v, rp, rl)?;
-            Ok(st(Status::Ok))
-        }
-        None => Ok(st(Status::NotFound)),
-    }
+    let found = give_filled(&mut c, rp, rl, |mem, state, out| {
+        let text = String::from_utf8_lossy(at(mem, p, n)?);
+        Ok(abi::with_path(&text, |path| {
+            super::super::properties::get(state, path, out)
+        }))
+    })?;
+    Ok(st(if found { Status::Ok } else { Status::NotFound }))
 }
 
 pub(super) fn proxy_set_property(mut c: C, p: i32, n: i32, vp: i32, vn: i32) -> R<i32> {
@@ -232,16 +244,24 @@ pub(super) fn proxy_get_shared_data(
     rl: i32,
     rcas: i32,
 ) -> R<i32> {
-    let key = read_str(&mut c, kp, kn)?;
-    let got = c.data().host.shared.get(&c.data().spec.vm_id, &key);
-    match got {
-        Some((v, cas)) => {
-            give(&mut c, &v, rp, rl)?;
-            write_u32(&mut c, rcas, cas)?;
-            Ok(st(Status::Ok))
-        }
-        None => Ok(st(Status::NotFound)),
+    let mut cas = 0;
+    let found = give_filled(&mut c, rp, rl, |mem, state, out| {
+        let key = String::from_utf8_lossy(at(mem, kp, kn)?);
+        Ok(
+            match state.host.shared.get_into(&state.spec.vm_id, &key, out) {
+                Some(c) => {
+                    cas = c;
+                    true
+                }
+                None => false,
+            },
+        )
+    })?;
+    if !found {
+        return Ok(st(Status::NotFound));
     }
+    write_u32(&mut c, rcas, cas)?;
+    Ok(st(Status::Ok))
 }
 
 pub(super) fn proxy_set_shared_data(
@@ -252,11 +272,12 @@ pub(super) fn proxy_set_shared_data(
     vn: i32,
     cas: i32,
 ) -> R<i32> {
-    let key = read_str(&mut c, kp, kn)?;
-    let v = read(&mut c, vp, vn)?;
-    let d = c.data();
+    // the key and value read in place, copied once: into the shared map
+    let (mem, d) = split(&mut c)?;
+    let key = String::from_utf8_lossy(at(mem, kp, kn)?);
+    let v = at(mem, vp, vn)?;
     Ok(
-        match d.host.shared.set(&d.spec.vm_id, &key, &v, cas as u32) {
+        match d.host.shared.set(&d.spec.vm_id, &key, v, cas as u32) {
             SetResult::Ok => st(Status::Ok),
             SetResult::CasMismatch => st(Status::CasMismatch),
         },

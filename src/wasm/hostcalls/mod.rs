@@ -49,6 +49,45 @@ pub fn read(c: &mut C, ptr: i32, len: i32) -> R<Vec<u8>> {
     Ok(data[r].to_vec())
 }
 
+/// The guest's memory and the host state at once: a hostcall reads its arguments where
+/// they are (no copy) while it acts on the state.
+fn split<'a>(c: &'a mut C) -> R<(&'a mut [u8], &'a mut HostState)> {
+    let m = memory(c)?;
+    Ok(m.data_and_store_mut(c))
+}
+
+/// `len` bytes at `ptr` of guest memory `mem`, checked.
+fn at(mem: &[u8], ptr: i32, len: i32) -> R<&[u8]> {
+    Ok(&mem[range(ptr, len, mem.len())?])
+}
+
+/// Hand the guest the value `fill` writes into the instance's scratch buffer (`fill` gets
+/// guest memory, to read its arguments in place, and the state; false: there is no value,
+/// and nothing is handed over). The buffer is kept for the next call.
+fn give_filled(
+    c: &mut C,
+    ret_ptr: i32,
+    ret_len: i32,
+    fill: impl FnOnce(&[u8], &HostState, &mut Vec<u8>) -> R<bool>,
+) -> R<bool> {
+    /// A larger buffer is let go after the call rather than kept.
+    const KEEP: usize = 64 << 10;
+    let mut buf = std::mem::take(&mut c.data_mut().scratch);
+    buf.clear();
+    let found = {
+        let (mem, state) = split(c)?;
+        fill(mem, state, &mut buf)
+    };
+    let r = match found {
+        Ok(true) => give(c, &buf, ret_ptr, ret_len).map(|()| true),
+        other => other,
+    };
+    if buf.capacity() <= KEEP {
+        c.data_mut().scratch = buf;
+    }
+    r
+}
+
 fn read_str(c: &mut C, ptr: i32, len: i32) -> R<String> {
     Ok(String::from_utf8_lossy(&read(c, ptr, len)?).into_owned())
 }

@@ -538,6 +538,18 @@ impl Session {
         }
     }
 
+    /// tollgate patch: the written response header, mutable, so that a caller that must
+    /// lend it by value (to plugins, in the logging phase) can swap it out and back instead
+    /// of copying it. `None` if it is not written yet, or the session is a custom one.
+    pub fn response_written_mut(&mut self) -> Option<&mut ResponseHeader> {
+        match self {
+            Self::H1(s) => s.response_written_mut(),
+            Self::H2(s) => s.response_written_mut(),
+            Self::Subrequest(s) => s.response_written_mut(),
+            Self::Custom(_) => None,
+        }
+    }
+
     /// Give up the http session abruptly.
     ///
     /// This is a failure path: the response is abandoned mid-message, so each

@@ -418,6 +418,11 @@ impl HttpSession {
         self.response_written.as_ref()
     }
 
+    /// tollgate patch: see `http::server::Session::response_written_mut`.
+    pub fn response_written_mut(&mut self) -> Option<&mut ResponseHeader> {
+        self.response_written.as_mut()
+    }
+
     /// `Some(true)` if the this is a successful upgrade
     /// `Some(false)` if the request is an upgrade but the response refuses it
     /// `None` if the request is not an upgrade.

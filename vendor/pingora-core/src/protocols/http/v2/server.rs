@@ -849,6 +849,11 @@ impl HttpSession {
         self.response_written.as_deref()
     }
 
+    /// tollgate patch: see `http::server::Session::response_written_mut`.
+    pub fn response_written_mut(&mut self) -> Option<&mut ResponseHeader> {
+        self.response_written.as_deref_mut()
+    }
+
     /// Give up the stream abruptly.
     ///
     /// This will send an `INTERNAL_ERROR` stream error to the client.
