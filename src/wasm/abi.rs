@@ -159,6 +159,16 @@ pub fn deserialize_map(buf: &[u8]) -> Result<Pairs, &'static str> {
     Ok(out)
 }
 
+/// Bytes as text, invalid UTF-8 replaced (`String::from_utf8_lossy`), but checked with
+/// `str::from_utf8` first: valid text, nearly always, takes its faster path (a token in a
+/// header is hundreds of bytes, read on every request).
+pub fn lossy(b: &[u8]) -> std::borrow::Cow<'_, str> {
+    match std::str::from_utf8(b) {
+        Ok(s) => std::borrow::Cow::Borrowed(s),
+        Err(_) => String::from_utf8_lossy(b),
+    }
+}
+
 /// A property path as sent by the SDKs: segments joined (and possibly ended) by NUL.
 pub fn split_path(buf: &str) -> Vec<&str> {
     let trimmed = buf.strip_suffix('\0').unwrap_or(buf);

@@ -286,6 +286,11 @@ impl Host {
     pub fn new() -> &'static Host {
         let mut cfg = wasmtime::Config::new();
         cfg.epoch_interruption(true);
+        // for profiling plugins: /tmp/perf-PID.map names the compiled wasm functions (perf
+        // reads it; benches/README.md shows how to read callgrind's addresses with it)
+        if std::env::var_os("TOLLGATE_WASM_PERFMAP").is_some_and(|v| v == "1") {
+            cfg.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&cfg).expect("wasmtime engine with default settings");
         Box::leak(Box::new(Host {
             engine,

@@ -245,7 +245,7 @@ impl HostState {
     pub fn map_value(&self, t: MapType, name: &str) -> Option<std::borrow::Cow<'_, [u8]>> {
         use std::borrow::Cow;
         fn lossy(v: &[u8]) -> Cow<'_, [u8]> {
-            match String::from_utf8_lossy(v) {
+            match abi::lossy(v) {
                 Cow::Borrowed(b) => Cow::Borrowed(b.as_bytes()),
                 Cow::Owned(o) => Cow::Owned(o.into_bytes()),
             }

@@ -49,13 +49,40 @@ fn default_realm() -> String {
 pub type Claims = serde_json::Map<String, serde_json::Value>;
 
 /// Tokens this instance verified: an exact match skips the signature check. Bounded; when
-/// full it starts over.
+/// full it starts over. Found by the token's last 32 bytes (its signature's: hashing and
+/// comparing a fixed-size key is cheap, where a whole token is a few hundred bytes hashed
+/// and compared a byte at a time in wasm), then the whole token compared word by word: a
+/// hit is always the exact token. Only verified tokens are kept, so a client cannot fill
+/// a bucket with tokens that share a tail.
 #[derive(Default)]
 pub struct Cache {
-    map: std::collections::HashMap<String, Verified>,
+    map: std::collections::HashMap<[u64; 4], Verified>,
+}
+
+/// The cache key of a token: its last 32 bytes (zero-padded in front) and its length.
+fn tail(token: &[u8]) -> [u64; 4] {
+    let mut buf = [0u8; 32];
+    let n = token.len().min(32);
+    buf[32 - n..].copy_from_slice(&token[token.len() - n..]);
+    let word = |i: usize| u64::from_le_bytes(buf[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    [word(0) ^ token.len() as u64, word(1), word(2), word(3)]
+}
+
+/// `a == b`, eight bytes at a time.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let rest = ac.remainder() == bc.remainder();
+    rest && ac.zip(bc).all(|(x, y)| {
+        u64::from_le_bytes(x.try_into().expect("8 bytes"))
+            == u64::from_le_bytes(y.try_into().expect("8 bytes"))
+    })
 }
 
 struct Verified {
+    token: Box<[u8]>,
     claims: std::rc::Rc<Claims>,
     exp: Option<f64>,
     nbf: Option<f64>,
@@ -119,17 +146,20 @@ impl JwtConfig {
     /// instance verified before skips the signature and the static claims (an exact match
     /// in `cache`); its times are checked again on every request.
     /// The token's claims, shared with the cache (a hit copies nothing).
+    /// `token` as sent (bytes: a cached token is not checked for UTF-8 again).
     pub fn verify(
         &self,
-        token: &str,
+        token: &[u8],
         now: u64,
         cache: &mut Cache,
     ) -> Result<std::rc::Rc<Claims>, &'static str> {
-        if let Some(v) = cache.map.get(token) {
+        let key = tail(token);
+        if let Some(v) = cache.map.get(&key).filter(|v| same(&v.token, token)) {
             self.check_time(v.exp, v.nbf, now)?;
             return Ok(v.claims.clone());
         }
-        let claims = std::rc::Rc::new(self.verify_uncached(token)?);
+        let text = std::str::from_utf8(token).map_err(|_| "not a JWS compact token")?;
+        let claims = std::rc::Rc::new(self.verify_uncached(text)?);
         let num = |k: &str| claims.get(k).and_then(|v| v.as_f64());
         let (exp, nbf) = (num("exp"), num("nbf"));
         self.check_time(exp, nbf, now)?;
@@ -137,8 +167,9 @@ impl JwtConfig {
             cache.map.clear();
         }
         cache.map.insert(
-            token.to_string(),
+            key,
             Verified {
+                token: token.into(),
                 claims: claims.clone(),
                 exp,
                 nbf,
@@ -231,5 +262,68 @@ impl JwtConfig {
             }
         }
         Ok(claims)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_key_is_the_tail_and_length_and_a_hit_is_the_exact_token() {
+        let a = b"eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhIn0.0123456789abcdefghijklmnopqrstuvwxyzABCDEFG";
+        let mut b = a.to_vec();
+        b[3] ^= 1; // same tail, another token
+        assert_eq!(tail(a), tail(&b));
+        assert!(same(a, a) && !same(a, &b));
+        assert!(!same(a, &a[..a.len() - 1]));
+        // the last byte, the length, short tokens
+        let mut c = a.to_vec();
+        *c.last_mut().unwrap() ^= 1;
+        assert_ne!(tail(a), tail(&c));
+        assert_ne!(tail(b"abc"), tail(b"\0abc"));
+        assert_eq!(tail(b"abc"), tail(b"abc"));
+        assert!(
+            same(b"", b"") && same(b"abcdefghi", b"abcdefghi") && !same(b"abcdefghi", b"abcdefghj")
+        );
+    }
+
+    #[test]
+    fn a_token_with_the_tail_of_a_cached_one_is_verified_not_served_from_the_cache() {
+        use base64::Engine as _;
+        let secret = "0123456789abcdef0123456789abcdef";
+        let raw: RawJwtConfig = serde_json::from_str(&format!(
+            r#"{{"hs256_secret":"{secret}","require_exp":false}}"#
+        ))
+        .unwrap();
+        let cfg = JwtConfig::build(raw).unwrap();
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let signed = format!(
+            "{}.{}",
+            b64.encode(r#"{"alg":"HS256"}"#),
+            b64.encode(r#"{"sub":"alice"}"#)
+        );
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+        mac.update(signed.as_bytes());
+        let good = format!("{signed}.{}", b64.encode(mac.finalize().into_bytes()));
+        let mut cache = Cache::default();
+        let claims = cfg.verify(good.as_bytes(), 0, &mut cache).unwrap();
+        assert_eq!(claims["sub"], "alice");
+        // a forged payload under the same signature: same cache key, not the same token
+        let forged = good.replacen(
+            &b64.encode(r#"{"sub":"alice"}"#),
+            &b64.encode(r#"{"sub":"admin"}"#),
+            1,
+        );
+        assert_eq!(tail(forged.as_bytes()), tail(good.as_bytes()));
+        assert_eq!(
+            cfg.verify(forged.as_bytes(), 0, &mut cache).unwrap_err(),
+            "signature does not verify"
+        );
+        // the genuine token is still a hit
+        assert!(std::rc::Rc::ptr_eq(
+            &cfg.verify(good.as_bytes(), 0, &mut cache).unwrap(),
+            &claims
+        ));
     }
 }

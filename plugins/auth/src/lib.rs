@@ -176,7 +176,7 @@ fn parse_hash(h: &str) -> Option<(&str, Vec<u8>)> {
 }
 
 fn from_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
@@ -370,12 +370,13 @@ impl Auth {
 
     fn jwt(&self, j: &jwt::JwtConfig) -> Action {
         let www = || format!("Bearer realm=\"{}\"", j.realm);
-        let header = self.get_http_request_header(&j.header);
+        // bytes: a cached token is compared as sent, not checked for UTF-8 on every request
+        let header = self.get_http_request_header_bytes(&j.header);
         let token = header.as_deref().and_then(|h| {
-            let h = h.trim();
-            h.strip_prefix("Bearer ")
-                .or_else(|| h.strip_prefix("bearer "))
-                .map(str::trim)
+            let h = h.trim_ascii();
+            h.strip_prefix(b"Bearer ")
+                .or_else(|| h.strip_prefix(b"bearer "))
+                .map(<[u8]>::trim_ascii)
         });
         let Some(token) = token else {
             self.deny(401, "bearer token required", Some(www()));

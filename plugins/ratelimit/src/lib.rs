@@ -182,6 +182,45 @@ struct Limiter {
 impl Context for Limiter {}
 
 /// A bucket as stored in shared data: tokens (f64) and the time they were counted (ns).
+/// The address of an IPv4 `a.b.c.d:port` text (the `source.address` property), checked to
+/// be one: four decimal octets of at most three digits, each at most 255.
+fn ipv4_of(v: &[u8]) -> Option<&str> {
+    let s = std::str::from_utf8(v).ok()?;
+    let (ip, port) = s.rsplit_once(':')?;
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let mut parts = 0;
+    for octet in ip.split('.') {
+        parts += 1;
+        if octet.is_empty() || octet.len() > 3 || !octet.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let n = octet.bytes().fold(0u32, |n, b| n * 10 + (b - b'0') as u32);
+        if n > 255 {
+            return None;
+        }
+    }
+    (parts == 4).then_some(ip)
+}
+
+/// `n` in decimal, without the formatting machinery (a header on every response).
+fn push_u64(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for d in &digits[i..] {
+        out.push(*d as char);
+    }
+}
+
 fn decode(v: &[u8]) -> Option<(f64, u64)> {
     if v.len() != 16 {
         return None;
@@ -210,15 +249,28 @@ impl Limiter {
 
     fn key(&self) -> String {
         match &self.cfg.key {
-            Key::ClientIp => match self.client_ip() {
-                Some(IpAddr::V6(v6)) => {
-                    // One bucket per /64: an IPv6 client usually holds the whole prefix.
-                    let s = v6.segments();
-                    format!("rl:ip:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            Key::ClientIp => {
+                // IPv4 (`a.b.c.d:port`, what every request on an IPv4 listener has): the
+                // key is the address text, neither parsed nor formatted
+                let v = self
+                    .get_property(vec!["source", "address"])
+                    .unwrap_or_default();
+                if let Some(ip) = ipv4_of(&v) {
+                    let mut key = String::with_capacity(6 + ip.len());
+                    key.push_str("rl:ip:");
+                    key.push_str(ip);
+                    return key;
                 }
-                Some(ip) => format!("rl:ip:{ip}"),
-                None => "rl:ip:unknown".into(),
-            },
+                match self.client_ip() {
+                    Some(IpAddr::V6(v6)) => {
+                        // One bucket per /64: an IPv6 client usually holds the whole prefix.
+                        let s = v6.segments();
+                        format!("rl:ip:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+                    }
+                    Some(ip) => format!("rl:ip:{ip}"),
+                    None => "rl:ip:unknown".into(),
+                }
+            }
             Key::Route => {
                 let r = self.get_property(vec!["route_name"]).unwrap_or_default();
                 format!("rl:route:{}", String::from_utf8_lossy(&r))
@@ -304,9 +356,47 @@ impl HttpContext for Limiter {
         if let (true, Some((left, t))) = (self.cfg.headers_on_success, self.remaining) {
             let cfg = self.cfg.clone();
             self.set_http_response_header("ratelimit-policy", Some(&cfg.policy_header));
-            let state = format!("{}{left};t={t}", cfg.state_prefix);
+            let mut state = String::with_capacity(cfg.state_prefix.len() + 24);
+            state.push_str(&cfg.state_prefix);
+            push_u64(&mut state, left);
+            state.push_str(";t=");
+            push_u64(&mut state, t);
             self.set_http_response_header("ratelimit", Some(&state));
         }
         Action::Continue
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_addresses_are_taken_as_text_and_anything_else_is_not() {
+        assert_eq!(ipv4_of(b"192.0.2.7:51234"), Some("192.0.2.7"));
+        assert_eq!(ipv4_of(b"0.0.0.0:0"), Some("0.0.0.0"));
+        for bad in [
+            &b"[2001:db8::1]:443"[..],
+            b"192.0.2.256:1",
+            b"192.0.2:1",
+            b"192.0.2.7.1:1",
+            b"1.2.3.4",
+            b"1.2.3.4:",
+            b"1.2.3.0004:1",
+            b"1.2.3.a:1",
+            b"\xff.1.1.1:1",
+            b"",
+        ] {
+            assert_eq!(ipv4_of(bad), None, "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn numbers_are_written_in_decimal() {
+        for n in [0u64, 7, 10, 4096, u64::MAX] {
+            let mut s = String::from("r=");
+            push_u64(&mut s, n);
+            assert_eq!(s, format!("r={n}"));
+        }
     }
 }

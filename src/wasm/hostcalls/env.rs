@@ -10,7 +10,7 @@ pub(super) fn edit(c: &mut C, t: i32, kp: i32, kn: i32, vp: i32, vn: i32, mode: 
     };
     // read in place: no copy of the name or the value before the header map's own
     let (mem, state) = split(c)?;
-    let key = String::from_utf8_lossy(at(mem, kp, kn)?);
+    let key = abi::lossy(at(mem, kp, kn)?);
     let value = if mode == Mode::Remove {
         &[][..]
     } else {
@@ -168,7 +168,7 @@ pub(super) fn proxy_get_header_map_value(
     };
     // the one value, looked up by name: not the whole map built to search it
     let found = give_filled(&mut c, rp, rl, |mem, state, out| {
-        let key = String::from_utf8_lossy(at(mem, kp, kn)?);
+        let key = abi::lossy(at(mem, kp, kn)?);
         let lower;
         let key = if key.bytes().any(|b| b.is_ascii_uppercase()) {
             lower = key.to_ascii_lowercase();
@@ -215,7 +215,7 @@ pub(super) fn proxy_remove_header_map_value(mut c: C, t: i32, kp: i32, kn: i32) 
 
 pub(super) fn proxy_get_property(mut c: C, p: i32, n: i32, rp: i32, rl: i32) -> R<i32> {
     let found = give_filled(&mut c, rp, rl, |mem, state, out| {
-        let text = String::from_utf8_lossy(at(mem, p, n)?);
+        let text = abi::lossy(at(mem, p, n)?);
         Ok(abi::with_path(&text, |path| {
             super::super::properties::get(state, path, out)
         }))
@@ -246,7 +246,7 @@ pub(super) fn proxy_get_shared_data(
 ) -> R<i32> {
     let mut cas = 0;
     let found = give_filled(&mut c, rp, rl, |mem, state, out| {
-        let key = String::from_utf8_lossy(at(mem, kp, kn)?);
+        let key = abi::lossy(at(mem, kp, kn)?);
         Ok(
             match state.host.shared.get_into(&state.spec.vm_id, &key, out) {
                 Some(c) => {
@@ -274,7 +274,7 @@ pub(super) fn proxy_set_shared_data(
 ) -> R<i32> {
     // the key and value read in place, copied once: into the shared map
     let (mem, d) = split(&mut c)?;
-    let key = String::from_utf8_lossy(at(mem, kp, kn)?);
+    let key = abi::lossy(at(mem, kp, kn)?);
     let v = at(mem, vp, vn)?;
     Ok(
         match d.host.shared.set(&d.spec.vm_id, &key, v, cas as u32) {
