@@ -245,6 +245,10 @@ impl HostState {
     pub fn map_value(&self, t: MapType, name: &str) -> Option<std::borrow::Cow<'_, [u8]>> {
         use std::borrow::Cow;
         fn lossy(v: &[u8]) -> Cow<'_, [u8]> {
+            // header values are ASCII but for obs-text: checked a word at a time
+            if v.is_ascii() {
+                return Cow::Borrowed(v);
+            }
             match abi::lossy(v) {
                 Cow::Borrowed(b) => Cow::Borrowed(b.as_bytes()),
                 Cow::Owned(o) => Cow::Owned(o.into_bytes()),

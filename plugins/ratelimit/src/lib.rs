@@ -185,23 +185,30 @@ impl Context for Limiter {}
 /// The address of an IPv4 `a.b.c.d:port` text (the `source.address` property), checked to
 /// be one: four decimal octets of at most three digits, each at most 255.
 fn ipv4_of(v: &[u8]) -> Option<&str> {
-    let s = std::str::from_utf8(v).ok()?;
-    let (ip, port) = s.rsplit_once(':')?;
-    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+    // one pass over the bytes (no string searching: this runs on every request)
+    let colon = v.iter().rposition(|b| *b == b':')?;
+    let (ip, port) = (&v[..colon], &v[colon + 1..]);
+    if port.is_empty() || !port.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    let mut parts = 0;
-    for octet in ip.split('.') {
-        parts += 1;
-        if octet.is_empty() || octet.len() > 3 || !octet.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
-        }
-        let n = octet.bytes().fold(0u32, |n, b| n * 10 + (b - b'0') as u32);
-        if n > 255 {
-            return None;
+    let (mut parts, mut digits, mut n) = (1, 0, 0u32);
+    for &b in ip {
+        match b {
+            b'0'..=b'9' if digits < 3 => {
+                n = n * 10 + (b - b'0') as u32;
+                digits += 1;
+            }
+            b'.' if digits > 0 && n <= 255 => {
+                parts += 1;
+                (digits, n) = (0, 0);
+            }
+            _ => return None,
         }
     }
-    (parts == 4).then_some(ip)
+    if parts != 4 || digits == 0 || n > 255 {
+        return None;
+    }
+    std::str::from_utf8(ip).ok()
 }
 
 /// `n` in decimal, without the formatting machinery (a header on every response).
