@@ -74,28 +74,21 @@ pub fn get(d: &HostState, p: &[&str], out: &mut Vec<u8>) -> bool {
             }
             None => None,
         },
-        ["source", "address"] => match info.source {
-            Some(a) => {
-                write_addr(out, &a);
-                return true;
+        [side @ ("source" | "destination"), what @ ("address" | "port")] => {
+            let addr = if *side == "source" {
+                info.source
+            } else {
+                info.destination
+            };
+            match (addr, *what) {
+                (Some(a), "address") => {
+                    write_addr(out, &a);
+                    return true;
+                }
+                (Some(a), _) => return put(&int(a.port() as i64)),
+                (None, _) => None,
             }
-            None => None,
-        },
-        ["source", "port"] => match info.source {
-            Some(a) => return put(&int(a.port() as i64)),
-            None => None,
-        },
-        ["destination", "address"] => match info.destination {
-            Some(a) => {
-                write_addr(out, &a);
-                return true;
-            }
-            None => None,
-        },
-        ["destination", "port"] => match info.destination {
-            Some(a) => return put(&int(a.port() as i64)),
-            None => None,
-        },
+        }
         ["connection", "tls_version"] => info.tls_version.as_deref().map(str::as_bytes),
         ["connection", "requested_server_name"] if info.sni.is_empty() => None,
         ["connection", "requested_server_name"] => Some(info.sni.as_bytes()),
