@@ -177,7 +177,12 @@ async fn raw_abi_plugin_reads_headers_answers_and_adds_headers() {
     // dropped: the client and the access log see the status that was sent
     let (s, _) = with_do(&c, &p.url("/logged"), "g").await;
     assert_eq!(s, 200);
-    let logged = |t: &str| t.lines().any(|l| l.contains("on_log status=200"));
+    // (the access line is written after on_log ran: wait for both)
+    let logged = |t: &str| {
+        t.lines().any(|l| l.contains("on_log status=200"))
+            && t.lines()
+                .any(|l| l.contains(" access: ") && l.contains("/logged"))
+    };
     let mut text = p.tg.log_text();
     for _ in 0..50 {
         if logged(&text) {
