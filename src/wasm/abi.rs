@@ -169,6 +169,16 @@ pub fn lossy(b: &[u8]) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// A header name as the maps match it, lower-case (copied only when it has upper case:
+/// most plugins already send names lower-case).
+pub fn lower(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(name.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(name)
+    }
+}
+
 /// A property path as sent by the SDKs: segments joined (and possibly ended) by NUL.
 pub fn split_path(buf: &str) -> Vec<&str> {
     let trimmed = buf.strip_suffix('\0').unwrap_or(buf);

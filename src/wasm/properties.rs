@@ -1,7 +1,7 @@
 //! `proxy_get_property`: the attributes Envoy exposes, under the same paths. Strings are
 //! raw bytes, integers 8-byte little-endian, header maps in the ABI's map encoding.
 
-use super::abi::serialize_map;
+use super::abi::{lower, serialize_map};
 use super::vm::{request_pseudo_value, HostState};
 use std::net::SocketAddr;
 
@@ -43,35 +43,14 @@ pub fn get(d: &HostState, p: &[&str], out: &mut Vec<u8>) -> bool {
         ["request", "referer"] => header("referer"),
         ["request", "useragent"] => header("user-agent"),
         ["request", "time"] => return put(&int(info.start_unix_ns as i64)),
-        ["request", "headers"] => {
-            let pairs: Vec<(&str, &[u8])> = s
-                .req
-                .headers
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_bytes()))
-                .collect();
-            return put(&serialize_map(&pairs));
-        }
-        ["request", "headers", name] => {
-            if name.bytes().any(|b| b.is_ascii_uppercase()) {
-                header(&name.to_ascii_lowercase())
-            } else {
-                header(name)
-            }
-        }
+        ["request", "headers"] => return put(&serialized(&s.req.headers)),
+        ["request", "headers", name] => header(&lower(name)),
         ["response", "code"] => match s.resp.as_ref() {
             Some(r) => return put(&int(r.status.as_u16() as i64)),
             None => None,
         },
         ["response", "headers"] => match s.resp.as_ref() {
-            Some(r) => {
-                let pairs: Vec<(&str, &[u8])> = r
-                    .headers
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_bytes()))
-                    .collect();
-                return put(&serialize_map(&pairs));
-            }
+            Some(r) => return put(&serialized(&r.headers)),
             None => None,
         },
         [side @ ("source" | "destination"), what @ ("address" | "port")] => {
@@ -99,6 +78,13 @@ pub fn get(d: &HostState, p: &[&str], out: &mut Vec<u8>) -> bool {
         _ => None,
     };
     v.is_some_and(put)
+}
+
+/// A header map in the ABI's map encoding (the `request.headers` / `response.headers`
+/// properties: values as sent).
+fn serialized(h: &http::HeaderMap) -> Vec<u8> {
+    let pairs: Vec<(&str, &[u8])> = h.iter().map(|(k, v)| (k.as_str(), v.as_bytes())).collect();
+    serialize_map(&pairs)
 }
 
 /// `ip:port` (`[ip]:port` for IPv6), as `SocketAddr`'s `Display` writes it; IPv4 without

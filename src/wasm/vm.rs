@@ -236,24 +236,10 @@ impl HostState {
         }
     }
 
-    /// Header pairs of a map, pseudo-headers first. Values that are not UTF-8 are given with
-    /// the invalid bytes replaced: the SDKs' string getters panic on them otherwise, and a
-    /// panic would poison the instance for every other client.
     /// One value of a header map by (lower-case) name, as `map_pairs` would show it (the
     /// first of repeated headers; bytes that are not UTF-8 replaced), without building the
     /// map: `None` when the map or the name is not there.
-    pub fn map_value(&self, t: MapType, name: &str) -> Option<std::borrow::Cow<'_, [u8]>> {
-        use std::borrow::Cow;
-        fn lossy(v: &[u8]) -> Cow<'_, [u8]> {
-            // header values are ASCII but for obs-text: checked a word at a time
-            if v.is_ascii() {
-                return Cow::Borrowed(v);
-            }
-            match abi::lossy(v) {
-                Cow::Borrowed(b) => Cow::Borrowed(b.as_bytes()),
-                Cow::Owned(o) => Cow::Owned(o.into_bytes()),
-            }
-        }
+    pub fn map_value(&self, t: MapType, name: &str) -> Option<Cow<'_, [u8]>> {
         match t {
             MapType::RequestHeaders => {
                 let s = self.stream()?;
@@ -277,8 +263,10 @@ impl HostState {
         }
     }
 
+    /// Header pairs of a map, pseudo-headers first. Values that are not UTF-8 are given with
+    /// the invalid bytes replaced: the SDKs' string getters panic on them otherwise, and a
+    /// panic would poison the instance for every other client.
     pub fn map_pairs(&self, t: MapType) -> Option<Vec<(String, Vec<u8>)>> {
-        let lossy = |v: &[u8]| String::from_utf8_lossy(v).into_owned().into_bytes();
         match t {
             MapType::RequestHeaders => {
                 let s = self.stream()?;
@@ -287,7 +275,7 @@ impl HostState {
                     s.req
                         .headers
                         .iter()
-                        .map(|(k, v)| (k.as_str().to_string(), lossy(v.as_bytes()))),
+                        .map(|(k, v)| (k.as_str().to_string(), lossy(v.as_bytes()).into_owned())),
                 );
                 Some(out)
             }
@@ -298,7 +286,7 @@ impl HostState {
                 out.extend(
                     r.headers
                         .iter()
-                        .map(|(k, v)| (k.as_str().to_string(), lossy(v.as_bytes()))),
+                        .map(|(k, v)| (k.as_str().to_string(), lossy(v.as_bytes()).into_owned())),
                 );
                 Some(out)
             }
@@ -309,6 +297,18 @@ impl HostState {
             MapType::CallResponseTrailers => self.callout_response.as_ref().map(|_| Vec::new()),
             MapType::GrpcInitialMetadata | MapType::GrpcTrailingMetadata => None,
         }
+    }
+}
+
+/// A header value as plugins get it: invalid UTF-8 replaced (header values are ASCII but for
+/// obs-text, so it is checked a word at a time first).
+fn lossy(v: &[u8]) -> Cow<'_, [u8]> {
+    if v.is_ascii() {
+        return Cow::Borrowed(v);
+    }
+    match abi::lossy(v) {
+        Cow::Borrowed(b) => Cow::Borrowed(b.as_bytes()),
+        Cow::Owned(o) => Cow::Owned(o.into_bytes()),
     }
 }
 
@@ -618,14 +618,7 @@ pub fn set_header(
     mode: Mode,
 ) -> abi::Status {
     use abi::Status;
-    // names are matched lower-case; most plugins already send them so
-    let lowered;
-    let name = if name.bytes().any(|b| b.is_ascii_uppercase()) {
-        lowered = name.to_ascii_lowercase();
-        lowered.as_str()
-    } else {
-        name
-    };
+    let name = &*abi::lower(name);
     let Some(s) = data.stream_mut() else {
         return Status::NotFound;
     };

@@ -169,14 +169,7 @@ pub(super) fn proxy_get_header_map_value(
     // the one value, looked up by name: not the whole map built to search it
     let found = give_filled(&mut c, rp, rl, |mem, state, out| {
         let key = abi::lossy(at(mem, kp, kn)?);
-        let lower;
-        let key = if key.bytes().any(|b| b.is_ascii_uppercase()) {
-            lower = key.to_ascii_lowercase();
-            lower.as_str()
-        } else {
-            &key
-        };
-        Ok(match state.map_value(t, key) {
+        Ok(match state.map_value(t, &abi::lower(&key)) {
             Some(v) => {
                 out.extend_from_slice(&v);
                 true
