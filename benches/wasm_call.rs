@@ -113,7 +113,7 @@ fn bench(c: &mut Criterion) {
         protocol: "HTTP/1.1",
         ..Default::default()
     };
-    let pools = Arc::new(vec!["up".to_string()]);
+    let pools: tollgate::wasm::CalloutPools = Arc::new(Vec::new());
     let mut g = c.benchmark_group("on_request_headers round trip");
     for chain in [
         vec!["noop"],

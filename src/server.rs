@@ -25,6 +25,28 @@ use std::time::Duration;
 /// watch holds a descriptor, and service managers start processes with a soft limit of 1024
 /// (systemd's default) that a proxy outgrows long before `limits.max_connections`. Says so
 /// when even the hard limit is below what the configuration can hold open.
+/// The descriptors a configuration may hold at its limits: a socket per connection
+/// (`limits.max_connections`, HTTP and service ports alike), the upstream keep-alive pools,
+/// a backend socket per TCP service-port connection (as many as connections, when the file
+/// declares TCP ports), a socket per UDP flow (`max_flows` of each UDP port), and room for
+/// listeners, files and Consul.
+fn fds_wanted(cfg: &Config) -> u64 {
+    use crate::config::PortProtocol;
+    let tcp_ports = cfg.ports.iter().any(|p| p.protocol != PortProtocol::Udp);
+    let flows: u64 = cfg
+        .ports
+        .iter()
+        .filter(|p| p.protocol == PortProtocol::Udp)
+        .map(|p| p.max_flows as u64)
+        .sum();
+    let conns = cfg.limits.max_connections as u64;
+    conns
+        + if tcp_ports { conns } else { 0 }
+        + flows
+        + (cfg.server.upstream_keepalive_pool_size * cfg.server.threads.max(1)) as u64
+        + 256
+}
+
 fn raise_fd_limit(cfg: &Config) {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -42,15 +64,15 @@ fn raise_fd_limit(cfg: &Config) {
             lim.rlim_cur = before;
         }
     }
-    let wanted = cfg.limits.max_connections as u64
-        + (cfg.server.upstream_keepalive_pool_size * cfg.server.threads.max(1)) as u64
-        + 256;
+    let wanted = fds_wanted(cfg);
     if lim.rlim_cur < wanted {
         tracing::warn!(
             open_files = lim.rlim_cur,
             wanted,
-            "the open-file limit is below limits.max_connections plus the upstream keep-alive pools; \
-             raise it (systemd: LimitNOFILE=) or lower limits.max_connections"
+            "the open-file limit is below what limits.max_connections, the upstream keep-alive pools and \
+             the service ports (a backend socket per TCP connection, one per UDP flow up to max_flows) \
+             may hold; raise it (systemd: LimitNOFILE=) or lower those limits. Service ports stop taking \
+             new connections and flows at 3/4 of the limit"
         );
     } else if lim.rlim_cur != before {
         tracing::info!(from = before, to = lim.rlim_cur, "open-file limit raised");
@@ -193,7 +215,7 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
     let active = shown.active.clone();
     let conns = shown.conns.clone();
     // HTTP-01 answers: the issuer sets them, the proxy serves them
-    let challenges = crate::acme::Challenges::default();
+    let challenges = crate::tls::Challenges::default();
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
         Tollgate::new(
@@ -246,7 +268,7 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
                 )));
                 // HTTP first; `acme-tls/1` last, answered only for a CA's TLS-ALPN-01
                 // validation of a pending order (pingora patch 15)
-                let mut alpn = vec![b"http/1.1".to_vec(), crate::acme::ACME_TLS_ALPN.to_vec()];
+                let mut alpn = vec![b"http/1.1".to_vec(), crate::tls::ACME_TLS_ALPN.to_vec()];
                 if l.http2 {
                     alpn.insert(0, b"h2".to_vec());
                 }

@@ -422,10 +422,24 @@ async fn consul_call(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> String {
+    consul_call_as(consul, None, method, path, body.map(|b| b.to_string())).await
+}
+
+/// [`consul_call`] with an ACL token and a raw body.
+async fn consul_call_as(
+    consul: &ConsulAgent,
+    token: Option<&str>,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<String>,
+) -> String {
     let c = reqwest::Client::builder().no_proxy().build().unwrap();
     let mut r = c.request(method, format!("http://{}{path}", consul.http));
+    if let Some(t) = token {
+        r = r.header("X-Consul-Token", t);
+    }
     if let Some(b) = body {
-        r = r.json(&b);
+        r = r.body(b);
     }
     r.send().await.unwrap().text().await.unwrap()
 }
@@ -689,6 +703,8 @@ async fn when_the_issuer_dies_mid_order_another_completes() {
         },
     )
     .await;
+    // B's own challenges are gone; A's (unless B's order reused its authorization) stays
+    // until its order's deadline, since an order may still need it; sealed
     let pending = consul_call(
         &f.consul,
         reqwest::Method::GET,
@@ -696,10 +712,19 @@ async fn when_the_issuer_dies_mid_order_another_completes() {
         None,
     )
     .await;
-    assert!(
-        !pending.contains("challenges/"),
-        "A's stale challenge was cleared: {pending}"
-    );
+    let keys: Vec<String> = serde_json::from_str(&pending).unwrap_or_default();
+    assert!(keys.len() <= 1, "at most A's challenge: {pending}");
+    for key in keys {
+        let value = consul_call(
+            &f.consul,
+            reqwest::Method::GET,
+            &format!("/v1/kv/{key}?raw=true"),
+            None,
+        )
+        .await;
+        let token = key.rsplit('/').next().unwrap();
+        assert!(!value.contains(token), "sealed, not in the clear: {value}");
+    }
 }
 
 /// The `/certs` entry of the certificate whose first name is `name`.
@@ -855,4 +880,315 @@ async fn certificates_come_from_consul_kv_and_follow_it() {
         served_cn(&ca, https, "a.test").await.as_deref(),
         Some("a-2")
     );
+}
+
+/// The config of a fleet member sharing ACME through Consul (reading its token from
+/// `token_file` when given) whose CA cannot be reached: every order fails before it starts.
+fn unreachable_ca_member(
+    dir: &Path,
+    name: &str,
+    consul: &ConsulAgent,
+    token_file: Option<&Path>,
+    http: SocketAddr,
+    https: SocketAddr,
+    up: SocketAddr,
+) -> std::path::PathBuf {
+    let d = dir.display();
+    let cfg = dir.join(format!("{name}.toml"));
+    let token = token_file
+        .map(|t| format!("token_file = \"{}\"\n", t.display()))
+        .unwrap_or_default();
+    write(
+        &cfg,
+        &format!(
+            "[admin]\naddress = \"127.0.0.1:{}\"\n[consul]\naddress = \"http://{}\"\n{token}state_file = \"\"\n\
+             [acme]\ndirectory = \"https://127.0.0.1:{}/dir\"\nstorage = \"{d}/acme-{name}\"\n\
+             consul = true\nencryption_key_file = \"{d}/acme.key\"\n\
+             [[listener]]\naddress = \"{http}\"\n[[listener]]\naddress = \"{https}\"\ntls = true\n\
+             [[vhost]]\nnames = [\"a.test\"]\nacme = true\n[[vhost.route]]\npath = \"/\"\npool = \"up\"\n\
+             [pool.up]\nbackends = [\"{up}\"]\n",
+            free_port(),
+            consul.http,
+            free_port(),
+        ),
+    );
+    std::fs::write(dir.join("acme.key"), "6f1c0b3e9a2d47c58e0f7a19b2c4d6e8\n").unwrap();
+    cfg
+}
+
+/// A KV writer who is not the fleet plants an HTTP-01 answer and a TLS-ALPN-01 digest in the
+/// shared prefix, as an attacker with KV write access would to get a certificate for a name
+/// that points at the fleet: tollgate refuses both (they are not sealed with the fleet's
+/// key) and answers neither, for a vhost's name or any other.
+#[tokio::test]
+async fn challenges_a_kv_writer_plants_are_not_answered() {
+    let up = Upstream::start("up").await;
+    let dir = tempfile::tempdir().unwrap();
+    let consul = ConsulAgent::start(dir.path()).await;
+    let addr = || SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (http, https) = (addr(), addr());
+    let cfg = unreachable_ca_member(dir.path(), "a", &consul, None, http, https, up.addr);
+    let mut tg = Tollgate::start(&cfg);
+    tg.ready(http).await;
+    let digest = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    for (key, value) in [
+        ("challenges/forgedtoken", "forgedtoken.attackers-thumbprint"),
+        ("alpn/a.test", digest),
+    ] {
+        let put = consul_call_as(
+            &consul,
+            None,
+            reqwest::Method::PUT,
+            &format!("/v1/kv/tollgate/acme/{key}"),
+            Some(value.into()),
+        )
+        .await;
+        assert_eq!(put.trim(), "true");
+    }
+    // the follower has read both (and says why it will not answer them)
+    wait_for(
+        "both planted entries to be refused",
+        Duration::from_secs(15),
+        || async {
+            let log = tg.log_text();
+            log.contains("not sealed by this fleet")
+                && log.contains("challenges/forgedtoken")
+                && log.contains("alpn/a.test")
+        },
+    )
+    .await;
+    let c = reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    for host in ["a.test", "elsewhere.test"] {
+        let r = c
+            .get(format!(
+                "http://{http}/.well-known/acme-challenge/forgedtoken"
+            ))
+            .header("Host", host)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let body = r.text().await.unwrap();
+        assert!(
+            status != 200 && !body.contains("attackers-thumbprint"),
+            "{host}: {status} {body}"
+        );
+    }
+    // a TLS-ALPN-01 validation handshake gets no certificate at all
+    assert_eq!(
+        any_certificate(https, "a.test", &["acme-tls/1"]).await,
+        None,
+        "no certificate for a planted digest"
+    );
+}
+
+/// The certificate a TLS server presents for `sni` offering `alpn`, whatever it is (not
+/// verified): none when the handshake fails.
+async fn any_certificate(addr: SocketAddr, sni: &str, alpn: &[&str]) -> Option<Vec<u8>> {
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    #[derive(Debug)]
+    struct AnyCert(std::sync::Arc<rustls::crypto::CryptoProvider>);
+    impl ServerCertVerifier for AnyCert {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                m,
+                c,
+                d,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn verify_tls13_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                m,
+                c,
+                d,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(AnyCert(provider)))
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
+    let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(ServerName::try_from(sni.to_string()).ok()?, tcp)
+        .await
+        .ok()?;
+    Some(
+        tls.get_ref()
+            .1
+            .peer_certificates()?
+            .first()?
+            .as_ref()
+            .to_vec(),
+    )
+}
+
+/// Two instances against a CA that cannot be reached, on an ACL-enforcing Consul agent whose
+/// token they read from a file. The first fails once (a minute's backoff, kept in KV) and
+/// stops; the second takes the issuer lock and waits out the *fleet's* backoff instead of
+/// ordering at once. The token is rotated (the old one deleted) while it holds the lock: it
+/// keeps the lock past Consul's session expiry (it renews with the new token), and its next
+/// failure doubles the fleet's backoff (2 minutes), saved with the new token.
+#[tokio::test]
+async fn a_fleet_keeps_one_renewed_issuer_lock_and_one_backoff_across_a_token_rotation() {
+    let up = Upstream::start("up").await;
+    let dir = tempfile::tempdir().unwrap();
+    let master = "root-token-for-tests";
+    let consul = ConsulAgent::start_with_acl(dir.path(), master).await;
+    let token_file = dir.path().join("consul.token");
+    std::fs::write(&token_file, format!("{master}\n")).unwrap();
+    let addr = || SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (http_a, https_a, http_b, https_b) = (addr(), addr(), addr(), addr());
+    let tf = Some(token_file.as_path());
+    let cfg_a = unreachable_ca_member(dir.path(), "a", &consul, tf, http_a, https_a, up.addr);
+    let cfg_b = unreachable_ca_member(dir.path(), "b", &consul, tf, http_b, https_b, up.addr);
+    let mut a = Tollgate::start(&cfg_a);
+    a.ready(http_a).await;
+    wait_for(
+        "A to take the lock and fail once",
+        Duration::from_secs(20),
+        || async {
+            let log = a.log_text();
+            log.contains("this instance issues ACME certificates for the fleet")
+                && log.contains("ACME account unavailable")
+        },
+    )
+    .await;
+    assert!(a.log_text().contains("retry_in=60s"), "{}", a.log_text());
+    let mut b = Tollgate::start(&cfg_b);
+    b.ready(http_b).await;
+    a.signal("TERM");
+    let _ = a.child.wait();
+    wait_for(
+        "B to take the lock and wait for the fleet's backoff",
+        Duration::from_secs(45),
+        || async {
+            let log = b.log_text();
+            log.contains("this instance issues ACME certificates for the fleet")
+                && log.contains("wait for the fleet's backoff")
+        },
+    )
+    .await;
+    assert!(
+        !b.log_text().contains("ACME account unavailable"),
+        "B did not try the CA during A's backoff"
+    );
+    let lock_session = || async {
+        let v: serde_json::Value = serde_json::from_str(
+            &consul_call_as(
+                &consul,
+                Some(master),
+                reqwest::Method::GET,
+                "/v1/kv/tollgate/acme/lock",
+                None,
+            )
+            .await,
+        )
+        .unwrap();
+        v[0]["Session"].as_str().unwrap_or_default().to_string()
+    };
+    let held = lock_session().await;
+    assert!(!held.is_empty());
+
+    // rotate: a new token in the file, the old one (the master's, here a separate token so
+    // it can be deleted) gone
+    let made = |what: &'static str| {
+        let consul = &consul;
+        async move {
+            let t: serde_json::Value = serde_json::from_str(
+                &consul_call_as(
+                    consul,
+                    Some(master),
+                    reqwest::Method::PUT,
+                    "/v1/acl/token",
+                    Some(
+                        serde_json::json!({"Description": what, "Policies": [{"Name": "global-management"}]})
+                            .to_string(),
+                    ),
+                )
+                .await,
+            )
+            .unwrap();
+            (
+                t["AccessorID"].as_str().unwrap().to_string(),
+                t["SecretID"].as_str().unwrap().to_string(),
+            )
+        }
+    };
+    let (old_id, old_secret) = made("first").await;
+    std::fs::write(&token_file, format!("{old_secret}\n")).unwrap();
+    // B reads it at its next request; let a few of them go by with the first token
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, new_secret) = made("second").await;
+    std::fs::write(&token_file, format!("{new_secret}\n")).unwrap();
+    consul_call_as(
+        &consul,
+        Some(master),
+        reqwest::Method::DELETE,
+        &format!("/v1/acl/token/{old_id}"),
+        None,
+    )
+    .await;
+    // the fleet's backoff ends ~60 s after A's failure: B's own try then fails and doubles
+    // it; by then B's session has outlived Consul's expiry (TTL 15 s, enforced within 30 s)
+    wait_for(
+        "B's own failure after the fleet's backoff",
+        Duration::from_secs(90),
+        || async { b.log_text().contains("ACME account unavailable") },
+    )
+    .await;
+    let log = b.log_text();
+    assert!(
+        log.contains("retry_in=120s"),
+        "the fleet's second failure: {log}"
+    );
+    assert_eq!(lock_session().await, held, "B held one session throughout");
+    assert_eq!(
+        log.matches("this instance issues ACME certificates for the fleet")
+            .count(),
+        1,
+        "{log}"
+    );
+    for refused in [
+        "lapsed",
+        "could not be saved",
+        "cannot be read",
+        "issuer lock is unavailable",
+    ] {
+        assert!(!log.contains(refused), "{refused}: {log}");
+    }
 }

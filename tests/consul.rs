@@ -390,16 +390,6 @@ async fn an_acl_agent_serves_with_the_right_token_and_a_wrong_token_is_a_clear_e
     );
 }
 
-/// CPU seconds (user + system) the process has used, from /proc.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = after.split_whitespace().collect();
-    // fields 14 and 15 of the file (utime, stime), counted after the command name
-    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
-    ticks / 100.0
-}
-
 #[tokio::test]
 async fn five_hundred_services_of_four_instances_are_all_routed_and_tollgate_idles() {
     const SERVICES: usize = 500;

@@ -1043,6 +1043,55 @@ async fn auth_external_calls_out_to_the_auth_service() {
     );
 }
 
+/// External auth to a pool that speaks TLS and asks for a client certificate: the callout
+/// goes out as a proxied request would (the pool's CA, server name and client certificate),
+/// not in plaintext.
+#[tokio::test]
+async fn auth_external_calls_out_over_the_pools_mtls() {
+    let up = Upstream::start("up").await;
+    let bdir = tempfile::tempdir().unwrap();
+    let bca = TestCa::new();
+    let (cert, key) = bca.issue(bdir.path(), "backend", &["auth.test"], "auth");
+    bca.issue(bdir.path(), "client", &["edge.test"], "edge");
+    std::fs::write(bdir.path().join("backend-ca.pem"), &bca.pem).unwrap();
+    let authsvc = Upstream::start_with(
+        "authsvc",
+        UpstreamMode {
+            tls: Some((cert, key)),
+            client_ca: Some(bca.pem.clone()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let b = bdir.path().display();
+    let mode = r#"{ external = { pool = "authsvc", path = "/check", timeout_ms = 2000 } }"#;
+    let p = proxy(
+        &auth_cfg(
+            &up,
+            mode,
+            &format!(
+                "[pool.authsvc]\nbackends = [\"{}\"]\nprotocol = \"https\"\n\
+                 tls = {{ ca = \"{b}/backend-ca.pem\", server_name = \"auth.test\", client_cert = \"{b}/client.crt\", client_key = \"{b}/client.key\" }}\n",
+                authsvc.addr
+            ),
+        ),
+        &[],
+    )
+    .await;
+    let r = plain()
+        .get(p.url("/x"))
+        .header("authorization", "Bearer good")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "the auth service allowed it over mTLS");
+    assert_eq!(
+        authsvc.hits(),
+        1,
+        "the callout reached the TLS auth service"
+    );
+}
+
 #[tokio::test]
 async fn a_route_runs_its_vhost_plugins_then_its_own_in_order() {
     let up = Upstream::start("up").await;

@@ -684,6 +684,19 @@ async fn connection_limits_apply_to_service_ports() {
     let mut c = connect_from([127, 0, 0, 2], behind_lb).await.unwrap();
     c.write_all(&hdr).await.unwrap();
     assert_eq!(say(&mut c, "y").await, "a:y");
+    drop(c);
+    // a v2 header with 3 KiB of TLVs (listeners take up to 16 + 4096 bytes): taken too
+    let mut v2 =
+        tollgate::limits::proxy_protocol::v2_header("192.0.2.10:1".parse().unwrap(), behind_lb);
+    let tlv_len: usize = 3 * 1024;
+    let len = u16::from_be_bytes([v2[14], v2[15]]) as usize + 3 + tlv_len;
+    v2[14..16].copy_from_slice(&(len as u16).to_be_bytes());
+    v2.push(0xE0); // a custom TLV type
+    v2.extend_from_slice(&(tlv_len as u16).to_be_bytes());
+    v2.extend(std::iter::repeat_n(b'v', tlv_len));
+    let mut c = connect_from([127, 0, 0, 2], behind_lb).await.unwrap();
+    c.write_all(&v2).await.unwrap();
+    assert_eq!(say(&mut c, "z").await, "a:z", "a large v2 header is taken");
     let m = admin_text(&plain(), s.admin, "/metrics").await;
     assert!(
         metric(&m, "tollgate_port_refused_total{port=\"capped\"}") >= 1.0,
@@ -752,4 +765,250 @@ async fn passthrough_and_terminated_vhosts_share_one_address() {
     let mut answer = String::new();
     t.read_to_string(&mut answer).await.ok();
     assert!(answer.contains("\"upstream\":\"db\""), "{answer}");
+}
+
+/// Clients that send half a ClientHello to a passthrough port and wait cost no CPU while
+/// they wait (tollgate waits for their bytes, it does not poll), and those that then close
+/// are let go at once, not at the handshake timeout.
+#[tokio::test]
+async fn half_hellos_on_a_passthrough_port_cost_nothing_and_closed_ones_go_at_once() {
+    let a = named_echo("a").await;
+    let pass = addr();
+    let s = site(
+        &format!(
+            "[limits]\nmax_connections_per_ip = 1000\nconnection_burst_per_ip = 1000\nhandshake_timeout = \"30s\"\n\
+             [[port]]\nname = \"pass\"\naddress = \"{pass}\"\nprotocol = \"sni\"\n\
+             [[port.sni]]\nnames = [\"db.test\"]\npool = \"e\"\n\
+             [pool.e]\nbackends = [\"{a}\"]\n"
+        ),
+        &[pass],
+    )
+    .await;
+    let open = || async {
+        let m = admin_text(&plain(), s.admin, "/metrics").await;
+        metric(&m, "tollgate_port_open{port=\"pass\"}")
+    };
+    wait_for("no connection open", Duration::from_secs(5), || async {
+        open().await == 0.0
+    })
+    .await;
+    // the first bytes of a ClientHello record (handshake, TLS 1.0 record, 512 bytes long)
+    const HALF: &[u8] = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03";
+    const N: usize = 300;
+    let mut held = Vec::with_capacity(N);
+    for _ in 0..N {
+        let mut c = TcpStream::connect(pass).await.unwrap();
+        c.write_all(HALF).await.unwrap();
+        held.push(c);
+    }
+    wait_for(
+        "every half hello to be held",
+        Duration::from_secs(10),
+        || async { open().await == N as f64 },
+    )
+    .await;
+    let (cpu0, t0) = (s.tg.cpu_seconds(), Instant::now());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = s.tg.cpu_seconds() - cpu0;
+    let over = t0.elapsed().as_secs_f64();
+    assert!(
+        used < 0.15 * over,
+        "{N} waiting half hellos used {used:.2} s of CPU in {over:.1} s"
+    );
+    // they close: let go well before the 30 s handshake timeout
+    drop(held);
+    wait_for(
+        "closed half hellos to be let go",
+        Duration::from_secs(3),
+        || async { open().await == 0.0 },
+    )
+    .await;
+}
+
+/// A UDP backend that answers each datagram with `burst` replies (`stream`: one every 50 ms
+/// for 5 s instead, whether the client sends or not).
+async fn udp_amplifier(burst: usize) -> SocketAddr {
+    let s = std::sync::Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let a = s.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 2048];
+        while let Ok((n, from)) = s.recv_from(&mut buf).await {
+            if &buf[..n] == b"stream" {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    for _ in 0..100 {
+                        let _ = s.send_to(b"tick", from).await;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                });
+                continue;
+            }
+            for _ in 0..burst {
+                let _ = s.send_to(&[b'r'; 100], from).await;
+            }
+        }
+    });
+    a
+}
+
+/// Replies to `sock` that arrive within `wait` of each other.
+async fn replies_within(sock: &UdpSocket, wait: Duration) -> usize {
+    let mut buf = [0u8; 256];
+    let mut n = 0;
+    while let Ok(Ok(_)) = tokio::time::timeout(wait, sock.recv_from(&mut buf)).await {
+        n += 1;
+    }
+    n
+}
+
+/// UDP ports bound what a client can make tollgate do: replies per client datagram (a
+/// spoofed source gets no flood), flows per client address (one address cannot fill the
+/// table), a flow kept only while its client sends (a backend's replies alone do not hold
+/// it), and a backend that answers with ICMP port unreachable is ejected like a refused
+/// TCP connect.
+#[tokio::test]
+async fn udp_ports_bound_replies_flows_per_address_and_eject_dead_backends() {
+    let amp = udp_amplifier(50).await;
+    // a port nothing listens on: the kernel answers with ICMP port unreachable
+    let dead = {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.local_addr().unwrap()
+    };
+    let (port, deadp) = (addr(), addr());
+    let s = site(
+        &format!(
+            "[[port]]\nname = \"u\"\naddress = \"{port}\"\nprotocol = \"udp\"\npool = \"amp\"\n\
+             max_flows_per_ip = 3\nreplies_per_datagram = 4\nidle_timeout = \"2s\"\n\
+             [[port]]\nname = \"d\"\naddress = \"{deadp}\"\nprotocol = \"udp\"\npool = \"dead\"\n\
+             [pool.amp]\nbackends = [\"{amp}\"]\n\
+             [pool.dead]\nbackends = [\"{dead}\"]\nmax_fails = 3\n"
+        ),
+        &[],
+    )
+    .await;
+    let client = || async { UdpSocket::bind("127.0.0.1:0").await.unwrap() };
+    // one datagram: 4 of the backend's 50 replies come back
+    let c = client().await;
+    c.send_to(b"x", port).await.unwrap();
+    assert_eq!(replies_within(&c, Duration::from_millis(300)).await, 4);
+    // the next datagram renews the budget
+    c.send_to(b"x", port).await.unwrap();
+    assert_eq!(replies_within(&c, Duration::from_millis(300)).await, 4);
+    // three flows from one address; a fourth from it gets nothing, another address does
+    let (c2, c3, c4) = (client().await, client().await, client().await);
+    for x in [&c2, &c3] {
+        x.send_to(b"x", port).await.unwrap();
+        assert_eq!(replies_within(x, Duration::from_millis(300)).await, 4);
+    }
+    c4.send_to(b"x", port).await.unwrap();
+    assert_eq!(replies_within(&c4, Duration::from_millis(300)).await, 0);
+    let other = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+    other.send_to(b"x", port).await.unwrap();
+    assert_eq!(replies_within(&other, Duration::from_millis(300)).await, 4);
+    let m = admin_text(&plain(), s.admin, "/metrics").await;
+    assert!(metric(&m, "tollgate_port_refused_total{port=\"u\"}") >= 1.0);
+    // the clients fall silent: their flows go after the idle timeout, even the one whose
+    // backend keeps streaming (its ticks are not let through past the budget either)
+    let streaming = client().await;
+    streaming.send_to(b"stream", port).await.unwrap();
+    wait_for("every flow to idle out", Duration::from_secs(6), || async {
+        let m = admin_text(&plain(), s.admin, "/metrics").await;
+        metric(&m, "tollgate_port_open{port=\"u\"}") == 0.0
+    })
+    .await;
+    // the dead backend: ICMP port unreachable counts as failures until it is ejected
+    let d = client().await;
+    wait_for(
+        "the dead backend to be ejected",
+        Duration::from_secs(10),
+        || async {
+            let _ = d.send_to(b"x", deadp).await;
+            let pools = admin_json(&plain(), s.admin, "/pools").await;
+            pools
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["name"] == "dead")
+                .is_some_and(|p| p["backends"][0]["ejections_total"].as_u64() >= Some(1))
+        },
+    )
+    .await;
+}
+
+/// Service ports keep to their share of the open-file limit: with a limit of 400, a flood of
+/// UDP flows from ever-new source ports stops at the ports' share (3/4), tollgate says at
+/// start that the limit is below what its ports may hold, and HTTP keeps serving.
+#[tokio::test]
+async fn a_udp_flood_stops_at_the_ports_share_of_descriptors_and_http_serves_on() {
+    let up = Upstream::start("up").await;
+    let echo = udp_amplifier(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (admin, http, port) = (free_port(), addr(), addr());
+    let cfg = dir.path().join("tollgate.toml");
+    write(
+        &cfg,
+        &format!(
+            "[server]\nthreads = 2\n[admin]\naddress = \"127.0.0.1:{admin}\"\n\
+             [[listener]]\naddress = \"{http}\"\n\
+             [[vhost]]\nnames = [\"a.test\"]\nredirect_https = false\n[[vhost.route]]\npath = \"/\"\npool = \"up\"\n\
+             [pool.up]\nbackends = [\"{}\"]\n\
+             [[port]]\nname = \"u\"\naddress = \"{port}\"\nprotocol = \"udp\"\npool = \"echo\"\n\
+             max_flows = 2000\nmax_flows_per_ip = 2000\nidle_timeout = \"30s\"\n\
+             [pool.echo]\nbackends = [\"{echo}\"]\n",
+            up.addr
+        ),
+    );
+    let mut cmd = Command::new("prlimit");
+    cmd.args(["--nofile=400:400", "--", Tollgate::bin()]);
+    let mut tg = Tollgate::start_cmd(cmd, &cfg);
+    tg.ready(http).await;
+    assert!(
+        tg.log_text().contains("open-file limit is below"),
+        "{}",
+        tg.log_text()
+    );
+    // 500 clients, one datagram each (the test's own sockets, closed as it goes), paced so
+    // the port's receive buffer does not overflow
+    for i in 0..500 {
+        let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        c.send_to(b"x", port).await.unwrap();
+        if i % 20 == 19 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let m = || async { admin_text(&plain(), admin, "/metrics").await };
+    wait_for(
+        "the flood to be refused at the share",
+        Duration::from_secs(20),
+        || async {
+            let m = m().await;
+            metric(&m, "tollgate_port_connections_total{port=\"u\"}")
+                + metric(&m, "tollgate_port_refused_total{port=\"u\"}")
+                + metric(&m, "tollgate_port_connect_failures_total{port=\"u\"}")
+                >= 480.0 // datagrams: a few may be lost on the way
+        },
+    )
+    .await;
+    let m = m().await;
+    let open = metric(&m, "tollgate_port_open{port=\"u\"}");
+    assert!(
+        (250.0..=300.0).contains(&open),
+        "flows at the 300 share: {open}"
+    );
+    assert!(tg
+        .log_text()
+        .contains("service ports hold their share of the open-file limit"));
+    // HTTP is untouched: new connections, answered
+    for _ in 0..20 {
+        let r = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap()
+            .get(format!("http://{http}/"))
+            .header("host", "a.test")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
 }

@@ -85,6 +85,10 @@ pub mod port {
     /// UDP flows.
     pub const IDLE_TIMEOUT_UDP: Duration = secs(30);
     pub const MAX_FLOWS: i64 = 10_000;
+    /// UDP flows one client address may hold (as `limits.max_connections_per_ip` for TCP).
+    pub const MAX_FLOWS_PER_IP: i64 = 256;
+    /// UDP: the replies a backend may send after each client datagram (0: no limit).
+    pub const REPLIES_PER_DATAGRAM: i64 = 10;
 }
 
 /// `[plugin.NAME]`.

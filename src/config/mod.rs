@@ -167,6 +167,11 @@ pub struct PortSpec {
     pub proxy_protocol: bool,
     /// UDP: flows (client addresses) at once; a new client beyond it is dropped.
     pub max_flows: usize,
+    /// UDP: flows one client IP address may hold at once.
+    pub max_flows_per_ip: usize,
+    /// UDP: replies a backend may send after each client datagram (0: no limit); the
+    /// rest are dropped, so a spoofed source cannot be flooded through tollgate.
+    pub replies_per_datagram: u32,
     /// Where it came from: `file t.toml:12`, or the Consul tag that declared it.
     pub source: String,
 }
@@ -816,6 +821,16 @@ impl Config {
     }
 
     /// Validate `src` as if read from `path` (relative paths resolve against its directory).
+    /// Whether ACME may be asked to prove `name`: ACME is configured and a vhost of the file
+    /// (not a Consul tag) names it and has no certificate of its own. The challenge answers
+    /// are served for these names only, whatever the shared state holds.
+    pub fn acme_may_order(&self, name: &str) -> bool {
+        self.acme.is_some()
+            && self.vhosts.iter().any(|v| {
+                (v.acme || v.cert.is_none()) && v.names.iter().any(|n| n.eq_ignore_ascii_case(name))
+            })
+    }
+
     pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigErrors> {
         validate::parse(path, src)
     }

@@ -58,6 +58,8 @@ pub struct RawPort {
     pub send_proxy: Option<S<String>>,
     pub proxy_protocol: Option<bool>,
     pub max_flows: Option<S<i64>>,
+    pub max_flows_per_ip: Option<S<i64>>,
+    pub replies_per_datagram: Option<S<i64>>,
     #[serde(default)]
     pub sni: Vec<S<RawSniRoute>>,
 }

@@ -24,7 +24,8 @@ async fn call(
 pub struct Lock {
     http: reqwest::Client,
     base: String,
-    token: Option<String>,
+    /// `[consul]`: the token is read from it at every request (a rotated `token_file`).
+    settings: ConsulSettings,
     dc: Option<String>,
     key: String,
     ttl: Duration,
@@ -40,7 +41,7 @@ impl Lock {
         Ok(Lock {
             http: crate::discovery::consul::client(consul)?,
             base: consul.address.trim_end_matches('/').to_string(),
-            token: crate::discovery::consul::token(consul),
+            settings: consul.clone(),
             dc: consul.datacenter.clone(),
             key: l.key.clone(),
             ttl: l.ttl,
@@ -60,7 +61,7 @@ impl Lock {
             .http
             .request(method, format!("{}{path}", self.base))
             .timeout(Duration::from_secs(3).min(self.ttl / 5));
-        if let Some(t) = &self.token {
+        if let Some(t) = crate::discovery::consul::token(&self.settings) {
             r = r.header("X-Consul-Token", t);
         }
         if let Some(dc) = &self.dc {

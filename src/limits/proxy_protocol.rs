@@ -13,6 +13,9 @@ const V1_MAX: usize = 107;
 /// The longest v2 header accepted (addresses plus TLVs such as a cloud load balancer's).
 const V2_MAX: usize = 16 + 4096;
 
+/// The longest PROXY header accepted (a v2 header with 4 KiB of TLVs).
+pub const MAX_HEADER: usize = V2_MAX;
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum Parsed {
     /// More bytes are needed.

@@ -23,6 +23,7 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,6 +42,74 @@ struct Shared {
     conns: Arc<ConnTable>,
     active: ActiveRequests,
     tls: Arc<rustls::ServerConfig>,
+    fds: Arc<FdBudget>,
+}
+
+/// The file descriptors service ports may hold: a TCP port connection holds two (client and
+/// backend), a UDP flow one (its socket to the backend). Ports may take at most three
+/// quarters of the open-file limit, so a flood on a port leaves the listeners, the HTTP
+/// connections and their upstreams the rest, instead of failing them with EMFILE.
+#[derive(Debug)]
+pub struct FdBudget {
+    held: AtomicU64,
+    cap: u64,
+    /// Whether a refusal has been logged since the budget last had room.
+    said: AtomicBool,
+}
+
+impl FdBudget {
+    /// The budget under the process's open-file limit now.
+    pub fn from_rlimit() -> FdBudget {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit only writes the struct passed to it.
+        let limit = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+            lim.rlim_cur
+        } else {
+            1024
+        };
+        FdBudget::with_cap(limit / 4 * 3)
+    }
+
+    pub fn with_cap(cap: u64) -> FdBudget {
+        FdBudget {
+            held: AtomicU64::new(0),
+            cap,
+            said: AtomicBool::new(false),
+        }
+    }
+
+    /// Take `n` descriptors, or `None` (logged once until there is room again) when that
+    /// would go over the budget.
+    pub fn take(self: &Arc<Self>, n: u64, port: &str) -> Option<FdGuard> {
+        let taken = self
+            .held
+            .fetch_update(Relaxed, Relaxed, |h| (h + n <= self.cap).then_some(h + n));
+        if taken.is_err() {
+            if !self.said.swap(true, Relaxed) {
+                tracing::warn!(port, budget = self.cap, "service ports hold their share of the open-file limit (3/4); refusing new connections and flows until some close");
+            }
+            return None;
+        }
+        self.said.store(false, Relaxed);
+        Some(FdGuard(self.clone(), n))
+    }
+
+    pub fn held(&self) -> u64 {
+        self.held.load(Relaxed)
+    }
+}
+
+/// Descriptors taken from the [`FdBudget`], given back when dropped.
+#[derive(Debug)]
+pub struct FdGuard(Arc<FdBudget>, u64);
+
+impl Drop for FdGuard {
+    fn drop(&mut self) {
+        self.0.held.fetch_sub(self.1, Relaxed);
+    }
 }
 
 /// A socket is one per (address, TCP or UDP); a port keeps it while its spec's kind stays.
@@ -80,6 +149,7 @@ impl BackgroundService for Ports {
             conns: self.conns.clone(),
             active: self.active.clone(),
             tls: self.tls.clone(),
+            fds: Arc::new(FdBudget::from_rlimit()),
         };
         let mut running: HashMap<Key, tokio::task::JoinHandle<()>> = HashMap::new();
         // a port whose address cannot be bound is retried, but logged once per failure kind

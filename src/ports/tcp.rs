@@ -69,11 +69,16 @@ async fn connection(shared: Shared, k: Key, mut client: TcpStream, peer: SocketA
             return;
         }
     };
+    // the client's descriptor and the backend's
+    let Some(fds) = shared.fds.take(2, &port.spec.name) else {
+        m.refused.fetch_add(1, Relaxed);
+        return;
+    };
     m.total.fetch_add(1, Relaxed);
     m.open.fetch_add(1, Relaxed);
     // the slot goes back before the gauge drops: a reader who sees no connection open may
     // take the slot again at once
-    let _held = (slot, Decrement(&m.open));
+    let _held = (slot, fds, Decrement(&m.open));
     match port.spec.protocol {
         PortProtocol::Tls => {
             let acceptor = tokio_rustls::TlsAcceptor::from(shared.tls.clone());
@@ -126,32 +131,30 @@ impl Drop for Decrement<'_> {
 }
 
 /// Read a PROXY header off the start of a plain socket (nothing past it is consumed: the
-/// header is peeked, then exactly its length read).
+/// header is peeked, then exactly its length read). Headers up to the size the listeners
+/// take (`proxy_protocol::MAX_HEADER`).
 async fn read_proxy_header(
     s: &mut TcpStream,
     deadline: Duration,
 ) -> Result<Option<SocketAddr>, String> {
     let work = async {
-        let mut buf = vec![0u8; 536];
-        loop {
-            let n = s.peek(&mut buf).await.map_err(|e| format!("read: {e}"))?;
-            if n == 0 {
-                return Err("connection closed inside the PROXY header".to_string());
-            }
-            match proxy_protocol::parse(&buf[..n])? {
-                proxy_protocol::Parsed::Incomplete if n < buf.len() => {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                proxy_protocol::Parsed::Incomplete => return Err("PROXY header too long".into()),
-                proxy_protocol::Parsed::Done { len, source } => {
-                    let mut skip = vec![0u8; len];
-                    s.read_exact(&mut skip)
-                        .await
-                        .map_err(|e| format!("read: {e}"))?;
-                    return Ok(source);
-                }
-            }
-        }
+        let judge = |b: &[u8]| match proxy_protocol::parse(b) {
+            Err(e) => Some(Err(e)),
+            Ok(proxy_protocol::Parsed::Incomplete) => None,
+            Ok(proxy_protocol::Parsed::Done { len, source }) => Some(Ok((len, source))),
+        };
+        let (len, source) = peek_for(s, proxy_protocol::MAX_HEADER, judge)
+            .await
+            .map_err(|e| match e {
+                Peek::TooLong => "PROXY header too long".to_string(),
+                Peek::Closed => "connection closed inside the PROXY header".to_string(),
+                Peek::Failed(e) => e,
+            })?;
+        let mut skip = vec![0u8; len];
+        s.read_exact(&mut skip)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        Ok(source)
     };
     tokio::time::timeout(deadline, work)
         .await
@@ -159,32 +162,92 @@ async fn read_proxy_header(
 }
 
 /// The server name of the client's ClientHello, peeked (the bytes stay for the backend).
-async fn peek_hello(s: &TcpStream, deadline: Duration) -> Result<Option<String>, &'static str> {
-    let work = async {
-        let mut buf = vec![0u8; MAX_HELLO + 5];
-        let mut last = 0;
-        loop {
-            let n = s.peek(&mut buf).await.map_err(|_| "read failed")?;
-            if n == 0 {
-                return Err("connection closed before a ClientHello");
+async fn peek_hello(s: &TcpStream, deadline: Duration) -> Result<Option<String>, String> {
+    let work = peek_for(s, MAX_HELLO + 5, |b| match server_name(b) {
+        Hello::Name(name) => Some(Ok(name)),
+        Hello::Invalid(why) => Some(Err(why.to_string())),
+        Hello::Incomplete => None,
+    });
+    match tokio::time::timeout(deadline, work).await {
+        Ok(Ok(name)) => Ok(name),
+        Ok(Err(Peek::TooLong)) => Err("a ClientHello over 16 KiB".into()),
+        Ok(Err(Peek::Closed)) => Err("connection closed before a whole ClientHello".into()),
+        Ok(Err(Peek::Failed(e))) => Err(e),
+        Err(_) => Err("no whole ClientHello within limits.handshake_timeout".into()),
+    }
+}
+
+/// Why [`peek_for`] ended without an answer.
+#[derive(Debug)]
+enum Peek {
+    /// `max` bytes were there and the judge still wanted more.
+    TooLong,
+    /// The peer closed (or reset) before the judge had enough.
+    Closed,
+    /// What the judge refused, or a read error.
+    Failed(String),
+}
+
+/// Peek at the start of `s` until `judge` decides on the bytes there (`Some`). Between looks
+/// it waits for new bytes to arrive (readiness, not a timer: a connection that sent half a
+/// header costs nothing until it sends more), and it ends as soon as the peer closes or
+/// resets. Nothing is consumed.
+async fn peek_for<T>(
+    s: &TcpStream,
+    max: usize,
+    mut judge: impl FnMut(&[u8]) -> Option<Result<T, String>>,
+) -> Result<T, Peek> {
+    use std::os::fd::AsRawFd;
+    use tokio::io::Interest;
+    let mut buf = vec![0u8; max];
+    let mut seen = 0;
+    loop {
+        let ready = s
+            .ready(Interest::READABLE)
+            .await
+            .map_err(|e| Peek::Failed(format!("read: {e}")))?;
+        let closed = ready.is_read_closed();
+        let peeked = s.try_io(Interest::READABLE, || {
+            // SAFETY: `buf` is valid for `buf.len()` writable bytes, and the descriptor is the
+            // stream's own, open while `s` is borrowed
+            let n = unsafe {
+                libc::recv(
+                    s.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                return Err(std::io::Error::last_os_error());
             }
-            match server_name(&buf[..n]) {
-                Hello::Name(name) => return Ok(name),
-                Hello::Invalid(why) => return Err(why),
-                Hello::Incomplete if n == buf.len() => return Err("a ClientHello over 16 KiB"),
-                Hello::Incomplete => {
-                    if n == last {
-                        // peek returns what is there at once: wait for more to arrive
-                        tokio::time::sleep(Duration::from_millis(2)).await;
-                    }
-                    last = n;
-                }
+            let n = n as usize;
+            if n == seen && n > 0 && !closed {
+                // nothing new since the last look: clear the readiness and wait for more
+                return Err(std::io::ErrorKind::WouldBlock.into());
             }
+            Ok(n)
+        });
+        let n = match peeked {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Err(Peek::Closed),
+            Err(e) => return Err(Peek::Failed(format!("read: {e}"))),
+        };
+        if n == 0 {
+            return Err(Peek::Closed);
         }
-    };
-    tokio::time::timeout(deadline, work)
-        .await
-        .map_err(|_| "no whole ClientHello within limits.handshake_timeout")?
+        if let Some(r) = judge(&buf[..n]) {
+            return r.map_err(Peek::Failed);
+        }
+        if n == max {
+            return Err(Peek::TooLong);
+        }
+        if closed {
+            return Err(Peek::Closed);
+        }
+        seen = n;
+    }
 }
 
 /// Connect to a backend of `pool` (another on failure, up to `retries` more), send the PROXY
@@ -221,6 +284,12 @@ async fn forward<C>(
                 m.connect_failures.fetch_add(1, Relaxed);
                 pool.metrics.connect_failures.fetch_add(1, Relaxed);
                 let error = match failure {
+                    Ok(Err(e)) if crate::upstream::local_shortage(&e) => {
+                        // tollgate's own shortage (descriptors, ports, memory): not the
+                        // backend's fault, and another backend would fare no better
+                        tracing::warn!(port = %port.spec.name, backend = %b.address, error = %e, "cannot open a connection to a backend here");
+                        return;
+                    }
                     Ok(Err(e)) => e.to_string(),
                     _ => format!("timed out after {timeout:?}"),
                 };

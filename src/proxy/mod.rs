@@ -57,7 +57,7 @@ pub struct Tollgate {
     state: Arc<ArcSwap<Snapshot>>,
     access_log: bool,
     active: ActiveRequests,
-    challenges: crate::acme::Challenges,
+    challenges: crate::tls::Challenges,
 }
 
 impl Tollgate {
@@ -65,7 +65,7 @@ impl Tollgate {
         state: Arc<ArcSwap<Snapshot>>,
         access_log: bool,
         active: ActiveRequests,
-        challenges: crate::acme::Challenges,
+        challenges: crate::tls::Challenges,
     ) -> Self {
         Tollgate {
             state,

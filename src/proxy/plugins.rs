@@ -19,7 +19,7 @@ pub(super) async fn request_headers(session: &mut Session, ctx: &mut RequestCtx)
         return Ok(false);
     }
     // the chain holds a placeholder; the session lends it the real header in each phase
-    let mut chain = Chain::lent(&rec.plugins, &ctx.snap.pool_names);
+    let mut chain = Chain::lent(&rec.plugins, &ctx.snap.callout_pools);
     fill_info(&mut chain.data_mut().info, session, ctx, &rec.names);
     let eos = session.as_downstream_mut().is_body_empty();
     let verdict = chain.request_headers(session.req_header_mut(), eos).await;

@@ -124,6 +124,19 @@ fn normalize_target(
     Ok(())
 }
 
+/// The request's host, normalised (`routing::normalize_host`): the target's authority, else
+/// the Host header.
+fn request_host(req: &RequestHeader) -> Option<String> {
+    let raw = match req.uri.authority() {
+        Some(a) => Some(a.as_str()),
+        None => req
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok()),
+    };
+    raw.and_then(normalize_host)
+}
+
 /// Route the request; `Ok(true)` when tollgate already answered it.
 pub(super) async fn route(session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
     ctx.tls = session
@@ -132,15 +145,7 @@ pub(super) async fn route(session: &mut Session, ctx: &mut RequestCtx) -> Result
         .is_some();
     ctx.request_id = incoming_request_id(session.req_header()).unwrap_or_else(new_request_id);
 
-    let req = session.req_header();
-    let raw_host = match req.uri.authority() {
-        Some(a) => Some(a.as_str()),
-        None => req
-            .headers
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok()),
-    };
-    let Some(host) = raw_host.and_then(normalize_host) else {
+    let Some(host) = request_host(session.req_header()) else {
         return answer(session, ctx, 400, "missing or invalid Host header", None).await;
     };
     ctx.host = host;
@@ -243,18 +248,27 @@ fn redirect<'a>(
     ))
 }
 
-/// An ACME HTTP-01 challenge tollgate is answering now (on any listener and host, before
-/// routing and the HTTPS redirect, as the CA asks over plain HTTP): the key authorization.
+/// An ACME HTTP-01 challenge tollgate is answering now (on any listener, before routing and
+/// the HTTPS redirect, as the CA asks over plain HTTP): the key authorization, only when the
+/// request's Host is the name the pending order validates and one a vhost of the file may
+/// order for.
 pub(super) async fn acme_challenge(
     session: &mut Session,
     ctx: &mut RequestCtx,
-    challenges: &crate::acme::Challenges,
+    challenges: &crate::tls::Challenges,
 ) -> Result<bool> {
-    let path = session.req_header().uri.path();
-    let Some(token) = path.strip_prefix(crate::acme::CHALLENGE_PATH) else {
+    let req = session.req_header();
+    let Some(token) = req.uri.path().strip_prefix(crate::tls::CHALLENGE_PATH) else {
         return Ok(false);
     };
-    let Some(key_auth) = challenges.answer(token) else {
+    let Some(host) = request_host(req) else {
+        return Ok(false);
+    };
+    if !ctx.snap.config.acme_may_order(&host) {
+        return Ok(false);
+    }
+    let now = crate::clock::unix_secs() as i64;
+    let Some(key_auth) = challenges.answer(token, &host, now) else {
         return Ok(false);
     };
     ctx.reason = Some("ACME http-01 challenge".into());

@@ -2,8 +2,8 @@
 //! from the live Snapshot's certificate store (`tls::CertStore`), or, for a CA's TLS-ALPN-01
 //! validation (ALPN `acme-tls/1` only), with the challenge certificate of a pending order.
 
-use crate::acme::{Challenges, ACME_TLS_ALPN};
 use crate::state::Snapshot;
+use crate::tls::{Challenges, ACME_TLS_ALPN};
 use arc_swap::ArcSwap;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -35,12 +35,9 @@ impl ResolvesServerCert for SniResolver {
             // the challenge certificate or nothing, and only for a name a vhost of the file
             // may order for (what a KV writer shares cannot widen that)
             let name = hello.server_name()?;
-            let ours = snap.config.acme.is_some()
-                && snap.config.vhosts.iter().any(|v| {
-                    (v.acme || v.cert.is_none())
-                        && v.names.iter().any(|n| n.eq_ignore_ascii_case(name))
-                });
-            return self.acme.as_ref().filter(|_| ours)?.alpn_cert(name);
+            let ours = snap.config.acme_may_order(name);
+            let now = crate::clock::unix_secs() as i64;
+            return self.acme.as_ref().filter(|_| ours)?.alpn_cert(name, now);
         }
         snap.certs.resolve(hello.server_name())
     }

@@ -54,10 +54,17 @@ pub(super) fn on_connect_failure(
     };
     let now = now_ms();
     pool.metrics.connect_failures.fetch_add(1, Relaxed);
+    // tollgate's own shortage (descriptors, local ports) is not the backend's failure
+    let local = e
+        .root_cause()
+        .downcast_ref::<std::io::Error>()
+        .is_some_and(crate::upstream::local_shortage);
     if let Some(i) = ctx.backend.take() {
         ctx.inflight = None;
         let b = &pool.backends[i];
-        if let Some(ms) = b.state.record_failure(now, &pool.spec.health) {
+        if local {
+            tracing::warn!(pool = %pool.name, backend = %b.address, error = %e, "cannot open a connection to a backend here");
+        } else if let Some(ms) = b.state.record_failure(now, &pool.spec.health) {
             tracing::warn!(pool = %pool.name, backend = %b.address, eject_ms = ms, error = %e, "backend ejected after consecutive failures");
         }
     }

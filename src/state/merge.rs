@@ -308,6 +308,8 @@ fn merge_ports(
                 send_proxy: Default::default(),
                 proxy_protocol: false,
                 max_flows: crate::config::defaults::port::MAX_FLOWS as usize,
+                max_flows_per_ip: crate::config::defaults::port::MAX_FLOWS_PER_IP as usize,
+                replies_per_datagram: crate::config::defaults::port::REPLIES_PER_DATAGRAM as u32,
                 source,
             }),
         }

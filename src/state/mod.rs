@@ -50,8 +50,9 @@ pub struct Snapshot {
     pub route_conflicts: Vec<String>,
     /// The loaded proxy-wasm plugins, by name.
     pub plugins: BTreeMap<String, Arc<Plugin>>,
-    /// Every pool name (HTTP callouts may name any of them).
-    pub pool_names: Arc<Vec<String>>,
+    /// Every pool (HTTP callouts may name any of them; a request's go to these, not to the
+    /// live Snapshot's).
+    pub callout_pools: crate::wasm::CalloutPools,
     /// The service ports: the file's, then those Consul services declare.
     pub ports: Vec<Port>,
 }
@@ -376,7 +377,7 @@ impl Snapshot {
                 spec: spec.clone(),
             })
             .collect();
-        let pool_names = Arc::new(pool_specs.keys().cloned().collect());
+        let callout_pools = Arc::new(pools.clone());
         let vhost_metrics = routes
             .vhosts()
             .iter()
@@ -396,7 +397,7 @@ impl Snapshot {
             vhosts: served,
             route_conflicts,
             plugins,
-            pool_names,
+            callout_pools,
             ports,
         })
     }

@@ -3,8 +3,12 @@
 //! Snapshot carries, and `cert dev`. Must not touch routing or sockets; reload is driven by
 //! `state`, and the listeners' certificate resolver (`proxy::sni`) reads the live Snapshot's
 //! store. `backend`: the CA bundles and client certificates of TLS pools (to backends).
+//! `challenges`: the ACME challenge answers pending now, which the listeners serve.
 
 pub mod backend;
+mod challenges;
+
+pub use challenges::{Challenges, ACME_TLS_ALPN, CHALLENGE_PATH};
 
 use crate::config::{Config, ConfigError, ConfigErrors, Origin};
 use rustls::pki_types::pem::PemObject;
@@ -38,6 +42,22 @@ impl CertInfo {
     }
 }
 
+impl CertInfo {
+    /// Whether the certificate is valid at `now_unix` (else what is wrong).
+    pub fn valid_at(&self, now_unix: i64) -> Result<(), String> {
+        if now_unix >= self.not_after {
+            return Err(format!(
+                "expired {} days ago",
+                (now_unix - self.not_after) / 86_400
+            ));
+        }
+        if now_unix < self.not_before {
+            return Err("not valid yet".into());
+        }
+        Ok(())
+    }
+}
+
 /// Certificates by the name they serve. Wildcards cover exactly one label (RFC 6125).
 #[derive(Debug, Default, Clone)]
 pub struct CertStore {
@@ -64,6 +84,14 @@ impl CertStore {
         self.wildcard.get(&format!(".{parent}")).cloned()
     }
 
+    /// The certificate serving vhost name `name` (which may itself be `*.x`).
+    fn for_vhost_name(&self, name: &str) -> Option<Arc<CertifiedKey>> {
+        match name.strip_prefix('*') {
+            Some(suffix) => self.wildcard.get(suffix).cloned(),
+            None => self.find(name),
+        }
+    }
+
     /// Does a certificate cover vhost name `name` (which may itself be `*.x`)?
     pub fn covers(&self, name: &str) -> bool {
         match name.strip_prefix('*') {
@@ -88,24 +116,14 @@ impl CertStore {
     /// Load every certificate the configuration names, and `kv` (those read from Consul KV:
     /// source, certificate PEM, key PEM), and check that each vhost name served over TLS has
     /// one. Vhost `cert`/`key` take precedence over `certs_dir` and the ACME storage, which
-    /// take precedence over Consul KV's.
+    /// take precedence over Consul KV's: a KV certificate serves only the names none of those
+    /// covers (exactly or by a wildcard), and only while it is valid. The default vhost's
+    /// certificate answers clients without SNI and names nothing covers.
     pub fn load(cfg: &Config, kv: &[(PathBuf, &str, &str)]) -> Result<CertStore, ConfigErrors> {
         let mut store = CertStore::default();
         let mut errors = Vec::new();
         if !cfg.has_tls() {
             return Ok(store);
-        }
-        for (source, cert, key) in kv {
-            let name = source.display().to_string();
-            match pair_from_pem(cert.as_bytes(), key.as_bytes(), source, &name, &name) {
-                Ok((ck, info)) => {
-                    store.insert(&info.names, &ck);
-                    store.fallback.get_or_insert(ck);
-                    store.infos.push(info);
-                }
-                // checked when read from Consul (and refused there, said once)
-                Err(e) => tracing::debug!("{e}"),
-            }
         }
         // the ACME storage's certificates load like tls.certs_dir's (a missing directory is
         // just nothing issued yet)
@@ -151,6 +169,39 @@ impl CertStore {
                     option: "vhost.cert".into(),
                     message: e,
                 }),
+            }
+        }
+        // Consul KV's last: they serve only names nothing above covers (a vhost's own
+        // wildcard wins over a KV certificate for one of its names), and only while valid
+        let now = crate::clock::unix_secs() as i64;
+        for (source, cert, key) in kv {
+            let name = source.display().to_string();
+            match pair_from_pem(cert.as_bytes(), key.as_bytes(), source, &name, &name) {
+                Ok((ck, info)) => {
+                    if let Err(e) = info.valid_at(now) {
+                        // said by the KV watch when it reads it; a build only skips it
+                        tracing::debug!("{name}: {e}");
+                        continue;
+                    }
+                    let free: Vec<String> = info
+                        .names
+                        .iter()
+                        .filter(|n| !store.covers(n))
+                        .cloned()
+                        .collect();
+                    store.insert(&free, &ck);
+                    store.fallback.get_or_insert(ck);
+                    store.infos.push(info);
+                }
+                // checked when read from Consul (and refused there, said once)
+                Err(e) => tracing::debug!("{e}"),
+            }
+        }
+        // clients without SNI, or for a name nothing covers, get the default vhost's
+        // certificate wherever it came from (its own, certs_dir, ACME, KV)
+        if let Some(v) = cfg.vhosts.iter().find(|v| v.default) {
+            if let Some(ck) = v.names.iter().find_map(|n| store.for_vhost_name(n)) {
+                store.fallback = Some(ck);
             }
         }
         if errors.is_empty() {
@@ -408,5 +459,62 @@ mod tests {
         let (_, k2) = write_dev_cert(&["other".into()], &dir).unwrap();
         assert!(load_pair(&c, &k2).unwrap_err().contains("does not belong"));
         std::fs::remove_dir_all(dir).ok();
+    }
+
+    /// A certificate and key as PEM for `names`, valid from `from` to `until` (Unix days).
+    fn pem_pair(names: &[&str], from: i64, until: i64) -> (String, String) {
+        let mut p =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let day = |d: i64| {
+            let (y, m, dd) = civil_from_unix(d * 86_400);
+            rcgen::date_time_ymd(y, m, dd)
+        };
+        p.not_before = day(from);
+        p.not_after = day(until);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = p.self_signed(&key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    #[test]
+    fn kv_certificates_serve_only_what_nothing_else_covers_and_only_while_valid() {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs");
+        write_dev_cert(&["*.example.test".into()], &certs).unwrap();
+        let cfg_text = format!(
+            "[tls]\ncerts_dir = \"{}\"\nconsul_kv_prefix = \"edge/certs\"\n\
+             [[listener]]\naddress = \"127.0.0.1:1\"\ntls = true\n\
+             [[vhost]]\nnames = [\"*.example.test\"]\ndefault = true\n[[vhost.route]]\npath = \"/\"\npool = \"p\"\n\
+             [[vhost]]\nnames = [\"kv.test\", \"old.test\"]\n[[vhost.route]]\npath = \"/\"\npool = \"p\"\n\
+             [pool.p]\nbackends = [\"127.0.0.1:2\"]\n",
+            certs.display()
+        );
+        let cfg = Config::parse(&dir.path().join("t.toml"), &cfg_text).unwrap();
+        let today = crate::clock::unix_secs() as i64 / 86_400;
+        // KV: one for a name the vhost's wildcard covers, one of its own, one expired
+        let shadowed = pem_pair(&["foo.example.test"], today - 1, today + 30);
+        let own = pem_pair(&["kv.test"], today - 1, today + 30);
+        let expired = pem_pair(&["old.test"], today - 60, today - 11);
+        let kv: Vec<(PathBuf, &str, &str)> = vec![
+            ("consul:edge/certs/a.pem".into(), &shadowed.0, &shadowed.1),
+            ("consul:edge/certs/b.pem".into(), &own.0, &own.1),
+            ("consul:edge/certs/c.pem".into(), &expired.0, &expired.1),
+        ];
+        let store = CertStore::load(&cfg, &kv).unwrap();
+        let der = |k: Option<Arc<CertifiedKey>>| k.map(|k| k.cert[0].as_ref().to_vec());
+        let wildcard = der(store.wildcard.get(".example.test").cloned());
+        assert!(wildcard.is_some());
+        // the vhost's wildcard wins over a KV certificate for one of its names
+        assert_eq!(der(store.resolve(Some("foo.example.test"))), wildcard);
+        // clients without SNI and unknown names get the default vhost's certificate
+        assert_eq!(der(store.resolve(None)), wildcard);
+        assert_eq!(der(store.resolve(Some("unknown.test"))), wildcard);
+        // a KV certificate serves its own name; an expired one never
+        let kv_der = der(store.resolve(Some("kv.test")));
+        assert_ne!(kv_der, wildcard);
+        assert!(kv_der.is_some());
+        assert!(!store.infos.iter().any(|i| i.names == ["old.test"]));
+        assert_eq!(der(store.resolve(Some("old.test"))), wildcard);
     }
 }

@@ -35,6 +35,16 @@ pub struct Pool {
     cursor: Arc<AtomicUsize>,
 }
 
+/// Whether a failure to reach a backend is tollgate's own shortage (out of descriptors, of
+/// local ports, of buffers or memory) rather than the backend's: such a failure must never
+/// count against a backend (passive ejection).
+pub fn local_shortage(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::EADDRNOTAVAIL | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
 /// Holds a backend's in-flight count up while a request uses it.
 #[derive(Debug)]
 pub struct InflightGuard(Arc<BackendState>);
@@ -162,5 +172,24 @@ impl Registry {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|k, _| keep_p.contains(k));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tollgates_own_shortages_are_not_a_backends_failure() {
+        let os = std::io::Error::from_raw_os_error;
+        for local in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::EADDRNOTAVAIL,
+            libc::ENOBUFS,
+        ] {
+            assert!(super::local_shortage(&os(local)), "{local}");
+        }
+        for backend in [libc::ECONNREFUSED, libc::ETIMEDOUT, libc::EHOSTUNREACH] {
+            assert!(!super::local_shortage(&os(backend)), "{backend}");
+        }
     }
 }

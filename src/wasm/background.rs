@@ -134,8 +134,11 @@ impl Host {
         }
     }
 
-    /// Run one HTTP callout against a backend of the named pool. A failure is answered
-    /// as Envoy does: no headers and no body (the plugin sees no `:status`).
+    /// Run one HTTP callout against a backend of its pool: the pool of the request's
+    /// Snapshot (a root context's: the live one), reached exactly as proxied requests reach
+    /// it (`upstream::peer`: protocol, TLS with the pool's CA and server name, client
+    /// certificate, HTTP/2), through pingora's connector. A failure is answered as Envoy
+    /// does: no headers and no body (the plugin sees no `:status`).
     pub(super) async fn run_callout(&self, p: &Plugin, c: vm::Callout) -> vm::CalloutResponse {
         p.stats.callouts.fetch_add(1, Relaxed);
         let failed = |why: String| {
@@ -143,60 +146,103 @@ impl Host {
             tracing::warn!(plugin = %p.spec.name, pool = %c.pool, "HTTP callout failed: {why}");
             vm::CalloutResponse::default()
         };
-        let Some(lookup) = self.pools.get() else {
-            return failed("the server is not running".into());
-        };
-        let Some(pool) = lookup(&c.pool) else {
-            return failed("the pool no longer exists".into());
+        let pool = match &c.resolved {
+            Some(pool) => pool.clone(),
+            None => {
+                let Some(lookup) = self.pools.get() else {
+                    return failed("the server is not running".into());
+                };
+                let Some(pool) = lookup(&c.pool) else {
+                    return failed("the pool no longer exists".into());
+                };
+                pool
+            }
         };
         let Some(b) = pool.select(crate::clock::now_ms(), &[]) else {
             return failed("the pool has no available backend".into());
         };
-        let addr = pool.backends[b].address;
-        let Ok(method) = reqwest::Method::from_bytes(c.method.as_bytes()) else {
-            return failed(format!("bad method {}", c.method));
-        };
-        let mut req = self
-            .http
-            .request(method, format!("http://{addr}{}", c.path))
-            .timeout(c.timeout)
-            .header("host", c.authority.as_str());
-        for (k, v) in &c.headers {
-            req = req.header(k.as_str(), v.as_slice());
+        let peer = crate::upstream::peer::http_peer(&pool, b);
+        match tokio::time::timeout(c.timeout, callout(&self.connector, &pool, &peer, &c)).await {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(e)) => failed(e),
+            Err(_) => failed(format!("no answer within {:?}", c.timeout)),
         }
-        if !c.body.is_empty() {
-            req = req.body(c.body.clone());
-        }
-        let resp = match req.send().await {
-            Ok(r) => r,
-            Err(e) => return failed(format!("{e}")),
-        };
-        let mut headers = vec![(
-            ":status".to_string(),
-            resp.status().as_str().as_bytes().to_vec(),
-        )];
-        headers.extend(
-            resp.headers()
-                .iter()
-                .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec())),
-        );
-        const MAX_BODY: usize = 4 << 20;
-        let mut body = Vec::new();
-        let mut resp = resp;
-        loop {
-            match resp.chunk().await {
-                Ok(Some(chunk)) => {
-                    if body.len() + chunk.len() > MAX_BODY {
-                        return failed("answer body over 4 MiB".into());
-                    }
-                    body.extend_from_slice(&chunk);
-                }
-                Ok(None) => break,
-                Err(e) => return failed(format!("{e}")),
-            }
-        }
-        vm::CalloutResponse { headers, body }
     }
+}
+
+/// The most of a callout's answer body a plugin is handed.
+const CALLOUT_MAX_BODY: usize = 4 << 20;
+
+/// One callout over a pingora session to `peer` (HTTP/1.1 or HTTP/2 as the pool speaks);
+/// the connection goes back to the pool when the answer was read whole.
+async fn callout(
+    conn: &pingora::connectors::http::Connector,
+    pool: &crate::upstream::Pool,
+    peer: &pingora::upstreams::peer::HttpPeer,
+    c: &vm::Callout,
+) -> Result<vm::CalloutResponse, String> {
+    let e = |e: Box<pingora::Error>| e.to_string();
+    let (mut session, _) = conn.get_http_session(peer).await.map_err(e)?;
+    let mut req = pingora::http::RequestHeader::build(c.method.as_str(), c.path.as_bytes(), None)
+        .map_err(e)?;
+    if session.as_http2().is_some() {
+        // HTTP/2 carries the authority in the request target, not in a Host header
+        let scheme = if peer.is_tls() { "https" } else { "http" };
+        let uri = http::Uri::builder()
+            .scheme(scheme)
+            .authority(c.authority.as_str())
+            .path_and_query(c.path.as_str())
+            .build()
+            .map_err(|err| format!("bad :authority or :path: {err}"))?;
+        req.set_uri(uri);
+    } else {
+        req.insert_header(http::header::HOST, c.authority.as_str())
+            .map_err(e)?;
+    }
+    for (k, v) in &c.headers {
+        if k == "host" || k == "content-length" || k == "transfer-encoding" {
+            continue;
+        }
+        req.append_header(k.clone(), v.as_slice()).map_err(e)?;
+    }
+    if !c.body.is_empty() || !matches!(c.method.as_str(), "GET" | "HEAD" | "DELETE" | "OPTIONS") {
+        req.insert_header(http::header::CONTENT_LENGTH, c.body.len())
+            .map_err(e)?;
+    }
+    session
+        .write_request_header(Box::new(req))
+        .await
+        .map_err(e)?;
+    if !c.body.is_empty() {
+        session
+            .write_request_body(bytes::Bytes::from(c.body.clone()), true)
+            .await
+            .map_err(e)?;
+    }
+    session.finish_request_body().await.map_err(e)?;
+    session.read_response_header().await.map_err(e)?;
+    let head = session.response_header().ok_or("no answer header")?.clone();
+    let mut headers = vec![(
+        ":status".to_string(),
+        head.status.as_str().as_bytes().to_vec(),
+    )];
+    headers.extend(
+        head.headers
+            .iter()
+            .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec())),
+    );
+    let mut body = Vec::new();
+    while let Some(chunk) = session.read_response_body().await.map_err(e)? {
+        if body.len() + chunk.len() > CALLOUT_MAX_BODY {
+            return Err("answer body over 4 MiB".into());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    if session.response_done() {
+        conn.release_http_session(session, peer, Some(pool.spec.idle_timeout))
+            .await;
+    }
+    Ok(vm::CalloutResponse { headers, body })
 }
 
 pub(super) enum RootCall {

@@ -60,7 +60,7 @@ pub struct Chain {
     /// What any plugin of the chain listens to (phases nobody listens to are skipped).
     listens: super::Listens,
     data: Option<Box<StreamData>>,
-    pools: Arc<Vec<String>>,
+    pools: super::vm::CalloutPools,
     finished: bool,
     /// The headers ended the request / response: there is no body to call plugins with
     /// (Envoy calls no body callback then either).
@@ -82,7 +82,7 @@ thread_local! {
 
 /// What a spare holds instead of its last request's plugins and pools (so that a plugin a
 /// reload removed is not kept alive by an idle worker's spare).
-static NONE: LazyLock<(Plugins, Arc<Vec<String>>)> =
+static NONE: LazyLock<(Plugins, super::vm::CalloutPools)> =
     LazyLock::new(|| (Arc::from(Vec::new()), Arc::new(Vec::new())));
 
 fn listens(plugins: &[Arc<Plugin>]) -> super::Listens {
@@ -101,7 +101,7 @@ impl Chain {
     pub fn new(
         plugins: impl Into<Plugins>,
         data: impl Into<Box<StreamData>>,
-        pools: Arc<Vec<String>>,
+        pools: super::vm::CalloutPools,
     ) -> Chain {
         let plugins = plugins.into();
         Chain {
@@ -120,7 +120,7 @@ impl Chain {
     /// A chain for a request whose header the session lends in each phase: one this worker
     /// thread kept from an earlier request (`recycle`), or a new one. Its request info is
     /// the caller's to fill (the strings keep their allocations from request to request).
-    pub fn lent(plugins: &Plugins, pools: &Arc<Vec<String>>) -> Box<Chain> {
+    pub fn lent(plugins: &Plugins, pools: &super::vm::CalloutPools) -> Box<Chain> {
         if let Some(mut c) = SPARE.with(|s| s.borrow_mut().pop()) {
             c.listens = listens(plugins);
             c.plugins = plugins.clone();

@@ -20,7 +20,7 @@ mod tests;
 mod vm;
 
 pub use chain::{Chain, Verdict};
-pub use vm::{Fault, LocalResponse, RequestInfo, RouteNames, StreamData};
+pub use vm::{CalloutPools, Fault, LocalResponse, RequestInfo, RouteNames, StreamData};
 
 /// A route's plugin chain, in order (shared by the route and its requests' chains).
 pub type Plugins = Arc<[Arc<Plugin>]>;
@@ -273,12 +273,14 @@ pub struct Host {
     queue_ready: Mutex<Vec<(String, u32)>>,
     /// Wakes the timers thread: a queue notification, or a tick period newly set.
     wake_timers: tokio::sync::Notify,
-    http: reqwest::Client,
+    /// Callouts connect as requests do: pingora's connector, with its own connection pools.
+    connector: pingora::connectors::http::Connector,
     pools: OnceLock<PoolLookup>,
     background: OnceLock<()>,
 }
 
-/// How callouts find a pool by name in the live configuration (handed in by the server).
+/// How root contexts' callouts find a pool by name in the live configuration (handed in by
+/// the server); a request's callouts use its own Snapshot's pools.
 pub type PoolLookup = Box<dyn Fn(&str) -> Option<Arc<Pool>> + Send + Sync>;
 
 impl Host {
@@ -303,11 +305,7 @@ impl Host {
             metrics: Default::default(),
             queue_ready: Mutex::default(),
             wake_timers: tokio::sync::Notify::new(),
-            http: reqwest::Client::builder()
-                .no_proxy()
-                .pool_max_idle_per_host(16)
-                .build()
-                .unwrap_or_default(),
+            connector: pingora::connectors::http::Connector::new(None),
             pools: OnceLock::new(),
             background: OnceLock::new(),
         }))

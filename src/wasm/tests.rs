@@ -107,6 +107,23 @@ fn spec(name: &str, vm_id: &str, config: &[u8]) -> Arc<PluginSpec> {
 }
 
 impl T {
+    /// Pools of these names (one backend each, never reached), as a request's Snapshot has.
+    fn callout_pools(names: &[&str]) -> super::CalloutPools {
+        let mut text = String::from("[[listener]]\naddress = \"127.0.0.1:1\"\n");
+        for n in names {
+            text.push_str(&format!("[pool.{n}]\nbackends = [\"127.0.0.1:9\"]\n"));
+        }
+        let cfg = crate::config::Config::parse(std::path::Path::new("t.toml"), &text).unwrap();
+        let registry = crate::upstream::Registry::default();
+        let metrics = crate::metrics::Metrics::default();
+        Arc::new(
+            names
+                .iter()
+                .map(|n| Arc::new(registry.pool(n, &cfg.pools[*n], &metrics)))
+                .collect(),
+        )
+    }
+
     /// An instance with a request loaded (context CTX), vm_id unique to the test.
     fn new(vm_id: &str) -> T {
         let spec = spec("t", vm_id, br#"{"plugin":"config"}"#);
@@ -129,7 +146,7 @@ impl T {
             ..Default::default()
         };
         let mut data = Some(Box::new(StreamData::new(info, req)));
-        vm.load(CTX, &mut data, &Arc::new(vec!["auth-pool".to_string()]));
+        vm.load(CTX, &mut data, &Self::callout_pools(&["auth-pool"]));
         T { vm }
     }
 
@@ -458,7 +475,7 @@ fn a_module_without_wasi_and_with_a_malloc_allocator_starts() {
 #[test]
 fn a_recycled_chain_keeps_nothing_of_its_last_request() {
     use super::{Chain, LocalResponse, Plugin};
-    let pools = Arc::new(vec!["p".to_string()]);
+    let pools: super::CalloutPools = Arc::new(Vec::new());
     let none: Arc<[Arc<Plugin>]> = Arc::from(Vec::new());
     let mut c = Chain::lent(&none, &pools);
     assert_eq!(Arc::strong_count(&pools), 2, "the chain holds the pools");

@@ -145,11 +145,17 @@ impl StreamData {
     }
 }
 
+/// The pools a request's callouts may go to: its Snapshot's.
+pub type CalloutPools = Arc<Vec<Arc<crate::upstream::Pool>>>;
+
 /// An HTTP callout a plugin dispatched; run by the host after the callback returns.
 #[derive(Debug, Clone)]
 pub struct Callout {
     pub token: u32,
     pub pool: String,
+    /// The pool, from the request's Snapshot (`None` for a root context: looked up in the
+    /// live one when the callout runs).
+    pub resolved: Option<Arc<crate::upstream::Pool>>,
     pub method: String,
     pub path: String,
     pub authority: String,
@@ -184,7 +190,7 @@ pub struct HostState {
     pub next_token: u32,
     pub tick_period: Option<Duration>,
     /// Pools callouts may name (from the Snapshot in force when the call was made).
-    pub pools: Arc<Vec<String>>,
+    pub pools: CalloutPools,
     /// Bytes written to stdout/stderr not yet ending in a newline.
     pub stdout: Vec<u8>,
     /// A value on its way to the guest (a header, a property, shared data), kept between
@@ -586,7 +592,7 @@ impl Vm {
     }
 
     /// Load a stream for the HTTP context `ctx`; hostcalls act on it until `unload`.
-    pub fn load(&mut self, ctx: u32, data: &mut Option<Box<StreamData>>, pools: &Arc<Vec<String>>) {
+    pub fn load(&mut self, ctx: u32, data: &mut Option<Box<StreamData>>, pools: &CalloutPools) {
         let st = self.store.data_mut();
         st.stream = data.take();
         st.stream_ctx = ctx;

@@ -455,6 +455,11 @@ impl Tollgate {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// CPU seconds (user + system) the process has used.
+    pub fn cpu_seconds(&self) -> f64 {
+        cpu_seconds(self.child.id())
+    }
+
     pub fn signal(&self, sig: &str) {
         let ok = Command::new("kill")
             .args([format!("-{sig}"), self.child.id().to_string()])
@@ -477,6 +482,16 @@ impl Drop for Tollgate {
             );
         }
     }
+}
+
+/// CPU seconds (user + system) process `pid` has used, from /proc.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // fields 14 and 15 of the file (utime, stime), counted after the command name
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    ticks / 100.0
 }
 
 /// A client that trusts the test CA and sends `hosts` to `addr` (SNI and Host as given).

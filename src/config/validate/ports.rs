@@ -213,6 +213,38 @@ pub(super) fn ports(
             1,
             10_000_000,
         ) as usize;
+        let max_flows_per_ip = cx.int(
+            &p.max_flows_per_ip,
+            &format!("{opt}.max_flows_per_ip"),
+            defaults::port::MAX_FLOWS_PER_IP,
+            1,
+            10_000_000,
+        ) as usize;
+        let replies_per_datagram = cx.int(
+            &p.replies_per_datagram,
+            &format!("{opt}.replies_per_datagram"),
+            defaults::port::REPLIES_PER_DATAGRAM,
+            0,
+            1_000_000,
+        ) as u32;
+        if !udp {
+            let given = [
+                ("max_flows", p.max_flows.as_ref().map(|s| s.span())),
+                (
+                    "max_flows_per_ip",
+                    p.max_flows_per_ip.as_ref().map(|s| s.span()),
+                ),
+                (
+                    "replies_per_datagram",
+                    p.replies_per_datagram.as_ref().map(|s| s.span()),
+                ),
+            ];
+            for (o, span) in given {
+                if let Some(span) = span {
+                    cx.err(span, format!("{opt}.{o}"), "this option is for UDP ports");
+                }
+            }
+        }
         out.push(PortSpec {
             name,
             address,
@@ -224,6 +256,8 @@ pub(super) fn ports(
             send_proxy,
             proxy_protocol: p.proxy_protocol.unwrap_or(false),
             max_flows,
+            max_flows_per_ip,
+            replies_per_datagram,
             source: format!("file {}", cx.origin(sp.span())),
         });
     }

@@ -597,8 +597,14 @@ pub(super) async fn watch_certs(settings: ConsulSettings, prefix: String, sink: 
                 &name,
                 &name,
             ) {
-                Ok(_) => {
-                    certs.insert(k, pair);
+                Ok((_, info)) => {
+                    // an expired or not-yet-valid certificate is never served from KV
+                    match info.valid_at(crate::clock::unix_secs() as i64) {
+                        Ok(()) => {
+                            certs.insert(k, pair);
+                        }
+                        Err(e) => problems.push(format!("{name}: {e}")),
+                    }
                 }
                 Err(e) => {
                     let before = last.as_ref().and_then(|l| l.get(&k));

@@ -409,10 +409,10 @@ pub(super) fn proxy_http_call(
     let raw = read(&mut c, hp, hn)?;
     let body = read(&mut c, bp, bn)?;
     let _trailers = read(&mut c, tp, tn)?;
-    if !c.data().pools.contains(&pool) {
+    let Some(resolved) = c.data().pools.iter().find(|p| p.name == pool).cloned() else {
         tracing::warn!(plugin = %c.data().spec.name, pool, "dispatch_http_call names no pool");
         return Ok(st(Status::BadArgument));
-    }
+    };
     let Ok(pairs) = abi::deserialize_map(&raw) else {
         return Ok(st(Status::BadArgument));
     };
@@ -437,9 +437,12 @@ pub(super) fn proxy_http_call(
     let d = c.data_mut();
     let token = d.next_token;
     d.next_token = d.next_token.wrapping_add(1).max(1);
+    // a request's callout goes to its own Snapshot's pool; a root context's to the live one
+    let resolved = (d.effective != ROOT_ID).then_some(resolved);
     d.pending_callouts.push(Callout {
         token,
         pool,
+        resolved,
         method,
         path,
         authority,

@@ -1,0 +1,306 @@
+//! The fleet's shared ACME state in Consul KV (`[acme] consul = true`).
+
+use super::Backoff;
+use crate::tls::Challenges;
+use base64::Engine;
+use std::path::Path;
+use std::time::Duration;
+
+/// The fleet's shared ACME state in Consul KV: everything sealed (AES-256-GCM, key from
+/// `encryption_key_file`, the prefix as associated data): the account, certificates and
+/// keys, the fleet's backoff per name set, and the pending challenge answers (HTTP-01 key
+/// authorizations, TLS-ALPN-01 digests), so that only an instance holding the key can make
+/// the fleet answer a CA: a value another KV writer puts there is refused. Beside them, the
+/// issuer lock.
+pub struct Kv {
+    http: reqwest::Client,
+    /// `[consul]`, with the 60 s wait the follower's blocking reads use.
+    settings: crate::config::ConsulSettings,
+    base: String,
+    prefix: String,
+    key: ring::aead::LessSafeKey,
+}
+
+impl Kv {
+    pub fn new(
+        consul: &crate::config::ConsulSettings,
+        prefix: &str,
+        key_file: &Path,
+    ) -> Result<Kv, String> {
+        let secret = crate::config::secret::read(key_file, 16)?;
+        let digest = ring::digest::digest(&ring::digest::SHA256, secret.as_bytes());
+        let unbound = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, digest.as_ref())
+            .map_err(|_| "cannot make an AES key".to_string())?;
+        Ok(Kv {
+            http: crate::discovery::consul::client(consul)?,
+            settings: crate::config::ConsulSettings {
+                wait: Duration::from_secs(60),
+                ..consul.clone()
+            },
+            base: consul.address.trim_end_matches('/').to_string(),
+            prefix: prefix.to_string(),
+            key: ring::aead::LessSafeKey::new(unbound),
+        })
+    }
+
+    fn req(&self, method: reqwest::Method, key: &str) -> reqwest::RequestBuilder {
+        let mut r = self
+            .http
+            .request(method, format!("{}/v1/kv/{}/{key}", self.base, self.prefix));
+        // read at every request: a rotated `token_file` is used at once
+        if let Some(t) = crate::discovery::consul::token(&self.settings) {
+            r = r.header("X-Consul-Token", t);
+        }
+        r
+    }
+
+    fn seal(&self, plain: &[u8]) -> Result<Vec<u8>, String> {
+        use ring::rand::SecureRandom;
+        let mut nonce = [0u8; 12];
+        ring::rand::SystemRandom::new()
+            .fill(&mut nonce)
+            .map_err(|_| "no randomness".to_string())?;
+        let mut data = plain.to_vec();
+        self.key
+            .seal_in_place_append_tag(
+                ring::aead::Nonce::assume_unique_for_key(nonce),
+                ring::aead::Aad::from(self.prefix.as_bytes()),
+                &mut data,
+            )
+            .map_err(|_| "encryption failed".to_string())?;
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&data);
+        Ok(out)
+    }
+
+    pub(super) fn open(&self, sealed: &[u8]) -> Result<Vec<u8>, String> {
+        if sealed.len() < 12 + 16 {
+            return Err("too short to be sealed".into());
+        }
+        let (nonce, rest) = sealed.split_at(12);
+        let mut data = rest.to_vec();
+        let nonce = ring::aead::Nonce::try_assume_unique_for_key(nonce).map_err(|_| "bad nonce")?;
+        let plain = self
+            .key
+            .open_in_place(
+                nonce,
+                ring::aead::Aad::from(self.prefix.as_bytes()),
+                &mut data,
+            )
+            .map_err(|_| "cannot decrypt: another encryption_key_file?".to_string())?;
+        Ok(plain.to_vec())
+    }
+
+    async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), String> {
+        let r = self
+            .req(reqwest::Method::PUT, key)
+            .body(value)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .map_err(|e| format!("Consul KV put {key}: {e}"))?;
+        if !r.status().is_success() {
+            return Err(format!("Consul KV put {key}: HTTP {}", r.status()));
+        }
+        Ok(())
+    }
+
+    pub async fn put_sealed(&self, key: &str, plain: &[u8]) -> Result<(), String> {
+        self.put(key, self.seal(plain)?).await
+    }
+
+    /// One sealed value, opened (`None`: not there).
+    pub async fn get_sealed(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
+        let r = self
+            .req(reqwest::Method::GET, key)
+            .query(&[("raw", "true")])
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .map_err(|e| format!("Consul KV get {key}: {e}"))?;
+        if r.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !r.status().is_success() {
+            return Err(format!("Consul KV get {key}: HTTP {}", r.status()));
+        }
+        let sealed = r
+            .bytes()
+            .await
+            .map_err(|e| format!("Consul KV get {key}: {e}"))?;
+        self.open(&sealed).map(Some)
+    }
+
+    pub(super) async fn delete(&self, key: &str) {
+        let _ = self
+            .req(reqwest::Method::DELETE, key)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await;
+    }
+
+    /// Share a pending challenge with the fleet (sealed).
+    pub async fn put_challenge(&self, c: &SharedChallenge) -> Result<(), String> {
+        let plain = serde_json::to_vec(c).map_err(|e| e.to_string())?;
+        self.put_sealed(&c.kv_key(), &plain).await
+    }
+
+    /// A shared challenge as read from `key`: opened, and only if it was sealed with this
+    /// fleet's key for that very key (an entry copied under another token or name is
+    /// refused).
+    pub fn open_challenge(&self, key: &str, value: &[u8]) -> Result<SharedChallenge, String> {
+        let plain = self.open(value)?;
+        let c: SharedChallenge =
+            serde_json::from_slice(&plain).map_err(|e| format!("not a shared challenge: {e}"))?;
+        if c.kv_key() != key {
+            return Err(format!("sealed for {}, found under {key}", c.kv_key()));
+        }
+        Ok(c)
+    }
+
+    /// A new issuer's clean-up: delete the shared challenges whose order's deadline has
+    /// passed, and any this fleet did not seal. Those of an order still under way stay.
+    pub async fn delete_stale_challenges(&self, now_unix: i64) {
+        let Ok((_, entries)) = self.list(0).await else {
+            return;
+        };
+        for (key, value) in entries {
+            if !(key.starts_with("challenges/") || key.starts_with("alpn/")) {
+                continue;
+            }
+            let live = self
+                .open_challenge(&key, &value)
+                .is_ok_and(|c| now_unix < c.deadline);
+            if !live {
+                self.delete(&key).await;
+            }
+        }
+    }
+
+    /// The fleet's backoff for the name set stored as `stem`.
+    pub async fn backoff(&self, stem: &str) -> Result<Option<Backoff>, String> {
+        match self.get_sealed(&format!("backoff/{stem}")).await {
+            Ok(Some(plain)) => serde_json::from_slice(&plain)
+                .map(Some)
+                .map_err(|e| format!("backoff/{stem}: {e}")),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn set_backoff(&self, stem: &str, b: Backoff) -> Result<(), String> {
+        let plain = serde_json::to_vec(&b).map_err(|e| e.to_string())?;
+        self.put_sealed(&format!("backoff/{stem}"), &plain).await
+    }
+
+    pub async fn clear_backoff(&self, stem: &str) {
+        self.delete(&format!("backoff/{stem}")).await;
+    }
+
+    /// Everything under the prefix (keys relative to it), from one blocking read at `index`
+    /// (discovery's KV read: Consul's index rules, token, TLS and error wording).
+    pub async fn list(&self, index: u64) -> Result<(u64, Vec<(String, Vec<u8>)>), String> {
+        crate::discovery::consul::kv_entries(&self.http, &self.settings, &self.prefix, index).await
+    }
+}
+
+/// A pending challenge as the fleet shares it, sealed: the name its order validates, the
+/// HTTP-01 token (none for TLS-ALPN-01), the answer (the key authorization, or the base64
+/// SHA-256 of it from which every instance makes its own TLS-ALPN-01 certificate) and the
+/// deadline after which nobody answers it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SharedChallenge {
+    pub name: String,
+    pub token: Option<String>,
+    pub answer: String,
+    pub deadline: i64,
+}
+
+impl SharedChallenge {
+    /// `challenges/<token>` for HTTP-01, `alpn/<name>` for TLS-ALPN-01.
+    pub fn kv_key(&self) -> String {
+        match &self.token {
+            Some(t) => format!("challenges/{t}"),
+            None => format!("alpn/{}", self.name.to_ascii_lowercase()),
+        }
+    }
+
+    /// Answer it from this instance.
+    pub fn answer_with(&self, challenges: &Challenges) -> Result<(), String> {
+        match &self.token {
+            Some(t) => {
+                challenges.set(t, &self.name, &self.answer, self.deadline);
+                Ok(())
+            }
+            None => {
+                let digest = super::order::b64()
+                    .decode(self.answer.trim())
+                    .map_err(|e| e.to_string())?;
+                challenges.set_alpn(&self.name, &digest, self.deadline)
+            }
+        }
+    }
+
+    pub fn withdraw(&self, challenges: &Challenges) {
+        match &self.token {
+            Some(t) => challenges.remove(t),
+            None => challenges.remove_alpn(&self.name),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(dir: &Path, secret: &str) -> Kv {
+        let key = dir.join(format!("{secret}.key"));
+        std::fs::write(&key, secret).unwrap();
+        let cfg = crate::config::Config::parse(
+            Path::new("t.toml"),
+            "[[listener]]\naddress = \"127.0.0.1:1\"\n",
+        )
+        .unwrap();
+        Kv::new(&cfg.consul, "tollgate/acme", &key).unwrap()
+    }
+
+    #[test]
+    fn only_challenges_sealed_by_the_fleet_for_their_key_are_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let ours = kv(dir.path(), "0123456789abcdef0123");
+        let theirs = kv(dir.path(), "fedcba9876543210fedc");
+        let c = SharedChallenge {
+            name: "a.test".into(),
+            token: Some("tok".into()),
+            answer: "tok.thumb".into(),
+            deadline: 100,
+        };
+        let sealed = ours.seal(&serde_json::to_vec(&c).unwrap()).unwrap();
+        assert_eq!(ours.open_challenge("challenges/tok", &sealed), Ok(c));
+        // moved to another token's key, sealed with another key, or not sealed at all
+        assert!(ours.open_challenge("challenges/other", &sealed).is_err());
+        assert!(theirs.open_challenge("challenges/tok", &sealed).is_err());
+        assert!(ours
+            .open_challenge("challenges/tok", b"tok.thumbprint-in-the-clear")
+            .is_err());
+    }
+
+    #[test]
+    fn the_backoff_doubles_from_a_minute_to_six_hours() {
+        let b = Backoff::after_failure(None, 1000);
+        assert_eq!(
+            b,
+            Backoff {
+                failures: 1,
+                retry_at: 1060
+            }
+        );
+        let b = Backoff::after_failure(Some(b), 2000);
+        assert_eq!(b.retry_at, 2120);
+        let mut b = b;
+        for _ in 0..20 {
+            b = Backoff::after_failure(Some(b), 0);
+        }
+        assert_eq!(b.retry_at, 6 * 3600);
+    }
+}
