@@ -776,7 +776,7 @@ async fn half_hellos_on_a_passthrough_port_cost_nothing_and_closed_ones_go_at_on
     let pass = addr();
     let s = site(
         &format!(
-            "[limits]\nmax_connections_per_ip = 1000\nconnection_burst_per_ip = 1000\nhandshake_timeout = \"30s\"\n\
+            "[limits]\nmax_connections_per_ip = 2000\nconnection_burst_per_ip = 2000\nhandshake_timeout = \"30s\"\n\
              [[port]]\nname = \"pass\"\naddress = \"{pass}\"\nprotocol = \"sni\"\n\
              [[port.sni]]\nnames = [\"db.test\"]\npool = \"e\"\n\
              [pool.e]\nbackends = [\"{a}\"]\n"
@@ -794,7 +794,7 @@ async fn half_hellos_on_a_passthrough_port_cost_nothing_and_closed_ones_go_at_on
     .await;
     // the first bytes of a ClientHello record (handshake, TLS 1.0 record, 512 bytes long)
     const HALF: &[u8] = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03";
-    const N: usize = 300;
+    const N: usize = 1000;
     let mut held = Vec::with_capacity(N);
     for _ in 0..N {
         let mut c = TcpStream::connect(pass).await.unwrap();
@@ -811,8 +811,9 @@ async fn half_hellos_on_a_passthrough_port_cost_nothing_and_closed_ones_go_at_on
     tokio::time::sleep(Duration::from_secs(2)).await;
     let used = s.tg.cpu_seconds() - cpu0;
     let over = t0.elapsed().as_secs_f64();
+    eprintln!("{N} waiting half hellos: {used:.2} s of CPU in {over:.1} s");
     assert!(
-        used < 0.15 * over,
+        used < 0.1 * over,
         "{N} waiting half hellos used {used:.2} s of CPU in {over:.1} s"
     );
     // they close: let go well before the 30 s handshake timeout

@@ -412,8 +412,14 @@ impl Tollgate {
         Tollgate::start_cmd(Command::new(Tollgate::bin()), config)
     }
 
+    /// The tollgate binary the tests run: this build's, or `TOLLGATE_TEST_BIN` (to run the
+    /// suite against another build, e.g. to see a new test fail on the code before a fix).
     pub fn bin() -> &'static str {
-        env!("CARGO_BIN_EXE_tollgate")
+        static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        BIN.get_or_init(|| {
+            std::env::var("TOLLGATE_TEST_BIN")
+                .unwrap_or_else(|_| env!("CARGO_BIN_EXE_tollgate").to_string())
+        })
     }
 
     /// Run `tollgate run --config FILE` through `cmd` (the binary, or a wrapper such as
