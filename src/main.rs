@@ -135,7 +135,7 @@ fn check(path: PathBuf, consul: bool) -> ExitCode {
         }
     };
     println!("{}: configuration is valid", path.display());
-    for w in snap.config.warnings() {
+    for w in snap.warnings() {
         eprintln!("WARNING: {w}");
     }
     if !consul {

@@ -294,7 +294,7 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
         tracing::info!(address = %cfg.admin.address, "admin listening");
         server.add_service(admin);
     }
-    for w in cfg.warnings() {
+    for w in snap.warnings() {
         tracing::warn!("{w}");
     }
     server.add_service(background_service(

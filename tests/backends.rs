@@ -503,3 +503,34 @@ async fn grpc_health_checks_follow_the_serving_status() {
     })
     .await;
 }
+
+/// One ceiling for a backend's answer header whatever its protocol: an HTTP/2 (h2c) backend
+/// that answers with more than 256 fields, or with a header over 1 MiB, gets the 502 an
+/// HTTP/1 backend gets from pingora's parser; answers within the limits pass.
+#[tokio::test]
+async fn h2_backends_are_held_to_the_http1_header_limits() {
+    let h1 = Upstream::start("h1").await;
+    let h2c = Upstream::start_with("h2c", mode(true, None)).await;
+    let body = routes(&[("/1", "one"), ("/2", "two")])
+        + &format!(
+            "[pool.one]\nbackends = [\"{}\"]\nretries = 0\n\
+             [pool.two]\nbackends = [\"{}\"]\nprotocol = \"h2c\"\nretries = 0\n",
+            h1.addr, h2c.addr
+        );
+    let s = site(&body, issue_a).await;
+    let c = plain();
+    for pool in ["1", "2"] {
+        // (reqwest itself takes at most 100 fields)
+        assert_eq!(get(&c, &s, &format!("/{pool}/headers/80")).await.0, 200);
+        assert_eq!(
+            get(&c, &s, &format!("/{pool}/headers/300")).await.0,
+            502,
+            "{pool}: 300 fields"
+        );
+        assert_eq!(
+            get(&c, &s, &format!("/{pool}/headers/48/65536")).await.0,
+            502,
+            "{pool}: 3 MiB of header"
+        );
+    }
+}

@@ -213,3 +213,46 @@ fn backend_tls_files_are_checked_and_verify_false_warns() {
         assert!(out.contains(words), "{words}: {out}");
     }
 }
+
+/// A private key anyone on the host can read is accepted, with a warning from `check` and
+/// in `run`'s log; the same key at 0600 draws none.
+#[tokio::test]
+async fn a_world_readable_private_key_is_warned_about_in_check_and_run() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = common::TestCa::new();
+    let (cert, key) = ca.issue(dir.path(), "a", &["example.com"], "a");
+    let https = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
+    let path = dir.path().join("t.toml");
+    let src = VALID
+        .replace("127.0.0.1:18080\"", &format!("{https}\"\ntls = true"))
+        .replace(
+            "names = [\"example.com\"]",
+            &format!(
+                "names = [\"example.com\"]\ncert = \"{}\"\nkey = \"{}\"",
+                cert.display(),
+                key.display()
+            ),
+        );
+    std::fs::write(&path, &src).unwrap();
+    let warning = "has mode 0644: other users of this host";
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, out) = common::run_check(&path);
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains(warning), "{out}");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, out) = common::run_check(&path);
+    assert_eq!(code, 0, "still valid: {out}");
+    assert!(
+        out.contains("WARNING: vhost.key: the private key") && out.contains(warning),
+        "{out}"
+    );
+    let mut tg = common::Tollgate::start(&path);
+    tg.ready(https).await;
+    common::wait_for(
+        "the warning in the log",
+        std::time::Duration::from_secs(5),
+        || async { tg.log_text().contains(warning) },
+    )
+    .await;
+}

@@ -1059,3 +1059,40 @@ async fn a_backend_that_stops_listening_fails_its_tcp_check() {
         assert_eq!(json(r).await["upstream"], "b");
     }
 }
+
+/// A pool with no live backend fails every request sent to it; the error log says so once
+/// per pool every 10 s (with how many lines it held back), not once per request, so a
+/// client cannot flood the log. Every request still gets its access-log line.
+#[tokio::test]
+async fn failing_pools_write_one_error_line_per_ten_seconds_not_one_per_request() {
+    let dead = dead_addr();
+    let body = format!(
+        "{ONE_VHOST}redirect_https = false\n\
+         [[vhost.route]]\npath = \"/\"\npool = \"dead\"\n\
+         [pool.dead]\nmax_fails = 1\nretries = 0\nbackends = [\"{dead}\"]\n"
+    );
+    let s = site(&body, issue_a).await;
+    let c = reqwest::Client::builder().no_proxy().build().unwrap();
+    const N: usize = 200;
+    for _ in 0..N {
+        let r = c
+            .get(format!("http://{}/", s.http))
+            .header("host", "a.test")
+            .send()
+            .await
+            .unwrap();
+        assert!(matches!(r.status().as_u16(), 502 | 503), "{}", r.status());
+    }
+    // every request is in the access log (written asynchronously: wait for the last)
+    wait_for("every access-log line", Duration::from_secs(5), || async {
+        s.tg.log_text().matches(" access: ").count() >= N
+    })
+    .await;
+    let log = s.tg.log_text();
+    let errors = log.lines().filter(|l| l.contains("Fail to proxy")).count();
+    assert!(
+        (1..=2).contains(&errors),
+        "{errors} error lines for {N} failed requests"
+    );
+    assert!(log.contains("pool=\"dead\""), "the line names the pool");
+}

@@ -5,7 +5,7 @@
 use crate::config::Limits;
 use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::Version;
-use pingora::http::RequestHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -210,6 +210,29 @@ pub fn client_ip(peer: IpAddr, xff: Option<&str>, l: &Limits) -> IpAddr {
         }
     }
     last
+}
+
+/// The most header fields, and bytes of header, a backend's answer may carry: what
+/// pingora's HTTP/1 parser takes (256 fields; 1 MiB with the status line), applied to
+/// HTTP/2 backends too, whose frames have no such limit of their own.
+pub const MAX_RESPONSE_FIELDS: usize = 256;
+pub const MAX_RESPONSE_HEADER_BYTES: usize = 1_048_575;
+
+/// An upstream answer's header within [`MAX_RESPONSE_FIELDS`] and
+/// [`MAX_RESPONSE_HEADER_BYTES`] (each field counted as `name: value` and CRLF).
+pub fn check_response_header(resp: &ResponseHeader) -> Result<(), &'static str> {
+    if resp.headers.len() > MAX_RESPONSE_FIELDS {
+        return Err("the upstream answered with more than 256 header fields");
+    }
+    let bytes: usize = resp
+        .headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    if bytes > MAX_RESPONSE_HEADER_BYTES {
+        return Err("the upstream answered with a header over 1 MiB");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -58,6 +58,8 @@ pub struct Tollgate {
     access_log: bool,
     active: ActiveRequests,
     challenges: crate::tls::Challenges,
+    /// Error lines clients can cause at request rate, held to one per pool every 10 s.
+    errors: response::ErrorLines,
 }
 
 impl Tollgate {
@@ -72,6 +74,7 @@ impl Tollgate {
             access_log,
             active,
             challenges,
+            errors: Default::default(),
         }
     }
 }
@@ -255,6 +258,14 @@ impl ProxyHttp for Tollgate {
         ctx.upstream_status = Some(resp.status.as_u16());
         if let (Some(pool), Some(start)) = (&ctx.pool, ctx.upstream_start) {
             pool.metrics.response.observe(start.elapsed());
+            // HTTP/2 backends are held to the header limits HTTP/1 backends meet in
+            // pingora's parser (fields, bytes): one ceiling whatever the protocol
+            if pool.spec.protocol.h2() {
+                if let Err(why) = crate::limits::http::check_response_header(resp) {
+                    ctx.reason = Some(why.into());
+                    return Error::e_explain(HTTPStatus(502), why);
+                }
+            }
         }
         Ok(())
     }
@@ -302,8 +313,45 @@ impl ProxyHttp for Tollgate {
 
     /// Client-caused failures (resets, stalls, bad frames) are in the access log with their
     /// reason; an ERROR line each would let any client flood the log.
-    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, e: &Error) -> bool {
-        *e.esource() == ErrorSource::Downstream || response::client_stalled(e, ctx)
+    fn suppress_error_log(&self, session: &Session, ctx: &RequestCtx, e: &Error) -> bool {
+        if *e.esource() == ErrorSource::Downstream || response::client_stalled(e, ctx) {
+            return true;
+        }
+        // a pool with no live backend, or a failing one, fails every request sent to it:
+        // one line per pool every 10 s (each request still has its access-log line)
+        let pool = ctx.pool.as_ref().map_or("-", |p| p.name.as_str());
+        if let Some(held) = self.errors.admit(pool, Instant::now()) {
+            tracing::error!(
+                pool,
+                similar_lines_held_back = held,
+                "Fail to proxy: {e}, {}",
+                session.as_ref().request_summary()
+            );
+        }
+        true
+    }
+
+    fn suppress_proxy_warn_log(
+        &self,
+        session: &Session,
+        ctx: &RequestCtx,
+        e: &Error,
+        _context: pingora::proxy::ProxyWarnLogContext,
+    ) -> bool {
+        // retried failures: as above, one line per pool every 10 s
+        let pool = ctx.pool.as_ref().map_or("-", |p| p.name.as_str());
+        if let Some(held) = self
+            .errors
+            .admit(&format!("{pool} (retried)"), Instant::now())
+        {
+            tracing::warn!(
+                pool,
+                similar_lines_held_back = held,
+                "Fail to proxy (retrying): {e}, {}",
+                session.as_ref().request_summary()
+            );
+        }
+        true
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {

@@ -5,6 +5,7 @@ use super::RequestCtx;
 use bytes::Bytes;
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, Session};
+use std::time::Instant;
 
 const KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: http::HeaderName = http::HeaderName::from_static("proxy-connection");
@@ -293,5 +294,57 @@ fn client(session: &Session, ctx: &RequestCtx) -> String {
         (Some(p), Some(ip)) if p.ip() != ip => ip.to_string(),
         (Some(p), _) => p.to_string(),
         (None, _) => String::new(),
+    }
+}
+
+/// Log lines clients can cause at request rate (a pool with no live backend, a backend that
+/// fails every request): at most one per key (a pool) every [`ErrorLines::EVERY`], each
+/// saying how many like it were held back. Keys are pool names, so the map stays small; it
+/// is emptied should it ever pass 1024 keys.
+#[derive(Debug, Default)]
+pub struct ErrorLines(std::sync::Mutex<std::collections::HashMap<String, (Instant, u64)>>);
+
+impl ErrorLines {
+    pub const EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+    /// `Some(held back since the last line)` when a line for `key` may be written now.
+    pub fn admit(&self, key: &str, now: Instant) -> Option<u64> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match m.get_mut(key) {
+            Some((at, held)) if now.saturating_duration_since(*at) < Self::EVERY => {
+                *held += 1;
+                None
+            }
+            Some((at, held)) => {
+                let n = std::mem::take(held);
+                *at = now;
+                Some(n)
+            }
+            None => {
+                if m.len() >= 1024 {
+                    m.clear();
+                }
+                m.insert(key.to_string(), (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod error_lines_tests {
+    use super::*;
+
+    #[test]
+    fn one_line_per_key_every_ten_seconds_saying_how_many_were_held_back() {
+        let l = ErrorLines::default();
+        let t0 = Instant::now();
+        assert_eq!(l.admit("a", t0), Some(0));
+        for _ in 0..5 {
+            assert_eq!(l.admit("a", t0 + std::time::Duration::from_secs(1)), None);
+        }
+        assert_eq!(l.admit("b", t0), Some(0), "another pool has its own line");
+        assert_eq!(l.admit("a", t0 + ErrorLines::EVERY), Some(5));
+        assert_eq!(l.admit("a", t0 + ErrorLines::EVERY), None);
     }
 }

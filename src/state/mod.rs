@@ -174,6 +174,14 @@ pub struct RouteInfo {
 }
 
 impl Snapshot {
+    /// What is valid but unsafe (the configuration's, and private keys other users of the
+    /// host can read), for `check` to print and the server to log at start and each reload.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = self.config.warnings();
+        w.extend(crate::tls::exposed_keys(&self.config));
+        w
+    }
+
     /// The routes of vhost `vhost`, in the order they were declared.
     pub fn routes_of(&self, vhost: usize) -> impl Iterator<Item = &RouteInfo> {
         self.records

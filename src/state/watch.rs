@@ -31,7 +31,7 @@ impl Reloader {
         match self.state.reload() {
             Ok(generation) => {
                 tracing::info!(trigger = why, generation, "configuration reloaded");
-                for w in self.state.snapshot().config.warnings() {
+                for w in self.state.snapshot().warnings() {
                     tracing::warn!("{w}");
                 }
             }

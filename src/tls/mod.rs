@@ -243,6 +243,44 @@ impl CertStore {
     }
 }
 
+/// Private keys the configuration names that anyone on the host may read (or others may
+/// write): vhost `key`s, the keys in `tls.certs_dir`, pools' client keys. Valid, but a key
+/// readable by every local user is a key to give away; `check` and `run` say so.
+pub fn exposed_keys(cfg: &Config) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut keys: Vec<(PathBuf, String)> = Vec::new();
+    for v in &cfg.vhosts {
+        if let Some(f) = &v.cert {
+            keys.push((f.key.clone(), "vhost.key".into()));
+        }
+    }
+    if let Some(dir) = &cfg.certs_dir {
+        let mut ignored = Vec::new();
+        for (_, key) in scan_dir(dir, &cfg.certs_dir_origin, &mut ignored) {
+            keys.push((key, "tls.certs_dir".into()));
+        }
+    }
+    for (name, p) in &cfg.pools {
+        if let Some((_, key)) = p.tls.as_ref().and_then(|t| t.client_cert.as_ref()) {
+            keys.push((key.clone(), format!("pool.{name}.tls.client_key")));
+        }
+    }
+    keys.sort();
+    keys.dedup_by(|a, b| a.0 == b.0);
+    keys.into_iter()
+        .filter_map(|(path, option)| {
+            let mode = std::fs::metadata(&path).ok()?.permissions().mode() & 0o777;
+            (mode & 0o026 != 0).then(|| {
+                format!(
+                    "{option}: the private key {} has mode {mode:04o}: other users of this host \
+                     can read or change it; chmod 600 (or 640 with a group for the key)",
+                    path.display()
+                )
+            })
+        })
+        .collect()
+}
+
 /// `*.crt` / `*.pem` files in `dir` that have a `.key` beside them (same stem).
 fn scan_dir(dir: &Path, at: &Origin, errors: &mut Vec<ConfigError>) -> Vec<(PathBuf, PathBuf)> {
     let entries = match std::fs::read_dir(dir) {

@@ -322,6 +322,15 @@ async fn answer(
     let mut resp = Response::builder()
         .header("content-type", "application/json")
         .header("x-upstream", name);
+    if let Some((_, spec)) = path.split_once("/headers/") {
+        // `/headers/<n>/<bytes>`: an answer with n header fields more, of `bytes` each
+        let mut it = spec.split('/').map(|s| s.parse::<usize>().unwrap_or(1));
+        let (n, len) = (it.next().unwrap_or(1), it.next().unwrap_or(1));
+        let value = "v".repeat(len.min(1 << 20));
+        for i in 0..n.min(100_000) {
+            resp = resp.header(format!("x-h-{i}"), value.as_str());
+        }
+    }
     if path == "/hop" {
         resp = resp
             .header("connection", "x-secret")
