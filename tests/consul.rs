@@ -1192,8 +1192,10 @@ async fn datacenter_failover_with(choice: &str, consul_extra: &str, dc1_instance
         &format!(
             "[admin]\naddress = \"127.0.0.1:{admin}\"\n\n[consul]\naddress = \"http://{}\"\nwait = \"30s\"\nfailback_after = \"2s\"\nstate_file = \"\"\n{consul_extra}\n\
              [[listener]]\naddress = \"{http}\"\n\n\
-             [[vhost]]\nnames = [\"a.test\"]\n[[vhost.route]]\npath = \"/\"\npool = \"api\"\n\n\
-             [pool.api]\nconsul = {{ service = \"api\", {choice} }}\n",
+             [[vhost]]\nnames = [\"a.test\"]\n[[vhost.route]]\npath = \"/\"\npool = \"api\"\n\
+             [[vhost.route]]\npath = \"/local\"\npool = \"local\"\n\n\
+             [pool.api]\nconsul = {{ service = \"api\", {choice} }}\n\
+             [pool.local]\nconsul = {{ service = \"api\" }}\n",
             dc1.http
         ),
     );
@@ -1250,6 +1252,19 @@ async fn datacenter_failover_with(choice: &str, consul_extra: &str, dc1_instance
     let pools = admin_json(&c, admin, "/pools").await;
     let dc = &pools.as_array().unwrap()[0]["datacenter"];
     assert_eq!(dc["serving"], "dc2", "{pools}");
+    // a pool on the same service that names no failover datacenter stays in its own
+    let local = pools
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "local")
+        .unwrap();
+    assert!(local["datacenter"].is_null(), "{local}");
+    assert_ne!(
+        answered_by(&c, http, "a.test", "/local").await.as_deref(),
+        Some("dc2"),
+        "no failover for a pool that did not ask for it"
+    );
     assert!(
         dc["reason"]
             .as_str()

@@ -301,9 +301,11 @@ pub struct DiscoveredRoute {
 pub struct View {
     pub services: BTreeMap<ServiceKey, ServiceView>,
     pub routes: Vec<DiscoveredRoute>,
-    /// For pools with failover datacenters: the watch that serves each pool's own service
-    /// key now, and why (absent: its own).
-    pub serving: BTreeMap<ServiceKey, Serving>,
+    /// For pools with failover datacenters: the watch that serves them now, and why
+    /// (absent: their own), by the pool's whole group of watches (its own service key, then
+    /// one per failover datacenter). Keyed by the group, not the own key: a pool on the
+    /// same service without failover (or with other failover datacenters) is not affected.
+    pub serving: BTreeMap<Vec<ServiceKey>, Serving>,
     /// The other datacenters, nearest first (Consul's order by round-trip time; the agent's
     /// own left out): where `nearest = N` pools fail over to. Read only when a pool wants it.
     pub datacenters: Vec<String>,
@@ -652,7 +654,7 @@ impl View {
                 })
                 .collect(),
             routes: self.routes.clone(),
-            serving: self
+            serving_groups: self
                 .serving
                 .iter()
                 .map(|(k, s)| (k.clone(), s.clone()))
@@ -676,7 +678,7 @@ impl View {
                 .map(|s| (s.key, s.view))
                 .collect(),
             routes: saved.routes,
-            serving: saved.serving.into_iter().collect(),
+            serving: saved.serving_groups.into_iter().collect(),
             datacenters: saved.datacenters,
             certs: saved.certs,
         })
@@ -688,8 +690,10 @@ struct Saved {
     services: Vec<SavedService>,
     #[serde(default)]
     routes: Vec<DiscoveredRoute>,
+    /// (`serving_groups`: files written before failover was decided per group had a
+    /// `serving` by own key, which is ignored; the manager decides again at once)
     #[serde(default)]
-    serving: Vec<(ServiceKey, Serving)>,
+    serving_groups: Vec<(Vec<ServiceKey>, Serving)>,
     #[serde(default)]
     datacenters: Vec<String>,
     #[serde(default)]

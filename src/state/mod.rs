@@ -291,7 +291,11 @@ impl Snapshot {
                             .cloned()
                             .collect();
                     }
-                    let serving = view.serving.get(key);
+                    // the datacenter serving this pool's own group of watches (a pool
+                    // without failover datacenters is always served by its own)
+                    let serving = (!spec.failover.is_empty())
+                        .then(|| view.serving.get(&spec.consul_keys()))
+                        .flatten();
                     let from = serving.map(|s| &s.key).unwrap_or(key);
                     spec.backends = view.backends(from).map(<[_]>::to_vec).unwrap_or_default();
                     spec.serving = serving.map(|s| {

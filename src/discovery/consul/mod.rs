@@ -165,8 +165,8 @@ impl Manager {
         let mut fallback: Option<(Vec<ServiceKey>, tokio::task::JoinHandle<()>)> = None;
         let mut leaving: BTreeMap<ServiceKey, Instant> = BTreeMap::new();
         let quiet = Quiet::new();
-        // which datacenter serves each pool with failover ones (by its own service key)
-        let mut failovers: BTreeMap<ServiceKey, Failover> = BTreeMap::new();
+        // which datacenter serves each pool with failover ones (by its group of watches)
+        let mut failovers: BTreeMap<Vec<ServiceKey>, Failover> = BTreeMap::new();
         let mut datacenters_read: Option<Instant> = None;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
@@ -296,12 +296,11 @@ impl Manager {
         &self,
         groups: Vec<Vec<ServiceKey>>,
         view: &mut View,
-        failovers: &mut BTreeMap<ServiceKey, Failover>,
+        failovers: &mut BTreeMap<Vec<ServiceKey>, Failover>,
         hold: Duration,
     ) -> bool {
-        failovers.retain(|k, _| groups.iter().any(|g| &g[0] == k));
-        view.serving
-            .retain(|k, _| groups.iter().any(|g| &g[0] == k));
+        failovers.retain(|k, _| groups.contains(k));
+        view.serving.retain(|k, _| groups.contains(k));
         let now = Instant::now();
         let mut switched = false;
         for keys in groups {
@@ -321,7 +320,7 @@ impl Manager {
                     None => "the local datacenter".to_string(),
                 })
                 .collect();
-            let st = failovers.entry(keys[0].clone()).or_default();
+            let st = failovers.entry(keys.clone()).or_default();
             let before = st.serving;
             if let Some((i, mut reason)) = choose_datacenter(&counts, &names, st, now, hold) {
                 let own_guarded = view.services.get(&keys[0]).is_some_and(|s| s.guarded);
@@ -339,11 +338,10 @@ impl Manager {
                 );
                 switched = true;
                 if i == 0 {
-                    view.serving.remove(&keys[0]);
+                    view.serving.remove(&keys);
                 } else {
                     let key = keys[i].clone();
-                    view.serving
-                        .insert(keys[0].clone(), Serving { key, reason });
+                    view.serving.insert(keys.clone(), Serving { key, reason });
                 }
             }
         }
@@ -353,7 +351,7 @@ impl Manager {
     fn apply(
         &self,
         batch: Vec<Change>,
-        failovers: &mut BTreeMap<ServiceKey, Failover>,
+        failovers: &mut BTreeMap<Vec<ServiceKey>, Failover>,
         hold: Duration,
     ) {
         let oldest = batch
