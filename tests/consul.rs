@@ -1645,3 +1645,40 @@ async fn services_declare_service_ports() {
     assert_eq!(port_answer(p2).await, "b", "the other service's port stays");
     assert!(tg.log_text().contains("service port closed"));
 }
+
+/// A tollgate whose only ports are the ones Consul services declare (no `[[listener]]`, no
+/// `[[port]]`: the proxymatic replacement) is a valid configuration: `check` passes with a
+/// warning that nothing listens until Consul answers, and a declared port opens.
+#[tokio::test]
+async fn consul_declared_ports_alone_are_a_valid_configuration() {
+    let a = name_server("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let consul = ConsulAgent::start(dir.path()).await;
+    let (admin, port) = (free_port(), free_port());
+    let path = dir.path().join("tollgate.toml");
+    write(
+        &path,
+        &format!(
+            "[admin]\naddress = \"127.0.0.1:{admin}\"\n\n[consul]\naddress = \"http://{}\"\nwait = \"30s\"\n\
+             tag_routes = true\nstate_file = \"\"\nports = [\"{port}\"]\nport_address = \"127.0.0.1\"\n",
+            consul.http
+        ),
+    );
+    let (code, out) = run_check(&path);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("WARNING: no [[listener]] and no [[port]]"),
+        "{out}"
+    );
+    let mut tg = Tollgate::start(&path);
+    tg.ready(SocketAddr::from(([127, 0, 0, 1], admin))).await;
+    consul
+        .register("svc-a", "svc", a, &[&format!("tollgate.port=tcp/{port}")])
+        .await;
+    wait_for(
+        "the declared port to open",
+        Duration::from_secs(15),
+        || async { port_answer(port).await == "a" },
+    )
+    .await;
+}

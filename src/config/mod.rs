@@ -839,6 +839,13 @@ impl Config {
     /// at each reload.
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
+        if self.listeners.is_empty() && self.ports.is_empty() {
+            out.push(
+                "no [[listener]] and no [[port]]: nothing listens until Consul services declare \
+                 ports (consul.ports); until then tollgate serves only its admin API"
+                    .to_string(),
+            );
+        }
         for (name, p) in &self.pools {
             if p.tls.as_ref().is_some_and(|t| !t.verify) {
                 out.push(format!(

@@ -3,11 +3,13 @@
 use super::*;
 
 pub(super) fn listeners(cx: &mut Ctx, raw: &RawConfig) -> Vec<Listener> {
-    if raw.listeners.is_empty() && raw.ports.is_empty() {
+    // a tollgate whose only ports come from Consul tags (`consul.ports`) listens on nothing
+    // until Consul answers: valid (the proxymatic replacement), and `warnings` says so
+    if raw.listeners.is_empty() && raw.ports.is_empty() && raw.consul.ports.is_empty() {
         cx.err(
             0..0,
             "listener",
-            "no listeners: add [[listener]] with address = \"0.0.0.0:443\" and tls = true (or a [[port]])",
+            "no listeners: add [[listener]] with address = \"0.0.0.0:443\" and tls = true (or a [[port]], or consul.ports for ports services declare)",
         );
     }
     let mut seen: Vec<(SocketAddr, usize)> = Vec::new();
