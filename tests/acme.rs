@@ -333,6 +333,14 @@ async fn tls_alpn_01_is_answered_on_the_tls_listener_and_short_certificates_rene
         nb + (na - nb) * 2 / 3
     );
 
+    // the CA's validation handshakes (ALPN acme-tls/1, closed after the handshake) are no
+    // reason for a warning
+    assert!(
+        !tg.log_text()
+            .contains("custom was called on an empty on_custom"),
+        "{}",
+        tg.log_text()
+    );
     // no order pending: a handshake that offers only acme-tls/1 gets no certificate
     let tcp = tokio::net::TcpStream::connect(https).await.unwrap();
     let refused = common::tls_over_pem(&root, tcp, "c.test", &["acme-tls/1"]).await;
@@ -422,7 +430,27 @@ async fn consul_call(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> String {
-    consul_call_as(consul, None, method, path, body.map(|b| b.to_string())).await
+    consul_call_as(
+        consul,
+        None,
+        method,
+        path,
+        body.map(|b| b.to_string().into_bytes()),
+    )
+    .await
+}
+
+/// Put `value` at KV `key` (no token).
+async fn kv_put(consul: &ConsulAgent, key: &str, value: impl Into<Vec<u8>>) {
+    let r = consul_call_as(
+        consul,
+        None,
+        reqwest::Method::PUT,
+        &format!("/v1/kv/{key}"),
+        Some(value.into()),
+    )
+    .await;
+    assert_eq!(r.trim(), "true", "{key}: {r}");
 }
 
 /// [`consul_call`] with an ACL token and a raw body.
@@ -431,7 +459,7 @@ async fn consul_call_as(
     token: Option<&str>,
     method: reqwest::Method,
     path: &str,
-    body: Option<String>,
+    body: Option<Vec<u8>>,
 ) -> String {
     let c = reqwest::Client::builder().no_proxy().build().unwrap();
     let mut r = c.request(method, format!("http://{}{path}", consul.http));
@@ -763,25 +791,17 @@ async fn certificates_come_from_consul_kv_and_follow_it() {
     let ca = TestCa::new();
     let https = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let admin = free_port();
-    let kv_put = |key: &str, value: String| {
-        let (consul, key) = (&consul, key.to_string());
-        async move {
-            let c = reqwest::Client::builder().no_proxy().build().unwrap();
-            let r = c
-                .put(format!("http://{}/v1/kv/{key}", consul.http))
-                .body(value)
-                .send()
-                .await
-                .unwrap();
-            assert!(r.status().is_success(), "{key}: {}", r.status());
-        }
-    };
     let read = |p: std::path::PathBuf| std::fs::read_to_string(p).unwrap();
     let (c, first_key) = ca.issue(dir.path(), "a1", &["a.test"], "a-1");
-    kv_put("edge/certs/a.test-cert.pem", read(c)).await;
-    kv_put("edge/certs/a.test-key.pem", read(first_key.clone())).await;
+    kv_put(&consul, "edge/certs/a.test-cert.pem", read(c)).await;
+    kv_put(
+        &consul,
+        "edge/certs/a.test-key.pem",
+        read(first_key.clone()),
+    )
+    .await;
     let (c, k) = ca.issue(dir.path(), "b1", &["b.test"], "b-1");
-    kv_put("edge/certs/b.test.pem", read(c) + &read(k)).await;
+    kv_put(&consul, "edge/certs/b.test.pem", read(c) + &read(k)).await;
     let state = dir.path().join("consul-view.json");
     let cfg = dir.path().join("tollgate.toml");
     write(
@@ -825,8 +845,8 @@ async fn certificates_come_from_consul_kv_and_follow_it() {
 
     // a renewed certificate put in KV serves at once, no restart, no reload
     let (c2, k2) = ca.issue(dir.path(), "a2", &["a.test"], "a-2");
-    kv_put("edge/certs/a.test-key.pem", read(k2)).await;
-    kv_put("edge/certs/a.test-cert.pem", read(c2)).await;
+    kv_put(&consul, "edge/certs/a.test-key.pem", read(k2)).await;
+    kv_put(&consul, "edge/certs/a.test-cert.pem", read(c2)).await;
     wait_for(
         "the renewed KV certificate",
         Duration::from_secs(15),
@@ -835,10 +855,11 @@ async fn certificates_come_from_consul_kv_and_follow_it() {
     .await;
 
     // a key that does not belong, and a value that is no PEM: said, and not served
-    kv_put("edge/certs/a.test-key.pem", read(first_key)).await;
+    kv_put(&consul, "edge/certs/a.test-key.pem", read(first_key)).await;
     kv_put(
+        &consul,
         "edge/certs/evil.pem",
-        "<script>not a certificate</script>".into(),
+        "<script>not a certificate</script>",
     )
     .await;
     wait_for(
@@ -853,10 +874,39 @@ async fn certificates_come_from_consul_kv_and_follow_it() {
     let log = tg.log_text();
     let line = log.lines().find(|l| l.contains("does not belong")).unwrap();
     assert!(line.contains("keeps serving"), "{line}");
+    // the line names the key's entry as the key, the certificate's as the certificate
+    assert!(
+        line.contains("the key consul:edge/certs/a.test-key.pem does not belong to the certificate consul:edge/certs/a.test-cert.pem"),
+        "{line}"
+    );
     assert_eq!(
         served_cn(&ca, https, "a.test").await.as_deref(),
         Some("a-2")
     );
+    assert_eq!(
+        served_cn(&ca, https, "b.test").await.as_deref(),
+        Some("b-1")
+    );
+
+    // binary junk where a certificate was: said, and the version before keeps serving
+    kv_put(
+        &consul,
+        "edge/certs/b.test.pem",
+        vec![0xffu8, 0xfe, 0x00, 0x80, 0x13],
+    )
+    .await;
+    wait_for(
+        "the junk to be refused",
+        Duration::from_secs(15),
+        || async {
+            tg.log_text()
+                .contains("certificate in Consul KV not used: b.test.pem: not PEM text")
+        },
+    )
+    .await;
+    assert!(tg
+        .log_text()
+        .contains("b.test.pem: unusable now; the version read before keeps serving"));
     assert_eq!(
         served_cn(&ca, https, "b.test").await.as_deref(),
         Some("b-1")
@@ -935,15 +985,7 @@ async fn challenges_a_kv_writer_plants_are_not_answered() {
         ("challenges/forgedtoken", "forgedtoken.attackers-thumbprint"),
         ("alpn/a.test", digest),
     ] {
-        let put = consul_call_as(
-            &consul,
-            None,
-            reqwest::Method::PUT,
-            &format!("/v1/kv/tollgate/acme/{key}"),
-            Some(value.into()),
-        )
-        .await;
-        assert_eq!(put.trim(), "true");
+        kv_put(&consul, &format!("tollgate/acme/{key}"), value).await;
     }
     // the follower has read both (and says why it will not answer them)
     wait_for(
@@ -1137,7 +1179,8 @@ async fn a_fleet_keeps_one_renewed_issuer_lock_and_one_backoff_across_a_token_ro
                     "/v1/acl/token",
                     Some(
                         serde_json::json!({"Description": what, "Policies": [{"Name": "global-management"}]})
-                            .to_string(),
+                            .to_string()
+                            .into_bytes(),
                     ),
                 )
                 .await,

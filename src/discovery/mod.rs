@@ -324,6 +324,21 @@ pub struct KvCert {
 /// The largest KV value read as a certificate or key (Consul's own cap is 512 KiB).
 const KV_CERT_MAX: usize = 256 * 1024;
 
+/// The KV key holding the private key of the certificate at `cert` (relative to the prefix):
+/// `NAME-cert.pem` → `NAME-key.pem`, `NAME.crt` → `NAME.key`, `NAME.pem` → itself (both in
+/// one value); `None` for what is not a certificate's key (a key, a note).
+pub fn kv_key_of(cert: &str) -> Option<String> {
+    if let Some(stem) = cert.strip_suffix("-cert.pem") {
+        Some(format!("{stem}-key.pem"))
+    } else if let Some(stem) = cert.strip_suffix(".crt") {
+        Some(format!("{stem}.key"))
+    } else if cert.ends_with("-key.pem") || cert.ends_with(".key") || !cert.ends_with(".pem") {
+        None
+    } else {
+        Some(cert.to_string())
+    }
+}
+
 /// Pair the entries under `tls.consul_kv_prefix` (key relative to the prefix, value) as
 /// Fabio's Consul certificate source does: `NAME-cert.pem` with `NAME-key.pem`, or `NAME.pem`
 /// holding both; and as `tls.certs_dir` does: `NAME.crt` with `NAME.key`. Other keys
@@ -351,14 +366,8 @@ pub fn pair_kv_certs(entries: &[(String, Vec<u8>)]) -> (BTreeMap<String, KvCert>
     let mut pairs = BTreeMap::new();
     let mut used = std::collections::BTreeSet::new();
     for (&k, &v) in &text {
-        let key_of = if let Some(stem) = k.strip_suffix("-cert.pem") {
-            format!("{stem}-key.pem")
-        } else if let Some(stem) = k.strip_suffix(".crt") {
-            format!("{stem}.key")
-        } else if k.ends_with("-key.pem") || k.ends_with(".key") || !k.ends_with(".pem") {
+        let Some(key_of) = kv_key_of(k) else {
             continue;
-        } else {
-            k.to_string() // NAME.pem: certificate and key in one value
         };
         match text.get(key_of.as_str()) {
             Some(&key) => {

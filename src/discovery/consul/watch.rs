@@ -590,12 +590,16 @@ pub(super) async fn watch_certs(settings: ConsulSettings, prefix: String, sink: 
         for (k, pair) in pairs {
             let source = std::path::PathBuf::from(format!("consul:{prefix}/{k}"));
             let name = source.display().to_string();
+            let key_name = format!(
+                "consul:{prefix}/{}",
+                crate::discovery::kv_key_of(&k).unwrap_or_else(|| k.clone())
+            );
             match crate::tls::pair_from_pem(
                 pair.cert.as_bytes(),
                 pair.key.as_bytes(),
                 &source,
                 &name,
-                &name,
+                &key_name,
             ) {
                 Ok((_, info)) => {
                     // an expired or not-yet-valid certificate is never served from KV
@@ -619,6 +623,20 @@ pub(super) async fn watch_certs(settings: ConsulSettings, prefix: String, sink: 
                     if let Some(b) = before {
                         certs.insert(k, b.clone());
                     }
+                }
+            }
+        }
+        // a certificate whose entry is still there but no longer pairs (its value replaced
+        // by something that is not PEM text, its key's entry gone bad): the version read
+        // before keeps serving, as for a pair that fails its check
+        if let Some(l) = &last {
+            for (k, before) in l {
+                let still_there = entries.iter().any(|(e, _)| e == k);
+                if still_there && !certs.contains_key(k) {
+                    problems.push(format!(
+                        "{k}: unusable now; the version read before keeps serving"
+                    ));
+                    certs.insert(k.clone(), before.clone());
                 }
             }
         }

@@ -1687,7 +1687,10 @@ where
         let app = self.clone();
 
         let Some(process_custom_session) = app.process_custom_session.as_ref() else {
-            warn!("custom was called on an empty on_custom");
+            // tollgate patch: a connection whose ALPN is neither h2 nor http/1.1 (an ACME
+            // TLS-ALPN-01 validation, `acme-tls/1`, after its handshake) is closed without a
+            // warning: nothing is wrong, and a client could otherwise fill the log.
+            debug!("custom was called on an empty on_custom");
             return None;
         };
 
