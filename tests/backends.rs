@@ -534,3 +534,48 @@ async fn h2_backends_are_held_to_the_http1_header_limits() {
         );
     }
 }
+
+/// tollgate's own early answer to a gRPC call (here: no route) reads the call's small body
+/// before it ends the stream, so a common client (curl over HTTP/2) gets the trailers-only
+/// status every time instead of a stream reset it reports as a failure.
+#[tokio::test]
+async fn early_grpc_answers_read_a_small_body_first_so_curl_gets_them() {
+    let up = Upstream::start("up").await;
+    let body = routes(&[("/api", "up")]) + &format!("[pool.up]\nbackends = [\"{}\"]\n", up.addr);
+    let s = site(&body, issue_a).await;
+    let ca = s._dir.path().join("client-ca.pem");
+    std::fs::write(&ca, &s.ca.pem).unwrap();
+    let payload = s._dir.path().join("call.bin");
+    // a gRPC frame: not compressed, 1 KiB of message
+    let mut frame = vec![0u8, 0, 0, 4, 0];
+    frame.extend(std::iter::repeat_n(7u8, 1024));
+    std::fs::write(&payload, &frame).unwrap();
+    let mut failures = Vec::new();
+    for _ in 0..20 {
+        let out = tokio::process::Command::new("curl")
+            .args(["-sS", "--http2", "-o", "/dev/null", "-D", "-"])
+            .arg("--cacert")
+            .arg(&ca)
+            .args(["--resolve", &format!("a.test:{}:127.0.0.1", s.https.port())])
+            .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+            .arg("--data-binary")
+            .arg(format!("@{}", payload.display()))
+            .arg(format!("https://a.test:{}/pkg.Svc/Missing", s.https.port()))
+            .output()
+            .await
+            .expect("curl");
+        let head = String::from_utf8_lossy(&out.stdout).to_string();
+        if !out.status.success() || !head.contains("grpc-status: 12") {
+            failures.push(format!(
+                "exit {:?}: {head} {}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of 20 failed: {failures:?}",
+        failures.len()
+    );
+}

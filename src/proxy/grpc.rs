@@ -18,14 +18,36 @@ pub(super) fn is_grpc(req: &RequestHeader) -> bool {
         })
 }
 
+/// The most request body read (and dropped) before an early answer: a small call's whole
+/// body, not a stream's.
+const DRAIN_MAX: usize = 64 * 1024;
+/// How long an early answer waits for the rest of a small request body.
+const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Send a trailers-only answer: the head ends the stream (one HEADERS frame with
 /// END_STREAM on HTTP/2; pingora's `Session::write_response_header` does not pass
-/// end-of-stream down, the session's task list does).
+/// end-of-stream down, the session's task list does). A request body still unread is read
+/// and dropped first, up to 64 KiB and 100 ms: an answer that ends the stream while the
+/// client is still sending makes the server reset the stream (NO_ERROR, which is legal),
+/// and common clients (curl) report that as a failure instead of the status. A larger or
+/// endless body is not waited for: the answer goes and the reset follows.
 pub(super) async fn write(
     session: &mut pingora::proxy::Session,
     head: ResponseHeader,
 ) -> Result<()> {
     use pingora::protocols::http::HttpTask;
+    if session.is_http2() {
+        let drain = async {
+            let mut read = 0;
+            while !session.as_downstream_mut().is_body_done() && read <= DRAIN_MAX {
+                match session.as_downstream_mut().read_request_body().await {
+                    Ok(Some(b)) => read += b.len(),
+                    _ => break,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(DRAIN_WAIT, drain).await;
+    }
     session
         .as_downstream_mut()
         .response_duplex_vec(vec![HttpTask::Header(Box::new(head), true)])
