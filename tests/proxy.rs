@@ -1095,4 +1095,14 @@ async fn failing_pools_write_one_error_line_per_ten_seconds_not_one_per_request(
         "{errors} error lines for {N} failed requests"
     );
     assert!(log.contains("pool=\"dead\""), "the line names the pool");
+    // a pool without a health check has no check state to export
+    let metrics = admin_text(&c, s.admin, "/metrics").await;
+    assert!(
+        metrics.contains("tollgate_backend_up{pool=\"dead\""),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("tollgate_backend_check_up{pool=\"dead\""),
+        "{metrics}"
+    );
 }

@@ -477,23 +477,33 @@ pub(super) fn metrics_text(state: &State, snap: &Snapshot, shown: &Shown) -> Str
     );
 
     let now = now_ms();
+    // `only`: the pools the family is about (a check's state only where there is a check)
+    let per_backend_of =
+        |out: &mut String,
+         name: &str,
+         kind: &str,
+         help: &str,
+         only: &dyn Fn(&crate::upstream::Pool) -> bool,
+         value: &dyn Fn(&crate::upstream::Backend) -> u64| {
+            family(out, name, kind, help);
+            for p in snap.pools.iter().filter(|p| only(p)) {
+                for b in &p.backends {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{pool=\"{}\",backend=\"{}\"}} {}",
+                        esc(&p.name),
+                        b.address,
+                        value(b)
+                    );
+                }
+            }
+        };
     let per_backend = |out: &mut String,
                        name: &str,
                        kind: &str,
                        help: &str,
                        value: &dyn Fn(&crate::upstream::Backend) -> u64| {
-        family(out, name, kind, help);
-        for p in &snap.pools {
-            for b in &p.backends {
-                let _ = writeln!(
-                    out,
-                    "{name}{{pool=\"{}\",backend=\"{}\"}} {}",
-                    esc(&p.name),
-                    b.address,
-                    value(b)
-                );
-            }
-        }
+        per_backend_of(out, name, kind, help, &|_| true, value)
     };
     per_backend(
         &mut out,
@@ -502,11 +512,12 @@ pub(super) fn metrics_text(state: &State, snap: &Snapshot, shown: &Shown) -> Str
         "1 when the backend may get traffic, 0 while ejected or taken out by its health check.",
         &|b| u64::from(b.state.is_available(now)),
     );
-    per_backend(
+    per_backend_of(
         &mut out,
         "tollgate_backend_check_up",
         "gauge",
-        "1 when the backend's active health check lets it serve (pools with health_check; 1 for the others).",
+        "1 when the backend's active health check lets it serve; only pools with a health_check have it.",
+        &|p| p.spec.check.is_some(),
         &|b| u64::from(b.state.check_up()),
     );
     per_backend(
