@@ -7,6 +7,7 @@ pub mod admin;
 pub mod alloc;
 pub mod clock;
 pub mod config;
+pub mod consul;
 pub mod discovery;
 pub mod failover;
 pub mod limits;

@@ -148,6 +148,33 @@ impl Metrics {
     }
 
     /// Render the service ports' counters.
+    /// The reload families of `/metrics`.
+    pub fn render_reloads(&self, out: &mut String) {
+        family(
+            out,
+            "tollgate_config_reloads_total",
+            "counter",
+            "Reload attempts by result.",
+        );
+        let _ = writeln!(
+            out,
+            "tollgate_config_reloads_total{{result=\"success\"}} {}",
+            self.reloads_ok.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "tollgate_config_reloads_total{{result=\"failure\"}} {}",
+            self.reloads_failed.load(Relaxed)
+        );
+        single(
+            out,
+            "tollgate_config_last_reload_success_timestamp_seconds",
+            "gauge",
+            "When the configuration last reloaded successfully (0: never since start).",
+            self.last_reload_success_unix.load(Relaxed),
+        );
+    }
+
     pub fn render_ports(&self, out: &mut String) {
         let ports = self.ports.lock().unwrap_or_else(|e| e.into_inner()).clone();
         if ports.is_empty() {

@@ -1279,7 +1279,7 @@ async fn the_open_file_limit_is_raised_to_the_hard_limit_or_the_shortfall_said()
     assert_eq!(open_file_limits(tg.child.id()), (256, 256));
     let log = tg.log_text();
     assert!(
-        log.contains("the open-file limit is below limits.max_connections")
+        log.contains("the open-file limit is below what limits.max_connections")
             && log.contains("open_files=256"),
         "{log}"
     );

@@ -13,10 +13,8 @@ use std::time::Duration;
 /// the fleet answer a CA: a value another KV writer puts there is refused. Beside them, the
 /// issuer lock.
 pub struct Kv {
-    http: reqwest::Client,
-    /// `[consul]`, with the 60 s wait the follower's blocking reads use.
-    settings: crate::config::ConsulSettings,
-    base: String,
+    /// The agent, with the 60 s wait the follower's blocking reads use.
+    consul: crate::consul::Consul,
     prefix: String,
     key: ring::aead::LessSafeKey,
 }
@@ -32,26 +30,10 @@ impl Kv {
         let unbound = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, digest.as_ref())
             .map_err(|_| "cannot make an AES key".to_string())?;
         Ok(Kv {
-            http: crate::discovery::consul::client(consul)?,
-            settings: crate::config::ConsulSettings {
-                wait: Duration::from_secs(60),
-                ..consul.clone()
-            },
-            base: consul.address.trim_end_matches('/').to_string(),
+            consul: crate::consul::Consul::new(consul)?.with_wait(Duration::from_secs(60)),
             prefix: prefix.to_string(),
             key: ring::aead::LessSafeKey::new(unbound),
         })
-    }
-
-    fn req(&self, method: reqwest::Method, key: &str) -> reqwest::RequestBuilder {
-        let mut r = self
-            .http
-            .request(method, format!("{}/v1/kv/{}/{key}", self.base, self.prefix));
-        // read at every request: a rotated `token_file` is used at once
-        if let Some(t) = crate::discovery::consul::token(&self.settings) {
-            r = r.header("X-Consul-Token", t);
-        }
-        r
     }
 
     fn seal(&self, plain: &[u8]) -> Result<Vec<u8>, String> {
@@ -91,52 +73,24 @@ impl Kv {
         Ok(plain.to_vec())
     }
 
-    async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), String> {
-        let r = self
-            .req(reqwest::Method::PUT, key)
-            .body(value)
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await
-            .map_err(|e| format!("Consul KV put {key}: {e}"))?;
-        if !r.status().is_success() {
-            return Err(format!("Consul KV put {key}: HTTP {}", r.status()));
-        }
-        Ok(())
+    fn path(&self, key: &str) -> String {
+        format!("{}/{key}", self.prefix)
     }
 
     pub async fn put_sealed(&self, key: &str, plain: &[u8]) -> Result<(), String> {
-        self.put(key, self.seal(plain)?).await
+        self.consul.kv_put(&self.path(key), self.seal(plain)?).await
     }
 
     /// One sealed value, opened (`None`: not there).
     pub async fn get_sealed(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
-        let r = self
-            .req(reqwest::Method::GET, key)
-            .query(&[("raw", "true")])
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await
-            .map_err(|e| format!("Consul KV get {key}: {e}"))?;
-        if r.status() == reqwest::StatusCode::NOT_FOUND {
-            return Ok(None);
+        match self.consul.kv_get(&self.path(key)).await? {
+            Some(sealed) => self.open(&sealed).map(Some),
+            None => Ok(None),
         }
-        if !r.status().is_success() {
-            return Err(format!("Consul KV get {key}: HTTP {}", r.status()));
-        }
-        let sealed = r
-            .bytes()
-            .await
-            .map_err(|e| format!("Consul KV get {key}: {e}"))?;
-        self.open(&sealed).map(Some)
     }
 
     pub(super) async fn delete(&self, key: &str) {
-        let _ = self
-            .req(reqwest::Method::DELETE, key)
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await;
+        self.consul.kv_delete(&self.path(key)).await;
     }
 
     /// Share a pending challenge with the fleet (sealed).
@@ -197,10 +151,9 @@ impl Kv {
         self.delete(&format!("backoff/{stem}")).await;
     }
 
-    /// Everything under the prefix (keys relative to it), from one blocking read at `index`
-    /// (discovery's KV read: Consul's index rules, token, TLS and error wording).
+    /// Everything under the prefix (keys relative to it), from one blocking read at `index`.
     pub async fn list(&self, index: u64) -> Result<(u64, Vec<(String, Vec<u8>)>), String> {
-        crate::discovery::consul::kv_entries(&self.http, &self.settings, &self.prefix, index).await
+        self.consul.kv_list(&self.prefix, index).await
     }
 }
 

@@ -145,7 +145,7 @@ struct Shared {
     cfg: AcmeSettings,
     kv: Arc<Kv>,
     task: tokio::task::JoinHandle<()>,
-    lock: crate::failover::lock::Lock,
+    lock: crate::consul::Lock,
 }
 
 impl Shared {
@@ -191,7 +191,7 @@ impl BackgroundService for Issuer {
                 }
                 if let Some((prefix, key_file)) = &cfg.consul {
                     let made = Kv::new(&snap.config.consul, prefix, key_file).and_then(|kv| {
-                        let lock = crate::failover::lock::Lock::new(
+                        let lock = crate::consul::Lock::new(
                             &snap.config.consul,
                             &crate::config::ConsulLock {
                                 key: format!("{prefix}/lock"),
@@ -338,7 +338,7 @@ impl BackgroundService for Issuer {
 /// Run an order while renewing the issuer lock's session; `None` when the session is lost
 /// (the order is dropped: another instance may hold the lock by now).
 async fn renewing<T>(
-    lock: &mut crate::failover::lock::Lock,
+    lock: &mut crate::consul::Lock,
     order: impl std::future::Future<Output = T>,
 ) -> Option<T> {
     tokio::pin!(order);

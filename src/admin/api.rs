@@ -5,7 +5,7 @@ use super::{json, query_params};
 use crate::clock::now_ms;
 use crate::config::Balance;
 use crate::discovery::consul::WatchTable;
-use crate::metrics::{esc, family, single, Metrics};
+use crate::metrics::{family, single, Metrics};
 use crate::routing::{normalize_host, Lookup};
 use crate::state::{Snapshot, State};
 use crate::upstream::Pool;
@@ -201,11 +201,12 @@ fn datacenter_json(pool: &Pool) -> Value {
         .as_ref()
         .and_then(|k| k.datacenter.clone())
         .unwrap_or_else(|| "local".to_string());
+    let serving = pool.serving_datacenter();
     match &pool.spec.serving {
-        Some((dc, why)) => {
-            json!({ "serving": dc, "own": own, "failover": pool.spec.failover, "reason": why })
+        Some((_, why)) => {
+            json!({ "serving": serving, "own": own, "failover": pool.spec.failover, "reason": why })
         }
-        None => json!({ "serving": own, "own": own, "failover": pool.spec.failover }),
+        None => json!({ "serving": serving, "own": own, "failover": pool.spec.failover }),
     }
 }
 
@@ -241,91 +242,6 @@ pub(super) fn plugins(snap: &Snapshot) -> Value {
 
 /// Plugin families: calls, faults by kind, instance starts, local answers, callouts, and
 /// the metrics plugins define themselves.
-fn plugin_metrics(out: &mut String, snap: &Snapshot, host: &crate::wasm::Host) {
-    if snap.plugins.is_empty() {
-        return;
-    }
-    type Pick = fn(&crate::wasm::PluginStats) -> &std::sync::atomic::AtomicU64;
-    let families: [(&str, &str, Pick); 5] = [
-        (
-            "tollgate_plugin_calls_total",
-            "Callbacks called into each plugin.",
-            |s| &s.calls,
-        ),
-        (
-            "tollgate_plugin_instances_started_total",
-            "Plugin instances started (a fault discards one; the next start replaces it).",
-            |s| &s.instances_started,
-        ),
-        (
-            "tollgate_plugin_local_responses_total",
-            "Requests a plugin answered itself.",
-            |s| &s.local_responses,
-        ),
-        (
-            "tollgate_plugin_callouts_total",
-            "HTTP callouts plugins made.",
-            |s| &s.callouts,
-        ),
-        (
-            "tollgate_plugin_callout_failures_total",
-            "HTTP callouts that failed (no answer given to the plugin).",
-            |s| &s.callout_failures,
-        ),
-    ];
-    for (name, help, pick) in families {
-        family(out, name, "counter", help);
-        for p in snap.plugins.values() {
-            let _ = writeln!(
-                out,
-                "{name}{{plugin=\"{}\"}} {}",
-                esc(&p.spec.name),
-                pick(&p.stats).load(Relaxed)
-            );
-        }
-    }
-    family(
-        out,
-        "tollgate_plugin_faults_total",
-        "counter",
-        "Plugin failures by kind: deadline (CPU), trap (panic, out of memory, bad pointer), lost (instance gone or restarting), stuck (paused with nothing pending).",
-    );
-    for p in snap.plugins.values() {
-        let s = &p.stats;
-        for (kind, c) in [
-            ("deadline", &s.faults_deadline),
-            ("trap", &s.faults_trap),
-            ("lost", &s.faults_lost),
-            ("stuck", &s.faults_stuck),
-        ] {
-            let _ = writeln!(
-                out,
-                "tollgate_plugin_faults_total{{plugin=\"{}\",kind=\"{kind}\"}} {}",
-                esc(&p.spec.name),
-                c.load(Relaxed)
-            );
-        }
-    }
-    let defined = host.metrics.all();
-    if !defined.is_empty() {
-        family(
-            out,
-            "tollgate_plugin_metric",
-            "untyped",
-            "Metrics plugins define (proxy_define_metric): counters and gauges as values, histograms as sums.",
-        );
-        for m in defined {
-            let _ = writeln!(
-                out,
-                "tollgate_plugin_metric{{plugin=\"{}\",name=\"{}\"}} {}",
-                esc(&m.plugin),
-                esc(&m.name),
-                m.value.load(Relaxed)
-            );
-        }
-    }
-}
-
 pub(super) fn certs(snap: &Snapshot) -> Value {
     let now = crate::clock::unix_secs() as i64;
     Value::Array(
@@ -445,125 +361,11 @@ pub(super) fn metrics_text(state: &State, snap: &Snapshot, shown: &Shown) -> Str
         "Generation of the routing snapshot in force.",
         snap.generation,
     );
-    family(
-        &mut out,
-        "tollgate_config_reloads_total",
-        "counter",
-        "Reload attempts by result.",
-    );
-    let _ = writeln!(
-        out,
-        "tollgate_config_reloads_total{{result=\"success\"}} {}",
-        m.reloads_ok.load(Relaxed)
-    );
-    let _ = writeln!(
-        out,
-        "tollgate_config_reloads_total{{result=\"failure\"}} {}",
-        m.reloads_failed.load(Relaxed)
-    );
-    single(
-        &mut out,
-        "tollgate_config_last_reload_success_timestamp_seconds",
-        "gauge",
-        "When the configuration last reloaded successfully (0: never since start).",
-        m.last_reload_success_unix.load(Relaxed),
-    );
-    single(
-        &mut out,
-        "tollgate_active_requests",
-        "gauge",
-        "Requests being handled now.",
-        shown.active.count(),
-    );
+    m.render_reloads(&mut out);
+    shown.active.render_metrics(&mut out);
 
-    let now = now_ms();
-    // `only`: the pools the family is about (a check's state only where there is a check)
-    let per_backend_of =
-        |out: &mut String,
-         name: &str,
-         kind: &str,
-         help: &str,
-         only: &dyn Fn(&crate::upstream::Pool) -> bool,
-         value: &dyn Fn(&crate::upstream::Backend) -> u64| {
-            family(out, name, kind, help);
-            for p in snap.pools.iter().filter(|p| only(p)) {
-                for b in &p.backends {
-                    let _ = writeln!(
-                        out,
-                        "{name}{{pool=\"{}\",backend=\"{}\"}} {}",
-                        esc(&p.name),
-                        b.address,
-                        value(b)
-                    );
-                }
-            }
-        };
-    let per_backend = |out: &mut String,
-                       name: &str,
-                       kind: &str,
-                       help: &str,
-                       value: &dyn Fn(&crate::upstream::Backend) -> u64| {
-        per_backend_of(out, name, kind, help, &|_| true, value)
-    };
-    per_backend(
-        &mut out,
-        "tollgate_backend_up",
-        "gauge",
-        "1 when the backend may get traffic, 0 while ejected or taken out by its health check.",
-        &|b| u64::from(b.state.is_available(now)),
-    );
-    per_backend_of(
-        &mut out,
-        "tollgate_backend_check_up",
-        "gauge",
-        "1 when the backend's active health check lets it serve; only pools with a health_check have it.",
-        &|p| p.spec.check.is_some(),
-        &|b| u64::from(b.state.check_up()),
-    );
-    per_backend(
-        &mut out,
-        "tollgate_backend_inflight_requests",
-        "gauge",
-        "Requests in flight to the backend.",
-        &|b| b.state.inflight.load(Relaxed),
-    );
-    per_backend(
-        &mut out,
-        "tollgate_backend_ejections_total",
-        "counter",
-        "Times the backend was ejected by passive health.",
-        &|b| b.state.ejections_total.load(Relaxed),
-    );
-    family(
-        &mut out,
-        "tollgate_certificate_expiry_timestamp_seconds",
-        "gauge",
-        "When the certificate expires, seconds since the Unix epoch.",
-    );
-    for c in &snap.certs.infos {
-        let _ = writeln!(
-            out,
-            "tollgate_certificate_expiry_timestamp_seconds{{names=\"{}\",source=\"{}\"}} {}",
-            esc(&c.names.join(",")),
-            esc(&c.source.display().to_string()),
-            c.not_after
-        );
-    }
-    family(
-        &mut out,
-        "tollgate_pool_datacenter",
-        "gauge",
-        "1 for the datacenter serving each Consul pool that has failover datacenters.",
-    );
-    for p in snap.pools.iter().filter(|p| !p.spec.failover.is_empty()) {
-        let serving = datacenter_json(p);
-        let _ = writeln!(
-            out,
-            "tollgate_pool_datacenter{{pool=\"{}\",datacenter=\"{}\"}} 1",
-            esc(&p.name),
-            esc(serving["serving"].as_str().unwrap_or_default())
-        );
-    }
+    crate::upstream::render_metrics(&mut out, &snap.pools, now_ms());
+    snap.certs.render_metrics(&mut out);
     single(
         &mut out,
         "tollgate_consul_route_conflicts",
@@ -571,124 +373,16 @@ pub(super) fn metrics_text(state: &State, snap: &Snapshot, shown: &Shown) -> Str
         "Routes Consul services declare that the live configuration does not apply (refused by the claim policy, or taken): /status lists them.",
         snap.route_conflicts.len(),
     );
-    family(
-        &mut out,
-        "tollgate_consul_watch_staleness_seconds",
-        "gauge",
-        "Seconds since Consul last answered the watch successfully (how stale its pool may be).",
-    );
-    let now = (crate::clock::unix_secs() as i64) as u64;
-    for h in shown.watches.all() {
-        if h.last_success_unix > 0 {
-            let _ = writeln!(
-                out,
-                "tollgate_consul_watch_staleness_seconds{{service=\"{}\"}} {}",
-                esc(&h.service),
-                now.saturating_sub(h.last_success_unix)
-            );
-        }
-    }
+    shown.watches.render_metrics(&mut out);
     if let Some(st) = shown.failover.get() {
-        family(
-            &mut out,
-            "tollgate_failover_state",
-            "gauge",
-            "1 for the failover state this node is in.",
-        );
-        for s in ["INIT", "BACKUP", "MASTER", "FAULT"] {
-            let _ = writeln!(
-                out,
-                "tollgate_failover_state{{state=\"{s}\"}} {}",
-                u8::from(st.state == s)
-            );
-        }
-        family(
-            &mut out,
-            "tollgate_failover_term",
-            "gauge",
-            "The failover term (every claim increments it).",
-        );
-        let _ = writeln!(out, "tollgate_failover_term {}", st.term);
-        family(
-            &mut out,
-            "tollgate_failover_rejected_heartbeats_total",
-            "counter",
-            "Heartbeats rejected (forged, replayed, stale).",
-        );
-        let _ = writeln!(
-            out,
-            "tollgate_failover_rejected_heartbeats_total {}",
-            st.rejected_packets
-        );
-        if let Some(ms) = st.peer_last_seen_ms_ago {
-            family(
-                &mut out,
-                "tollgate_failover_peer_last_seen_seconds",
-                "gauge",
-                "Seconds since the last valid heartbeat from the peer.",
-            );
-            let _ = writeln!(
-                out,
-                "tollgate_failover_peer_last_seen_seconds {:.3}",
-                ms as f64 / 1000.0
-            );
-        }
-        family(
-            &mut out,
-            "tollgate_failover_last_transition_timestamp_seconds",
-            "gauge",
-            "When this node last changed state (Unix time).",
-        );
-        let _ = writeln!(
-            out,
-            "tollgate_failover_last_transition_timestamp_seconds {:.3}",
-            st.last_transition_unix_ms as f64 / 1000.0
-        );
-        if let Some(held) = st.consul_lock {
-            family(
-                &mut out,
-                "tollgate_failover_consul_lock_held",
-                "gauge",
-                "1 while this node holds the failover Consul lock.",
-            );
-            let _ = writeln!(out, "tollgate_failover_consul_lock_held {}", u8::from(held));
-        }
+        st.render_metrics(&mut out);
     }
-    plugin_metrics(&mut out, snap, state.lasting.plugins);
+    state
+        .lasting
+        .plugins
+        .render_metrics(&mut out, &snap.plugins);
     m.render_requests(&mut out);
     m.render_ports(&mut out);
-    connection_metrics(&mut out, &shown.conns);
+    shown.conns.render_metrics(&mut out);
     out
-}
-
-/// The connection limits' counters.
-fn connection_metrics(out: &mut String, conns: &crate::limits::ConnTable) {
-    single(
-        out,
-        "tollgate_connections_open",
-        "gauge",
-        "Client connections holding a slot now.",
-        conns.open(),
-    );
-    single(
-        out,
-        "tollgate_connections_accepted_total",
-        "counter",
-        "Client connections admitted.",
-        conns.accepted(),
-    );
-    family(
-        out,
-        "tollgate_connections_rejected_total",
-        "counter",
-        "Client connections closed at once, by the limit that refused them.",
-    );
-    for r in crate::limits::Refusal::ALL {
-        let _ = writeln!(
-            out,
-            "tollgate_connections_rejected_total{{reason=\"{}\"}} {}",
-            r.label(),
-            conns.rejected(r)
-        );
-    }
 }

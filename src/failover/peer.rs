@@ -5,9 +5,9 @@
 
 use super::claim::Claims;
 use super::heartbeat::{decode, encode, Heartbeat, ReplayGuard};
-use super::lock::Lock;
 use super::machine::{Action, Advert, Event, Machine, Params, Role};
 use crate::config::{ConsulSettings, FailoverSettings};
+use crate::consul::Lock;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
@@ -32,6 +32,78 @@ pub struct Status {
     pub last_action: String,
     /// Fenced nodes: whether this node holds the Consul lock.
     pub consul_lock: Option<bool>,
+}
+
+impl Status {
+    /// The failover families of `/metrics` (Prometheus text).
+    pub fn render_metrics(&self, out: &mut String) {
+        use crate::metrics::family;
+        use std::fmt::Write;
+        family(
+            out,
+            "tollgate_failover_state",
+            "gauge",
+            "1 for the failover state this node is in.",
+        );
+        for s in ["INIT", "BACKUP", "MASTER", "FAULT"] {
+            let _ = writeln!(
+                out,
+                "tollgate_failover_state{{state=\"{s}\"}} {}",
+                u8::from(self.state == s)
+            );
+        }
+        family(
+            out,
+            "tollgate_failover_term",
+            "gauge",
+            "The failover term (every claim increments it).",
+        );
+        let _ = writeln!(out, "tollgate_failover_term {}", self.term);
+        family(
+            out,
+            "tollgate_failover_rejected_heartbeats_total",
+            "counter",
+            "Heartbeats rejected (forged, replayed, stale).",
+        );
+        let _ = writeln!(
+            out,
+            "tollgate_failover_rejected_heartbeats_total {}",
+            self.rejected_packets
+        );
+        if let Some(ms) = self.peer_last_seen_ms_ago {
+            family(
+                out,
+                "tollgate_failover_peer_last_seen_seconds",
+                "gauge",
+                "Seconds since the last valid heartbeat from the peer.",
+            );
+            let _ = writeln!(
+                out,
+                "tollgate_failover_peer_last_seen_seconds {:.3}",
+                ms as f64 / 1000.0
+            );
+        }
+        family(
+            out,
+            "tollgate_failover_last_transition_timestamp_seconds",
+            "gauge",
+            "When this node last changed state (Unix time).",
+        );
+        let _ = writeln!(
+            out,
+            "tollgate_failover_last_transition_timestamp_seconds {:.3}",
+            self.last_transition_unix_ms as f64 / 1000.0
+        );
+        if let Some(held) = self.consul_lock {
+            family(
+                out,
+                "tollgate_failover_consul_lock_held",
+                "gauge",
+                "1 while this node holds the failover Consul lock.",
+            );
+            let _ = writeln!(out, "tollgate_failover_consul_lock_held {}", u8::from(held));
+        }
+    }
 }
 
 /// Where the peer publishes its status and the admin API reads it: made by `server`,

@@ -196,6 +196,40 @@ impl ConnTable {
         let shard = self.shard(&key).lock().unwrap_or_else(|p| p.into_inner());
         shard.map.get(&key).map(|e| e.conns).unwrap_or(0)
     }
+
+    /// The connection families of `/metrics` (Prometheus text).
+    pub fn render_metrics(&self, out: &mut String) {
+        use crate::metrics::{family, single};
+        use std::fmt::Write;
+        single(
+            out,
+            "tollgate_connections_open",
+            "gauge",
+            "Client connections holding a slot now.",
+            self.open(),
+        );
+        single(
+            out,
+            "tollgate_connections_accepted_total",
+            "counter",
+            "Client connections admitted.",
+            self.accepted(),
+        );
+        family(
+            out,
+            "tollgate_connections_rejected_total",
+            "counter",
+            "Client connections closed at once, by the limit that refused them.",
+        );
+        for r in Refusal::ALL {
+            let _ = writeln!(
+                out,
+                "tollgate_connections_rejected_total{{reason=\"{}\"}} {}",
+                r.label(),
+                self.rejected(r)
+            );
+        }
+    }
 }
 
 /// Drop entries with no connection whose bucket has refilled: they hold no information.

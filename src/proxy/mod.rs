@@ -33,6 +33,17 @@ use std::time::{Duration, Instant};
 pub struct ActiveRequests(Arc<AtomicUsize>);
 
 impl ActiveRequests {
+    /// The in-flight family of `/metrics`.
+    pub fn render_metrics(&self, out: &mut String) {
+        crate::metrics::single(
+            out,
+            "tollgate_active_requests",
+            "gauge",
+            "Requests being handled now.",
+            self.count(),
+        );
+    }
+
     pub fn count(&self) -> usize {
         self.0.load(Ordering::SeqCst)
     }

@@ -113,6 +113,27 @@ impl CertStore {
         self.fallback.is_none()
     }
 
+    /// The certificate families of `/metrics` (Prometheus text).
+    pub fn render_metrics(&self, out: &mut String) {
+        use crate::metrics::{esc, family};
+        use std::fmt::Write;
+        family(
+            out,
+            "tollgate_certificate_expiry_timestamp_seconds",
+            "gauge",
+            "When the certificate expires, seconds since the Unix epoch.",
+        );
+        for c in &self.infos {
+            let _ = writeln!(
+                out,
+                "tollgate_certificate_expiry_timestamp_seconds{{names=\"{}\",source=\"{}\"}} {}",
+                esc(&c.names.join(",")),
+                esc(&c.source.display().to_string()),
+                c.not_after
+            );
+        }
+    }
+
     /// Load every certificate the configuration names, and `kv` (those read from Consul KV:
     /// source, certificate PEM, key PEM), and check that each vhost name served over TLS has
     /// one. Vhost `cert`/`key` take precedence over `certs_dir` and the ACME storage, which

@@ -84,6 +84,20 @@ impl Pool {
         }
     }
 
+    /// The datacenter serving a Consul pool now: the failover one it was moved to, else its
+    /// own (`local` for the agent's).
+    pub fn serving_datacenter(&self) -> String {
+        match &self.spec.serving {
+            Some((dc, _)) => dc.clone(),
+            None => self
+                .spec
+                .consul
+                .as_ref()
+                .and_then(|k| k.datacenter.clone())
+                .unwrap_or_else(|| "local".to_string()),
+        }
+    }
+
     /// Whether some backend outside `exclude` could still be chosen.
     pub fn has_available(&self, now_ms: u64, exclude: &[usize]) -> bool {
         self.backends
@@ -172,6 +186,80 @@ impl Registry {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|k, _| keep_p.contains(k));
+    }
+}
+
+/// The backend and pool families of `/metrics` (Prometheus text) for `pools` (the live
+/// Snapshot's), at `now_ms`.
+pub fn render_metrics(out: &mut String, pools: &[Arc<Pool>], now_ms: u64) {
+    use crate::metrics::{esc, family};
+    use std::fmt::Write;
+    // `only`: the pools the family is about (a check's state only where there is a check)
+    let per_backend_of = |out: &mut String,
+                          name: &str,
+                          kind: &str,
+                          help: &str,
+                          only: &dyn Fn(&Pool) -> bool,
+                          value: &dyn Fn(&Backend) -> u64| {
+        family(out, name, kind, help);
+        for p in pools.iter().filter(|p| only(p)) {
+            for b in &p.backends {
+                let _ = writeln!(
+                    out,
+                    "{name}{{pool=\"{}\",backend=\"{}\"}} {}",
+                    esc(&p.name),
+                    b.address,
+                    value(b)
+                );
+            }
+        }
+    };
+    let per_backend =
+        |out: &mut String, name: &str, kind: &str, help: &str, value: &dyn Fn(&Backend) -> u64| {
+            per_backend_of(out, name, kind, help, &|_| true, value)
+        };
+    per_backend(
+        out,
+        "tollgate_backend_up",
+        "gauge",
+        "1 when the backend may get traffic, 0 while ejected or taken out by its health check.",
+        &|b| u64::from(b.state.is_available(now_ms)),
+    );
+    per_backend_of(
+        out,
+        "tollgate_backend_check_up",
+        "gauge",
+        "1 when the backend's active health check lets it serve; only pools with a health_check have it.",
+        &|p| p.spec.check.is_some(),
+        &|b| u64::from(b.state.check_up()),
+    );
+    per_backend(
+        out,
+        "tollgate_backend_inflight_requests",
+        "gauge",
+        "Requests in flight to the backend.",
+        &|b| b.state.inflight.load(Relaxed),
+    );
+    per_backend(
+        out,
+        "tollgate_backend_ejections_total",
+        "counter",
+        "Times the backend was ejected by passive health.",
+        &|b| b.state.ejections_total.load(Relaxed),
+    );
+    family(
+        out,
+        "tollgate_pool_datacenter",
+        "gauge",
+        "1 for the datacenter serving each Consul pool that has failover datacenters.",
+    );
+    for p in pools.iter().filter(|p| !p.spec.failover.is_empty()) {
+        let _ = writeln!(
+            out,
+            "tollgate_pool_datacenter{{pool=\"{}\",datacenter=\"{}\"}} 1",
+            esc(&p.name),
+            esc(&p.serving_datacenter())
+        );
     }
 }
 

@@ -548,3 +548,94 @@ impl Host {
         ready.push((owner.to_string(), id));
     }
 }
+
+impl Host {
+    /// The plugin families of `/metrics` (Prometheus text) for `plugins` (the live
+    /// Snapshot's): counters per plugin, faults by kind, the metrics plugins define.
+    pub fn render_metrics(&self, out: &mut String, plugins: &BTreeMap<String, Arc<Plugin>>) {
+        use crate::metrics::{esc, family};
+        use std::fmt::Write;
+        if plugins.is_empty() {
+            return;
+        }
+        type Pick = fn(&PluginStats) -> &std::sync::atomic::AtomicU64;
+        let families: [(&str, &str, Pick); 5] = [
+            (
+                "tollgate_plugin_calls_total",
+                "Callbacks called into each plugin.",
+                |s| &s.calls,
+            ),
+            (
+                "tollgate_plugin_instances_started_total",
+                "Plugin instances started (a fault discards one; the next start replaces it).",
+                |s| &s.instances_started,
+            ),
+            (
+                "tollgate_plugin_local_responses_total",
+                "Requests a plugin answered itself.",
+                |s| &s.local_responses,
+            ),
+            (
+                "tollgate_plugin_callouts_total",
+                "HTTP callouts plugins made.",
+                |s| &s.callouts,
+            ),
+            (
+                "tollgate_plugin_callout_failures_total",
+                "HTTP callouts that failed (no answer given to the plugin).",
+                |s| &s.callout_failures,
+            ),
+        ];
+        for (name, help, pick) in families {
+            family(out, name, "counter", help);
+            for p in plugins.values() {
+                let _ = writeln!(
+                    out,
+                    "{name}{{plugin=\"{}\"}} {}",
+                    esc(&p.spec.name),
+                    pick(&p.stats).load(Relaxed)
+                );
+            }
+        }
+        family(
+            out,
+            "tollgate_plugin_faults_total",
+            "counter",
+            "Plugin failures by kind: deadline (CPU), trap (panic, out of memory, bad pointer), lost (instance gone or restarting), stuck (paused with nothing pending).",
+        );
+        for p in plugins.values() {
+            let s = &p.stats;
+            for (kind, c) in [
+                ("deadline", &s.faults_deadline),
+                ("trap", &s.faults_trap),
+                ("lost", &s.faults_lost),
+                ("stuck", &s.faults_stuck),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "tollgate_plugin_faults_total{{plugin=\"{}\",kind=\"{kind}\"}} {}",
+                    esc(&p.spec.name),
+                    c.load(Relaxed)
+                );
+            }
+        }
+        let defined = self.metrics.all();
+        if !defined.is_empty() {
+            family(
+                out,
+                "tollgate_plugin_metric",
+                "untyped",
+                "Metrics plugins define (proxy_define_metric): counters and gauges as values, histograms as sums.",
+            );
+            for m in defined {
+                let _ = writeln!(
+                    out,
+                    "tollgate_plugin_metric{{plugin=\"{}\",name=\"{}\"}} {}",
+                    esc(&m.plugin),
+                    esc(&m.name),
+                    m.value.load(Relaxed)
+                );
+            }
+        }
+    }
+}

@@ -17,20 +17,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-mod client;
 mod quiet;
 mod rules;
 mod watch;
 
-pub(crate) use client::{client, token};
 pub use rules::{
     backoff, changed_services, choose_datacenter, guard_shrink, next_index, parse_checks,
     parse_health, Checks, Failover, TokenBucket,
 };
-pub(crate) use watch::kv_entries;
 pub use watch::{WatchHealth, WatchTable};
 #[allow(clippy::wildcard_imports)]
-use {client::*, quiet::*, rules::*, watch::*};
+use {crate::consul::client::*, quiet::*, rules::*, watch::*};
 
 /// The other datacenters, nearest first: `/v1/catalog/datacenters` (Consul sorts it by the
 /// estimated round-trip time from its servers) without the agent's own.

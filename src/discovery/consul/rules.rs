@@ -4,18 +4,7 @@
 
 use super::*;
 
-/// The index to send next, from the one we sent (`prev`) and the one Consul answered with.
-/// Consul's rules: a missing index means no blocking is possible (start over); an index
-/// that went backwards (agent restarted, state lost) resets to 0; and the index sent is never
-/// below 1, so a reset turns into an immediate full read rather than a busy loop.
-pub fn next_index(prev: u64, answered: Option<u64>) -> u64 {
-    let next = match answered {
-        None => 0,
-        Some(i) if i < prev => 0,
-        Some(i) => i,
-    };
-    next.max(1)
-}
+pub use crate::consul::next_index;
 
 #[derive(Debug, Deserialize)]
 pub(super) struct HealthEntry {

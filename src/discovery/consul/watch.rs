@@ -28,6 +28,29 @@ impl WatchTable {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The watch families of `/metrics` (Prometheus text).
+    pub fn render_metrics(&self, out: &mut String) {
+        use crate::metrics::{esc, family};
+        use std::fmt::Write;
+        family(
+            out,
+            "tollgate_consul_watch_staleness_seconds",
+            "gauge",
+            "Seconds since Consul last answered the watch successfully (how stale its pool may be).",
+        );
+        let now = crate::clock::unix_secs();
+        for h in self.all() {
+            if h.last_success_unix > 0 {
+                let _ = writeln!(
+                    out,
+                    "tollgate_consul_watch_staleness_seconds{{service=\"{}\"}} {}",
+                    esc(&h.service),
+                    now.saturating_sub(h.last_success_unix)
+                );
+            }
+        }
+    }
+
     /// The index of the last successful answer of the watch for `key`.
     pub fn index(&self, key: &ServiceKey) -> Option<u64> {
         self.lock().get(key).map(|h| h.index)
@@ -523,41 +546,6 @@ pub(super) async fn watch_catalog(settings: ConsulSettings, sink: Sink) {
     }
 }
 
-/// The entries under KV `prefix` (keys relative to it, values decoded), from one blocking
-/// recursive read.
-pub(crate) async fn kv_entries(
-    http: &reqwest::Client,
-    s: &ConsulSettings,
-    prefix: &str,
-    index: u64,
-) -> Result<(u64, Vec<(String, Vec<u8>)>), String> {
-    #[derive(Deserialize)]
-    struct Entry {
-        #[serde(rename = "Key")]
-        key: String,
-        #[serde(rename = "Value")]
-        value: Option<String>,
-    }
-    let path = format!("/v1/kv/{prefix}/");
-    let what = format!("the KV prefix {prefix}/");
-    let params = [("recurse", String::new())];
-    let (next, body) = consul_get(http, s, &path, &what, None, &params, index).await?;
-    let entries: Vec<Entry> =
-        serde_json::from_slice(&body).map_err(|e| format!("{path}: not a KV answer: {e}"))?;
-    let skip = prefix.len() + 1;
-    let mut out = Vec::with_capacity(entries.len());
-    for e in entries {
-        use base64::Engine;
-        let value = base64::engine::general_purpose::STANDARD
-            .decode(e.value.unwrap_or_default())
-            .map_err(|err| format!("{}: not base64: {err}", e.key))?;
-        if let Some(k) = e.key.get(skip..).filter(|k| !k.is_empty()) {
-            out.push((k.to_string(), value));
-        }
-    }
-    Ok((next, out))
-}
-
 /// Watch `tls.consul_kv_prefix` until the task is aborted: pair what it holds, check every
 /// pair (the key belongs to the certificate), and send a change when the checked set moves.
 /// A pair that fails its check is said once per change; the version read before it keeps
@@ -582,7 +570,11 @@ pub(super) async fn watch_certs(settings: ConsulSettings, prefix: String, sink: 
     loop {
         let what = format!("KV {prefix}/");
         let answer = w
-            .next(&what, |i| kv_entries(&http, &settings, &prefix, i), failed)
+            .next(
+                &what,
+                |i| crate::consul::kv_entries(&http, &settings, &prefix, i),
+                failed,
+            )
             .await;
         let Some(entries) = answer else { continue };
         let (pairs, mut problems) = crate::discovery::pair_kv_certs(&entries);

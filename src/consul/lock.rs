@@ -1,11 +1,13 @@
-//! Fencing through Consul (`failover.consul_lock`): a node may be MASTER only while its
-//! Consul session holds the lock key. The session has a TTL (renewed every fifth of it), no
+//! A lock on a Consul KV key held by a session: the failover peer's fencing
+//! (`failover.consul_lock`: a node may be MASTER only while its Consul session holds the
+//! lock key) and ACME's issuer lock. The session has a TTL (renewed every fifth of it), no
 //! lock delay and the `release` behaviour, so a dead holder's lock frees itself after the TTL
 //! and a node that loses its session, or cannot renew it for three quarters of the TTL, gives
 //! the address up (before Consul, which never expires a session sooner than its TTL, can
 //! hand the lock to the peer). A network split between the peers alone cannot make two
 //! masters while both still reach Consul.
 
+use super::Consul;
 use crate::config::{ConsulLock, ConsulSettings};
 use std::time::Duration;
 
@@ -22,10 +24,8 @@ async fn call(
 }
 
 pub struct Lock {
-    http: reqwest::Client,
-    base: String,
-    /// `[consul]`: the token is read from it at every request (a rotated `token_file`).
-    settings: ConsulSettings,
+    /// The agent (the token is read at every request: a rotated `token_file`).
+    consul: Consul,
     dc: Option<String>,
     key: String,
     ttl: Duration,
@@ -39,9 +39,7 @@ pub struct Lock {
 impl Lock {
     pub fn new(consul: &ConsulSettings, l: &ConsulLock, node: &str) -> Result<Lock, String> {
         Ok(Lock {
-            http: crate::discovery::consul::client(consul)?,
-            base: consul.address.trim_end_matches('/').to_string(),
-            settings: consul.clone(),
+            consul: Consul::new(consul)?,
             dc: consul.datacenter.clone(),
             key: l.key.clone(),
             ttl: l.ttl,
@@ -58,12 +56,8 @@ impl Lock {
 
     fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         let mut r = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .timeout(Duration::from_secs(3).min(self.ttl / 5));
-        if let Some(t) = crate::discovery::consul::token(&self.settings) {
-            r = r.header("X-Consul-Token", t);
-        }
+            .consul
+            .request(method, path, Duration::from_secs(3).min(self.ttl / 5));
         if let Some(dc) = &self.dc {
             r = r.query(&[("dc", dc)]);
         }

@@ -1,7 +1,21 @@
 //! The HTTP side of Consul: the client (TLS roots, token), one blocking GET with Consul's
 //! index rules, timeouts and error wording, query encoding.
 
-use super::*;
+use crate::config::ConsulSettings;
+use std::time::Duration;
+
+/// The index to send next, from the one we sent (`prev`) and the one Consul answered with.
+/// Consul's rules: a missing index means no blocking is possible (start over); an index
+/// that went backwards (agent restarted, state lost) resets to 0; and the index sent is never
+/// below 1, so a reset turns into an immediate full read rather than a busy loop.
+pub fn next_index(prev: u64, answered: Option<u64>) -> u64 {
+    let next = match answered {
+        None => 0,
+        Some(i) if i < prev => 0,
+        Some(i) => i,
+    };
+    next.max(1)
+}
 
 pub(crate) fn client(s: &ConsulSettings) -> Result<reqwest::Client, String> {
     let mut b = reqwest::Client::builder()
@@ -48,7 +62,7 @@ pub(crate) fn token(s: &ConsulSettings) -> Option<String> {
 }
 
 /// A reqwest error with its causes, and a timeout said as such.
-pub(super) fn describe(e: &reqwest::Error, timeout: Duration) -> String {
+pub(crate) fn describe(e: &reqwest::Error, timeout: Duration) -> String {
     if e.is_timeout() {
         return format!(
             "Consul did not answer within {timeout:?} (wait + wait/16 + 5s): timed out"
@@ -64,7 +78,7 @@ pub(super) fn describe(e: &reqwest::Error, timeout: Duration) -> String {
     out
 }
 
-pub(super) fn urlencode(s: &str) -> String {
+pub(crate) fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
@@ -79,7 +93,7 @@ pub(super) fn urlencode(s: &str) -> String {
 /// token and timeout (wait + wait/16, Consul's own jitter, + a margin). Returns the next index
 /// to send (Consul's index rules) and the body. A 403, any other error status and an answer
 /// from servers without a leader (unless stale reads are allowed) are errors that say so.
-pub(super) async fn consul_get(
+pub(crate) async fn consul_get(
     http: &reqwest::Client,
     s: &ConsulSettings,
     path: &str,
@@ -151,7 +165,7 @@ pub(super) async fn consul_get(
 }
 
 /// `s` for plain reads: a `wait` of 1 s, so an index that has not moved answers soon.
-pub(super) fn quick(s: &ConsulSettings) -> ConsulSettings {
+pub(crate) fn quick(s: &ConsulSettings) -> ConsulSettings {
     ConsulSettings {
         wait: Duration::from_secs(1),
         ..s.clone()
@@ -159,7 +173,7 @@ pub(super) fn quick(s: &ConsulSettings) -> ConsulSettings {
 }
 
 /// One blocking GET on a catalog-wide endpoint (`path`).
-pub(super) async fn blocking_get(
+pub(crate) async fn blocking_get(
     http: &reqwest::Client,
     s: &ConsulSettings,
     path: &str,
@@ -169,7 +183,7 @@ pub(super) async fn blocking_get(
 }
 
 /// One blocking query on an endpoint whose index moves with any change of its kind.
-pub(super) async fn block_on(
+pub(crate) async fn block_on(
     http: &reqwest::Client,
     s: &ConsulSettings,
     path: &str,
