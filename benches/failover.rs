@@ -9,7 +9,7 @@
 //! `cargo bench --bench failover` (root: it creates network namespaces). Under
 //! `cargo test --benches` it runs one round as a smoke test.
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/it/common/mod.rs"]
 #[allow(unused_imports)]
 mod common;
 

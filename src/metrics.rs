@@ -116,6 +116,9 @@ pub struct Metrics {
     pub convergence: Histogram,
     pub reloads_failed: AtomicU64,
     pub last_reload_success_unix: AtomicU64,
+    /// The ACME issuer's looks at what needs a certificate (one per 2 s cycle in which it
+    /// is the issuer): how an operator, or a test, sees that it is at work.
+    pub acme_checks: AtomicU64,
 }
 
 impl Metrics {
@@ -172,6 +175,13 @@ impl Metrics {
             "gauge",
             "When the configuration last reloaded successfully (0: never since start).",
             self.last_reload_success_unix.load(Relaxed),
+        );
+        single(
+            out,
+            "tollgate_acme_checks_total",
+            "counter",
+            "Times the ACME issuer looked at which certificates to order or renew.",
+            self.acme_checks.load(Relaxed),
         );
     }
 

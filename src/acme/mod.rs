@@ -27,6 +27,7 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -254,6 +255,7 @@ impl BackgroundService for Issuer {
                 }
             }
             let now = crate::clock::unix_secs() as i64;
+            self.state.lasting.metrics.acme_checks.fetch_add(1, Relaxed);
             for names in ordered_names(&snap.config, &snap.certs, &cfg.certs_dir()) {
                 if !renewal_due(&snap.certs, &cfg.certs_dir(), &names, now) {
                     backoff.remove(&names);

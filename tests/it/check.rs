@@ -1,14 +1,12 @@
 //! `tollgate check`: every problem named with file:line and the option; exit 1 on any.
 
-mod common;
-
 use std::process::Command;
 
 fn check(src: &str) -> (i32, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("t.toml");
     std::fs::write(&path, src).unwrap();
-    let (code, text) = common::run_check(&path);
+    let (code, text) = crate::common::run_check(&path);
     (code, text.replace(&path.display().to_string(), "t.toml"))
 }
 
@@ -139,7 +137,7 @@ fn errors_name_the_file_and_line_they_come_from() {
     let at = VALID.find("example.com").unwrap();
     bytes[at] = 0xff;
     std::fs::write(&path, bytes).unwrap();
-    let (code, out) = common::run_check(&path);
+    let (code, out) = crate::common::run_check(&path);
     assert_eq!(code, 1);
     let out = out.replace(&path.display().to_string(), "t.toml");
     assert!(
@@ -220,9 +218,9 @@ fn backend_tls_files_are_checked_and_verify_false_warns() {
 async fn a_world_readable_private_key_is_warned_about_in_check_and_run() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
-    let ca = common::TestCa::new();
+    let ca = crate::common::TestCa::new();
     let (cert, key) = ca.issue(dir.path(), "a", &["example.com"], "a");
-    let https = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
+    let https = std::net::SocketAddr::from(([127, 0, 0, 1], crate::common::free_port()));
     let path = dir.path().join("t.toml");
     let src = VALID
         .replace("127.0.0.1:18080\"", &format!("{https}\"\ntls = true"))
@@ -237,19 +235,19 @@ async fn a_world_readable_private_key_is_warned_about_in_check_and_run() {
     std::fs::write(&path, &src).unwrap();
     let warning = "has mode 0644: other users of this host";
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let (code, out) = common::run_check(&path);
+    let (code, out) = crate::common::run_check(&path);
     assert_eq!(code, 0, "{out}");
     assert!(!out.contains(warning), "{out}");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let (code, out) = common::run_check(&path);
+    let (code, out) = crate::common::run_check(&path);
     assert_eq!(code, 0, "still valid: {out}");
     assert!(
         out.contains("WARNING: vhost.key: the private key") && out.contains(warning),
         "{out}"
     );
-    let mut tg = common::Tollgate::start(&path);
+    let mut tg = crate::common::Tollgate::start(&path);
     tg.ready(https).await;
-    common::wait_for(
+    crate::common::wait_for(
         "the warning in the log",
         std::time::Duration::from_secs(5),
         || async { tg.log_text().contains(warning) },

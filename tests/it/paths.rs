@@ -3,9 +3,7 @@
 //! `/admin` or is refused with 400, over HTTP/1.1, HTTPS, HTTP/2 and absolute-form targets.
 //! This is the route layout docs/plugins/auth.md gives to protect a section.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};

@@ -2,8 +2,7 @@
 //! `exec` claim hook, election, takeover when the master is killed, the old master coming back
 //! without preempt, and forged heartbeats ignored.
 
-mod common;
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
@@ -201,7 +200,7 @@ async fn the_standby_takes_over_when_the_master_dies_and_a_returning_node_does_n
 /// the stale address it left and stays BACKUP) and, restarted with preempt, takes back over.
 #[test]
 fn vip_takeover_in_network_namespaces() {
-    use common::takeover::Pair;
+    use crate::common::takeover::Pair;
     let mut p = Pair::new();
     p.start("a", 200, false);
     p.start("b", 100, false);
@@ -303,7 +302,7 @@ async fn wait_state(admin: u16, want: &str, within: Duration) {
 /// DescribeAddresses shows the instance of the node that should hold it.
 #[tokio::test]
 async fn aws_eip_follows_the_master_and_a_resumed_master_does_not_take_it_back() {
-    use common::aws::{Imds, Moto};
+    use crate::common::aws::{Imds, Moto};
     let moto = Moto::start().await;
     let ids = moto.run_instances(2).await;
     let (ia, ib) = (ids[0].clone(), ids[1].clone());
@@ -584,7 +583,7 @@ fn parse_frame(f: &[u8]) -> Option<Announcement> {
 /// removes both addresses.
 #[test]
 fn vip_announcements_on_the_wire_ipv4_and_ipv6() {
-    use common::netns::{enter, Lab};
+    use crate::common::netns::{enter, Lab};
     let lab = Lab::new();
     // capture on c first
     let path = format!("/var/run/netns/{}", lab.ns("c"));
@@ -648,7 +647,7 @@ garp_repeat = "1s"
 "#;
     std::fs::write(
         &cfg,
-        common::takeover::node_config_with("a", 100, false, claims),
+        crate::common::takeover::node_config_with("a", 100, false, claims),
     )
     .unwrap();
     let tg = Tollgate::start_cmd(lab.command("a", Tollgate::bin()), &cfg);

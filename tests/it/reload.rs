@@ -1,8 +1,7 @@
 //! Live changes through the real binary: config reload under load (file change and SIGHUP),
 //! invalid reloads rejected whole, certificate hot reload, graceful SIGTERM drain.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -2,8 +2,7 @@
 //! going backwards or missing, 403, 429, a reset connection. The pool changes only on a
 //! successful answer, and the index rules are checked on the wire.
 
-mod common;
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 use std::collections::{BTreeSet, VecDeque};
 use std::net::SocketAddr;

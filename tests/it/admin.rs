@@ -2,8 +2,7 @@
 //! parse and move with traffic, explain, reload, the dashboard in headless Chromium, startup
 //! errors, and a zero-downtime binary upgrade under load.
 
-mod common;
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -1,9 +1,8 @@
 //! The request path through the real tollgate binary: TLS/SNI, vhosts, routing, balancing,
 //! passive health, error answers, proxy headers, HTTP/2 and WebSocket.
 
-mod common;
-use common::site::*;
-use common::*;
+use crate::common::site::*;
+use crate::common::*;
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;

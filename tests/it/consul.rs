@@ -2,8 +2,7 @@
 //! registration, deregistration, health flips, Consul dying and coming back with its state
 //! lost, while tollgate keeps serving.
 
-mod common;
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;

@@ -2,9 +2,8 @@
 //! upstreams with their own test CA, a real gRPC server and client (grpcio from PyPI,
 //! `tests/grpc/`), and gRPC health checks.
 
-mod common;
-use common::site::*;
-use common::*;
+use crate::common::site::*;
+use crate::common::*;
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -2,8 +2,7 @@
 //! headers seen by the backend, half-close, backpressure against a slow reader, UDP (a real
 //! DNS server, dnsmasq, asked by dig), TLS termination and TLS passthrough by SNI.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

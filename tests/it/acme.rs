@@ -3,8 +3,7 @@
 //! 127.0.0.1, so Pebble's HTTP-01 and TLS-ALPN-01 validations reach tollgate's own
 //! listeners; sharing through a real Consul agent; and certificates read from Consul KV.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -142,17 +141,17 @@ async fn an_acme_vhost_gets_its_certificate_and_keeps_it_across_restarts() {
     );
     let pebble = Pebble::ready(dir.path(), http.port()).await;
     let cfg = dir.path().join("tollgate.toml");
+    let admin = free_port();
     write(
         &cfg,
         &format!(
-            "[admin]\naddress = \"127.0.0.1:{}\"\n\
+            "[admin]\naddress = \"127.0.0.1:{admin}\"\n\
              [acme]\ndirectory = \"{}\"\nemail = \"ops@example.org\"\nstorage = \"{}/acme\"\nca_bundle = \"{}/pebble-https-ca.pem\"\n\
              [[listener]]\naddress = \"{http}\"\n[[listener]]\naddress = \"{https}\"\ntls = true\n\
              [[vhost]]\nnames = [\"a.test\", \"www.a.test\"]\nacme = true\n\
              [[vhost.route]]\npath = \"/\"\npool = \"up\"\n\
              [[vhost]]\nnames = [\"auto.test\"]\n\
              [[vhost.route]]\npath = \"/\"\npool = \"up\"\n[pool.up]\nbackends = [\"{}\"]\n",
-            free_port(),
             pebble.directory,
             dir.path().display(),
             dir.path().display(),
@@ -265,7 +264,13 @@ async fn an_acme_vhost_gets_its_certificate_and_keeps_it_across_restarts() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    tokio::time::sleep(Duration::from_secs(3)).await; // the issuer's first look
+    // the issuer has looked (twice, so a first look that found something would have ordered)
+    wait_for(
+        "the issuer to look twice",
+        Duration::from_secs(10),
+        || async { acme_checks(admin).await >= 2.0 },
+    )
+    .await;
     let log = tg.log_text();
     assert!(!log.contains("ordering an ACME certificate"), "{log}");
     assert!(!log.contains("ACME account created"), "{log}");
@@ -343,14 +348,14 @@ async fn tls_alpn_01_is_answered_on_the_tls_listener_and_short_certificates_rene
     );
     // no order pending: a handshake that offers only acme-tls/1 gets no certificate
     let tcp = tokio::net::TcpStream::connect(https).await.unwrap();
-    let refused = common::tls_over_pem(&root, tcp, "c.test", &["acme-tls/1"]).await;
+    let refused = crate::common::tls_over_pem(&root, tcp, "c.test", &["acme-tls/1"]).await;
     assert!(
         refused.is_err(),
         "acme-tls/1 without a pending order is refused"
     );
     // an ordinary client offering acme-tls/1 last still gets HTTP and the real certificate
     let tcp = tokio::net::TcpStream::connect(https).await.unwrap();
-    let tls = common::tls_over_pem(&root, tcp, "c.test", &["http/1.1", "acme-tls/1"])
+    let tls = crate::common::tls_over_pem(&root, tcp, "c.test", &["http/1.1", "acme-tls/1"])
         .await
         .expect("verified against the CA's root: the issued certificate");
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
@@ -382,16 +387,16 @@ async fn an_unreachable_ca_is_logged_and_retried_with_backoff() {
     let cfg = dir.path().join("tollgate.toml");
     let ca = TestCa::new();
     ca.issue(dir.path(), "b", &["b.test"], "b");
+    let admin = free_port();
     write(
         &cfg,
         &format!(
-            "[admin]\naddress = \"127.0.0.1:{}\"\n\
+            "[admin]\naddress = \"127.0.0.1:{admin}\"\n\
              [acme]\ndirectory = \"https://127.0.0.1:{}/dir\"\nstorage = \"{d}/acme\"\n\
              [[listener]]\naddress = \"{http}\"\n[[listener]]\naddress = \"{https}\"\ntls = true\n\
              [[vhost]]\nnames = [\"a.test\"]\nacme = true\n[[vhost.route]]\npath = \"/\"\npool = \"up\"\n\
              [[vhost]]\nnames = [\"b.test\"]\ncert = \"{d}/b.crt\"\nkey = \"{d}/b.key\"\n[[vhost.route]]\npath = \"/\"\npool = \"up\"\n\
              [pool.up]\nbackends = [\"{}\"]\n",
-            free_port(),
             free_port(),
             up.addr,
             d = dir.path().display(),
@@ -405,7 +410,14 @@ async fn an_unreachable_ca_is_logged_and_retried_with_backoff() {
         || async { tg.log_text().contains("ACME account unavailable") },
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // two more looks of the issuer (4 s): within the minute's backoff, no new try
+    let looked = acme_checks(admin).await;
+    wait_for(
+        "the issuer to look twice more",
+        Duration::from_secs(10),
+        || async { acme_checks(admin).await >= looked + 2.0 },
+    )
+    .await;
     let log = tg.log_text();
     assert_eq!(
         log.matches("ACME account unavailable").count(),
@@ -771,7 +783,9 @@ async fn cert_entry(admin: u16, name: &str) -> serde_json::Value {
 /// handshake fails.
 async fn served_cn(ca: &TestCa, addr: SocketAddr, sni: &str) -> Option<String> {
     let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let tls = common::tls_over_pem(&ca.pem, tcp, sni, &[]).await.ok()?;
+    let tls = crate::common::tls_over_pem(&ca.pem, tcp, sni, &[])
+        .await
+        .ok()?;
     let der = tls.get_ref().1.peer_certificates()?.first()?.clone();
     let (_, x) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
     let cn = x.subject().iter_common_name().next()?.as_str().ok()?;
@@ -1234,4 +1248,17 @@ async fn a_fleet_keeps_one_renewed_issuer_lock_and_one_backoff_across_a_token_ro
     ] {
         assert!(!log.contains(refused), "{refused}: {log}");
     }
+}
+
+/// How many times the ACME issuer has looked at what to order (`tollgate_acme_checks_total`).
+async fn acme_checks(admin: u16) -> f64 {
+    let m = admin_text(&reqwest::Client::new(), admin, "/metrics").await;
+    m.lines()
+        .find_map(|l| {
+            l.strip_prefix("tollgate_acme_checks_total ")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
 }

@@ -2,8 +2,7 @@
 //! (edge cases and deliberate misbehaviour), and the SDK-built ratelimit and auth plugins
 //! from plugins/ (built to plugins/dist by plugins/build, which scripts/test runs first).
 
-mod common;
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::Path;

@@ -2,9 +2,7 @@
 //! the per-IP connection rate, slowloris, size and smuggling refusals, HTTP/2 rapid reset and
 //! the PROXY protocol. Every attack loop is bounded in count and time and targets loopback.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
