@@ -2,7 +2,7 @@
 //! (the global and per-IP caps, the per-IP new-connection rate, the PROXY protocol), the
 //! request checks (sizes, framing, Host) and the body limits. Admission (`proxy::admission`)
 //! runs on every new connection before its TLS handshake (a pre-handshake callback pingora
-//! calls on both listener kinds, see vendor/pingora-core/TOLLGATE-PATCH.md) and takes a slot
+//! calls on both listener kinds, see vendor/patches/0001-*) and takes a slot
 //! in the `ConnTable`; the slot is given back when pingora drops the socket. The table (one,
 //! made by `server` and handed to admission and the admin API) outlives Snapshots, so its
 //! counters survive reloads; the limits themselves are handed in from the Snapshot on each

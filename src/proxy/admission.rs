@@ -1,5 +1,5 @@
 //! Connection admission: the pre-handshake callback pingora runs on every new connection
-//! (both listener kinds, see vendor/pingora-core/TOLLGATE-PATCH.md). It reads a PROXY header
+//! (both listener kinds, see vendor/patches/0001-*). It reads a PROXY header
 //! where the listener expects one and takes a slot in the connection table under the live
 //! Snapshot's limits.
 

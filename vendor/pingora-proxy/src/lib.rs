@@ -1632,12 +1632,10 @@ where
 
 /// tollgate patch: a future moved into a new box without a copy through the stack: the box is
 /// allocated first and `make` (kept out of line by its callers) writes the future into it.
+/// No `unsafe`: `Box::write` initialises the allocation and hands back the `Box<F>`.
 #[inline(always)]
 fn box_in_place<F: Future, M: FnOnce() -> F>(make: M) -> std::pin::Pin<Box<F>> {
-    let mut b = Box::<F>::new_uninit();
-    b.write(make());
-    // SAFETY: written just above
-    Box::into_pin(unsafe { b.assume_init() })
+    Box::into_pin(Box::write(Box::<F>::new_uninit(), make()))
 }
 
 #[async_trait]
