@@ -14,6 +14,9 @@ mod response;
 pub mod sni;
 mod upstream;
 
+#[cfg(test)]
+mod tests;
+
 use crate::state::Snapshot;
 use crate::upstream::{InflightGuard, Pool};
 use arc_swap::ArcSwap;
@@ -330,15 +333,7 @@ impl ProxyHttp for Tollgate {
         }
         // a pool with no live backend, or a failing one, fails every request sent to it:
         // one line per pool every 10 s (each request still has its access-log line)
-        let pool = ctx.pool.as_ref().map_or("-", |p| p.name.as_str());
-        if let Some(held) = self.errors.admit(pool, Instant::now()) {
-            tracing::error!(
-                pool,
-                similar_lines_held_back = held,
-                "Fail to proxy: {e}, {}",
-                session.as_ref().request_summary()
-            );
-        }
+        self.errors.log(ctx, e, session, false);
         true
     }
 
@@ -350,18 +345,7 @@ impl ProxyHttp for Tollgate {
         _context: pingora::proxy::ProxyWarnLogContext,
     ) -> bool {
         // retried failures: as above, one line per pool every 10 s
-        let pool = ctx.pool.as_ref().map_or("-", |p| p.name.as_str());
-        if let Some(held) = self
-            .errors
-            .admit(&format!("{pool} (retried)"), Instant::now())
-        {
-            tracing::warn!(
-                pool,
-                similar_lines_held_back = held,
-                "Fail to proxy (retrying): {e}, {}",
-                session.as_ref().request_summary()
-            );
-        }
+        self.errors.log(ctx, e, session, true);
         true
     }
 

@@ -302,15 +302,40 @@ fn client(session: &Session, ctx: &RequestCtx) -> String {
 /// saying how many like it were held back. Keys are pool names, so the map stays small; it
 /// is emptied should it ever pass 1024 keys.
 #[derive(Debug, Default)]
-pub struct ErrorLines(std::sync::Mutex<std::collections::HashMap<String, (Instant, u64)>>);
+pub struct ErrorLines(std::sync::Mutex<std::collections::HashMap<(String, bool), (Instant, u64)>>);
 
 impl ErrorLines {
     pub const EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
-    /// `Some(held back since the last line)` when a line for `key` may be written now.
-    pub fn admit(&self, key: &str, now: Instant) -> Option<u64> {
+    /// Log the failure `e` of a request to its pool (`retried`: one pingora will try again,
+    /// at warn; else the final one, at error) if that pool's line of this kind is due.
+    pub fn log(&self, ctx: &RequestCtx, e: &Error, session: &Session, retried: bool) {
+        let pool = ctx.pool.as_ref().map_or("-", |p| p.name.as_str());
+        let Some(held) = self.admit(pool, retried, Instant::now()) else {
+            return;
+        };
+        let summary = session.as_ref().request_summary();
+        if retried {
+            tracing::warn!(
+                pool,
+                similar_lines_held_back = held,
+                "Fail to proxy (retrying): {e}, {summary}"
+            );
+        } else {
+            tracing::error!(
+                pool,
+                similar_lines_held_back = held,
+                "Fail to proxy: {e}, {summary}"
+            );
+        }
+    }
+
+    /// `Some(held back since the last line)` when a line for `pool` (of this kind) may be
+    /// written now.
+    pub fn admit(&self, pool: &str, retried: bool, now: Instant) -> Option<u64> {
         let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        match m.get_mut(key) {
+        let key = (pool.to_string(), retried);
+        match m.get_mut(&key) {
             Some((at, held)) if now.saturating_duration_since(*at) < Self::EVERY => {
                 *held += 1;
                 None
@@ -324,7 +349,7 @@ impl ErrorLines {
                 if m.len() >= 1024 {
                     m.clear();
                 }
-                m.insert(key.to_string(), (now, 0));
+                m.insert(key, (now, 0));
                 Some(0)
             }
         }
@@ -339,12 +364,24 @@ mod error_lines_tests {
     fn one_line_per_key_every_ten_seconds_saying_how_many_were_held_back() {
         let l = ErrorLines::default();
         let t0 = Instant::now();
-        assert_eq!(l.admit("a", t0), Some(0));
+        assert_eq!(l.admit("a", false, t0), Some(0));
         for _ in 0..5 {
-            assert_eq!(l.admit("a", t0 + std::time::Duration::from_secs(1)), None);
+            assert_eq!(
+                l.admit("a", false, t0 + std::time::Duration::from_secs(1)),
+                None
+            );
         }
-        assert_eq!(l.admit("b", t0), Some(0), "another pool has its own line");
-        assert_eq!(l.admit("a", t0 + ErrorLines::EVERY), Some(5));
-        assert_eq!(l.admit("a", t0 + ErrorLines::EVERY), None);
+        assert_eq!(
+            l.admit("b", false, t0),
+            Some(0),
+            "another pool has its own line"
+        );
+        assert_eq!(
+            l.admit("a", true, t0),
+            Some(0),
+            "retries have their own line"
+        );
+        assert_eq!(l.admit("a", false, t0 + ErrorLines::EVERY), Some(5));
+        assert_eq!(l.admit("a", false, t0 + ErrorLines::EVERY), None);
     }
 }
