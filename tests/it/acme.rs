@@ -994,6 +994,13 @@ async fn challenges_a_kv_writer_plants_are_not_answered() {
     let cfg = unreachable_ca_member(dir.path(), "a", &consul, None, http, https, up.addr);
     let mut tg = Tollgate::start(&cfg);
     tg.ready(http).await;
+    // planted once the instance issues: taking the lock, an issuer deletes what it cannot
+    // open, and here the follower is to be seen refusing them
+    wait_for("the instance to issue", Duration::from_secs(15), || async {
+        tg.log_text()
+            .contains("this instance issues ACME certificates for the fleet")
+    })
+    .await;
     let digest = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
     for (key, value) in [
         ("challenges/forgedtoken", "forgedtoken.attackers-thumbprint"),
