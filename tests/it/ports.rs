@@ -433,8 +433,12 @@ async fn a_udp_port_carries_dns_and_keeps_flows() {
         "{m}"
     );
     assert_eq!(metric(&m, "tollgate_port_open{port=\"echo\"}"), 2.0);
-    // flows idle out after 1 s; then the third client gets one
-    tokio::time::sleep(Duration::from_millis(1800)).await;
+    // flows idle out after 1 s (swept every 0.5 s); then the third client gets one
+    wait_for("the flows to idle out", Duration::from_secs(5), || async {
+        let m = admin_text(&plain(), s.admin, "/metrics").await;
+        metric(&m, "tollgate_port_open{port=\"echo\"}") == 0.0
+    })
+    .await;
     assert!(ask(c3.clone()).await.is_some());
     // a reply over 16 KiB is dropped (and counted), never cut short
     let before = metric(
