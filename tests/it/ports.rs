@@ -980,24 +980,23 @@ async fn a_udp_flood_stops_at_the_ports_share_of_descriptors_and_http_serves_on(
         tg.log_text()
     );
     // 500 clients, one datagram each (the test's own sockets, closed as it goes), paced so
-    // the port's receive buffer does not overflow
+    // the port's receive buffer rarely overflows (a lost datagram is no flow, and 500 are
+    // well over the 300 flows the share allows)
     for i in 0..500 {
         let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         c.send_to(b"x", port).await.unwrap();
         if i % 20 == 19 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(40)).await;
         }
     }
     let m = || async { admin_text(&plain(), admin, "/metrics").await };
     wait_for(
-        "the flood to be refused at the share",
+        "flows at the share and new ones refused",
         Duration::from_secs(20),
         || async {
             let m = m().await;
-            metric(&m, "tollgate_port_connections_total{port=\"u\"}")
-                + metric(&m, "tollgate_port_refused_total{port=\"u\"}")
-                + metric(&m, "tollgate_port_connect_failures_total{port=\"u\"}")
-                >= 480.0 // datagrams: a few may be lost on the way
+            metric(&m, "tollgate_port_open{port=\"u\"}") >= 250.0
+                && metric(&m, "tollgate_port_refused_total{port=\"u\"}") >= 1.0
         },
     )
     .await;
