@@ -236,6 +236,9 @@ impl BackgroundService for Issuer {
                 match s.lock.acquire().await {
                     Ok(true) if !issuing => {
                         issuing = true;
+                        // the fleet's backoff is read afresh: another issuer may have
+                        // failed (or succeeded) since this one last held the lock
+                        backoff.clear();
                         tracing::info!("this instance issues ACME certificates for the fleet");
                         // what an earlier issuer left pending is deleted only once its
                         // order's deadline has passed (or if it is not this fleet's)
@@ -261,18 +264,18 @@ impl BackgroundService for Issuer {
                     backoff.remove(&names);
                     continue;
                 }
-                // the fleet's backoff, when shared: whoever failed last, every issuer waits
-                if let Some(kv) = &kv {
+                // the fleet's backoff, when shared: whoever failed last, every issuer waits.
+                // Read once per name set after taking the lock: while this instance holds
+                // it, nobody else writes it, so its own copy stays true.
+                if let (Some(kv), false) = (&kv, backoff.contains_key(&names)) {
                     match kv.backoff(&stem(&names)).await {
                         Ok(Some(b)) => {
-                            if backoff.get(&names) != Some(&b) && now < b.retry_at {
+                            if now < b.retry_at {
                                 tracing::info!(names = ?names, failures = b.failures, retry_in_secs = b.retry_at - now, "ACME orders for these names wait for the fleet's backoff");
                             }
                             backoff.insert(names.clone(), b);
                         }
-                        Ok(None) => {
-                            backoff.remove(&names);
-                        }
+                        Ok(None) => {}
                         Err(e) => {
                             tracing::warn!(names = ?names, error = %e, "the fleet's ACME backoff cannot be read; not ordering");
                             continue;
