@@ -899,6 +899,18 @@ async fn udp_ports_bound_replies_flows_per_address_and_eject_dead_backends() {
     )
     .await;
     let client = || async { UdpSocket::bind("127.0.0.1:0").await.unwrap() };
+    // the port is open (ports open on the service's next tick; a datagram sent before is
+    // lost): asked from an address of its own, so 127.0.0.1's flows stay uncounted
+    let probe = UdpSocket::bind("127.0.0.3:0").await.unwrap();
+    wait_for(
+        "the UDP port to answer",
+        Duration::from_secs(10),
+        || async {
+            probe.send_to(b"x", port).await.unwrap();
+            replies_within(&probe, Duration::from_millis(200)).await > 0
+        },
+    )
+    .await;
     // one datagram: 4 of the backend's 50 replies come back
     let c = client().await;
     c.send_to(b"x", port).await.unwrap();
