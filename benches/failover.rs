@@ -9,12 +9,8 @@
 //! `cargo bench --bench failover` (root: it creates network namespaces). Under
 //! `cargo test --benches` it runs one round as a smoke test.
 
-#[path = "../tests/it/common/mod.rs"]
-#[allow(unused_imports)]
-mod common;
-
-use common::takeover::Pair;
 use std::time::{Duration, Instant};
+use tollgate_testkit::takeover::Pair;
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;

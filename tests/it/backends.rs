@@ -28,15 +28,13 @@ async fn get(c: &reqwest::Client, s: &Site, path: &str) -> (u16, String) {
     (r.status().as_u16(), r.text().await.unwrap())
 }
 
-/// `ONE_VHOST` (plain HTTP allowed) with one route per (path, pool).
-fn routes(to: &[(&str, &str)]) -> String {
-    let mut out = format!("{ONE_VHOST}redirect_https = false\n");
+/// The site with `a.test` (plain HTTP allowed) and one route per (path, pool).
+fn routes(to: &[(&str, &str)]) -> Config {
+    let mut vhost = one_vhost().set("redirect_https", "false");
     for (path, pool) in to {
-        out.push_str(&format!(
-            "[[vhost.route]]\npath = \"{path}\"\npool = \"{pool}\"\n"
-        ));
+        vhost = vhost.route(path, pool);
     }
-    out
+    site_config().vhost(vhost)
 }
 
 fn mode(h2: bool, tls: Option<(PathBuf, PathBuf)>) -> UpstreamMode {
@@ -61,38 +59,34 @@ async fn tls_backends_are_verified_against_the_pool_ca_and_name() {
     std::fs::write(bdir.path().join("other-ca.pem"), &other.pem).unwrap();
     let up = Upstream::start_with("tls", mode(false, Some((cert, key)))).await;
     let b = bdir.path().display();
+    let https = |ca: &str, name: &str| {
+        let tls = match name {
+            "" => format!("{{ ca = \"{b}/{ca}\" }}"),
+            _ => format!("{{ ca = \"{b}/{ca}\", server_name = \"{name}\" }}"),
+        };
+        Pool::backends(&[up.addr])
+            .set("protocol", "\"https\"")
+            .set("tls", &tls)
+    };
     let body = routes(&[
         ("/good", "good"),
         ("/ip", "ip"),
         ("/wrong-ca", "wrong_ca"),
         ("/wrong-name", "wrong_name"),
         ("/plain", "plain"),
-    ]) + &format!(
-        "[pool.good]
-backends = [\"{a}\"]
-protocol = \"https\"
-tls = {{ ca = \"{b}/backend-ca.pem\", server_name = \"backend.test\" }}
-[pool.ip]
-backends = [\"{a}\"]
-protocol = \"https\"
-tls = {{ ca = \"{b}/backend-ca.pem\" }}
-[pool.wrong_ca]
-backends = [\"{a}\"]
-protocol = \"https\"
-retries = 0
-tls = {{ ca = \"{b}/other-ca.pem\", server_name = \"backend.test\" }}
-[pool.wrong_name]
-backends = [\"{a}\"]
-protocol = \"https\"
-retries = 0
-tls = {{ ca = \"{b}/backend-ca.pem\", server_name = \"elsewhere.test\" }}
-[pool.plain]
-backends = [\"{a}\"]
-retries = 0
-",
-        a = up.addr
-    );
-    let s = site(&body, issue_a).await;
+    ])
+    .pool("good", https("backend-ca.pem", "backend.test"))
+    .pool("ip", https("backend-ca.pem", ""))
+    .pool(
+        "wrong_ca",
+        https("other-ca.pem", "backend.test").set("retries", "0"),
+    )
+    .pool(
+        "wrong_name",
+        https("backend-ca.pem", "elsewhere.test").set("retries", "0"),
+    )
+    .pool("plain", Pool::backends(&[up.addr]).set("retries", "0"));
+    let s = site(body, issue_a).await;
     let c = plain();
     for _ in 0..10 {
         let (st, text) = get(&c, &s, "/good/x").await;
@@ -144,22 +138,25 @@ async fn mtls_backends_get_the_pool_client_certificate_and_it_hot_reloads() {
     let stranger = TestCa::new();
     stranger.issue(bdir.path(), "client", &["edge.test"], "edge");
     let b = bdir.path().display();
-    let body = routes(&[("/anon", "anon"), ("/", "mtls")]) + &format!(
-        "[pool.anon]
-backends = [\"{a}\"]
-protocol = \"https\"
-retries = 0
-tls = {{ ca = \"{b}/backend-ca.pem\", server_name = \"backend.test\" }}
-[pool.mtls]
-backends = [\"{a}\"]
-protocol = \"https\"
-retries = 0
-max_fails = 1000
-tls = {{ ca = \"{b}/backend-ca.pem\", server_name = \"backend.test\", client_cert = \"{b}/client.crt\", client_key = \"{b}/client.key\" }}
-",
-        a = up.addr
-    );
-    let s = site(&body, issue_a).await;
+    let https = Pool::backends(&[up.addr]).with("protocol = \"https\"\nretries = 0");
+    let body = routes(&[("/anon", "anon"), ("/", "mtls")])
+        .pool(
+            "anon",
+            https.clone().set(
+                "tls",
+                &format!("{{ ca = \"{b}/backend-ca.pem\", server_name = \"backend.test\" }}"),
+            ),
+        )
+        .pool(
+            "mtls",
+            https.set("max_fails", "1000").set(
+                "tls",
+                &format!(
+                    "{{ ca = \"{b}/backend-ca.pem\", server_name = \"backend.test\", client_cert = \"{b}/client.crt\", client_key = \"{b}/client.key\" }}"
+                ),
+            ),
+        );
+    let s = site(body, issue_a).await;
     let c = plain();
     assert_eq!(get(&c, &s, "/anon").await.0, 502, "no client certificate");
     assert_eq!(
@@ -191,25 +188,19 @@ async fn h2_and_h2c_backends_carry_many_requests_on_one_connection() {
     let capped = Upstream::start_with("capped", mode(true, None)).await;
     let b = bdir.path().display();
     let body = routes(&[("/c", "c"), ("/t", "t"), ("/capped", "capped")])
-        + &format!(
-            "[pool.c]
-backends = [\"{c}\"]
-protocol = \"h2c\"
-[pool.t]
-backends = [\"{t}\"]
-protocol = \"h2\"
-tls = {{ ca = \"{b}/backend-ca.pem\", server_name = \"backend.test\" }}
-[pool.capped]
-backends = [\"{k}\"]
-protocol = \"h2c\"
-max_streams = 2
-max_connections = 1
-",
-            c = h2c.addr,
-            t = h2.addr,
-            k = capped.addr
+        .pool("c", Pool::backends(&[h2c.addr]).set("protocol", "\"h2c\""))
+        .pool(
+            "t",
+            Pool::backends(&[h2.addr]).with(&format!(
+                "protocol = \"h2\"\ntls = {{ ca = \"{b}/backend-ca.pem\", server_name = \"backend.test\" }}"
+            )),
+        )
+        .pool(
+            "capped",
+            Pool::backends(&[capped.addr])
+                .with("protocol = \"h2c\"\nmax_streams = 2\nmax_connections = 1"),
         );
-    let s = site(&body, issue_a).await;
+    let s = site(body, issue_a).await;
     let c = plain();
     for (path, up) in [("/c", &h2c), ("/t", &h2)] {
         // 30 requests at once from HTTP/1.1 clients
@@ -324,54 +315,34 @@ async fn grpc_calls_pass_through_with_trailers_and_streams() {
     let cleartext = GrpcServer::start(None, &serving);
     let secure = GrpcServer::start(Some((&cert, &key)), &serving);
     let b = bdir.path().display();
-    let body = format!(
-        "[[vhost]]
-names = [\"a.test\"]
-cert = \"{{dir}}/a.crt\"
-key = \"{{dir}}/a.key\"
-[[vhost.route]]
-path = \"/\"
-pool = \"h2c\"
-[[vhost]]
-names = [\"b.test\"]
-cert = \"{{dir}}/b.crt\"
-key = \"{{dir}}/b.key\"
-[[vhost.route]]
-path = \"/test.Echo/Slow\"
-pool = \"slow\"
-[[vhost.route]]
-path = \"/test.Echo\"
-pool = \"h2\"
-[[vhost]]
-names = [\"c.test\"]
-cert = \"{{dir}}/c.crt\"
-key = \"{{dir}}/c.key\"
-redirect_https = false
-[[vhost.route]]
-path = \"/test.Echo/Unary\"
-pool = \"dead\"
-[pool.h2c]
-backends = [\"{c}\"]
-protocol = \"h2c\"
-[pool.h2]
-backends = [\"{t}\"]
-protocol = \"h2\"
-tls = {{ ca = \"{b}/backend-ca.pem\", server_name = \"backend.test\" }}
-[pool.slow]
-backends = [\"{t}\"]
-protocol = \"h2\"
-read_timeout = \"300ms\"
-retries = 0
-tls = {{ ca = \"{b}/backend-ca.pem\", server_name = \"backend.test\" }}
-[pool.dead]
-backends = [\"{d}\"]
-protocol = \"h2c\"
-",
-        c = cleartext.addr,
-        t = secure.addr,
-        d = dead_addr(),
-    );
-    let s = site(&body, |ca, dir| {
+    let h2 = Pool::backends(&[secure.addr]).with(&format!(
+        "protocol = \"h2\"\ntls = {{ ca = \"{b}/backend-ca.pem\", server_name = \"backend.test\" }}"
+    ));
+    let body = site_config()
+        .vhost(Vhost::new(&["a.test"]).cert("a").route("/", "h2c"))
+        .vhost(
+            Vhost::new(&["b.test"])
+                .cert("b")
+                .route("/test.Echo/Slow", "slow")
+                .route("/test.Echo", "h2"),
+        )
+        .vhost(
+            Vhost::new(&["c.test"])
+                .cert("c")
+                .set("redirect_https", "false")
+                .route("/test.Echo/Unary", "dead"),
+        )
+        .pool(
+            "h2c",
+            Pool::backends(&[cleartext.addr]).set("protocol", "\"h2c\""),
+        )
+        .pool("h2", h2.clone())
+        .pool("slow", h2.with("read_timeout = \"300ms\"\nretries = 0"))
+        .pool(
+            "dead",
+            Pool::backends(&[dead_addr()]).set("protocol", "\"h2c\""),
+        );
+    let s = site(body, |ca, dir| {
         ca.issue(dir, "a", &["a.test"], "a");
         ca.issue(dir, "b", &["b.test"], "b");
         ca.issue(dir, "c", &["c.test"], "c");
@@ -471,7 +442,7 @@ async fn grpc_health_checks_follow_the_serving_status() {
             server.addr
         ),
     );
-    let s = site(&body, issue_a).await;
+    let s = site(body, issue_a).await;
     let c = plain();
     wait_for("a SERVING probe", Duration::from_secs(10), || async {
         backend_check(&c, s.admin, server.addr).await["last"] == "SERVING"
@@ -511,12 +482,12 @@ async fn h2_backends_are_held_to_the_http1_header_limits() {
     let h1 = Upstream::start("h1").await;
     let h2c = Upstream::start_with("h2c", mode(true, None)).await;
     let body = routes(&[("/1", "one"), ("/2", "two")])
-        + &format!(
-            "[pool.one]\nbackends = [\"{}\"]\nretries = 0\n\
-             [pool.two]\nbackends = [\"{}\"]\nprotocol = \"h2c\"\nretries = 0\n",
-            h1.addr, h2c.addr
+        .pool("one", Pool::backends(&[h1.addr]).set("retries", "0"))
+        .pool(
+            "two",
+            Pool::backends(&[h2c.addr]).with("protocol = \"h2c\"\nretries = 0"),
         );
-    let s = site(&body, issue_a).await;
+    let s = site(body, issue_a).await;
     let c = plain();
     for pool in ["1", "2"] {
         // (reqwest itself takes at most 100 fields)
@@ -540,8 +511,8 @@ async fn h2_backends_are_held_to_the_http1_header_limits() {
 #[tokio::test]
 async fn early_grpc_answers_read_a_small_body_first_so_curl_gets_them() {
     let up = Upstream::start("up").await;
-    let body = routes(&[("/api", "up")]) + &format!("[pool.up]\nbackends = [\"{}\"]\n", up.addr);
-    let s = site(&body, issue_a).await;
+    let body = routes(&[("/api", "up")]).pool("up", Pool::backends(&[up.addr]));
+    let s = site(body, issue_a).await;
     let ca = s._dir.path().join("client-ca.pem");
     std::fs::write(&ca, &s.ca.pem).unwrap();
     let payload = s._dir.path().join("call.bin");

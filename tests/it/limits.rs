@@ -61,27 +61,24 @@ async fn start_site(
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new();
     ca.issue(dir.path(), "a", &["a.test"], "a");
-    let https = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let d = dir.path().display();
-    let cfg = format!(
-        "[server]\nthreads = 2\nshutdown_timeout = \"5s\"\n\n\
-         [admin]\naddress = \"{admin}\"\n\n\
-         [limits]\n{limits}\n\n\
-         [[listener]]\naddress = \"{https}\"\ntls = true\n\n\
-         [[listener]]\naddress = \"{http}\"\n{listener_extra}\n\n\
-         [[vhost]]\nnames = [\"a.test\"]\ncert = \"{d}/a.crt\"\nkey = \"{d}/a.key\"\nredirect_https = false\n\
-         [[vhost.route]]\npath = \"/\"\npool = \"p\"\n\
-         [[vhost.route]]\npath = \"/small\"\npool = \"p\"\nmax_body_size = 16\n\
-         [pool.p]\nbackends = [\"{up}\"]\n{pool_extra}\n"
-    );
-    let path = dir.path().join("tollgate.toml");
-    write(&path, &cfg);
-    let mut tg = Tollgate::start(&path);
-    tg.ready(https).await;
-    tg.ready(http).await;
-    tg.ready(admin).await;
+    let cfg = Config::new()
+        .table("limits", limits)
+        .https()
+        .listener(
+            SocketAddr::from(([127, 0, 0, 1], free_port())),
+            false,
+            listener_extra,
+        )
+        .vhost(
+            one_vhost()
+                .set("redirect_https", "false")
+                .route("/", "p")
+                .route_with("/small", "p", "max_body_size = 16"),
+        )
+        .pool("p", Pool::backends(&[up]).with(pool_extra));
+    let tg = cfg.start(dir.path()).await;
+    let (https, http) = (cfg.https_addr(), cfg.http_addr());
+    let admin = SocketAddr::from(([127, 0, 0, 1], cfg.admin_port()));
     Site {
         _turn: turn,
         tg,
@@ -1235,14 +1232,14 @@ fn open_file_limits(pid: u32) -> (u64, u64) {
 async fn the_open_file_limit_is_raised_to_the_hard_limit_or_the_shortfall_said() {
     // started as a service manager would (systemd's default soft limit is 1024; 256 here)
     let dir = tempfile::tempdir().unwrap();
-    let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let cfg = format!(
-        "[admin]\nenabled = false\n[[listener]]\naddress = \"{http}\"\n\
-         [[vhost]]\ndefault = true\n[[vhost.route]]\npath = \"/\"\npool = \"p\"\n\
-         [pool.p]\nbackends = [\"127.0.0.1:9\"]\n"
-    );
+    let cfg = Config::new()
+        .no_admin()
+        .http()
+        .vhost(Vhost::default_vhost().route("/", "p"))
+        .pool("p", Pool::backends(&[dead_addr()]));
+    let http = cfg.http_addr();
     let path = dir.path().join("tollgate.toml");
-    write(&path, &cfg);
+    cfg.write(&path);
     let (_, hard) = open_file_limits(std::process::id());
     let wrapped = |limit: &str| {
         let mut c = std::process::Command::new("sh");
@@ -1271,7 +1268,7 @@ async fn the_open_file_limit_is_raised_to_the_hard_limit_or_the_shortfall_said()
 
     // a hard limit below what the configuration can hold open: said at start
     let path2 = dir.path().join("low.toml");
-    write(&path2, &cfg);
+    cfg.write(&path2);
     let mut tg = Tollgate::start_cmd(wrapped("-n 256"), &path2);
     tg.ready(http).await;
     assert_eq!(open_file_limits(tg.child.id()), (256, 256));

@@ -1,9 +1,10 @@
 //! The integration tests, one binary: real tollgate processes on loopback (and in network
 //! namespaces for failover) against real upstreams, a real Consul agent, Pebble, Redis,
-//! gRPC, dnsmasq. One binary so the crate and the harness (`common`) are compiled and
-//! linked once; a module per area. Run one area with `cargo test --test it acme::`.
+//! gRPC, dnsmasq. One binary so the crate is linked once and the harness (`common`, the
+//! testkit crate) compiled once; a module per area. Run one area with `cargo test --test it acme::`.
 
-mod common;
+// the harness is the `tollgate-testkit` crate (testkit/), shared with benches/failover.rs
+use tollgate_testkit as common;
 
 mod acme;
 mod admin;

@@ -8,43 +8,19 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-struct Site {
-    tg: Tollgate,
-    _dir: tempfile::TempDir,
-    https: SocketAddr,
-    http: SocketAddr,
-    ca: TestCa,
-}
-
+/// `a.test` with route `/` to `open` and `/admin` to `admin`, `limits` under `[limits]`.
 async fn site(open: SocketAddr, admin: SocketAddr, limits: &str) -> Site {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = TestCa::new();
-    ca.issue(dir.path(), "a", &["a.test"], "a");
-    let https = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let d = dir.path().display();
-    let cfg = format!(
-        "[server]\nthreads = 2\n\n[admin]\nenabled = false\n\n[limits]\n{limits}\n\n\
-         [[listener]]\naddress = \"{https}\"\ntls = true\n\n\
-         [[listener]]\naddress = \"{http}\"\n\n\
-         [[vhost]]\nnames = [\"a.test\"]\ncert = \"{d}/a.crt\"\nkey = \"{d}/a.key\"\nredirect_https = false\n\
-         [[vhost.route]]\npath = \"/\"\npool = \"open\"\n\
-         [[vhost.route]]\npath = \"/admin\"\npool = \"admin\"\n\
-         [pool.open]\nbackends = [\"{open}\"]\n\
-         [pool.admin]\nbackends = [\"{admin}\"]\n"
-    );
-    let path = dir.path().join("tollgate.toml");
-    write(&path, &cfg);
-    let mut tg = Tollgate::start(&path);
-    tg.ready(https).await;
-    tg.ready(http).await;
-    Site {
-        tg,
-        _dir: dir,
-        https,
-        http,
-        ca,
-    }
+    let cfg = site_config()
+        .table("limits", limits)
+        .vhost(
+            one_vhost()
+                .set("redirect_https", "false")
+                .route("/", "open")
+                .route("/admin", "admin"),
+        )
+        .pool("open", Pool::backends(&[open]))
+        .pool("admin", Pool::backends(&[admin]));
+    crate::common::site(cfg, issue_a).await
 }
 
 /// One HTTP/1.1 request written as raw bytes (so nothing client-side rewrites the target);

@@ -9,24 +9,18 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
-/// tollgate with `body` (ports and pools) and an admin port; `{dir}` is the temp dir.
+/// tollgate with `cfg` (ports and pools, from [`Config::new`]) and an admin port.
 struct Site {
     tg: Tollgate,
     _dir: tempfile::TempDir,
     admin: u16,
 }
 
-async fn site(body: &str, ready: &[SocketAddr]) -> Site {
+/// Start tollgate on `cfg`; returns once the admin port and the TCP ports in `ready` accept.
+async fn site(cfg: Config, ready: &[SocketAddr]) -> Site {
     let dir = tempfile::tempdir().unwrap();
-    let admin = free_port();
-    let cfg = format!(
-        "[server]\nthreads = 2\nshutdown_timeout = \"5s\"\n[admin]\naddress = \"127.0.0.1:{admin}\"\n{}",
-        body.replace("{dir}", &dir.path().display().to_string())
-    );
-    let path = dir.path().join("tollgate.toml");
-    write(&path, &cfg);
-    let mut tg = Tollgate::start(&path);
-    tg.ready(SocketAddr::from(([127, 0, 0, 1], admin))).await;
+    let admin = cfg.admin_port();
+    let mut tg = cfg.start(dir.path()).await;
     for a in ready {
         tg.ready(*a).await;
     }
@@ -117,11 +111,12 @@ async fn a_tcp_port_carries_redis_sessions_and_survives_a_killed_backend() {
     let r2 = Redis::start().await;
     let port = addr();
     let s = site(
-        &format!(
-            "[[port]]\nname = \"redis\"\naddress = \"{port}\"\npool = \"redis\"\n\
-             [pool.redis]\nbackends = [\"{}\", \"{}\"]\nretries = 1\nconnect_timeout = \"500ms\"\n",
-            r1.1, r2.1
-        ),
+        Config::new()
+            .port(Port::new("redis", port).pool("redis"))
+            .pool(
+                "redis",
+                Pool::backends(&[r1.1, r2.1]).with("retries = 1\nconnect_timeout = \"500ms\""),
+            ),
         &[port],
     )
     .await;
@@ -240,12 +235,11 @@ async fn backends_see_the_client_in_a_proxy_header_and_half_close_works() {
     let backend = proxy_aware_backend().await;
     let (v1, v2, none) = (addr(), addr(), addr());
     let _s = site(
-        &format!(
-            "[[port]]\naddress = \"{v1}\"\npool = \"b\"\nsend_proxy = \"v1\"\n\
-             [[port]]\naddress = \"{v2}\"\npool = \"b\"\nsend_proxy = \"v2\"\n\
-             [[port]]\naddress = \"{none}\"\npool = \"b\"\n\
-             [pool.b]\nbackends = [\"{backend}\"]\n"
-        ),
+        Config::new()
+            .port(Port::new("", v1).pool("b").set("send_proxy", "\"v1\""))
+            .port(Port::new("", v2).pool("b").set("send_proxy", "\"v2\""))
+            .port(Port::new("", none).pool("b"))
+            .pool("b", Pool::backends(&[backend])),
         &[v1, v2, none],
     )
     .await;
@@ -296,9 +290,9 @@ async fn a_slow_reader_holds_back_a_fast_backend() {
     });
     let port = addr();
     let s = site(
-        &format!(
-            "[[port]]\naddress = \"{port}\"\npool = \"b\"\n[pool.b]\nbackends = [\"{backend}\"]\n"
-        ),
+        Config::new()
+            .port(Port::new("", port).pool("b"))
+            .pool("b", Pool::backends(&[backend])),
         &[port],
     )
     .await;
@@ -371,12 +365,20 @@ async fn a_udp_port_carries_dns_and_keeps_flows() {
     }
     let (dns_port, echo_port) = (addr(), addr());
     let s = site(
-        &format!(
-            "[[port]]\nname = \"dns\"\naddress = \"{dns_port}\"\nprotocol = \"udp\"\npool = \"dns\"\n\
-             [[port]]\nname = \"echo\"\naddress = \"{echo_port}\"\nprotocol = \"udp\"\npool = \"echo\"\nmax_flows = 2\nidle_timeout = \"1s\"\n\
-             [pool.dns]\nbackends = [\"{dns}\"]\n[pool.echo]\nbackends = [\"{}\", \"{}\"]\n",
-            echoes[0], echoes[1]
-        ),
+        Config::new()
+            .port(
+                Port::new("dns", dns_port)
+                    .set("protocol", "\"udp\"")
+                    .pool("dns"),
+            )
+            .port(
+                Port::new("echo", echo_port)
+                    .set("protocol", "\"udp\"")
+                    .pool("echo")
+                    .with("max_flows = 2\nidle_timeout = \"1s\""),
+            )
+            .pool("dns", Pool::backends(&[dns]))
+            .pool("echo", Pool::backends(&[echoes[0], echoes[1]])),
         &[],
     )
     .await;
@@ -480,16 +482,23 @@ async fn tls_ports_terminate_or_pass_through_by_sni() {
     let dir_ca = tempfile::tempdir().unwrap();
     ca.issue(dir_ca.path(), "edge", &["edge.test"], "edge");
     let s = site(
-        &format!(
-            "[tls]\ncerts_dir = \"{}\"\n\
-             [[port]]\nname = \"term\"\naddress = \"{term}\"\nprotocol = \"tls\"\npool = \"web\"\n\
-             [[port]]\nname = \"pass\"\naddress = \"{pass}\"\nprotocol = \"sni\"\n\
-             [[port.sni]]\nnames = [\"db.test\", \"*.db.test\"]\npool = \"db\"\n\
-             [pool.web]\nbackends = [\"{}\"]\n[pool.db]\nbackends = [\"{}\"]\n",
-            dir_ca.path().display(),
-            web.addr,
-            db.addr
-        ),
+        Config::new()
+            .table(
+                "tls",
+                &format!("certs_dir = \"{}\"", dir_ca.path().display()),
+            )
+            .port(
+                Port::new("term", term)
+                    .set("protocol", "\"tls\"")
+                    .pool("web"),
+            )
+            .port(
+                Port::new("pass", pass)
+                    .set("protocol", "\"sni\"")
+                    .sni(&["db.test", "*.db.test"], "db"),
+            )
+            .pool("web", Pool::backends(&[web.addr]))
+            .pool("db", Pool::backends(&[db.addr])),
         &[term, pass],
     )
     .await;
@@ -568,10 +577,10 @@ async fn say(c: &mut TcpStream, what: &str) -> String {
 async fn established_connections_outlive_reloads_and_drain_on_sigterm() {
     let (a, b) = (named_echo("a").await, named_echo("b").await);
     let port = addr();
-    let body = |up: SocketAddr| {
-        format!("[[port]]\nname = \"echo\"\naddress = \"{port}\"\npool = \"e\"\n[pool.e]\nbackends = [\"{up}\"]\n")
-    };
-    let mut s = site(&body(a), &[port]).await;
+    let cfg = Config::new()
+        .port(Port::new("echo", port).pool("e"))
+        .pool("e", Pool::backends(&[a]));
+    let mut s = site(cfg, &[port]).await;
     let mut c1 = TcpStream::connect(port).await.unwrap();
     assert_eq!(say(&mut c1, "x").await, "a:x");
     let cfg = s.tg.config.clone();
@@ -639,12 +648,18 @@ async fn connection_limits_apply_to_service_ports() {
     let a = named_echo("a").await;
     let (port, behind_lb) = (addr(), addr());
     let s = site(
-        &format!(
-            "[limits]\nmax_connections_per_ip = 2\ntrusted_proxies = [\"127.0.0.2/32\"]\n\
-             [[port]]\nname = \"capped\"\naddress = \"{port}\"\npool = \"e\"\n\
-             [[port]]\nname = \"lb\"\naddress = \"{behind_lb}\"\npool = \"e\"\nproxy_protocol = true\n\
-             [pool.e]\nbackends = [\"{a}\"]\n"
-        ),
+        Config::new()
+            .table(
+                "limits",
+                "max_connections_per_ip = 2\ntrusted_proxies = [\"127.0.0.2/32\"]",
+            )
+            .port(Port::new("capped", port).pool("e"))
+            .port(
+                Port::new("lb", behind_lb)
+                    .pool("e")
+                    .set("proxy_protocol", "true"),
+            )
+            .pool("e", Pool::backends(&[a])),
         &[port, behind_lb],
     )
     .await;
@@ -741,18 +756,20 @@ async fn passthrough_and_terminated_vhosts_share_one_address() {
     ca.issue(cdir.path(), "a", &["a.test"], "a");
     let (public, inner) = (addr(), addr());
     let _s = site(
-        &format!(
-            "[limits]\ntrusted_proxies = [\"127.0.0.1/32\"]\n\
-             [tls]\ncerts_dir = \"{}\"\n\
-             [[listener]]\naddress = \"{inner}\"\ntls = true\nproxy_protocol = true\n\
-             [[vhost]]\nnames = [\"a.test\"]\n[[vhost.route]]\npath = \"/\"\npool = \"web\"\n\
-             [[port]]\nname = \"public\"\naddress = \"{public}\"\nprotocol = \"sni\"\npool = \"self\"\nsend_proxy = \"v2\"\n\
-             [[port.sni]]\nnames = [\"db.test\"]\npool = \"db\"\n\
-             [pool.self]\nbackends = [\"{inner}\"]\n[pool.web]\nbackends = [\"{}\"]\n[pool.db]\nbackends = [\"{}\"]\n",
-            cdir.path().display(),
-            web.addr,
-            db.addr
-        ),
+        Config::new()
+            .table("limits", "trusted_proxies = [\"127.0.0.1/32\"]")
+            .table("tls", &format!("certs_dir = \"{}\"", cdir.path().display()))
+            .listener(inner, true, "proxy_protocol = true")
+            .vhost(Vhost::new(&["a.test"]).route("/", "web"))
+            .port(
+                Port::new("public", public)
+                    .with("protocol = \"sni\"\nsend_proxy = \"v2\"")
+                    .pool("self")
+                    .sni(&["db.test"], "db"),
+            )
+            .pool("self", Pool::backends(&[inner]))
+            .pool("web", Pool::backends(&[web.addr]))
+            .pool("db", Pool::backends(&[db.addr])),
         // the inner TLS listener too: the port forwards to it from the first connection
         &[public, inner],
     )
@@ -786,12 +803,17 @@ async fn half_hellos_on_a_passthrough_port_cost_nothing_and_closed_ones_go_at_on
     let a = named_echo("a").await;
     let pass = addr();
     let s = site(
-        &format!(
-            "[limits]\nmax_connections_per_ip = 2000\nconnection_burst_per_ip = 2000\nhandshake_timeout = \"30s\"\n\
-             [[port]]\nname = \"pass\"\naddress = \"{pass}\"\nprotocol = \"sni\"\n\
-             [[port.sni]]\nnames = [\"db.test\"]\npool = \"e\"\n\
-             [pool.e]\nbackends = [\"{a}\"]\n"
-        ),
+        Config::new()
+            .table(
+                "limits",
+                "max_connections_per_ip = 2000\nconnection_burst_per_ip = 2000\nhandshake_timeout = \"30s\"",
+            )
+            .port(
+                Port::new("pass", pass)
+                    .set("protocol", "\"sni\"")
+                    .sni(&["db.test"], "e"),
+            )
+            .pool("e", Pool::backends(&[a])),
         &[pass],
     )
     .await;
@@ -888,13 +910,19 @@ async fn udp_ports_bound_replies_flows_per_address_and_eject_dead_backends() {
     };
     let (port, deadp) = (addr(), addr());
     let s = site(
-        &format!(
-            "[[port]]\nname = \"u\"\naddress = \"{port}\"\nprotocol = \"udp\"\npool = \"amp\"\n\
-             max_flows_per_ip = 3\nreplies_per_datagram = 4\nidle_timeout = \"2s\"\n\
-             [[port]]\nname = \"d\"\naddress = \"{deadp}\"\nprotocol = \"udp\"\npool = \"dead\"\n\
-             [pool.amp]\nbackends = [\"{amp}\"]\n\
-             [pool.dead]\nbackends = [\"{dead}\"]\nmax_fails = 3\n"
-        ),
+        Config::new()
+            .port(
+                Port::new("u", port).pool("amp").with(
+                    "protocol = \"udp\"\nmax_flows_per_ip = 3\nreplies_per_datagram = 4\nidle_timeout = \"2s\"",
+                ),
+            )
+            .port(
+                Port::new("d", deadp)
+                    .set("protocol", "\"udp\"")
+                    .pool("dead"),
+            )
+            .pool("amp", Pool::backends(&[amp]))
+            .pool("dead", Pool::backends(&[dead]).set("max_fails", "3")),
         &[],
     )
     .await;
@@ -967,21 +995,22 @@ async fn a_udp_flood_stops_at_the_ports_share_of_descriptors_and_http_serves_on(
     let up = Upstream::start("up").await;
     let echo = udp_amplifier(1).await;
     let dir = tempfile::tempdir().unwrap();
-    let (admin, http, port) = (free_port(), addr(), addr());
+    let port = addr();
+    let config = Config::new()
+        .http()
+        .vhost(
+            Vhost::new(&["a.test"])
+                .set("redirect_https", "false")
+                .route("/", "up"),
+        )
+        .pool("up", Pool::backends(&[up.addr]))
+        .port(Port::new("u", port).pool("echo").with(
+            "protocol = \"udp\"\nmax_flows = 2000\nmax_flows_per_ip = 2000\nidle_timeout = \"30s\"",
+        ))
+        .pool("echo", Pool::backends(&[echo]));
+    let (admin, http) = (config.admin_port(), config.http_addr());
     let cfg = dir.path().join("tollgate.toml");
-    write(
-        &cfg,
-        &format!(
-            "[server]\nthreads = 2\n[admin]\naddress = \"127.0.0.1:{admin}\"\n\
-             [[listener]]\naddress = \"{http}\"\n\
-             [[vhost]]\nnames = [\"a.test\"]\nredirect_https = false\n[[vhost.route]]\npath = \"/\"\npool = \"up\"\n\
-             [pool.up]\nbackends = [\"{}\"]\n\
-             [[port]]\nname = \"u\"\naddress = \"{port}\"\nprotocol = \"udp\"\npool = \"echo\"\n\
-             max_flows = 2000\nmax_flows_per_ip = 2000\nidle_timeout = \"30s\"\n\
-             [pool.echo]\nbackends = [\"{echo}\"]\n",
-            up.addr
-        ),
-    );
+    config.write(&cfg);
     let mut cmd = Command::new("prlimit");
     cmd.args(["--nofile=400:400", "--", Tollgate::bin()]);
     let mut tg = Tollgate::start_cmd(cmd, &cfg);

@@ -19,31 +19,11 @@ async fn sni_selects_each_vhost_certificate_and_host_selects_the_pool() {
     let a = Upstream::start("a").await;
     let b = Upstream::start("b").await;
     let s = site(
-        &format!(
-            r#"
-[[vhost]]
-names = ["a.test"]
-cert = "{{dir}}/a.crt"
-key = "{{dir}}/a.key"
-[[vhost.route]]
-path = "/"
-pool = "a"
-
-[[vhost]]
-names = ["b.test"]
-cert = "{{dir}}/b.crt"
-key = "{{dir}}/b.key"
-[[vhost.route]]
-path = "/"
-pool = "b"
-
-[pool.a]
-backends = ["{}"]
-[pool.b]
-backends = ["{}"]
-"#,
-            a.addr, b.addr
-        ),
+        site_config()
+            .vhost(Vhost::new(&["a.test"]).cert("a").route("/", "a"))
+            .vhost(Vhost::new(&["b.test"]).cert("b").route("/", "b"))
+            .pool("a", Pool::backends(&[a.addr]))
+            .pool("b", Pool::backends(&[b.addr])),
         |ca, dir| {
             ca.issue(dir, "a", &["a.test"], "cert-a");
             ca.issue(dir, "b", &["b.test"], "cert-b");
@@ -90,30 +70,12 @@ async fn wildcard_and_default_vhosts_from_the_certs_directory() {
     let w = Upstream::start("wild").await;
     let d = Upstream::start("default").await;
     let s = site(
-        &format!(
-            r#"
-[tls]
-certs_dir = "{{dir}}/certs"
-
-[[vhost]]
-names = ["*.w.test"]
-[[vhost.route]]
-path = "/"
-pool = "wild"
-
-[[vhost]]
-default = true
-[[vhost.route]]
-path = "/"
-pool = "default"
-
-[pool.wild]
-backends = ["{}"]
-[pool.default]
-backends = ["{}"]
-"#,
-            w.addr, d.addr
-        ),
+        site_config()
+            .table("tls", "certs_dir = \"{dir}/certs\"")
+            .vhost(Vhost::new(&["*.w.test"]).route("/", "wild"))
+            .vhost(Vhost::default_vhost().route("/", "default"))
+            .pool("wild", Pool::backends(&[w.addr]))
+            .pool("default", Pool::backends(&[d.addr])),
         |ca, dir| {
             let certs = dir.join("certs");
             std::fs::create_dir(&certs).unwrap();
@@ -157,28 +119,17 @@ async fn longest_prefix_routing() {
     let root = Upstream::start("root").await;
     let api = Upstream::start("api").await;
     let v2 = Upstream::start("v2").await;
-    let body = format!(
-        "{ONE_VHOST}
-[[vhost.route]]
-path = \"/\"
-pool = \"root\"
-[[vhost.route]]
-path = \"/api/v2\"
-pool = \"v2\"
-[[vhost.route]]
-path = \"/api\"
-pool = \"api\"
-
-[pool.root]
-backends = [\"{}\"]
-[pool.api]
-backends = [\"{}\"]
-[pool.v2]
-backends = [\"{}\"]
-",
-        root.addr, api.addr, v2.addr
-    );
-    let s = site(&body, issue_a).await;
+    let body = site_config()
+        .vhost(
+            one_vhost()
+                .route("/", "root")
+                .route("/api/v2", "v2")
+                .route("/api", "api"),
+        )
+        .pool("root", Pool::backends(&[root.addr]))
+        .pool("api", Pool::backends(&[api.addr]))
+        .pool("v2", Pool::backends(&[v2.addr]));
+    let s = site(body, issue_a).await;
     let c = client(&s.ca, s.https, &["a.test"]);
     let port = s.https.port();
     for (path, want) in [
@@ -212,7 +163,7 @@ async fn weights_are_honoured_over_many_requests() {
             heavy.addr, light.addr
         ),
     );
-    let s = site(&body, issue_a).await;
+    let s = site(body, issue_a).await;
     let c = client(&s.ca, s.https, &["a.test"]);
     let port = s.https.port();
     for _ in 0..400 {
@@ -249,7 +200,7 @@ async fn retries_are_bounded_and_only_for_idempotent_requests() {
             live.addr
         ),
     );
-    let s = site(&body, issue_a).await;
+    let s = site(body, issue_a).await;
     let c = client(&s.ca, s.https, &["a.test"]);
     let port = s.https.port();
     let (mut ok, mut bad) = (0, 0);
@@ -312,11 +263,9 @@ async fn retries_are_bounded_and_only_for_idempotent_requests() {
 #[tokio::test]
 async fn json_access_log_has_one_object_per_request() {
     let up = Upstream::start("up").await;
-    let body = single_pool(
-        "",
-        &format!("backends = [\"{}\"]\n[log]\nformat = \"json\"", up.addr),
-    );
-    let s = site(&body, issue_a).await;
+    let body =
+        single_pool("", &format!("backends = [\"{}\"]", up.addr)).table("log", "format = \"json\"");
+    let s = site(body, issue_a).await;
     let c = client(&s.ca, s.https, &["a.test"]);
     let r = c
         .get(format!("https://a.test:{}/json?q=1", s.https.port()))
@@ -351,7 +300,7 @@ async fn p2c_spreads_load_and_a_dead_backend_is_ejected_without_failed_requests(
     let dead = dead_addr();
     for balance in ["round_robin", "p2c"] {
         let body = single_pool("", &format!("balance = \"{balance}\"\nmax_fails = 2\neject_time = \"30s\"\nbackends = [\"{}\", \"{dead}\", \"{}\"]", live1.addr, live2.addr));
-        let s = site(&body, issue_a).await;
+        let s = site(body, issue_a).await;
         let c = client(&s.ca, s.https, &["a.test"]);
         let port = s.https.port();
         let before = live1.hits() + live2.hits();
@@ -392,25 +341,19 @@ async fn p2c_spreads_load_and_a_dead_backend_is_ejected_without_failed_requests(
 async fn local_answers_421_404_503_504_with_reasons() {
     let slow = Upstream::start("slow").await;
     let dead = dead_addr();
-    let body = format!(
-        "{ONE_VHOST}
-redirect_https = false
-[[vhost.route]]
-path = \"/api\"
-pool = \"slow\"
-[[vhost.route]]
-path = \"/dead\"
-pool = \"dead\"
-[pool.slow]
-read_timeout = \"300ms\"
-backends = [\"{}\"]
-[pool.dead]
-max_fails = 1
-backends = [\"{dead}\"]
-",
-        slow.addr
-    );
-    let s = site(&body, issue_a).await;
+    let body = site_config()
+        .vhost(
+            one_vhost()
+                .set("redirect_https", "false")
+                .route("/api", "slow")
+                .route("/dead", "dead"),
+        )
+        .pool(
+            "slow",
+            Pool::backends(&[slow.addr]).set("read_timeout", "\"300ms\""),
+        )
+        .pool("dead", Pool::backends(&[dead]).set("max_fails", "1"));
+    let s = site(body, issue_a).await;
     let port = s.https.port();
     let c = client(&s.ca, s.https, &["a.test", "unknown.test"]);
 
@@ -492,31 +435,16 @@ backends = [\"{dead}\"]
 #[tokio::test]
 async fn plain_http_redirects_to_https_unless_the_vhost_opts_out() {
     let up = Upstream::start("up").await;
-    let body = format!(
-        r#"
-[[vhost]]
-names = ["a.test"]
-cert = "{{dir}}/a.crt"
-key = "{{dir}}/a.key"
-[[vhost.route]]
-path = "/"
-pool = "p"
-
-[[vhost]]
-names = ["plain.test"]
-cert = "{{dir}}/p.crt"
-key = "{{dir}}/p.key"
-redirect_https = false
-[[vhost.route]]
-path = "/"
-pool = "p"
-
-[pool.p]
-backends = ["{}"]
-"#,
-        up.addr
-    );
-    let s = site(&body, |ca, dir| {
+    let body = site_config()
+        .vhost(one_vhost().route("/", "p"))
+        .vhost(
+            Vhost::new(&["plain.test"])
+                .cert("p")
+                .set("redirect_https", "false")
+                .route("/", "p"),
+        )
+        .pool("p", Pool::backends(&[up.addr]));
+    let s = site(body, |ca, dir| {
         ca.issue(dir, "a", &["a.test"], "a");
         ca.issue(dir, "p", &["plain.test"], "p");
     })
@@ -554,7 +482,7 @@ async fn proxy_headers_request_id_and_hop_by_hop_stripping() {
         "redirect_https = false",
         &format!("backends = [\"{}\"]", up.addr),
     );
-    let s = site(&body, issue_a).await;
+    let s = site(body, issue_a).await;
     let port = s.https.port();
     let c = client(&s.ca, s.https, &["a.test"]);
     let r = c
@@ -721,7 +649,7 @@ where
 async fn a_small_response_leaves_as_one_tls_record() {
     let up = Upstream::start("up").await;
     let body = single_pool("", &format!("backends = [\"{}\"]", up.addr));
-    let s = site(&body, issue_a).await;
+    let s = site(body, issue_a).await;
     let records = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let tap = RecordTap {
         tcp: tokio::net::TcpStream::connect(s.https).await.unwrap(),
@@ -759,7 +687,7 @@ async fn upstream_connections_are_reused_at_hundreds_of_requests_in_flight() {
     // second round must find the first round's connections in the pool, not open new ones.
     let up = Upstream::start("up").await;
     let body = single_pool("", &format!("backends = [\"{}\"]", up.addr));
-    let s = site(&body, issue_a).await;
+    let s = site(body, issue_a).await;
     let port = s.https.port();
     let clients: Vec<reqwest::Client> = (0..4)
         .map(|_| client(&s.ca, s.https, &["a.test"]))
@@ -814,7 +742,7 @@ async fn upstream_connections_are_reused_at_hundreds_of_requests_in_flight() {
 async fn http2_to_clients_and_http11_to_upstreams() {
     let up = Upstream::start("up").await;
     let body = single_pool("", &format!("backends = [\"{}\"]", up.addr));
-    let s = site(&body, issue_a).await;
+    let s = site(body, issue_a).await;
     let port = s.https.port();
     let (_, alpn) = peer_cert_cn(&s.ca, s.https, "a.test", &["h2", "http/1.1"]).await;
     assert_eq!(alpn.as_deref(), Some(&b"h2"[..]));
@@ -854,16 +782,10 @@ async fn websocket_upgrade_passes_through() {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
     let (ws_addr, _task) = websocket_echo().await;
-    let body = format!(
-        "{ONE_VHOST}
-[[vhost.route]]
-path = \"/\"
-pool = \"ws\"
-[pool.ws]
-backends = [\"{ws_addr}\"]
-"
-    );
-    let s = site(&body, issue_a).await;
+    let body = site_config()
+        .vhost(one_vhost().route("/", "ws"))
+        .pool("ws", Pool::backends(&[ws_addr]));
+    let s = site(body, issue_a).await;
     // Many handshakes: the upstream's 101 and the upgrade request's own (empty)
     // body end race inside the proxy (pingora#946, patched in vendor/). One
     // connection hit the losing order only now and then; 40 hit it reliably
@@ -902,7 +824,7 @@ async fn a_backend_failing_its_health_check_is_taken_out_and_put_back() {
             a.addr, b.addr
         ),
     );
-    let s = site(&body, issue_a).await;
+    let s = site(body, issue_a).await;
     let c = reqwest::Client::builder().no_proxy().build().unwrap();
     let url = format!("http://{}/", s.http);
     let ask = || {
@@ -1028,7 +950,7 @@ async fn a_backend_that_stops_listening_fails_its_tcp_check() {
             a.addr, b.addr
         ),
     );
-    let s = site(&body, issue_a).await;
+    let s = site(body, issue_a).await;
     let c = reqwest::Client::builder().no_proxy().build().unwrap();
     let check_of = |addr: SocketAddr| backend_check(&c, s.admin, addr);
     wait_for(
@@ -1065,12 +987,17 @@ async fn a_backend_that_stops_listening_fails_its_tcp_check() {
 #[tokio::test]
 async fn failing_pools_write_one_error_line_per_ten_seconds_not_one_per_request() {
     let dead = dead_addr();
-    let body = format!(
-        "{ONE_VHOST}redirect_https = false\n\
-         [[vhost.route]]\npath = \"/\"\npool = \"dead\"\n\
-         [pool.dead]\nmax_fails = 1\nretries = 0\nbackends = [\"{dead}\"]\n"
-    );
-    let s = site(&body, issue_a).await;
+    let body = site_config()
+        .vhost(
+            one_vhost()
+                .set("redirect_https", "false")
+                .route("/", "dead"),
+        )
+        .pool(
+            "dead",
+            Pool::backends(&[dead]).with("max_fails = 1\nretries = 0"),
+        );
+    let s = site(body, issue_a).await;
     let c = reqwest::Client::builder().no_proxy().build().unwrap();
     const N: usize = 200;
     for _ in 0..N {

@@ -1,10 +1,19 @@
-//! Test harness: real upstream servers on loopback, a test CA, and the real tollgate binary.
-#![allow(dead_code)]
+//! tollgate's test harness, shared by the integration tests (`tests/it`) and the benches that
+//! need it (`benches/failover.rs`): real upstream servers on loopback, a test CA, the real
+//! tollgate binary, a site config builder, Consul agents, network namespaces, AWS's moto.
+
+// `new()` here starts or creates something (a CA, namespaces, a pair of processes): not a
+// value `Default` should hand out.
+#![allow(clippy::new_without_default)]
 
 pub mod aws;
+pub mod config;
 pub mod netns;
 pub mod site;
 pub mod takeover;
+
+pub use config::{Config, Pool, Port, Vhost};
+pub use site::{issue_a, one_vhost, single_pool, site, site_config, Site};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -39,7 +48,7 @@ where
 
 /// `tollgate check --config path`: its exit code and what it printed (stderr, then stdout).
 pub fn run_check(path: &Path) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+    let out = Command::new(Tollgate::bin())
         .args(["check", "--config"])
         .arg(path)
         .output()
@@ -421,13 +430,28 @@ impl Tollgate {
         Tollgate::start_cmd(Command::new(Tollgate::bin()), config)
     }
 
-    /// The tollgate binary the tests run: this build's, or `TOLLGATE_TEST_BIN` (to run the
-    /// suite against another build, e.g. to see a new test fail on the code before a fix).
+    /// The tollgate binary the tests run: `TOLLGATE_TEST_BIN` (to run the suite against
+    /// another build, e.g. to see a new test fail on the code before a fix), or this build's,
+    /// which cargo builds before any integration test or bench and puts one directory above
+    /// the test binary (`target/<profile>/deps/it-…` → `target/<profile>/tollgate`).
     pub fn bin() -> &'static str {
         static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
         BIN.get_or_init(|| {
-            std::env::var("TOLLGATE_TEST_BIN")
-                .unwrap_or_else(|_| env!("CARGO_BIN_EXE_tollgate").to_string())
+            if let Ok(bin) = std::env::var("TOLLGATE_TEST_BIN") {
+                return bin;
+            }
+            let exe = std::env::current_exe().expect("the test binary's path");
+            let bin = exe
+                .parent()
+                .and_then(Path::parent)
+                .map(|profile| profile.join("tollgate"))
+                .expect("the test binary is under target/<profile>/deps");
+            assert!(
+                bin.exists(),
+                "{} is missing: run the tests through cargo (it builds the binary first) or set TOLLGATE_TEST_BIN",
+                bin.display()
+            );
+            bin.display().to_string()
         })
     }
 
