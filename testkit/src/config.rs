@@ -268,6 +268,15 @@ impl Config {
         self
     }
 
+    /// The admin API on `127.0.0.1:port` (a port kept across rewrites of one config).
+    pub fn admin_at(mut self, port: u16) -> Config {
+        self.admin
+            .get_or_insert_with(Table::default)
+            .set("address", &format!("\"127.0.0.1:{port}\""));
+        self.admin_port = Some(port);
+        self
+    }
+
     /// No admin API (`enabled = false`).
     pub fn no_admin(mut self) -> Config {
         let mut admin = Table::default();
@@ -311,6 +320,28 @@ impl Config {
         };
         table.set_lines(lines);
         self
+    }
+
+    /// `[failover]` for node `name` with `priority`: heartbeats from `listen` to `peer`, the
+    /// tests' shared secret. `more` is further `[failover]` options (`key = value` lines) and
+    /// then, from its first `[` line, tables that go in verbatim (claims, `[consul]`…).
+    pub fn failover(
+        self,
+        name: &str,
+        priority: u8,
+        listen: SocketAddr,
+        peer: SocketAddr,
+        more: &str,
+    ) -> Config {
+        let (options, tables) = split_tables(more);
+        self.table(
+            "failover",
+            &format!(
+                "name = {name:?}\npriority = {priority}\nlisten = \"{listen}\"\npeer = \"{peer}\"\n\
+                 secret = \"shared-secret-for-tests-0123\"\n{options}"
+            ),
+        )
+        .toml(tables)
     }
 
     /// A plain HTTP listener on a free loopback port.
@@ -474,6 +505,28 @@ impl Config {
     }
 }
 
+/// `text` split before its first line that opens a table (`[name]` or `[[name]]`): the
+/// `key = value` lines of the current table, then the tables.
+pub fn split_tables(text: &str) -> (&str, &str) {
+    let mut at = 0;
+    for line in text.split_inclusive('\n') {
+        if line.trim_start().starts_with('[') {
+            return text.split_at(at);
+        }
+        at += line.len();
+    }
+    (text, "")
+}
+
+/// The 1-based line of `path` holding `needle` first (what tollgate cites as `file:line`).
+pub fn line_of(path: &Path, needle: &str) -> usize {
+    let text = std::fs::read_to_string(path).unwrap();
+    1 + text
+        .lines()
+        .position(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("no {needle:?} in {}:\n{text}", path.display()))
+}
+
 /// `["a", "b"]` as TOML.
 fn toml_strings(items: &[&str]) -> String {
     let quoted: Vec<String> = items.iter().map(|s| format!("{s:?}")).collect();
@@ -516,5 +569,15 @@ mod tests {
             Some(cfg.http_addr().to_string().as_str())
         );
         assert_eq!(parsed["plugin"][0]["name"].as_str(), Some("x"));
+    }
+
+    #[test]
+    fn split_tables_keeps_the_options_before_the_first_table() {
+        assert_eq!(
+            split_tables("a = 1\nb = \"[x]\"\n[[t]]\nc = 2\n"),
+            ("a = 1\nb = \"[x]\"\n", "[[t]]\nc = 2\n")
+        );
+        assert_eq!(split_tables("a = 1"), ("a = 1", ""));
+        assert_eq!(split_tables("[consul]\nx = 1"), ("", "[consul]\nx = 1"));
     }
 }

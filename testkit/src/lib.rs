@@ -12,7 +12,7 @@ pub mod netns;
 pub mod site;
 pub mod takeover;
 
-pub use config::{Config, Pool, Port, Vhost};
+pub use config::{line_of, split_tables, Config, Pool, Port, Vhost};
 pub use site::{issue_a, one_vhost, single_pool, site, site_config, Site};
 
 use bytes::Bytes;

@@ -5,9 +5,10 @@
 //! benchmark (benches/failover.rs).
 
 use super::netns::{enter, host_ip, Lab};
-use super::Tollgate;
+use super::{Config, Pool, Tollgate, Vhost};
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -36,31 +37,27 @@ pub fn node_config(host: &str, priority: u8, preempt: bool) -> String {
 pub fn node_config_with(host: &str, priority: u8, preempt: bool, claims: &str) -> String {
     let me = host_ip(host);
     let peer = host_ip(peer_of(host));
-    format!(
-        r#"[server]
-threads = 1
-[admin]
-address = "127.0.0.1:{ADMIN_PORT}"
-[[listener]]
-address = "0.0.0.0:80"
-[[vhost]]
-default = true
-redirect_https = false
-[[vhost.route]]
-path = "/"
-pool = "p"
-[pool.p]
-backends = ["{up}:{UPSTREAM_PORT}"]
-[failover]
-name = "edge-{host}"
-priority = {priority}
-listen = "{me}:{HB_PORT}"
-peer = "{peer}:{HB_PORT}"
-secret = "shared-secret-for-tests-0123"
-preempt = {preempt}
-{claims}"#,
-        up = host_ip("c"),
-    )
+    Config::new()
+        .server("threads = 1")
+        .admin_at(ADMIN_PORT)
+        .listener(SocketAddr::from(([0, 0, 0, 0], 80)), false, "")
+        .vhost(
+            Vhost::default_vhost()
+                .set("redirect_https", "false")
+                .route("/", "p"),
+        )
+        .pool(
+            "p",
+            Pool::backends(&[SocketAddr::from((host_ip("c"), UPSTREAM_PORT))]),
+        )
+        .failover(
+            &format!("edge-{host}"),
+            priority,
+            SocketAddr::from((me, HB_PORT)),
+            SocketAddr::from((peer, HB_PORT)),
+            &format!("preempt = {preempt}\n{claims}"),
+        )
+        .render(Path::new("/"))
 }
 
 /// One HTTP/1.0 exchange on a stream: (status, body).

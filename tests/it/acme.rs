@@ -142,24 +142,27 @@ async fn an_acme_vhost_gets_its_certificate_and_keeps_it_across_restarts() {
     let pebble = Pebble::ready(dir.path(), http.port()).await;
     let cfg = dir.path().join("tollgate.toml");
     let admin = free_port();
-    write(
-        &cfg,
-        &format!(
-            "[admin]\naddress = \"127.0.0.1:{admin}\"\n\
-             [acme]\ndirectory = \"{}\"\nemail = \"ops@example.org\"\nstorage = \"{}/acme\"\nca_bundle = \"{}/pebble-https-ca.pem\"\n\
-             [[listener]]\naddress = \"{http}\"\n[[listener]]\naddress = \"{https}\"\ntls = true\n\
-             [[vhost]]\nnames = [\"a.test\", \"www.a.test\"]\nacme = true\n\
-             [[vhost.route]]\npath = \"/\"\npool = \"up\"\n\
-             [[vhost]]\nnames = [\"auto.test\"]\n\
-             [[vhost.route]]\npath = \"/\"\npool = \"up\"\n[pool.up]\nbackends = [\"{}\"]\n",
-            pebble.directory,
-            dir.path().display(),
-            dir.path().display(),
-            up.addr
-        ),
-    );
-    let mut tg = Tollgate::start(&cfg);
-    tg.ready(http).await;
+    let tg = Config::new()
+        .admin_at(admin)
+        .table(
+            "acme",
+            &format!(
+                "directory = \"{}\"\nemail = \"ops@example.org\"\nstorage = \"{{dir}}/acme\"\n\
+                 ca_bundle = \"{{dir}}/pebble-https-ca.pem\"",
+                pebble.directory
+            ),
+        )
+        .listener(http, false, "")
+        .listener(https, true, "")
+        .vhost(
+            Vhost::new(&["a.test", "www.a.test"])
+                .set("acme", "true")
+                .route("/", "up"),
+        )
+        .vhost(Vhost::new(&["auto.test"]).route("/", "up"))
+        .pool("up", Pool::backends(&[up.addr]))
+        .start_as(&cfg)
+        .await;
     let root = pebble.issuing_root().await;
     let client = |root: reqwest::Certificate| {
         reqwest::Client::builder()
@@ -258,6 +261,7 @@ async fn an_acme_vhost_gets_its_certificate_and_keeps_it_across_restarts() {
     drop(tg);
     let mut tg = Tollgate::start(&cfg);
     tg.ready(https).await;
+    tg.ready(SocketAddr::from(([127, 0, 0, 1], admin))).await;
     let r = c
         .get(format!("https://a.test:{}/", https.port()))
         .send()
@@ -289,21 +293,21 @@ async fn tls_alpn_01_is_answered_on_the_tls_listener_and_short_certificates_rene
     // Pebble's HTTP-01 port is one nothing listens on: only TLS-ALPN-01 can succeed
     let pebble = Pebble::ready_with(dir.path(), free_port(), https.port(), Some(45)).await;
     let cfg = dir.path().join("tollgate.toml");
-    write(
-        &cfg,
-        &format!(
-            "[admin]\naddress = \"127.0.0.1:{admin}\"\n\
-             [acme]\ndirectory = \"{}\"\nchallenge = \"tls-alpn-01\"\nstorage = \"{d}/acme\"\nca_bundle = \"{d}/pebble-https-ca.pem\"\n\
-             [[listener]]\naddress = \"{https}\"\ntls = true\n\
-             [[vhost]]\nnames = [\"c.test\"]\nacme = true\n\
-             [[vhost.route]]\npath = \"/\"\npool = \"up\"\n[pool.up]\nbackends = [\"{}\"]\n",
-            pebble.directory,
-            up.addr,
-            d = dir.path().display(),
-        ),
-    );
-    let mut tg = Tollgate::start(&cfg);
-    tg.ready(https).await;
+    let tg = Config::new()
+        .admin_at(admin)
+        .table(
+            "acme",
+            &format!(
+                "directory = \"{}\"\nchallenge = \"tls-alpn-01\"\nstorage = \"{{dir}}/acme\"\n\
+                 ca_bundle = \"{{dir}}/pebble-https-ca.pem\"",
+                pebble.directory
+            ),
+        )
+        .listener(https, true, "")
+        .vhost(Vhost::new(&["c.test"]).set("acme", "true").route("/", "up"))
+        .pool("up", Pool::backends(&[up.addr]))
+        .start_as(&cfg)
+        .await;
     let root = pebble.issuing_root_pem().await;
     wait_for(
         "the TLS-ALPN-01 certificate to serve",
@@ -388,22 +392,22 @@ async fn an_unreachable_ca_is_logged_and_retried_with_backoff() {
     let ca = TestCa::new();
     ca.issue(dir.path(), "b", &["b.test"], "b");
     let admin = free_port();
-    write(
-        &cfg,
-        &format!(
-            "[admin]\naddress = \"127.0.0.1:{admin}\"\n\
-             [acme]\ndirectory = \"https://127.0.0.1:{}/dir\"\nstorage = \"{d}/acme\"\n\
-             [[listener]]\naddress = \"{http}\"\n[[listener]]\naddress = \"{https}\"\ntls = true\n\
-             [[vhost]]\nnames = [\"a.test\"]\nacme = true\n[[vhost.route]]\npath = \"/\"\npool = \"up\"\n\
-             [[vhost]]\nnames = [\"b.test\"]\ncert = \"{d}/b.crt\"\nkey = \"{d}/b.key\"\n[[vhost.route]]\npath = \"/\"\npool = \"up\"\n\
-             [pool.up]\nbackends = [\"{}\"]\n",
-            free_port(),
-            up.addr,
-            d = dir.path().display(),
-        ),
-    );
-    let mut tg = Tollgate::start(&cfg);
-    tg.ready(https).await;
+    let tg = Config::new()
+        .admin_at(admin)
+        .table(
+            "acme",
+            &format!(
+                "directory = \"https://127.0.0.1:{}/dir\"\nstorage = \"{{dir}}/acme\"",
+                free_port()
+            ),
+        )
+        .listener(http, false, "")
+        .listener(https, true, "")
+        .vhost(Vhost::new(&["a.test"]).set("acme", "true").route("/", "up"))
+        .vhost(Vhost::new(&["b.test"]).cert("b").route("/", "up"))
+        .pool("up", Pool::backends(&[up.addr]))
+        .start_as(&cfg)
+        .await;
     wait_for(
         "the failure to be logged",
         Duration::from_secs(10),
@@ -494,22 +498,40 @@ fn fleet_member(
     https: SocketAddr,
     up: SocketAddr,
 ) -> std::path::PathBuf {
-    let d = dir.display();
-    let cfg = dir.join(format!("{name}.toml"));
-    write(
-        &cfg,
-        &format!(
-            "[admin]\naddress = \"127.0.0.1:{}\"\n[consul]\naddress = \"http://{}\"\nstate_file = \"\"\n\
-             [acme]\ndirectory = \"{}\"\nstorage = \"{d}/acme-{name}\"\nca_bundle = \"{d}/pebble-https-ca.pem\"\n\
-             consul = true\nencryption_key_file = \"{d}/acme.key\"\n\
-             [[listener]]\naddress = \"{http}\"\n[[listener]]\naddress = \"{https}\"\ntls = true\n\
-             [[vhost]]\nnames = [\"a.test\"]\nacme = true\n[[vhost.route]]\npath = \"/\"\npool = \"up\"\n\
-             [pool.up]\nbackends = [\"{up}\"]\n",
-            free_port(),
-            consul.http,
-            pebble.directory,
-        ),
+    let acme = format!(
+        "directory = \"{}\"\nca_bundle = \"{{dir}}/pebble-https-ca.pem\"",
+        pebble.directory
     );
+    acme_member(dir, name, consul, "", &acme, [http, https], up)
+}
+
+/// A fleet member's config: `consul_options` under `[consul]`, `acme_options` under `[acme]`
+/// besides the fleet's (`consul = true`, the shared key `{dir}/acme.key`, its own storage),
+/// listeners on `http` and `https`, `a.test` by ACME to `up`.
+fn acme_member(
+    dir: &Path,
+    name: &str,
+    consul: &ConsulAgent,
+    consul_options: &str,
+    acme_options: &str,
+    [http, https]: [SocketAddr; 2],
+    up: SocketAddr,
+) -> std::path::PathBuf {
+    let cfg = dir.join(format!("{name}.toml"));
+    Config::new()
+        .consul(consul, consul_options)
+        .table(
+            "acme",
+            &format!(
+                "storage = \"{{dir}}/acme-{name}\"\nconsul = true\n\
+                 encryption_key_file = \"{{dir}}/acme.key\"\n{acme_options}"
+            ),
+        )
+        .listener(http, false, "")
+        .listener(https, true, "")
+        .vhost(Vhost::new(&["a.test"]).set("acme", "true").route("/", "up"))
+        .pool("up", Pool::backends(&[up]))
+        .write(&cfg);
     cfg
 }
 
@@ -818,22 +840,15 @@ async fn certificates_come_from_consul_kv_and_follow_it() {
     kv_put(&consul, "edge/certs/b.test.pem", read(c) + &read(k)).await;
     let state = dir.path().join("consul-view.json");
     let cfg = dir.path().join("tollgate.toml");
-    write(
-        &cfg,
-        &format!(
-            "[admin]\naddress = \"127.0.0.1:{admin}\"\n\
-             [consul]\naddress = \"http://{}\"\nwait = \"30s\"\nstate_file = \"{}\"\n\
-             [tls]\nconsul_kv_prefix = \"edge/certs\"\n\
-             [[listener]]\naddress = \"{https}\"\ntls = true\n\
-             [[vhost]]\nnames = [\"a.test\", \"b.test\"]\n\
-             [[vhost.route]]\npath = \"/\"\npool = \"up\"\n[pool.up]\nbackends = [\"{}\"]\n",
-            consul.http,
-            state.display(),
-            up.addr
-        ),
-    );
-    let mut tg = Tollgate::start(&cfg);
-    tg.ready(https).await;
+    let tg = Config::new()
+        .admin_at(admin)
+        .consul(&consul, &format!("state_file = \"{}\"", state.display()))
+        .table("tls", "consul_kv_prefix = \"edge/certs\"")
+        .listener(https, true, "")
+        .vhost(Vhost::new(&["a.test", "b.test"]).route("/", "up"))
+        .pool("up", Pool::backends(&[up.addr]))
+        .start_as(&cfg)
+        .await;
     wait_for(
         "both KV certificates to serve",
         Duration::from_secs(15),
@@ -957,25 +972,11 @@ fn unreachable_ca_member(
     https: SocketAddr,
     up: SocketAddr,
 ) -> std::path::PathBuf {
-    let d = dir.display();
-    let cfg = dir.join(format!("{name}.toml"));
     let token = token_file
-        .map(|t| format!("token_file = \"{}\"\n", t.display()))
+        .map(|t| format!("token_file = \"{}\"", t.display()))
         .unwrap_or_default();
-    write(
-        &cfg,
-        &format!(
-            "[admin]\naddress = \"127.0.0.1:{}\"\n[consul]\naddress = \"http://{}\"\n{token}state_file = \"\"\n\
-             [acme]\ndirectory = \"https://127.0.0.1:{}/dir\"\nstorage = \"{d}/acme-{name}\"\n\
-             consul = true\nencryption_key_file = \"{d}/acme.key\"\n\
-             [[listener]]\naddress = \"{http}\"\n[[listener]]\naddress = \"{https}\"\ntls = true\n\
-             [[vhost]]\nnames = [\"a.test\"]\nacme = true\n[[vhost.route]]\npath = \"/\"\npool = \"up\"\n\
-             [pool.up]\nbackends = [\"{up}\"]\n",
-            free_port(),
-            consul.http,
-            free_port(),
-        ),
-    );
+    let acme = format!("directory = \"https://127.0.0.1:{}/dir\"", free_port());
+    let cfg = acme_member(dir, name, consul, &token, &acme, [http, https], up);
     std::fs::write(dir.join("acme.key"), "6f1c0b3e9a2d47c58e0f7a19b2c4d6e8\n").unwrap();
     cfg
 }

@@ -29,48 +29,26 @@ fn config(
     backends: &[SocketAddr],
     extra: &str,
 ) -> String {
-    let b: Vec<String> = backends.iter().map(|a| format!("\"{a}\"")).collect();
-    format!(
-        r#"[server]
-threads = 2
-watch_config = false
-shutdown_timeout = "10s"
-upgrade_sock = "{dir}/upgrade.sock"
-
-[admin]
-address = "{admin}"
-token = "{TOKEN}"
-
-[tls]
-certs_dir = "{dir}/certs"
-
-[[listener]]
-address = "{https}"
-tls = true
-
-[[vhost]]
-names = ["a.test"]
-[[vhost.route]]
-path = "/"
-pool = "web"
-[[vhost.route]]
-path = "/api"
-pool = "api"
-
-[pool.web]
-backends = [{backends}]
-[pool.api]
-balance = "p2c"
-backends = [{backends}]
-{extra}
-# the binary-upgrade test opens a new connection per request, faster than the
-# default per-IP connection rate allows one client
-[limits]
-allow = ["127.0.0.1"]
-"#,
-        dir = dir.display(),
-        backends = b.join(", ")
-    )
+    Config::new()
+        .server(
+            "watch_config = false\nshutdown_timeout = \"10s\"\nupgrade_sock = \"{dir}/upgrade.sock\"",
+        )
+        .admin_at(admin.port())
+        .admin(&format!("token = \"{TOKEN}\""))
+        .table("tls", "certs_dir = \"{dir}/certs\"")
+        // the binary-upgrade test opens a new connection per request, faster than the
+        // default per-IP connection rate allows one client
+        .table("limits", "allow = [\"127.0.0.1\"]")
+        .listener(https, true, "")
+        .vhost(
+            Vhost::new(&["a.test"])
+                .route("/", "web")
+                .route("/api", "api"),
+        )
+        .pool("web", Pool::backends(backends))
+        .pool("api", Pool::backends(backends).set("balance", "\"p2c\""))
+        .toml(extra)
+        .render(dir)
 }
 
 async fn start(backends: &[SocketAddr]) -> Fixture {
@@ -248,22 +226,23 @@ async fn every_endpoint_but_healthz_needs_the_token() {
 fn a_public_admin_address_without_a_token_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("t.toml");
-    std::fs::write(
-        &path,
-        "[admin]\naddress = \"0.0.0.0:19901\"\n\n[[listener]]\naddress = \"127.0.0.1:19080\"\n\n\
-         [[vhost]]\nnames = [\"a.test\"]\n[[vhost.route]]\npath = \"/\"\npool = \"p\"\n\n\
-         [pool.p]\nbackends = [\"127.0.0.1:9\"]\n",
-    )
-    .unwrap();
+    // never started: `run` refuses the config before it binds anything
+    Config::new()
+        .admin("address = \"0.0.0.0:19901\"")
+        .listener("127.0.0.1:19080".parse().unwrap(), false, "")
+        .vhost(Vhost::new(&["a.test"]).route("/", "p"))
+        .pool("p", Pool::backends(&[dead_addr()]))
+        .write(&path);
     for cmd in ["check", "run"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        let out = Command::new(Tollgate::bin())
             .args([cmd, "--config"])
             .arg(&path)
             .output()
             .unwrap();
         assert_eq!(out.status.code(), Some(1), "{cmd}");
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("t.toml:2: admin.address"), "{cmd}: {err}");
+        let at = format!("t.toml:{}: admin.address", line_of(&path, "0.0.0.0:19901"));
+        assert!(err.contains(&at), "{cmd}: {err}");
         assert!(err.contains("needs a token"), "{cmd}: {err}");
     }
 }
@@ -287,7 +266,11 @@ async fn endpoints_have_their_documented_shapes() {
     assert_eq!(routes[0]["routes"][1]["pool"], "api");
     let src = routes[0]["routes"][1]["source"].as_str().unwrap();
     assert!(
-        src.starts_with("file ") && src.ends_with("tollgate.toml:24"),
+        src.starts_with("file ")
+            && src.ends_with(&format!(
+                "tollgate.toml:{}",
+                line_of(&f.path, "path = \"/api\"")
+            )),
         "{src}"
     );
 
@@ -358,10 +341,11 @@ async fn explain_answers_vhost_route_pool_and_source() {
     assert_eq!(e["normalized_host"], "a.test");
     assert_eq!(e["vhost"]["vhost"], "a.test");
     assert_eq!(e["route"]["path"], "/api");
+    let line = line_of(&f.path, "path = \"/api\"");
     assert!(e["route"]["source"]
         .as_str()
         .unwrap()
-        .ends_with("tollgate.toml:24"));
+        .ends_with(&format!("tollgate.toml:{line}")));
     assert_eq!(e["pool"]["name"], "api");
     assert_eq!(e["pool"]["balance"], "p2c");
     assert_eq!(e["pool"]["backends"][0]["address"], up.addr.to_string());
@@ -696,7 +680,7 @@ async fn startup_errors_name_the_option_to_fix() {
     let path = dir.path().join("tollgate.toml");
     let run = |cfg: &str| {
         write(&path, cfg);
-        let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        let out = Command::new(Tollgate::bin())
             .args(["run", "--config"])
             .arg(&path)
             .output()
@@ -786,7 +770,7 @@ async fn binary_upgrade_hands_over_the_sockets_without_refusing_a_connection() {
         &config(f.dir.path(), f.https, f.admin, &[b.addr], ""),
     );
     let new_log = f.dir.path().join("new.log");
-    let mut new = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+    let mut new = Command::new(Tollgate::bin())
         .args(["run", "--upgrade", "--config"])
         .arg(&new_cfg)
         .stderr(std::fs::File::create(&new_log).unwrap())
@@ -848,20 +832,12 @@ async fn binary_upgrade_hands_over_the_sockets_without_refusing_a_connection() {
 async fn tokenless_admin_refuses_rebinding_and_cross_origin_posts() {
     let up = Upstream::start("up").await;
     let dir = tempfile::tempdir().unwrap();
-    let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let path = dir.path().join("tollgate.toml");
-    write(
-        &path,
-        &format!(
-            "[admin]\naddress = \"{admin}\"\n[[listener]]\naddress = \"{http}\"\n\
-             [[vhost]]\nnames = [\"a.test\"]\n[[vhost.route]]\npath = \"/\"\npool = \"p\"\n\
-             [pool.p]\nbackends = [\"{}\"]\n",
-            up.addr
-        ),
-    );
-    let mut tg = Tollgate::start(&path);
-    tg.ready(admin).await;
+    let cfg = Config::new()
+        .http()
+        .vhost(Vhost::new(&["a.test"]).route("/", "p"))
+        .pool("p", Pool::backends(&[up.addr]));
+    let admin = SocketAddr::from(([127, 0, 0, 1], cfg.admin_port()));
+    let tg = cfg.start(dir.path()).await;
     let c = reqwest::Client::new();
     let base = format!("http://{admin}");
     let get = |host: &str| c.get(format!("{base}/status")).header("host", host).send();
@@ -920,18 +896,15 @@ async fn tokenless_admin_refuses_rebinding_and_cross_origin_posts() {
 async fn pid_file_holds_the_pid_while_running() {
     let up = Upstream::start("up").await;
     let dir = tempfile::tempdir().unwrap();
-    let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let path = dir.path().join("tollgate.toml");
-    write(
-        &path,
-        &format!(
-            "[server]\npid_file = \"run/tollgate.pid\"\nshutdown_timeout = \"5s\"\n\
-             [admin]\nenabled = false\n[[listener]]\naddress = \"{http}\"\n\
-             [[vhost]]\nnames = [\"a.test\"]\n[[vhost.route]]\npath = \"/\"\npool = \"p\"\n\
-             [pool.p]\nbackends = [\"{}\"]\n",
-            up.addr
-        ),
-    );
+    let cfg = Config::new()
+        .server("pid_file = \"run/tollgate.pid\"")
+        .no_admin()
+        .http()
+        .vhost(Vhost::new(&["a.test"]).route("/", "p"))
+        .pool("p", Pool::backends(&[up.addr]));
+    let http = cfg.http_addr();
+    let path = Config::path_in(dir.path());
+    cfg.write(&path);
     std::fs::create_dir(dir.path().join("run")).unwrap();
     let pid_file = dir.path().join("run/tollgate.pid");
     let mut tg = Tollgate::start(&path);

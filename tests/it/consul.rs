@@ -22,37 +22,18 @@ struct Fixture {
 async fn start() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let consul = ConsulAgent::start(dir.path()).await;
-    let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let admin = free_port();
-    let path = dir.path().join("tollgate.toml");
-    write(
-        &path,
-        &format!(
-            r#"[admin]
-address = "127.0.0.1:{admin}"
-
-[consul]
-address = "http://{consul}"
-wait = "30s"
-
-[[listener]]
-address = "{http}"
-
-[[vhost]]
-names = ["a.test"]
-[[vhost.route]]
-path = "/"
-pool = "api"
-
-[pool.api]
-consul = {{ service = "api", tags = ["prod"] }}
-connect_timeout = "500ms"
-"#,
-            consul = consul.http
-        ),
-    );
-    let mut tg = Tollgate::start(&path);
-    tg.ready(http).await;
+    // the state file where tollgate keeps it by default, for the restart test
+    let cfg = Config::new()
+        .consul(&consul, "state_file = \"{dir}/tollgate-consul-state.json\"")
+        .http()
+        .vhost(Vhost::new(&["a.test"]).route("/", "api"))
+        .pool(
+            "api",
+            Pool::consul("api", &["prod"]).set("connect_timeout", "\"500ms\""),
+        );
+    let http = cfg.http_addr();
+    let path = Config::path_in(dir.path());
+    let tg = cfg.start(dir.path()).await;
     Fixture {
         tg,
         consul,
@@ -316,21 +297,15 @@ async fn a_restart_while_consul_is_down_serves_the_last_known_pools() {
 
 /// tollgate in front of `consul` with `token` in its [consul] section.
 async fn start_with(consul: &ConsulAgent, dir: &Path, token: &str) -> (Tollgate, SocketAddr, u16) {
-    let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let admin = free_port();
+    let cfg = Config::new()
+        .consul(consul, &format!("token = \"{token}\""))
+        .http()
+        .vhost(Vhost::new(&["a.test"]).route("/", "api"))
+        .pool("api", Pool::consul("api", &[]));
+    let http = cfg.http_addr();
     let path = dir.join(format!("tollgate-{}.toml", http.port()));
-    write(
-        &path,
-        &format!(
-            "[admin]\naddress = \"127.0.0.1:{admin}\"\n\n[consul]\naddress = \"http://{}\"\ntoken = \"{token}\"\nwait = \"30s\"\nstate_file = \"\"\n\n\
-             [[listener]]\naddress = \"{http}\"\n\n[[vhost]]\nnames = [\"a.test\"]\n[[vhost.route]]\npath = \"/\"\npool = \"api\"\n\n\
-             [pool.api]\nconsul = {{ service = \"api\" }}\n",
-            consul.http
-        ),
-    );
-    let mut tg = Tollgate::start(&path);
-    tg.ready(http).await;
-    (tg, http, admin)
+    let tg = cfg.start_as(&path).await;
+    (tg, http, cfg.admin_port())
 }
 
 #[tokio::test]
@@ -476,27 +451,16 @@ async fn five_hundred_services_of_four_instances_are_all_routed_and_tollgate_idl
         }
     }
 
-    let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let mut cfg = format!(
-        "[admin]\nenabled = false\n\n[consul]\naddress = \"http://{}\"\nwait = \"30s\"\n\n\
-         [[listener]]\naddress = \"{http}\"\n\n[[vhost]]\nnames = [\"a.test\"]\n",
-        consul.http
-    );
+    let mut vhost = Vhost::new(&["a.test"]);
+    let mut cfg = Config::new().no_admin().consul(&consul, "").http();
     for s in 0..SERVICES {
-        cfg.push_str(&format!(
-            "[[vhost.route]]\npath = \"/s{s}\"\npool = \"p{s}\"\n"
-        ));
+        vhost = vhost.route(&format!("/s{s}"), &format!("p{s}"));
+        cfg = cfg.pool(&format!("p{s}"), Pool::consul(&format!("svc{s}"), &[]));
     }
-    for s in 0..SERVICES {
-        cfg.push_str(&format!(
-            "[pool.p{s}]\nconsul = {{ service = \"svc{s}\" }}\n"
-        ));
-    }
-    let path = dir.path().join("tollgate.toml");
-    write(&path, &cfg);
+    let cfg = cfg.vhost(vhost);
+    let http = cfg.http_addr();
     let started = Instant::now();
-    let mut tg = Tollgate::start(&path);
-    tg.ready(http).await;
+    let mut tg = cfg.start(dir.path()).await;
     let c = plain();
     // every route answers from its pool
     let mut pending: Vec<usize> = (0..SERVICES).collect();
@@ -647,7 +611,9 @@ async fn services_declare_routes_in_tags_and_the_file_wins_conflicts() {
         dir.path(),
         &consul,
         "",
-        "[[vhost]]\nnames = [\"a.test\"]\nconsul_routes = true\n[[vhost.route]]\npath = \"/\"\npool = \"static\"\n",
+        &[Vhost::new(&["a.test"])
+            .set("consul_routes", "true")
+            .route("/", "static")],
         file_up.addr,
     );
     let mut tg = Tollgate::start(&path);
@@ -736,16 +702,15 @@ async fn consul_over_https_is_trusted_through_its_ca_file_only() {
     let ca_file = dir.path().join("consul-ca.pem");
     std::fs::write(&ca_file, &ca.pem).unwrap();
     let start = |trust: &str| {
-        let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let cfg = Config::new()
+            .no_admin()
+            .consul_at(&format!("https://{https}"), trust)
+            .http()
+            .vhost(Vhost::new(&["a.test"]).route("/", "api"))
+            .pool("api", Pool::consul("api", &[]));
+        let http = cfg.http_addr();
         let path = dir.path().join(format!("tollgate-{}.toml", http.port()));
-        write(
-            &path,
-            &format!(
-                "[admin]\nenabled = false\n\n[consul]\naddress = \"https://{https}\"\n{trust}wait = \"30s\"\nstate_file = \"\"\n\n\
-                 [[listener]]\naddress = \"{http}\"\n\n[[vhost]]\nnames = [\"a.test\"]\n[[vhost.route]]\npath = \"/\"\npool = \"api\"\n\n\
-                 [pool.api]\nconsul = {{ service = \"api\" }}\n"
-            ),
-        );
+        cfg.write(&path);
         (Tollgate::start(&path), http)
     };
     let (mut tg, http) = start(&format!("ca_cert = \"{}\"\n", ca_file.display()));
@@ -795,8 +760,12 @@ async fn route_claims_follow_the_policy_and_check_consul_predicts_them() {
         dir.path(),
         &consul,
         "[[consul.allow]]\nhosts = [\"*.apps.test\", \"b.test\"]\nservices = [\"web-*\"]\ntags = [\"team=web\"]\n",
-        "[[vhost]]\nnames = [\"a.test\"]\n[[vhost.route]]\npath = \"/\"\npool = \"static\"\n\n\
-         [[vhost]]\nnames = [\"b.test\"]\nconsul_routes = [\"web-blog\"]\n[[vhost.route]]\npath = \"/\"\npool = \"static\"\n",
+        &[
+            Vhost::new(&["a.test"]).route("/", "static"),
+            Vhost::new(&["b.test"])
+                .set("consul_routes", "[\"web-blog\"]")
+                .route("/", "static"),
+        ],
         file_up.addr,
     );
     // the catalog before tollgate runs
@@ -851,7 +820,7 @@ async fn route_claims_follow_the_policy_and_check_consul_predicts_them() {
         ),
     ];
     // check --consul says it before anything runs: exit 2, the applied and refused claims
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+    let out = std::process::Command::new(Tollgate::bin())
         .args(["check", "--consul", "--config"])
         .arg(&path)
         .output()
@@ -958,7 +927,7 @@ async fn fabio_options_are_honoured_and_unsupported_ones_reported() {
         dir.path(),
         &consul,
         "",
-        "[[vhost]]\nnames = [\"file.test\"]\n[[vhost.route]]\npath = \"/\"\npool = \"static\"\n",
+        &[Vhost::new(&["file.test"]).route("/", "static")],
         up.addr,
     );
     let mut tg = Tollgate::start(&path);
@@ -1093,21 +1062,22 @@ fn tag_routing(
     dir: &std::path::Path,
     consul: &ConsulAgent,
     policy: &str,
-    vhosts: &str,
+    vhosts: &[Vhost],
     file_up: SocketAddr,
 ) -> (std::path::PathBuf, SocketAddr, u16) {
-    let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let admin = free_port();
-    let path = dir.join("tollgate.toml");
-    write(
-        &path,
-        &format!(
-            "[admin]\naddress = \"127.0.0.1:{admin}\"\n\n[consul]\naddress = \"http://{}\"\nwait = \"30s\"\ntag_routes = true\nstate_file = \"\"\n{policy}\n\
-             [[listener]]\naddress = \"{http}\"\n\n{vhosts}\n[pool.static]\nbackends = [\"{file_up}\"]\n",
-            consul.http
-        ),
-    );
-    (path, http, admin)
+    // `[[consul.allow]]` rules are tables of their own: they go after everything else
+    let (options, allow) = split_tables(policy);
+    let mut cfg = Config::new()
+        .consul(consul, &format!("tag_routes = true\n{options}"))
+        .http()
+        .pool("static", Pool::backends(&[file_up]))
+        .toml(allow);
+    for v in vhosts {
+        cfg = cfg.vhost(v.clone());
+    }
+    let path = Config::path_in(dir);
+    cfg.write(&path);
+    (path, cfg.http_addr(), cfg.admin_port())
 }
 
 /// The route conflicts `/status` reports.
@@ -1183,24 +1153,21 @@ async fn datacenter_failover_with(choice: &str, consul_extra: &str, dc1_instance
             .await;
     }
     dc2.register("api-2", "api", dc2_up.addr, &[]).await;
-    let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let admin = free_port();
-    let path = dir.path().join("tollgate.toml");
-    write(
-        &path,
-        &format!(
-            "[admin]\naddress = \"127.0.0.1:{admin}\"\n\n[consul]\naddress = \"http://{}\"\nwait = \"30s\"\nfailback_after = \"2s\"\nstate_file = \"\"\n{consul_extra}\n\
-             [[listener]]\naddress = \"{http}\"\n\n\
-             [[vhost]]\nnames = [\"a.test\"]\n[[vhost.route]]\npath = \"/\"\npool = \"api\"\n\
-             [[vhost.route]]\npath = \"/local\"\npool = \"local\"\n\n\
-             [pool.api]\nconsul = {{ service = \"api\", {choice} }}\n\
-             [pool.local]\nconsul = {{ service = \"api\" }}\n",
-            dc1.http
-        ),
-    );
-    let mut tg = Tollgate::start(&path);
-    tg.ready(http).await;
-    tg.ready(SocketAddr::from(([127, 0, 0, 1], admin))).await;
+    let cfg = Config::new()
+        .consul(&dc1, &format!("failback_after = \"2s\"\n{consul_extra}"))
+        .http()
+        .vhost(
+            Vhost::new(&["a.test"])
+                .route("/", "api")
+                .route("/local", "local"),
+        )
+        .pool(
+            "api",
+            Pool::default().set("consul", &format!("{{ service = \"api\", {choice} }}")),
+        )
+        .pool("local", Pool::consul("api", &[]));
+    let (http, admin) = (cfg.http_addr(), cfg.admin_port());
+    let mut tg = cfg.start(dir.path()).await;
     let c = plain();
     wait_for("dc1 to serve", Duration::from_secs(20), || async {
         answered_by(&c, http, "a.test", "/").await.as_deref() == Some("dc1")
@@ -1337,7 +1304,7 @@ async fn past_max_blocking_a_check_change_reads_only_its_service() {
         dir.path(),
         &consul,
         "max_blocking = 4\n",
-        "[[vhost]]\nnames = [\"file.test\"]\n[[vhost.route]]\npath = \"/\"\npool = \"static\"\n",
+        &[Vhost::new(&["file.test"]).route("/", "static")],
         ups[0].addr,
     );
     let mut tg = Tollgate::start(&path);
@@ -1367,7 +1334,7 @@ async fn past_max_blocking_a_check_change_reads_only_its_service() {
     };
     wait_for(
         "every service routed to both instances",
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         || async {
             for s in 0..SERVICES {
                 if !both(s).await {
@@ -1396,7 +1363,7 @@ async fn past_max_blocking_a_check_change_reads_only_its_service() {
     consul.set_check("s5-1", false).await;
     wait_for(
         "s5 to lose its failing instance",
-        Duration::from_secs(15),
+        Duration::from_secs(30),
         || async {
             let mut seen = BTreeSet::new();
             for _ in 0..6 {
@@ -1455,7 +1422,9 @@ async fn services_declare_their_protocol_in_tags_and_meta() {
             "backend_tls = {{ ca = \"{}/backend-ca.pem\" }}\n",
             dir.path().display()
         ),
-        "[[vhost]]\nnames = [\"a.test\"]\nconsul_routes = true\n[[vhost.route]]\npath = \"/\"\npool = \"static\"\n",
+        &[Vhost::new(&["a.test"])
+            .set("consul_routes", "true")
+            .route("/", "static")],
         file_up.addr,
     );
     let mut tg = Tollgate::start(&path);
@@ -1584,7 +1553,7 @@ async fn services_declare_service_ports() {
         dir.path(),
         &consul,
         &format!("ports = [\"{lo}-{hi}\"]\nport_address = \"127.0.0.1\"\n"),
-        "[[vhost]]\nnames = [\"a.test\"]\n[[vhost.route]]\npath = \"/\"\npool = \"static\"\n",
+        &[Vhost::new(&["a.test"]).route("/", "static")],
         file_up.addr,
     );
     let mut tg = Tollgate::start(&path);
@@ -1653,16 +1622,14 @@ async fn consul_declared_ports_alone_are_a_valid_configuration() {
     let a = name_server("a").await;
     let dir = tempfile::tempdir().unwrap();
     let consul = ConsulAgent::start(dir.path()).await;
-    let (admin, port) = (free_port(), free_port());
-    let path = dir.path().join("tollgate.toml");
-    write(
-        &path,
-        &format!(
-            "[admin]\naddress = \"127.0.0.1:{admin}\"\n\n[consul]\naddress = \"http://{}\"\nwait = \"30s\"\n\
-             tag_routes = true\nstate_file = \"\"\nports = [\"{port}\"]\nport_address = \"127.0.0.1\"\n",
-            consul.http
-        ),
+    let port = free_port();
+    let cfg = Config::new().consul(
+        &consul,
+        &format!("tag_routes = true\nports = [\"{port}\"]\nport_address = \"127.0.0.1\""),
     );
+    let admin = cfg.admin_port();
+    let path = Config::path_in(dir.path());
+    cfg.write(&path);
     let (code, out) = run_check(&path);
     assert_eq!(code, 0, "{out}");
     assert!(

@@ -225,20 +225,16 @@ async fn only_successful_answers_change_pools_and_index_rules_hold_on_the_wire()
     consul.push(ok(Some(10), &[a.addr]));
 
     let dir = tempfile::tempdir().unwrap();
-    let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let admin = free_port();
-    let path = dir.path().join("t.toml");
-    write(
-        &path,
-        &format!(
-            "[admin]\naddress = \"127.0.0.1:{admin}\"\n\n[consul]\naddress = \"http://{}\"\ntoken = \"secret-acl-token\"\nwait = \"2s\"\n\n\
-             [[listener]]\naddress = \"{http}\"\n\n[[vhost]]\nnames = [\"a.test\"]\n[[vhost.route]]\npath = \"/\"\npool = \"api\"\n\n\
-             [pool.api]\nconsul = {{ service = \"api\" }}\n",
-            consul.addr
-        ),
-    );
-    let mut tg = Tollgate::start(&path);
-    tg.ready(http).await;
+    let cfg = Config::new()
+        .consul_at(
+            &format!("http://{}", consul.addr),
+            "token = \"secret-acl-token\"\nwait = \"2s\"",
+        )
+        .http()
+        .vhost(Vhost::new(&["a.test"]).route("/", "api"))
+        .pool("api", Pool::consul("api", &[]));
+    let (http, admin) = (cfg.http_addr(), cfg.admin_port());
+    let mut tg = cfg.start(dir.path()).await;
     wait_serving(http, &["a"]).await;
     let first = consul.requests()[0].clone();
     assert!(

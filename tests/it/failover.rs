@@ -43,36 +43,23 @@ command = ["/bin/sh", "-c", "echo \"$TOLLGATE_NAME $TOLLGATE_STATE $TOLLGATE_TER
     )
 }
 
-/// `ports`: admin, http, own UDP, peer UDP; `extra`: the claim blocks and any more
-/// `[failover]` settings.
-fn config(name: &str, prio: u8, ports: [u16; 4], up: SocketAddr, extra: &str) -> String {
-    format!(
-        r#"[server]
-threads = 1
-[admin]
-address = "127.0.0.1:{admin}"
-[[listener]]
-address = "127.0.0.1:{http}"
-[[vhost]]
-default = true
-[[vhost.route]]
-path = "/"
-pool = "p"
-[pool.p]
-backends = ["{up}"]
-[failover]
-name = "{name}"
-priority = {prio}
-listen = "127.0.0.1:{udp}"
-peer = "127.0.0.1:{peer_udp}"
-secret = "shared-secret-for-tests-0123"
-interval = "200ms"
-{extra}"#,
-        admin = ports[0],
-        http = ports[1],
-        udp = ports[2],
-        peer_udp = ports[3],
-    )
+/// `ports`: admin, http, own UDP, peer UDP; `extra`: more `[failover]` settings, then the
+/// claim blocks and any other table.
+fn config(name: &str, prio: u8, ports: [u16; 4], up: SocketAddr, extra: &str) -> Config {
+    let on = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    Config::new()
+        .server("threads = 1")
+        .admin_at(ports[0])
+        .listener(on(ports[1]), false, "")
+        .vhost(Vhost::default_vhost().route("/", "p"))
+        .pool("p", Pool::backends(&[up]))
+        .failover(
+            name,
+            prio,
+            on(ports[2]),
+            on(ports[3]),
+            &format!("interval = \"200ms\"\n{extra}"),
+        )
 }
 
 async fn state(admin: u16) -> Option<String> {
@@ -102,10 +89,7 @@ async fn start_with(
 ) -> Node {
     let (admin, http) = (free_port(), free_port());
     let path = dir.join(format!("{name}.toml"));
-    write(
-        &path,
-        &config(name, prio, [admin, http, udp[0], udp[1]], up, extra),
-    );
+    config(name, prio, [admin, http, udp[0], udp[1]], up, extra).write(&path);
     let mut cmd = std::process::Command::new(Tollgate::bin());
     cmd.env_remove("AWS_ACCESS_KEY_ID")
         .env_remove("AWS_SECRET_ACCESS_KEY")

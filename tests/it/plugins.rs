@@ -58,33 +58,31 @@ impl Proxy {
     }
 }
 
-/// tollgate with two worker threads, one plain listener and the admin API; `body` holds
-/// plugins, vhosts and pools, with `{dir}` replaced by the temp dir. `files` are written
-/// there first.
-async fn proxy(body: &str, files: &[(&str, &str)]) -> Proxy {
+/// The plugin tests' site before plugins, vhosts and pools: one plain listener, the admin
+/// API (the tests read /metrics and /plugins), a short shutdown and a quick config watch.
+fn plugin_site() -> Config {
+    Config::new()
+        .server("shutdown_timeout = \"2s\"\nwatch_interval = \"100ms\"")
+        .http()
+}
+
+/// The plugin `name` (`[plugin.NAME]`) with its options (`key = value` lines).
+fn plugin(cfg: Config, name: &str, options: &str) -> Config {
+    cfg.table(&format!("plugin.{name}"), options)
+}
+
+/// tollgate on `cfg` (from [`plugin_site`]); `files` are written to its directory first.
+async fn proxy(cfg: Config, files: &[(&str, &str)]) -> Proxy {
     let dir = tempfile::tempdir().unwrap();
     for (name, text) in files {
         std::fs::write(dir.path().join(name), text).unwrap();
     }
-    let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let admin = free_port();
-    let cfg = format!(
-        "[server]\nthreads = 2\nshutdown_timeout = \"2s\"\nwatch_interval = \"100ms\"\n\n\
-         [admin]\naddress = \"127.0.0.1:{admin}\"\n\n\
-         [[listener]]\naddress = \"{http}\"\n\n{}",
-        body.replace("{dir}", &dir.path().display().to_string())
-    );
-    let path = dir.path().join("tollgate.toml");
-    write(&path, &cfg);
-    let mut tg = Tollgate::start(&path);
-    tg.ready(http).await;
-    // the admin listener starts on its own thread: the tests read /metrics and /plugins
-    tg.ready(SocketAddr::from(([127, 0, 0, 1], admin))).await;
+    let tg = cfg.start(dir.path()).await;
     Proxy {
         tg,
         dir,
-        http,
-        admin,
+        http: cfg.http_addr(),
+        admin: cfg.admin_port(),
     }
 }
 
@@ -113,36 +111,27 @@ fn fresh() -> reqwest::Client {
         .unwrap()
 }
 
-const WAT_ROUTES: &str = r#"
-[plugin.wat]
-file = "{dir}/abi_edge.wat"
-cpu_deadline = "100ms"
-max_memory = "2m"
-
-[plugin.wat-open]
-file = "{dir}/abi_edge.wat"
-on_error = "fail_open"
-cpu_deadline = "100ms"
-max_memory = "2m"
-
-[[vhost]]
-default = true
-[[vhost.route]]
-path = "/"
-pool = "up"
-plugins = ["wat"]
-[[vhost.route]]
-path = "/open"
-pool = "up"
-plugins = ["wat-open"]
-[[vhost.route]]
-path = "/none"
-pool = "up"
-"#;
-
+/// The WAT module fail-closed at `/`, fail-open at `/open`, and no plugin at `/none`.
 async fn wat_proxy(up: &Upstream) -> Proxy {
-    let body = format!("{WAT_ROUTES}\n[pool.up]\nbackends = [\"{}\"]\n", up.addr);
-    proxy(&body, &[("abi_edge.wat", &wat_source())]).await
+    let limits = "cpu_deadline = \"100ms\"\nmax_memory = \"2m\"";
+    let cfg = plugin(
+        plugin_site(),
+        "wat",
+        &format!("file = \"{{dir}}/abi_edge.wat\"\n{limits}"),
+    );
+    let cfg = plugin(
+        cfg,
+        "wat-open",
+        &format!("file = \"{{dir}}/abi_edge.wat\"\non_error = \"fail_open\"\n{limits}"),
+    )
+    .vhost(
+        Vhost::default_vhost()
+            .route_with("/", "up", "plugins = [\"wat\"]")
+            .route_with("/open", "up", "plugins = [\"wat-open\"]")
+            .route("/none", "up"),
+    )
+    .pool("up", Pool::backends(&[up.addr]));
+    proxy(cfg, &[("abi_edge.wat", &wat_source())]).await
 }
 
 async fn with_do(c: &reqwest::Client, url: &str, what: &str) -> (u16, String) {
@@ -429,32 +418,24 @@ backends = ["127.0.0.1:1"]
 
 // ---------------------------------------------------------------- ratelimit
 
-fn ratelimit_cfg(up: &Upstream, rate: f64, burst: u32, extra: &str) -> String {
-    format!(
-        r#"
-[plugin.rl]
-file = "{}"
-config = {{ rate = {rate}, burst = {burst}{extra} }}
-
-[[vhost]]
-default = true
-[[vhost.route]]
-path = "/"
-pool = "up"
-plugins = ["rl"]
-
-[pool.up]
-backends = ["{}"]
-"#,
-        dist("ratelimit"),
-        up.addr
+/// The ratelimit plugin (`rate`, `burst`, then `extra` in its config) on every request.
+fn ratelimit_cfg(up: &Upstream, rate: f64, burst: u32, extra: &str) -> Config {
+    plugin(
+        plugin_site(),
+        "rl",
+        &format!(
+            "file = \"{}\"\nconfig = {{ rate = {rate}, burst = {burst}{extra} }}",
+            dist("ratelimit")
+        ),
     )
+    .vhost(Vhost::default_vhost().route_with("/", "up", "plugins = [\"rl\"]"))
+    .pool("up", Pool::backends(&[up.addr]))
 }
 
 #[tokio::test]
 async fn ratelimit_answers_429_exactly_after_the_burst_across_threads_and_recovers() {
     let up = Upstream::start("up").await;
-    let p = proxy(&ratelimit_cfg(&up, 2.0, 5, ""), &[]).await;
+    let p = proxy(ratelimit_cfg(&up, 2.0, 5, ""), &[]).await;
     // 12 requests at once, each on its own connection, so both worker threads (and both
     // plugin instances) take part: together they may spend the burst once.
     let t = Instant::now();
@@ -516,7 +497,7 @@ async fn ratelimit_answers_429_exactly_after_the_burst_across_threads_and_recove
 async fn ratelimit_keys_by_header_and_skips_allowed_networks() {
     let up = Upstream::start("up").await;
     let p = proxy(
-        &ratelimit_cfg(
+        ratelimit_cfg(
             &up,
             0.01,
             2,
@@ -566,14 +547,7 @@ async fn ratelimit_rejects_a_bad_configuration_at_start() {
     let up = Upstream::start("up").await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("t.toml");
-    write(
-        &cfg,
-        &format!(
-            "[[listener]]\naddress = \"127.0.0.1:{}\"\n{}",
-            free_port(),
-            ratelimit_cfg(&up, 0.0, 5, "")
-        ),
-    );
+    ratelimit_cfg(&up, 0.0, 5, "").write(&cfg);
     let text = check_fails(&cfg);
     assert!(text.contains("rejected its configuration"), "{text}");
 }
@@ -611,33 +585,24 @@ fn sha256_hex(data: &[u8]) -> String {
         .collect()
 }
 
-fn auth_cfg(up: &Upstream, mode: &str, extra_pools: &str) -> String {
-    format!(
-        r#"
-[plugin.auth]
-file = "{}"
-config = {mode}
-# signature checks are what these tests judge, not the sandbox's deadline (its own tests
-# do): a loaded 2-core machine can stall a call past the default 50 ms of wall time
-cpu_deadline = "2s"
-
-[[vhost]]
-default = true
-[[vhost.route]]
-path = "/"
-pool = "up"
-plugins = ["auth"]
-[[vhost.route]]
-path = "/public"
-pool = "up"
-
-[pool.up]
-backends = ["{}"]
-{extra_pools}
-"#,
-        dist("auth"),
-        up.addr
+/// The auth plugin in `mode` at `/`, none at `/public`.
+fn auth_cfg(up: &Upstream, mode: &str) -> Config {
+    // signature checks are what these tests judge, not the sandbox's deadline (its own
+    // tests do): a loaded 2-core machine can stall a call past the default 50 ms of wall time
+    plugin(
+        plugin_site(),
+        "auth",
+        &format!(
+            "file = \"{}\"\nconfig = {mode}\ncpu_deadline = \"2s\"",
+            dist("auth")
+        ),
     )
+    .vhost(
+        Vhost::default_vhost()
+            .route_with("/", "up", "plugins = [\"auth\"]")
+            .route("/public", "up"),
+    )
+    .pool("up", Pool::backends(&[up.addr]))
 }
 
 async fn upstream_headers(r: reqwest::Response) -> Value {
@@ -651,7 +616,7 @@ async fn auth_basic_accepts_the_right_password_only() {
     let up = Upstream::start("up").await;
     let hash = format!("sha256:pepper:{}", sha256_hex(b"peppers3cret"));
     let mode = format!(r#"{{ basic = {{ realm = "ops", users = {{ alice = "{hash}" }} }} }}"#);
-    let p = proxy(&auth_cfg(&up, &mode, ""), &[]).await;
+    let p = proxy(auth_cfg(&up, &mode), &[]).await;
     let c = plain();
     let get = |auth: Option<String>| {
         let mut rb = c.get(p.url("/x")).header("x-auth-user", "mallory");
@@ -694,7 +659,7 @@ async fn auth_api_keys_from_header_or_query() {
         r#"{{ api_key = {{ header = "x-api-key", query = "key", keys = {{ ci = "sha256:{}", ops = "plain-key-for-ops" }} }} }}"#,
         sha256_hex(b"k-ci-123")
     );
-    let p = proxy(&auth_cfg(&up, &mode, ""), &[]).await;
+    let p = proxy(auth_cfg(&up, &mode), &[]).await;
     let c = plain();
     let r = c
         .get(p.url("/x"))
@@ -855,7 +820,7 @@ async fn auth_jwt_verifies_hs256_rs256_es256_and_checks_claims() {
         toml_str(&j.rsa_pub_pem),
         toml_str(&j.ec_pub_pem)
     );
-    let p = proxy(&auth_cfg(&up, &mode, ""), &[]).await;
+    let p = proxy(auth_cfg(&up, &mode), &[]).await;
     let c = plain();
     let call = |token: String| {
         c.get(p.url("/x"))
@@ -987,11 +952,7 @@ async fn auth_external_calls_out_to_the_auth_service() {
     let (authsvc, task) = auth_service().await;
     let mode = r#"{ external = { pool = "authsvc", path = "/check", timeout_ms = 1000, response_headers = ["x-auth-user"] } }"#;
     let p = proxy(
-        &auth_cfg(
-            &up,
-            mode,
-            &format!("[pool.authsvc]\nbackends = [\"{authsvc}\"]\n"),
-        ),
+        auth_cfg(&up, mode).pool("authsvc", Pool::backends(&[authsvc])),
         &[],
     )
     .await;
@@ -1065,14 +1026,12 @@ async fn auth_external_calls_out_over_the_pools_mtls() {
     let b = bdir.path().display();
     let mode = r#"{ external = { pool = "authsvc", path = "/check", timeout_ms = 2000 } }"#;
     let p = proxy(
-        &auth_cfg(
-            &up,
-            mode,
-            &format!(
-                "[pool.authsvc]\nbackends = [\"{}\"]\nprotocol = \"https\"\n\
-                 tls = {{ ca = \"{b}/backend-ca.pem\", server_name = \"auth.test\", client_cert = \"{b}/client.crt\", client_key = \"{b}/client.key\" }}\n",
-                authsvc.addr
-            ),
+        auth_cfg(&up, mode).pool(
+            "authsvc",
+            Pool::backends(&[authsvc.addr]).with(&format!(
+                "protocol = \"https\"\n\
+                 tls = {{ ca = \"{b}/backend-ca.pem\", server_name = \"auth.test\", client_cert = \"{b}/client.crt\", client_key = \"{b}/client.key\" }}"
+            )),
         ),
         &[],
     )
@@ -1095,32 +1054,29 @@ async fn auth_external_calls_out_over_the_pools_mtls() {
 async fn a_route_runs_its_vhost_plugins_then_its_own_in_order() {
     let up = Upstream::start("up").await;
     let hash = format!("sha256:s:{}", sha256_hex(b"spw"));
-    let body = format!(
-        r#"
-[plugin.rl]
-file = "{rl}"
-config = {{ rate = 0.01, burst = 1 }}
-
-[plugin.auth]
-file = "{auth}"
-config = {{ basic = {{ users = {{ u = "{hash}" }} }} }}
-
-[[vhost]]
-default = true
-plugins = ["rl"]
-[[vhost.route]]
-path = "/"
-pool = "up"
-plugins = ["auth", "rl"]
-
-[pool.up]
-backends = ["{up}"]
-"#,
-        rl = dist("ratelimit"),
-        auth = dist("auth"),
-        up = up.addr
+    let cfg = plugin(
+        plugin_site(),
+        "rl",
+        &format!(
+            "file = \"{}\"\nconfig = {{ rate = 0.01, burst = 1 }}",
+            dist("ratelimit")
+        ),
     );
-    let p = proxy(&body, &[]).await;
+    let cfg = plugin(
+        cfg,
+        "auth",
+        &format!(
+            "file = \"{}\"\nconfig = {{ basic = {{ users = {{ u = \"{hash}\" }} }} }}",
+            dist("auth")
+        ),
+    )
+    .vhost(
+        Vhost::default_vhost()
+            .set("plugins", "[\"rl\"]")
+            .route_with("/", "up", "plugins = [\"auth\", \"rl\"]"),
+    )
+    .pool("up", Pool::backends(&[up.addr]));
+    let p = proxy(cfg, &[]).await;
     let c = plain();
     // the vhost's rate limit runs first: the first request passes it and meets auth...
     let r = c.get(p.url("/x")).send().await.unwrap();
@@ -1144,27 +1100,21 @@ async fn a_filter_built_with_the_assemblyscript_sdk_runs_unchanged() {
     // ABI 0.2.0, a `malloc` allocator and `wasi_unstable` imports: the paths the Rust
     // SDK does not take
     let up = Upstream::start("up").await;
-    let body = format!(
-        r#"
-[plugin.as]
-file = "{}"
-config = "from-assemblyscript"
-root_id = "add_header"
-
-[[vhost]]
-default = true
-plugins = ["as"]
-[[vhost.route]]
-path = "/"
-pool = "up"
-
-[pool.up]
-backends = ["{}"]
-"#,
-        dist("as_headers"),
-        up.addr
-    );
-    let p = proxy(&body, &[]).await;
+    let cfg = plugin(
+        plugin_site(),
+        "as",
+        &format!(
+            "file = \"{}\"\nconfig = \"from-assemblyscript\"\nroot_id = \"add_header\"",
+            dist("as_headers")
+        ),
+    )
+    .vhost(
+        Vhost::default_vhost()
+            .set("plugins", "[\"as\"]")
+            .route("/", "up"),
+    )
+    .pool("up", Pool::backends(&[up.addr]));
+    let p = proxy(cfg, &[]).await;
     let r = plain().get(p.url("/as/path?q=1")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-as-path"], "/as/path?q=1");
@@ -1179,7 +1129,7 @@ async fn a_plugin_refusal_is_a_grpc_status_for_a_grpc_client() {
     let up = Upstream::start("up").await;
     let hash = format!("sha256:pepper:{}", sha256_hex(b"peppers3cret"));
     let mode = format!(r#"{{ basic = {{ realm = "ops", users = {{ alice = "{hash}" }} }} }}"#);
-    let p = proxy(&auth_cfg(&up, &mode, ""), &[]).await;
+    let p = proxy(auth_cfg(&up, &mode), &[]).await;
     let r = plain()
         .post(p.url("/pkg.Svc/Method"))
         .header("content-type", "application/grpc")

@@ -20,39 +20,21 @@ fn admin_port(dir: &Path) -> u16 {
 }
 
 fn config(dir: &Path, https: SocketAddr, pool: &[SocketAddr], extra_route: Option<&str>) -> String {
-    let backends: Vec<String> = pool.iter().map(|a| format!("\"{a}\"")).collect();
-    let extra = extra_route
-        .map(|p| format!("[[vhost.route]]\npath = \"{p}\"\npool = \"p\"\n"))
-        .unwrap_or_default();
-    format!(
-        r#"[server]
-threads = 2
-watch_interval = "100ms"
-shutdown_timeout = "10s"
-
-[admin]
-address = "127.0.0.1:{admin_port}"
-
-[[listener]]
-address = "{https}"
-tls = true
-
-[tls]
-certs_dir = "{certs}"
-
-[[vhost]]
-names = ["a.test"]
-[[vhost.route]]
-path = "/"
-pool = "p"
-{extra}
-[pool.p]
-backends = [{backends}]
-"#,
-        certs = dir.join("certs").display(),
-        admin_port = admin_port(dir),
-        backends = backends.join(", ")
-    )
+    let mut vhost = Vhost::new(&["a.test"]).route("/", "p");
+    if let Some(path) = extra_route {
+        vhost = vhost.route(path, "p");
+    }
+    Config::new()
+        .server("watch_interval = \"100ms\"\nshutdown_timeout = \"10s\"")
+        .admin_at(admin_port(dir))
+        .listener(https, true, "")
+        .table(
+            "tls",
+            &format!("certs_dir = \"{}\"", dir.join("certs").display()),
+        )
+        .vhost(vhost)
+        .pool("p", Pool::backends(pool))
+        .render(dir)
 }
 
 struct Fixture {
