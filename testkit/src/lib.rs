@@ -6,6 +6,7 @@
 // value `Default` should hand out.
 #![allow(clippy::new_without_default)]
 
+pub mod attack;
 pub mod aws;
 pub mod config;
 pub mod netns;

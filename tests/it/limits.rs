@@ -7,21 +7,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Tests share the machine, except the one that times latency: it runs alone, so what it
-/// measures is tollgate under its own attack and not a neighbour test's load.
-static MACHINE: std::sync::LazyLock<tokio::sync::RwLock<()>> =
-    std::sync::LazyLock::new(|| tokio::sync::RwLock::new(()));
-
-#[allow(dead_code)] // held for its drop only
-enum Turn {
-    Shared(tokio::sync::RwLockReadGuard<'static, ()>),
-    Alone(tokio::sync::RwLockWriteGuard<'static, ()>),
-    /// a second site inside a test that already runs alone
-    Beside,
-}
-
 struct Site {
-    _turn: Turn,
     tg: Tollgate,
     _dir: tempfile::TempDir,
     https: SocketAddr,
@@ -38,26 +24,6 @@ async fn site(up: SocketAddr, limits: &str, listener_extra: &str) -> Site {
 
 /// `site`, with `pool_extra` in pool `p`.
 async fn site_with(up: SocketAddr, limits: &str, listener_extra: &str, pool_extra: &str) -> Site {
-    let turn = Turn::Shared(MACHINE.read().await);
-    start_site(turn, up, limits, listener_extra, pool_extra).await
-}
-
-/// `site`, with no other test of this file running while it lives, and an identical twin
-/// started beside it.
-async fn sites_alone(up: SocketAddr, limits: &str) -> (Site, Site) {
-    let turn = Turn::Alone(MACHINE.write().await);
-    let one = start_site(turn, up, limits, "", "").await;
-    let twin = start_site(Turn::Beside, up, limits, "", "").await;
-    (one, twin)
-}
-
-async fn start_site(
-    turn: Turn,
-    up: SocketAddr,
-    limits: &str,
-    listener_extra: &str,
-    pool_extra: &str,
-) -> Site {
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new();
     ca.issue(dir.path(), "a", &["a.test"], "a");
@@ -80,7 +46,6 @@ async fn start_site(
     let (https, http) = (cfg.https_addr(), cfg.http_addr());
     let admin = SocketAddr::from(([127, 0, 0, 1], cfg.admin_port()));
     Site {
-        _turn: turn,
         tg,
         _dir: dir,
         https,
@@ -251,173 +216,53 @@ async fn connection_rate_per_ip_is_a_token_bucket() {
     );
 }
 
-/// Sequential keep-alive requests alternating between two sites, `rounds` rounds of `n`
-/// each; the p99 of every round, in seconds, for the first site and for the second.
-/// Alternating puts both under the same moment of a shared VM, whose stalls of several
-/// milliseconds come and go over seconds.
-async fn p99_paired(
-    a: (&reqwest::Client, &str),
-    b: (&reqwest::Client, &str),
-    rounds: usize,
-    n: usize,
-) -> (Vec<f64>, Vec<f64>) {
-    async fn one(c: &reqwest::Client, url: &str) -> f64 {
-        let s = Instant::now();
-        let r = c.get(url).send().await.unwrap();
-        assert_eq!(r.status(), 200);
-        r.bytes().await.unwrap();
-        s.elapsed().as_secs_f64()
-    }
-    let p99 = |mut t: Vec<f64>| {
-        t.sort_by(|x, y| x.partial_cmp(y).unwrap());
-        t[(t.len() * 99 / 100).min(t.len() - 1)]
-    };
-    let (mut pa, mut pb) = (Vec::new(), Vec::new());
-    for _ in 0..rounds {
-        let (mut ta, mut tb) = (Vec::with_capacity(n), Vec::with_capacity(n));
-        for _ in 0..n {
-            ta.push(one(a.0, a.1).await);
-            tb.push(one(b.0, b.1).await);
-        }
-        pa.push(p99(ta));
-        pb.push(p99(tb));
-    }
-    (pa, pb)
-}
-
-fn ms(v: &[f64]) -> Vec<String> {
-    v.iter().map(|x| format!("{:.2}", x * 1e3)).collect()
-}
-
-/// Slowloris against one tollgate while a normal client alternates its requests between it
-/// and an identical twin nobody attacks: the attacked one's p99 stays within 2x of the twin's
-/// in most rounds.
+/// Slowloris: connections that trickle a header byte by byte are cut at the header
+/// deadline, and a normal client is served while they all hold on. (What the attack costs
+/// a normal client's p99 against an unattacked twin, and tollgate's CPU, is measured in
+/// the release build by benches/attacks.rs: timings are not judged in the debug suite.)
 #[tokio::test]
-async fn slowloris_does_not_slow_a_normal_client() {
-    const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+async fn slowloris_is_cut_at_the_header_deadline_while_others_are_served() {
+    const HEADER_TIMEOUT: Duration = Duration::from_secs(4);
+    const N: u32 = 200;
     let up = Upstream::start("up").await;
     let limits = format!(
         "header_timeout = \"{}s\"\nmax_connections_per_ip = 1000\nconnection_rate_per_ip = 0",
         HEADER_TIMEOUT.as_secs()
     );
-    let (s, twin) = sites_alone(up.addr, &limits).await;
+    let s = site(up.addr, &limits, "").await;
     let c = client(&s.ca, s.https, &["a.test"]);
     let url = format!("https://a.test:{}/", s.https.port());
-    let tc = client(&twin.ca, twin.https, &["a.test"]);
-    let turl = format!("https://a.test:{}/", twin.https.port());
-    p99_paired((&c, &url), (&tc, &turl), 1, 50).await; // warm up
-    let (calm, calm_twin) = p99_paired((&c, &url), (&tc, &turl), 3, 200).await;
-
-    // 500 connections (TLS done) trickle a header one byte every 300 ms. They run on
-    // their own thread and runtime: on the test's runtime their 500 wake-ups would
-    // delay the measuring client and the upstream, and the test would time itself.
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let (ca_pem, https) = (s.ca.pem.clone(), s.https);
-    let attack = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let mut conns = Vec::with_capacity(500);
-            for i in 0..500u32 {
-                let tcp = connect_from([127, 0, 1, (i % 200) as u8 + 1], https)
-                    .await
-                    .unwrap();
-                conns.push(
-                    tls_over_pem(&ca_pem, tcp, "a.test", &["http/1.1"])
-                        .await
-                        .unwrap(),
-                );
-            }
-            let _ = ready_tx.send(Instant::now());
-            let mut attackers = Vec::with_capacity(500);
-            for (i, mut tls) in conns.into_iter().enumerate() {
-                attackers.push(tokio::spawn(async move {
-                    let start = Instant::now();
-                    let _ = tls
-                        .write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\nX-Slow: ")
-                        .await;
-                    // spread over the 300 ms period, as independent clients would be
-                    tokio::time::sleep(Duration::from_micros(600 * i as u64)).await;
-                    // bounded: at most 16 s or 55 bytes; returns when the server cuts it
-                    for _ in 0..55 {
-                        tokio::time::sleep(Duration::from_millis(300)).await;
-                        if tls.write_all(b"a").await.is_err() || tls.flush().await.is_err() {
-                            return Some(start.elapsed());
-                        }
-                        if start.elapsed() > Duration::from_secs(16) {
-                            break;
-                        }
-                    }
-                    let mut b = [0u8; 256];
-                    match tokio::time::timeout(Duration::from_secs(1), tls.read(&mut b)).await {
-                        Ok(Ok(_)) | Ok(Err(_)) => Some(start.elapsed()),
-                        Err(_) => None,
-                    }
-                }));
-            }
-            let mut out = Vec::with_capacity(500);
-            for a in attackers {
-                out.push(a.await.unwrap());
-            }
-            out
-        })
-    });
-    let began = ready_rx.await.expect("the attackers connected");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let (loaded, loaded_twin) = p99_paired((&c, &url), (&tc, &turl), 5, 200).await;
-    // and what holding the attack alone costs tollgate, over one second
-    let cpu0 = s.cpu_seconds();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let attack_cpu = s.cpu_seconds() - cpu0;
-    let measured_within = began.elapsed();
+    assert_eq!(c.get(&url).send().await.unwrap().status(), 200);
+    let give_up = HEADER_TIMEOUT + Duration::from_secs(6);
+    let (ready, attack) = attack::slowloris(s.ca.pem.clone(), s.https, "a.test", N, give_up);
+    let began = ready.await.expect("the attackers connected");
+    // every attacker holds a slot, and the normal client is served meanwhile
+    let mut answers = Vec::new();
+    for _ in 0..20 {
+        answers.push(c.get(&url).send().await.unwrap().status().as_u16());
+    }
+    let served_within = began.elapsed();
+    let open = s.metric("tollgate_connections_open").await;
     let results = tokio::task::spawn_blocking(move || attack.join().unwrap())
         .await
         .unwrap();
-    let mut cut = 0;
-    let mut latest = Duration::ZERO;
-    for d in results.into_iter().flatten() {
-        cut += 1;
-        latest = latest.max(d);
-    }
+    let cut: Vec<Duration> = results.into_iter().flatten().collect();
+    let latest = cut.iter().max().copied().unwrap_or_default();
     eprintln!(
-        "p99 per round, ms: before the attack {:?} (twin {:?}); under slowloris {:?} \
-         (twin {:?}), measured within {measured_within:?}; the attack alone took \
-         {attack_cpu:.2} CPU-s/s; {cut} of 500 cut, the last after {latest:?}",
-        ms(&calm),
-        ms(&calm_twin),
-        ms(&loaded),
-        ms(&loaded_twin),
+        "slowloris: {} of {N} cut, the last after {latest:?}; 20 requests served within \
+         {served_within:?} of the attack, {open} connections open then",
+        cut.len()
     );
+    assert!(answers.iter().all(|s| *s == 200), "{answers:?}");
     assert!(
-        measured_within < HEADER_TIMEOUT,
-        "the loaded rounds ran while every attacker still held its connection"
+        served_within < HEADER_TIMEOUT,
+        "the requests ran while every attacker still held its connection ({served_within:?})"
     );
-    // 1,667 one-byte TLS records a second: a small fraction of one core (debug build)
-    assert!(
-        attack_cpu < 0.3,
-        "500 trickling connections cost {attack_cpu} CPU-seconds a second"
-    );
-    assert_eq!(
-        cut, 500,
-        "every trickling connection is cut by header_timeout"
-    );
+    assert!(open > N as f64, "the attackers held their slots: {open}");
+    assert_eq!(cut.len(), N as usize, "every trickling connection is cut");
     assert!(
         latest < HEADER_TIMEOUT + Duration::from_secs(4),
         "cut near the header deadline, not later: {latest:?}"
-    );
-    // within 2x of the unattacked twin's p99 (a 1 ms floor for timer noise on loopback), round
-    // by round: a slowdown tollgate causes shows in most rounds, a stall of the VM in one
-    let within = loaded
-        .iter()
-        .zip(&loaded_twin)
-        .filter(|(a, t)| **a <= (2.0 * **t).max(**t + 0.001))
-        .count();
-    assert!(
-        within * 2 > loaded.len(),
-        "p99 within 2x of the twin's in {within} of {} rounds",
-        loaded.len()
     );
 }
 
@@ -562,7 +407,7 @@ async fn idle_connections_and_stalled_bodies_are_cut() {
 }
 
 #[tokio::test]
-async fn h2_rapid_reset_is_cut_off_and_cheap() {
+async fn h2_rapid_reset_is_cut_off_and_others_are_served() {
     let up = Upstream::start("up").await;
     let s = site(up.addr, "", "").await;
     let cpu_before = s.cpu_seconds();
@@ -595,7 +440,7 @@ async fn h2_rapid_reset_is_cut_off_and_cheap() {
     eprintln!("rapid reset: {sent} streams sent before the server stopped it; {cpu:.2} s of tollgate CPU; connection ended: {conn_result:?}");
     assert!(sent < 20_000, "the server ends a rapid-reset connection");
     assert!(matches!(conn_result, Ok(Ok(Err(_)))), "with a GOAWAY error");
-    assert!(cpu < 3.0, "tollgate used {cpu:.2} s of CPU");
+    // what it cost in CPU is measured in the release build: benches/attacks.rs
     // and keeps serving everyone else
     let c = client(&s.ca, s.https, &["a.test"]);
     let r = c
