@@ -134,20 +134,25 @@ async fn the_standby_takes_over_when_the_master_dies_and_a_returning_node_does_n
         )
         .unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // b has read and refused every one of them (so it was looking), and is still BACKUP
+    wait_for(
+        "b to refuse the forged heartbeats",
+        Duration::from_secs(5),
+        || async {
+            let st: Value = reqwest::get(format!("http://127.0.0.1:{}/status", b.admin))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            st["failover"]["status"]["rejected_packets"]
+                .as_u64()
+                .unwrap()
+                >= 20
+        },
+    )
+    .await;
     assert_eq!(state(b.admin).await.as_deref(), Some("BACKUP"));
-    let st: Value = reqwest::get(format!("http://127.0.0.1:{}/status", b.admin))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert!(
-        st["failover"]["status"]["rejected_packets"]
-            .as_u64()
-            .unwrap()
-            >= 20
-    );
 
     // the master dies: the standby takes over within about a second
     drop(a); // Tollgate's drop: SIGKILL, then reap

@@ -916,7 +916,14 @@ async fn a_backend_failing_its_health_check_is_taken_out_and_put_back() {
     })
     .await;
 
-    // checks run only for what the live configuration asks: without health_check, none
+    // checks run only for what the live configuration asks: without health_check, none.
+    // How long two probes take while checks run is the window the absence is judged over.
+    let (p0, t0) = (a.probes.load(Ordering::SeqCst), Instant::now());
+    wait_for("two more probes", Duration::from_secs(5), || async {
+        a.probes.load(Ordering::SeqCst) >= p0 + 2
+    })
+    .await;
+    let two_probes = t0.elapsed();
     let text = std::fs::read_to_string(&cfg).unwrap();
     let without: String = text
         .lines()
@@ -930,11 +937,12 @@ async fn a_backend_failing_its_health_check_is_taken_out_and_put_back() {
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await; // a probe already under way ends
     let probes = a.probes.load(Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(800)).await; // four intervals
+    // four intervals, and at least twice what two probes took when they ran
+    tokio::time::sleep((2 * two_probes).max(Duration::from_millis(800))).await;
     assert_eq!(
         a.probes.load(Ordering::SeqCst),
         probes,
-        "no probe once health_check is gone"
+        "no probe once health_check is gone (two took {two_probes:?} while checks ran)"
     );
 }
 

@@ -178,6 +178,7 @@ async fn invalid_reload_is_rejected_whole_and_sighup_applies_a_good_one() {
     // With file watching off, only SIGHUP applies a change.
     let good = config(f.dir.path(), f.https, &[b.addr], None)
         .replace("[server]\n", "[server]\nwatch_config = false\n");
+    let written = Instant::now();
     write(&f.path, &good);
     wait_for(
         "the watched change to apply",
@@ -188,11 +189,14 @@ async fn invalid_reload_is_rejected_whole_and_sighup_applies_a_good_one() {
         },
     )
     .await;
+    let seen_in = written.elapsed();
     write(
         &f.path,
         &good.replace(&b.addr.to_string(), &a.addr.to_string()),
     );
-    tokio::time::sleep(Duration::from_millis(500)).await; // several watch intervals: nothing may change
+    // the watcher applied the last change within `seen_in`: three times that (and several
+    // watch intervals) passes with nothing applied
+    tokio::time::sleep((3 * seen_in).max(Duration::from_millis(500))).await;
     assert_eq!(
         upstream_of(&c, &url).await.as_deref(),
         Some("b"),
