@@ -7,6 +7,7 @@ pub mod cidr;
 pub mod defaults;
 mod error;
 mod raw;
+pub mod route_options;
 pub mod secret;
 mod validate;
 
@@ -486,7 +487,77 @@ pub struct Vhost {
     pub consul_routes: ConsulRoutes,
     /// Its certificate is issued and renewed by ACME (`[acme]`).
     pub acme: bool,
+    /// What its answers carry: HSTS, the `Server` header.
+    pub headers: VhostHeaders,
+    /// Header rules for every route's requests and answers (a route's own follow).
+    pub request_headers: HeaderRules,
+    pub response_headers: HeaderRules,
     pub origin: Origin,
+}
+
+/// Header rules (`request_headers`, `response_headers`): names lower-case, values templates
+/// whose `$client_ip`, `$request_id`, `$host` and `$scheme` are filled per request. Applied
+/// in order: remove, then set (replacing any value), then add (beside any value).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct HeaderRules {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub set: Vec<(String, String)>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub add: Vec<(String, String)>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+}
+
+impl HeaderRules {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+}
+
+/// The variables a header rule's value may hold.
+pub const HEADER_VARIABLES: [&str; 4] = ["$client_ip", "$request_id", "$host", "$scheme"];
+
+/// What a vhost does to the headers of every answer (the upstream's and tollgate's own).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct VhostHeaders {
+    /// `Strict-Transport-Security`, on answers over HTTPS only (never over plain HTTP, where
+    /// browsers ignore it and a man in the middle could strip or forge it).
+    pub hsts: Option<Hsts>,
+    pub server: ServerHeader,
+}
+
+/// A vhost's HSTS policy (RFC 6797).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hsts {
+    pub max_age: Duration,
+    pub include_subdomains: bool,
+    pub preload: bool,
+}
+
+impl Hsts {
+    /// The header's value: `max-age=31536000; includeSubDomains; preload`.
+    pub fn value(&self) -> String {
+        let mut v = format!("max-age={}", self.max_age.as_secs());
+        if self.include_subdomains {
+            v.push_str("; includeSubDomains");
+        }
+        if self.preload {
+            v.push_str("; preload");
+        }
+        v
+    }
+}
+
+/// What happens to the upstream's `Server` header (`server_header`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum ServerHeader {
+    /// Passed to the client as the upstream sent it (the default).
+    #[default]
+    Pass,
+    /// Removed: the client learns nothing of the upstream's software.
+    Drop,
+    /// Replaced by this value, on the upstream's answers and tollgate's own.
+    Replace(String),
 }
 
 /// What a route does besides choosing its pool: the options of Fabio's `urlprefix-` tags.
@@ -505,7 +576,7 @@ pub struct RouteOptions {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
     /// Answer with this status and Location instead of proxying (`$path` in it is the
-    /// request's path and query).
+    /// request's path and query, `$host` its host).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redirect: Option<(u16, String)>,
     /// Only these client networks may use the route (Fabio's `allow=`)...
@@ -568,11 +639,18 @@ impl Vhost {
 #[derive(Debug, Clone)]
 pub struct Route {
     pub path: String,
+    /// Empty for a route that answers itself (`options.redirect`).
     pub pool: String,
     /// Overrides `limits.max_body_size` for this route (0 = no cap).
     pub max_body_size: Option<u64>,
     /// Plugins this route runs after its vhost's.
     pub plugins: Vec<String>,
+    /// Path rewrites, the Host sent upstream, a redirect, who may use it: the options Consul
+    /// tags give a route, by the same names and meaning.
+    pub options: RouteOptions,
+    /// Header rules applied after the vhost's.
+    pub request_headers: HeaderRules,
+    pub response_headers: HeaderRules,
     pub origin: Origin,
 }
 
@@ -901,14 +979,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" => n.checked_mul(1000),
         "m" => n.checked_mul(60_000),
         "h" => n.checked_mul(3_600_000),
+        "d" => n.checked_mul(86_400_000),
         "" => {
             return Err(format!(
-                "`{s}` has no unit: write e.g. {s}ms or {s}s (units: ms, s, m, h)"
+                "`{s}` has no unit: write e.g. {s}ms or {s}s (units: ms, s, m, h, d)"
             ))
         }
         other => {
             return Err(format!(
-                "`{other}` is not a duration unit in `{s}`: use ms, s, m or h"
+                "`{other}` is not a duration unit in `{s}`: use ms, s, m, h or d"
             ))
         }
     };
@@ -934,7 +1013,11 @@ mod tests {
         assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
         assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
         assert!(parse_duration("10").unwrap_err().contains("no unit"));
-        assert!(parse_duration("10d")
+        assert_eq!(
+            parse_duration("2d").unwrap(),
+            Duration::from_secs(2 * 86400)
+        );
+        assert!(parse_duration("10w")
             .unwrap_err()
             .contains("not a duration unit"));
         assert!(parse_duration("s").unwrap_err().contains("not a duration"));

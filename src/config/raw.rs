@@ -317,16 +317,82 @@ pub struct RawVhost {
     #[serde(default)]
     pub route: Vec<S<RawRoute>>,
     pub consul_routes: Option<S<RawConsulRoutes>>,
+    pub hsts: Option<S<RawHsts>>,
+    pub server_header: Option<S<RawServerHeader>>,
+    pub request_headers: Option<S<RawHeaderRules>>,
+    pub response_headers: Option<S<RawHeaderRules>>,
+}
+
+/// `request_headers` / `response_headers`: `{ set = { "X-Env" = "prod" }, add = { … },
+/// remove = ["X-Powered-By"] }`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawHeaderRules {
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub add: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+/// `hsts = true`, or `hsts = { max_age = "365d", include_subdomains = true, preload = true }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawHsts {
+    On(bool),
+    Table(RawHstsTable),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHstsTable {
+    pub max_age: Option<String>,
+    #[serde(default)]
+    pub include_subdomains: bool,
+    #[serde(default)]
+    pub preload: bool,
+}
+
+/// `server_header = "pass" | "drop"`, or `server_header = { replace = "edge" }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawServerHeader {
+    Word(String),
+    Replace { replace: String },
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRoute {
     pub path: S<String>,
-    pub pool: S<String>,
+    /// None only for a route that answers itself (`redirect`).
+    pub pool: Option<S<String>>,
     pub max_body_size: Option<S<RawSize>>,
     #[serde(default)]
     pub plugins: Vec<S<String>>,
+    // the options Consul tags give a route, by the same names
+    pub strip: Option<S<String>>,
+    pub prepend: Option<S<String>>,
+    pub host: Option<S<String>>,
+    pub redirect: Option<S<RawRedirect>>,
+    pub allow: Option<S<Vec<String>>>,
+    pub deny: Option<S<Vec<String>>>,
+    pub request_headers: Option<S<RawHeaderRules>>,
+    pub response_headers: Option<S<RawHeaderRules>>,
+}
+
+/// `redirect = { to = "https://example.com$path", status = 301 }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRedirect {
+    pub to: String,
+    #[serde(default = "moved_permanently")]
+    pub status: u16,
+}
+
+fn moved_permanently() -> u16 {
+    301
 }
 
 #[derive(Debug, Deserialize)]

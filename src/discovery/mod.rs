@@ -5,7 +5,7 @@
 
 pub mod consul;
 
-use crate::config::{BackendSpec, PortProtocol, Protocol, RouteOptions, ServiceKey};
+use crate::config::{route_options, BackendSpec, PortProtocol, Protocol, RouteOptions, ServiceKey};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -248,7 +248,10 @@ mod tests {
                 "urlprefix-a.test/ redirect=301,javascript:alert(1)",
                 "option `redirect=",
             ),
-            ("urlprefix-a.test/ allow=ip:10.0.0.0/33", "option `allow`"),
+            (
+                "urlprefix-a.test/ allow=ip:10.0.0.0/33",
+                "option `allow=ip:10.0.0.0/33`: `10.0.0.0/33` is not an IP network",
+            ),
             (
                 "urlprefix-a.test/ allow=ip:10.0.0.0/8 deny=ip:10.1.0.0/16",
                 "cannot be used together",
@@ -516,20 +519,6 @@ fn port_route(tag: &str, proto: PortProtocol, port: u16, host: &str) -> Result<T
     })
 }
 
-/// A path prefix option (`strip=`, `prepend=`): absolute, in normal form, no query.
-fn prefix_option(name: &str, v: &str) -> Result<String, String> {
-    let normal = matches!(
-        crate::routing::path::normalize_path(v, crate::routing::path::EncodedSlashes::Reject),
-        Ok(std::borrow::Cow::Borrowed(_))
-    );
-    if !v.starts_with('/') || !normal || v.contains(['?', '#', ';']) {
-        return Err(format!(
-            "option `{name}={v}`: a path prefix such as /api (absolute, in normal form)"
-        ));
-    }
-    Ok(v.trim_end_matches('/').to_string())
-}
-
 /// Fabio's route options: the ones with an HTTP meaning tollgate honours, and a refusal
 /// naming any other (so a route is never served without what its owner asked for).
 fn fabio_options(opts: &str) -> Result<RouteOptions, String> {
@@ -537,60 +526,30 @@ fn fabio_options(opts: &str) -> Result<RouteOptions, String> {
     for kv in opts.split_whitespace() {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
         match k {
-            "strip" => o.strip = Some(prefix_option(k, v)?),
-            "prepend" => o.prepend = Some(prefix_option(k, v)?),
-            "host" => {
-                let name =
-                    v.rsplit_once(':').map_or(
-                        v,
-                        |(h, port)| {
-                            if port.parse::<u16>().is_ok() {
-                                h
-                            } else {
-                                v
-                            }
-                        },
-                    );
-                if v != "dst" && crate::config::check_host_name(name).is_err() {
-                    return Err(format!(
-                        "option `host={v}`: a host name (with an optional port) or `dst`"
-                    ));
-                }
-                o.host = Some(v.to_ascii_lowercase());
-            }
-            "redirect" => {
-                let (code, url) = v.split_once(',').unwrap_or((v, ""));
-                let code = code.parse::<u16>().ok().filter(|c| (300..400).contains(c));
-                let url_ok = (url.starts_with("https://") || url.starts_with("http://"))
-                    && url.len() > "https://".len()
-                    && url.parse::<http::Uri>().is_ok()
-                    || (url.starts_with('/') && url.parse::<http::Uri>().is_ok());
-                match code {
-                    Some(c) if url_ok => o.redirect = Some((c, url.to_string())),
-                    _ => {
-                        return Err(format!(
-                            "option `redirect={v}`: a 3xx status and a URL, e.g. redirect=301,https://example.com$path"
-                        ))
+            "strip" | "prepend" | "host" | "allow" | "deny" | "redirect" => {
+                let bad = |why: String| format!("option `{k}={v}`: {why}");
+                match k {
+                    "strip" => o.strip = Some(route_options::prefix(v).map_err(bad)?),
+                    "prepend" => o.prepend = Some(route_options::prefix(v).map_err(bad)?),
+                    "host" => o.host = Some(route_options::host(v).map_err(bad)?),
+                    "allow" | "deny" => {
+                        let nets = v.split(',').filter(|n| !n.is_empty());
+                        let nets = route_options::networks(nets).map_err(bad)?;
+                        if k == "allow" {
+                            o.allow = nets;
+                        } else {
+                            o.deny = nets;
+                        }
                     }
-                }
-            }
-            "allow" | "deny" => {
-                let mut nets = Vec::new();
-                for n in v.split(',').filter(|n| !n.is_empty()) {
-                    let n = n.strip_prefix("ip:").unwrap_or(n);
-                    n.parse::<crate::config::cidr::Cidr>()
-                        .map_err(|e| format!("option `{k}`: {e}"))?;
-                    nets.push(n.to_string());
-                }
-                if nets.is_empty() {
-                    return Err(format!(
-                        "option `{k}=`: name networks, e.g. {k}=ip:10.0.0.0/8"
-                    ));
-                }
-                if k == "allow" {
-                    o.allow = nets;
-                } else {
-                    o.deny = nets;
+                    _ => {
+                        // `redirect=301,https://example.com$path`
+                        let (code, to) = v.split_once(',').unwrap_or((v, ""));
+                        let code = code.parse::<u16>().map_err(|_| {
+                            bad("a 3xx status and a URL, e.g. redirect=301,https://example.com$path"
+                                .into())
+                        })?;
+                        o.redirect = Some(route_options::redirect(code, to).map_err(bad)?);
+                    }
                 }
             }
             "proto" if v == "http" => {}
@@ -611,7 +570,7 @@ fn fabio_options(opts: &str) -> Result<RouteOptions, String> {
         }
     }
     if !o.allow.is_empty() && !o.deny.is_empty() {
-        return Err("options `allow` and `deny` cannot be used together".into());
+        return Err(route_options::ALLOW_AND_DENY.into());
     }
     Ok(o)
 }

@@ -8,6 +8,7 @@
 
 pub mod admission;
 mod grpc;
+mod headers;
 mod plugins;
 mod request;
 mod response;

@@ -255,7 +255,7 @@ pub(super) async fn write_local(
     local: &LocalResponse,
 ) -> Result<()> {
     let resp = local_header(local)?;
-    super::request::send(session, &ctx.request_id, resp, local.body.clone()).await
+    super::request::send(session, ctx, resp, local.body.clone()).await
 }
 
 /// The status and headers of a plugin's local response (framing headers are tollgate's).

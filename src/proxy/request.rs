@@ -186,8 +186,13 @@ pub(super) async fn route(session: &mut Session, ctx: &mut RequestCtx) -> Result
                 }
             }
             if let Some((status, to)) = &record.declared.options.redirect {
+                // the path was normalised before routing: `$path` is never `//host`
                 let pq = session.req_header().uri.path_and_query();
-                let location = to.replace("$path", pq.map(|p| p.as_str()).unwrap_or("/"));
+                let location = crate::config::route_options::redirect_location(
+                    to,
+                    pq.map(|p| p.as_str()).unwrap_or("/"),
+                    &ctx.host,
+                );
                 return answer(
                     session,
                     ctx,
@@ -274,7 +279,7 @@ pub(super) async fn acme_challenge(
     ctx.reason = Some("ACME http-01 challenge".into());
     let mut resp = ResponseHeader::build(200, Some(3))?;
     resp.insert_header(http::header::CONTENT_TYPE, "application/octet-stream")?;
-    send(session, &ctx.request_id, resp, Bytes::from(key_auth)).await?;
+    send(session, ctx, resp, Bytes::from(key_auth)).await?;
     Ok(true)
 }
 
@@ -293,7 +298,7 @@ pub(super) async fn answer(
     if let Some(l) = location {
         resp.insert_header(http::header::LOCATION, l)?;
     }
-    send(session, &ctx.request_id, resp, body).await?;
+    send(session, ctx, resp, body).await?;
     Ok(true)
 }
 
@@ -301,14 +306,16 @@ pub(super) async fn answer(
 /// and the request id added, then `body`.
 pub(super) async fn send(
     session: &mut Session,
-    request_id: &str,
+    ctx: &RequestCtx,
     mut resp: ResponseHeader,
     body: Bytes,
 ) -> Result<()> {
+    let request_id = ctx.request_id.as_str();
     if super::grpc::is_grpc(session.req_header()) {
         let text = String::from_utf8_lossy(&body);
         let mut g = super::grpc::trailers_only(&resp, &text)?;
         g.insert_header(REQUEST_ID, request_id)?;
+        super::response::vhost_headers(&mut g, ctx)?;
         g.insert_header(http::header::CONTENT_LENGTH, 0)?;
         if has_body(session.req_header()) {
             session.set_keepalive(None);
@@ -317,6 +324,7 @@ pub(super) async fn send(
     }
     resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
     resp.insert_header(REQUEST_ID, request_id)?;
+    super::response::vhost_headers(&mut resp, ctx)?;
     if has_body(session.req_header()) {
         // The body was not read: the connection cannot be reused safely.
         session.set_keepalive(None);
@@ -354,7 +362,7 @@ fn new_request_id() -> String {
 
 /// An address as text; IPv4 without the formatting machinery (`Display` for an `IpAddr` was
 /// ~1.3k instructions of every request, measured with callgrind).
-fn ip_text(ip: std::net::IpAddr) -> String {
+pub(super) fn ip_text(ip: std::net::IpAddr) -> String {
     match ip {
         std::net::IpAddr::V4(v4) => {
             let mut s = String::with_capacity(15);
@@ -426,9 +434,14 @@ pub(super) fn proxy_headers(req: &mut RequestHeader, ctx: &RequestCtx) -> Result
         req.remove_header(&X_FORWARDED_PREFIX);
     }
     if let Some(r) = ctx.record {
-        let o = &ctx.snap.records[r].declared.options;
+        let record = &ctx.snap.records[r];
+        let o = &record.declared.options;
         if o.strip.is_some() || o.prepend.is_some() || o.host.is_some() {
             route_rewrites(req, ctx, o)?;
+        }
+        // the operator's rules last: they may replace what tollgate set
+        if !record.request_ops.is_empty() {
+            super::headers::apply(req, &record.request_ops, ctx)?;
         }
     }
     Ok(())

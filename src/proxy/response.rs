@@ -61,6 +61,44 @@ pub(super) fn downstream_headers(resp: &mut ResponseHeader, ctx: &RequestCtx) ->
         }
     }
     resp.insert_header(super::request::REQUEST_ID, ctx.request_id_value())?;
+    vhost_headers(resp, ctx)
+}
+
+/// The vhost's answer headers on any answer, the upstream's or tollgate's own: HSTS over
+/// HTTPS only (it replaces an upstream's, and removes one over plain HTTP), its `Server`
+/// policy, then the response header
+/// rules (the route's, which follow the vhost's; the vhost's alone when no route matched).
+pub(super) fn vhost_headers(resp: &mut ResponseHeader, ctx: &RequestCtx) -> Result<()> {
+    let Some(v) = ctx.vhost.and_then(|vi| ctx.snap.vhosts.get(vi)) else {
+        return Ok(());
+    };
+    let a = &v.answers;
+    // with `hsts` set the vhost owns the header: its value over HTTPS, none over plain HTTP
+    match (ctx.tls, &a.hsts) {
+        (true, Some(h)) => {
+            resp.insert_header(http::header::STRICT_TRANSPORT_SECURITY, h.clone())?;
+        }
+        (false, Some(_)) => {
+            resp.remove_header(&http::header::STRICT_TRANSPORT_SECURITY);
+        }
+        (_, None) => {}
+    }
+    match &a.server {
+        None => {}
+        Some(None) => {
+            resp.remove_header(&http::header::SERVER);
+        }
+        Some(Some(v)) => {
+            resp.insert_header(http::header::SERVER, v.clone())?;
+        }
+    }
+    let ops = match ctx.record {
+        Some(r) => &ctx.snap.records[r].response_ops,
+        None => &a.response,
+    };
+    if !ops.is_empty() {
+        super::headers::apply(resp, ops, ctx)?;
+    }
     Ok(())
 }
 
@@ -173,6 +211,7 @@ pub(super) async fn error_answer(
             let sent = async {
                 let mut g = super::grpc::trailers_only(&resp, &format!("{code} {text}"))?;
                 g.insert_header(super::request::REQUEST_ID, ctx.request_id_value())?;
+                vhost_headers(&mut g, ctx)?;
                 g.insert_header(http::header::CONTENT_LENGTH, 0)?;
                 session.set_keepalive(None);
                 super::grpc::write(session, g).await
@@ -189,6 +228,7 @@ pub(super) async fn error_answer(
         let _ = resp.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8");
         let _ = resp.set_content_length(body.len());
         let _ = resp.insert_header(super::request::REQUEST_ID, ctx.request_id_value());
+        let _ = vhost_headers(&mut resp, ctx);
         if let Err(err) = session
             .as_downstream_mut()
             .write_error_response(resp, body)

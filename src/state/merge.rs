@@ -3,7 +3,7 @@
 //! fatal. Pure (unit-tested in `state::tests`).
 
 use super::{policy, RouteInfo, VhostInfo};
-use crate::config::{Config, PoolSpec, PortProtocol, PortSpec, RouteOptions, ServiceKey, SniRoute};
+use crate::config::{Config, PoolSpec, PortProtocol, PortSpec, ServiceKey, SniRoute};
 use crate::discovery::View;
 use std::collections::BTreeMap;
 
@@ -49,6 +49,8 @@ pub(crate) fn merge_routes(config: &Config, view: &View, covers: impl Fn(&str) -
                 redirect_https: v.redirect_https,
                 source: format!("file {}", v.origin),
                 plugins: v.plugins.clone(),
+                answers: super::AnswerHeaders::of(&v.headers)
+                    .with_rules(&v.request_headers, &v.response_headers),
             },
             under: None,
             routes: v
@@ -61,7 +63,9 @@ pub(crate) fn merge_routes(config: &Config, view: &View, covers: impl Fn(&str) -
                     max_body_size: r.max_body_size,
                     plugins: r.plugins.clone(),
                     allowed_by: None,
-                    options: RouteOptions::default(),
+                    options: r.options.clone(),
+                    request_headers: r.request_headers.clone(),
+                    response_headers: r.response_headers.clone(),
                 })
                 .collect(),
         })
@@ -155,6 +159,7 @@ pub(crate) fn merge_routes(config: &Config, view: &View, covers: impl Fn(&str) -
                         redirect_https: true,
                         source: source.clone(),
                         plugins: Vec::new(),
+                        answers: Default::default(),
                     },
                     routes: Vec::new(),
                     under: None,
@@ -200,6 +205,8 @@ pub(crate) fn merge_routes(config: &Config, view: &View, covers: impl Fn(&str) -
             plugins: Vec::new(),
             allowed_by: Some(allowed_by),
             options: dr.options.clone(),
+            request_headers: Default::default(),
+            response_headers: Default::default(),
         });
     }
     let ports = merge_ports(

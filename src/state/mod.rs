@@ -5,12 +5,13 @@
 //! Snapshot (backend health and cursors, metric counters, the plugin host) is `Lasting`,
 //! handed in and kept beside it.
 
+pub mod headers;
 mod merge;
 mod policy;
 pub mod watch;
 
 use crate::config::cidr::Cidr;
-use crate::config::{AdminToken, Config, ConfigErrors, RouteOptions, ServiceKey};
+use crate::config::{AdminToken, Config, ConfigErrors, HeaderRules, RouteOptions, ServiceKey};
 use crate::discovery::View;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::routing::{RouteEntry, RouteTable, VhostEntry};
@@ -113,6 +114,9 @@ pub struct Route {
     pub metrics: Arc<RouteMetrics>,
     /// The client networks the route's `allow` / `deny` option names, parsed.
     pub access: Option<Access>,
+    /// The vhost's header rules, then the route's, ready.
+    pub request_ops: headers::HeaderOps,
+    pub response_ops: headers::HeaderOps,
 }
 
 /// Who may use a route, by client address.
@@ -153,12 +157,95 @@ pub struct VhostInfo {
     pub source: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub plugins: Vec<String>,
+    /// HSTS and the `Server` header, as the answers carry them.
+    #[serde(skip_serializing_if = "AnswerHeaders::is_empty")]
+    pub answers: AnswerHeaders,
+}
+
+/// What a vhost adds to or removes from every answer, ready to insert (`config::VhostHeaders`
+/// turned into header values once per configuration, not per request).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct AnswerHeaders {
+    /// `Strict-Transport-Security`, for answers over HTTPS.
+    #[serde(
+        rename = "strict_transport_security",
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "header_text"
+    )]
+    pub hsts: Option<http::HeaderValue>,
+    /// `None`: pass the upstream's `Server`; `Some(None)`: drop it; `Some(Some(v))`: send `v`.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "server_text"
+    )]
+    pub server: Option<Option<http::HeaderValue>>,
+    /// The vhost's header rules (its routes' follow them).
+    #[serde(skip_serializing_if = "HeaderRules::is_empty")]
+    pub request_headers: HeaderRules,
+    #[serde(skip_serializing_if = "HeaderRules::is_empty")]
+    pub response_headers: HeaderRules,
+    /// `response_headers` ready, for answers no route made (404 under the vhost).
+    #[serde(skip)]
+    pub response: headers::HeaderOps,
+}
+
+impl AnswerHeaders {
+    pub fn of(h: &crate::config::VhostHeaders) -> AnswerHeaders {
+        use crate::config::ServerHeader;
+        AnswerHeaders {
+            // validated: digits and fixed words, printable ASCII
+            hsts: h
+                .hsts
+                .as_ref()
+                .and_then(|h| http::HeaderValue::from_str(&h.value()).ok()),
+            server: match &h.server {
+                ServerHeader::Pass => None,
+                ServerHeader::Drop => Some(None),
+                ServerHeader::Replace(v) => Some(http::HeaderValue::from_str(v).ok()),
+            },
+            ..AnswerHeaders::default()
+        }
+    }
+
+    /// With a file vhost's header rules.
+    pub fn with_rules(mut self, request: &HeaderRules, response: &HeaderRules) -> AnswerHeaders {
+        self.request_headers = request.clone();
+        self.response_headers = response.clone();
+        self.response = headers::HeaderOps::of(&[response]);
+        self
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.hsts.is_none()
+            && self.server.is_none()
+            && self.request_headers.is_empty()
+            && self.response_headers.is_empty()
+    }
+}
+
+fn header_text<S: serde::Serializer>(
+    v: &Option<http::HeaderValue>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.serialize_str(v.as_ref().and_then(|v| v.to_str().ok()).unwrap_or(""))
+}
+
+fn server_text<S: serde::Serializer>(
+    v: &Option<Option<http::HeaderValue>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(Some(v)) => s.serialize_str(&format!("replace: {}", v.to_str().unwrap_or(""))),
+        _ => s.serialize_str("drop"),
+    }
 }
 
 /// A route as declared (in the file or by a Consul service), by names.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RouteInfo {
     pub path: String,
+    /// Empty for a route that answers itself (a redirect).
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub pool: String,
     pub source: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -171,6 +258,11 @@ pub struct RouteInfo {
     /// What it does besides choosing its pool (path rewrites, Host, redirect, allow/deny).
     #[serde(skip_serializing_if = "RouteOptions::is_empty")]
     pub options: RouteOptions,
+    /// Its own header rules (after its vhost's).
+    #[serde(skip_serializing_if = "HeaderRules::is_empty")]
+    pub request_headers: HeaderRules,
+    #[serde(skip_serializing_if = "HeaderRules::is_empty")]
+    pub response_headers: HeaderRules,
 }
 
 impl Snapshot {
@@ -365,6 +457,14 @@ impl Snapshot {
                     plugins: chain,
                     metrics: m.route(&v.label, &r.path),
                     access: Access::of(&r.options),
+                    request_ops: headers::HeaderOps::of(&[
+                        &v.answers.request_headers,
+                        &r.request_headers,
+                    ]),
+                    response_ops: headers::HeaderOps::of(&[
+                        &v.answers.response_headers,
+                        &r.response_headers,
+                    ]),
                     declared: r,
                 });
             }

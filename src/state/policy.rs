@@ -179,6 +179,9 @@ mod tests {
             plugins: Vec::new(),
             routes: Vec::new(),
             consul_routes,
+            headers: Default::default(),
+            request_headers: Default::default(),
+            response_headers: Default::default(),
             origin: Origin {
                 file: "t.toml".into(),
                 line: 5,

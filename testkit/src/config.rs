@@ -111,11 +111,14 @@ impl Vhost {
         self.route_with(path, pool, "")
     }
 
-    /// A route for `path` to `pool` with more options (`key = value` lines).
+    /// A route for `path` to `pool` with more options (`key = value` lines); an empty `pool`
+    /// is left out (a route that answers itself, e.g. with `redirect`).
     pub fn route_with(mut self, path: &str, pool: &str, options: &str) -> Vhost {
         let mut route = Table::default();
         route.set("path", &format!("{path:?}"));
-        route.set("pool", &format!("{pool:?}"));
+        if !pool.is_empty() {
+            route.set("pool", &format!("{pool:?}"));
+        }
         route.set_lines(options);
         self.routes.push(route);
         self

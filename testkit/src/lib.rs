@@ -113,7 +113,8 @@ pub fn dead_addr() -> SocketAddr {
 }
 
 /// An HTTP/1.1 upstream that answers with JSON describing the request it got.
-/// `/sleep/<ms>` waits before answering; `/hop` answers with hop-by-hop headers; `/drain`
+/// `/sleep/<ms>` waits before answering; `/hop` answers with hop-by-hop headers; `…/banner`
+/// with `Server`, `X-Powered-By` and a short HSTS of its own; `/drain`
 /// reads the whole request body first and answers with its length.
 pub struct Upstream {
     pub addr: SocketAddr,
@@ -340,6 +341,13 @@ async fn answer(
         for i in 0..n.min(100_000) {
             resp = resp.header(format!("x-h-{i}"), value.as_str());
         }
+    }
+    if path.ends_with("/banner") {
+        // what a default upstream tells every client about itself
+        resp = resp
+            .header("server", "BaseHTTP/0.6 Python/3.11.7")
+            .header("x-powered-by", "PHP/5.4.0")
+            .header("strict-transport-security", "max-age=1");
     }
     if path == "/hop" {
         resp = resp

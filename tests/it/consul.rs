@@ -1055,6 +1055,184 @@ async fn fabio_options_are_honoured_and_unsupported_ones_reported() {
     let _ = tg.child.kill();
 }
 
+/// A file route and a Consul tag route with the same options (strip, prepend, host,
+/// redirect with `$path` and `$host`, allow) do the same thing to the same requests: one
+/// table of route options, one implementation.
+#[tokio::test]
+async fn file_routes_and_tag_routes_apply_the_same_options() {
+    let up = Upstream::start("svc").await;
+    let dir = tempfile::tempdir().unwrap();
+    let consul = ConsulAgent::start(dir.path()).await;
+    let file = Vhost::new(&["file.test"])
+        .route("/", "static")
+        .route_with(
+            "/cart",
+            "static",
+            "strip = \"/cart\"\nprepend = \"/v2\"\nhost = \"api.internal\"",
+        )
+        .route_with("/old", "", "redirect = { to = \"https://new.test$path\" }")
+        .route_with(
+            "/h",
+            "",
+            "redirect = { to = \"https://$host/new$path\", status = 308 }",
+        )
+        .route_with("/acl", "static", "allow = [\"127.0.0.2\"]");
+    let (path, http, admin) = tag_routing(dir.path(), &consul, "", &[file], up.addr);
+    let (code, out) = run_check(&path);
+    assert_eq!(code, 0, "{out}");
+    let mut tg = Tollgate::start(&path);
+    tg.ready(http).await;
+    tg.ready(SocketAddr::from(([127, 0, 0, 1], admin))).await;
+    let tags = [
+        "urlprefix-tag.test/",
+        "urlprefix-tag.test/cart strip=/cart prepend=/v2 host=api.internal",
+        "urlprefix-tag.test/old redirect=301,https://new.test$path",
+        "urlprefix-tag.test/h redirect=308,https://$host/new$path",
+        "urlprefix-tag.test/acl allow=ip:127.0.0.2",
+    ];
+    consul.register("svc-1", "svc", up.addr, &tags).await;
+    let from = |ip: [u8; 4]| {
+        reqwest::Client::builder()
+            .local_address(std::net::IpAddr::from(ip))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap()
+    };
+    // what a client sees: status, Location, and what the upstream read (path, Host,
+    // X-Forwarded-Prefix)
+    let seen = |ip: [u8; 4], host: &'static str, p: &'static str| {
+        let c = from(ip);
+        async move {
+            let r = c
+                .get(format!("http://{http}{p}"))
+                .header("host", host)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let location = r
+                .headers()
+                .get("location")
+                .map(|l| l.to_str().unwrap().to_string());
+            let upstream = if status == 200 {
+                let j: Value = r.json().await.unwrap();
+                Some((
+                    j["path"].as_str().unwrap().to_string(),
+                    j["query"].as_str().map(str::to_string),
+                    j["headers"]["host"].as_str().unwrap().to_string(),
+                    j["headers"]["x-forwarded-prefix"]
+                        .as_str()
+                        .map(str::to_string),
+                ))
+            } else {
+                None
+            };
+            (status, location, upstream)
+        }
+    };
+    wait_for("the tag routes", Duration::from_secs(15), || async {
+        seen([127, 0, 0, 2], "tag.test", "/acl").await.0 == 200
+            && seen([127, 0, 0, 1], "tag.test", "/old").await.0 == 301
+    })
+    .await;
+    let cases: [([u8; 4], &str, &str); 8] = [
+        ([127, 0, 0, 1], "/cart/x?q=1", "strip, prepend, host"),
+        ([127, 0, 0, 1], "/cart", "the prefix alone"),
+        ([127, 0, 0, 1], "/old/a?b=1", "redirect with $path"),
+        (
+            [127, 0, 0, 1],
+            "//old/a",
+            "an attacker's //: the normalised path",
+        ),
+        ([127, 0, 0, 1], "/h/x", "redirect with $host"),
+        ([127, 0, 0, 1], "/acl", "a client the route does not admit"),
+        ([127, 0, 0, 2], "/acl", "a client it admits"),
+        ([127, 0, 0, 1], "/other", "the plain route"),
+    ];
+    let mut answers = Vec::new();
+    for (ip, p, what) in cases {
+        let (by_file, by_tag) = (
+            seen(ip, "file.test", p).await,
+            seen(ip, "tag.test", p).await,
+        );
+        // the same, but for the host each was asked for
+        let tag_as_file = (
+            by_tag.0,
+            by_tag
+                .1
+                .as_ref()
+                .map(|l| l.replace("tag.test", "file.test")),
+            by_tag.2.clone().map(|(path, query, host, prefix)| {
+                (path, query, host.replace("tag.test", "file.test"), prefix)
+            }),
+        );
+        assert_eq!(by_file, tag_as_file, "{what}: {p}");
+        answers.push(by_file);
+    }
+    let upstream = |path: &str, query: Option<&str>, host: &str, prefix: Option<&str>| {
+        Some((
+            path.to_string(),
+            query.map(str::to_string),
+            host.to_string(),
+            prefix.map(str::to_string),
+        ))
+    };
+    assert_eq!(
+        answers[0],
+        (
+            200,
+            None,
+            upstream("/v2/x", Some("q=1"), "api.internal", Some("/cart"))
+        )
+    );
+    assert_eq!(
+        answers[1].2,
+        upstream("/v2/", None, "api.internal", Some("/cart"))
+    );
+    assert_eq!(
+        (answers[2].0, answers[2].1.as_deref()),
+        (301, Some("https://new.test/old/a?b=1"))
+    );
+    assert_eq!(
+        (answers[3].0, answers[3].1.as_deref()),
+        (301, Some("https://new.test/old/a"))
+    );
+    assert_eq!(
+        (answers[4].0, answers[4].1.as_deref()),
+        (308, Some("https://file.test/new/h/x"))
+    );
+    assert_eq!(answers[5].0, 403);
+    assert_eq!(answers[6].0, 200);
+    assert_eq!(answers[7].2, upstream("/other", None, "file.test", None));
+    // /routes shows the file route's options as it shows the tag's
+    let routes = admin_json(&plain(), admin, "/routes").await;
+    let of = |vhost: &str, path: &str| {
+        routes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["vhost"] == vhost)
+            .and_then(|v| {
+                v["routes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|r| r["path"] == path)
+                    .cloned()
+            })
+            .unwrap_or_else(|| panic!("{vhost}{path} in {routes}"))
+    };
+    assert_eq!(
+        of("file.test", "/cart")["options"],
+        of("tag.test", "/cart")["options"]
+    );
+    assert_eq!(
+        of("file.test", "/old")["options"],
+        of("tag.test", "/old")["options"]
+    );
+    assert!(of("file.test", "/old").get("pool").is_none(), "no pool");
+}
+
 /// A config with tag routes on, an admin API and a plain listener: `policy` goes under
 /// `[consul]`, then `vhosts`, whose routes may use pool `static` (at `file_up`). Returns the
 /// file, the listener and the admin port.

@@ -1040,3 +1040,140 @@ async fn failing_pools_write_one_error_line_per_ten_seconds_not_one_per_request(
         "{metrics}"
     );
 }
+
+/// Header rules (vhost, then route), HSTS and the `Server` policy on real answers: the
+/// upstream's, over HTTPS and plain HTTP, and tollgate's own 502.
+#[tokio::test]
+async fn header_rules_hsts_and_the_server_policy_apply_to_every_answer() {
+    let up = Upstream::start("up").await;
+    let dead = dead_addr();
+    let vhost = one_vhost()
+        .set("redirect_https", "false")
+        .set(
+            "hsts",
+            "{ max_age = \"365d\", include_subdomains = true, preload = true }",
+        )
+        .set("server_header", "\"drop\"")
+        .set(
+            "request_headers",
+            r#"{ set = { "X-Env" = "prod", "X-Scheme" = "$scheme", "X-Seen" = "$client_ip $request_id $host" }, remove = ["X-Debug"] }"#,
+        )
+        .set(
+            "response_headers",
+            r#"{ set = { "X-Content-Type-Options" = "nosniff", "Referrer-Policy" = "strict-origin-when-cross-origin" }, remove = ["X-Powered-By"] }"#,
+        )
+        .route("/", "p")
+        .route_with(
+            "/api",
+            "p",
+            "request_headers = { set = { \"X-Env\" = \"api\" }, add = { \"X-Tag\" = \"two\" } }\n\
+             response_headers = { add = { \"Cache-Control\" = \"no-store\" } }",
+        )
+        .route("/dead", "dead");
+    let s = site(
+        site_config()
+            .vhost(vhost)
+            .pool("p", Pool::backends(&[up.addr]))
+            .pool(
+                "dead",
+                Pool::backends(&[dead]).with("max_fails = 1\nretries = 0"),
+            ),
+        issue_a,
+    )
+    .await;
+    let port = s.https.port();
+    let c = client(&s.ca, s.https, &["a.test"]);
+    let hsts = "max-age=31536000; includeSubDomains; preload";
+    let header = |r: &reqwest::Response, name: &str| {
+        r.headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+
+    // over HTTPS: the request rules upstream, the answer rules, HSTS, no Server
+    let r = c
+        .get(format!("https://a.test:{port}/x/banner"))
+        .header("x-debug", "1")
+        .header("x-request-id", "rid-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        header(&r, "strict-transport-security").as_deref(),
+        Some(hsts),
+        "ours, not the upstream's"
+    );
+    assert_eq!(
+        header(&r, "server"),
+        None,
+        "the upstream's banner is dropped"
+    );
+    assert_eq!(header(&r, "x-powered-by"), None);
+    assert_eq!(
+        header(&r, "x-content-type-options").as_deref(),
+        Some("nosniff")
+    );
+    assert_eq!(
+        header(&r, "referrer-policy").as_deref(),
+        Some("strict-origin-when-cross-origin")
+    );
+    let j: Value = r.json().await.unwrap();
+    let h = &j["headers"];
+    assert_eq!(h["x-env"], "prod");
+    assert_eq!(h["x-scheme"], "https");
+    assert_eq!(h["x-seen"], "127.0.0.1 rid-1 a.test");
+    assert!(h.get("x-debug").is_none(), "{h}");
+
+    // a route's rules follow its vhost's
+    let r = c
+        .get(format!("https://a.test:{port}/api/banner"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&r, "cache-control").as_deref(), Some("no-store"));
+    assert_eq!(
+        header(&r, "x-content-type-options").as_deref(),
+        Some("nosniff")
+    );
+    let j: Value = r.json().await.unwrap();
+    assert_eq!(
+        j["headers"]["x-env"], "api",
+        "the route's set replaces the vhost's"
+    );
+    assert_eq!(j["headers"]["x-tag"], "two");
+
+    // over plain HTTP: the rules, and never HSTS
+    let plain = reqwest::Client::builder().no_proxy().build().unwrap();
+    let r = plain
+        .get(format!("http://{}/x/banner", s.http))
+        .header("host", "a.test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "strict-transport-security"), None);
+    assert_eq!(
+        header(&r, "x-content-type-options").as_deref(),
+        Some("nosniff")
+    );
+    let j: Value = r.json().await.unwrap();
+    assert_eq!(j["headers"]["x-scheme"], "http");
+
+    // tollgate's own answer (502, or 503 once the backend is out) carries HSTS and the
+    // answer rules too
+    let r = c
+        .get(format!("https://a.test:{port}/dead"))
+        .send()
+        .await
+        .unwrap();
+    assert!(matches!(r.status().as_u16(), 502 | 503), "{}", r.status());
+    assert_eq!(
+        header(&r, "strict-transport-security").as_deref(),
+        Some(hsts)
+    );
+    assert_eq!(
+        header(&r, "x-content-type-options").as_deref(),
+        Some("nosniff")
+    );
+}

@@ -12,6 +12,7 @@ use toml::Spanned;
 mod admin;
 mod consul;
 mod failover;
+mod headers;
 mod limits;
 mod listeners;
 mod plugins;
@@ -21,8 +22,8 @@ mod vhosts;
 
 pub use vhosts::check_host_name;
 use {
-    admin::*, consul::*, failover::*, limits::*, listeners::*, plugins::*, pools::*, ports::*,
-    vhosts::*,
+    admin::*, consul::*, failover::*, headers::*, limits::*, listeners::*, plugins::*, pools::*,
+    ports::*, vhosts::*,
 };
 
 pub(super) struct Ctx<'a> {

@@ -573,3 +573,222 @@ fn acme_settings_and_vhosts_are_validated() {
         );
     }
 }
+
+#[test]
+fn file_routes_take_the_tag_route_options() {
+    let src = OK.replace(
+        "path = \"/\"\npool = \"web\"\n",
+        "path = \"/\"\npool = \"web\"\n\
+         [[vhost.route]]\npath = \"/cart\"\npool = \"web\"\nstrip = \"/cart/\"\nprepend = \"/v2\"\nhost = \"API.internal:8080\"\nallow = [\"10.0.0.0/8\", \"192.0.2.1\"]\n\
+         [[vhost.route]]\npath = \"/old\"\nredirect = { to = \"https://$host/new$path\", status = 308 }\n\
+         [[vhost.route]]\npath = \"/gone\"\nredirect = { to = \"/\" }\n",
+    );
+    let c = parse(Path::new("/etc/tollgate/t.toml"), &src).unwrap();
+    let r = &c.vhosts[0].routes;
+    assert_eq!(
+        r[1].options,
+        RouteOptions {
+            strip: Some("/cart".into()),
+            prepend: Some("/v2".into()),
+            host: Some("api.internal:8080".into()),
+            allow: vec!["10.0.0.0/8".into(), "192.0.2.1".into()],
+            ..RouteOptions::default()
+        }
+    );
+    assert_eq!(
+        r[2].options.redirect,
+        Some((308, "https://$host/new$path".into()))
+    );
+    assert_eq!(r[2].pool, "", "a redirect route has no pool");
+    assert_eq!(
+        r[3].options.redirect,
+        Some((301, "/".into())),
+        "301 by default"
+    );
+}
+
+#[test]
+fn route_option_contradictions_are_errors_with_their_lines() {
+    let route = |body: &str| {
+        OK.replace(
+            "path = \"/\"\npool = \"web\"\n",
+            &format!("path = \"/\"\npool = \"web\"\n[[vhost.route]]\npath = \"/x\"\n{body}"),
+        )
+    };
+    let one = |body: &str, option: &str, says: &str| {
+        let e = errs(&route(body));
+        let hit = e
+            .iter()
+            .find(|e| e.option == option)
+            .unwrap_or_else(|| panic!("{option} in {e:?}"));
+        assert!(hit.message.contains(says), "{option}: {}", hit.message);
+        // the line of the key that is wrong (a missing pool: the route's path)
+        let key = option.rsplit('.').next().unwrap();
+        let key = if says == "missing" { "path" } else { key };
+        let text = route(body);
+        let lines: Vec<&str> = text.lines().collect();
+        let line = lines
+            .iter()
+            .rposition(|l| l.starts_with(&format!("{key} =")))
+            .unwrap()
+            + 1;
+        assert_eq!(hit.origin.line, line, "{option}");
+    };
+    one(
+        "pool = \"web\"\nredirect = { to = \"https://a.test/\" }",
+        "vhost[0].route[1].pool",
+        "answers itself",
+    );
+    one(
+        "redirect = { to = \"https://a.test/\" }\nstrip = \"/x\"",
+        "vhost[0].route[1].strip",
+        "sends nothing upstream",
+    );
+    one(
+        "redirect = { to = \"https://a.test/\" }\nplugins = [\"p\"]",
+        "vhost[0].route[1].plugins",
+        "sends nothing upstream",
+    );
+    one("strip = \"/x\"", "vhost[0].route[1].pool", "missing");
+    one(
+        "pool = \"web\"\nstrip = \"x/\"",
+        "vhost[0].route[1].strip",
+        "path prefix",
+    );
+    one(
+        "pool = \"web\"\nhost = \"a b\"",
+        "vhost[0].route[1].host",
+        "host name",
+    );
+    one(
+        "redirect = { to = \"//evil.test/\" }",
+        "vhost[0].route[1].redirect",
+        "a URL",
+    );
+    one(
+        "redirect = { to = \"https://a.test/\", status = 200 }",
+        "vhost[0].route[1].redirect",
+        "not a redirect status",
+    );
+    one(
+        "pool = \"web\"\nallow = [\"10.0.0.0/8\"]\ndeny = [\"10.1.0.0/16\"]",
+        "vhost[0].route[1].deny",
+        "cannot be used together",
+    );
+    one(
+        "pool = \"web\"\nallow = []",
+        "vhost[0].route[1].allow",
+        "name networks",
+    );
+}
+
+#[test]
+fn hsts_server_header_and_header_rules_are_validated() {
+    let vhost = |body: &str| OK.replace("[[vhost.route]]", &format!("{body}\n[[vhost.route]]"));
+    let c = parse(
+        Path::new("/etc/tollgate/t.toml"),
+        &vhost(
+            "hsts = { max_age = \"730d\", include_subdomains = true, preload = true }\n\
+             server_header = { replace = \"edge\" }\n\
+             response_headers = { set = { \"X-Frame-Options\" = \"DENY\" }, remove = [\"X-Powered-By\"] }\n\
+             request_headers = { add = { \"X-Via\" = \"$scheme://$host\" } }",
+        ),
+    )
+    .unwrap();
+    let v = &c.vhosts[0];
+    assert_eq!(
+        v.headers.hsts.as_ref().unwrap().value(),
+        "max-age=63072000; includeSubDomains; preload"
+    );
+    assert_eq!(v.headers.server, ServerHeader::Replace("edge".into()));
+    assert_eq!(
+        v.response_headers.set,
+        [("x-frame-options".to_string(), "DENY".to_string())]
+    );
+    assert_eq!(v.response_headers.remove, ["x-powered-by"]);
+    assert_eq!(
+        v.request_headers.add,
+        [("x-via".to_string(), "$scheme://$host".to_string())]
+    );
+    let c = parse(Path::new("/etc/tollgate/t.toml"), &vhost("hsts = true")).unwrap();
+    assert_eq!(
+        c.vhosts[0].headers.hsts.as_ref().unwrap().value(),
+        "max-age=31536000"
+    );
+
+    for (body, option, says) in [
+        (
+            "hsts = { max_age = \"30d\", preload = true }",
+            "vhost[0].hsts.preload",
+            "preload lists",
+        ),
+        (
+            "hsts = { max_age = \"1000d\" }",
+            "vhost[0].hsts.max_age",
+            "730d",
+        ),
+        (
+            "server_header = \"hide\"",
+            "vhost[0].server_header",
+            "\"drop\"",
+        ),
+        (
+            "server_header = { replace = \"a\\u0001b\" }",
+            "vhost[0].server_header.replace",
+            "printable",
+        ),
+        (
+            "response_headers = { set = { \"Transfer-Encoding\" = \"chunked\" } }",
+            "vhost[0].response_headers.set",
+            "framing",
+        ),
+        (
+            "request_headers = { remove = [\"Connection\"] }",
+            "vhost[0].request_headers.remove",
+            "framing",
+        ),
+        (
+            "request_headers = { set = { \"Host\" = \"x\" } }",
+            "vhost[0].request_headers.set",
+            "`host` option",
+        ),
+        (
+            "request_headers = { set = { \"X-A\" = \"$path\" } }",
+            "vhost[0].request_headers.set.X-A",
+            "not a variable",
+        ),
+        (
+            "response_headers = { set = { \"X A\" = \"1\" } }",
+            "vhost[0].response_headers.set",
+            "not a header name",
+        ),
+        (
+            "response_headers = { set = { \"X-A\" = \"1\" }, remove = [\"x-a\"] }",
+            "vhost[0].response_headers.remove",
+            "both set and removed",
+        ),
+    ] {
+        let src = vhost(body);
+        let e = errs(&src);
+        let hit = e
+            .iter()
+            .find(|e| e.option == option)
+            .unwrap_or_else(|| panic!("{option} in {e:?}"));
+        assert!(hit.message.contains(says), "{option}: {}", hit.message);
+        let key = body.split(' ').next().unwrap();
+        let line = src.lines().position(|l| l.starts_with(key)).unwrap() + 1;
+        assert_eq!(hit.origin.line, line, "{option}");
+    }
+    // a redirect route sends no request: request rules on it are a contradiction
+    let e = errs(&OK.replace(
+        "path = \"/\"\npool = \"web\"\n",
+        "path = \"/\"\npool = \"web\"\n[[vhost.route]]\npath = \"/r\"\nredirect = { to = \"/\" }\n\
+         request_headers = { set = { \"X-A\" = \"1\" } }\n",
+    ));
+    assert!(
+        e.iter()
+            .any(|e| e.option == "vhost[0].route[1].request_headers"
+                && e.message.contains("sends nothing upstream")),
+        "{e:?}"
+    );
+}

@@ -183,32 +183,64 @@ pub(super) fn vhosts(
                     format!("`{p}` is already routed on line {prev}"),
                 );
             }
-            let pool = r.pool.get_ref();
-            if !pools.contains_key(pool) {
-                let known: Vec<&str> = pools.keys().map(String::as_str).collect();
-                cx.err(
-                    r.pool.span(),
-                    format!("{opt}.pool"),
-                    format!(
-                        "no pool named `{pool}` (defined pools: {})",
-                        if known.is_empty() {
-                            "none".to_string()
-                        } else {
-                            known.join(", ")
-                        }
-                    ),
-                );
-            }
+            let options = route_options_of(cx, r, &opt);
+            let pool = match (&r.pool, &options.redirect) {
+                (Some(pool), None) => {
+                    check_pool_named(cx, pool, &format!("{opt}.pool"), pools);
+                    pool.get_ref().clone()
+                }
+                (Some(pool), Some(_)) => {
+                    cx.err(
+                        pool.span(),
+                        format!("{opt}.pool"),
+                        "a redirect route answers itself and sends nothing to a pool: remove `pool` or `redirect`",
+                    );
+                    String::new()
+                }
+                (None, Some(_)) => String::new(),
+                (None, None) => {
+                    cx.err(
+                        r.path.span(),
+                        format!("{opt}.pool"),
+                        "missing: the pool the route sends to (or a `redirect` it answers with)",
+                    );
+                    String::new()
+                }
+            };
             let max_body_size = r
                 .max_body_size
                 .as_ref()
                 .map(|_| cx.size(&r.max_body_size, &format!("{opt}.max_body_size"), 0));
             let route_plugins = plugin_refs(cx, &r.plugins, &format!("{opt}.plugins"), plugins);
+            let request_headers = header_rules(
+                cx,
+                &r.request_headers,
+                &format!("{opt}.request_headers"),
+                true,
+            );
+            let response_headers = header_rules(
+                cx,
+                &r.response_headers,
+                &format!("{opt}.response_headers"),
+                false,
+            );
+            if options.redirect.is_some() && !request_headers.is_empty() {
+                if let Some(h) = &r.request_headers {
+                    cx.err(
+                        h.span(),
+                        format!("{opt}.request_headers"),
+                        "a redirect route sends nothing upstream: `request_headers` would do nothing",
+                    );
+                }
+            }
             routes.push(Route {
                 path: p.clone(),
-                pool: pool.clone(),
+                pool,
                 max_body_size,
                 plugins: route_plugins,
+                options,
+                request_headers,
+                response_headers,
                 origin: cx.origin(r.path.span()),
             });
         }
@@ -229,6 +261,19 @@ pub(super) fn vhosts(
                 ConsulRoutes::Services(consul::service_patterns(cx, each, &opt))
             }
         };
+        let headers = vhost_headers(cx, v, i);
+        let request_headers = header_rules(
+            cx,
+            &v.request_headers,
+            &format!("vhost[{i}].request_headers"),
+            true,
+        );
+        let response_headers = header_rules(
+            cx,
+            &v.response_headers,
+            &format!("vhost[{i}].response_headers"),
+            false,
+        );
         out.push(Vhost {
             names,
             default: v.default,
@@ -238,8 +283,171 @@ pub(super) fn vhosts(
             routes,
             consul_routes,
             acme,
+            headers,
+            request_headers,
+            response_headers,
             origin,
         });
     }
     out
+}
+
+/// An error unless `pool` names a defined pool (listing the defined ones).
+fn check_pool_named(
+    cx: &mut Ctx,
+    pool: &Spanned<String>,
+    option: &str,
+    pools: &BTreeMap<String, PoolSpec>,
+) {
+    let name = pool.get_ref();
+    if !pools.contains_key(name) {
+        let known: Vec<&str> = pools.keys().map(String::as_str).collect();
+        cx.err(
+            pool.span(),
+            option,
+            format!(
+                "no pool named `{name}` (defined pools: {})",
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            ),
+        );
+    }
+}
+
+/// A file route's `strip`, `prepend`, `host`, `redirect`, `allow` and `deny`: checked as a
+/// Consul tag's options are (`config::route_options`), plus what only a file route can say
+/// wrong: options that mean nothing on a route that answers itself.
+fn route_options_of(cx: &mut Ctx, r: &super::raw::RawRoute, opt: &str) -> RouteOptions {
+    use super::route_options as ro;
+    let mut o = RouteOptions::default();
+    let one = |cx: &mut Ctx,
+               v: &Option<Spanned<String>>,
+               key: &str,
+               check: fn(&str) -> Result<String, String>| {
+        let v = v.as_ref()?;
+        match check(v.get_ref()) {
+            Ok(kept) => Some(kept),
+            Err(why) => {
+                cx.err(
+                    v.span(),
+                    format!("{opt}.{key}"),
+                    format!("`{}`: {why}", v.get_ref()),
+                );
+                None
+            }
+        }
+    };
+    o.strip = one(cx, &r.strip, "strip", ro::prefix);
+    o.prepend = one(cx, &r.prepend, "prepend", ro::prefix);
+    o.host = one(cx, &r.host, "host", ro::host);
+    if let Some(rd) = &r.redirect {
+        let raw = rd.get_ref();
+        match ro::redirect(raw.status, &raw.to) {
+            Ok(kept) => o.redirect = Some(kept),
+            Err(why) => cx.err(rd.span(), format!("{opt}.redirect"), why),
+        }
+    }
+    for (key, nets) in [("allow", &r.allow), ("deny", &r.deny)] {
+        let Some(nets) = nets else { continue };
+        match ro::networks(nets.get_ref().iter().map(String::as_str)) {
+            Ok(kept) if key == "allow" => o.allow = kept,
+            Ok(kept) => o.deny = kept,
+            Err(why) => cx.err(nets.span(), format!("{opt}.{key}"), why),
+        }
+    }
+    if let (Some(_), Some(deny)) = (&r.allow, &r.deny) {
+        cx.err(deny.span(), format!("{opt}.deny"), ro::ALLOW_AND_DENY);
+    }
+    if r.redirect.is_some() {
+        let spans = [
+            ("strip", r.strip.as_ref().map(|v| v.span())),
+            ("prepend", r.prepend.as_ref().map(|v| v.span())),
+            ("host", r.host.as_ref().map(|v| v.span())),
+            ("max_body_size", r.max_body_size.as_ref().map(|v| v.span())),
+            ("plugins", r.plugins.first().map(|v| v.span())),
+        ];
+        for (key, span) in spans {
+            if let Some(span) = span {
+                cx.err(
+                    span,
+                    format!("{opt}.{key}"),
+                    format!("a redirect route sends nothing upstream: `{key}` would do nothing"),
+                );
+            }
+        }
+    }
+    o
+}
+
+/// A vhost's `hsts` and `server_header`.
+fn vhost_headers(cx: &mut Ctx, v: &RawVhost, i: usize) -> VhostHeaders {
+    use super::raw::{RawHsts, RawServerHeader};
+    const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+    let hsts = match v.hsts.as_ref().map(|h| (h.get_ref(), h.span())) {
+        None | Some((RawHsts::On(false), _)) => None,
+        Some((RawHsts::On(true), _)) => Some(Hsts {
+            max_age: YEAR,
+            include_subdomains: false,
+            preload: false,
+        }),
+        Some((RawHsts::Table(t), span)) => {
+            let opt = format!("vhost[{i}].hsts");
+            let max_age = match t.max_age.as_deref().map(super::parse_duration) {
+                None => YEAR,
+                Some(Ok(d)) if d <= 2 * YEAR => d,
+                Some(Ok(_)) => {
+                    cx.err(span.clone(), format!("{opt}.max_age"), "at most 730d");
+                    YEAR
+                }
+                Some(Err(e)) => {
+                    cx.err(span.clone(), format!("{opt}.max_age"), e);
+                    YEAR
+                }
+            };
+            if t.preload && (!t.include_subdomains || max_age < YEAR) {
+                cx.err(
+                    span,
+                    format!("{opt}.preload"),
+                    "browsers' preload lists take only include_subdomains = true and max_age of at least 365d",
+                );
+            }
+            Some(Hsts {
+                max_age,
+                include_subdomains: t.include_subdomains,
+                preload: t.preload,
+            })
+        }
+    };
+    let server = match v.server_header.as_ref().map(|h| (h.get_ref(), h.span())) {
+        None => ServerHeader::Pass,
+        Some((RawServerHeader::Word(w), span)) => match w.as_str() {
+            "pass" => ServerHeader::Pass,
+            "drop" => ServerHeader::Drop,
+            other => {
+                cx.err(
+                    span,
+                    format!("vhost[{i}].server_header"),
+                    format!("`{other}`: \"pass\", \"drop\", or {{ replace = \"name\" }}"),
+                );
+                ServerHeader::Pass
+            }
+        },
+        Some((RawServerHeader::Replace { replace }, span)) => {
+            let printable = !replace.is_empty()
+                && replace.len() <= 128
+                && replace.bytes().all(|b| (0x20..0x7f).contains(&b));
+            if !printable {
+                cx.err(
+                    span,
+                    format!("vhost[{i}].server_header.replace"),
+                    "1 to 128 printable ASCII characters",
+                );
+            }
+            ServerHeader::Replace(replace.clone())
+        }
+    };
+    VhostHeaders { hsts, server }
 }
