@@ -299,7 +299,46 @@ pub(super) fn explain(
         let info = &snap.vhosts[v];
         json!({"vhost": info.label, "names": info.names, "source": info.source})
     };
-    let body = match snap.routes.lookup(&normalized, &path) {
+    // the request as matchers see it: `method=POST`, `header=x-canary:1` (repeatable), and
+    // the query in `path`
+    let method = get("method")
+        .and_then(|m| http::Method::from_bytes(m.to_ascii_uppercase().as_bytes()).ok())
+        .unwrap_or(http::Method::GET);
+    let mut headers = http::HeaderMap::new();
+    for (k, v) in &params {
+        let Some((name, value)) = (k == "header").then(|| v.split_once(':')).flatten() else {
+            continue;
+        };
+        if let (Ok(n), Ok(v)) = (
+            http::HeaderName::from_bytes(name.trim().to_ascii_lowercase().as_bytes()),
+            http::HeaderValue::from_str(value.trim()),
+        ) {
+            headers.append(n, v);
+        }
+    }
+    let view = crate::routing::RequestView {
+        method: &method,
+        headers: &headers,
+        query: path.split_once('?').map(|(_, q)| q),
+    };
+    // routes passed over for their matchers before the one chosen (or all, with none)
+    let skipped = |vhost: usize, upto: usize| -> Vec<Value> {
+        let bare = path.split(['?', '#']).next().unwrap_or("");
+        let bare = crate::routing::path::strip_params(bare);
+        snap.routes.vhost(vhost).routes()[..upto]
+            .iter()
+            .filter(|e| crate::routing::prefix_matches(&e.prefix, &bare))
+            .filter_map(|e| {
+                let why = e.matchers.as_ref()?.fails(&view)?;
+                Some(json!({
+                    "path": e.prefix,
+                    "source": snap.records[e.target].declared.source,
+                    "passed_over": why,
+                }))
+            })
+            .collect()
+    };
+    let body = match snap.routes.lookup_request(&normalized, &path, Some(&view)) {
         Lookup::NoVhost => json!({
             "host": host, "normalized_host": normalized, "path": path,
             "answer": 421, "reason": "no virtual host for this host name",
@@ -308,21 +347,38 @@ pub(super) fn explain(
             "host": host, "normalized_host": normalized, "path": path,
             "answer": 404, "reason": "no route for this path",
             "vhost": vhost_json(vhost),
+            "passed_over": skipped(vhost, snap.routes.vhost(vhost).routes().len()),
         }),
-        Lookup::Route { vhost, target, .. } => {
+        Lookup::Route {
+            vhost,
+            target,
+            route,
+        } => {
             let record = &snap.records[target];
-            let pool = &snap.pools[record.pool];
+            let pool = record.pool.and_then(|i| snap.pools.get(i));
+            let d = &record.declared;
+            let answer = match (&d.respond, &d.options.redirect) {
+                (Some(page), _) => json!({"respond": page.status}),
+                (None, Some((status, to))) => json!({"redirect": status, "to": to}),
+                (None, None) => json!("proxy"),
+            };
             json!({
                 "host": host, "normalized_host": normalized, "path": path,
-                "answer": "proxy",
+                "answer": answer,
                 "redirect_plain_http_to_https": snap.routes.vhost(vhost).redirect_https && snap.config.has_tls(),
                 "vhost": vhost_json(vhost),
                 "route": {
                     "path": record.declared.path,
                     "source": record.declared.source,
                     "allowed_by": record.declared.allowed_by,
+                    "matched_by": snap.routes.vhost(vhost).routes()[route]
+                        .matchers
+                        .as_ref()
+                        .map(|m| m.describe())
+                        .unwrap_or_default(),
                 },
-                "pool": pool_json(pool, watches),
+                "passed_over": skipped(vhost, route),
+                "pool": pool.map(|p| pool_json(p, watches)),
                 "plugins": record.plugins
                     .iter()
                     .map(|p| p.spec.name.as_str())

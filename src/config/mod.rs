@@ -492,7 +492,22 @@ pub struct Vhost {
     /// Header rules for every route's requests and answers (a route's own follow).
     pub request_headers: HeaderRules,
     pub response_headers: HeaderRules,
+    /// Pages for tollgate's own 4xx/5xx answers under this vhost, by status (read when the
+    /// configuration is, so a reload reads them again).
+    pub error_pages: BTreeMap<u16, Page>,
     pub origin: Origin,
+}
+
+/// A fixed answer body: a route's `respond`, or an error page.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Page {
+    pub status: u16,
+    pub content_type: String,
+    #[serde(skip)]
+    pub body: bytes::Bytes,
+    /// Where an error page was read from (`None`: written in the configuration).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
 }
 
 /// Header rules (`request_headers`, `response_headers`): names lower-case, values templates
@@ -651,7 +666,48 @@ pub struct Route {
     /// Header rules applied after the vhost's.
     pub request_headers: HeaderRules,
     pub response_headers: HeaderRules,
+    /// Answer with this instead of proxying (`respond`).
+    pub respond: Option<Page>,
+    /// What a request must also have for this route to take it (`match`).
+    pub matches: RouteMatch,
     pub origin: Origin,
+}
+
+/// A route's matchers besides its path: one of `methods` (if any), and every header and
+/// query rule.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RouteMatch {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<MatchRule>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub query: Vec<MatchRule>,
+}
+
+impl RouteMatch {
+    pub fn is_empty(&self) -> bool {
+        self.methods.is_empty() && self.headers.is_empty() && self.query.is_empty()
+    }
+}
+
+/// One header or query condition: `equals` a value, matches a `regex`, or (neither) present.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MatchRule {
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub equals: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+}
+
+/// A matcher's regex, compiled with a size cap (a configuration cannot make a huge program;
+/// Rust's regex runs in linear time, so no input makes it slow).
+pub fn match_regex(pattern: &str) -> Result<regex::Regex, String> {
+    regex::RegexBuilder::new(pattern)
+        .size_limit(1 << 16)
+        .build()
+        .map_err(|e| format!("`{pattern}` is not a regex tollgate takes: {e}"))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

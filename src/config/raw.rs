@@ -321,6 +321,8 @@ pub struct RawVhost {
     pub server_header: Option<S<RawServerHeader>>,
     pub request_headers: Option<S<RawHeaderRules>>,
     pub response_headers: Option<S<RawHeaderRules>>,
+    /// `{ "404" = "errors/404.html", "503" = "errors/down.html" }`
+    pub error_pages: Option<S<BTreeMap<String, String>>>,
 }
 
 /// `request_headers` / `response_headers`: `{ set = { "X-Env" = "prod" }, add = { … },
@@ -380,6 +382,47 @@ pub struct RawRoute {
     pub deny: Option<S<Vec<String>>>,
     pub request_headers: Option<S<RawHeaderRules>>,
     pub response_headers: Option<S<RawHeaderRules>>,
+    pub respond: Option<S<RawRespond>>,
+    /// `match = { methods = ["POST"], headers = [{ name = "x-canary", equals = "1" }] }`
+    #[serde(rename = "match")]
+    pub matches: Option<S<RawRouteMatch>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouteMatch {
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub headers: Vec<RawMatchRule>,
+    #[serde(default)]
+    pub query: Vec<RawMatchRule>,
+}
+
+/// `{ name = "x-canary", equals = "1" }`, `{ name = "…", regex = "^v[0-9]+$" }`, or
+/// `{ name = "…", present = true }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMatchRule {
+    pub name: String,
+    pub equals: Option<String>,
+    pub regex: Option<String>,
+    pub present: Option<bool>,
+}
+
+/// `respond = { status = 503, body = "down for maintenance", content_type = "text/plain" }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRespond {
+    #[serde(default = "ok_status")]
+    pub status: u16,
+    #[serde(default)]
+    pub body: String,
+    pub content_type: Option<String>,
+}
+
+fn ok_status() -> u16 {
+    200
 }
 
 /// `redirect = { to = "https://example.com$path", status = 301 }`.

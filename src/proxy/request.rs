@@ -151,9 +151,15 @@ pub(super) async fn route(session: &mut Session, ctx: &mut RequestCtx) -> Result
     ctx.host = host;
 
     let snap = ctx.snap.clone();
+    let req = session.req_header();
+    let view = crate::routing::RequestView {
+        method: &req.method,
+        headers: &req.headers,
+        query: req.uri.query(),
+    };
     let lookup = snap
         .routes
-        .lookup(&ctx.host, session.req_header().uri.path());
+        .lookup_request(&ctx.host, req.uri.path(), Some(&view));
     match lookup {
         Lookup::NoVhost => {
             answer(
@@ -185,6 +191,13 @@ pub(super) async fn route(session: &mut Session, ctx: &mut RequestCtx) -> Result
                     return answer(session, ctx, 403, why, None).await;
                 }
             }
+            if let Some(page) = &record.declared.respond {
+                ctx.reason = Some("answered by the route".into());
+                let mut resp = ResponseHeader::build(page.status, Some(4))?;
+                resp.insert_header(http::header::CONTENT_TYPE, page.content_type.as_str())?;
+                send(session, ctx, resp, page.body.clone()).await?;
+                return Ok(true);
+            }
             if let Some((status, to)) = &record.declared.options.redirect {
                 // the path was normalised before routing: `$path` is never `//host`
                 let pq = session.req_header().uri.path_and_query();
@@ -210,7 +223,7 @@ pub(super) async fn route(session: &mut Session, ctx: &mut RequestCtx) -> Result
                 session.set_keepalive(None);
                 return answer(session, ctx, r.status, r.reason, None).await;
             }
-            ctx.pool = snap.pools.get(record.pool).cloned();
+            ctx.pool = record.pool.and_then(|i| snap.pools.get(i)).cloned();
             Ok(false)
         }
     }
@@ -292,9 +305,17 @@ pub(super) async fn answer(
     location: Option<String>,
 ) -> Result<bool> {
     ctx.reason = Some(reason.into());
-    let body = Bytes::from(format!("{status} {reason}\n"));
     let mut resp = ResponseHeader::build(status, Some(4))?;
-    resp.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
+    let body = match super::response::error_page(ctx, status) {
+        Some(page) => {
+            resp.insert_header(http::header::CONTENT_TYPE, page.content_type.as_str())?;
+            page.body.clone()
+        }
+        None => {
+            resp.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
+            Bytes::from(format!("{status} {reason}\n"))
+        }
+    };
     if let Some(l) = location {
         resp.insert_header(http::header::LOCATION, l)?;
     }

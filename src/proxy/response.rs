@@ -64,6 +64,12 @@ pub(super) fn downstream_headers(resp: &mut ResponseHeader, ctx: &RequestCtx) ->
     vhost_headers(resp, ctx)
 }
 
+/// The vhost's page for tollgate's own answer `status`, if it has one (`error_pages`).
+pub(super) fn error_page(ctx: &RequestCtx, status: u16) -> Option<&crate::config::Page> {
+    let v = ctx.snap.vhosts.get(ctx.vhost?)?;
+    v.answers.error_pages.get(&status)
+}
+
 /// The vhost's answer headers on any answer, the upstream's or tollgate's own: HSTS over
 /// HTTPS only (it replaces an upstream's, and removes one over plain HTTP), its `Server`
 /// policy, then the response header
@@ -225,7 +231,11 @@ pub(super) async fn error_answer(
             };
         }
         let mut resp = pingora::protocols::http::ServerSession::generate_error(code);
-        let _ = resp.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8");
+        let (content_type, body) = match error_page(ctx, code) {
+            Some(page) => (page.content_type.as_str(), page.body.clone()),
+            None => ("text/plain; charset=utf-8", body),
+        };
+        let _ = resp.insert_header(http::header::CONTENT_TYPE, content_type);
         let _ = resp.set_content_length(body.len());
         let _ = resp.insert_header(super::request::REQUEST_ID, ctx.request_id_value());
         let _ = vhost_headers(&mut resp, ctx);

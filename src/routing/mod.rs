@@ -7,12 +7,123 @@ pub mod path;
 
 use std::collections::HashMap;
 
-/// A route inside a vhost: a path prefix and the index of its target (the route's record in
-/// the Snapshot, which holds everything else about it).
+/// A route inside a vhost: a path prefix, what else a request must have (`None`: nothing),
+/// and the index of its target (the route's record in the Snapshot, which holds everything
+/// else about it).
 #[derive(Debug, Clone)]
 pub struct RouteEntry {
     pub prefix: String,
+    pub matchers: Option<std::sync::Arc<Matchers>>,
     pub target: usize,
+}
+
+/// What a request must also have for a route to take it: one of the methods (if any are
+/// named), and every header and query condition.
+#[derive(Debug, Clone, Default)]
+pub struct Matchers {
+    pub methods: Vec<http::Method>,
+    pub headers: Vec<(http::HeaderName, Test)>,
+    /// Query parameters by name, as sent (percent-encoding is not decoded).
+    pub query: Vec<(String, Test)>,
+}
+
+/// One condition on a header's or a query parameter's values (any value may satisfy it).
+#[derive(Debug, Clone)]
+pub enum Test {
+    Present,
+    Equals(String),
+    /// Searched for in the value (anchor it with `^…$` for the whole value); linear time.
+    Regex(regex::Regex),
+}
+
+impl Test {
+    fn accepts(&self, value: &str) -> bool {
+        match self {
+            Test::Present => true,
+            Test::Equals(v) => v == value,
+            Test::Regex(r) => r.is_match(value),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Test::Present => "present".into(),
+            Test::Equals(v) => format!("= {v:?}"),
+            Test::Regex(r) => format!("~ /{}/", r.as_str()),
+        }
+    }
+}
+
+/// The parts of a request matchers look at.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestView<'a> {
+    pub method: &'a http::Method,
+    pub headers: &'a http::HeaderMap,
+    pub query: Option<&'a str>,
+}
+
+impl Matchers {
+    /// How many conditions: routes with more are tried first among those with one prefix.
+    pub fn weight(&self) -> usize {
+        usize::from(!self.methods.is_empty()) + self.headers.len() + self.query.len()
+    }
+
+    /// The first condition `req` fails, described; `None` when it meets them all.
+    pub fn fails(&self, req: &RequestView) -> Option<String> {
+        if !self.methods.is_empty() && !self.methods.contains(req.method) {
+            return Some(format!(
+                "method {} is not one of {}",
+                req.method,
+                self.method_list()
+            ));
+        }
+        for (name, test) in &self.headers {
+            let ok = req
+                .headers
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .any(|v| test.accepts(v));
+            if !ok {
+                return Some(format!("header {name} {} does not hold", test.describe()));
+            }
+        }
+        for (name, test) in &self.query {
+            let ok = req
+                .query
+                .unwrap_or("")
+                .split('&')
+                .filter_map(|kv| {
+                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                    (k == name).then_some(v)
+                })
+                .any(|v| test.accepts(v));
+            if !ok {
+                return Some(format!("query {name} {} does not hold", test.describe()));
+            }
+        }
+        None
+    }
+
+    fn method_list(&self) -> String {
+        let m: Vec<&str> = self.methods.iter().map(|m| m.as_str()).collect();
+        m.join(", ")
+    }
+
+    /// Every condition, described (what `/explain` shows a route matched by).
+    pub fn describe(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if !self.methods.is_empty() {
+            out.push(format!("method in {}", self.method_list()));
+        }
+        for (n, t) in &self.headers {
+            out.push(format!("header {n} {}", t.describe()));
+        }
+        for (n, t) in &self.query {
+            out.push(format!("query {n} {}", t.describe()));
+        }
+        out
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -29,7 +140,11 @@ impl VhostEntry {
         redirect_https: bool,
         mut routes: Vec<RouteEntry>,
     ) -> Self {
-        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+        // longest prefix first; for one prefix, more conditions first; then as declared
+        routes.sort_by_key(|r| {
+            let weight = r.matchers.as_ref().map_or(0, |m| m.weight());
+            (std::cmp::Reverse(r.prefix.len()), std::cmp::Reverse(weight))
+        });
         VhostEntry {
             label: label.into(),
             redirect_https,
@@ -42,13 +157,23 @@ impl VhostEntry {
     /// `/` matches everything below it. `;` parameters do not take part (`/api;v=1/x` matches
     /// `/api`); `path` is expected normalised (`path::normalize_path`).
     pub fn route(&self, path: &str) -> Option<(usize, &RouteEntry)> {
+        self.route_for(path, None)
+    }
+
+    /// The first route, in the order above, whose prefix matches `path` and whose matchers
+    /// `req` meets (without `req`, routes with matchers are passed over).
+    pub fn route_for(&self, path: &str, req: Option<&RequestView>) -> Option<(usize, &RouteEntry)> {
         let path = path.split(['?', '#']).next().unwrap_or("");
         let path = path::strip_params(path);
         let path = path.as_ref();
-        self.routes
-            .iter()
-            .enumerate()
-            .find(|(_, r)| prefix_matches(&r.prefix, path))
+        self.routes.iter().enumerate().find(|(_, r)| {
+            prefix_matches(&r.prefix, path)
+                && match (&r.matchers, req) {
+                    (None, _) => true,
+                    (Some(m), Some(req)) => m.fails(req).is_none(),
+                    (Some(_), None) => false,
+                }
+        })
     }
 
     pub fn routes(&self) -> &[RouteEntry] {
@@ -145,10 +270,15 @@ impl RouteTable {
     }
 
     pub fn lookup(&self, host: &str, path: &str) -> Lookup {
+        self.lookup_request(host, path, None)
+    }
+
+    /// Where a request goes, its matchers considered.
+    pub fn lookup_request(&self, host: &str, path: &str, req: Option<&RequestView>) -> Lookup {
         let Some(vhost) = self.find_vhost(host) else {
             return Lookup::NoVhost;
         };
-        match self.vhosts[vhost].route(path) {
+        match self.vhosts[vhost].route_for(path, req) {
             Some((route, r)) => Lookup::Route {
                 vhost,
                 route,
@@ -206,6 +336,7 @@ mod tests {
     fn table() -> RouteTable {
         let mut t = RouteTable::default();
         let r = |p: &str, t: usize| RouteEntry {
+            matchers: None,
             prefix: p.into(),
             target: t,
         };
@@ -295,5 +426,84 @@ mod tests {
         assert_eq!(normalize_host("a b.com"), None);
         assert_eq!(normalize_host("a.com/evil"), None);
         assert_eq!(normalize_host("[zz]:1"), None);
+    }
+
+    #[test]
+    fn matchers_choose_among_routes_of_one_prefix_and_fall_through() {
+        use std::sync::Arc;
+        let post = Matchers {
+            methods: vec![http::Method::POST],
+            ..Matchers::default()
+        };
+        let canary = Matchers {
+            headers: vec![(
+                http::HeaderName::from_static("x-canary"),
+                Test::Equals("1".into()),
+            )],
+            query: vec![("v".into(), Test::Regex(regex::Regex::new("^2$").unwrap()))],
+            ..Matchers::default()
+        };
+        let e = |p: &str, m: Option<Matchers>, t: usize| RouteEntry {
+            prefix: p.into(),
+            matchers: m.map(Arc::new),
+            target: t,
+        };
+        let mut t = RouteTable::default();
+        // declared: plain /api first, then the POST route, then the canary
+        t.add(
+            &["a.test".into()],
+            false,
+            VhostEntry::new(
+                "a.test",
+                true,
+                vec![
+                    e("/", None, 0),
+                    e("/api", None, 1),
+                    e("/api", Some(post), 2),
+                    e("/api", Some(canary), 3),
+                    e(
+                        "/admin",
+                        Some(Matchers {
+                            methods: vec![http::Method::GET],
+                            ..Matchers::default()
+                        }),
+                        4,
+                    ),
+                ],
+            ),
+        );
+        let mut headers = http::HeaderMap::new();
+        let target = |method: http::Method, headers: &http::HeaderMap, path: &str| {
+            let view = RequestView {
+                method: &method,
+                headers,
+                query: path.split_once('?').map(|(_, q)| q),
+            };
+            match t.lookup_request("a.test", path, Some(&view)) {
+                Lookup::Route { target, .. } => target,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(target(http::Method::GET, &headers, "/api/x"), 1);
+        assert_eq!(target(http::Method::POST, &headers, "/api/x"), 2);
+        headers.insert("x-canary", http::HeaderValue::from_static("1"));
+        assert_eq!(
+            target(http::Method::GET, &headers, "/api/x?v=2"),
+            3,
+            "two conditions first"
+        );
+        assert_eq!(target(http::Method::GET, &headers, "/api/x?v=3"), 1);
+        // a route whose matchers fail is passed over for the next, here a shorter prefix
+        assert_eq!(target(http::Method::DELETE, &headers, "/admin"), 0);
+        assert_eq!(target(http::Method::GET, &headers, "/admin"), 4);
+        // without a request (no method, no headers) routes with matchers never match
+        assert_eq!(
+            t.lookup("a.test", "/admin"),
+            Lookup::Route {
+                vhost: 0,
+                route: 4,
+                target: 0
+            }
+        );
     }
 }

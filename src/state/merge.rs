@@ -49,8 +49,7 @@ pub(crate) fn merge_routes(config: &Config, view: &View, covers: impl Fn(&str) -
                 redirect_https: v.redirect_https,
                 source: format!("file {}", v.origin),
                 plugins: v.plugins.clone(),
-                answers: super::AnswerHeaders::of(&v.headers)
-                    .with_rules(&v.request_headers, &v.response_headers),
+                answers: super::VhostAnswers::of(&v.headers).with_file(v),
             },
             under: None,
             routes: v
@@ -66,6 +65,8 @@ pub(crate) fn merge_routes(config: &Config, view: &View, covers: impl Fn(&str) -
                     options: r.options.clone(),
                     request_headers: r.request_headers.clone(),
                     response_headers: r.response_headers.clone(),
+                    respond: r.respond.clone(),
+                    matches: r.matches.clone(),
                 })
                 .collect(),
         })
@@ -207,6 +208,8 @@ pub(crate) fn merge_routes(config: &Config, view: &View, covers: impl Fn(&str) -
             options: dr.options.clone(),
             request_headers: Default::default(),
             response_headers: Default::default(),
+            respond: None,
+            matches: Default::default(),
         });
     }
     let ports = merge_ports(

@@ -105,8 +105,9 @@ pub struct Route {
     /// Its vhost (an index into `Snapshot::vhosts` and the route table's vhosts).
     pub vhost: usize,
     pub declared: RouteInfo,
-    /// Its pool, an index into `Snapshot::pools`.
-    pub pool: usize,
+    /// Its pool, an index into `Snapshot::pools` (`None`: it answers itself, with a
+    /// redirect or a `respond`).
+    pub pool: Option<usize>,
     /// The plugin chain: the vhost's plugins, then the route's.
     pub plugins: crate::wasm::Plugins,
     /// The names plugins read as properties (`route_name`, `vhost`, `cluster_name`).
@@ -158,14 +159,14 @@ pub struct VhostInfo {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub plugins: Vec<String>,
     /// HSTS and the `Server` header, as the answers carry them.
-    #[serde(skip_serializing_if = "AnswerHeaders::is_empty")]
-    pub answers: AnswerHeaders,
+    #[serde(skip_serializing_if = "VhostAnswers::is_empty")]
+    pub answers: VhostAnswers,
 }
 
 /// What a vhost adds to or removes from every answer, ready to insert (`config::VhostHeaders`
 /// turned into header values once per configuration, not per request).
 #[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct AnswerHeaders {
+pub struct VhostAnswers {
     /// `Strict-Transport-Security`, for answers over HTTPS.
     #[serde(
         rename = "strict_transport_security",
@@ -187,12 +188,15 @@ pub struct AnswerHeaders {
     /// `response_headers` ready, for answers no route made (404 under the vhost).
     #[serde(skip)]
     pub response: headers::HeaderOps,
+    /// Pages for tollgate's own 4xx/5xx answers, by status.
+    #[serde(skip_serializing_if = "no_pages", serialize_with = "pages")]
+    pub error_pages: Arc<BTreeMap<u16, crate::config::Page>>,
 }
 
-impl AnswerHeaders {
-    pub fn of(h: &crate::config::VhostHeaders) -> AnswerHeaders {
+impl VhostAnswers {
+    pub fn of(h: &crate::config::VhostHeaders) -> VhostAnswers {
         use crate::config::ServerHeader;
-        AnswerHeaders {
+        VhostAnswers {
             // validated: digits and fixed words, printable ASCII
             hsts: h
                 .hsts
@@ -203,15 +207,16 @@ impl AnswerHeaders {
                 ServerHeader::Drop => Some(None),
                 ServerHeader::Replace(v) => Some(http::HeaderValue::from_str(v).ok()),
             },
-            ..AnswerHeaders::default()
+            ..VhostAnswers::default()
         }
     }
 
-    /// With a file vhost's header rules.
-    pub fn with_rules(mut self, request: &HeaderRules, response: &HeaderRules) -> AnswerHeaders {
-        self.request_headers = request.clone();
-        self.response_headers = response.clone();
-        self.response = headers::HeaderOps::of(&[response]);
+    /// With a file vhost's header rules and error pages.
+    pub fn with_file(mut self, v: &crate::config::Vhost) -> VhostAnswers {
+        self.request_headers = v.request_headers.clone();
+        self.response_headers = v.response_headers.clone();
+        self.response = headers::HeaderOps::of(&[&v.response_headers]);
+        self.error_pages = Arc::new(v.error_pages.clone());
         self
     }
 
@@ -220,7 +225,19 @@ impl AnswerHeaders {
             && self.server.is_none()
             && self.request_headers.is_empty()
             && self.response_headers.is_empty()
+            && self.error_pages.is_empty()
     }
+}
+
+fn no_pages(p: &Arc<BTreeMap<u16, crate::config::Page>>) -> bool {
+    p.is_empty()
+}
+
+fn pages<S: serde::Serializer>(
+    p: &Arc<BTreeMap<u16, crate::config::Page>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    serde::Serialize::serialize(p.as_ref(), s)
 }
 
 fn header_text<S: serde::Serializer>(
@@ -263,6 +280,51 @@ pub struct RouteInfo {
     pub request_headers: HeaderRules,
     #[serde(skip_serializing_if = "HeaderRules::is_empty")]
     pub response_headers: HeaderRules,
+    /// What it answers with instead of proxying (`respond`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub respond: Option<crate::config::Page>,
+    /// What a request must also have (`match`).
+    #[serde(
+        rename = "match",
+        skip_serializing_if = "crate::config::RouteMatch::is_empty"
+    )]
+    pub matches: crate::config::RouteMatch,
+}
+
+/// A route's `match` as the route table tests it (`None`: the path alone decides).
+fn matchers_of(m: &crate::config::RouteMatch) -> Option<Arc<crate::routing::Matchers>> {
+    use crate::routing::{Matchers, Test};
+    if m.is_empty() {
+        return None;
+    }
+    // validated: methods, names and regexes parse
+    let test = |r: &crate::config::MatchRule| match (&r.equals, &r.regex) {
+        (Some(v), _) => Some(Test::Equals(v.clone())),
+        (None, Some(re)) => crate::config::match_regex(re).ok().map(Test::Regex),
+        (None, None) => Some(Test::Present),
+    };
+    Some(Arc::new(Matchers {
+        methods: m
+            .methods
+            .iter()
+            .filter_map(|x| http::Method::from_bytes(x.as_bytes()).ok())
+            .collect(),
+        headers: m
+            .headers
+            .iter()
+            .filter_map(|r| {
+                Some((
+                    http::HeaderName::from_bytes(r.name.as_bytes()).ok()?,
+                    test(r)?,
+                ))
+            })
+            .collect(),
+        query: m
+            .query
+            .iter()
+            .filter_map(|r| Some((r.name.clone(), test(r)?)))
+            .collect(),
+    }))
 }
 
 impl Snapshot {
@@ -436,6 +498,7 @@ impl Snapshot {
             for r in declared {
                 entries.push(RouteEntry {
                     prefix: r.path.clone(),
+                    matchers: matchers_of(&r.matches),
                     target: records.len(),
                 });
                 // the chain: the vhost's plugins, then the route's own (each once)
@@ -452,8 +515,8 @@ impl Snapshot {
                         pool: r.pool.clone(),
                     }),
                     vhost: vi,
-                    // validation (and the merge above) guarantee the pool exists
-                    pool: index.get(r.pool.as_str()).copied().unwrap_or(0),
+                    // validation (and the merge above) guarantee a named pool exists
+                    pool: index.get(r.pool.as_str()).copied(),
                     plugins: chain,
                     metrics: m.route(&v.label, &r.path),
                     access: Access::of(&r.options),

@@ -182,6 +182,7 @@ mod tests {
             headers: Default::default(),
             request_headers: Default::default(),
             response_headers: Default::default(),
+            error_pages: Default::default(),
             origin: Origin {
                 file: "t.toml".into(),
                 line: 5,

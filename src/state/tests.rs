@@ -79,7 +79,7 @@ fn every_route_has_one_record_that_the_route_table_finds() {
         let r = &snap.records[target];
         assert_eq!(r.vhost, vhost, "{host}{path}");
         assert_eq!(r.declared.path, prefix, "{host}{path}");
-        assert_eq!(snap.pools[r.pool].name, pool, "{host}{path}");
+        assert_eq!(snap.pools[r.pool.unwrap()].name, pool, "{host}{path}");
         assert_eq!(r.declared.max_body_size, cap, "{host}{path}");
         assert!(
             r.declared.source.starts_with(source),

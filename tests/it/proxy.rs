@@ -1177,3 +1177,203 @@ async fn header_rules_hsts_and_the_server_policy_apply_to_every_answer() {
         Some("nosniff")
     );
 }
+
+/// Routes that answer themselves (`respond`) and the vhost's error pages for tollgate's own
+/// answers, over HTTPS; a gRPC client still gets a gRPC error, not a page.
+#[tokio::test]
+async fn respond_routes_and_error_pages_are_served() {
+    let up = Upstream::start("up").await;
+    let dead = dead_addr();
+    let vhost = one_vhost()
+        .set(
+            "error_pages",
+            r#"{ "404" = "404.html", "502" = "down.html", "503" = "down.html" }"#,
+        )
+        .route("/app", "p")
+        .route("/dead", "dead")
+        .route_with(
+            "/robots.txt",
+            "",
+            r#"respond = { body = "User-agent: *\nDisallow: /\n" }"#,
+        )
+        .route_with(
+            "/maintenance",
+            "",
+            r#"respond = { status = 503, body = "<p>back soon</p>", content_type = "text/html; charset=utf-8" }"#,
+        );
+    let s = site(
+        site_config()
+            .vhost(vhost)
+            .pool("p", Pool::backends(&[up.addr]))
+            .pool(
+                "dead",
+                Pool::backends(&[dead]).with("max_fails = 1\nretries = 0"),
+            ),
+        |ca, dir| {
+            issue_a(ca, dir);
+            std::fs::write(dir.join("404.html"), "<h1>No such page</h1>\n").unwrap();
+            std::fs::write(dir.join("down.html"), "<h1>We will be back</h1>\n").unwrap();
+        },
+    )
+    .await;
+    let port = s.https.port();
+    let c = client(&s.ca, s.https, &["a.test"]);
+    let get = |p: &'static str| {
+        let c = c.clone();
+        async move {
+            let r = c
+                .get(format!("https://a.test:{port}{p}"))
+                .send()
+                .await
+                .unwrap();
+            let ct = r.headers()["content-type"].to_str().unwrap().to_string();
+            (r.status().as_u16(), ct, r.text().await.unwrap())
+        }
+    };
+    assert_eq!(
+        get("/robots.txt").await,
+        (
+            200,
+            "text/plain; charset=utf-8".into(),
+            "User-agent: *\nDisallow: /\n".into()
+        )
+    );
+    assert_eq!(
+        get("/maintenance/x").await,
+        (
+            503,
+            "text/html; charset=utf-8".into(),
+            "<p>back soon</p>".into()
+        )
+    );
+    assert_eq!(up.hits(), 0, "nothing reached a backend");
+    assert_eq!(
+        get("/nowhere").await,
+        (
+            404,
+            "text/html; charset=utf-8".into(),
+            "<h1>No such page</h1>\n".into()
+        )
+    );
+    let (status, ct, body) = get("/dead").await;
+    assert!(matches!(status, 502 | 503), "{status}");
+    assert_eq!(
+        (ct.as_str(), body.as_str()),
+        ("text/html; charset=utf-8", "<h1>We will be back</h1>\n")
+    );
+    assert_eq!(
+        get("/app").await.0,
+        200,
+        "a proxied answer is the upstream's"
+    );
+
+    // a gRPC client gets a gRPC status for the same failure
+    let r = c
+        .post(format!("https://a.test:{port}/dead/test.Echo/Unary"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(vec![0u8; 5])
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        r.headers().get("grpc-status").is_some(),
+        "{:?}",
+        r.headers()
+    );
+    assert_ne!(
+        r.headers().get("content-type").map(|v| v.to_str().unwrap()),
+        Some("text/html; charset=utf-8")
+    );
+
+    // /explain says what a route that answers itself does
+    let e = admin_json(
+        &reqwest::Client::new(),
+        s.admin,
+        "/explain?host=a.test&path=/maintenance",
+    )
+    .await;
+    assert_eq!(e["answer"]["respond"], 503, "{e}");
+    assert!(e["pool"].is_null(), "{e}");
+}
+
+/// Method and header matchers choose among routes of one prefix; `/explain` says which
+/// route matched by what, and which were passed over and why.
+#[tokio::test]
+async fn method_and_header_matchers_choose_the_pool() {
+    let plain_up = Upstream::start("plain").await;
+    let writes = Upstream::start("writes").await;
+    let canary = Upstream::start("canary").await;
+    let vhost = one_vhost()
+        .set("redirect_https", "false")
+        .route("/api", "plain")
+        .route_with(
+            "/api",
+            "writes",
+            r#"match = { methods = ["POST", "PUT", "DELETE"] }"#,
+        )
+        .route_with(
+            "/api",
+            "canary",
+            r#"match = { headers = [{ name = "X-Canary", equals = "1" }], query = [{ name = "beta", present = true }] }"#,
+        );
+    let s = site(
+        site_config()
+            .vhost(vhost)
+            .pool("plain", Pool::backends(&[plain_up.addr]))
+            .pool("writes", Pool::backends(&[writes.addr]))
+            .pool("canary", Pool::backends(&[canary.addr])),
+        issue_a,
+    )
+    .await;
+    let c = reqwest::Client::builder().no_proxy().build().unwrap();
+    let ask = |method: reqwest::Method, path: &'static str, canary: bool| {
+        let c = c.clone();
+        let url = format!("http://{}{path}", s.http);
+        async move {
+            let mut r = c.request(method, url).header("host", "a.test");
+            if canary {
+                r = r.header("x-canary", "1");
+            }
+            let r = r.send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.headers()["x-upstream"].to_str().unwrap().to_string()
+        }
+    };
+    use reqwest::Method;
+    assert_eq!(ask(Method::GET, "/api/x", false).await, "plain");
+    assert_eq!(ask(Method::POST, "/api/x", false).await, "writes");
+    assert_eq!(ask(Method::DELETE, "/api/x", false).await, "writes");
+    assert_eq!(ask(Method::GET, "/api/x?beta", true).await, "canary");
+    assert_eq!(
+        ask(Method::GET, "/api/x", true).await,
+        "plain",
+        "the canary needs both its conditions"
+    );
+    assert_eq!(
+        ask(Method::POST, "/api/x?beta=1", true).await,
+        "canary",
+        "two conditions are tried before one"
+    );
+
+    let e = admin_json(
+        &c,
+        s.admin,
+        "/explain?host=a.test&path=/api/x&method=POST&header=x-canary:0",
+    )
+    .await;
+    assert_eq!(e["pool"]["name"], "writes", "{e}");
+    assert_eq!(
+        e["route"]["matched_by"],
+        serde_json::json!(["method in POST, PUT, DELETE"])
+    );
+    let passed = e["passed_over"].as_array().unwrap();
+    assert_eq!(passed.len(), 1, "{e}");
+    assert!(
+        passed[0]["passed_over"]
+            .as_str()
+            .unwrap()
+            .contains("header x-canary = \"1\" does not hold"),
+        "{e}"
+    );
+}

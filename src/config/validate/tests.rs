@@ -792,3 +792,181 @@ fn hsts_server_header_and_header_rules_are_validated() {
         "{e:?}"
     );
 }
+
+#[test]
+fn respond_routes_and_error_pages_are_validated() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("404.html"), "<h1>not here</h1>").unwrap();
+    let src = OK.replace(
+        "path = \"/\"\npool = \"web\"\n",
+        "path = \"/\"\npool = \"web\"\n[[vhost.route]]\npath = \"/robots.txt\"\n\
+         respond = { body = \"User-agent: *\\nDisallow: /\\n\" }\n\
+         [[vhost.route]]\npath = \"/maintenance\"\n\
+         respond = { status = 503, body = \"<p>back soon</p>\", content_type = \"text/html\" }\n",
+    );
+    let src = src.replace(
+        "[[vhost.route]]\npath = \"/\"",
+        "error_pages = { \"404\" = \"404.html\" }\n[[vhost.route]]\npath = \"/\"",
+    );
+    let path = dir.path().join("t.toml");
+    let c = parse(&path, &src).unwrap();
+    let v = &c.vhosts[0];
+    let robots = v.routes[1].respond.as_ref().unwrap();
+    assert_eq!(
+        (robots.status, robots.content_type.as_str()),
+        (200, "text/plain; charset=utf-8")
+    );
+    assert_eq!(&robots.body[..], b"User-agent: *\nDisallow: /\n");
+    assert_eq!(v.routes[2].respond.as_ref().unwrap().status, 503);
+    assert_eq!(v.routes[2].pool, "");
+    let page = &v.error_pages[&404];
+    assert_eq!(page.content_type, "text/html; charset=utf-8");
+    assert_eq!(&page.body[..], b"<h1>not here</h1>");
+
+    let route = |body: &str| {
+        OK.replace(
+            "path = \"/\"\npool = \"web\"\n",
+            &format!("path = \"/\"\npool = \"web\"\n[[vhost.route]]\npath = \"/x\"\n{body}\n"),
+        )
+    };
+    for (body, option, says) in [
+        (
+            "pool = \"web\"\nrespond = { body = \"x\" }",
+            "vhost[0].route[1].pool",
+            "answers itself",
+        ),
+        (
+            "respond = { body = \"x\" }\nredirect = { to = \"/\" }",
+            "vhost[0].route[1].respond",
+            "not both",
+        ),
+        (
+            "respond = { status = 204, body = \"x\" }",
+            "vhost[0].route[1].respond",
+            "no body",
+        ),
+        (
+            "respond = { status = 99 }",
+            "vhost[0].route[1].respond",
+            "from 200 to 599",
+        ),
+        (
+            "respond = { body = \"x\" }\nstrip = \"/x\"",
+            "vhost[0].route[1].strip",
+            "sends nothing upstream",
+        ),
+    ] {
+        let e = errs(&route(body));
+        assert!(
+            e.iter()
+                .any(|e| e.option == option && e.message.contains(says)),
+            "{option} {says}: {e:?}"
+        );
+    }
+    let big = format!("respond = {{ body = \"{}\" }}", "x".repeat(70_000));
+    assert!(errs(&route(&big))
+        .iter()
+        .any(|e| e.message.contains("64 KiB")));
+
+    // error pages: the status must be 4xx/5xx, the file readable, said with its line
+    for (pages, option, says) in [
+        (
+            "{ \"404\" = \"missing.html\" }",
+            "vhost[0].error_pages.404",
+            "cannot read",
+        ),
+        (
+            "{ \"200\" = \"404.html\" }",
+            "vhost[0].error_pages.200",
+            "4xx or 5xx",
+        ),
+    ] {
+        let src = OK.replace(
+            "[[vhost.route]]\npath = \"/\"",
+            &format!("error_pages = {pages}\n[[vhost.route]]\npath = \"/\""),
+        );
+        let e = parse(&path, &src).unwrap_err().0;
+        let hit = e
+            .iter()
+            .find(|e| e.option == option)
+            .unwrap_or_else(|| panic!("{option}: {e:?}"));
+        assert!(hit.message.contains(says), "{}", hit.message);
+        let line = src
+            .lines()
+            .position(|l| l.starts_with("error_pages"))
+            .unwrap()
+            + 1;
+        assert_eq!(hit.origin.line, line);
+    }
+}
+
+#[test]
+fn route_matchers_are_validated_and_tell_routes_of_one_prefix_apart() {
+    let routes = |extra: &str| {
+        OK.replace(
+            "path = \"/\"\npool = \"web\"\n",
+            &format!("path = \"/\"\npool = \"web\"\n{extra}"),
+        )
+    };
+    let c = parse(
+        Path::new("/etc/tollgate/t.toml"),
+        &routes(
+            "[[vhost.route]]\npath = \"/\"\npool = \"web\"\n\
+             match = { methods = [\"post\", \"PUT\"], headers = [{ name = \"X-Canary\", equals = \"1\" }, { name = \"authorization\", present = true }], query = [{ name = \"v\", regex = \"^2$\" }] }\n",
+        ),
+    )
+    .unwrap();
+    let m = &c.vhosts[0].routes[1].matches;
+    assert_eq!(m.methods, ["POST", "PUT"]);
+    assert_eq!(m.headers[0].name, "x-canary");
+    assert_eq!(m.headers[0].equals.as_deref(), Some("1"));
+    assert_eq!(
+        (m.headers[1].equals.as_ref(), m.headers[1].regex.as_ref()),
+        (None, None)
+    );
+    assert_eq!(m.query[0].regex.as_deref(), Some("^2$"));
+
+    for (extra, option, says) in [
+        (
+            "[[vhost.route]]\npath = \"/\"\npool = \"web\"\n",
+            "vhost[0].route[1].path",
+            "already routed on line 8",
+        ),
+        (
+            "[[vhost.route]]\npath = \"/x\"\npool = \"web\"\nmatch = { methods = [\"G T\"] }\n",
+            "vhost[0].route[1].match.methods",
+            "not a method",
+        ),
+        (
+            "[[vhost.route]]\npath = \"/x\"\npool = \"web\"\nmatch = { headers = [{ name = \"x a\", present = true }] }\n",
+            "vhost[0].route[1].match.headers[0].name",
+            "not a header name",
+        ),
+        (
+            "[[vhost.route]]\npath = \"/x\"\npool = \"web\"\nmatch = { headers = [{ name = \"x\", equals = \"1\", regex = \"1\" }] }\n",
+            "vhost[0].route[1].match.headers[0]",
+            "exactly one of",
+        ),
+        (
+            "[[vhost.route]]\npath = \"/x\"\npool = \"web\"\nmatch = { query = [{ name = \"v\", regex = \"(\" }] }\n",
+            "vhost[0].route[1].match.query[0].regex",
+            "not a regex",
+        ),
+        (
+            "[[vhost.route]]\npath = \"/x\"\npool = \"web\"\nmatch = { query = [{ name = \"a=b\", present = true }] }\n",
+            "vhost[0].route[1].match.query[0].name",
+            "not a query parameter name",
+        ),
+    ] {
+        let src = routes(extra);
+        let e = errs(&src);
+        let hit = e
+            .iter()
+            .find(|e| e.option == option)
+            .unwrap_or_else(|| panic!("{option}: {e:?}"));
+        assert!(hit.message.contains(says), "{option}: {}", hit.message);
+    }
+    // a regex too big to compile within the cap is refused, not built
+    let big = format!("a{{1000}}{}", "b{1000}".repeat(20));
+    assert!(crate::config::match_regex(&big).is_err());
+}

@@ -175,34 +175,46 @@ pub(super) fn vhosts(
                     ),
                 );
             }
+            let matches = route_match_of(cx, r, &opt);
+            // one prefix may have several routes, told apart by their matchers
             let line = cx.origin(r.path.span()).line;
-            if let Some(prev) = paths.insert(p.clone(), line) {
+            let key = format!("{p} {matches:?}");
+            if let Some(prev) = paths.insert(key, line) {
                 cx.err(
                     r.path.span(),
                     format!("{opt}.path"),
-                    format!("`{p}` is already routed on line {prev}"),
+                    format!("`{p}` is already routed on line {prev} (with the same `match`)"),
                 );
             }
             let options = route_options_of(cx, r, &opt);
-            let pool = match (&r.pool, &options.redirect) {
-                (Some(pool), None) => {
+            let respond = respond_of(cx, r, &opt);
+            let answers_itself = r.redirect.is_some() || r.respond.is_some();
+            if let (Some(_), Some(rs)) = (&r.redirect, &r.respond) {
+                cx.err(
+                    rs.span(),
+                    format!("{opt}.respond"),
+                    "a route answers with a `redirect` or a `respond`, not both",
+                );
+            }
+            let pool = match (&r.pool, answers_itself) {
+                (Some(pool), false) => {
                     check_pool_named(cx, pool, &format!("{opt}.pool"), pools);
                     pool.get_ref().clone()
                 }
-                (Some(pool), Some(_)) => {
+                (Some(pool), true) => {
                     cx.err(
                         pool.span(),
                         format!("{opt}.pool"),
-                        "a redirect route answers itself and sends nothing to a pool: remove `pool` or `redirect`",
+                        "a route that answers itself (`redirect`, `respond`) sends nothing to a pool: remove `pool` or the answer",
                     );
                     String::new()
                 }
-                (None, Some(_)) => String::new(),
-                (None, None) => {
+                (None, true) => String::new(),
+                (None, false) => {
                     cx.err(
                         r.path.span(),
                         format!("{opt}.pool"),
-                        "missing: the pool the route sends to (or a `redirect` it answers with)",
+                        "missing: the pool the route sends to (or the `redirect` or `respond` it answers with)",
                     );
                     String::new()
                 }
@@ -224,12 +236,12 @@ pub(super) fn vhosts(
                 &format!("{opt}.response_headers"),
                 false,
             );
-            if options.redirect.is_some() && !request_headers.is_empty() {
+            if answers_itself && !request_headers.is_empty() {
                 if let Some(h) = &r.request_headers {
                     cx.err(
                         h.span(),
                         format!("{opt}.request_headers"),
-                        "a redirect route sends nothing upstream: `request_headers` would do nothing",
+                        "a route that answers itself sends nothing upstream: `request_headers` would do nothing",
                     );
                 }
             }
@@ -241,6 +253,8 @@ pub(super) fn vhosts(
                 options,
                 request_headers,
                 response_headers,
+                respond,
+                matches,
                 origin: cx.origin(r.path.span()),
             });
         }
@@ -262,6 +276,7 @@ pub(super) fn vhosts(
             }
         };
         let headers = vhost_headers(cx, v, i);
+        let error_pages = error_pages_of(cx, v, i);
         let request_headers = header_rules(
             cx,
             &v.request_headers,
@@ -286,6 +301,7 @@ pub(super) fn vhosts(
             headers,
             request_headers,
             response_headers,
+            error_pages,
             origin,
         });
     }
@@ -361,7 +377,7 @@ fn route_options_of(cx: &mut Ctx, r: &super::raw::RawRoute, opt: &str) -> RouteO
     if let (Some(_), Some(deny)) = (&r.allow, &r.deny) {
         cx.err(deny.span(), format!("{opt}.deny"), ro::ALLOW_AND_DENY);
     }
-    if r.redirect.is_some() {
+    if r.redirect.is_some() || r.respond.is_some() {
         let spans = [
             ("strip", r.strip.as_ref().map(|v| v.span())),
             ("prepend", r.prepend.as_ref().map(|v| v.span())),
@@ -374,7 +390,9 @@ fn route_options_of(cx: &mut Ctx, r: &super::raw::RawRoute, opt: &str) -> RouteO
                 cx.err(
                     span,
                     format!("{opt}.{key}"),
-                    format!("a redirect route sends nothing upstream: `{key}` would do nothing"),
+                    format!(
+                        "a route that answers itself (`redirect`, `respond`) sends nothing upstream: `{key}` would do nothing"
+                    ),
                 );
             }
         }
@@ -450,4 +468,180 @@ fn vhost_headers(cx: &mut Ctx, v: &RawVhost, i: usize) -> VhostHeaders {
         }
     };
     VhostHeaders { hsts, server }
+}
+
+/// `text/plain` unless it says otherwise; printable ASCII.
+fn content_type_ok(v: &str) -> bool {
+    !v.is_empty() && v.len() <= 256 && v.bytes().all(|b| (0x20..0x7f).contains(&b))
+}
+
+/// A route's `respond`: a status, a body of at most 64 KiB, a content type.
+fn respond_of(cx: &mut Ctx, r: &super::raw::RawRoute, opt: &str) -> Option<Page> {
+    let rs = r.respond.as_ref()?;
+    let raw = rs.get_ref();
+    let opt = format!("{opt}.respond");
+    let why = if !(200..=599).contains(&raw.status) {
+        Some(format!("status {}: from 200 to 599", raw.status))
+    } else if matches!(raw.status, 204 | 304) && !raw.body.is_empty() {
+        Some(format!("a {} answer has no body", raw.status))
+    } else if raw.body.len() > 64 * 1024 {
+        Some("a body of at most 64 KiB (larger pages belong on a backend)".into())
+    } else if !raw.content_type.as_deref().is_none_or(content_type_ok) {
+        Some("content_type: printable ASCII, e.g. \"text/html; charset=utf-8\"".into())
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        cx.err(rs.span(), opt, why);
+        return None;
+    }
+    Some(Page {
+        status: raw.status,
+        content_type: raw
+            .content_type
+            .clone()
+            .unwrap_or_else(|| "text/plain; charset=utf-8".into()),
+        body: bytes::Bytes::from(raw.body.clone()),
+        file: None,
+    })
+}
+
+/// A vhost's `error_pages`: a 4xx/5xx status each, a readable file of at most 1 MiB (its
+/// content type from its extension).
+fn error_pages_of(cx: &mut Ctx, v: &RawVhost, i: usize) -> BTreeMap<u16, Page> {
+    let mut out = BTreeMap::new();
+    let Some(pages) = &v.error_pages else {
+        return out;
+    };
+    let span = pages.span();
+    for (status, file) in pages.get_ref() {
+        let opt = format!("vhost[{i}].error_pages.{status}");
+        let Some(code) = status
+            .parse::<u16>()
+            .ok()
+            .filter(|c| (400..=599).contains(c))
+        else {
+            cx.err(
+                span.clone(),
+                opt,
+                format!("`{status}`: a 4xx or 5xx status"),
+            );
+            continue;
+        };
+        let path = cx.path(file);
+        let body = match std::fs::read(&path) {
+            Ok(b) if b.len() <= 1 << 20 => b,
+            Ok(_) => {
+                cx.err(
+                    span.clone(),
+                    opt,
+                    format!("{} is over 1 MiB", path.display()),
+                );
+                continue;
+            }
+            Err(e) => {
+                cx.err(
+                    span.clone(),
+                    opt,
+                    format!("cannot read {}: {e}", path.display()),
+                );
+                continue;
+            }
+        };
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+        let content_type = match ext.to_ascii_lowercase().as_str() {
+            "html" | "htm" => "text/html; charset=utf-8",
+            "json" => "application/json",
+            _ => "text/plain; charset=utf-8",
+        };
+        out.insert(
+            code,
+            Page {
+                status: code,
+                content_type: content_type.into(),
+                body: bytes::Bytes::from(body),
+                file: Some(path),
+            },
+        );
+    }
+    out
+}
+
+/// A route's `match`: methods (upper-cased tokens), header rules (header names) and query
+/// rules, each with exactly one of `equals`, `regex` or `present = true`.
+fn route_match_of(cx: &mut Ctx, r: &super::raw::RawRoute, opt: &str) -> RouteMatch {
+    let mut out = RouteMatch::default();
+    let Some(m) = &r.matches else {
+        return out;
+    };
+    let span = m.span();
+    let raw = m.get_ref();
+    let opt = format!("{opt}.match");
+    for method in &raw.methods {
+        let upper = method.to_ascii_uppercase();
+        if http::Method::from_bytes(upper.as_bytes()).is_err() || upper.is_empty() {
+            cx.err(
+                span.clone(),
+                format!("{opt}.methods"),
+                format!("`{method}` is not a method"),
+            );
+        } else if !out.methods.contains(&upper) {
+            out.methods.push(upper);
+        }
+    }
+    for (kind, rules) in [("headers", &raw.headers), ("query", &raw.query)] {
+        for (k, rule) in rules.iter().enumerate() {
+            let at = format!("{opt}.{kind}[{k}]");
+            let name = if kind == "headers" {
+                let lower = rule.name.to_ascii_lowercase();
+                if http::HeaderName::from_bytes(lower.as_bytes()).is_err() {
+                    cx.err(
+                        span.clone(),
+                        format!("{at}.name"),
+                        format!("`{}` is not a header name", rule.name),
+                    );
+                    continue;
+                }
+                lower
+            } else {
+                if rule.name.is_empty() || rule.name.contains(['&', '=', '#', ' ']) {
+                    cx.err(
+                        span.clone(),
+                        format!("{at}.name"),
+                        format!("`{}` is not a query parameter name", rule.name),
+                    );
+                    continue;
+                }
+                rule.name.clone()
+            };
+            let tests = usize::from(rule.equals.is_some())
+                + usize::from(rule.regex.is_some())
+                + usize::from(rule.present.is_some());
+            if tests != 1 || rule.present == Some(false) {
+                cx.err(
+                    span.clone(),
+                    at,
+                    "give exactly one of equals = \"…\", regex = \"…\" or present = true",
+                );
+                continue;
+            }
+            if let Some(re) = &rule.regex {
+                if let Err(e) = super::match_regex(re) {
+                    cx.err(span.clone(), format!("{at}.regex"), e);
+                    continue;
+                }
+            }
+            let rule = MatchRule {
+                name,
+                equals: rule.equals.clone(),
+                regex: rule.regex.clone(),
+            };
+            if kind == "headers" {
+                out.headers.push(rule);
+            } else {
+                out.query.push(rule);
+            }
+        }
+    }
+    out
 }
