@@ -99,6 +99,9 @@ def main():
     ap.add_argument("--requests", type=int, default=4000)
     ap.add_argument("--profile", default="profiling", help="cargo profile of the binaries")
     ap.add_argument("--only", action="append", help="measure only these proxies")
+    ap.add_argument("--route", default="",
+                    help="TOML lines added to tollgate's one route (to measure what a route "
+                         "feature costs: run once without and once with)")
     ap.add_argument("--keep", action="store_true",
                     help="keep the callgrind dumps (for callgrind_annotate) and print where")
     args = ap.parse_args()
@@ -108,7 +111,8 @@ def main():
     tdir = "release" if args.profile in ("release", "bench") else args.profile
     tollgate = f"{ROOT}/target/{tdir}/tollgate"
     floor = floor_binary(args.profile)
-    if not os.path.exists(tollgate) or not floor:
+    wants_floor = not args.only or "pingora floor" in args.only
+    if not os.path.exists(tollgate) or (wants_floor and not floor):
         sys.exit(f"build first: cargo build --profile {args.profile} --bin tollgate --bench pingora_floor")
 
     d = tempfile.mkdtemp(prefix="tollgate-instr-")
@@ -116,6 +120,11 @@ def main():
                    check=True, capture_output=True)
     cert, key = f"{d}/bench.local.crt", f"{d}/bench.local.key"
     up_conf, ng_conf, ha_conf, tg_conf = compare.configs(d, cert, key)
+    if args.route:
+        tg = open(tg_conf).read()
+        assert 'pool = "up"\n[pool.up]' in tg
+        compare.write(tg_conf, tg.replace('pool = "up"\n[pool.up]',
+                                          f'pool = "up"\n{args.route}\n[pool.up]'))
     # one process for nginx under valgrind
     ng = open(ng_conf).read().replace("daemon off;", "daemon off; master_process off;")
     compare.write(ng_conf, ng)
