@@ -119,6 +119,15 @@ pub struct Metrics {
     /// The ACME issuer's looks at what needs a certificate (one per 2 s cycle in which it
     /// is the issuer): how an operator, or a test, sees that it is at work.
     pub acme_checks: AtomicU64,
+    /// TLS handshakes per listener address: (full, resumed).
+    handshakes: Mutex<BTreeMap<String, Arc<Handshakes>>>,
+}
+
+/// One TLS listener's handshakes.
+#[derive(Debug, Default)]
+pub struct Handshakes {
+    pub full: AtomicU64,
+    pub resumed: AtomicU64,
 }
 
 impl Metrics {
@@ -130,6 +139,43 @@ impl Metrics {
             .entry((vhost.to_string(), route.to_string()))
             .or_default()
             .clone()
+    }
+
+    /// The handshake counters of the TLS listener on `address`.
+    pub fn handshakes(&self, address: &str) -> Arc<Handshakes> {
+        self.handshakes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(address.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// `tollgate_tls_handshakes_total{listener,kind}`: full and resumed, per TLS listener.
+    pub fn render_handshakes(&self, out: &mut String) {
+        let all = self
+            .handshakes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if all.is_empty() {
+            return;
+        }
+        family(
+            out,
+            "tollgate_tls_handshakes_total",
+            "counter",
+            "TLS handshakes completed on each listener: full, or resuming a session (a ticket or a cached session).",
+        );
+        for (listener, h) in &all {
+            for (kind, n) in [("full", &h.full), ("resumed", &h.resumed)] {
+                let _ = writeln!(
+                    out,
+                    "tollgate_tls_handshakes_total{{listener=\"{listener}\",kind=\"{kind}\"}} {}",
+                    n.load(Relaxed)
+                );
+            }
+        }
     }
 
     pub fn pool(&self, name: &str) -> Arc<PoolMetrics> {

@@ -117,10 +117,24 @@ fn restore_consul_view(state: &State) {
     }
 }
 
-struct NoTlsCallbacks;
+/// Counts a TLS listener's handshakes, full or resumed (pingora patch 25).
+struct CountHandshakes(Arc<crate::metrics::Handshakes>);
 
 #[async_trait]
-impl TlsAccept for NoTlsCallbacks {}
+impl TlsAccept for CountHandshakes {
+    async fn handshake_complete_callback(
+        &self,
+        tls: &pingora::protocols::tls::TlsRef,
+    ) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
+        let n = if tls.resumed() {
+            &self.0.resumed
+        } else {
+            &self.0.full
+        };
+        n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        None
+    }
+}
 
 fn whole_seconds(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
@@ -256,12 +270,21 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
         opts.h2_idle_timeout = Some(limits.keepalive_timeout);
         app.server_options = Some(opts);
     }
+    // One ticketer for the process: a session from any TLS listener or `tls` port resumes
+    // on any other. rustls' own, keys rotated every 6 hours (the previous key still opens
+    // tickets for one more period); without it a listener remembers 256 sessions.
+    let ticketer = if cfg.session_tickets {
+        Some(rustls::crypto::ring::Ticketer::new().context("TLS session tickets")?)
+    } else {
+        None
+    };
     for l in &cfg.listeners {
         for a in &l.addresses {
             let addr = a.to_string();
             if l.tls {
-                let mut tls = TlsSettings::with_callbacks(Box::new(NoTlsCallbacks))
-                    .context("cannot set up TLS")?;
+                let counted = CountHandshakes(lasting.metrics.handshakes(&addr));
+                let mut tls =
+                    TlsSettings::with_callbacks(Box::new(counted)).context("cannot set up TLS")?;
                 tls.set_cert_resolver(Arc::new(SniResolver::new(
                     state.handle(),
                     Some(challenges.clone()),
@@ -273,6 +296,10 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
                     alpn.insert(0, b"h2".to_vec());
                 }
                 tls.set_alpn_protocols(alpn);
+                if let Some(t) = ticketer.clone() {
+                    // pingora patch 24
+                    tls.set_config_hook(move |c| c.ticketer = t);
+                }
                 proxy.add_tls_with_settings(&addr, None, tls);
             } else {
                 proxy.add_tcp(&addr);
@@ -302,13 +329,16 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
         Reloader::new(state.clone()),
     ));
     // service ports: `tls` ones terminate with the same certificates, chosen by SNI
-    let port_tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+    let mut port_tls = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .context("TLS for service ports")?
     .with_no_client_auth()
     .with_cert_resolver(Arc::new(SniResolver::new(state.handle(), None)));
+    if let Some(t) = ticketer {
+        port_tls.ticketer = t;
+    }
     server.add_service(background_service(
         "tollgate ports",
         crate::ports::Ports::new(

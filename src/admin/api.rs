@@ -439,6 +439,7 @@ pub(super) fn metrics_text(state: &State, snap: &Snapshot, shown: &Shown) -> Str
         .render_metrics(&mut out, &snap.plugins);
     m.render_requests(&mut out);
     m.render_ports(&mut out);
+    m.render_handshakes(&mut out);
     shown.conns.render_metrics(&mut out);
     out
 }

@@ -32,6 +32,10 @@ pub struct Config {
     pub certs_dir: Option<PathBuf>,
     /// Where `tls.certs_dir` is written (for errors about the directory and its files).
     pub certs_dir_origin: Origin,
+    /// `tls.session_tickets`: TLS listeners and `tls` service ports issue stateless session
+    /// tickets (keys per process, rotated), so a returning client resumes whatever the
+    /// number of clients in between. Read at start.
+    pub session_tickets: bool,
     pub admin: AdminSettings,
     pub consul: ConsulSettings,
     /// `[[consul.allow]]`: who may claim which host and path through Consul tags.

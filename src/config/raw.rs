@@ -153,6 +153,7 @@ pub struct RawLog {
 pub struct RawTls {
     pub certs_dir: Option<S<String>>,
     pub consul_kv_prefix: Option<S<String>>,
+    pub session_tickets: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Default)]

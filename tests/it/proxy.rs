@@ -1377,3 +1377,117 @@ async fn method_and_header_matchers_choose_the_pool() {
         "{e}"
     );
 }
+
+/// A client returning after 2,000 others resumes its TLS session (stateless tickets): with
+/// `tls.session_tickets = false` the same client, after the same crowd, handshakes in full
+/// (the 256-session cache forgot it), which shows the test tells them apart.
+#[tokio::test]
+async fn a_returning_client_resumes_its_session_after_2000_others() {
+    use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
+    let up = Upstream::start("up").await;
+    let config = |ca: &TestCa, resume: bool| {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(ca.pem.as_bytes()).unwrap())
+            .unwrap();
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        if !resume {
+            cfg.resumption = rustls::client::Resumption::disabled();
+        }
+        std::sync::Arc::new(cfg)
+    };
+    // one request over a new connection; whether its handshake resumed a session
+    async fn visit(cfg: std::sync::Arc<rustls::ClientConfig>, at: SocketAddr) -> bool {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let tcp = tokio::net::TcpStream::connect(at).await.unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(cfg)
+            .connect(ServerName::try_from("a.test").unwrap(), tcp)
+            .await
+            .unwrap();
+        let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        tls.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = tls.read_to_end(&mut answer).await;
+        assert!(
+            answer.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+        resumed
+    }
+    for tickets in [true, false] {
+        let s = site(
+            single_pool("", &format!("backends = [\"{}\"]", up.addr))
+                .table("tls", &format!("session_tickets = {tickets}"))
+                // the crowd connects faster than the default per-IP connection rate allows
+                .table("limits", "allow = [\"127.0.0.1\"]"),
+            issue_a,
+        )
+        .await;
+        let returning = config(&s.ca, true);
+        assert!(
+            !visit(returning.clone(), s.https).await,
+            "the first visit is a full handshake"
+        );
+        assert!(
+            visit(returning.clone(), s.https).await,
+            "a second visit resumes"
+        );
+        // 2,000 other clients, 16 at a time, each a full handshake
+        let crowd = config(&s.ca, false);
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..2000 {
+            if tasks.len() >= 16 {
+                tasks.join_next().await.unwrap().unwrap();
+            }
+            let (crowd, at) = (crowd.clone(), s.https);
+            tasks.spawn(async move {
+                let tcp = tokio::net::TcpStream::connect(at).await.unwrap();
+                let tls = tokio_rustls::TlsConnector::from(crowd)
+                    .connect(ServerName::try_from("a.test").unwrap(), tcp)
+                    .await
+                    .unwrap_or_else(|e| panic!("client {i}: {e}"));
+                drop(tls);
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            r.unwrap();
+        }
+        let resumed = visit(returning, s.https).await;
+        assert_eq!(
+            resumed,
+            tickets,
+            "session_tickets = {tickets}: the returning client {} after 2,000 others",
+            if resumed {
+                "resumed"
+            } else {
+                "handshook in full"
+            }
+        );
+        // the listener counted each kind (the readiness probe's connection made no handshake)
+        let m = admin_text(&reqwest::Client::new(), s.admin, "/metrics").await;
+        let count = |kind: &str| -> u64 {
+            let key = format!(
+                "tollgate_tls_handshakes_total{{listener=\"{}\",kind=\"{kind}\"}} ",
+                s.https
+            );
+            m.lines()
+                .find_map(|l| l.strip_prefix(&key)?.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no {key} in\n{m}"))
+        };
+        // 2,003 handshakes: the returning client's three and the crowd's 2,000
+        let resumed_count = if tickets { 2 } else { 1 };
+        assert_eq!(
+            (count("full"), count("resumed")),
+            (2003 - resumed_count, resumed_count),
+            "session_tickets = {tickets}"
+        );
+    }
+}

@@ -582,6 +582,7 @@ pub(super) fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
         listeners,
         certs_dir,
         certs_dir_origin,
+        session_tickets: raw.tls.session_tickets.unwrap_or(true),
         admin,
         consul,
         consul_allow,

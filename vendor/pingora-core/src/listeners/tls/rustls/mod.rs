@@ -38,6 +38,9 @@ pub struct TlsSettings {
     client_cert_verifier: Option<Arc<dyn ClientCertVerifier>>,
     callbacks: Option<TlsAcceptCallbacks>,
     offload_threadpool: Option<(usize, usize)>,
+    // tollgate patch: a last say over the rustls ServerConfig (session tickets, key
+    // exchange groups…) without a setter per field
+    config_hook: Option<Box<dyn FnOnce(&mut ServerConfig) + Send + Sync>>,
 }
 
 pub struct Acceptor {
@@ -94,6 +97,9 @@ impl TlsSettings {
         if let Some(alpn_protocols) = self.alpn_protocols {
             config.alpn_protocols = alpn_protocols;
         }
+        if let Some(hook) = self.config_hook {
+            hook(&mut config);
+        }
 
         Acceptor {
             acceptor: RusTlsAcceptor::from(Arc::new(config)),
@@ -102,6 +108,12 @@ impl TlsSettings {
                 OffloadRuntime::new("downstream TLS offload", shards, threads_per_shard)
             }),
         }
+    }
+
+    /// tollgate patch: change the rustls [`ServerConfig`] once `build()` has made it, e.g.
+    /// to issue stateless session tickets (`config.ticketer`).
+    pub fn set_config_hook(&mut self, hook: impl FnOnce(&mut ServerConfig) + Send + Sync + 'static) {
+        self.config_hook = Some(Box::new(hook));
     }
 
     /// Enable HTTP/2 support for this endpoint, which is default off.
@@ -206,6 +218,7 @@ impl TlsSettings {
             client_cert_verifier: None,
             callbacks: None,
             offload_threadpool: None,
+            config_hook: None,
         })
     }
 
@@ -226,6 +239,7 @@ impl TlsSettings {
             client_cert_verifier: None,
             callbacks: Some(callbacks),
             offload_threadpool: None,
+            config_hook: None,
         })
     }
 }

@@ -414,11 +414,14 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> InnerStream<T> {
             RusTlsStream::Server(s) => s.get_ref().1.server_name().map(|n| n.to_string()),
             RusTlsStream::Client(_) => None,
         };
+        // tollgate patch: the handshake's kind
+        let resumed = session.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
         Some(TlsRef {
             peer_certs,
             cipher,
             version,
             server_name,
+            resumed,
         })
     }
 }
