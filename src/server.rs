@@ -271,13 +271,25 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
         app.server_options = Some(opts);
     }
     // One ticketer for the process: a session from any TLS listener or `tls` port resumes
-    // on any other. rustls' own, keys rotated every 6 hours (the previous key still opens
-    // tickets for one more period); without it a listener remembers 256 sessions.
-    let ticketer = if cfg.session_tickets {
-        Some(rustls::crypto::ring::Ticketer::new().context("TLS session tickets")?)
-    } else {
-        None
-    };
+    // on any other. Without key files rustls' own, keys rotated every 6 hours (the previous
+    // key still opens tickets for one more period); without any a listener remembers 256
+    // sessions.
+    // With key files, the fleet's keys (tls::tickets), so an instance resumes what another
+    // issued.
+    let ticketer: Option<Arc<dyn rustls::server::ProducesTickets>> =
+        match (cfg.session_tickets, cfg.session_ticket_keys.is_empty()) {
+            (false, _) => None,
+            (true, true) => {
+                Some(rustls::crypto::ring::Ticketer::new().context("TLS session tickets")?)
+            }
+            (true, false) => Some(Arc::new(
+                crate::tls::tickets::FileTicketer::from_files(
+                    &cfg.session_ticket_keys,
+                    cfg.session_ticket_lifetime,
+                )
+                .map_err(|e| anyhow::anyhow!(e))?,
+            )),
+        };
     for l in &cfg.listeners {
         for a in &l.addresses {
             let addr = a.to_string();

@@ -36,6 +36,11 @@ pub struct Config {
     /// tickets (keys per process, rotated), so a returning client resumes whatever the
     /// number of clients in between. Read at start.
     pub session_tickets: bool,
+    /// `tls.session_ticket_keys`: key files a fleet shares (the first seals, all open);
+    /// empty: keys of the process's own.
+    pub session_ticket_keys: Vec<PathBuf>,
+    /// How long a ticket sealed with those keys opens (`tls.session_ticket_lifetime`).
+    pub session_ticket_lifetime: Duration,
     pub admin: AdminSettings,
     pub consul: ConsulSettings,
     /// `[[consul.allow]]`: who may claim which host and path through Consul tags.
@@ -531,6 +536,17 @@ impl HeaderRules {
     pub fn is_empty(&self) -> bool {
         self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
     }
+}
+
+/// Why `bytes` (a session ticket key file's content) cannot be a key, if it cannot: 80 (or
+/// 48) random bytes, as nginx and HAProxy take them.
+pub fn ticket_key_problem(bytes: &[u8]) -> Option<String> {
+    (!matches!(bytes.len(), 48 | 80)).then(|| {
+        format!(
+            "holds {} bytes: a ticket key file holds 80 (or 48) random bytes, e.g. `openssl rand 80 > ticket.key`",
+            bytes.len()
+        )
+    })
 }
 
 /// The variables a header rule's value may hold.

@@ -7,6 +7,7 @@
 
 pub mod backend;
 mod challenges;
+pub mod tickets;
 
 pub use challenges::{Challenges, ACME_TLS_ALPN, CHALLENGE_PATH};
 

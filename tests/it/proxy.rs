@@ -1378,50 +1378,58 @@ async fn method_and_header_matchers_choose_the_pool() {
     );
 }
 
+/// A TLS 1.3 client trusting `cas`, keeping sessions to resume (`resume`) or none.
+fn resuming_client(cas: &[&TestCa], resume: bool) -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in cas {
+        roots
+            .add(CertificateDer::from_pem_slice(ca.pem.as_bytes()).unwrap())
+            .unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    if !resume {
+        cfg.resumption = rustls::client::Resumption::disabled();
+    }
+    std::sync::Arc::new(cfg)
+}
+
+/// One request to `a.test` over a new TLS connection to `at` (answered 200); whether its
+/// handshake resumed a session.
+async fn tls_visit(cfg: std::sync::Arc<rustls::ClientConfig>, at: SocketAddr) -> bool {
+    use rustls::pki_types::ServerName;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(at).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(ServerName::try_from("a.test").unwrap(), tcp)
+        .await
+        .unwrap();
+    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tls.read_to_end(&mut answer).await;
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    resumed
+}
+
 /// A client returning after 2,000 others resumes its TLS session (stateless tickets): with
 /// `tls.session_tickets = false` the same client, after the same crowd, handshakes in full
 /// (the 256-session cache forgot it), which shows the test tells them apart.
 #[tokio::test]
 async fn a_returning_client_resumes_its_session_after_2000_others() {
-    use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
+    use rustls::pki_types::ServerName;
     let up = Upstream::start("up").await;
-    let config = |ca: &TestCa, resume: bool| {
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(CertificateDer::from_pem_slice(ca.pem.as_bytes()).unwrap())
-            .unwrap();
-        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        if !resume {
-            cfg.resumption = rustls::client::Resumption::disabled();
-        }
-        std::sync::Arc::new(cfg)
-    };
-    // one request over a new connection; whether its handshake resumed a session
-    async fn visit(cfg: std::sync::Arc<rustls::ClientConfig>, at: SocketAddr) -> bool {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let tcp = tokio::net::TcpStream::connect(at).await.unwrap();
-        let mut tls = tokio_rustls::TlsConnector::from(cfg)
-            .connect(ServerName::try_from("a.test").unwrap(), tcp)
-            .await
-            .unwrap();
-        let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
-        tls.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut answer = Vec::new();
-        let _ = tls.read_to_end(&mut answer).await;
-        assert!(
-            answer.starts_with(b"HTTP/1.1 200"),
-            "{}",
-            String::from_utf8_lossy(&answer)
-        );
-        resumed
-    }
     for tickets in [true, false] {
         let s = site(
             single_pool("", &format!("backends = [\"{}\"]", up.addr))
@@ -1431,17 +1439,17 @@ async fn a_returning_client_resumes_its_session_after_2000_others() {
             issue_a,
         )
         .await;
-        let returning = config(&s.ca, true);
+        let returning = resuming_client(&[&s.ca], true);
         assert!(
-            !visit(returning.clone(), s.https).await,
+            !tls_visit(returning.clone(), s.https).await,
             "the first visit is a full handshake"
         );
         assert!(
-            visit(returning.clone(), s.https).await,
+            tls_visit(returning.clone(), s.https).await,
             "a second visit resumes"
         );
         // 2,000 other clients, 16 at a time, each a full handshake
-        let crowd = config(&s.ca, false);
+        let crowd = resuming_client(&[&s.ca], false);
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..2000 {
             if tasks.len() >= 16 {
@@ -1460,7 +1468,7 @@ async fn a_returning_client_resumes_its_session_after_2000_others() {
         while let Some(r) = tasks.join_next().await {
             r.unwrap();
         }
-        let resumed = visit(returning, s.https).await;
+        let resumed = tls_visit(returning, s.https).await;
         assert_eq!(
             resumed,
             tickets,
@@ -1490,4 +1498,45 @@ async fn a_returning_client_resumes_its_session_after_2000_others() {
             "session_tickets = {tickets}"
         );
     }
+}
+
+/// Instances sharing ticket key files resume each other's sessions; an instance with
+/// another key makes a full handshake instead, and the request is answered all the same.
+#[tokio::test]
+async fn instances_sharing_ticket_keys_resume_each_others_sessions() {
+    let up = Upstream::start("up").await;
+    let keys = tempfile::tempdir().unwrap();
+    let (fleet, other) = (keys.path().join("fleet.key"), keys.path().join("other.key"));
+    let random = |n: usize| -> Vec<u8> { (0..n).map(|_| fastrand::u8(..)).collect() };
+    std::fs::write(&fleet, random(80)).unwrap();
+    std::fs::write(&other, random(48)).unwrap();
+    let edge = |key: &std::path::Path| {
+        single_pool("", &format!("backends = [\"{}\"]", up.addr)).table(
+            "tls",
+            &format!(
+                "session_ticket_keys = [\"{}\"]\nsession_ticket_lifetime = \"1h\"",
+                key.display()
+            ),
+        )
+    };
+    let a = site(edge(&fleet), issue_a).await;
+    let b = site(edge(&fleet), issue_a).await;
+    let c = site(edge(&other), issue_a).await;
+    let client = resuming_client(&[&a.ca, &b.ca, &c.ca], true);
+    assert!(
+        !tls_visit(client.clone(), a.https).await,
+        "first: a full handshake"
+    );
+    assert!(
+        tls_visit(client.clone(), b.https).await,
+        "B resumes the session A issued"
+    );
+    assert!(
+        tls_visit(client.clone(), a.https).await,
+        "and A the one B issued"
+    );
+    assert!(
+        !tls_visit(client.clone(), c.https).await,
+        "another key: a full handshake, answered"
+    );
 }

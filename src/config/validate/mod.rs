@@ -388,6 +388,7 @@ pub(super) fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
         Some(d) => cx.origin(d.span()),
         None => cx.origin(0..0),
     };
+    let (ticket_keys, session_ticket_lifetime) = ticket_keys(cx, &raw.tls);
     let admin = admin(cx, &raw.admin);
     let mut consul = consul(cx, &raw.consul);
     consul.cert_prefix = raw.tls.consul_kv_prefix.as_ref().map(|p| {
@@ -583,6 +584,8 @@ pub(super) fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
         certs_dir,
         certs_dir_origin,
         session_tickets: raw.tls.session_tickets.unwrap_or(true),
+        session_ticket_keys: ticket_keys,
+        session_ticket_lifetime,
         admin,
         consul,
         consul_allow,
@@ -608,3 +611,45 @@ pub fn addresses_overlap(a: SocketAddr, b: SocketAddr) -> bool {
 
 #[cfg(test)]
 mod tests;
+
+/// `tls.session_ticket_keys` (each file readable and a key) and `tls.session_ticket_lifetime`.
+fn ticket_keys(cx: &mut Ctx, tls: &super::raw::RawTls) -> (Vec<PathBuf>, Duration) {
+    let lifetime = cx.duration_in(
+        &tls.session_ticket_lifetime,
+        "tls.session_ticket_lifetime",
+        Duration::from_secs(6 * 3600),
+        Duration::from_secs(60),
+        Duration::from_secs(7 * 24 * 3600),
+    );
+    if tls.session_tickets == Some(false) {
+        if let Some(k) = tls.session_ticket_keys.first() {
+            cx.err(
+                k.span(),
+                "tls.session_ticket_keys",
+                "session_tickets = false issues no tickets: remove the keys or the switch",
+            );
+        }
+    }
+    if tls.session_ticket_keys.len() > 8 {
+        cx.err(
+            tls.session_ticket_keys[8].span(),
+            "tls.session_ticket_keys",
+            "at most 8 keys: the one that seals and those still to be opened",
+        );
+    }
+    let mut out = Vec::new();
+    for (i, k) in tls.session_ticket_keys.iter().enumerate() {
+        let path = cx.path(k.get_ref());
+        let why = match std::fs::read(&path) {
+            Ok(bytes) => {
+                super::ticket_key_problem(&bytes).map(|w| format!("{}: {w}", path.display()))
+            }
+            Err(e) => Some(format!("cannot read {}: {e}", path.display())),
+        };
+        match why {
+            Some(why) => cx.err(k.span(), format!("tls.session_ticket_keys[{i}]"), why),
+            None => out.push(path),
+        }
+    }
+    (out, lifetime)
+}

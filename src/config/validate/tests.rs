@@ -970,3 +970,53 @@ fn route_matchers_are_validated_and_tell_routes_of_one_prefix_apart() {
     let big = format!("a{{1000}}{}", "b{1000}".repeat(20));
     assert!(crate::config::match_regex(&big).is_err());
 }
+
+#[test]
+fn session_ticket_keys_are_read_and_checked_with_their_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.key");
+    std::fs::write(&good, [7u8; 80]).unwrap();
+    let short = dir.path().join("short.key");
+    std::fs::write(&short, b"a password\n").unwrap();
+    let with = |tls: &str| format!("[tls]\n{tls}\n{OK}");
+    let c = parse(
+        &dir.path().join("t.toml"),
+        &with("session_ticket_keys = [\"good.key\"]\nsession_ticket_lifetime = \"12h\""),
+    )
+    .unwrap();
+    assert_eq!(c.session_ticket_keys, [good]);
+    assert_eq!(c.session_ticket_lifetime, Duration::from_secs(12 * 3600));
+    assert!(c.session_tickets);
+    for (tls, option, says) in [
+        (
+            "session_ticket_keys = [\"good.key\", \"missing.key\"]",
+            "tls.session_ticket_keys[1]",
+            "cannot read",
+        ),
+        (
+            "session_ticket_keys = [\"short.key\"]",
+            "tls.session_ticket_keys[0]",
+            "holds 11 bytes",
+        ),
+        (
+            "session_tickets = false\nsession_ticket_keys = [\"good.key\"]",
+            "tls.session_ticket_keys",
+            "issues no tickets",
+        ),
+        (
+            "session_ticket_lifetime = \"30d\"",
+            "tls.session_ticket_lifetime",
+            "",
+        ),
+    ] {
+        let e = parse(&dir.path().join("t.toml"), &with(tls)).unwrap_err().0;
+        let hit = e
+            .iter()
+            .find(|e| e.option == option)
+            .unwrap_or_else(|| panic!("{option}: {e:?}"));
+        assert!(hit.message.contains(says), "{}", hit.message);
+        let key = option.trim_start_matches("tls.").split('[').next().unwrap();
+        let line = with(tls).lines().position(|l| l.starts_with(key)).unwrap() + 1;
+        assert_eq!(hit.origin.line, line, "{option}");
+    }
+}
