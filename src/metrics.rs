@@ -151,6 +151,16 @@ impl Metrics {
             .clone()
     }
 
+    /// Each TLS listener's (address, full, resumed) handshakes.
+    pub fn handshake_counts(&self) -> Vec<(String, u64, u64)> {
+        self.handshakes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(a, h)| (a.clone(), h.full.load(Relaxed), h.resumed.load(Relaxed)))
+            .collect()
+    }
+
     /// `tollgate_tls_handshakes_total{listener,kind}`: full and resumed, per TLS listener.
     pub fn render_handshakes(&self, out: &mut String) {
         let all = self

@@ -134,6 +134,24 @@ pub(super) fn page(state: &State, snap: &Snapshot, active_requests: usize) -> St
             esc(&c.source.display().to_string())
         );
     }
-    h.push_str("</table></body></html>\n");
+    h.push_str("</table>");
+
+    let handshakes = state.lasting.metrics.handshake_counts();
+    if !handshakes.is_empty() {
+        h.push_str("<h2>TLS handshakes</h2><table id=tls><tr><th>listener</th><th>full</th><th>resumed</th><th>resumption rate</th></tr>");
+        for (listener, full, resumed) in handshakes {
+            let rate = match full + resumed {
+                0 => "–".to_string(),
+                all => format!("{:.1}%", 100.0 * resumed as f64 / all as f64),
+            };
+            let _ = write!(
+                h,
+                "<tr><td><code>{}</code></td><td>{full}</td><td>{resumed}</td><td>{rate}</td></tr>",
+                esc(&listener)
+            );
+        }
+        h.push_str("</table>");
+    }
+    h.push_str("</body></html>\n");
     h
 }

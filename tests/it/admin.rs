@@ -180,7 +180,14 @@ async fn every_endpoint_but_healthz_needs_the_token() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    assert!(r.text().await.unwrap().contains("<table id=routes>"));
+    let page = r.text().await.unwrap();
+    assert!(page.contains("<table id=routes>"));
+    // each TLS listener's handshakes and resumption rate
+    assert!(page.contains("<table id=tls>"), "{page}");
+    assert!(
+        page.contains(&format!("<tr><td><code>{}</code></td><td>", f.https)),
+        "{page}"
+    );
     let r = c
         .head(format!("{base}/"))
         .header("cookie", &pair)
