@@ -13,8 +13,8 @@
 //! judged.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
-use tollgate_testkit::attack::{ms, p99_paired, slowloris};
+use std::time::Duration;
+use tollgate_testkit::attack::{ms, p99_paired, rapid_reset, slowloris};
 use tollgate_testkit::{client, issue_a, one_vhost, site, site_config, Pool, Site, Upstream};
 
 struct Size {
@@ -133,46 +133,17 @@ async fn rapid_reset_bench(size: &Size, judge: bool) {
     let up = Upstream::start("up").await;
     let s = edge(up.addr, "").await;
     let cpu_before = s.tg.cpu_seconds();
-    let tls = tollgate_testkit::tls_connect(&s.ca, s.https, "a.test", &["h2"]).await;
-    let (mut h2c, conn) = h2::client::handshake(tls).await.unwrap();
-    let conn_task = tokio::spawn(conn);
-    let started = Instant::now();
-    let mut sent = 0;
-    while sent < size.streams
-        && started.elapsed() < Duration::from_secs(10)
-        && !conn_task.is_finished()
-    {
-        let ready = match tokio::time::timeout(Duration::from_secs(2), h2c.clone().ready()).await {
-            Ok(Ok(r)) => r,
-            _ => break,
-        };
-        h2c = ready;
-        let req = http::Request::get(format!("https://a.test:{}/", s.https.port()))
-            .body(())
-            .unwrap();
-        match h2c.send_request(req, true) {
-            Ok((resp, _)) => {
-                drop(resp);
-                tokio::task::yield_now().await;
-            }
-            Err(_) => break,
-        }
-        sent += 1;
-    }
-    let ended = tokio::time::timeout(Duration::from_secs(5), conn_task).await;
+    let r = rapid_reset(&s.ca, s.https, "a.test", size.streams).await;
     let cpu = s.tg.cpu_seconds() - cpu_before;
     println!(
-        "rapid reset: {sent} streams sent before the server ended the connection ({}); \
+        "rapid reset: {} streams sent before the server ended the connection ({}); \
          {cpu:.3} s of tollgate CPU (counted in 10 ms ticks)",
-        if matches!(ended, Ok(Ok(Err(_)))) {
-            "GOAWAY"
-        } else {
-            "not ended"
-        }
+        r.sent,
+        if r.goaway { "GOAWAY" } else { "not ended" }
     );
     if judge {
         assert!(
-            sent < size.streams,
+            r.sent < size.streams,
             "the server ends a rapid-reset connection"
         );
         assert!(cpu < 1.0, "tollgate used {cpu:.2} s of CPU");

@@ -115,3 +115,56 @@ pub async fn p99_paired(
 pub fn ms(v: &[f64]) -> Vec<String> {
     v.iter().map(|x| format!("{:.2}", x * 1e3)).collect()
 }
+
+/// What an HTTP/2 rapid reset achieved.
+#[derive(Debug)]
+pub struct RapidReset {
+    /// Streams opened and cancelled before the server ended the connection (or the bound).
+    pub sent: usize,
+    /// The connection ended with an HTTP/2 error (the server's GOAWAY) within 5 s after.
+    pub goaway: bool,
+    /// How the connection task ended, for the log.
+    pub ended: String,
+}
+
+/// HTTP/2 rapid reset against `target` (TLS with `sni`, trusting `ca`): streams opened and
+/// cancelled at once, as fast as the client can, at most `max_streams` or 10 s, until the
+/// server ends the connection.
+pub async fn rapid_reset(
+    ca: &super::TestCa,
+    target: SocketAddr,
+    sni: &str,
+    max_streams: usize,
+) -> RapidReset {
+    let tls = super::tls_connect(ca, target, sni, &["h2"]).await;
+    let (mut h2c, conn) = h2::client::handshake(tls).await.unwrap();
+    let conn_task = tokio::spawn(conn);
+    let started = Instant::now();
+    let url = format!("https://{sni}:{}/", target.port());
+    let mut sent = 0;
+    while sent < max_streams
+        && started.elapsed() < Duration::from_secs(10)
+        && !conn_task.is_finished()
+    {
+        let ready = match tokio::time::timeout(Duration::from_secs(2), h2c.clone().ready()).await {
+            Ok(Ok(r)) => r,
+            _ => break,
+        };
+        h2c = ready;
+        let req = http::Request::get(url.as_str()).body(()).unwrap();
+        match h2c.send_request(req, true) {
+            Ok((resp, _)) => {
+                drop(resp); // RST_STREAM(CANCEL) right away
+                tokio::task::yield_now().await;
+            }
+            Err(_) => break,
+        }
+        sent += 1;
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn_task).await;
+    RapidReset {
+        sent,
+        goaway: matches!(ended, Ok(Ok(Err(_)))),
+        ended: format!("{ended:?}"),
+    }
+}

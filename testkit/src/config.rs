@@ -289,13 +289,6 @@ impl Config {
         self
     }
 
-    /// Omit the `[admin]` table (tollgate's own default applies).
-    pub fn admin_default(mut self) -> Config {
-        self.admin = None;
-        self.admin_port = None;
-        self
-    }
-
     /// Discovery through `agent` (its HTTP address), plus `lines` under `[consul]`.
     pub fn consul(self, agent: &ConsulAgent, lines: &str) -> Config {
         self.consul_at(&format!("http://{}", agent.http), lines)

@@ -950,13 +950,6 @@ async fn fabio_options_are_honoured_and_unsupported_ones_reported() {
     ] {
         consul.register(id, id, up.addr, &[tag]).await;
     }
-    let from = |ip: [u8; 4]| {
-        reqwest::Client::builder()
-            .local_address(std::net::IpAddr::from(ip))
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap()
-    };
     let c = from([127, 0, 0, 1]);
     let get = |c: reqwest::Client, host: &'static str, p: &'static str| async move {
         c.get(format!("http://{http}{p}"))
@@ -1091,13 +1084,6 @@ async fn file_routes_and_tag_routes_apply_the_same_options() {
         "urlprefix-tag.test/acl allow=ip:127.0.0.2",
     ];
     consul.register("svc-1", "svc", up.addr, &tags).await;
-    let from = |ip: [u8; 4]| {
-        reqwest::Client::builder()
-            .local_address(std::net::IpAddr::from(ip))
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap()
-    };
     // what a client sees: status, Location, and what the upstream read (path, Host,
     // X-Forwarded-Prefix)
     let seen = |ip: [u8; 4], host: &'static str, p: &'static str| {
@@ -1231,6 +1217,15 @@ async fn file_routes_and_tag_routes_apply_the_same_options() {
         of("tag.test", "/old")["options"]
     );
     assert!(of("file.test", "/old").get("pool").is_none(), "no pool");
+}
+
+/// A client from local address `ip` that does not follow redirects.
+fn from(ip: [u8; 4]) -> reqwest::Client {
+    reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from(ip))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
 }
 
 /// A config with tag routes on, an admin API and a plain listener: `policy` goes under
