@@ -132,7 +132,8 @@ fn status_for(e: &Error, ctx: &RequestCtx) -> u16 {
         _ => match e.esource() {
             ErrorSource::Upstream => 502,
             ErrorSource::Downstream => match e.etype() {
-                WriteError | ReadError | ConnectionClosed => 0,
+                // gone, or (HTTP/2) its stream reset: nobody to answer
+                WriteError | ReadError | ConnectionClosed | H2Error => 0,
                 _ => 400,
             },
             ErrorSource::Internal | ErrorSource::Unset => 500,
@@ -168,6 +169,12 @@ fn reason_for(code: u16, e: &Error) -> String {
         }
         502 => format!("upstream failed ({})", e.etype().as_str()),
         503 => "no live backend".to_string(),
+        // nothing could be answered: the client closed or broke its connection first (nginx
+        // logs these as 499); the upstream request, if one was sent, was abandoned
+        0 if *e.esource() == ErrorSource::Downstream => format!(
+            "the client went away before the answer was complete ({})",
+            e.etype().as_str()
+        ),
         _ => e.etype().as_str().to_string(),
     }
 }

@@ -13,6 +13,7 @@ mod check;
 mod consul;
 mod consul_faults;
 mod failover;
+mod leg;
 mod limits;
 mod paths;
 mod plugins;

@@ -113,9 +113,13 @@ where
             return (false, true, Some(e));
         }
 
-        session.set_upstream_h1_upgrade_request_status(is_h1_upgrade_req(&req));
+        let upgrade_req = is_h1_upgrade_req(&req);
+        session.set_upstream_h1_upgrade_request_status(upgrade_req);
 
         session.upstream_compression.request_filter(&req);
+
+        // tollgate patch: decided before the header is handed over (the request is moved)
+        let fast = !upgrade_req && fast_leg_fits(session, &req);
 
         debug!("Sending header to upstream {:?}", req);
 
@@ -124,6 +128,10 @@ where
             Err(e) => {
                 return (false, false, Some(e.into_up()));
             }
+        }
+
+        if fast {
+            return self.proxy_1to1_fast(session, client_session, ctx).await;
         }
 
         let mut downstream_custom_message_writer = session
@@ -189,6 +197,162 @@ where
             }
             Err(e) => (false, false, Some(e)),
         }
+    }
+
+    /// tollgate patch: the fast leg. A request with no body, no upgrade and no cache, to an
+    /// HTTP/1 backend, proxied in the request's own task: the (empty) body through the body
+    /// filters, then each response task read, filtered and written downstream in turn, with
+    /// no task channels and no joined pair of halves (`proxy_1to1`'s `try_join!` of
+    /// `proxy_handle_downstream` and `proxy_handle_upstream` cost a keep-alive request ~20k
+    /// instructions in channel sends, wake-ups and its two state machines). The same
+    /// filters run in the same order as on the general leg (`send_body_to_pipe`,
+    /// `h1_response_filter`, `write_response_tasks`); tasks that are already readable are
+    /// written as one batch, as the general leg does. While the backend has not answered,
+    /// a client that goes away is noticed (`read_body_or_idle`, as the general leg polls
+    /// it): the upstream request is abandoned and its connection not reused.
+    async fn proxy_1to1_fast(
+        &self,
+        session: &mut Session,
+        client_session: &mut HttpSessionV1,
+        ctx: &mut SV::CTX,
+    ) -> (bool, bool, Option<Box<Error>>)
+    where
+        SV: ProxyHttp + Send + Sync,
+        SV::CTX: Send + Sync,
+    {
+        // the request's end, through the body filters as `send_body_to_pipe` runs them
+        let mut data: Option<Bytes> = None;
+        if let Err(e) = session
+            .downstream_modules_ctx
+            .request_body_filter(&mut data, true)
+            .await
+        {
+            return (false, false, Some(e));
+        }
+        if let Err(e) = self
+            .inner
+            .request_body_filter(session, &mut data, true, ctx)
+            .await
+        {
+            return (false, false, Some(e));
+        }
+        if let Err(e) = send_body_to1(client_session, Some(HttpTask::Body(data, true))).await {
+            return (false, false, Some(e));
+        }
+
+        let mut serve_from_cache = proxy_cache::ServeFromCache::new();
+        let mut range_body_filter = proxy_cache::range_filter::RangeBodyFilter::new();
+        let mut watch_client = true;
+        let mut upstream_reuse = true;
+        loop {
+            let first = if watch_client {
+                tokio::select! {
+                    biased;
+                    task = client_session.read_response_task() => task,
+                    gone = session.downstream_session.read_body_or_idle(true) => match gone {
+                        // the client left (or broke its framing) while the backend thinks
+                        Err(e) => return (false, false, Some(e.into_down())),
+                        // nothing more will come from it that matters to this request
+                        Ok(_) => {
+                            watch_client = false;
+                            continue;
+                        }
+                    },
+                }
+            } else {
+                client_session.read_response_task().await
+            };
+            let mut tasks = Vec::with_capacity(TASK_BUFFER_SIZE);
+            let mut upstream_end = match first {
+                Ok(task) => {
+                    let end = task.is_end();
+                    tasks.push(task);
+                    end
+                }
+                Err(e) => {
+                    // as the general leg: the failure goes down the task path, the
+                    // connection (no message boundary) is not reused
+                    upstream_reuse = false;
+                    tasks.push(HttpTask::Failed(e.into_up()));
+                    true
+                }
+            };
+            // what the backend already sent goes down in the same write
+            while !upstream_end && tasks.len() < TASK_BUFFER_SIZE {
+                match tokio::task::unconstrained(client_session.read_response_task()).now_or_never()
+                {
+                    Some(Ok(task)) => {
+                        upstream_end = task.is_end();
+                        tasks.push(task);
+                    }
+                    Some(Err(e)) => {
+                        upstream_reuse = false;
+                        upstream_end = true;
+                        tasks.push(HttpTask::Failed(e.into_up()));
+                    }
+                    None => break,
+                }
+            }
+            if client_session.was_upgraded() {
+                // a 101 to a request that asked for no upgrade: h1_response_filter refuses it
+                upstream_reuse = false;
+            }
+            for slot in tasks.iter_mut() {
+                let mut task = std::mem::replace(slot, HttpTask::Done);
+                #[cfg(feature = "upstream_modules")]
+                {
+                    if let HttpTask::Header(header, end_of_stream) = &task {
+                        if let Err(e) = self
+                            .inner
+                            .adjust_upstream_modules(session, header, *end_of_stream, ctx)
+                            .await
+                        {
+                            return (false, false, Some(e));
+                        }
+                    }
+                    if let Err(e) = session.upstream_modules_filter_task(&mut task).await {
+                        return (false, false, Some(e));
+                    }
+                }
+                session.upstream_compression.response_filter(&mut task);
+                match self
+                    .h1_response_filter(
+                        session,
+                        task,
+                        ctx,
+                        &mut serve_from_cache,
+                        &mut range_body_filter,
+                        false,
+                    )
+                    .await
+                {
+                    Ok(task) => *slot = task,
+                    Err(e) => return (false, false, Some(e)),
+                }
+            }
+            match session.write_response_tasks(tasks).await {
+                Ok(downstream_done) => {
+                    if upstream_end {
+                        break;
+                    }
+                    if downstream_done {
+                        // the client's response ended before the backend's: unread bytes
+                        upstream_reuse = false;
+                        break;
+                    }
+                }
+                Err(e) => return (false, false, Some(e)),
+            }
+        }
+
+        let reuse_downstream = match session.as_mut().finish_body().await {
+            Ok(_) => true,
+            Err(e) => {
+                error!("Error finish sending body to downstream: {}", e);
+                false
+            }
+        };
+        (reuse_downstream, upstream_reuse, None)
     }
 
     pub(crate) async fn proxy_to_h1_upstream(
@@ -1080,6 +1244,21 @@ where
 
         Ok(end_of_body)
     }
+}
+
+/// tollgate patch: whether a request may take `proxy_1to1_fast`: no request body (so
+/// nothing streams while the response does), no `Expect`, no cache, a plain H1 or H2
+/// downstream (not a subrequest or a custom protocol). Everything else keeps the general leg.
+fn fast_leg_fits(session: &mut Session, req: &RequestHeader) -> bool {
+    if session.cache.enabled() || session.cache.bypassing() {
+        return false;
+    }
+    if req.headers.contains_key(http::header::EXPECT) {
+        return false;
+    }
+    let downstream = &mut session.downstream_session;
+    let plain = downstream.as_http1().is_some() || downstream.as_http2().is_some();
+    plain && !downstream.is_upgrade_req() && downstream.is_body_empty()
 }
 
 pub(crate) async fn send_body_to1(
