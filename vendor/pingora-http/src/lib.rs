@@ -88,6 +88,18 @@ pub struct RequestHeader {
     raw_target: RawTarget,
     // whether we send END_STREAM with HEADERS for h2 requests
     send_end_stream: bool,
+    /// tollgate patch: fields a proxy adds that go on the wire after the header map's (see
+    /// [`RequestHeader::append_on_wire`])
+    on_wire: Vec<WireField>,
+}
+
+/// tollgate patch: a header field kept outside the header maps until the header is written:
+/// its name as it goes on an HTTP/1 wire, its name for HTTP/2, and its value.
+#[derive(Debug, Clone)]
+pub struct WireField {
+    pub case: &'static str,
+    pub name: HeaderName,
+    pub value: HeaderValue,
 }
 
 /// How a request-target is stored, and how [`RequestHeader::raw_path`] recovers it.
@@ -155,6 +167,7 @@ impl RequestHeader {
             header_name_map: None,
             raw_target: RawTarget::FromUri,
             send_end_stream: true,
+            on_wire: Vec::new(),
         }
     }
 
@@ -241,9 +254,33 @@ impl RequestHeader {
 
     /// Write the header to the `buf` in HTTP/1.1 wire format.
     ///
-    /// The header case will be preserved.
+    /// The header case will be preserved. tollgate patch: the fields appended with
+    /// [`Self::append_on_wire`] follow the map's.
     pub fn header_to_h1_wire(&self, buf: &mut impl BufMut) {
-        header_to_h1_wire(self.header_name_map.as_ref(), &self.base.headers, buf)
+        header_to_h1_wire(self.header_name_map.as_ref(), &self.base.headers, buf);
+        for f in &self.on_wire {
+            buf.put_slice(f.case.as_bytes());
+            buf.put_slice(b": ");
+            buf.put_slice(f.value.as_bytes());
+            buf.put_slice(b"\r\n");
+        }
+    }
+
+    /// tollgate patch: add a field that goes on the wire after the header map's fields,
+    /// without entering the value and case maps (two hashed inserts, a title-cased copy of
+    /// the name and the maps' growth: ~0.8k instructions a field, measured). `case` is the
+    /// name as written on HTTP/1 and must equal `name` ignoring ASCII case. The field is not
+    /// seen by [`Self::headers`] lookups: for fields no later code reads, such as the
+    /// X-Forwarded-* a proxy adds after its filters ran. A caller replacing a field the
+    /// client may have sent removes that one from the maps first.
+    pub fn append_on_wire(&mut self, case: &'static str, name: HeaderName, value: HeaderValue) {
+        debug_assert!(case.eq_ignore_ascii_case(name.as_str()));
+        self.on_wire.push(WireField { case, name, value });
+    }
+
+    /// tollgate patch: the fields [`Self::append_on_wire`] added, in order.
+    pub fn on_wire(&self) -> &[WireField] {
+        &self.on_wire
     }
 
     /// If case sensitivity is enabled, returns an iterator to iterate over case-sensitive header names and values.
@@ -397,18 +434,25 @@ impl RequestHeader {
     /// URI, so an absolute-form or CONNECT target does not survive the conversion:
     /// rebuilding a [RequestHeader] from the result serializes the URI's origin-form path
     /// instead of the original bytes. [Clone] keeps it; [Self::set_raw_path()] restores it.
+    ///
+    /// tollgate patch: the fields [`Self::append_on_wire`] added are in the parts' headers.
     pub fn as_owned_parts(&self) -> ReqParts {
-        clone_req_parts(&self.base)
+        let mut parts = clone_req_parts(&self.base);
+        for f in &self.on_wire {
+            parts.headers.append(f.name.clone(), f.value.clone());
+        }
+        parts
     }
 }
 
 impl Clone for RequestHeader {
     fn clone(&self) -> Self {
         Self {
-            base: self.as_owned_parts(),
+            base: clone_req_parts(&self.base),
             header_name_map: self.header_name_map.clone(),
             raw_target: self.raw_target.clone(),
             send_end_stream: self.send_end_stream,
+            on_wire: self.on_wire.clone(),
         }
     }
 }
@@ -425,13 +469,19 @@ impl From<ReqParts> for RequestHeader {
             // The Uri is the only target available here, so it is the one that serializes.
             raw_target: RawTarget::FromUri,
             send_end_stream: true,
+            on_wire: Vec::new(),
         }
     }
 }
 
 impl From<RequestHeader> for ReqParts {
     fn from(resp: RequestHeader) -> ReqParts {
-        resp.base
+        // tollgate patch: with the fields appended for the wire
+        let mut base = resp.base;
+        for f in resp.on_wire {
+            base.headers.append(f.name, f.value);
+        }
+        base
     }
 }
 
