@@ -82,6 +82,10 @@ fn framed(method: &str, path: &str) -> (Vec<u8>, bool) {
             b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\n\r\n",
             false,
         ),
+        "/dated" => (
+            b"HTTP/1.1 200 OK\r\nDate: Mon, 01 Jan 2001 00:00:00 GMT\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok",
+            false,
+        ),
         "/len" if method == "HEAD" => (
             b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n",
             false,
@@ -163,14 +167,25 @@ async fn every_response_framing_arrives_whole_over_h1_and_h2() {
 
             let r = c.get(url("/len")).send().await.unwrap();
             assert_eq!(r.text().await.unwrap(), "hello world");
+
+            // tollgate's own Date (and, over HTTP/1, Connection) replace the backend's
+            let r = c.get(url("/dated")).send().await.unwrap();
+            let dates: Vec<_> = r.headers().get_all("date").iter().collect();
+            assert_eq!(dates.len(), 1, "one Date: {dates:?}");
+            assert_ne!(dates[0], "Mon, 01 Jan 2001 00:00:00 GMT");
+            if version == reqwest::Version::HTTP_11 {
+                let conn: Vec<_> = r.headers().get_all("connection").iter().collect();
+                assert_eq!(conn, ["keep-alive"], "one Connection");
+            }
+            assert_eq!(r.text().await.unwrap(), "ok");
         }
     }
-    // 2 clients x 2 rounds x 6 requests: the close-delimited answers cost a connection each
-    // (4), the other 20 share the pooled ones
+    // 2 clients x 2 rounds x 7 requests: the close-delimited answers cost a connection each
+    // (4), the other 24 share the pooled ones
     let conns = up.conns.load(Ordering::SeqCst);
     assert!(
         (4..=8).contains(&conns),
-        "{conns} upstream connections for 24 requests, 4 of them close-delimited"
+        "{conns} upstream connections for 28 requests, 4 of them close-delimited"
     );
 }
 

@@ -258,12 +258,7 @@ impl RequestHeader {
     /// [`Self::append_on_wire`] follow the map's.
     pub fn header_to_h1_wire(&self, buf: &mut impl BufMut) {
         header_to_h1_wire(self.header_name_map.as_ref(), &self.base.headers, buf);
-        for f in &self.on_wire {
-            buf.put_slice(f.case.as_bytes());
-            buf.put_slice(b": ");
-            buf.put_slice(f.value.as_bytes());
-            buf.put_slice(b"\r\n");
-        }
+        wire_fields_to_h1(&self.on_wire, buf);
     }
 
     /// tollgate patch: add a field that goes on the wire after the header map's fields,
@@ -505,6 +500,9 @@ pub struct ResponseHeader {
     header_name_map: Option<CaseMap>,
     // the reason phrase of the response, if unset, a default one will be used
     reason_phrase: Option<String>,
+    /// tollgate patch: fields written after the header map's (see
+    /// [`ResponseHeader::append_on_wire`])
+    on_wire: Vec<WireField>,
 }
 
 impl AsRef<RespParts> for ResponseHeader {
@@ -524,9 +522,10 @@ impl Deref for ResponseHeader {
 impl Clone for ResponseHeader {
     fn clone(&self) -> Self {
         Self {
-            base: self.as_owned_parts(),
+            base: clone_resp_parts(&self.base),
             header_name_map: self.header_name_map.clone(),
             reason_phrase: self.reason_phrase.clone(),
+            on_wire: self.on_wire.clone(),
         }
     }
 }
@@ -538,19 +537,25 @@ impl From<RespParts> for ResponseHeader {
             base: parts,
             header_name_map: None,
             reason_phrase: None,
+            on_wire: Vec::new(),
         }
     }
 }
 
 impl From<ResponseHeader> for RespParts {
     fn from(resp: ResponseHeader) -> RespParts {
-        resp.base
+        // tollgate patch: with the fields appended for the wire
+        let mut base = resp.base;
+        for f in resp.on_wire {
+            base.headers.append(f.name, f.value);
+        }
+        base
     }
 }
 
 impl From<Box<ResponseHeader>> for Box<RespParts> {
     fn from(resp: Box<ResponseHeader>) -> Box<RespParts> {
-        Box::new(resp.base)
+        Box::new(RespParts::from(*resp))
     }
 }
 
@@ -570,6 +575,7 @@ impl ResponseHeader {
             base,
             header_name_map: None,
             reason_phrase: None,
+            on_wire: Vec::new(),
         }
     }
 
@@ -647,7 +653,9 @@ impl ResponseHeader {
     ///
     /// The header case will be preserved.
     pub fn header_to_h1_wire(&self, buf: &mut impl BufMut) {
-        header_to_h1_wire(self.header_name_map.as_ref(), &self.base.headers, buf)
+        header_to_h1_wire(self.header_name_map.as_ref(), &self.base.headers, buf);
+        // tollgate patch: the fields appended with `append_on_wire` follow the map's
+        wire_fields_to_h1(&self.on_wire, buf);
     }
 
     /// If case sensitivity is enabled, returns an iterator to iterate over case-sensitive header names and values.
@@ -730,8 +738,26 @@ impl ResponseHeader {
     }
 
     /// Clone `self` into [http::response::Parts].
+    ///
+    /// tollgate patch: the fields [`Self::append_on_wire`] added are in the parts' headers.
     pub fn as_owned_parts(&self) -> RespParts {
-        clone_resp_parts(&self.base)
+        let mut parts = clone_resp_parts(&self.base);
+        for f in &self.on_wire {
+            parts.headers.append(f.name.clone(), f.value.clone());
+        }
+        parts
+    }
+
+    /// tollgate patch: as [`RequestHeader::append_on_wire`]: a field written after the
+    /// header map's, outside the value and case maps.
+    pub fn append_on_wire(&mut self, case: &'static str, name: HeaderName, value: HeaderValue) {
+        debug_assert!(case.eq_ignore_ascii_case(name.as_str()));
+        self.on_wire.push(WireField { case, name, value });
+    }
+
+    /// tollgate patch: the fields [`Self::append_on_wire`] added, in order.
+    pub fn on_wire(&self) -> &[WireField] {
+        &self.on_wire
     }
 
     /// Helper function to set the HTTP content length on the response header.
@@ -1056,6 +1082,17 @@ fn normalize_field_value(raw: bytes::Bytes) -> bytes::Bytes {
         push_with_replacement(&mut unfolded, line);
     }
     bytes::Bytes::from(unfolded)
+}
+
+/// tollgate patch: fields kept outside the maps, in HTTP/1 wire format.
+#[inline]
+fn wire_fields_to_h1(fields: &[WireField], buf: &mut impl BufMut) {
+    for f in fields {
+        buf.put_slice(f.case.as_bytes());
+        buf.put_slice(b": ");
+        buf.put_slice(f.value.as_bytes());
+        buf.put_slice(b"\r\n");
+    }
 }
 
 #[inline]

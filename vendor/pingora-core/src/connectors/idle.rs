@@ -178,16 +178,11 @@ impl IdlePool {
         }
     }
 
-    /// Put a stream back for `key` (if it is still clean: a stream holding unread bytes is
-    /// closed). Beyond the pool's size the least recently put back entry (of any key) is
-    /// closed.
-    pub(crate) fn put(
-        self: &Arc<Self>,
-        key: u64,
-        mut stream: Stream,
-        idle_timeout: Option<Duration>,
-    ) {
-        if self.size == 0 || !self.alive(&mut stream) {
+    /// Put a stream back for `key`. Beyond the pool's size the least recently put back
+    /// entry (of any key) is closed. Whether the stream is still clean is asked when it is
+    /// taken (a read here too would be a second syscall per request for the same answer).
+    pub(crate) fn put(self: &Arc<Self>, key: u64, stream: Stream, idle_timeout: Option<Duration>) {
+        if self.size == 0 {
             return;
         }
         let now = Instant::now();

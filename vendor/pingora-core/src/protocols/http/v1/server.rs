@@ -882,15 +882,32 @@ impl HttpSession {
         // no need to add these headers to 1xx responses
         if !header.status.is_informational() && self.update_resp_headers {
             /* update headers */
-            header.insert_header(header::DATE, date::get_cached_date())?;
-
-            // TODO: make these lazy static
+            // tollgate patch: Date and Connection replace the upstream's (if it sent them)
+            // and go on the wire after the other fields, without the two hashed map inserts
+            // each (~0.6k instructions a field, measured)
+            let (had_date, had_connection) = header.headers.keys().fold((false, false), |seen, k| {
+                (
+                    seen.0 || *k == header::DATE,
+                    seen.1 || *k == header::CONNECTION,
+                )
+            });
+            if had_date {
+                header.remove_header(&header::DATE);
+            }
+            if had_connection {
+                header.remove_header(&header::CONNECTION);
+            }
+            header.append_on_wire("Date", header::DATE, date::get_cached_date());
             let connection_value = if self.will_keepalive() {
                 "keep-alive"
             } else {
                 "close"
             };
-            header.insert_header(header::CONNECTION, connection_value)?;
+            header.append_on_wire(
+                "Connection",
+                header::CONNECTION,
+                HeaderValue::from_static(connection_value),
+            );
         }
 
         if header.status == 101 {
