@@ -12,19 +12,22 @@ const PROXY_CONNECTION: http::HeaderName = http::HeaderName::from_static("proxy-
 
 /// Headers sent to the client: the request id, and no hop-by-hop headers from upstream.
 pub(super) fn downstream_headers(resp: &mut ResponseHeader, ctx: &RequestCtx) -> Result<()> {
-    if resp.status.as_u16() != 101 {
-        // One look at the response's few names; the hash lookups and removals below run
-        // only for names that are there (most answers carry `Connection: keep-alive` only).
-        let (mut connection, mut keep_alive, mut proxy_connection) = (false, false, false);
-        for k in resp.headers.keys() {
-            if *k == http::header::CONNECTION {
-                connection = true;
-            } else if *k == KEEP_ALIVE {
-                keep_alive = true;
-            } else if *k == PROXY_CONNECTION {
-                proxy_connection = true;
-            }
+    // One look at the response's few names; the hash lookups and removals below run only
+    // for names that are there (most answers carry `Connection: keep-alive` only).
+    let (mut connection, mut keep_alive, mut proxy_connection, mut request_id) =
+        (false, false, false, false);
+    for k in resp.headers.keys() {
+        if *k == http::header::CONNECTION {
+            connection = true;
+        } else if *k == KEEP_ALIVE {
+            keep_alive = true;
+        } else if *k == PROXY_CONNECTION {
+            proxy_connection = true;
+        } else if *k == super::request::REQUEST_ID {
+            request_id = true;
         }
+    }
+    if resp.status.as_u16() != 101 {
         if connection {
             // the common case, `Connection: keep-alive` or `close`, nominates nothing and
             // allocates nothing
@@ -60,8 +63,35 @@ pub(super) fn downstream_headers(resp: &mut ResponseHeader, ctx: &RequestCtx) ->
             resp.remove_header(&PROXY_CONNECTION);
         }
     }
-    resp.insert_header(super::request::REQUEST_ID, ctx.request_id_value())?;
+    if response_ops(ctx).is_empty() {
+        // on the wire after the upstream's fields, outside pingora's header maps (its
+        // patch 0028: ~0.7k instructions less than an insert); its own X-Request-Id, if it
+        // echoed one, replaced
+        if request_id {
+            resp.remove_header(&super::request::REQUEST_ID);
+        }
+        resp.append_on_wire(
+            "X-Request-Id",
+            super::request::REQUEST_ID,
+            ctx.request_id_value(),
+        );
+    } else {
+        // in the maps, where the operator's response rules can see and replace it
+        resp.insert_header(super::request::REQUEST_ID, ctx.request_id_value())?;
+    }
     vhost_headers(resp, ctx)
+}
+
+/// The response header rules that apply to this request's answers: the route's (which
+/// follow the vhost's), or the vhost's alone when no route matched.
+fn response_ops(ctx: &RequestCtx) -> &crate::state::headers::HeaderOps {
+    match ctx.record {
+        Some(r) => &ctx.snap.records[r].response_ops,
+        None => match ctx.vhost.and_then(|vi| ctx.snap.vhosts.get(vi)) {
+            Some(v) => &v.answers.response,
+            None => crate::state::headers::HeaderOps::none(),
+        },
+    }
 }
 
 /// The vhost's page for tollgate's own answer `status`, if it has one (`error_pages`).
@@ -98,10 +128,7 @@ pub(super) fn vhost_headers(resp: &mut ResponseHeader, ctx: &RequestCtx) -> Resu
             resp.insert_header(http::header::SERVER, v.clone())?;
         }
     }
-    let ops = match ctx.record {
-        Some(r) => &ctx.snap.records[r].response_ops,
-        None => &a.response,
-    };
+    let ops = response_ops(ctx);
     if !ops.is_empty() {
         super::headers::apply(resp, ops, ctx)?;
     }

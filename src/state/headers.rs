@@ -98,6 +98,16 @@ impl HeaderOps {
     pub fn is_empty(&self) -> bool {
         self.remove.is_empty() && self.set.is_empty() && self.add.is_empty()
     }
+
+    /// No rules, for an answer nothing configured any for.
+    pub fn none() -> &'static HeaderOps {
+        static NONE: HeaderOps = HeaderOps {
+            remove: Vec::new(),
+            set: Vec::new(),
+            add: Vec::new(),
+        };
+        &NONE
+    }
 }
 
 #[cfg(test)]
