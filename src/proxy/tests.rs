@@ -140,8 +140,18 @@ async fn capture_log(f: impl std::future::Future<Output = ()>) -> String {
     text
 }
 
+/// A field of the request sent upstream: in the header maps, or among the fields tollgate
+/// appends on the wire after them (vendor/patches 0028), as the backend would read it.
 fn header<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
-    req.headers.get(name).and_then(|v| v.to_str().ok())
+    req.headers
+        .get(name)
+        .or_else(|| {
+            req.on_wire()
+                .iter()
+                .find(|f| f.name.as_str().eq_ignore_ascii_case(name))
+                .map(|f| &f.value)
+        })
+        .and_then(|v| v.to_str().ok())
 }
 
 #[tokio::test]
