@@ -128,6 +128,23 @@ pub struct Metrics {
 pub struct Handshakes {
     pub full: AtomicU64,
     pub resumed: AtomicU64,
+    /// By key exchange group: [`KEY_EXCHANGES`] in order, then any other.
+    pub key_exchange: [AtomicU64; KEY_EXCHANGES.len() + 1],
+}
+
+/// The key exchange groups counted by name (rustls' names); others count as `other`.
+pub const KEY_EXCHANGES: [&str; 4] = ["X25519MLKEM768", "X25519", "secp256r1", "secp384r1"];
+
+impl Handshakes {
+    /// Count one handshake's key exchange group (`None`: TLS 1.2 resumption has none).
+    pub fn key_exchange(&self, group: Option<&str>) {
+        let Some(group) = group else { return };
+        let i = KEY_EXCHANGES
+            .iter()
+            .position(|g| *g == group)
+            .unwrap_or(KEY_EXCHANGES.len());
+        self.key_exchange[i].fetch_add(1, Relaxed);
+    }
 }
 
 impl Metrics {
@@ -182,6 +199,22 @@ impl Metrics {
                 let _ = writeln!(
                     out,
                     "tollgate_tls_handshakes_total{{listener=\"{listener}\",kind=\"{kind}\"}} {}",
+                    n.load(Relaxed)
+                );
+            }
+        }
+        family(
+            out,
+            "tollgate_tls_key_exchange_total",
+            "counter",
+            "TLS handshakes on each listener by key exchange group: X25519MLKEM768 is the hybrid post-quantum one.",
+        );
+        for (listener, h) in &all {
+            let names = KEY_EXCHANGES.iter().copied().chain(["other"]);
+            for (group, n) in names.zip(&h.key_exchange) {
+                let _ = writeln!(
+                    out,
+                    "tollgate_tls_key_exchange_total{{listener=\"{listener}\",group=\"{group}\"}} {}",
                     n.load(Relaxed)
                 );
             }

@@ -132,6 +132,7 @@ impl TlsAccept for CountHandshakes {
             &self.0.full
         };
         n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.key_exchange(tls.key_exchange_group());
         None
     }
 }
@@ -178,6 +179,8 @@ fn check_listeners(cfg: &Config) -> anyhow::Result<()> {
 /// With `upgrade`, the listening sockets are taken over from the running tollgate (which
 /// is then sent SIGQUIT) instead of being bound: see docs/operations.md.
 pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
+    // aws-lc-rs for every TLS configuration, pingora's included: before any is built
+    crate::tls::install_provider();
     // backend state, counters and the plugin host: made here, once, and handed in
     let lasting = Lasting::new();
     let state = Arc::new(State::new(config, lasting.clone()).map_err(|e| anyhow::anyhow!("{e}"))?);
@@ -279,9 +282,7 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
     let ticketer: Option<Arc<dyn rustls::server::ProducesTickets>> =
         match (cfg.session_tickets, cfg.session_ticket_keys.is_empty()) {
             (false, _) => None,
-            (true, true) => {
-                Some(rustls::crypto::ring::Ticketer::new().context("TLS session tickets")?)
-            }
+            (true, true) => Some(crate::tls::ticketer().context("TLS session tickets")?),
             (true, false) => Some(Arc::new(
                 crate::tls::tickets::FileTicketer::from_files(
                     &cfg.session_ticket_keys,
@@ -341,13 +342,11 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
         Reloader::new(state.clone()),
     ));
     // service ports: `tls` ones terminate with the same certificates, chosen by SNI
-    let mut port_tls = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .context("TLS for service ports")?
-    .with_no_client_auth()
-    .with_cert_resolver(Arc::new(SniResolver::new(state.handle(), None)));
+    let mut port_tls = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .context("TLS for service ports")?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(SniResolver::new(state.handle(), None)));
     if let Some(t) = ticketer {
         port_tls.ticketer = t;
     }

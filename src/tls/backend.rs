@@ -86,7 +86,7 @@ pub fn load_backend(t: &BackendTls) -> Result<BackendMaterial, String> {
             let chain = read_chain(cert, "client certificate")?;
             let der = PrivateKeyDer::from_pem_file(key)
                 .map_err(|e| format!("cannot read a private key from {}: {e}", key.display()))?;
-            let signer = rustls::crypto::ring::sign::any_supported_type(&der)
+            let signer = super::signing_key(&der)
                 .map_err(|e| format!("unsupported private key in {}: {e}", key.display()))?;
             rustls::sign::CertifiedKey::new(chain.clone(), signer)
                 .keys_match()

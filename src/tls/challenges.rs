@@ -89,7 +89,7 @@ fn alpn_certificate(name: &str, digest: &[u8]) -> Result<CertifiedKey, String> {
     let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
     let der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der())
         .map_err(|e| e.to_string())?;
-    let signer = rustls::crypto::ring::sign::any_supported_type(&der).map_err(|e| e.to_string())?;
+    let signer = super::signing_key(&der).map_err(|e| e.to_string())?;
     Ok(CertifiedKey::new(vec![cert.der().clone()], signer))
 }
 

@@ -19,6 +19,67 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// The crypto provider of all of tollgate's TLS: aws-lc-rs, its default key exchange groups
+/// (X25519MLKEM768 first, then X25519, P-256, P-384) and cipher suites, with keys loaded by
+/// [`FastestSigner`]. `install_provider` makes it the process default before any listener
+/// or connector is built, so pingora's listeners and upstream connections use it too.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    static PROVIDER: std::sync::OnceLock<Arc<rustls::crypto::CryptoProvider>> =
+        std::sync::OnceLock::new();
+    PROVIDER
+        .get_or_init(|| {
+            Arc::new(rustls::crypto::CryptoProvider {
+                key_provider: &FastestSigner,
+                ..rustls::crypto::aws_lc_rs::default_provider()
+            })
+        })
+        .clone()
+}
+
+/// Each kind of certificate key signed by the library that signs it fastest
+/// (benches/handshakes.py, server CPU per full handshake): RSA by aws-lc-rs (AWS-LC's RSA
+/// costs about half of ring's: 690 -> ~540 µs a connection with RSA-2048), ECDSA and
+/// Ed25519 by ring (~230 µs a connection with ECDSA P-256, against ~330-370 µs with
+/// aws-lc-rs signing).
+#[derive(Debug)]
+pub struct FastestSigner;
+
+impl rustls::crypto::KeyProvider for FastestSigner {
+    fn load_private_key(
+        &self,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<Arc<dyn rustls::sign::SigningKey>, rustls::Error> {
+        if let Ok(k) = rustls::crypto::ring::sign::any_ecdsa_type(&key) {
+            return Ok(k);
+        }
+        if let PrivateKeyDer::Pkcs8(der) = &key {
+            if let Ok(k) = rustls::crypto::ring::sign::any_eddsa_type(der) {
+                return Ok(k);
+            }
+        }
+        rustls::crypto::aws_lc_rs::sign::any_supported_type(&key)
+    }
+}
+
+/// Make [`provider`] the process-wide default (pingora builds its rustls configurations
+/// with the default; its own attempt to install ring then does nothing). Idempotent.
+pub fn install_provider() {
+    let _ = rustls::crypto::CryptoProvider::install_default((*provider()).clone());
+}
+
+/// A certificate's private key (RSA, ECDSA or Ed25519) as the provider's signing key.
+pub fn signing_key(
+    der: &PrivateKeyDer<'_>,
+) -> Result<Arc<dyn rustls::sign::SigningKey>, rustls::Error> {
+    provider().key_provider.load_private_key(der.clone_key())
+}
+
+/// Stateless session tickets with keys this process makes and rotates (the provider's
+/// ticketer: AES-256-GCM keys rolled every 6 hours, the last one still accepted).
+pub fn ticketer() -> Result<Arc<dyn rustls::server::ProducesTickets>, rustls::Error> {
+    rustls::crypto::aws_lc_rs::Ticketer::new()
+}
+
 /// What an operator wants to know about a loaded certificate.
 #[derive(Debug, Clone)]
 pub struct CertInfo {
@@ -360,8 +421,8 @@ pub fn pair_from_pem(
     }
     let der = PrivateKeyDer::from_pem_slice(key_pem)
         .map_err(|e| format!("cannot read a private key from {key_name}: {e}"))?;
-    let signer = rustls::crypto::ring::sign::any_supported_type(&der)
-        .map_err(|e| format!("unsupported private key in {key_name}: {e}"))?;
+    let signer =
+        signing_key(&der).map_err(|e| format!("unsupported private key in {key_name}: {e}"))?;
     let info = cert_info(&chain[0], source)?;
     let ck = CertifiedKey::new(chain, signer);
     ck.keys_match().map_err(|e| {

@@ -406,13 +406,35 @@ impl TestCa {
 
     /// Write `<dir>/<stem>.crt` and `.key` for `names`, with `cn` as the subject common name.
     pub fn issue(&self, dir: &Path, stem: &str, names: &[&str], cn: &str) -> (PathBuf, PathBuf) {
+        self.issue_with(dir, stem, names, cn, rcgen::KeyPair::generate().unwrap())
+    }
+
+    /// [`Self::issue`] for a given key (PEM, PKCS#8): an RSA certificate, say.
+    pub fn issue_for_key(
+        &self,
+        dir: &Path,
+        stem: &str,
+        names: &[&str],
+        key_pem: &str,
+    ) -> (PathBuf, PathBuf) {
+        let key = rcgen::KeyPair::from_pem(key_pem).unwrap();
+        self.issue_with(dir, stem, names, names[0], key)
+    }
+
+    fn issue_with(
+        &self,
+        dir: &Path,
+        stem: &str,
+        names: &[&str],
+        cn: &str,
+        key: rcgen::KeyPair,
+    ) -> (PathBuf, PathBuf) {
         let mut params =
             rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
                 .unwrap();
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, cn);
-        let key = rcgen::KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
         let c = dir.join(format!("{stem}.crt"));
         let k = dir.join(format!("{stem}.key"));

@@ -1540,3 +1540,89 @@ async fn instances_sharing_ticket_keys_resume_each_others_sessions() {
         "another key: a full handshake, answered"
     );
 }
+
+/// A TLS client with only `groups` for key exchange: what the server negotiated with it, and
+/// whether a request then went through.
+async fn key_exchange(
+    ca: &TestCa,
+    at: SocketAddr,
+    groups: Vec<&'static dyn rustls::crypto::SupportedKxGroup>,
+) -> String {
+    use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca.pem.as_bytes()).unwrap())
+        .unwrap();
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider.kx_groups = groups;
+    let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(at).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(ServerName::try_from("a.test").unwrap(), tcp)
+        .await
+        .unwrap();
+    let group = format!(
+        "{:?}",
+        tls.get_ref()
+            .1
+            .negotiated_key_exchange_group()
+            .unwrap()
+            .name()
+    );
+    let (head, _) = get_h1(&mut tls, "/kx").await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    group
+}
+
+#[tokio::test]
+async fn post_quantum_key_exchange_for_clients_that_offer_it_and_rsa_certificates() {
+    use rustls::crypto::aws_lc_rs::kx_group;
+    let up = Upstream::start("up").await;
+    // an RSA-2048 certificate (the key is a test fixture), since customers bring them
+    let rsa_key = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/jwt-rs256-test-only.key"),
+    )
+    .unwrap();
+    let s = site(
+        single_pool("", &format!("backends = [\"{}\"]", up.addr)),
+        |ca, dir| {
+            ca.issue_for_key(dir, "a", &["a.test"], &rsa_key);
+        },
+    )
+    .await;
+    // a browser's offer (hybrid first): the hybrid is chosen
+    let browser = vec![
+        kx_group::X25519MLKEM768,
+        kx_group::X25519,
+        kx_group::SECP256R1,
+    ];
+    assert_eq!(
+        key_exchange(&s.ca, s.https, browser).await,
+        "X25519MLKEM768"
+    );
+    // clients without it still get what they offer
+    assert_eq!(
+        key_exchange(&s.ca, s.https, vec![kx_group::X25519]).await,
+        "X25519"
+    );
+    assert_eq!(
+        key_exchange(&s.ca, s.https, vec![kx_group::SECP256R1]).await,
+        "secp256r1"
+    );
+    // and the operator sees who got what
+    let c = reqwest::Client::new();
+    let metrics = admin_text(&c, s.admin, "/metrics").await;
+    for group in ["X25519MLKEM768", "X25519", "secp256r1"] {
+        let line = format!(
+            "tollgate_tls_key_exchange_total{{listener=\"{}\",group=\"{group}\"}} 1",
+            s.https
+        );
+        assert!(metrics.contains(&line), "{line} in:\n{metrics}");
+    }
+}

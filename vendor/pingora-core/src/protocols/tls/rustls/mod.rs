@@ -36,6 +36,8 @@ pub struct TlsRef {
     pub(super) server_name: Option<String>,
     // tollgate patch: whether the handshake resumed a session
     pub(super) resumed: bool,
+    // tollgate patch: the negotiated key exchange group
+    pub(super) key_exchange: Option<&'static str>,
 }
 
 impl TlsRef {
@@ -73,5 +75,11 @@ impl TlsRef {
     /// cached session) rather than a full one.
     pub fn resumed(&self) -> bool {
         self.resumed
+    }
+
+    /// tollgate patch: the negotiated key exchange group, by its IANA name
+    /// (`X25519MLKEM768`, `X25519`, `secp256r1`, ...), if any.
+    pub fn key_exchange_group(&self) -> Option<&'static str> {
+        self.key_exchange
     }
 }

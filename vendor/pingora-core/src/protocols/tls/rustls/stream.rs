@@ -416,12 +416,17 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> InnerStream<T> {
         };
         // tollgate patch: the handshake's kind
         let resumed = session.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        // tollgate patch: the key exchange group (X25519MLKEM768, X25519, ...)
+        let key_exchange = session
+            .negotiated_key_exchange_group()
+            .and_then(|g| g.name().as_str());
         Some(TlsRef {
             peer_certs,
             cipher,
             version,
             server_name,
             resumed,
+            key_exchange,
         })
     }
 }
