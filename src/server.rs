@@ -132,8 +132,12 @@ impl TlsAccept for CountHandshakes {
             &self.0.full
         };
         n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.0.key_exchange(tls.key_exchange_group());
-        None
+        let group = tls.key_exchange_group();
+        self.0.key_exchange(group);
+        // for the access log of the connection's requests
+        Some(Arc::new(crate::tls::Negotiated {
+            key_exchange: group.unwrap_or("-"),
+        }))
     }
 }
 
@@ -180,7 +184,7 @@ fn check_listeners(cfg: &Config) -> anyhow::Result<()> {
 /// is then sent SIGQUIT) instead of being bound: see docs/operations.md.
 pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
     // aws-lc-rs for every TLS configuration, pingora's included: before any is built
-    crate::tls::install_provider();
+    crate::tls::install_provider(config.post_quantum);
     // backend state, counters and the plugin host: made here, once, and handed in
     let lasting = Lasting::new();
     let state = Arc::new(State::new(config, lasting.clone()).map_err(|e| anyhow::anyhow!("{e}"))?);

@@ -41,6 +41,9 @@ pub struct Config {
     pub session_ticket_keys: Vec<PathBuf>,
     /// How long a ticket sealed with those keys opens (`tls.session_ticket_lifetime`).
     pub session_ticket_lifetime: Duration,
+    /// `tls.post_quantum`: offer the hybrid key exchange X25519MLKEM768 (first, to clients
+    /// that send it). Read at start.
+    pub post_quantum: bool,
     pub admin: AdminSettings,
     pub consul: ConsulSettings,
     /// `[[consul.allow]]`: who may claim which host and path through Consul tags.

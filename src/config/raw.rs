@@ -154,6 +154,7 @@ pub struct RawTls {
     pub certs_dir: Option<S<String>>,
     pub consul_kv_prefix: Option<S<String>>,
     pub session_tickets: Option<bool>,
+    pub post_quantum: Option<bool>,
     #[serde(default)]
     pub session_ticket_keys: Vec<S<String>>,
     pub session_ticket_lifetime: Option<S<String>>,

@@ -312,6 +312,7 @@ pub(super) fn access_log(session: &Session, e: Option<&Error>, ctx: &RequestCtx)
         client = %client(session, ctx),
         proto = if session.is_http2() { "h2" } else { "http/1.1" },
         tls = ctx.tls,
+        tls_group = tls_group(session.digest()),
         method = %req.method,
         host = %ctx.host,
         path = %req.uri.path(),
@@ -353,6 +354,7 @@ pub(super) fn refused_log(
         client = %session.client_addr().map(|a| a.to_string()).unwrap_or_default(),
         proto = if session.is_http2() { "h2" } else { "http/1.1" },
         tls,
+        tls_group = tls_group(session.digest()),
         method = "-",
         host = "-",
         path = "-",
@@ -368,6 +370,15 @@ pub(super) fn refused_log(
         reason = %reason,
         error = %e,
     );
+}
+
+/// The key exchange group of the connection's TLS handshake, as the handshake callback noted
+/// it (`-` for plain HTTP).
+fn tls_group(digest: Option<&pingora::protocols::Digest>) -> &'static str {
+    digest
+        .and_then(|d| d.ssl_digest.as_ref())
+        .and_then(|s| s.extension.get::<crate::tls::Negotiated>())
+        .map_or("-", |n| n.key_exchange)
 }
 
 /// The client as logged: the socket peer (or PROXY source) with its port, or the address

@@ -19,21 +19,44 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// The crypto provider of all of tollgate's TLS: aws-lc-rs, its default key exchange groups
-/// (X25519MLKEM768 first, then X25519, P-256, P-384) and cipher suites, with keys loaded by
-/// [`FastestSigner`]. `install_provider` makes it the process default before any listener
-/// or connector is built, so pingora's listeners and upstream connections use it too.
+/// The crypto provider of all of tollgate's TLS: aws-lc-rs, its cipher suites and key
+/// exchange groups (X25519MLKEM768 first unless `tls.post_quantum = false`, then X25519,
+/// P-256, P-384), with keys loaded by [`FastestSigner`]. [`install_provider`] chooses it once,
+/// at start, and makes it the process default before any listener or connector is built,
+/// so pingora's listeners and upstream connections use it too; before that (`check`,
+/// `cert dev`) it is the one with post-quantum key exchange.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    static PROVIDER: std::sync::OnceLock<Arc<rustls::crypto::CryptoProvider>> =
-        std::sync::OnceLock::new();
-    PROVIDER
-        .get_or_init(|| {
-            Arc::new(rustls::crypto::CryptoProvider {
-                key_provider: &FastestSigner,
-                ..rustls::crypto::aws_lc_rs::default_provider()
-            })
-        })
-        .clone()
+    PROVIDER.get_or_init(|| make_provider(true)).clone()
+}
+
+static PROVIDER: std::sync::OnceLock<Arc<rustls::crypto::CryptoProvider>> =
+    std::sync::OnceLock::new();
+
+fn make_provider(post_quantum: bool) -> Arc<rustls::crypto::CryptoProvider> {
+    let mut p = rustls::crypto::CryptoProvider {
+        key_provider: &FastestSigner,
+        ..rustls::crypto::aws_lc_rs::default_provider()
+    };
+    if !post_quantum {
+        p.kx_groups
+            .retain(|g| g.name() != rustls::NamedGroup::X25519MLKEM768);
+    }
+    Arc::new(p)
+}
+
+/// Choose the provider (`tls.post_quantum`) and make it the process-wide default. The
+/// first call decides; later ones (a reload) change nothing, as the setting is read at start.
+pub fn install_provider(post_quantum: bool) {
+    let p = PROVIDER.get_or_init(|| make_provider(post_quantum));
+    let _ = rustls::crypto::CryptoProvider::install_default((**p).clone());
+}
+
+/// What a TLS handshake settled, kept with the connection (pingora's TLS digest extension)
+/// for the access log.
+#[derive(Debug)]
+pub struct Negotiated {
+    /// The key exchange group's name (`X25519MLKEM768`, `X25519`, ...), `-` for none.
+    pub key_exchange: &'static str,
 }
 
 /// Each kind of certificate key signed by the library that signs it fastest
@@ -59,12 +82,6 @@ impl rustls::crypto::KeyProvider for FastestSigner {
         }
         rustls::crypto::aws_lc_rs::sign::any_supported_type(&key)
     }
-}
-
-/// Make [`provider`] the process-wide default (pingora builds its rustls configurations
-/// with the default; its own attempt to install ring then does nothing). Idempotent.
-pub fn install_provider() {
-    let _ = rustls::crypto::CryptoProvider::install_default((*provider()).clone());
 }
 
 /// A certificate's private key (RSA, ECDSA or Ed25519) as the provider's signing key.

@@ -1625,4 +1625,34 @@ async fn post_quantum_key_exchange_for_clients_that_offer_it_and_rsa_certificate
         );
         assert!(metrics.contains(&line), "{line} in:\n{metrics}");
     }
+    // and each request's access line names its connection's group
+    wait_for("three access lines", Duration::from_secs(5), || async {
+        s.tg.log_text().matches("path=/kx").count() == 3
+    })
+    .await;
+    let log = s.tg.log_text();
+    let groups: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("path=/kx"))
+        .filter_map(|l| l.split("tls_group=").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(|g| g.trim_matches('"'))
+        .collect();
+    assert_eq!(groups, ["X25519MLKEM768", "X25519", "secp256r1"], "{log}");
+
+    // `tls.post_quantum = false`: the same browser offer gets the classical group
+    let s = site(
+        single_pool("", &format!("backends = [\"{}\"]", up.addr))
+            .table("tls", "post_quantum = false"),
+        |ca, dir| {
+            ca.issue_for_key(dir, "a", &["a.test"], &rsa_key);
+        },
+    )
+    .await;
+    let browser = vec![
+        kx_group::X25519MLKEM768,
+        kx_group::X25519,
+        kx_group::SECP256R1,
+    ];
+    assert_eq!(key_exchange(&s.ca, s.https, browser).await, "X25519");
 }

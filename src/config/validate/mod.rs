@@ -586,6 +586,7 @@ pub(super) fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
         session_tickets: raw.tls.session_tickets.unwrap_or(true),
         session_ticket_keys: ticket_keys,
         session_ticket_lifetime,
+        post_quantum: raw.tls.post_quantum.unwrap_or(true),
         admin,
         consul,
         consul_allow,
