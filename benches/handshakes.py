@@ -94,6 +94,58 @@ def run(port, pid, n, resumed):
     return cpu / n * 1e6, n / (time.time() - start)
 
 
+def rust_client():
+    """The newest benches/tls_client.rs executable of any profile, or None."""
+    import glob
+    found = [p for p in glob.glob(f"{ROOT}/target/*/deps/tls_client-*")
+             if os.access(p, os.X_OK) and not p.endswith(".d")]
+    return max(found, key=os.path.getmtime) if found else None
+
+
+def run_rust(client, port, pid, n, group, resumed):
+    """Server CPU per connection with the Rust client offering only `group`."""
+    mode = "resumed" if resumed else "full"
+    subprocess.run([client, str(port), "20", group, mode], check=True, capture_output=True)
+    before = cpu_seconds(pid)
+    out = subprocess.run(["taskset", "-c", "1", client, str(port), str(n), group, mode],
+                         check=True, capture_output=True, text=True).stdout
+    cpu = cpu_seconds(pid) - before
+    if group not in out:
+        sys.exit(f"the client negotiated something else than {group}: {out}")
+    return cpu / n * 1e6, out.strip()
+
+
+def hybrid_price(args, d, log):
+    """tollgate alone, ECDSA: X25519 vs X25519MLKEM768 from a rustls client."""
+    client = rust_client()
+    if not client:
+        print("\n(no tls_client: cargo build --profile profiling --bench tls_client "
+              "to price the post-quantum hybrid)")
+        return
+    cert, key = certificate(d, "ecdsa")
+    up_conf, _, _, tg_conf = compare.configs(d, cert, key)
+    compare.write(tg_conf, open(tg_conf).read() + '[limits]\nallow = ["127.0.0.1"]\n')
+    upstream = compare.start(["nginx", "-p", d, "-e", f"{d}/upstream.err", "-c", up_conf], 1,
+                             "upstream nginx", compare.UP, log)
+    proc = compare.start([args.tollgate, "run", "--config", tg_conf], 0, "tollgate",
+                         PORTS["tollgate"], log)
+    rows = []
+    try:
+        for mode in ("full", "resumed"):
+            got = {g: run_rust(client, PORTS["tollgate"], proc.pid, args.connections, g,
+                               mode == "resumed")[0]
+                   for g in ("X25519", "X25519MLKEM768")}
+            rows.append((mode, got["X25519"], got["X25519MLKEM768"]))
+    finally:
+        compare.stop([proc, upstream])
+    print("\ntollgate, ECDSA P-256, a rustls client offering one group (server CPU per "
+          "connection, microseconds)\n")
+    print("| handshake | X25519 | X25519MLKEM768 | the hybrid's price |")
+    print("|---|---:|---:|---:|")
+    for mode, x, pq in rows:
+        print(f"| {mode} | {x:.0f} | {pq:.0f} | {pq - x:+.0f} |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -154,6 +206,8 @@ def main():
                 row.append(f"{results[(kind, mode, 'tollgate')] / results[(kind, mode, 'nginx')]:.2f}")
             label = {"ecdsa": "ECDSA P-256", "rsa": "RSA-2048"}[kind]
             print(f"| {label}, {mode} | " + " | ".join(row) + " |")
+    if not args.only or "tollgate" in args.only:
+        hybrid_price(args, d, log)
     subprocess.run(["rm", "-rf", d])
 
 
