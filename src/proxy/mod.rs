@@ -110,6 +110,9 @@ pub struct RequestCtx {
     pool: Option<Arc<Pool>>,
     /// Backends tried for this request (indexes into the pool).
     tried: Vec<usize>,
+    /// The last backend may be chosen again: its pooled connection was closed under the
+    /// request before any answer (the keep-alive race), not a failure of the backend.
+    again: bool,
     backend: Option<usize>,
     inflight: Option<InflightGuard>,
     /// When the current backend was chosen (connect and response times count from here).
@@ -165,6 +168,7 @@ impl ProxyHttp for Tollgate {
             record: None,
             pool: None,
             tried: Vec::new(),
+            again: false,
             backend: None,
             inflight: None,
             upstream_start: None,
@@ -228,6 +232,17 @@ impl ProxyHttp for Tollgate {
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
         upstream::select_peer(ctx)
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        upstream::on_proxy_error(peer, session, ctx, e, client_reused)
     }
 
     fn fail_to_connect(

@@ -14,6 +14,14 @@ pub(super) fn select_peer(ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
         return Error::e_explain(InternalError, "no pool chosen for the request");
     };
     let now = now_ms();
+    if std::mem::take(&mut ctx.again) {
+        // the keep-alive race (`on_proxy_error`): the same backend, on another connection
+        if let Some(&i) = ctx.tried.last() {
+            if pool.backends[i].state.is_available(now) {
+                return Ok(chosen(ctx, &pool, i));
+            }
+        }
+    }
     let Some(i) = pool.select(now, &ctx.tried) else {
         let reason = match &pool.spec.consul {
             Some(key) if pool.backends.is_empty() => format!(
@@ -34,12 +42,45 @@ pub(super) fn select_peer(ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
         ctx.reason = Some(reason.clone().into());
         return Error::e_explain(HTTPStatus(503), reason);
     };
-    let b = &pool.backends[i];
     ctx.tried.push(i);
+    Ok(chosen(ctx, &pool, i))
+}
+
+fn chosen(ctx: &mut RequestCtx, pool: &crate::upstream::Pool, i: usize) -> Box<HttpPeer> {
     ctx.backend = Some(i);
-    ctx.inflight = Some(InflightGuard::new(b.state.clone()));
+    ctx.inflight = Some(InflightGuard::new(pool.backends[i].state.clone()));
     ctx.upstream_start = Some(std::time::Instant::now());
-    Ok(Box::new(crate::upstream::peer::http_peer(&pool, i)))
+    Box::new(crate::upstream::peer::http_peer(pool, i))
+}
+
+/// An error on an upstream connection after it was handed over. pingora's rule stays: an
+/// idempotent request is tried again only when the connection came from the pool (a
+/// connection the backend closed just as the request went out: the keep-alive race no
+/// check at reuse can close, since the close may cross the request on the wire). Such a
+/// retry may go to the same backend, on another connection, and does not count against it
+/// or against the pool's `retries`: with one backend it was a 503 ("no live backend"),
+/// where nginx and HAProxy retry the request.
+pub(super) fn on_proxy_error(
+    peer: &HttpPeer,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    e: Box<Error>,
+    client_reused: bool,
+) -> Box<Error> {
+    let mut e = e.more_context(format!("Peer: {peer}"));
+    let idempotent = session.req_header().method.is_idempotent();
+    if !idempotent || session.as_ref().retry_buffer_truncated() {
+        e.set_retry(false);
+    } else {
+        e.retry.decide_reuse(client_reused);
+    }
+    if e.retry() && client_reused && ctx.upstream_status.is_none() {
+        ctx.again = true;
+        if let Some(pool) = &ctx.pool {
+            pool.metrics.retries.fetch_add(1, Relaxed);
+        }
+    }
+    e
 }
 
 /// A connect failure counts against the backend; the request moves to another backend when

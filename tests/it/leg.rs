@@ -485,3 +485,44 @@ async fn an_upstream_answering_before_the_request_body_is_complete() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap(), "hello world");
 }
+
+#[tokio::test]
+async fn a_pooled_connection_closed_under_the_request_is_retried_on_the_same_backend() {
+    // the keep-alive race made certain: the backend answers a connection's first request
+    // and closes it, unanswered, when the second arrives (as if its idle timer had fired
+    // while the request was on the wire)
+    let up = Raw::start(|mut s| async move {
+        let mut buf = Vec::new();
+        if read_head(&mut s, &mut buf).await.is_none() {
+            return;
+        }
+        if s.write_all(&framed("GET", "/").0).await.is_err() {
+            return;
+        }
+        let _ = read_head(&mut s, &mut buf).await;
+        // dropped: closed with the second request unanswered
+    })
+    .await;
+    // one backend: a retry can only go to the same one
+    let s = site(
+        single_pool("", &format!("backends = [\"{}\"]", up.addr)),
+        issue_a,
+    )
+    .await;
+    let c = client(&s.ca, s.https, &["a.test"]);
+    let url = |p: &str| format!("https://a.test:{}{p}", s.https.port());
+    for i in 0..3 {
+        let r = c.get(url(&format!("/get{i}"))).send().await.unwrap();
+        assert_eq!(r.status(), 200, "GET {i} retried on a new connection");
+        assert_eq!(r.text().await.unwrap(), "hello world");
+    }
+    // first request: a new connection; each later one met a pooled connection that closed
+    // under it, then a new one
+    assert_eq!(up.conns.load(Ordering::SeqCst), 3);
+    // the backend is not blamed: no ejection, the next request still goes to it
+    let r = c.get(url("/after")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    // a POST is not repeated (it may have been acted on): the client gets the failure
+    let r = c.post(url("/post")).body("x").send().await.unwrap();
+    assert_eq!(r.status(), 502, "a non-idempotent request is not retried");
+}
