@@ -232,7 +232,14 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
 
     // counters and tables that outlive Snapshots, handed to the services that keep or
     // show them (the admin API shows them all)
-    let shown = crate::admin::Shown::default();
+    let shown = crate::admin::Shown {
+        tls: crate::admin::TlsAtStart {
+            session_tickets: cfg.session_tickets,
+            ticket_key_files: cfg.session_ticket_keys.len(),
+            post_quantum: cfg.post_quantum,
+        },
+        ..Default::default()
+    };
     let active = shown.active.clone();
     let conns = shown.conns.clone();
     // HTTP-01 answers: the issuer sets them, the proxy serves them

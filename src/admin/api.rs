@@ -14,6 +14,25 @@ use serde_json::{json, Value};
 use std::fmt::Write;
 use std::sync::atomic::Ordering::Relaxed;
 
+/// Whose keys seal the session tickets, in words an operator can act on.
+fn tls_status(t: &super::TlsAtStart) -> Value {
+    let (keys, note) = match (t.session_tickets, t.ticket_key_files) {
+        (false, _) => ("off", "no session tickets: each listener remembers its last 256 sessions"),
+        (true, 0) => (
+            "process",
+            "ticket keys are this process's own: a restart, a binary upgrade or another instance cannot resume its sessions (tls.session_ticket_keys shares keys)",
+        ),
+        (true, _) => ("files", "ticket keys from tls.session_ticket_keys: instances sharing the files resume each other's sessions"),
+    };
+    json!({
+        "session_tickets": keys,
+        "ticket_key_files": t.ticket_key_files,
+        "note": note,
+        "post_quantum": t.post_quantum,
+        "read_at_start": true,
+    })
+}
+
 pub(super) fn status(state: &State, snap: &Snapshot, shown: &Shown) -> Value {
     let m = &state.lasting.metrics;
     json!({
@@ -36,6 +55,7 @@ pub(super) fn status(state: &State, snap: &Snapshot, shown: &Shown) -> Value {
         "ports": snap.ports.iter().map(port_json).collect::<Vec<_>>(),
         // Sources and subsystems not built yet report themselves as such.
         "consul": consul_status(snap, &shown.watches, m),
+        "tls": tls_status(&shown.tls),
         "failover": match shown.failover.get() {
             Some(st) => json!({ "configured": true, "status": st }),
             None => json!({ "configured": snap.config.failover.is_some(), "state": "standalone" }),

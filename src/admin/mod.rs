@@ -38,6 +38,18 @@ pub struct Shown {
     pub watches: WatchTable,
     /// The failover peer's status (empty without `[failover]`).
     pub failover: StatusCell,
+    /// The TLS settings read at start (a reload does not change them).
+    pub tls: TlsAtStart,
+}
+
+/// The TLS settings in effect since start: whose keys seal the session tickets, and whether
+/// the post-quantum hybrid is offered.
+#[derive(Clone, Default, Debug)]
+pub struct TlsAtStart {
+    pub session_tickets: bool,
+    /// `tls.session_ticket_keys` files (0: the process's own keys).
+    pub ticket_key_files: usize,
+    pub post_quantum: bool,
 }
 
 impl Admin {

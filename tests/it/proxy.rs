@@ -1439,6 +1439,14 @@ async fn a_returning_client_resumes_its_session_after_2000_others() {
             issue_a,
         )
         .await;
+        // /status says whose keys seal the tickets
+        let status = admin_json(&reqwest::Client::new(), s.admin, "/status").await;
+        let want = if tickets { "process" } else { "off" };
+        assert_eq!(status["tls"]["session_tickets"], want, "{status}");
+        if tickets {
+            let note = status["tls"]["note"].as_str().unwrap();
+            assert!(note.contains("cannot resume"), "{note}");
+        }
         let returning = resuming_client(&[&s.ca], true);
         assert!(
             !tls_visit(returning.clone(), s.https).await,
@@ -1522,6 +1530,9 @@ async fn instances_sharing_ticket_keys_resume_each_others_sessions() {
     let a = site(edge(&fleet), issue_a).await;
     let b = site(edge(&fleet), issue_a).await;
     let c = site(edge(&other), issue_a).await;
+    let status = admin_json(&reqwest::Client::new(), a.admin, "/status").await;
+    assert_eq!(status["tls"]["session_tickets"], "files", "{status}");
+    assert_eq!(status["tls"]["post_quantum"], true, "{status}");
     let client = resuming_client(&[&a.ca, &b.ca, &c.ca], true);
     assert!(
         !tls_visit(client.clone(), a.https).await,
