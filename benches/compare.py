@@ -29,6 +29,14 @@ TG_ADMIN = 18449
 BODY = "x" * 1023 + "\n"
 
 
+def newest_binary(name, profile_dir="*"):
+    """The newest executable of the cargo target `name` (a bench) under target/PROFILE_DIR."""
+    import glob
+    found = [p for p in glob.glob(f"{ROOT}/target/{profile_dir}/deps/{name}-*")
+             if os.access(p, os.X_OK) and not p.endswith(".d")]
+    return max(found, key=os.path.getmtime) if found else None
+
+
 def wait_port(port, proc, name, timeout=15):
     end = time.time() + timeout
     while time.time() < end:

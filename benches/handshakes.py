@@ -96,10 +96,7 @@ def run(port, pid, n, resumed):
 
 def rust_client():
     """The newest benches/tls_client.rs executable of any profile, or None."""
-    import glob
-    found = [p for p in glob.glob(f"{ROOT}/target/*/deps/tls_client-*")
-             if os.access(p, os.X_OK) and not p.endswith(".d")]
-    return max(found, key=os.path.getmtime) if found else None
+    return compare.newest_binary("tls_client")
 
 
 def run_rust(client, port, pid, n, group, resumed):

@@ -16,7 +16,6 @@ The fat-LTO release build (--profile release) gives the numbers to record. Traff
 127.0.0.1 only; every run is bounded by --requests.
 """
 import argparse
-import glob
 import os
 import shutil
 import subprocess
@@ -34,10 +33,8 @@ PORTS = {"tollgate": 18443, "pingora floor": 18446, "nginx": 18444, "haproxy": 1
 
 def floor_binary(profile):
     """The newest pingora_floor executable built with `profile`."""
-    d = "release" if profile in ("release", "bench") else profile
-    found = [p for p in glob.glob(f"{ROOT}/target/{d}/deps/pingora_floor-*")
-             if os.access(p, os.X_OK) and not p.endswith(".d")]
-    return max(found, key=os.path.getmtime) if found else None
+    return compare.newest_binary("pingora_floor",
+                                 "release" if profile in ("release", "bench") else profile)
 
 
 def dump_total(pid, d, before):

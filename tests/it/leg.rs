@@ -189,6 +189,18 @@ async fn every_response_framing_arrives_whole_over_h1_and_h2() {
     );
 }
 
+/// Until the backend has the request (a new connection since `before`), then 200 ms into
+/// its thinking.
+async fn thinking(up: &Raw, before: usize) {
+    wait_for(
+        "the request at the backend",
+        Duration::from_secs(5),
+        || async { up.conns.load(Ordering::SeqCst) > before },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+}
+
 #[tokio::test]
 async fn a_client_gone_while_the_backend_thinks_abandons_the_upstream_request() {
     // the backend takes the request, then waits (up to 10 s) for tollgate to hang up
@@ -228,13 +240,7 @@ async fn a_client_gone_while_the_backend_thinks_abandons_the_upstream_request() 
                 .body(())
                 .unwrap();
             let (answer, _) = h2c.send_request(req, true).unwrap();
-            wait_for(
-                "the request at the backend",
-                Duration::from_secs(5),
-                || async { up.conns.load(Ordering::SeqCst) > before },
-            )
-            .await;
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            thinking(&up, before).await;
             // the client resets its stream and goes
             drop(answer);
             drop(h2c);
@@ -245,13 +251,7 @@ async fn a_client_gone_while_the_backend_thinks_abandons_the_upstream_request() 
                 .await
                 .unwrap();
             tls.flush().await.unwrap();
-            wait_for(
-                "the request at the backend",
-                Duration::from_secs(5),
-                || async { up.conns.load(Ordering::SeqCst) > before },
-            )
-            .await;
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            thinking(&up, before).await;
             drop(tls);
         }
         wait_for(
@@ -349,16 +349,6 @@ async fn a_backend_closing_idle_connections_at_random_fails_no_request() {
         "the backend closed only {closed} idle connections"
     );
     assert!(up.conns.load(Ordering::SeqCst) >= closed);
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap()
 }
 
 #[tokio::test]

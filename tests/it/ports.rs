@@ -296,14 +296,7 @@ async fn a_slow_reader_holds_back_a_fast_backend() {
         &[port],
     )
     .await;
-    let rss = || {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", s.tg.child.id())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .unwrap()
-    };
+    let rss = || rss_kib(s.tg.child.id());
     let before = rss();
     let mut c = TcpStream::connect(port).await.unwrap();
     let mut buf = vec![0u8; 16 * 1024];

@@ -1600,21 +1600,24 @@ async fn post_quantum_key_exchange_for_clients_that_offer_it_and_rsa_certificate
             .join("tests/fixtures/jwt-rs256-test-only.key"),
     )
     .unwrap();
-    let s = site(
-        single_pool("", &format!("backends = [\"{}\"]", up.addr)),
-        |ca, dir| {
+    let rsa_site = |tls: &str| {
+        let cfg = single_pool("", &format!("backends = [\"{}\"]", up.addr)).table("tls", tls);
+        site(cfg, |ca, dir| {
             ca.issue_for_key(dir, "a", &["a.test"], &rsa_key);
-        },
-    )
-    .await;
-    // a browser's offer (hybrid first): the hybrid is chosen
-    let browser = vec![
-        kx_group::X25519MLKEM768,
-        kx_group::X25519,
-        kx_group::SECP256R1,
-    ];
+        })
+    };
+    // a browser's offer (hybrid first)
+    let browser = || {
+        vec![
+            kx_group::X25519MLKEM768,
+            kx_group::X25519,
+            kx_group::SECP256R1,
+        ]
+    };
+    let s = rsa_site("").await;
+    // the hybrid is chosen
     assert_eq!(
-        key_exchange(&s.ca, s.https, browser).await,
+        key_exchange(&s.ca, s.https, browser()).await,
         "X25519MLKEM768"
     );
     // clients without it still get what they offer
@@ -1652,18 +1655,6 @@ async fn post_quantum_key_exchange_for_clients_that_offer_it_and_rsa_certificate
     assert_eq!(groups, ["X25519MLKEM768", "X25519", "secp256r1"], "{log}");
 
     // `tls.post_quantum = false`: the same browser offer gets the classical group
-    let s = site(
-        single_pool("", &format!("backends = [\"{}\"]", up.addr))
-            .table("tls", "post_quantum = false"),
-        |ca, dir| {
-            ca.issue_for_key(dir, "a", &["a.test"], &rsa_key);
-        },
-    )
-    .await;
-    let browser = vec![
-        kx_group::X25519MLKEM768,
-        kx_group::X25519,
-        kx_group::SECP256R1,
-    ];
-    assert_eq!(key_exchange(&s.ca, s.https, browser).await, "X25519");
+    let s = rsa_site("post_quantum = false").await;
+    assert_eq!(key_exchange(&s.ca, s.https, browser()).await, "X25519");
 }
