@@ -230,6 +230,38 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
     let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
     server.bootstrap();
 
+    // One ticketer for the process: a session from any TLS listener or `tls` port resumes
+    // on any other. Without key files or Consul rustls' own, keys rotated every 6 hours (the
+    // previous key still opens tickets for one more period); without any a listener
+    // remembers 256 sessions. With key files or Consul, the fleet's keys (tls::tickets,
+    // tls::fleet_tickets), so an instance resumes what another issued.
+    let fleet_tickets = match &cfg.session_ticket_consul {
+        Some((prefix, key_file)) if cfg.session_tickets => Some(Arc::new(
+            crate::tls::fleet_tickets::FleetTickets::new(
+                &cfg.consul,
+                prefix,
+                key_file,
+                cfg.session_ticket_lifetime,
+            )
+            .map_err(|e| anyhow::anyhow!("session ticket keys in Consul: {e}"))?,
+        )),
+        _ => None,
+    };
+    let ticketer: Option<Arc<dyn rustls::server::ProducesTickets>> = if !cfg.session_tickets {
+        None
+    } else if let Some(f) = &fleet_tickets {
+        Some(f.ticketer())
+    } else if cfg.session_ticket_keys.is_empty() {
+        Some(crate::tls::ticketer().context("TLS session tickets")?)
+    } else {
+        Some(Arc::new(
+            crate::tls::tickets::Ticketer::from_files(
+                &cfg.session_ticket_keys,
+                cfg.session_ticket_lifetime,
+            )
+            .map_err(|e| anyhow::anyhow!(e))?,
+        ))
+    };
     // counters and tables that outlive Snapshots, handed to the services that keep or
     // show them (the admin API shows them all)
     let shown = crate::admin::Shown {
@@ -237,6 +269,7 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
             session_tickets: cfg.session_tickets,
             ticket_key_files: cfg.session_ticket_keys.len(),
             post_quantum: cfg.post_quantum,
+            fleet: fleet_tickets.clone(),
         },
         ..Default::default()
     };
@@ -284,24 +317,6 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
         opts.h2_idle_timeout = Some(limits.keepalive_timeout);
         app.server_options = Some(opts);
     }
-    // One ticketer for the process: a session from any TLS listener or `tls` port resumes
-    // on any other. Without key files rustls' own, keys rotated every 6 hours (the previous
-    // key still opens tickets for one more period); without any a listener remembers 256
-    // sessions.
-    // With key files, the fleet's keys (tls::tickets), so an instance resumes what another
-    // issued.
-    let ticketer: Option<Arc<dyn rustls::server::ProducesTickets>> =
-        match (cfg.session_tickets, cfg.session_ticket_keys.is_empty()) {
-            (false, _) => None,
-            (true, true) => Some(crate::tls::ticketer().context("TLS session tickets")?),
-            (true, false) => Some(Arc::new(
-                crate::tls::tickets::FileTicketer::from_files(
-                    &cfg.session_ticket_keys,
-                    cfg.session_ticket_lifetime,
-                )
-                .map_err(|e| anyhow::anyhow!(e))?,
-            )),
-        };
     for l in &cfg.listeners {
         for a in &l.addresses {
             let addr = a.to_string();
@@ -370,6 +385,12 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
             Arc::new(port_tls),
         ),
     ));
+    if let Some(f) = fleet_tickets {
+        server.add_service(background_service(
+            "tollgate ticket keys",
+            crate::tls::fleet_tickets::Service(f),
+        ));
+    }
     server.add_service(background_service(
         "tollgate acme",
         crate::acme::Issuer::new(state.clone(), challenges),

@@ -16,7 +16,7 @@ pub struct Kv {
     /// The agent, with the 60 s wait the follower's blocking reads use.
     consul: crate::consul::Consul,
     prefix: String,
-    key: ring::aead::LessSafeKey,
+    sealer: crate::consul::Sealer,
 }
 
 impl Kv {
@@ -25,52 +25,20 @@ impl Kv {
         prefix: &str,
         key_file: &Path,
     ) -> Result<Kv, String> {
-        let secret = crate::config::secret::read(key_file, 16)?;
-        let digest = ring::digest::digest(&ring::digest::SHA256, secret.as_bytes());
-        let unbound = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, digest.as_ref())
-            .map_err(|_| "cannot make an AES key".to_string())?;
         Ok(Kv {
             consul: crate::consul::Consul::new(consul)?.with_wait(Duration::from_secs(60)),
             prefix: prefix.to_string(),
-            key: ring::aead::LessSafeKey::new(unbound),
+            // the prefix as associated data, as ever (values already in KV stay readable)
+            sealer: crate::consul::Sealer::new(key_file, prefix)?,
         })
     }
 
     fn seal(&self, plain: &[u8]) -> Result<Vec<u8>, String> {
-        use ring::rand::SecureRandom;
-        let mut nonce = [0u8; 12];
-        ring::rand::SystemRandom::new()
-            .fill(&mut nonce)
-            .map_err(|_| "no randomness".to_string())?;
-        let mut data = plain.to_vec();
-        self.key
-            .seal_in_place_append_tag(
-                ring::aead::Nonce::assume_unique_for_key(nonce),
-                ring::aead::Aad::from(self.prefix.as_bytes()),
-                &mut data,
-            )
-            .map_err(|_| "encryption failed".to_string())?;
-        let mut out = nonce.to_vec();
-        out.extend_from_slice(&data);
-        Ok(out)
+        self.sealer.seal(plain)
     }
 
     pub(super) fn open(&self, sealed: &[u8]) -> Result<Vec<u8>, String> {
-        if sealed.len() < 12 + 16 {
-            return Err("too short to be sealed".into());
-        }
-        let (nonce, rest) = sealed.split_at(12);
-        let mut data = rest.to_vec();
-        let nonce = ring::aead::Nonce::try_assume_unique_for_key(nonce).map_err(|_| "bad nonce")?;
-        let plain = self
-            .key
-            .open_in_place(
-                nonce,
-                ring::aead::Aad::from(self.prefix.as_bytes()),
-                &mut data,
-            )
-            .map_err(|_| "cannot decrypt: another encryption_key_file?".to_string())?;
-        Ok(plain.to_vec())
+        self.sealer.open(sealed)
     }
 
     fn path(&self, key: &str) -> String {

@@ -18,6 +18,7 @@ use std::sync::atomic::Ordering::Relaxed;
 fn tls_status(t: &super::TlsAtStart) -> Value {
     let (keys, note) = match (t.session_tickets, t.ticket_key_files) {
         (false, _) => ("off", "no session tickets: each listener remembers its last 256 sessions"),
+        (true, _) if t.fleet.is_some() => ("consul", "ticket keys from Consul KV (tls.session_ticket_consul), rotated by one instance of the fleet: every instance following them resumes the others' sessions"),
         (true, 0) => (
             "process",
             "ticket keys are this process's own: a restart, a binary upgrade or another instance cannot resume its sessions (tls.session_ticket_keys shares keys)",
@@ -29,6 +30,7 @@ fn tls_status(t: &super::TlsAtStart) -> Value {
         "ticket_key_files": t.ticket_key_files,
         "note": note,
         "post_quantum": t.post_quantum,
+        "consul": t.fleet.as_ref().map(|f| f.status()),
         "read_at_start": true,
     })
 }
@@ -442,6 +444,9 @@ pub(super) fn metrics_text(state: &State, snap: &Snapshot, shown: &Shown) -> Str
 
     crate::upstream::render_metrics(&mut out, &snap.pools, now_ms());
     snap.certs.render_metrics(&mut out);
+    if let Some(f) = &shown.tls.fleet {
+        f.render_metrics(&mut out);
+    }
     single(
         &mut out,
         "tollgate_consul_route_conflicts",

@@ -1,5 +1,5 @@
 //! The admin listener: a JSON API (`/status`, `/routes`, `/pools`, `/plugins`, `/certs`,
-//! `/explain`, `POST /reload`), Prometheus `/metrics`, and a read-only HTML dashboard at `/`.
+//! `/explain`, `POST /reload`, `POST /tls/rotate-ticket-keys`), Prometheus `/metrics`, and a read-only HTML dashboard at `/`.
 //! Separate from traffic listeners; every endpoint but `/healthz` needs the bearer token when
 //! one is configured (a non-loopback address without a token is refused by config
 //! validation). Owns: presenting state. Must not change routing state except through
@@ -50,6 +50,8 @@ pub struct TlsAtStart {
     /// `tls.session_ticket_keys` files (0: the process's own keys).
     pub ticket_key_files: usize,
     pub post_quantum: bool,
+    /// The fleet's keys in Consul (`tls.session_ticket_consul`).
+    pub fleet: Option<Arc<crate::tls::fleet_tickets::FleetTickets>>,
 }
 
 impl Admin {
@@ -358,10 +360,34 @@ impl ServeHttp for Admin {
                     }),
                 ),
             },
+            (Method::POST, "/tls/rotate-ticket-keys") => match &self.shown.tls.fleet {
+                Some(fleet) => match fleet.rotate(true).await {
+                    Ok(_) => json(StatusCode::OK, &serde_json::json!({"ok": true})),
+                    Err(e) => json(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &serde_json::json!({"ok": false, "error": e}),
+                    ),
+                },
+                None => json(
+                    StatusCode::CONFLICT,
+                    &serde_json::json!({
+                        "ok": false,
+                        "error": "session ticket keys are not kept in Consul here (tls.session_ticket_consul): key files roll by editing the list, a process's own keys by a restart",
+                    }),
+                ),
+            },
             (
                 _,
-                "/" | "/status" | "/routes" | "/pools" | "/plugins" | "/certs" | "/explain"
-                | "/metrics" | "/reload",
+                "/"
+                | "/status"
+                | "/routes"
+                | "/pools"
+                | "/plugins"
+                | "/certs"
+                | "/explain"
+                | "/metrics"
+                | "/reload"
+                | "/tls/rotate-ticket-keys",
             ) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
             _ => text(StatusCode::NOT_FOUND, "no such admin endpoint"),
         }

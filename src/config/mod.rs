@@ -39,8 +39,13 @@ pub struct Config {
     /// `tls.session_ticket_keys`: key files a fleet shares (the first seals, all open);
     /// empty: keys of the process's own.
     pub session_ticket_keys: Vec<PathBuf>,
-    /// How long a ticket sealed with those keys opens (`tls.session_ticket_lifetime`).
+    /// How long a ticket sealed with those keys opens (`tls.session_ticket_lifetime`), and
+    /// the period of the fleet's keys in Consul.
     pub session_ticket_lifetime: Duration,
+    /// `tls.session_ticket_consul`: ticket keys kept and rotated in Consul KV: the prefix,
+    /// and the file with the secret they are sealed with there (`tls.encryption_key_file`,
+    /// else `[acme]`'s).
+    pub session_ticket_consul: Option<(String, PathBuf)>,
     /// `tls.post_quantum`: offer the hybrid key exchange X25519MLKEM768 (first, to clients
     /// that send it). Read at start.
     pub post_quantum: bool,

@@ -158,6 +158,9 @@ pub struct RawTls {
     #[serde(default)]
     pub session_ticket_keys: Vec<S<String>>,
     pub session_ticket_lifetime: Option<S<String>>,
+    pub session_ticket_consul: Option<S<bool>>,
+    pub session_ticket_consul_prefix: Option<S<String>>,
+    pub encryption_key_file: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]

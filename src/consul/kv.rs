@@ -101,11 +101,15 @@ impl Consul {
         kv_entries(&self.http, &self.settings, prefix, index).await
     }
 
-    /// The value at `key` (`None`: not there).
-    pub async fn kv_get(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
+    /// GET `/v1/kv/<key>` with `query`: the answer (`None`: not there), or why not.
+    async fn get_key(
+        &self,
+        key: &str,
+        query: &[(&str, &str)],
+    ) -> Result<Option<reqwest::Response>, String> {
         let r = self
             .request(reqwest::Method::GET, &format!("/v1/kv/{key}"), KV_TIMEOUT)
-            .query(&[("raw", "true")])
+            .query(query)
             .send()
             .await
             .map_err(|e| format!("Consul KV get {key}: {e}"))?;
@@ -115,6 +119,14 @@ impl Consul {
         if !r.status().is_success() {
             return Err(format!("Consul KV get {key}: HTTP {}", r.status()));
         }
+        Ok(Some(r))
+    }
+
+    /// The value at `key` (`None`: not there).
+    pub async fn kv_get(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
+        let Some(r) = self.get_key(key, &[("raw", "true")]).await? else {
+            return Ok(None);
+        };
         let body = r
             .bytes()
             .await
@@ -122,9 +134,16 @@ impl Consul {
         Ok(Some(body.to_vec()))
     }
 
-    pub async fn kv_put(&self, key: &str, value: Vec<u8>) -> Result<(), String> {
+    /// PUT `value` at `key` with `query`: Consul's answer, `true` or `false`.
+    async fn put_key(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        query: &[(&str, String)],
+    ) -> Result<bool, String> {
         let r = self
             .request(reqwest::Method::PUT, &format!("/v1/kv/{key}"), KV_TIMEOUT)
+            .query(query)
             .body(value)
             .send()
             .await
@@ -132,7 +151,49 @@ impl Consul {
         if !r.status().is_success() {
             return Err(format!("Consul KV put {key}: HTTP {}", r.status()));
         }
-        Ok(())
+        let text = r
+            .text()
+            .await
+            .map_err(|e| format!("Consul KV put {key}: {e}"))?;
+        Ok(text.trim() == "true")
+    }
+
+    pub async fn kv_put(&self, key: &str, value: Vec<u8>) -> Result<(), String> {
+        self.put_key(key, value, &[]).await.map(|_| ())
+    }
+
+    /// The value at `key` with its `ModifyIndex` (`None`: not there), for a
+    /// check-and-set write ([`Consul::kv_cas`]).
+    pub async fn kv_get_indexed(&self, key: &str) -> Result<Option<(u64, Vec<u8>)>, String> {
+        #[derive(Deserialize)]
+        struct Entry {
+            #[serde(rename = "ModifyIndex")]
+            index: u64,
+            #[serde(rename = "Value")]
+            value: Option<String>,
+        }
+        let Some(r) = self.get_key(key, &[]).await? else {
+            return Ok(None);
+        };
+        let entries: Vec<Entry> = r
+            .json()
+            .await
+            .map_err(|e| format!("Consul KV get {key}: not a KV answer: {e}"))?;
+        let Some(e) = entries.into_iter().next() else {
+            return Ok(None);
+        };
+        use base64::Engine;
+        let value = base64::engine::general_purpose::STANDARD
+            .decode(e.value.unwrap_or_default())
+            .map_err(|err| format!("{key}: not base64: {err}"))?;
+        Ok(Some((e.index, value)))
+    }
+
+    /// Write `key` only if it is still at `index` (its `ModifyIndex`; 0: only if it does
+    /// not exist). Ok(false): someone wrote it in between.
+    pub async fn kv_cas(&self, key: &str, value: Vec<u8>, index: u64) -> Result<bool, String> {
+        self.put_key(key, value, &[("cas", index.to_string())])
+            .await
     }
 
     /// Delete `key` (best effort: a failure leaves it for the next attempt).

@@ -4,9 +4,12 @@
 //! `state`, and the listeners' certificate resolver (`proxy::sni`) reads the live Snapshot's
 //! store. `backend`: the CA bundles and client certificates of TLS pools (to backends).
 //! `challenges`: the ACME challenge answers pending now, which the listeners serve.
+//! `tickets`: session tickets under keys a fleet shares (key files), `fleet_tickets`: those
+//! keys kept, rotated and followed through Consul KV.
 
 pub mod backend;
 mod challenges;
+pub mod fleet_tickets;
 pub mod tickets;
 
 pub use challenges::{Challenges, ACME_TLS_ALPN, CHALLENGE_PATH};

@@ -27,17 +27,18 @@ struct TicketKey {
     key: LessSafeKey,
 }
 
-/// rustls' `ProducesTickets` over key files.
-pub struct FileTicketer {
-    keys: Vec<TicketKey>,
+/// rustls' `ProducesTickets` over keys a fleet shares: from key files (fixed), or from
+/// Consul KV (`tls::fleet_tickets` replaces them as the fleet rotates them).
+pub struct Ticketer {
+    keys: arc_swap::ArcSwap<Vec<TicketKey>>,
     lifetime: u32,
     rng: SystemRandom,
 }
 
-impl std::fmt::Debug for FileTicketer {
+impl std::fmt::Debug for Ticketer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FileTicketer")
-            .field("keys", &self.keys.len())
+        f.debug_struct("Ticketer")
+            .field("keys", &self.keys.load().len())
             .field("lifetime", &self.lifetime)
             .finish()
     }
@@ -66,35 +67,62 @@ fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-impl FileTicketer {
+fn keys_of(keys: &[Vec<u8>]) -> Result<Vec<TicketKey>, String> {
+    if keys.is_empty() {
+        return Err("no ticket key".into());
+    }
+    keys.iter().map(|k| key_of(k)).collect()
+}
+
+/// A new random key (80 bytes, as `openssl rand 80` makes them).
+pub fn random_key() -> Result<Vec<u8>, String> {
+    let mut k = vec![0u8; 80];
+    SystemRandom::new()
+        .fill(&mut k)
+        .map_err(|_| "no randomness".to_string())?;
+    Ok(k)
+}
+
+impl Ticketer {
     /// From key files' contents, the sealing key first.
-    pub fn from_keys(keys: &[Vec<u8>], lifetime: Duration) -> Result<FileTicketer, String> {
-        if keys.is_empty() {
-            return Err("no ticket key".into());
-        }
-        Ok(FileTicketer {
-            keys: keys.iter().map(|k| key_of(k)).collect::<Result<_, _>>()?,
+    pub fn from_keys(keys: &[Vec<u8>], lifetime: Duration) -> Result<Ticketer, String> {
+        Ok(Ticketer {
+            keys: arc_swap::ArcSwap::from_pointee(keys_of(keys)?),
             lifetime: lifetime.as_secs().clamp(1, u64::from(u32::MAX)) as u32,
             rng: SystemRandom::new(),
         })
     }
 
+    /// Seal with `keys[0]` and open with any of `keys` from now on (a handshake under way
+    /// finishes with the keys it started with).
+    pub fn replace_keys(&self, keys: &[Vec<u8>]) -> Result<(), String> {
+        self.keys.store(std::sync::Arc::new(keys_of(keys)?));
+        Ok(())
+    }
+
+    /// The name (first 16 bytes, hex) of the key that seals new tickets: what /status
+    /// shows, so an operator can tell which key a fleet's instances use without seeing it.
+    pub fn sealing_key_name(&self) -> String {
+        self.keys.load()[0].name[..4]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
     /// From key files, the sealing key first (read once: a new key means a restart or a
     /// binary upgrade, as with nginx).
-    pub fn from_files(
-        paths: &[impl AsRef<Path>],
-        lifetime: Duration,
-    ) -> Result<FileTicketer, String> {
+    pub fn from_files(paths: &[impl AsRef<Path>], lifetime: Duration) -> Result<Ticketer, String> {
         let mut keys = Vec::with_capacity(paths.len());
         for p in paths {
             let p = p.as_ref();
             keys.push(std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?);
         }
-        FileTicketer::from_keys(&keys, lifetime).map_err(|e| format!("ticket keys: {e}"))
+        Ticketer::from_keys(&keys, lifetime).map_err(|e| format!("ticket keys: {e}"))
     }
 
     fn seal(&self, plain: &[u8], issued_at: u64) -> Option<Vec<u8>> {
-        let k = &self.keys[0];
+        let keys = self.keys.load();
+        let k = &keys[0];
         let mut nonce = [0u8; NONCE_LEN];
         self.rng.fill(&mut nonce).ok()?;
         let mut out = Vec::with_capacity(HEADER + plain.len() + AES_256_GCM.tag_len());
@@ -118,10 +146,8 @@ impl FileTicketer {
             return None;
         }
         let (header, sealed) = ticket.split_at(HEADER);
-        let k = self
-            .keys
-            .iter()
-            .find(|k| k.name[..] == header[..NAME_LEN])?;
+        let keys = self.keys.load();
+        let k = keys.iter().find(|k| k.name[..] == header[..NAME_LEN])?;
         let issued_at = u64::from_be_bytes(header[NAME_LEN..NAME_LEN + 8].try_into().ok()?);
         if issued_at > now + SKEW || now.saturating_sub(issued_at) > u64::from(self.lifetime) {
             return None;
@@ -136,7 +162,7 @@ impl FileTicketer {
     }
 }
 
-impl rustls::server::ProducesTickets for FileTicketer {
+impl rustls::server::ProducesTickets for Ticketer {
     fn enabled(&self) -> bool {
         true
     }
@@ -167,9 +193,9 @@ mod tests {
     #[test]
     fn tickets_open_under_any_listed_key_and_nothing_else() {
         let hour = Duration::from_secs(3600);
-        let old = FileTicketer::from_keys(&[key(1)], hour).unwrap();
-        let rolled = FileTicketer::from_keys(&[key(2), key(1)], hour).unwrap();
-        let other = FileTicketer::from_keys(&[key(3)], hour).unwrap();
+        let old = Ticketer::from_keys(&[key(1)], hour).unwrap();
+        let rolled = Ticketer::from_keys(&[key(2), key(1)], hour).unwrap();
+        let other = Ticketer::from_keys(&[key(3)], hour).unwrap();
         let t = old.seal(b"session", 1_000_000).unwrap();
         assert_eq!(
             rolled.open(&t, 1_000_100).as_deref(),
@@ -216,7 +242,7 @@ mod tests {
         assert!(ticket_key_problem(b"secret\n")
             .unwrap()
             .contains("openssl rand 80"));
-        assert!(FileTicketer::from_keys(&[], Duration::from_secs(1)).is_err());
-        assert!(FileTicketer::from_keys(&[vec![0; 10]], Duration::from_secs(1)).is_err());
+        assert!(Ticketer::from_keys(&[], Duration::from_secs(1)).is_err());
+        assert!(Ticketer::from_keys(&[vec![0; 10]], Duration::from_secs(1)).is_err());
     }
 }

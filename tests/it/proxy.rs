@@ -1508,6 +1508,28 @@ async fn a_returning_client_resumes_its_session_after_2000_others() {
     }
 }
 
+/// A client's session from A resumes on B and back, and on C (another fleet's keys) it gets
+/// a full handshake and its answer all the same.
+async fn sessions_resume_within_the_fleet_only([a, b, c]: [&Site; 3]) {
+    let client = resuming_client(&[&a.ca, &b.ca, &c.ca], true);
+    assert!(
+        !tls_visit(client.clone(), a.https).await,
+        "first: a full handshake"
+    );
+    assert!(
+        tls_visit(client.clone(), b.https).await,
+        "B resumes the session A issued"
+    );
+    assert!(
+        tls_visit(client.clone(), a.https).await,
+        "and A the one B issued"
+    );
+    assert!(
+        !tls_visit(client, c.https).await,
+        "another fleet's keys: a full handshake, answered"
+    );
+}
+
 /// Instances sharing ticket key files resume each other's sessions; an instance with
 /// another key makes a full handshake instead, and the request is answered all the same.
 #[tokio::test]
@@ -1533,23 +1555,129 @@ async fn instances_sharing_ticket_keys_resume_each_others_sessions() {
     let status = admin_json(&reqwest::Client::new(), a.admin, "/status").await;
     assert_eq!(status["tls"]["session_tickets"], "files", "{status}");
     assert_eq!(status["tls"]["post_quantum"], true, "{status}");
-    let client = resuming_client(&[&a.ca, &b.ca, &c.ca], true);
-    assert!(
-        !tls_visit(client.clone(), a.https).await,
-        "first: a full handshake"
+    sessions_resume_within_the_fleet_only([&a, &b, &c]).await;
+    // keys from files are not rotated through the admin API: it says how they roll
+    let r = reqwest::Client::new()
+        .post(format!(
+            "http://127.0.0.1:{}/tls/rotate-ticket-keys",
+            a.admin
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    assert!(r.text().await.unwrap().contains("key files roll by"));
+}
+
+/// The fleet's ticket keys through Consul KV: the instance holding the lock writes them,
+/// every instance follows them, so a session one issued resumes on another; a rotation keeps
+/// the previous key opening tickets for one more period and not after (a client holding only
+/// a ticket from two keys ago gets a full handshake, and its answer); another fleet (prefix
+/// and key) resumes none of them. /status and /metrics say whose keys seal.
+#[tokio::test]
+async fn a_fleet_shares_rotating_ticket_keys_through_consul() {
+    let up = Upstream::start("up").await;
+    let dir = tempfile::tempdir().unwrap();
+    let consul = ConsulAgent::start(dir.path()).await;
+    let (fleet, other) = (
+        dir.path().join("fleet.secret"),
+        dir.path().join("other.secret"),
     );
+    std::fs::write(&fleet, "6f1c0b3e9a2d47c58e0f7a19b2c4d6e8\n").unwrap();
+    std::fs::write(&other, "0a9b8c7d6e5f40312233445566778899\n").unwrap();
+    let edge = |prefix: &str, key: &std::path::Path| {
+        single_pool("", &format!("backends = [\"{}\"]", up.addr))
+            .consul(&consul, "")
+            .table(
+                "tls",
+                &format!(
+                    "session_ticket_consul = true\nsession_ticket_consul_prefix = \"{prefix}\"\n\
+                     encryption_key_file = \"{}\"",
+                    key.display()
+                ),
+            )
+    };
+    let a = site(edge("fleet/tickets", &fleet), issue_a).await;
+    let b = site(edge("fleet/tickets", &fleet), issue_a).await;
+    let c = site(edge("elsewhere/tickets", &other), issue_a).await;
+    let http = reqwest::Client::new();
+    // Each instance's sealing key once it follows the fleet's (the lock holder writes the
+    // first key set at start); waits until `want` holds for the instances' names.
+    let sealing = |admin: u16| {
+        let http = http.clone();
+        async move {
+            let s = admin_json(&http, admin, "/status").await;
+            assert_eq!(s["tls"]["session_tickets"], "consul", "{s}");
+            let f = &s["tls"]["consul"];
+            (f["keys_from_consul"] == true).then(|| f["sealing_key"].as_str().unwrap().to_string())
+        }
+    };
+    // the sealing key all of `admins` follow, once it is not `not` (20 s at most)
+    let agree = |admins: Vec<u16>, not: Option<String>| async move {
+        for _ in 0..200 {
+            let mut keys = BTreeSet::new();
+            for admin in &admins {
+                keys.insert(sealing(*admin).await);
+            }
+            if let [Some(k)] = &keys.into_iter().collect::<Vec<_>>()[..] {
+                if Some(k) != not.as_ref() {
+                    return k.clone();
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{admins:?} never sealed with one new fleet key (not {not:?})");
+    };
+    let k1 = agree(vec![a.admin, b.admin], None).await;
     assert!(
-        tls_visit(client.clone(), b.https).await,
-        "B resumes the session A issued"
+        agree(vec![c.admin], None).await != k1,
+        "another fleet, another key"
     );
+
+    sessions_resume_within_the_fleet_only([&a, &b, &c]).await;
+
+    // two clients holding only tickets sealed with the first key
+    let (old1, old2) = (
+        resuming_client(&[&a.ca, &b.ca], true),
+        resuming_client(&[&a.ca, &b.ca], true),
+    );
+    for old in [&old1, &old2] {
+        assert!(!tls_visit(old.clone(), a.https).await);
+    }
+    let rotate = |admin: u16| {
+        let http = http.clone();
+        async move {
+            let r = http
+                .post(format!("http://127.0.0.1:{admin}/tls/rotate-ticket-keys"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+        }
+    };
+    rotate(a.admin).await;
+    let k2 = agree(vec![a.admin, b.admin], Some(k1.clone())).await;
     assert!(
-        tls_visit(client.clone(), a.https).await,
-        "and A the one B issued"
+        tls_visit(old1, b.https).await,
+        "the previous key still opens, on B too"
     );
+    // asked of B this time: any instance may rotate (check-and-set on the value)
+    rotate(b.admin).await;
+    let k3 = agree(vec![a.admin, b.admin], Some(k2.clone())).await;
+    assert_ne!(k3, k1);
     assert!(
-        !tls_visit(client.clone(), c.https).await,
-        "another key: a full handshake, answered"
+        !tls_visit(old2, b.https).await,
+        "a ticket from two keys ago: a full handshake, answered"
     );
+    let m = admin_text(&http, a.admin, "/metrics").await;
+    let value = |name: &str| -> f64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{m}"))
+    };
+    assert!(value("tollgate_tls_ticket_key_rotations_total") >= 1.0);
+    let age = value("tollgate_tls_ticket_key_age_seconds");
+    assert!((0.0..60.0).contains(&age), "{age}");
 }
 
 /// A TLS client with only `groups` for key exchange: what the server negotiated with it, and

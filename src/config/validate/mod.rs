@@ -391,22 +391,12 @@ pub(super) fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
     let (ticket_keys, session_ticket_lifetime) = ticket_keys(cx, &raw.tls);
     let admin = admin(cx, &raw.admin);
     let mut consul = consul(cx, &raw.consul);
-    consul.cert_prefix = raw.tls.consul_kv_prefix.as_ref().map(|p| {
-        let prefix = p.get_ref().trim().trim_matches('/').to_string();
-        let ok = !prefix.is_empty()
-            && prefix.split('/').all(|seg| !seg.is_empty() && seg != "." && seg != "..")
-            && prefix
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
-        if !ok {
-            cx.err(
-                p.span(),
-                "tls.consul_kv_prefix",
-                format!("`{prefix}` is not a KV prefix: letters, digits, `-_./`, e.g. \"tollgate/certs\""),
-            );
-        }
-        prefix
-    });
+    consul.cert_prefix = raw
+        .tls
+        .consul_kv_prefix
+        .as_ref()
+        .map(|p| kv_prefix(cx, p, "tls.consul_kv_prefix"));
+    let session_ticket_consul = ticket_consul(cx, &raw);
     let consul_allow = claim_rules(cx, &raw.consul);
     if !consul.tag_routes {
         for (i, v) in raw.vhosts.iter().enumerate() {
@@ -586,6 +576,7 @@ pub(super) fn build(cx: &mut Ctx, raw: RawConfig, path: &Path) -> Config {
         session_tickets: raw.tls.session_tickets.unwrap_or(true),
         session_ticket_keys: ticket_keys,
         session_ticket_lifetime,
+        session_ticket_consul,
         post_quantum: raw.tls.post_quantum.unwrap_or(true),
         admin,
         consul,
@@ -612,6 +603,84 @@ pub fn addresses_overlap(a: SocketAddr, b: SocketAddr) -> bool {
 
 #[cfg(test)]
 mod tests;
+
+/// A Consul KV prefix as written at `p` (`option` names it in the error), trimmed of `/`.
+fn kv_prefix(cx: &mut Ctx, p: &Spanned<String>, option: &str) -> String {
+    let prefix = p.get_ref().trim().trim_matches('/').to_string();
+    let ok = !prefix.is_empty()
+        && prefix
+            .split('/')
+            .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
+        && prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+    if !ok {
+        cx.err(
+            p.span(),
+            option,
+            format!(
+                "`{prefix}` is not a KV prefix: letters, digits, `-_./`, e.g. \"tollgate/certs\""
+            ),
+        );
+    }
+    prefix
+}
+
+/// `tls.session_ticket_consul`: the prefix and the encryption key file (`tls`'s, else
+/// `[acme]`'s), which must hold a secret now.
+fn ticket_consul(cx: &mut Ctx, raw: &RawConfig) -> Option<(String, PathBuf)> {
+    let tls = &raw.tls;
+    let on = tls.session_ticket_consul.as_ref().filter(|c| *c.get_ref());
+    let Some(on) = on else {
+        for (set, option) in [
+            (
+                tls.session_ticket_consul_prefix.as_ref().map(|p| p.span()),
+                "tls.session_ticket_consul_prefix",
+            ),
+            (
+                tls.encryption_key_file.as_ref().map(|p| p.span()),
+                "tls.encryption_key_file",
+            ),
+        ] {
+            if let Some(span) = set {
+                cx.err(
+                    span,
+                    option,
+                    "only applies with session_ticket_consul = true",
+                );
+            }
+        }
+        return None;
+    };
+    if tls.session_tickets == Some(false) || !tls.session_ticket_keys.is_empty() {
+        cx.err(
+            on.span(),
+            "tls.session_ticket_consul",
+            "ticket keys come from Consul or from session_ticket_keys files, with session_tickets on: choose one",
+        );
+    }
+    let prefix = match &tls.session_ticket_consul_prefix {
+        Some(p) => kv_prefix(cx, p, "tls.session_ticket_consul_prefix"),
+        None => "tollgate/tickets".to_string(),
+    };
+    let acme_key = raw
+        .acme
+        .as_ref()
+        .and_then(|a| a.get_ref().encryption_key_file.as_ref());
+    let Some(file) = tls.encryption_key_file.as_ref().or(acme_key) else {
+        cx.err(
+            on.span(),
+            "tls.encryption_key_file",
+            "session_ticket_consul seals the keys in Consul with encryption_key_file: a file with a random secret (e.g. openssl rand -hex 32), the same on every instance ([acme]'s is used when it has one)",
+        );
+        return None;
+    };
+    let path = cx.path(file.get_ref());
+    if let Err(e) = super::secret::read(&path, 16) {
+        cx.err(file.span(), "tls.encryption_key_file", e);
+    }
+    Some((prefix, path))
+}
 
 /// `tls.session_ticket_keys` (each file readable and a key) and `tls.session_ticket_lifetime`.
 fn ticket_keys(cx: &mut Ctx, tls: &super::raw::RawTls) -> (Vec<PathBuf>, Duration) {

@@ -1020,3 +1020,85 @@ fn session_ticket_keys_are_read_and_checked_with_their_lines() {
         assert_eq!(hit.origin.line, line, "{option}");
     }
 }
+
+#[test]
+fn ticket_keys_in_consul_need_a_readable_encryption_key_and_no_other_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("fleet.secret");
+    std::fs::write(&secret, "0123456789abcdef0123456789abcdef\n").unwrap();
+    std::fs::write(dir.path().join("short.secret"), "abc\n").unwrap();
+    std::fs::write(dir.path().join("good.key"), [7u8; 80]).unwrap();
+    let t = dir.path().join("t.toml");
+    let with = |tls: &str| format!("[tls]\n{tls}\n{OK}");
+    let c = parse(
+        &t,
+        &with("session_ticket_consul = true\nencryption_key_file = \"fleet.secret\""),
+    )
+    .unwrap();
+    assert_eq!(
+        c.session_ticket_consul,
+        Some(("tollgate/tickets".to_string(), secret.clone()))
+    );
+    // [acme]'s key when tls has none; the prefix trimmed
+    let c = parse(
+        &t,
+        &format!(
+            "[tls]\nsession_ticket_consul = true\nsession_ticket_consul_prefix = \"/fleet/tickets/\"\n\
+             [acme]\ndirectory = \"https://ca.test/dir\"\nconsul = true\nencryption_key_file = \"fleet.secret\"\n{OK}"
+        ),
+    )
+    .unwrap();
+    assert_eq!(
+        c.session_ticket_consul,
+        Some(("fleet/tickets".to_string(), secret))
+    );
+    assert_eq!(
+        parse(&t, &with("session_ticket_consul = false"))
+            .unwrap()
+            .session_ticket_consul,
+        None
+    );
+    for (tls, option, says) in [
+        ("session_ticket_consul = true", "tls.encryption_key_file", "openssl rand"),
+        (
+            "session_ticket_consul = true\nencryption_key_file = \"short.secret\"",
+            "tls.encryption_key_file",
+            "too short",
+        ),
+        (
+            "session_ticket_consul = true\nencryption_key_file = \"missing.secret\"",
+            "tls.encryption_key_file",
+            "cannot read",
+        ),
+        (
+            "session_ticket_consul = true\nencryption_key_file = \"fleet.secret\"\nsession_ticket_keys = [\"good.key\"]",
+            "tls.session_ticket_consul",
+            "choose one",
+        ),
+        (
+            "session_ticket_consul = true\nencryption_key_file = \"fleet.secret\"\nsession_tickets = false",
+            "tls.session_ticket_consul",
+            "choose one",
+        ),
+        (
+            "session_ticket_consul = true\nencryption_key_file = \"fleet.secret\"\nsession_ticket_consul_prefix = \"a/../b\"",
+            "tls.session_ticket_consul_prefix",
+            "not a KV prefix",
+        ),
+        (
+            "encryption_key_file = \"fleet.secret\"",
+            "tls.encryption_key_file",
+            "only applies with session_ticket_consul",
+        ),
+    ] {
+        let e = parse(&t, &with(tls)).unwrap_err().0;
+        let hit = e
+            .iter()
+            .find(|e| e.option == option)
+            .unwrap_or_else(|| panic!("{option}: {e:?}"));
+        assert!(hit.message.contains(says), "{tls}: {}", hit.message);
+        let key = option.trim_start_matches("tls.");
+        let line = with(tls).lines().position(|l| l.starts_with(key)).unwrap_or(1) + 1;
+        assert_eq!(hit.origin.line, line, "{tls}");
+    }
+}
