@@ -11,45 +11,75 @@ pub(super) trait Headers {
     fn set(&mut self, name: HeaderName, value: HeaderValue) -> Result<()>;
     fn add(&mut self, name: HeaderName, value: HeaderValue) -> Result<()>;
     fn remove(&mut self, name: &HeaderName);
+    /// The names in the maps, each once per value.
+    fn names(&self) -> impl Iterator<Item = &HeaderName>;
+    /// After the maps' fields on the wire, outside the maps (pingora-http patch 0031).
+    fn on_wire(&mut self, case: bytes::Bytes, name: HeaderName, value: HeaderValue);
 }
 
-impl Headers for RequestHeader {
-    fn set(&mut self, name: HeaderName, value: HeaderValue) -> Result<()> {
-        self.insert_header(name, value)
-    }
-    fn add(&mut self, name: HeaderName, value: HeaderValue) -> Result<()> {
-        self.append_header(name, value).map(|_| ())
-    }
-    fn remove(&mut self, name: &HeaderName) {
-        self.remove_header(name);
-    }
+/// The same for both of pingora's header types, which share no trait.
+macro_rules! headers {
+    ($t:ty) => {
+        impl Headers for $t {
+            fn set(&mut self, name: HeaderName, value: HeaderValue) -> Result<()> {
+                self.insert_header(name, value)
+            }
+            fn add(&mut self, name: HeaderName, value: HeaderValue) -> Result<()> {
+                self.append_header(name, value).map(|_| ())
+            }
+            fn remove(&mut self, name: &HeaderName) {
+                self.remove_header(name);
+            }
+            fn names(&self) -> impl Iterator<Item = &HeaderName> {
+                self.headers.keys()
+            }
+            fn on_wire(&mut self, case: bytes::Bytes, name: HeaderName, value: HeaderValue) {
+                self.append_on_wire(case, name, value);
+            }
+        }
+    };
 }
+headers!(RequestHeader);
+headers!(ResponseHeader);
 
-impl Headers for ResponseHeader {
-    fn set(&mut self, name: HeaderName, value: HeaderValue) -> Result<()> {
-        self.insert_header(name, value)
-    }
-    fn add(&mut self, name: HeaderName, value: HeaderValue) -> Result<()> {
-        self.append_header(name, value).map(|_| ())
-    }
-    fn remove(&mut self, name: &HeaderName) {
-        self.remove_header(name);
-    }
-}
-
-/// Apply `ops` to `h` for the request of `ctx`.
+/// Apply `ops` to `h` for the request of `ctx`. A set or added field whose name no later
+/// code reads goes on the wire (a set one replacing the peer's copy in the maps); the others
+/// into the maps.
 pub(super) fn apply(h: &mut impl Headers, ops: &HeaderOps, ctx: &RequestCtx) -> Result<()> {
     for name in &ops.remove {
         h.remove(name);
     }
-    for (name, v) in &ops.set {
-        if let Some(v) = value(v, ctx) {
-            h.set(name.clone(), v)?;
+    // the fields set on the wire that the peer sent too, found in one pass over the names
+    // (a comparison each, where a removal would hash the name; most answers have none)
+    let mut sent = 0u64;
+    for n in h.names() {
+        for (i, f) in ops.set.iter().enumerate().take(64) {
+            if f.wire.is_some() && f.name == n {
+                sent |= 1 << i;
+            }
         }
     }
-    for (name, v) in &ops.add {
-        if let Some(v) = value(v, ctx) {
-            h.add(name.clone(), v)?;
+    for (i, f) in ops.set.iter().enumerate() {
+        let Some(v) = value(&f.value, ctx) else {
+            continue;
+        };
+        match &f.wire {
+            Some(case) => {
+                if i >= 64 || sent & (1 << i) != 0 {
+                    h.remove(&f.name);
+                }
+                h.on_wire(case.clone(), f.name.clone(), v);
+            }
+            None => h.set(f.name.clone(), v)?,
+        }
+    }
+    for f in &ops.add {
+        let Some(v) = value(&f.value, ctx) else {
+            continue;
+        };
+        match &f.wire {
+            Some(case) => h.on_wire(case.clone(), f.name.clone(), v),
+            None => h.add(f.name.clone(), v)?,
         }
     }
     Ok(())

@@ -413,9 +413,9 @@ pub(super) fn proxy_headers(req: &mut RequestHeader, ctx: &RequestCtx) -> Result
     use http::HeaderValue;
     let record = ctx.record.map(|r| &ctx.snap.records[r]);
     // tollgate's fields go on the wire after the client's (pingora-http patch: no hashed
-    // insert into the value and case maps, ~0.8k instructions each), unless the route's
-    // request rules run after them: the operator may read or replace what tollgate set.
-    let on_wire = record.is_none_or(|r| r.request_ops.is_empty());
+    // insert into the value and case maps, ~0.8k instructions each), unless a request rule
+    // of the route names one: it runs after them and removes or replaces what tollgate set.
+    let on_wire = record.is_none_or(|r| !r.request_ops.names_own);
     // the client's own copies of the fields tollgate sets are replaced: one pass over the
     // names finds them (most requests have none)
     let mut theirs = Theirs::default();

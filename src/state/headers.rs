@@ -55,14 +55,71 @@ impl Value {
     }
 }
 
+/// Fields the proxy itself reads or rewrites after the rules ran (framing, the connection,
+/// dates and caching, the request's Host): a rule on one of them goes into the header
+/// maps, where that code sees it. Every other rule's field goes on the wire after the
+/// maps' fields, without entering them (pingora-http patches 0028 and 0031).
+const IN_THE_MAPS: &[HeaderName] = &[
+    http::header::CONTENT_LENGTH,
+    http::header::TRANSFER_ENCODING,
+    http::header::CONTENT_TYPE,
+    http::header::CONTENT_ENCODING,
+    http::header::CONTENT_RANGE,
+    http::header::ACCEPT_RANGES,
+    http::header::CONNECTION,
+    http::header::UPGRADE,
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::DATE,
+    http::header::HOST,
+    http::header::EXPECT,
+    http::header::VARY,
+    http::header::ETAG,
+    http::header::LAST_MODIFIED,
+    http::header::CACHE_CONTROL,
+    http::header::EXPIRES,
+];
+
+/// A field a rule sets or adds: its name, its value, and its name as the operator wrote it
+/// (what goes on an HTTP/1 wire) when it may go on the wire outside the header maps.
+#[derive(Debug, Clone)]
+pub struct Field {
+    pub name: HeaderName,
+    pub value: Value,
+    pub wire: Option<bytes::Bytes>,
+}
+
+impl Field {
+    fn of(written: &str, value: &str) -> Option<Field> {
+        let name = HeaderName::from_bytes(written.as_bytes()).ok()?;
+        let wire = (!IN_THE_MAPS.contains(&name)).then(|| bytes::Bytes::from(written.to_string()));
+        Some(Field {
+            name,
+            value: Value::of(value)?,
+            wire,
+        })
+    }
+}
+
 /// The operations of a vhost's rules followed by a route's: removals, then sets (replacing),
 /// then adds (beside what is there).
 #[derive(Debug, Clone, Default)]
 pub struct HeaderOps {
     pub remove: Vec<HeaderName>,
-    pub set: Vec<(HeaderName, Value)>,
-    pub add: Vec<(HeaderName, Value)>,
+    pub set: Vec<Field>,
+    pub add: Vec<Field>,
+    /// A rule names one of the fields tollgate adds itself ([`OWN_FIELDS`]): those then go
+    /// into the header maps, where the rules remove or replace them.
+    pub names_own: bool,
 }
+
+/// The fields tollgate adds to requests (and X-Request-Id to answers).
+pub const OWN_FIELDS: [&str; 4] = [
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-request-id",
+];
 
 impl HeaderOps {
     /// `rules` in order (the vhost's, then the route's): a later set of a name replaces an
@@ -72,27 +129,37 @@ impl HeaderOps {
         let name = |n: &str| HeaderName::from_bytes(n.as_bytes()).ok();
         for r in rules {
             for n in r.remove.iter().filter_map(|n| name(n)) {
-                ops.set.retain(|(s, _)| *s != n);
-                ops.add.retain(|(s, _)| *s != n);
+                ops.set.retain(|f| f.name != n);
+                ops.add.retain(|f| f.name != n);
                 if !ops.remove.contains(&n) {
                     ops.remove.push(n);
                 }
             }
             for (n, v) in &r.set {
-                let (Some(n), Some(v)) = (name(n), Value::of(v)) else {
+                let Some(f) = Field::of(n, v) else {
                     continue;
                 };
-                ops.set.retain(|(s, _)| *s != n);
-                ops.add.retain(|(s, _)| *s != n);
-                ops.set.push((n, v));
+                ops.set.retain(|s| s.name != f.name);
+                ops.add.retain(|s| s.name != f.name);
+                ops.set.push(f);
             }
             for (n, v) in &r.add {
-                if let (Some(n), Some(v)) = (name(n), Value::of(v)) {
-                    ops.add.push((n, v));
+                if let Some(f) = Field::of(n, v) {
+                    ops.add.push(f);
                 }
             }
         }
+        ops.names_own = OWN_FIELDS
+            .iter()
+            .any(|n| ops.names(&HeaderName::from_static(n)));
         ops
+    }
+
+    /// Whether a rule removes, sets or adds `name`.
+    pub fn names(&self, name: &HeaderName) -> bool {
+        self.remove.contains(name)
+            || self.set.iter().any(|f| f.name == name)
+            || self.add.iter().any(|f| f.name == name)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -105,6 +172,7 @@ impl HeaderOps {
             remove: Vec::new(),
             set: Vec::new(),
             add: Vec::new(),
+            names_own: false,
         };
         &NONE
     }
@@ -135,8 +203,8 @@ mod tests {
         let set: Vec<(String, String)> = ops
             .set
             .iter()
-            .map(|(n, v)| match v {
-                Value::Fixed(v) => (n.to_string(), v.to_str().unwrap().to_string()),
+            .map(|f| match &f.value {
+                Value::Fixed(v) => (f.name.to_string(), v.to_str().unwrap().to_string()),
                 Value::Template(_) => unreachable!(),
             })
             .collect();
@@ -146,6 +214,30 @@ mod tests {
         );
         assert!(ops.add.is_empty(), "the route removed x-c");
         assert_eq!(ops.remove, ["server", "x-c"]);
+        assert!(ops.names(&HeaderName::from_static("x-a")) && ops.names(&http::header::SERVER));
+        assert!(!ops.names(&HeaderName::from_static("x-request-id")));
+        assert!(!ops.names_own);
+        let own = rules(&[], &[], &["X-Forwarded-Host"]);
+        assert!(HeaderOps::of(&[&vhost, &own]).names_own);
+    }
+
+    #[test]
+    fn fields_go_on_the_wire_as_written_unless_the_proxy_reads_them() {
+        let r = rules(
+            &[("X-Frame-Options", "DENY"), ("Cache-Control", "no-store")],
+            &[("Link", "</a.css>; rel=preload")],
+            &[],
+        );
+        let ops = HeaderOps::of(&[&r]);
+        let wire = |f: &Field| {
+            f.wire
+                .as_ref()
+                .map(|w| String::from_utf8_lossy(w).to_string())
+        };
+        assert_eq!(wire(&ops.set[0]).as_deref(), Some("X-Frame-Options"));
+        assert_eq!(ops.set[0].name, "x-frame-options");
+        assert_eq!(wire(&ops.set[1]), None, "caching fields stay in the maps");
+        assert_eq!(wire(&ops.add[0]).as_deref(), Some("Link"));
     }
 
     #[test]

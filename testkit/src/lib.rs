@@ -112,7 +112,8 @@ pub fn dead_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
 
-/// An HTTP/1.1 upstream that answers with JSON describing the request it got.
+/// An HTTP/1.1 upstream that answers with JSON describing the request it got (`headers`: the
+/// last value of each; `repeated`: the names that came more than once).
 /// `/sleep/<ms>` waits before answering; `/hop` answers with hop-by-hop headers; `…/banner`
 /// with `Server`, `X-Powered-By` and a short HSTS of its own; `/drain`
 /// reads the whole request body first and answers with its length.
@@ -321,8 +322,17 @@ async fn answer(
             )
         })
         .collect();
+    // names the request carried more than once (a proxy's field added beside the client's)
+    let mut repeated: Vec<String> = req
+        .headers()
+        .keys()
+        .filter(|k| req.headers().get_all(*k).iter().count() > 1)
+        .map(|k| k.to_string())
+        .collect();
+    repeated.dedup();
     let body = serde_json::json!({
         "upstream": name,
+        "repeated": repeated,
         "method": req.method().as_str(),
         "path": path,
         "query": req.uri().query(),

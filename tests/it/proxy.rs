@@ -1066,8 +1066,8 @@ async fn header_rules_hsts_and_the_server_policy_apply_to_every_answer() {
         .route_with(
             "/api",
             "p",
-            "request_headers = { set = { \"X-Env\" = \"api\" }, add = { \"X-Tag\" = \"two\" } }\n\
-             response_headers = { add = { \"Cache-Control\" = \"no-store\" } }",
+            "request_headers = { set = { \"X-Env\" = \"api\" }, add = { \"X-Tag\" = \"two\" }, remove = [\"X-Forwarded-Host\"] }\n\
+             response_headers = { add = { \"Cache-Control\" = \"no-store\" }, set = { \"X-Upstream\" = \"hidden\" }, remove = [\"X-Request-Id\"] }",
         )
         .route("/dead", "dead");
     let s = site(
@@ -1095,10 +1095,13 @@ async fn header_rules_hsts_and_the_server_policy_apply_to_every_answer() {
         .get(format!("https://a.test:{port}/x/banner"))
         .header("x-debug", "1")
         .header("x-request-id", "rid-1")
+        .header("x-env", "from-the-client")
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-request-id").as_deref(), Some("rid-1"));
+    assert_eq!(header(&r, "x-upstream").as_deref(), Some("up"));
     assert_eq!(
         header(&r, "strict-transport-security").as_deref(),
         Some(hsts),
@@ -1124,6 +1127,12 @@ async fn header_rules_hsts_and_the_server_policy_apply_to_every_answer() {
     assert_eq!(h["x-scheme"], "https");
     assert_eq!(h["x-seen"], "127.0.0.1 rid-1 a.test");
     assert!(h.get("x-debug").is_none(), "{h}");
+    assert_eq!(
+        j["repeated"],
+        serde_json::json!([]),
+        "a set replaces the client's copy"
+    );
+    assert_eq!(h["x-forwarded-host"], format!("a.test:{port}"));
 
     // a route's rules follow its vhost's
     let r = c
@@ -1136,12 +1145,19 @@ async fn header_rules_hsts_and_the_server_policy_apply_to_every_answer() {
         header(&r, "x-content-type-options").as_deref(),
         Some("nosniff")
     );
+    // a set replaces the upstream's field, and a rule may remove tollgate's own
+    let upstream: Vec<_> = r.headers().get_all("x-upstream").iter().collect();
+    assert_eq!(upstream, ["hidden"]);
+    assert_eq!(header(&r, "x-request-id"), None);
     let j: Value = r.json().await.unwrap();
     assert_eq!(
         j["headers"]["x-env"], "api",
         "the route's set replaces the vhost's"
     );
     assert_eq!(j["headers"]["x-tag"], "two");
+    assert!(j["headers"].get("x-forwarded-host").is_none(), "{j}");
+    assert!(j["headers"].get("x-forwarded-for").is_some(), "{j}");
+    assert_eq!(j["repeated"], serde_json::json!([]));
 
     // over plain HTTP: the rules, and never HSTS
     let plain = reqwest::Client::builder().no_proxy().build().unwrap();
@@ -1159,6 +1175,29 @@ async fn header_rules_hsts_and_the_server_policy_apply_to_every_answer() {
     );
     let j: Value = r.json().await.unwrap();
     assert_eq!(j["headers"]["x-scheme"], "http");
+    // on an HTTP/1.1 wire a rule's field is spelled as the rule writes it, once
+    let raw = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(s.http).await.unwrap();
+        tcp.write_all(b"GET /x/banner HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut raw = Vec::new();
+        tcp.read_to_end(&mut raw).await.unwrap();
+        String::from_utf8_lossy(&raw).into_owned()
+    };
+    let head = raw.split("\r\n\r\n").next().unwrap();
+    assert_eq!(
+        head.matches("\r\nX-Content-Type-Options: nosniff").count(),
+        1,
+        "{head}"
+    );
+    assert_eq!(
+        head.matches("\r\nReferrer-Policy: strict-origin-when-cross-origin")
+            .count(),
+        1,
+        "{head}"
+    );
 
     // tollgate's own answer (502, or 503 once the backend is out) carries HSTS and the
     // answer rules too

@@ -88,14 +88,15 @@ pub(super) fn header_rules(
     };
     for (key, list, into_add) in [("set", &r.set, false), ("add", &r.add, true)] {
         for (name, value) in list {
-            let Some(lower) = name_ok(cx, name, key) else {
+            if name_ok(cx, name, key).is_none() {
                 continue;
-            };
+            }
             if let Some(why) = template_problem(value) {
                 cx.err(span.clone(), format!("{opt}.{key}.{name}"), why);
                 continue;
             }
-            let pair = (lower, value.clone());
+            // as written: a field a rule sets goes on an HTTP/1 wire spelled so
+            let pair = (name.clone(), value.clone());
             if into_add {
                 out.add.push(pair);
             } else {
@@ -109,7 +110,7 @@ pub(super) fn header_rules(
         }
     }
     for (name, _) in &out.set {
-        if out.remove.contains(name) {
+        if out.remove.iter().any(|r| r.eq_ignore_ascii_case(name)) {
             cx.err(
                 span.clone(),
                 format!("{opt}.remove"),

@@ -701,14 +701,15 @@ fn hsts_server_header_and_header_rules_are_validated() {
         "max-age=63072000; includeSubDomains; preload"
     );
     assert_eq!(v.headers.server, ServerHeader::Replace("edge".into()));
+    // set and added names kept as written (their HTTP/1 spelling); removals lower case
     assert_eq!(
         v.response_headers.set,
-        [("x-frame-options".to_string(), "DENY".to_string())]
+        [("X-Frame-Options".to_string(), "DENY".to_string())]
     );
     assert_eq!(v.response_headers.remove, ["x-powered-by"]);
     assert_eq!(
         v.request_headers.add,
-        [("x-via".to_string(), "$scheme://$host".to_string())]
+        [("X-Via".to_string(), "$scheme://$host".to_string())]
     );
     let c = parse(Path::new("/etc/tollgate/t.toml"), &vhost("hsts = true")).unwrap();
     assert_eq!(
