@@ -335,10 +335,9 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
                     alpn.insert(0, b"h2".to_vec());
                 }
                 tls.set_alpn_protocols(alpn);
-                if let Some(t) = ticketer.clone() {
-                    // pingora patch 24
-                    tls.set_config_hook(move |c| c.ticketer = t);
-                }
+                // pingora patch 24
+                let t = ticketer.clone();
+                tls.set_config_hook(move |c| crate::tls::server_settings(c, t.as_ref()));
                 proxy.add_tls_with_settings(&addr, None, tls);
             } else {
                 proxy.add_tcp(&addr);
@@ -373,9 +372,7 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
         .context("TLS for service ports")?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(SniResolver::new(state.handle(), None)));
-    if let Some(t) = ticketer {
-        port_tls.ticketer = t;
-    }
+    crate::tls::server_settings(&mut port_tls, ticketer.as_ref());
     server.add_service(background_service(
         "tollgate ports",
         crate::ports::Ports::new(

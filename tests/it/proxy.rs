@@ -1726,15 +1726,27 @@ async fn key_exchange(
     at: SocketAddr,
     groups: Vec<&'static dyn rustls::crypto::SupportedKxGroup>,
 ) -> String {
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider.kx_groups = groups;
+    negotiate(ca, at, provider, &rustls::version::TLS13).await.0
+}
+
+/// A TLS client on `provider` (its groups and suites, in its order of preference) speaking
+/// `version`: the key exchange group and the cipher suite the server chose, once a request
+/// went through.
+async fn negotiate(
+    ca: &TestCa,
+    at: SocketAddr,
+    provider: rustls::crypto::CryptoProvider,
+    version: &'static rustls::SupportedProtocolVersion,
+) -> (String, String) {
     use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(CertificateDer::from_pem_slice(ca.pem.as_bytes()).unwrap())
         .unwrap();
-    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
-    provider.kx_groups = groups;
     let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
-        .with_protocol_versions(&[&rustls::version::TLS13])
+        .with_protocol_versions(&[version])
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
@@ -1744,17 +1756,66 @@ async fn key_exchange(
         .connect(ServerName::try_from("a.test").unwrap(), tcp)
         .await
         .unwrap();
-    let group = format!(
-        "{:?}",
-        tls.get_ref()
-            .1
-            .negotiated_key_exchange_group()
-            .unwrap()
-            .name()
-    );
+    let conn = tls.get_ref().1;
+    let group = format!("{:?}", conn.negotiated_key_exchange_group().unwrap().name());
+    let suite = format!("{:?}", conn.negotiated_cipher_suite().unwrap().suite());
     let (head, _) = get_h1(&mut tls, "/kx").await;
     assert!(head.starts_with("http/1.1 200"), "{head}");
-    group
+    (group, suite)
+}
+
+/// The listener chooses the cipher suite in its own order (AES-128-GCM, ChaCha20, AES-256-GCM)
+/// whatever the client's, over TLS 1.3 and 1.2; a client that offers only one gets it.
+#[tokio::test]
+async fn cipher_suites_are_chosen_in_the_servers_order() {
+    use rustls::crypto::aws_lc_rs::cipher_suite as cs;
+    let up = Upstream::start("up").await;
+    let s = site(
+        single_pool("", &format!("backends = [\"{}\"]", up.addr)),
+        issue_a,
+    )
+    .await;
+    let offering = |suites: Vec<rustls::SupportedCipherSuite>| rustls::crypto::CryptoProvider {
+        cipher_suites: suites,
+        ..rustls::crypto::aws_lc_rs::default_provider()
+    };
+    let v13 = &rustls::version::TLS13;
+    let v12 = &rustls::version::TLS12;
+    for (suites, version, want) in [
+        (
+            vec![
+                cs::TLS13_AES_256_GCM_SHA384,
+                cs::TLS13_CHACHA20_POLY1305_SHA256,
+                cs::TLS13_AES_128_GCM_SHA256,
+            ],
+            v13,
+            "TLS13_AES_128_GCM_SHA256",
+        ),
+        (
+            vec![
+                cs::TLS13_AES_256_GCM_SHA384,
+                cs::TLS13_CHACHA20_POLY1305_SHA256,
+            ],
+            v13,
+            "TLS13_CHACHA20_POLY1305_SHA256",
+        ),
+        (
+            vec![cs::TLS13_AES_256_GCM_SHA384],
+            v13,
+            "TLS13_AES_256_GCM_SHA384",
+        ),
+        (
+            vec![
+                cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+                cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            ],
+            v12,
+            "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+        ),
+    ] {
+        let (_, got) = negotiate(&s.ca, s.https, offering(suites.clone()), version).await;
+        assert_eq!(got, want, "offering {suites:?}");
+    }
 }
 
 #[tokio::test]
