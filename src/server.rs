@@ -231,9 +231,9 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
     server.bootstrap();
 
     // One ticketer for the process: a session from any TLS listener or `tls` port resumes
-    // on any other. Without key files or Consul rustls' own, keys rotated every 6 hours (the
-    // previous key still opens tickets for one more period); without any a listener
-    // remembers 256 sessions. With key files or Consul, the fleet's keys (tls::tickets,
+    // on any other. Without key files or Consul the process's own keys, rotated every
+    // session_ticket_lifetime (the previous key still opens tickets for one more period);
+    // with tickets off a listener remembers 256 sessions. With key files or Consul, the fleet's keys (tls::tickets,
     // tls::fleet_tickets), so an instance resumes what another issued.
     let fleet_tickets = match &cfg.session_ticket_consul {
         Some((prefix, key_file)) if cfg.session_tickets => Some(Arc::new(
@@ -247,12 +247,23 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
         )),
         _ => None,
     };
+    // the process's own keys, rotated every lifetime
+    let own_tickets = match (cfg.session_tickets, &fleet_tickets) {
+        (true, None) if cfg.session_ticket_keys.is_empty() => Some(Arc::new(
+            crate::tls::tickets::random_key()
+                .and_then(|k| {
+                    crate::tls::tickets::Ticketer::from_keys(&[k], cfg.session_ticket_lifetime)
+                })
+                .map_err(|e| anyhow::anyhow!("TLS session tickets: {e}"))?,
+        )),
+        _ => None,
+    };
     let ticketer: Option<Arc<dyn rustls::server::ProducesTickets>> = if !cfg.session_tickets {
         None
     } else if let Some(f) = &fleet_tickets {
         Some(f.ticketer())
-    } else if cfg.session_ticket_keys.is_empty() {
-        Some(crate::tls::ticketer().context("TLS session tickets")?)
+    } else if let Some(t) = &own_tickets {
+        Some(t.clone())
     } else {
         Some(Arc::new(
             crate::tls::tickets::Ticketer::from_files(
@@ -382,6 +393,12 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
             Arc::new(port_tls),
         ),
     ));
+    if let Some(t) = own_tickets {
+        server.add_service(background_service(
+            "tollgate ticket key rotation",
+            crate::tls::tickets::Rotation(t, cfg.session_ticket_lifetime),
+        ));
+    }
     if let Some(f) = fleet_tickets {
         server.add_service(background_service(
             "tollgate ticket keys",

@@ -124,12 +124,6 @@ pub fn signing_key(
     provider().key_provider.load_private_key(der.clone_key())
 }
 
-/// Stateless session tickets with keys this process makes and rotates (the provider's
-/// ticketer: AES-256-GCM keys rolled every 6 hours, the last one still accepted).
-pub fn ticketer() -> Result<Arc<dyn rustls::server::ProducesTickets>, rustls::Error> {
-    rustls::crypto::aws_lc_rs::Ticketer::new()
-}
-
 /// What an operator wants to know about a loaded certificate.
 #[derive(Debug, Clone)]
 pub struct CertInfo {

@@ -5,6 +5,9 @@
 //! last one for a period. A session sealed by one instance resumes on any other holding the
 //! same files.
 //!
+//! Without files or Consul (`tls::fleet_tickets`) the keys are the process's own, made at
+//! start and rotated every lifetime ([`Rotation`]).
+//!
 //! A ticket is `name(16) ‖ issued_at(8, seconds) ‖ nonce(12) ‖ AES-256-GCM(session, tag)`,
 //! the name and time authenticated with it. The key is HKDF-SHA256 of the whole file (so no
 //! byte of it is used raw, and a 48-byte file works as well as an 80-byte one); the name is
@@ -30,7 +33,7 @@ struct TicketKey {
 /// rustls' `ProducesTickets` over keys a fleet shares: from key files (fixed), or from
 /// Consul KV (`tls::fleet_tickets` replaces them as the fleet rotates them).
 pub struct Ticketer {
-    keys: arc_swap::ArcSwap<Vec<TicketKey>>,
+    keys: arc_swap::ArcSwap<Vec<std::sync::Arc<TicketKey>>>,
     lifetime: u32,
     rng: SystemRandom,
 }
@@ -67,11 +70,13 @@ fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn keys_of(keys: &[Vec<u8>]) -> Result<Vec<TicketKey>, String> {
+fn keys_of(keys: &[Vec<u8>]) -> Result<Vec<std::sync::Arc<TicketKey>>, String> {
     if keys.is_empty() {
         return Err("no ticket key".into());
     }
-    keys.iter().map(|k| key_of(k)).collect()
+    keys.iter()
+        .map(|k| key_of(k).map(std::sync::Arc::new))
+        .collect()
 }
 
 /// A new random key (80 bytes, as `openssl rand 80` makes them).
@@ -97,6 +102,15 @@ impl Ticketer {
     /// finishes with the keys it started with).
     pub fn replace_keys(&self, keys: &[Vec<u8>]) -> Result<(), String> {
         self.keys.store(std::sync::Arc::new(keys_of(keys)?));
+        Ok(())
+    }
+
+    /// Seal with `new` from now on; the key that sealed until now still opens, the one
+    /// before it no longer does (a process's own keys, rotated every lifetime).
+    pub fn rotate(&self, new: &[u8]) -> Result<(), String> {
+        let new = std::sync::Arc::new(key_of(new)?);
+        let current = self.keys.load()[0].clone();
+        self.keys.store(std::sync::Arc::new(vec![new, current]));
         Ok(())
     }
 
@@ -180,6 +194,27 @@ impl rustls::server::ProducesTickets for Ticketer {
     }
 }
 
+/// A process's own keys: one made at start, a new one every lifetime (the previous one
+/// opens for one more), as rustls' own ticketer does every 6 hours, but with
+/// `tls.session_ticket_lifetime`.
+pub struct Rotation(pub std::sync::Arc<Ticketer>, pub Duration);
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for Rotation {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(self.1) => {}
+            }
+            match random_key().and_then(|k| self.0.rotate(&k)) {
+                Ok(()) => tracing::debug!("session ticket key rotated"),
+                Err(e) => tracing::error!(error = %e, "cannot rotate the session ticket key"),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,6 +267,19 @@ mod tests {
         }
         // two tickets for one session differ (fresh nonces)
         assert_ne!(old.seal(b"s", 1).unwrap(), old.seal(b"s", 1).unwrap());
+    }
+
+    #[test]
+    fn a_rotated_key_opens_for_one_more_period_and_not_after() {
+        let own = Ticketer::from_keys(&[key(1)], Duration::from_secs(3600)).unwrap();
+        let t = own.seal(b"session", 1_000_000).unwrap();
+        own.rotate(&key(2)).unwrap();
+        assert_eq!(own.open(&t, 1_000_100).as_deref(), Some(&b"session"[..]));
+        let t2 = own.seal(b"next", 1_000_100).unwrap();
+        own.rotate(&key(3)).unwrap();
+        assert_eq!(own.open(&t, 1_000_100), None, "two keys ago");
+        assert_eq!(own.open(&t2, 1_000_100).as_deref(), Some(&b"next"[..]));
+        assert!(own.rotate(&[0; 3]).is_err(), "not a key");
     }
 
     #[test]

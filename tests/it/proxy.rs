@@ -1569,6 +1569,49 @@ async fn sessions_resume_within_the_fleet_only([a, b, c]: [&Site; 3]) {
     );
 }
 
+/// TLS 1.2 clients resume through tickets too, and 0-RTT is never offered: a TLS 1.3 client
+/// that would send early data holds a ticket that does not allow it.
+#[tokio::test]
+async fn tls12_sessions_resume_and_early_data_is_never_accepted() {
+    use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
+    let up = Upstream::start("up").await;
+    let s = site(
+        single_pool("", &format!("backends = [\"{}\"]", up.addr)),
+        issue_a,
+    )
+    .await;
+    let client = |version: &'static rustls::SupportedProtocolVersion| {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(s.ca.pem.as_bytes()).unwrap())
+            .unwrap();
+        let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_protocol_versions(&[version])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        cfg.enable_early_data = true;
+        std::sync::Arc::new(cfg)
+    };
+    let v12 = client(&rustls::version::TLS12);
+    assert!(
+        !tls_visit(v12.clone(), s.https).await,
+        "first: a full handshake"
+    );
+    assert!(tls_visit(v12, s.https).await, "a TLS 1.2 session resumes");
+    let v13 = client(&rustls::version::TLS13);
+    assert!(!tls_visit(v13.clone(), s.https).await);
+    let name = ServerName::try_from("a.test").unwrap();
+    let mut next = rustls::ClientConnection::new(v13.clone(), name).unwrap();
+    assert!(
+        next.early_data().is_none(),
+        "the ticket allows no early data"
+    );
+    assert!(tls_visit(v13, s.https).await, "it resumes all the same");
+}
+
 /// Instances sharing ticket key files resume each other's sessions; an instance with
 /// another key makes a full handshake instead, and the request is answered all the same.
 #[tokio::test]
@@ -1853,6 +1896,29 @@ async fn post_quantum_key_exchange_for_clients_that_offer_it_and_rsa_certificate
         key_exchange(&s.ca, s.https, vec![kx_group::X25519]).await,
         "X25519"
     );
+    // a classical client of another TLS stack (Python's ssl, OpenSSL 3.0): X25519, answered
+    let ca_file = s._dir.path().join("ca-for-python.pem");
+    std::fs::write(&ca_file, &s.ca.pem).unwrap();
+    let script = format!(
+        "import socket, ssl\n\
+         c = ssl.create_default_context(cafile={ca:?})\n\
+         s = c.wrap_socket(socket.create_connection(('127.0.0.1', {port})), server_hostname='a.test')\n\
+         s.sendall(b'GET /python HTTP/1.1\\r\\nHost: a.test\\r\\nConnection: close\\r\\n\\r\\n')\n\
+         print(s.recv(12).decode())\n",
+        ca = ca_file.display().to_string(),
+        port = s.https.port()
+    );
+    let out = tokio::process::Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("HTTP/1.1 200"),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(
         key_exchange(&s.ca, s.https, vec![kx_group::SECP256R1]).await,
         "secp256r1"
@@ -1860,16 +1926,17 @@ async fn post_quantum_key_exchange_for_clients_that_offer_it_and_rsa_certificate
     // and the operator sees who got what
     let c = reqwest::Client::new();
     let metrics = admin_text(&c, s.admin, "/metrics").await;
-    for group in ["X25519MLKEM768", "X25519", "secp256r1"] {
+    for (group, n) in [("X25519MLKEM768", 1), ("X25519", 2), ("secp256r1", 1)] {
         let line = format!(
-            "tollgate_tls_key_exchange_total{{listener=\"{}\",group=\"{group}\"}} 1",
+            "tollgate_tls_key_exchange_total{{listener=\"{}\",group=\"{group}\"}} {n}",
             s.https
         );
         assert!(metrics.contains(&line), "{line} in:\n{metrics}");
     }
     // and each request's access line names its connection's group
-    wait_for("three access lines", Duration::from_secs(5), || async {
-        s.tg.log_text().matches("path=/kx").count() == 3
+    wait_for("four access lines", Duration::from_secs(5), || async {
+        let log = s.tg.log_text();
+        log.matches("path=/kx").count() == 3 && log.contains("path=/python")
     })
     .await;
     let log = s.tg.log_text();
@@ -1881,6 +1948,8 @@ async fn post_quantum_key_exchange_for_clients_that_offer_it_and_rsa_certificate
         .map(|g| g.trim_matches('"'))
         .collect();
     assert_eq!(groups, ["X25519MLKEM768", "X25519", "secp256r1"], "{log}");
+    let python = log.lines().find(|l| l.contains("path=/python")).unwrap();
+    assert!(python.contains(r#"tls_group="X25519" "#), "{python}");
 
     // `tls.post_quantum = false`: the same browser offer gets the classical group
     let s = rsa_site("post_quantum = false").await;
