@@ -1417,8 +1417,12 @@ async fn method_and_header_matchers_choose_the_pool() {
     );
 }
 
-/// A TLS 1.3 client trusting `cas`, keeping sessions to resume (`resume`) or none.
-fn resuming_client(cas: &[&TestCa], resume: bool) -> std::sync::Arc<rustls::ClientConfig> {
+/// A TLS client on `provider` speaking `version`, trusting `cas`.
+fn client_config(
+    cas: &[&TestCa],
+    provider: rustls::crypto::CryptoProvider,
+    version: &'static rustls::SupportedProtocolVersion,
+) -> rustls::ClientConfig {
     use rustls::pki_types::{pem::PemObject, CertificateDer};
     let mut roots = rustls::RootCertStore::empty();
     for ca in cas {
@@ -1426,12 +1430,20 @@ fn resuming_client(cas: &[&TestCa], resume: bool) -> std::sync::Arc<rustls::Clie
             .add(CertificateDer::from_pem_slice(ca.pem.as_bytes()).unwrap())
             .unwrap();
     }
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
+    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
+        .with_protocol_versions(&[version])
         .unwrap()
         .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_no_client_auth()
+}
+
+/// A TLS 1.3 client trusting `cas`, keeping sessions to resume (`resume`) or none.
+fn resuming_client(cas: &[&TestCa], resume: bool) -> std::sync::Arc<rustls::ClientConfig> {
+    let mut cfg = client_config(
+        cas,
+        rustls::crypto::ring::default_provider(),
+        &rustls::version::TLS13,
+    );
     if !resume {
         cfg.resumption = rustls::client::Resumption::disabled();
     }
@@ -1573,7 +1585,7 @@ async fn sessions_resume_within_the_fleet_only([a, b, c]: [&Site; 3]) {
 /// that would send early data holds a ticket that does not allow it.
 #[tokio::test]
 async fn tls12_sessions_resume_and_early_data_is_never_accepted() {
-    use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
+    use rustls::pki_types::ServerName;
     let up = Upstream::start("up").await;
     let s = site(
         single_pool("", &format!("backends = [\"{}\"]", up.addr)),
@@ -1581,17 +1593,11 @@ async fn tls12_sessions_resume_and_early_data_is_never_accepted() {
     )
     .await;
     let client = |version: &'static rustls::SupportedProtocolVersion| {
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(CertificateDer::from_pem_slice(s.ca.pem.as_bytes()).unwrap())
-            .unwrap();
-        let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        let mut cfg = client_config(
+            &[&s.ca],
             rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_protocol_versions(&[version])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+            version,
+        );
         cfg.enable_early_data = true;
         std::sync::Arc::new(cfg)
     };
@@ -1783,16 +1789,8 @@ async fn negotiate(
     provider: rustls::crypto::CryptoProvider,
     version: &'static rustls::SupportedProtocolVersion,
 ) -> (String, String) {
-    use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_slice(ca.pem.as_bytes()).unwrap())
-        .unwrap();
-    let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
-        .with_protocol_versions(&[version])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    use rustls::pki_types::ServerName;
+    let mut cfg = client_config(&[ca], provider, version);
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     let tcp = tokio::net::TcpStream::connect(at).await.unwrap();
     let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
