@@ -12,7 +12,9 @@
 //! Until the fleet's keys are read (Consul down at start), an instance seals with a key of
 //! its own: its tickets resume on it alone, and a full handshake elsewhere, nothing worse.
 //! A value this fleet did not seal (another encryption key, or a stranger with KV write
-//! access) is refused and logged; the holder replaces it at its next rotation.
+//! access) is refused and logged; the holder replaces it at its next rotation. Each rotation
+//! is numbered, and an instance never takes a set older than the one it holds: a sealed
+//! value recorded earlier and written back cannot bring a retired key back.
 
 use super::tickets::{random_key, Ticketer};
 use crate::config::ConsulSettings;
@@ -25,10 +27,15 @@ use std::time::Duration;
 /// Keys kept: the one that seals and the one before it.
 const KEPT: usize = 2;
 
-/// What `<prefix>/keys` holds (sealed): the keys, newest first.
+/// What `<prefix>/keys` holds (sealed): the keys, newest first, and the rotation's number.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KeySet {
     pub keys: Vec<SharedKey>,
+    /// One more at each rotation: an instance never goes back to a set older than one it
+    /// took (a sealed value replayed by someone with write access to the prefix, to bring
+    /// back a key that leaked, is refused).
+    #[serde(default)]
+    pub generation: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -47,7 +54,8 @@ impl KeySet {
             .is_none_or(|k| now >= k.created.saturating_add(period) || k.created > now + period)
     }
 
-    /// `key` first, made at `now`, and the newest of the keys before it.
+    /// `key` first, made at `now`, and the newest of the keys before it; numbered after
+    /// `set`.
     pub fn rotated(set: Option<&KeySet>, now: u64, key: &[u8]) -> KeySet {
         let mut keys = vec![SharedKey {
             key: base64::engine::general_purpose::STANDARD.encode(key),
@@ -56,7 +64,8 @@ impl KeySet {
         if let Some(s) = set {
             keys.extend(s.keys.iter().take(KEPT - 1).cloned());
         }
-        KeySet { keys }
+        let generation = set.map_or(0, |s| s.generation) + 1;
+        KeySet { keys, generation }
     }
 
     /// The keys' bytes, each checked as a key file is.
@@ -105,6 +114,8 @@ pub struct FleetTickets {
     ticketer: Arc<Ticketer>,
     seen: Mutex<Seen>,
     rotations: AtomicU64,
+    /// The key set in the ticketer (none: the process's own key).
+    taken: Mutex<Option<KeySet>>,
 }
 
 impl std::fmt::Debug for FleetTickets {
@@ -135,6 +146,7 @@ impl FleetTickets {
             ticketer: Arc::new(Ticketer::from_keys(&[own], period)?),
             seen: Mutex::new(Seen::default()),
             rotations: AtomicU64::new(0),
+            taken: Mutex::new(None),
         })
     }
 
@@ -162,7 +174,15 @@ impl FleetTickets {
 
     /// Take a key set read from KV into the ticketer.
     fn take(&self, set: &KeySet) -> Result<(), String> {
+        let taken = self.taken_generation();
+        if set.generation < taken {
+            return Err(format!(
+                "an older key set (rotation {}; this instance has taken rotation {taken}): a replayed value?",
+                set.generation
+            ));
+        }
         self.ticketer.replace_keys(&set.secrets()?)?;
+        *self.taken.lock().unwrap_or_else(|e| e.into_inner()) = Some(set.clone());
         let created = set.keys[0].created;
         self.note(|s| {
             s.followed_at = Some(crate::clock::unix_secs());
@@ -170,6 +190,14 @@ impl FleetTickets {
             s.problem = None;
         });
         Ok(())
+    }
+
+    fn taken_generation(&self) -> u64 {
+        self.taken
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map_or(0, |t| t.generation)
     }
 
     /// Every instance: follow `<prefix>/keys` with blocking reads for the process's life.
@@ -197,7 +225,7 @@ impl FleetTickets {
             match self.open(&value).and_then(|set| self.take(&set)) {
                 Ok(()) => refused = None,
                 Err(e) => {
-                    tracing::warn!(key = %self.key(), error = %e, "session ticket keys not sealed by this fleet: not used");
+                    tracing::warn!(key = %self.key(), error = %e, "session ticket keys in Consul not used (not sealed by this fleet, or older than those in use)");
                     self.note(|s| s.problem = Some(format!("{}: {e}", self.key())));
                     refused = Some(value);
                 }
@@ -221,11 +249,20 @@ impl FleetTickets {
                     }
                 },
             };
+            // rotate from the newer of what KV holds and what this instance took: a set
+            // written back from earlier must not bring its keys back as the previous ones
+            // (and such a value, or one not sealed by the fleet, is replaced at once)
+            let taken = self.taken.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let (base, stale) = match (set, taken) {
+                (Some(read), Some(t)) if read.generation < t.generation => (Some(t), true),
+                (None, Some(t)) => (Some(t), index != 0),
+                (read, _) => (read, false),
+            };
             let now = crate::clock::unix_secs();
-            if !force && !KeySet::due(set.as_ref(), now, self.period.as_secs()) {
+            if !force && !stale && !KeySet::due(base.as_ref(), now, self.period.as_secs()) {
                 return Ok(false);
             }
-            let next = KeySet::rotated(set.as_ref(), now, &random_key()?);
+            let next = KeySet::rotated(base.as_ref(), now, &random_key()?);
             let plain = serde_json::to_vec(&next).map_err(|e| e.to_string())?;
             if self
                 .consul
@@ -367,6 +404,10 @@ mod tests {
         let bytes = |s: &KeySet| -> Vec<u8> { s.secrets().unwrap().iter().map(|k| k[0]).collect() };
         assert_eq!(bytes(&second), [2, 1], "the previous key still opens");
         assert_eq!(bytes(&third), [3, 2], "and not after one more period");
+        assert_eq!(
+            (first.generation, second.generation, third.generation),
+            (1, 2, 3)
+        );
         // a key from a clock far ahead is replaced, not kept for ever
         let ahead = KeySet::rotated(None, 1000 + 10 * hour, &[4; 80]);
         assert!(KeySet::due(Some(&ahead), 1000, hour));
@@ -378,13 +419,17 @@ mod tests {
         let ok = KeySet::rotated(None, 1, &[7; 48]);
         assert!(ok.secrets().is_ok());
         for bad in [
-            KeySet { keys: vec![] },
+            KeySet {
+                keys: vec![],
+                generation: 1,
+            },
             KeySet::rotated(None, 1, &[7; 10]),
             KeySet {
                 keys: vec![SharedKey {
                     key: "not base64!".into(),
                     created: 1,
                 }],
+                generation: 1,
             },
         ] {
             assert!(bad.secrets().is_err(), "{bad:?}");
@@ -425,5 +470,11 @@ mod tests {
         assert_ne!(before, "09090909");
         assert_eq!(a.status()["keys_from_consul"], true);
         assert_eq!(b.status()["keys_from_consul"], false);
+        // a newer set is taken; the older one, replayed, is not
+        let newer = KeySet::rotated(Some(&set), crate::clock::unix_secs(), &[10; 80]);
+        a.take(&newer).unwrap();
+        let e = a.take(&set).unwrap_err();
+        assert!(e.contains("replayed"), "{e}");
+        assert_eq!(a.ticketer().sealing_key_name(), "0a0a0a0a");
     }
 }

@@ -1717,6 +1717,17 @@ async fn a_fleet_shares_rotating_ticket_keys_through_consul() {
         panic!("{admins:?} never sealed with one new fleet key (not {not:?})");
     };
     let k1 = agree(vec![a.admin, b.admin], None).await;
+    // the sealed value as it is now, to be written back later (a replay)
+    let kv = format!("http://{}/v1/kv/fleet/tickets/keys", consul.http);
+    let first_value = http
+        .get(format!("{kv}?raw"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert!(!first_value.is_empty());
     assert!(
         agree(vec![c.admin], None).await != k1,
         "another fleet, another key"
@@ -1749,6 +1760,25 @@ async fn a_fleet_shares_rotating_ticket_keys_through_consul() {
         tls_visit(old1, b.https).await,
         "the previous key still opens, on B too"
     );
+    // the first key set, sealed by the fleet, written back by someone with KV write access:
+    // older than what the instances hold, so refused (and soon replaced by the lock holder):
+    // the first key never seals again
+    let put = http.put(&kv).body(first_value).send().await.unwrap();
+    assert!(put.status().is_success());
+    wait_for(
+        "A and B to refuse the replayed key set",
+        Duration::from_secs(10),
+        || async {
+            [&a, &b]
+                .iter()
+                .all(|s| s.tg.log_text().contains("a replayed value?"))
+        },
+    )
+    .await;
+    for admin in [a.admin, b.admin] {
+        let now = sealing(admin).await;
+        assert!(now.is_some() && now != Some(k1.clone()), "{now:?}");
+    }
     // asked of B this time: any instance may rotate (check-and-set on the value)
     rotate(b.admin).await;
     let k3 = agree(vec![a.admin, b.admin], Some(k2.clone())).await;
