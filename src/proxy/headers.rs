@@ -15,6 +15,8 @@ pub(super) trait Headers {
     fn names(&self) -> impl Iterator<Item = &HeaderName>;
     /// After the maps' fields on the wire, outside the maps (pingora-http patch 0031).
     fn on_wire(&mut self, case: bytes::Bytes, name: HeaderName, value: HeaderValue);
+    /// Fields prepared together, after those (pingora-http patch 0032).
+    fn block(&mut self, block: std::sync::Arc<pingora::http::WireBlock>);
 }
 
 /// The same for both of pingora's header types, which share no trait.
@@ -35,6 +37,9 @@ macro_rules! headers {
             }
             fn on_wire(&mut self, case: bytes::Bytes, name: HeaderName, value: HeaderValue) {
                 self.append_on_wire(case, name, value);
+            }
+            fn block(&mut self, block: std::sync::Arc<pingora::http::WireBlock>) {
+                self.set_wire_block(block);
             }
         }
     };
@@ -58,6 +63,17 @@ pub(super) fn apply(h: &mut impl Headers, ops: &HeaderOps, ctx: &RequestCtx) -> 
                 sent |= 1 << i;
             }
         }
+    }
+    if let Some(block) = &ops.block {
+        // every field fixed and on the wire: the peer's copies of the set ones removed, the
+        // fields as one shared block
+        for (i, f) in ops.set.iter().enumerate() {
+            if i >= 64 || sent & (1 << i) != 0 {
+                h.remove(&f.name);
+            }
+        }
+        h.block(block.clone());
+        return Ok(());
     }
     for (i, f) in ops.set.iter().enumerate() {
         let Some(v) = value(&f.value, ctx) else {

@@ -111,6 +111,10 @@ pub struct HeaderOps {
     /// A rule names one of the fields tollgate adds itself ([`OWN_FIELDS`]): those then go
     /// into the header maps, where the rules remove or replace them.
     pub names_own: bool,
+    /// When every set and added field is fixed and goes on the wire (the common case:
+    /// static security headers): all of them rendered once, in order, one shared block a
+    /// message instead of a field each (pingora-http patch 0032).
+    pub block: Option<std::sync::Arc<pingora::http::WireBlock>>,
 }
 
 /// The fields tollgate adds to requests (and X-Request-Id to answers).
@@ -152,7 +156,25 @@ impl HeaderOps {
         ops.names_own = OWN_FIELDS
             .iter()
             .any(|n| ops.names(&HeaderName::from_static(n)));
+        ops.block = ops.wire_block();
         ops
+    }
+
+    /// The set and added fields as one block, if all are fixed and go on the wire.
+    fn wire_block(&self) -> Option<std::sync::Arc<pingora::http::WireBlock>> {
+        let fields: Option<Vec<(&str, HeaderName, HeaderValue)>> = self
+            .set
+            .iter()
+            .chain(&self.add)
+            .map(|f| match (&f.wire, &f.value) {
+                (Some(case), Value::Fixed(v)) => {
+                    Some((std::str::from_utf8(case).ok()?, f.name.clone(), v.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        let fields = fields.filter(|f| !f.is_empty())?;
+        Some(std::sync::Arc::new(pingora::http::WireBlock::new(&fields)))
     }
 
     /// Whether a rule removes, sets or adds `name`.
@@ -173,6 +195,7 @@ impl HeaderOps {
             set: Vec::new(),
             add: Vec::new(),
             names_own: false,
+            block: None,
         };
         &NONE
     }
@@ -238,6 +261,27 @@ mod tests {
         assert_eq!(ops.set[0].name, "x-frame-options");
         assert_eq!(wire(&ops.set[1]), None, "caching fields stay in the maps");
         assert_eq!(wire(&ops.add[0]).as_deref(), Some("Link"));
+        assert!(
+            ops.block.is_none(),
+            "Cache-Control goes into the maps: no block"
+        );
+        // all fixed and on the wire: one block, sets then adds, spelled as written
+        let r = rules(
+            &[("X-Frame-Options", "DENY")],
+            &[("Link", "</a.css>; rel=preload")],
+            &["Server"],
+        );
+        let ops = HeaderOps::of(&[&r]);
+        let block = ops.block.as_ref().expect("a block");
+        let names: Vec<&str> = block.fields().iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["x-frame-options", "link"]);
+        // a template leaves every field to be filled per request
+        let r = rules(
+            &[("X-Frame-Options", "DENY"), ("X-Id", "$request_id")],
+            &[],
+            &[],
+        );
+        assert!(HeaderOps::of(&[&r]).block.is_none());
     }
 
     #[test]

@@ -1060,7 +1060,7 @@ async fn header_rules_hsts_and_the_server_policy_apply_to_every_answer() {
         )
         .set(
             "response_headers",
-            r#"{ set = { "X-Content-Type-Options" = "nosniff", "Referrer-Policy" = "strict-origin-when-cross-origin" }, remove = ["X-Powered-By"] }"#,
+            r#"{ set = { "X-Content-Type-Options" = "nosniff", "Referrer-Policy" = "strict-origin-when-cross-origin", "X-Upstream" = "edge" }, remove = ["X-Powered-By"] }"#,
         )
         .route("/", "p")
         .route_with(
@@ -1101,7 +1101,10 @@ async fn header_rules_hsts_and_the_server_policy_apply_to_every_answer() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "x-request-id").as_deref(), Some("rid-1"));
-    assert_eq!(header(&r, "x-upstream").as_deref(), Some("up"));
+    // the vhost's answer rules are all fixed: one block on the wire, and its set replaces
+    // the upstream's own X-Upstream
+    let upstream: Vec<_> = r.headers().get_all("x-upstream").iter().collect();
+    assert_eq!(upstream, ["edge"]);
     assert_eq!(
         header(&r, "strict-transport-security").as_deref(),
         Some(hsts),
@@ -1198,6 +1201,12 @@ async fn header_rules_hsts_and_the_server_policy_apply_to_every_answer() {
         1,
         "{head}"
     );
+    assert_eq!(
+        head.to_ascii_lowercase().matches("\r\nx-upstream:").count(),
+        1,
+        "{head}"
+    );
+    assert!(head.contains("\r\nX-Upstream: edge"), "{head}");
 
     // tollgate's own answer (502, or 503 once the backend is out) carries HSTS and the
     // answer rules too

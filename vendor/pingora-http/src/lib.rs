@@ -91,6 +91,9 @@ pub struct RequestHeader {
     /// tollgate patch: fields a proxy adds that go on the wire after the header map's (see
     /// [`RequestHeader::append_on_wire`])
     on_wire: Vec<WireField>,
+    /// tollgate patch: fields prepared together, written after those (see
+    /// [`RequestHeader::set_wire_block`])
+    wire_block: Option<std::sync::Arc<WireBlock>>,
 }
 
 /// tollgate patch: a header field kept outside the header maps until the header is written:
@@ -100,6 +103,43 @@ pub struct WireField {
     pub case: bytes::Bytes,
     pub name: HeaderName,
     pub value: HeaderValue,
+}
+
+/// tollgate patch: header fields prepared once and shared by every message that carries
+/// them: their HTTP/1 rendering (`Name: value\r\n` each) and the fields themselves for any
+/// other conversion (HTTP/2). A proxy's configured fields, the same for every request of a
+/// route: one reference count per message instead of a name, a case and a value each.
+#[derive(Debug)]
+pub struct WireBlock {
+    h1: bytes::Bytes,
+    fields: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl WireBlock {
+    /// `fields` as `(name as written on HTTP/1, name, value)`; each written name must equal
+    /// its name ignoring ASCII case.
+    pub fn new(fields: &[(&str, HeaderName, HeaderValue)]) -> WireBlock {
+        let mut h1 = Vec::new();
+        for (case, name, value) in fields {
+            debug_assert!(case.eq_ignore_ascii_case(name.as_str()));
+            h1.extend_from_slice(case.as_bytes());
+            h1.extend_from_slice(b": ");
+            h1.extend_from_slice(value.as_bytes());
+            h1.extend_from_slice(b"\r\n");
+        }
+        WireBlock {
+            h1: h1.into(),
+            fields: fields
+                .iter()
+                .map(|(_, n, v)| (n.clone(), v.clone()))
+                .collect(),
+        }
+    }
+
+    /// The fields, in order.
+    pub fn fields(&self) -> &[(HeaderName, HeaderValue)] {
+        &self.fields
+    }
 }
 
 /// How a request-target is stored, and how [`RequestHeader::raw_path`] recovers it.
@@ -168,6 +208,7 @@ impl RequestHeader {
             raw_target: RawTarget::FromUri,
             send_end_stream: true,
             on_wire: Vec::new(),
+            wire_block: None,
         }
     }
 
@@ -259,6 +300,9 @@ impl RequestHeader {
     pub fn header_to_h1_wire(&self, buf: &mut impl BufMut) {
         header_to_h1_wire(self.header_name_map.as_ref(), &self.base.headers, buf);
         wire_fields_to_h1(&self.on_wire, buf);
+        if let Some(b) = &self.wire_block {
+            buf.put_slice(&b.h1);
+        }
     }
 
     /// tollgate patch: add a field that goes on the wire after the header map's fields,
@@ -287,6 +331,18 @@ impl RequestHeader {
     /// tollgate patch: the fields [`Self::append_on_wire`] added, in order.
     pub fn on_wire(&self) -> &[WireField] {
         &self.on_wire
+    }
+
+    /// tollgate patch: fields prepared together ([`WireBlock`]) that go on the wire after
+    /// those [`Self::append_on_wire`] added, outside the maps like them; one block a message
+    /// (a second call replaces the first).
+    pub fn set_wire_block(&mut self, block: std::sync::Arc<WireBlock>) {
+        self.wire_block = Some(block);
+    }
+
+    /// tollgate patch: the block [`Self::set_wire_block`] set.
+    pub fn wire_block(&self) -> Option<&WireBlock> {
+        self.wire_block.as_deref()
     }
 
     /// If case sensitivity is enabled, returns an iterator to iterate over case-sensitive header names and values.
@@ -447,6 +503,11 @@ impl RequestHeader {
         for f in &self.on_wire {
             parts.headers.append(f.name.clone(), f.value.clone());
         }
+        if let Some(b) = &self.wire_block {
+            for (n, v) in &b.fields {
+                parts.headers.append(n.clone(), v.clone());
+            }
+        }
         parts
     }
 }
@@ -459,6 +520,7 @@ impl Clone for RequestHeader {
             raw_target: self.raw_target.clone(),
             send_end_stream: self.send_end_stream,
             on_wire: self.on_wire.clone(),
+            wire_block: self.wire_block.clone(),
         }
     }
 }
@@ -476,6 +538,7 @@ impl From<ReqParts> for RequestHeader {
             raw_target: RawTarget::FromUri,
             send_end_stream: true,
             on_wire: Vec::new(),
+            wire_block: None,
         }
     }
 }
@@ -486,6 +549,11 @@ impl From<RequestHeader> for ReqParts {
         let mut base = resp.base;
         for f in resp.on_wire {
             base.headers.append(f.name, f.value);
+        }
+        if let Some(b) = resp.wire_block {
+            for (n, v) in &b.fields {
+                base.headers.append(n.clone(), v.clone());
+            }
         }
         base
     }
@@ -514,6 +582,9 @@ pub struct ResponseHeader {
     /// tollgate patch: fields written after the header map's (see
     /// [`ResponseHeader::append_on_wire`])
     on_wire: Vec<WireField>,
+    /// tollgate patch: fields prepared together, written after those (see
+    /// [`ResponseHeader::set_wire_block`])
+    wire_block: Option<std::sync::Arc<WireBlock>>,
 }
 
 impl AsRef<RespParts> for ResponseHeader {
@@ -537,6 +608,7 @@ impl Clone for ResponseHeader {
             header_name_map: self.header_name_map.clone(),
             reason_phrase: self.reason_phrase.clone(),
             on_wire: self.on_wire.clone(),
+            wire_block: self.wire_block.clone(),
         }
     }
 }
@@ -549,6 +621,7 @@ impl From<RespParts> for ResponseHeader {
             header_name_map: None,
             reason_phrase: None,
             on_wire: Vec::new(),
+            wire_block: None,
         }
     }
 }
@@ -559,6 +632,11 @@ impl From<ResponseHeader> for RespParts {
         let mut base = resp.base;
         for f in resp.on_wire {
             base.headers.append(f.name, f.value);
+        }
+        if let Some(b) = resp.wire_block {
+            for (n, v) in &b.fields {
+                base.headers.append(n.clone(), v.clone());
+            }
         }
         base
     }
@@ -587,6 +665,7 @@ impl ResponseHeader {
             header_name_map: None,
             reason_phrase: None,
             on_wire: Vec::new(),
+            wire_block: None,
         }
     }
 
@@ -667,6 +746,9 @@ impl ResponseHeader {
         header_to_h1_wire(self.header_name_map.as_ref(), &self.base.headers, buf);
         // tollgate patch: the fields appended with `append_on_wire` follow the map's
         wire_fields_to_h1(&self.on_wire, buf);
+        if let Some(b) = &self.wire_block {
+            buf.put_slice(&b.h1);
+        }
     }
 
     /// If case sensitivity is enabled, returns an iterator to iterate over case-sensitive header names and values.
@@ -756,6 +838,11 @@ impl ResponseHeader {
         for f in &self.on_wire {
             parts.headers.append(f.name.clone(), f.value.clone());
         }
+        if let Some(b) = &self.wire_block {
+            for (n, v) in &b.fields {
+                parts.headers.append(n.clone(), v.clone());
+            }
+        }
         parts
     }
 
@@ -780,6 +867,18 @@ impl ResponseHeader {
     /// tollgate patch: the fields [`Self::append_on_wire`] added, in order.
     pub fn on_wire(&self) -> &[WireField] {
         &self.on_wire
+    }
+
+    /// tollgate patch: fields prepared together ([`WireBlock`]) that go on the wire after
+    /// those [`Self::append_on_wire`] added, outside the maps like them; one block a message
+    /// (a second call replaces the first).
+    pub fn set_wire_block(&mut self, block: std::sync::Arc<WireBlock>) {
+        self.wire_block = Some(block);
+    }
+
+    /// tollgate patch: the block [`Self::set_wire_block`] set.
+    pub fn wire_block(&self) -> Option<&WireBlock> {
+        self.wire_block.as_deref()
     }
 
     /// Helper function to set the HTTP content length on the response header.
