@@ -607,6 +607,48 @@ impl Fleet {
             None,
         )
         .await;
+        // B may have sent an acquire just before it stopped, which Consul then grants after
+        // the release (seen once in CI): its session is destroyed, as Consul would once a
+        // stopped B fails to renew it, and A takes the lock
+        let (a_node, b_node) = (
+            format!("acme-{}", a.child.id()),
+            format!("acme-{}", b.child.id()),
+        );
+        wait_for(
+            "A to take the issuer lock",
+            Duration::from_secs(10),
+            || async {
+                let entry = consul_call(
+                    &consul,
+                    reqwest::Method::GET,
+                    "/v1/kv/tollgate/acme/lock",
+                    None,
+                )
+                .await;
+                let entry: serde_json::Value = serde_json::from_str(&entry).unwrap_or_default();
+                let Some(session) = entry[0]["Session"].as_str() else {
+                    return false;
+                };
+                let holder = consul_call(
+                    &consul,
+                    reqwest::Method::GET,
+                    "/v1/kv/tollgate/acme/lock?raw=true",
+                    None,
+                )
+                .await;
+                if holder == b_node {
+                    consul_call(
+                        &consul,
+                        reqwest::Method::PUT,
+                        &format!("/v1/session/destroy/{session}"),
+                        None,
+                    )
+                    .await;
+                }
+                holder == a_node
+            },
+        )
+        .await;
         Fleet {
             a,
             b,
