@@ -233,8 +233,9 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
     // One ticketer for the process: a session from any TLS listener or `tls` port resumes
     // on any other. Without key files or Consul the process's own keys, rotated every
     // session_ticket_lifetime (the previous key still opens tickets for one more period);
-    // with tickets off a listener remembers 256 sessions. With key files or Consul, the fleet's keys (tls::tickets,
-    // tls::fleet_tickets), so an instance resumes what another issued.
+    // with tickets off a listener remembers 256 sessions. With key files or Consul, the
+    // fleet's keys (tls::tickets, tls::fleet_tickets), so an instance resumes what another
+    // issued.
     let fleet_tickets = match &cfg.session_ticket_consul {
         Some((prefix, key_file)) if cfg.session_tickets => Some(Arc::new(
             crate::tls::fleet_tickets::FleetTickets::new(
@@ -247,23 +248,19 @@ pub fn run(config: Config, upgrade: bool) -> anyhow::Result<()> {
         )),
         _ => None,
     };
-    // the process's own keys, rotated every lifetime
-    let own_tickets = match (cfg.session_tickets, &fleet_tickets) {
-        (true, None) if cfg.session_ticket_keys.is_empty() => Some(Arc::new(
-            crate::tls::tickets::random_key()
-                .and_then(|k| {
-                    crate::tls::tickets::Ticketer::from_keys(&[k], cfg.session_ticket_lifetime)
-                })
-                .map_err(|e| anyhow::anyhow!("TLS session tickets: {e}"))?,
-        )),
-        _ => None,
-    };
-    let ticketer: Option<Arc<dyn rustls::server::ProducesTickets>> = if !cfg.session_tickets {
+    // the process's own keys, rotated every lifetime by a service of their own
+    let mut own_tickets = None;
+    let ticketer: Option<Arc<crate::tls::tickets::Ticketer>> = if !cfg.session_tickets {
         None
     } else if let Some(f) = &fleet_tickets {
         Some(f.ticketer())
-    } else if let Some(t) = &own_tickets {
-        Some(t.clone())
+    } else if cfg.session_ticket_keys.is_empty() {
+        let t = Arc::new(
+            crate::tls::tickets::Ticketer::own(cfg.session_ticket_lifetime)
+                .map_err(|e| anyhow::anyhow!("TLS session tickets: {e}"))?,
+        );
+        own_tickets = Some(t.clone());
+        Some(t)
     } else {
         Some(Arc::new(
             crate::tls::tickets::Ticketer::from_files(

@@ -1,5 +1,6 @@
 //! The admin listener: a JSON API (`/status`, `/routes`, `/pools`, `/plugins`, `/certs`,
-//! `/explain`, `POST /reload`, `POST /tls/rotate-ticket-keys`), Prometheus `/metrics`, and a read-only HTML dashboard at `/`.
+//! `/explain`, `POST /reload`, `POST /tls/rotate-ticket-keys`), Prometheus `/metrics`, and a
+//! read-only HTML dashboard at `/`.
 //! Separate from traffic listeners; every endpoint but `/healthz` needs the bearer token when
 //! one is configured (a non-loopback address without a token is refused by config
 //! validation). Owns: presenting state. Must not change routing state except through

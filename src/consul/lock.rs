@@ -1,11 +1,12 @@
 //! A lock on a Consul KV key held by a session: the failover peer's fencing
 //! (`failover.consul_lock`: a node may be MASTER only while its Consul session holds the
 //! lock key), ACME's issuer lock and the session ticket keys' rotation lock. The session
-//! has a TTL (renewed every fifth of it), no lock delay and the `release` behaviour, so a dead holder's lock frees itself after the TTL
-//! and a node that loses its session, or cannot renew it for three quarters of the TTL, gives
-//! the address up (before Consul, which never expires a session sooner than its TTL, can
-//! hand the lock to the peer). A network split between the peers alone cannot make two
-//! masters while both still reach Consul.
+//! has a TTL (renewed every fifth of it), no lock delay and the `release` behaviour, so a
+//! dead holder's lock frees itself after the TTL and a node that loses its session, or
+//! cannot renew it for three quarters of the TTL, gives the address up (before Consul,
+//! which never expires a session sooner than its TTL, can hand the lock to the peer). A
+//! network split between the peers alone cannot make two masters while both still reach
+//! Consul.
 
 use super::Consul;
 use crate::config::{ConsulLock, ConsulSettings};

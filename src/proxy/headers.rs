@@ -64,11 +64,13 @@ pub(super) fn apply(h: &mut impl Headers, ops: &HeaderOps, ctx: &RequestCtx) -> 
             }
         }
     }
+    // past 64 set rules, removed unconditionally
+    let peer_sent = |i: usize| i >= 64 || sent & (1 << i) != 0;
     if let Some(block) = &ops.block {
         // every field fixed and on the wire: the peer's copies of the set ones removed, the
         // fields as one shared block
         for (i, f) in ops.set.iter().enumerate() {
-            if i >= 64 || sent & (1 << i) != 0 {
+            if peer_sent(i) {
                 h.remove(&f.name);
             }
         }
@@ -81,7 +83,7 @@ pub(super) fn apply(h: &mut impl Headers, ops: &HeaderOps, ctx: &RequestCtx) -> 
         };
         match &f.wire {
             Some(case) => {
-                if i >= 64 || sent & (1 << i) != 0 {
+                if peer_sent(i) {
                     h.remove(&f.name);
                 }
                 h.on_wire(case.clone(), f.name.clone(), v);

@@ -94,12 +94,19 @@ struct Seen {
     /// When the fleet's keys were last taken from KV (Unix seconds); none: the process's
     /// own key seals.
     followed_at: Option<u64>,
-    /// The sealing key's `created`.
-    sealing_since: Option<u64>,
+    /// The key set in the ticketer (none: the process's own key).
+    taken: Option<KeySet>,
     /// Whether this instance holds the rotation lock.
     rotating: bool,
     /// The last problem (reading, opening, rotating), cleared by success.
     problem: Option<String>,
+}
+
+impl Seen {
+    /// When the key that seals now was made (from the set taken).
+    fn sealing_since(&self) -> Option<u64> {
+        self.taken.as_ref().map(|t| t.keys[0].created)
+    }
 }
 
 /// The fleet's ticket keys on this instance: the ticketer its listeners use, and the Consul
@@ -114,8 +121,6 @@ pub struct FleetTickets {
     ticketer: Arc<Ticketer>,
     seen: Mutex<Seen>,
     rotations: AtomicU64,
-    /// The key set in the ticketer (none: the process's own key).
-    taken: Mutex<Option<KeySet>>,
 }
 
 impl std::fmt::Debug for FleetTickets {
@@ -136,17 +141,15 @@ impl FleetTickets {
         key_file: &std::path::Path,
         period: Duration,
     ) -> Result<FleetTickets, String> {
-        let own = random_key()?;
         Ok(FleetTickets {
             consul: Consul::new(settings)?.with_wait(Duration::from_secs(60)),
             settings: settings.clone(),
             prefix: prefix.to_string(),
             sealer: Sealer::new(key_file, &format!("{prefix}/keys"))?,
             period,
-            ticketer: Arc::new(Ticketer::from_keys(&[own], period)?),
+            ticketer: Arc::new(Ticketer::own(period)?),
             seen: Mutex::new(Seen::default()),
             rotations: AtomicU64::new(0),
-            taken: Mutex::new(None),
         })
     }
 
@@ -159,8 +162,8 @@ impl FleetTickets {
         format!("{}/keys", self.prefix)
     }
 
-    fn note(&self, f: impl FnOnce(&mut Seen)) {
-        f(&mut self.seen.lock().unwrap_or_else(|e| e.into_inner()));
+    fn note<T>(&self, f: impl FnOnce(&mut Seen) -> T) -> T {
+        f(&mut self.seen.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// The key set in a value read from KV, if this fleet sealed it.
@@ -174,7 +177,7 @@ impl FleetTickets {
 
     /// Take a key set read from KV into the ticketer.
     fn take(&self, set: &KeySet) -> Result<(), String> {
-        let taken = self.taken_generation();
+        let taken = self.note(|s| s.taken.as_ref().map_or(0, |t| t.generation));
         if set.generation < taken {
             return Err(format!(
                 "an older key set (rotation {}; this instance has taken rotation {taken}): a replayed value?",
@@ -182,22 +185,12 @@ impl FleetTickets {
             ));
         }
         self.ticketer.replace_keys(&set.secrets()?)?;
-        *self.taken.lock().unwrap_or_else(|e| e.into_inner()) = Some(set.clone());
-        let created = set.keys[0].created;
         self.note(|s| {
             s.followed_at = Some(crate::clock::unix_secs());
-            s.sealing_since = Some(created);
+            s.taken = Some(set.clone());
             s.problem = None;
         });
         Ok(())
-    }
-
-    fn taken_generation(&self) -> u64 {
-        self.taken
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map_or(0, |t| t.generation)
     }
 
     /// Every instance: follow `<prefix>/keys` with blocking reads for the process's life.
@@ -252,7 +245,7 @@ impl FleetTickets {
             // rotate from the newer of what KV holds and what this instance took: a set
             // written back from earlier must not bring its keys back as the previous ones
             // (and such a value, or one not sealed by the fleet, is replaced at once)
-            let taken = self.taken.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let taken = self.note(|s| s.taken.clone());
             let (base, stale) = match (set, taken) {
                 (Some(read), Some(t)) if read.generation < t.generation => (Some(t), true),
                 (None, Some(t)) => (Some(t), index != 0),
@@ -336,26 +329,26 @@ impl FleetTickets {
 
     /// `/status`'s view.
     pub fn status(&self) -> serde_json::Value {
-        let s = self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        serde_json::json!({
-            "prefix": self.prefix,
-            "keys_from_consul": s.followed_at.is_some(),
-            "followed_at_unix": s.followed_at,
-            "sealing_key": self.ticketer.sealing_key_name(),
-            "sealing_since_unix": s.sealing_since,
-            "rotation_period_seconds": self.period.as_secs(),
-            "rotating_here": s.rotating,
-            "rotations_here": self.rotations.load(Relaxed),
-            "problem": s.problem,
+        self.note(|s| {
+            serde_json::json!({
+                "prefix": self.prefix,
+                "keys_from_consul": s.followed_at.is_some(),
+                "followed_at_unix": s.followed_at,
+                "sealing_key": self.ticketer.sealing_key_name(),
+                "sealing_since_unix": s.sealing_since(),
+                "rotation_period_seconds": self.period.as_secs(),
+                "rotating_here": s.rotating,
+                "rotations_here": self.rotations.load(Relaxed),
+                "problem": s.problem,
+            })
         })
     }
 
     /// Its `/metrics` families.
     pub fn render_metrics(&self, out: &mut String) {
         use crate::metrics::single;
-        let s = self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let age = s
-            .sealing_since
+        let age = self
+            .note(|s| s.sealing_since())
             .map_or(-1.0, |c| crate::clock::unix_secs().saturating_sub(c) as f64);
         single(
             out,

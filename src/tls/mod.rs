@@ -55,22 +55,21 @@ fn make_provider(post_quantum: bool) -> Arc<rustls::crypto::CryptoProvider> {
 /// instructions on x86 CPUs: ~10% of a handshake's CPU, measured with perf on AMD EPYC);
 /// ChaCha20 before AES-256 for clients without AES hardware.
 fn suite_rank(s: rustls::CipherSuite) -> u8 {
-    let name = format!("{s:?}");
-    if name.contains("AES_128_GCM") {
-        0
-    } else if name.contains("CHACHA20") {
-        1
-    } else {
-        2
+    use rustls::CipherSuite as S;
+    match s {
+        S::TLS13_AES_128_GCM_SHA256
+        | S::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+        | S::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => 0,
+        S::TLS13_CHACHA20_POLY1305_SHA256
+        | S::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
+        | S::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256 => 1,
+        _ => 2,
     }
 }
 
 /// What every TLS listener's and `tls` service port's configuration sets: the server's cipher
 /// suite order ([`suite_rank`]) and, when tickets are on, the one ticketer of the process.
-pub fn server_settings(
-    c: &mut rustls::ServerConfig,
-    ticketer: Option<&Arc<dyn rustls::server::ProducesTickets>>,
-) {
+pub fn server_settings(c: &mut rustls::ServerConfig, ticketer: Option<&Arc<tickets::Ticketer>>) {
     c.ignore_client_order = true;
     if let Some(t) = ticketer {
         c.ticketer = t.clone();

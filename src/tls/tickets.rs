@@ -98,6 +98,11 @@ impl Ticketer {
         })
     }
 
+    /// With one new random key of the process's own.
+    pub fn own(lifetime: Duration) -> Result<Ticketer, String> {
+        Ticketer::from_keys(&[random_key()?], lifetime)
+    }
+
     /// Seal with `keys[0]` and open with any of `keys` from now on (a handshake under way
     /// finishes with the keys it started with).
     pub fn replace_keys(&self, keys: &[Vec<u8>]) -> Result<(), String> {

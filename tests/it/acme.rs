@@ -629,13 +629,11 @@ impl Fleet {
                 let Some(session) = entry[0]["Session"].as_str() else {
                     return false;
                 };
-                let holder = consul_call(
-                    &consul,
-                    reqwest::Method::GET,
-                    "/v1/kv/tollgate/acme/lock?raw=true",
-                    None,
-                )
-                .await;
+                use base64::Engine;
+                let holder = base64::engine::general_purpose::STANDARD
+                    .decode(entry[0]["Value"].as_str().unwrap_or_default())
+                    .unwrap_or_default();
+                let holder = String::from_utf8_lossy(&holder);
                 if holder == b_node {
                     consul_call(
                         &consul,
